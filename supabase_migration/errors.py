@@ -1,0 +1,57 @@
+"""One error hierarchy for the whole tool.
+
+Every message is a single sentence meant for a person: it names the endpoint or object and what
+to do, and never carries a password or a row value. Boundaries (CLI, Dagster asset bodies) catch
+`MigrationError` once and map it to an exit code or a failed step; nothing below them prints.
+"""
+
+from __future__ import annotations
+
+
+class MigrationError(Exception):
+    """Base class: a failure the user can act on, described in one PHI-free sentence."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(MigrationError):
+    """Bad input: malformed URL, unknown option, missing manifest, insecure settings."""
+
+    exit_code = 2
+
+
+class ConnectionFailed(ConfigError):
+    """A database could not be reached or refused us (host, port, password, SSL, database)."""
+
+
+class TransientError(MigrationError):
+    """A failure worth retrying: restart, admin shutdown, serialization failure, pooler hiccup."""
+
+
+class PreflightError(MigrationError):
+    """The source uses something the target cannot take; raised before any data moves."""
+
+    exit_code = 2
+
+
+class SchemaError(MigrationError):
+    """Applying the schema to the target failed."""
+
+
+class CopyError(MigrationError):
+    """Copying one key range failed; the range's transaction was rolled back."""
+
+
+class ConcurrentRunError(MigrationError):
+    """Another run holds the same partition; this one stepped aside without writing."""
+
+
+class VerificationError(MigrationError):
+    """An ERROR-severity check failed."""
