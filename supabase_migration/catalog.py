@@ -1,0 +1,207 @@
+"""Read what the copy path needs to know about source tables from the system catalogs.
+
+The records are frozen and plain so they can be written into the manifest and rebuilt from it
+without a live database (Dagster must load definitions with the source offline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import psycopg
+
+# Schemas that belong to PostgreSQL or to Supabase and are never migrated as user data.
+SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+BOOKKEEPING_SCHEMA = "supabase_migration"
+
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+
+
+class KeyKind(StrEnum):
+    """How a table is split into key ranges."""
+
+    INTEGER = "integer"  # one integer column: arithmetic ranges
+    KEYSET = "keyset"  # uuid / text / composite: boundaries read from the source
+    NONE = "none"  # no usable key: one whole-table partition, replaced atomically
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_sql: str  # format_type() output, safe to splice as a type name
+    not_null: bool = False
+    generated: bool = False  # GENERATED ALWAYS AS (...) STORED: never copied
+    identity: str = ""  # "a" (ALWAYS), "d" (BY DEFAULT) or ""
+    binary_ok: bool = True  # the type (or its domain base) has binary send/receive
+    collatable: bool = False
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    schema: str
+    name: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...] = ()
+    key_source: str = "none"  # "primary_key", "unique_index" or "none"
+    estimated_rows: int | None = None
+    parents: tuple[str, ...] = field(default=())  # qualified names of FK parent tables
+    partitioned: bool = False  # native partitioned parent (children are copied through it)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def key_kind(self) -> KeyKind:
+        if not self.key:
+            return KeyKind.NONE
+        if len(self.key) == 1 and self.column(self.key[0]).type_sql in INTEGER_TYPES:
+            return KeyKind.INTEGER
+        return KeyKind.KEYSET
+
+    @property
+    def copy_columns(self) -> tuple[Column, ...]:
+        """Columns COPY writes: generated columns are computed by the target itself."""
+        return tuple(c for c in self.columns if not c.generated)
+
+    @property
+    def has_identity_always(self) -> bool:
+        return any(c.identity == "a" for c in self.columns)
+
+    @property
+    def binary_ok(self) -> bool:
+        return all(c.binary_ok for c in self.copy_columns)
+
+    def column(self, name: str) -> Column:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(name)
+
+
+_TABLES_SQL = """
+SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned,
+       CASE WHEN c.relkind = 'p' THEN
+            (SELECT sum(greatest(ch.reltuples, 0))::bigint FROM pg_inherits i
+               JOIN pg_class ch ON ch.oid = i.inhrelid WHERE i.inhparent = c.oid)
+            WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimated_rows
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND NOT c.relispartition
+  AND n.nspname = ANY(%(schemas)s)
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY n.nspname, c.relname
+"""
+
+_COLUMNS_SQL = """
+SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       a.attgenerated <> '' AS generated, a.attidentity::text,
+       (b.typsend <> 0 AND b.typreceive <> 0) AS binary_ok,
+       b.typcollation <> 0 AS collatable
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attrelid, a.attnum
+"""
+
+# Unique, valid, non-partial, non-expression indexes with their columns in index order.
+_KEYS_SQL = """
+SELECT i.indrelid, i.indisprimary, ci.relname,
+       array_agg(a.attname ORDER BY k.ord) AS columns,
+       bool_and(a.attnotnull) AS all_not_null
+FROM pg_index i
+JOIN pg_class ci ON ci.oid = i.indexrelid
+CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = ANY(%(oids)s) AND i.indisunique AND i.indisvalid
+  AND i.indpred IS NULL AND i.indexprs IS NULL
+GROUP BY i.indrelid, i.indexrelid, i.indisprimary, ci.relname
+"""
+
+# Foreign keys declared on the table itself (clones on partitions have conparentid <> 0);
+# a parent that is a partition is reported as its root partitioned table.
+_PARENTS_SQL = """
+SELECT c.conrelid, pn.nspname, pc.relname
+FROM pg_constraint c
+JOIN pg_class pc ON pc.oid = coalesce(pg_partition_root(c.confrelid), c.confrelid)
+JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+WHERE c.contype = 'f' AND c.conparentid = 0 AND c.conrelid = ANY(%(oids)s)
+"""
+
+
+def user_schemas(conn: psycopg.Connection) -> list[str]:
+    """Every schema that holds user tables, minus PostgreSQL's, Supabase's and our own."""
+    rows = conn.execute(
+        """
+        SELECT nspname FROM pg_namespace
+        WHERE nspname <> ALL(%(skip)s) AND nspname NOT LIKE 'pg\\_%%'
+        ORDER BY nspname
+        """,
+        {"skip": [*SYSTEM_SCHEMAS, BOOKKEEPING_SCHEMA]},
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableInfo]:
+    """Describe every ordinary and partitioned (root) table in `schemas`."""
+    tables = conn.execute(_TABLES_SQL, {"schemas": list(schemas)}).fetchall()
+    oids = [t[0] for t in tables]
+    columns: dict[int, list[Column]] = {oid: [] for oid in oids}
+    for oid, name, type_sql, not_null, generated, identity, binary_ok, collatable in conn.execute(
+        _COLUMNS_SQL, {"oids": oids}
+    ):
+        columns[oid].append(
+            Column(name, type_sql, not_null, generated, identity, binary_ok, collatable)
+        )
+    keys: dict[int, tuple[str, tuple[str, ...]]] = {}
+    candidates: dict[int, list[tuple[int, str, tuple[str, ...]]]] = {}
+    for oid, is_primary, index_name, cols, all_not_null in conn.execute(_KEYS_SQL, {"oids": oids}):
+        if is_primary:
+            keys[oid] = ("primary_key", tuple(cols))
+        elif all_not_null:
+            candidates.setdefault(oid, []).append((len(cols), index_name, tuple(cols)))
+    for oid, options in candidates.items():
+        if oid not in keys:
+            keys[oid] = ("unique_index", min(options)[2])
+    parents: dict[int, set[str]] = {}
+    for oid, parent_schema, parent_name in conn.execute(_PARENTS_SQL, {"oids": oids}):
+        parents.setdefault(oid, set()).add(f"{parent_schema}.{parent_name}")
+
+    result = []
+    for oid, schema, name, partitioned, estimated in tables:
+        key_source, key = keys.get(oid, ("none", ()))
+        own = f"{schema}.{name}"
+        result.append(
+            TableInfo(
+                schema=schema,
+                name=name,
+                columns=tuple(columns[oid]),
+                key=key,
+                key_source=key_source,
+                estimated_rows=estimated,
+                parents=tuple(sorted(parents.get(oid, set()) - {own})),
+                partitioned=partitioned,
+            )
+        )
+    return result
+
+
+def default_collation(conn: psycopg.Connection) -> str:
+    row = conn.execute(
+        "SELECT datcollate FROM pg_database WHERE datname = current_database()"
+    ).fetchone()
+    return str(row[0]) if row else ""
+
+
+def needs_bytewise_keys(source: psycopg.Connection, target: psycopg.Connection) -> bool:
+    """Text keys sort differently under different collations; then ranges compare bytewise.
+
+    Otherwise a row could fall in one range on the source and another on the target, and a
+    range re-sync would delete rows that belong to its neighbour.
+    """
+    return default_collation(source) != default_collation(target)

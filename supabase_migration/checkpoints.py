@@ -1,0 +1,259 @@
+"""The checkpoint table on the target: one row per (table, partition), doubling as its status.
+
+It lives in schema `supabase_migration`, never in `public`, which Supabase exposes over its REST
+API; no grants go to anon/authenticated. A partition's row is locked (FOR UPDATE NOWAIT) by the
+transaction that copies it, so two runs can never interleave on one range: the loser fails fast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+
+from .catalog import BOOKKEEPING_SCHEMA
+from .ranges import KeyRange
+
+CHECKPOINTS = sql.Identifier(BOOKKEEPING_SCHEMA, "migration_checkpoints")
+
+BOOKKEEPING_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {BOOKKEEPING_SCHEMA};
+REVOKE ALL ON SCHEMA {BOOKKEEPING_SCHEMA} FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.migration_checkpoints (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_name       text        NOT NULL,
+    partition_key    text        NOT NULL,
+    batch_number     integer     NOT NULL,
+    lower_bound      jsonb,
+    upper_bound      jsonb,
+    last_record_id   text,
+    records_migrated bigint      NOT NULL DEFAULT 0,
+    rows_deleted     bigint      NOT NULL DEFAULT 0,
+    status           text        NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'completed', 'failed')),
+    error_message    text,
+    attempts         integer     NOT NULL DEFAULT 0,
+    run_id           text,
+    row_checksum     text,
+    copy_path        text,
+    duration_ms      bigint,
+    completed_by     text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    completed_at     timestamptz,
+    UNIQUE (table_name, partition_key)
+);
+REVOKE ALL ON ALL TABLES IN SCHEMA {BOOKKEEPING_SCHEMA} FROM PUBLIC;
+"""
+
+# Supabase's API roles must never see bookkeeping; on plain PostgreSQL they may not exist.
+_REVOKE_API_ROLES = f"""
+DO $$
+DECLARE r text;
+BEGIN
+  FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+      EXECUTE format('REVOKE ALL ON SCHEMA {BOOKKEEPING_SCHEMA} FROM %I', r);
+      EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA {BOOKKEEPING_SCHEMA} FROM %I', r);
+    END IF;
+  END LOOP;
+END $$;
+"""
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    table_name: str
+    partition_key: str
+    batch_number: int
+    lower_bound: list[str] | None
+    upper_bound: list[str] | None
+    status: str
+    records_migrated: int
+    rows_deleted: int
+    attempts: int
+    row_checksum: str | None
+    error_message: str | None
+    run_id: str | None
+    copy_path: str | None
+    duration_ms: int | None
+    last_record_id: str | None
+    updated_at: datetime | None
+    completed_at: datetime | None
+
+    def key_range(self) -> KeyRange:
+        lower = tuple(self.lower_bound) if self.lower_bound is not None else None
+        upper = tuple(self.upper_bound) if self.upper_bound is not None else None
+        return KeyRange(self.table_name, self.batch_number, lower, upper)
+
+
+_FIELDS = sql.SQL(
+    "table_name, partition_key, batch_number, lower_bound, upper_bound, status, records_migrated, "
+    "rows_deleted, attempts, row_checksum, error_message, run_id, copy_path, duration_ms, "
+    "last_record_id, updated_at, completed_at"
+)
+
+
+def ensure_bookkeeping(conn: psycopg.Connection) -> None:
+    """Create the bookkeeping schema and table if missing (idempotent, one transaction)."""
+    with conn.transaction():
+        if conn.execute(
+            "SELECT to_regclass(%s) IS NULL", (f"{BOOKKEEPING_SCHEMA}.migration_checkpoints",)
+        ).fetchone()[0]:  # type: ignore[index]
+            conn.execute(BOOKKEEPING_DDL)
+        conn.execute(_REVOKE_API_ROLES)
+
+
+def bookkeeping_exists(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{BOOKKEEPING_SCHEMA}.migration_checkpoints",)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _bound_json(bound: tuple[str, ...] | None) -> str | None:
+    return None if bound is None else json.dumps(list(bound))
+
+
+def load(conn: psycopg.Connection, table: str | None = None) -> list[Checkpoint]:
+    """Checkpoint rows, ordered by table and batch number."""
+    where = sql.SQL("WHERE table_name = %s") if table else sql.SQL("")
+    query = sql.SQL("SELECT {} FROM {} {} ORDER BY table_name, batch_number").format(
+        _FIELDS, CHECKPOINTS, where
+    )
+    with conn.cursor(row_factory=class_row(Checkpoint)) as cur:
+        cur.execute(query, (table,) if table else None)
+        return cur.fetchall()
+
+
+def seed_pending(conn: psycopg.Connection, ranges: Iterable[KeyRange]) -> int:
+    """Insert `pending` rows for new ranges; existing rows (completed or not) are kept."""
+    rows = [
+        (r.table, r.partition_key, r.index, _bound_json(r.lower), _bound_json(r.upper))
+        for r in ranges
+    ]
+    if not rows:
+        return 0
+    with conn.cursor() as cur:
+        cur.executemany(
+            sql.SQL(
+                "INSERT INTO {} (table_name, partition_key, batch_number, lower_bound, upper_bound)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name, partition_key) DO NOTHING"
+            ).format(CHECKPOINTS),
+            rows,
+        )
+    return len(rows)
+
+
+def close_open_range(conn: psycopg.Connection, table: str, key: str, upper: Sequence[str]) -> None:
+    """Give the open-ended last range an upper bound when the plan grows past it.
+
+    Its content shrinks, so it is marked pending again: the next run re-syncs it.
+    """
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET upper_bound = %s, status = 'pending', updated_at = now() "
+            "WHERE table_name = %s AND partition_key = %s"
+        ).format(CHECKPOINTS),
+        (json.dumps(list(upper)), table, key),
+    )
+
+
+def lock(conn: psycopg.Connection, table: str, key: str) -> Checkpoint | None:
+    """Lock one partition's row for this transaction; raises LockNotAvailable if held."""
+    with conn.cursor(row_factory=class_row(Checkpoint)) as cur:
+        cur.execute(
+            sql.SQL(
+                "SELECT {} FROM {} WHERE table_name = %s AND partition_key = %s FOR UPDATE NOWAIT"
+            ).format(_FIELDS, CHECKPOINTS),
+            (table, key),
+        )
+        return cur.fetchone()
+
+
+def get(conn: psycopg.Connection, table: str, key: str) -> Checkpoint | None:
+    with conn.cursor(row_factory=class_row(Checkpoint)) as cur:
+        cur.execute(
+            sql.SQL("SELECT {} FROM {} WHERE table_name = %s AND partition_key = %s").format(
+                _FIELDS, CHECKPOINTS
+            ),
+            (table, key),
+        )
+        return cur.fetchone()
+
+
+@dataclass(frozen=True)
+class Completion:
+    rows: int
+    rows_deleted: int
+    checksum: str
+    last_record_id: str | None
+    copy_path: str
+    duration_ms: int
+    run_id: str | None
+
+
+def mark_completed(conn: psycopg.Connection, table: str, key: str, done: Completion) -> None:
+    """Inside the copy transaction: commits together with the data."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = 'completed', records_migrated = %s, rows_deleted = %s, "
+            "row_checksum = %s, last_record_id = %s, copy_path = %s, duration_ms = %s, "
+            "run_id = %s, attempts = attempts + 1, error_message = NULL, "
+            "completed_by = current_user, completed_at = now(), updated_at = now() "
+            "WHERE table_name = %s AND partition_key = %s"
+        ).format(CHECKPOINTS),
+        (
+            done.rows,
+            done.rows_deleted,
+            done.checksum,
+            done.last_record_id,
+            done.copy_path,
+            done.duration_ms,
+            done.run_id,
+            table,
+            key,
+        ),
+    )
+
+
+def mark_failed(
+    conn: psycopg.Connection, table: str, key: str, message: str, run_id: str | None
+) -> None:
+    """In its own transaction after the copy rolled back; the message must be PHI-free."""
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET status = 'failed', error_message = %s, run_id = %s, "
+                "attempts = attempts + 1, updated_at = now() "
+                "WHERE table_name = %s AND partition_key = %s"
+            ).format(CHECKPOINTS),
+            (message, run_id, table, key),
+        )
+
+
+def summary(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
+    """Per table: partitions by status, and rows migrated."""
+    result: dict[str, dict[str, int]] = {}
+    for table, status, partitions, rows in conn.execute(
+        sql.SQL(
+            "SELECT table_name, status, count(*), coalesce(sum(records_migrated), 0) "
+            "FROM {} GROUP BY table_name, status ORDER BY table_name"
+        ).format(CHECKPOINTS)
+    ):
+        entry = result.setdefault(table, {"pending": 0, "completed": 0, "failed": 0, "rows": 0})
+        entry[status] = partitions
+        entry["rows"] += int(rows)
+    return result

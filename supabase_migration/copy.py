@@ -1,0 +1,312 @@
+"""Copy one key range from the source into the target, all-or-nothing.
+
+One partition is one target transaction: lock the checkpoint row, stream the range with COPY
+(binary where every column type allows), merge it, and mark the checkpoint completed, then commit.
+A crash at any point leaves the old state or the new one, never half a batch. The source side
+reads the checksum and the rows in one REPEATABLE READ snapshot, so the recorded checksum is the
+checksum of exactly the rows that were copied.
+
+Paths:
+- `unchanged`: the range completed before and its source checksum still matches; nothing written.
+- `copy`: first load (never completed, no target rows in range): COPY straight into the table.
+- `upsert`: re-sync: COPY into a temp staging table, delete rows the source no longer has,
+  then INSERT ... ON CONFLICT DO UPDATE only where the row text differs.
+- `replace`: a table without a usable key is one range, deleted and re-copied atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from . import checkpoints, sqlbuild
+from .catalog import KeyKind, TableInfo
+from .conninfo import DatabaseUrl
+from .connections import connect, is_transient, retrying
+from .errors import ConcurrentRunError, CopyError, TransientError
+from .redaction import describe_pg_error
+
+STAGING_TABLE = "supabase_migration_stage"
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    force: bool = False  # re-sync even when the source checksum is unchanged (UI materializations)
+    replica_mode: bool = True  # SET LOCAL session_replication_role = replica (skip FK triggers)
+    statement_timeout: str = "0"  # Supabase caps statements at 2 min unless raised per txn
+    collate_c: bool = False  # compare text keys bytewise when source/target collations differ
+    binary: bool | None = None  # None: binary when every column type supports it
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    table: str
+    partition_key: str
+    path: str
+    rows: int
+    rows_deleted: int
+    bytes: int
+    duration_s: float
+    checksum: str
+    bounds: str
+
+    @property
+    def changed(self) -> bool:
+        return self.path != "unchanged"
+
+
+def copy_range(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    partition_key: str,
+    options: CopyOptions = CopyOptions(),
+) -> RangeResult:
+    """Make one range of the target equal to the same range of the source.
+
+    Both connections must be in autocommit mode; transactions are explicit here.
+    """
+    name = table.qualified_name
+    started = time.monotonic()
+    where = f"partition {partition_key} of {name}"
+    try:
+        planned = checkpoints.get(target, name, partition_key)
+        if planned is None:
+            raise CopyError(
+                f"{where} is not in the plan; materialize the migration_plan asset "
+                "(or run `supabase-migrate plan`) first."
+            )
+        key_range = planned.key_range()
+        with _source_snapshot(source):
+            count, checksum, last_key = _source_checksum(source, table, key_range, options)
+            unchanged = (
+                not options.force
+                and planned.status == checkpoints.Status.COMPLETED
+                and planned.row_checksum == checksum
+                and planned.records_migrated == count
+            )
+            if unchanged:
+                return RangeResult(
+                    name, partition_key, "unchanged", count, 0, 0,
+                    time.monotonic() - started, checksum, key_range.describe(),
+                )
+            with target.transaction():
+                locked = checkpoints.lock(target, name, partition_key)
+                assert locked is not None
+                _set_local(target, options)
+                path, deleted, nbytes = _load(source, target, table, locked, options)
+                duration = time.monotonic() - started
+                checkpoints.mark_completed(
+                    target,
+                    name,
+                    partition_key,
+                    checkpoints.Completion(
+                        rows=count,
+                        rows_deleted=deleted,
+                        checksum=checksum,
+                        last_record_id=last_key,
+                        copy_path=path,
+                        duration_ms=int(duration * 1000),
+                        run_id=options.run_id,
+                    ),
+                )
+        return RangeResult(
+            name, partition_key, path, count, deleted, nbytes, duration, checksum,
+            key_range.describe(),
+        )
+    except pg_errors.LockNotAvailable:
+        raise ConcurrentRunError(
+            f"{where} is being copied by another run right now; this run left it untouched."
+        ) from None
+    except psycopg.Error as exc:
+        message = f"Copying {where} failed: {describe_pg_error(exc)}."
+        _record_failure(target, name, partition_key, message, options.run_id)
+        if is_transient(exc):
+            raise TransientError(message) from None
+        raise CopyError(message) from None
+
+
+class _source_snapshot:
+    """A REPEATABLE READ, read-only source transaction: checksum and COPY see the same rows."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn.closed:
+            return
+        self.conn.execute("ROLLBACK")
+
+
+def _source_checksum(
+    source: psycopg.Connection, table: TableInfo, key_range, options: CopyOptions
+) -> tuple[int, str, str | None]:
+    source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+    row = source.execute(
+        sqlbuild.range_checksum_query(
+            table, key_range.lower, key_range.upper, collate_c=options.collate_c
+        )
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1]), row[2]
+
+
+def _set_local(target: psycopg.Connection, options: CopyOptions) -> None:
+    statements = [
+        sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(options.statement_timeout))
+    ]
+    if options.replica_mode:
+        statements.append(sql.SQL("SET LOCAL session_replication_role = replica"))
+    target.execute(sql.SQL("; ").join(statements))
+
+
+def _load(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    cp: checkpoints.Checkpoint,
+    options: CopyOptions,
+) -> tuple[str, int, int]:
+    """Move the rows; returns (path, rows deleted, bytes streamed)."""
+    key_range = cp.key_range()
+    lower, upper = key_range.lower, key_range.upper
+    binary = table.binary_ok if options.binary is None else options.binary
+    if table.key_kind is KeyKind.NONE:
+        deleted = target.execute(sqlbuild.delete_range(table, None, None)).rowcount
+        nbytes = _stream(source, target, table, key_range, sqlbuild.table_ident(table), binary, options)
+        return "replace", max(deleted, 0), nbytes
+    if cp.completed_at is None:
+        occupied = target.execute(
+            sqlbuild.any_row_in_range(table, lower, upper, collate_c=options.collate_c)
+        ).fetchone()
+        if occupied is not None and not occupied[0]:
+            nbytes = _stream(
+                source, target, table, key_range, sqlbuild.table_ident(table), binary, options
+            )
+            return "copy", 0, nbytes
+    target.execute(sqlbuild.create_staging(table, STAGING_TABLE))
+    nbytes = _stream(source, target, table, key_range, sql.Identifier(STAGING_TABLE), binary, options)
+    deleted = target.execute(
+        sqlbuild.delete_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c)
+    ).rowcount
+    target.execute(sqlbuild.upsert_from_staging(table, STAGING_TABLE))
+    target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
+    return "upsert", max(deleted, 0), nbytes
+
+
+def _stream(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    key_range,
+    into: sql.Composable,
+    binary: bool,
+    options: CopyOptions,
+) -> int:
+    """COPY out of the source straight into COPY on the target: constant memory."""
+    out_query = sqlbuild.copy_out_query(
+        table, key_range.lower, key_range.upper, binary=binary, collate_c=options.collate_c
+    )
+    in_query = sqlbuild.copy_in_query(into, table.copy_columns, binary=binary)
+    nbytes = 0
+    with (
+        source.cursor() as scur,
+        target.cursor() as tcur,
+        scur.copy(out_query) as copy_out,
+        tcur.copy(in_query) as copy_in,
+    ):
+        for chunk in copy_out:
+            nbytes += len(chunk)
+            copy_in.write(chunk)
+    return nbytes
+
+
+def _record_failure(
+    target: psycopg.Connection, table: str, key: str, message: str, run_id: str | None
+) -> None:
+    """Best effort: a broken target connection cannot record anything, and must not mask."""
+    if target.closed or target.broken:
+        return
+    try:
+        checkpoints.mark_failed(target, table, key, message, run_id)
+    except psycopg.Error:
+        pass
+
+
+def replica_mode_allowed(target: psycopg.Connection) -> bool:
+    """Whether this role may skip FK triggers (superuser, or Supabase's postgres via supautils)."""
+    try:
+        with target.transaction(force_rollback=True):
+            target.execute("SET LOCAL session_replication_role = replica")
+        return True
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+
+
+class CopySession:
+    """A source and a target connection that survive transient failures.
+
+    A terminated backend or a restarted pooler breaks a connection; the next attempt reconnects
+    and redoes the whole range, which is safe because a range is one transaction.
+    """
+
+    def __init__(
+        self,
+        source_url: DatabaseUrl,
+        target_url: DatabaseUrl,
+        *,
+        attempts: int = 5,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.source_url = source_url
+        self.target_url = target_url
+        self.attempts = attempts
+        self.log = log
+        self._source: psycopg.Connection | None = None
+        self._target: psycopg.Connection | None = None
+
+    def _fresh(self, conn: psycopg.Connection | None, url: DatabaseUrl) -> psycopg.Connection:
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            conn = connect(url, autocommit=True)
+        return conn
+
+    @property
+    def source(self) -> psycopg.Connection:
+        self._source = self._fresh(self._source, self.source_url)
+        return self._source
+
+    @property
+    def target(self) -> psycopg.Connection:
+        self._target = self._fresh(self._target, self.target_url)
+        return self._target
+
+    def copy(self, table: TableInfo, partition_key: str, options: CopyOptions) -> RangeResult:
+        return retrying(
+            lambda: copy_range(self.source, self.target, table, partition_key, options),
+            attempts=self.attempts,
+            what=f"copying partition {partition_key} of {table.qualified_name}",
+            log=self.log,
+        )
+
+    def close(self) -> None:
+        for conn in (self._source, self._target):
+            if conn is not None:
+                conn.close()
+        self._source = self._target = None
+
+    def __enter__(self) -> CopySession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,190 @@
+"""`migration.yaml`: the reviewable description of what will be migrated.
+
+`supabase-migrate init` writes it from the source catalog; Dagster definitions are built from it,
+so `dagster dev` loads with the source offline. It never holds a URL or a password.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from .catalog import TableInfo
+from .errors import ConfigError
+from .planning import DEFAULT_BATCH_SIZE
+
+MANIFEST_ENV = "SUPABASE_MIGRATION_MANIFEST"
+DEFAULT_MANIFEST = "migration.yaml"
+SCHEMA_MODES = ("alembic", "dump", "none")
+
+_HEADER = """\
+# supabase-migration manifest: what `supabase-migrate run` and the Dagster assets migrate.
+# Written by `supabase-migrate init` from the source catalog. Review it, edit batch sizes or
+# the include/exclude filters, and commit it. It holds no URLs or passwords: those come from
+# SOURCE_DATABASE_URL and SUPABASE_DB_URL.
+"""
+
+
+@dataclass(frozen=True)
+class ManifestTable:
+    name: str  # schema.table
+    key: tuple[str, ...]
+    key_source: str
+    estimated_rows: int | None = None
+    batch_size: int | None = None
+    parents: tuple[str, ...] = ()
+    partitioned: bool = False
+
+    @property
+    def schema(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def table(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tables: tuple[ManifestTable, ...]
+    schemas: tuple[str, ...] = ("public",)
+    schema_mode: str = "dump"
+    alembic_config: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    exposed_schemas: tuple[str, ...] = ("public",)
+    path: Path | None = field(default=None, compare=False)
+
+    def table(self, name: str) -> ManifestTable:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise ConfigError(f"Table {name} is not in the manifest; run `supabase-migrate init` again.")
+
+    def batch_size_for(self, table: ManifestTable) -> int:
+        return table.batch_size or self.batch_size
+
+    def with_settings(self, **changes: object) -> Manifest:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Glob filters on schema.table (`public.*`, `*.audit_log`); exclude wins."""
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def from_catalog(
+    tables: Sequence[TableInfo],
+    *,
+    schemas: Sequence[str],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    **settings: object,
+) -> Manifest:
+    chosen = [t for t in tables if selected(t.qualified_name, include, exclude)]
+    names = {t.qualified_name for t in chosen}
+    entries = tuple(
+        ManifestTable(
+            name=t.qualified_name,
+            key=t.key,
+            key_source=t.key_source,
+            estimated_rows=t.estimated_rows,
+            parents=tuple(p for p in t.parents if p in names),
+            partitioned=t.partitioned,
+        )
+        for t in chosen
+    )
+    return Manifest(
+        tables=entries,
+        schemas=tuple(schemas),
+        include=tuple(include),
+        exclude=tuple(exclude),
+        **settings,  # type: ignore[arg-type]
+    )
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST)
+
+
+def write(manifest: Manifest, path: Path) -> None:
+    doc = {
+        "version": 1,
+        "schemas": list(manifest.schemas),
+        "schema_mode": manifest.schema_mode,
+        "alembic_config": manifest.alembic_config,
+        "batch_size": manifest.batch_size,
+        "include": list(manifest.include),
+        "exclude": list(manifest.exclude),
+        "exposed_schemas": list(manifest.exposed_schemas),
+        "tables": {
+            t.name: {
+                "key": list(t.key),
+                "key_source": t.key_source,
+                "estimated_rows": t.estimated_rows,
+                **({"batch_size": t.batch_size} if t.batch_size else {}),
+                "parents": list(t.parents),
+                **({"partitioned": True} if t.partitioned else {}),
+            }
+            for t in manifest.tables
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(_HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    tmp.replace(path)
+
+
+def read(path: Path) -> Manifest:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"No manifest at {path}; run `supabase-migrate init` to write one from the source."
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"The manifest {path} is not valid YAML ({exc.__class__.__name__}).") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
+        raise ConfigError(f"The manifest {path} has no `tables` mapping; run `supabase-migrate init`.")
+    mode = doc.get("schema_mode", "dump")
+    if mode not in SCHEMA_MODES:
+        raise ConfigError(f"The manifest's schema_mode must be one of {', '.join(SCHEMA_MODES)}.")
+    try:
+        tables = tuple(
+            ManifestTable(
+                name=name,
+                key=tuple(spec.get("key") or ()),
+                key_source=spec.get("key_source", "none"),
+                estimated_rows=spec.get("estimated_rows"),
+                batch_size=spec.get("batch_size"),
+                parents=tuple(spec.get("parents") or ()),
+                partitioned=bool(spec.get("partitioned", False)),
+            )
+            for name, spec in doc["tables"].items()
+        )
+        return Manifest(
+            tables=tables,
+            schemas=tuple(doc.get("schemas") or ("public",)),
+            schema_mode=mode,
+            alembic_config=doc.get("alembic_config"),
+            batch_size=int(doc.get("batch_size") or DEFAULT_BATCH_SIZE),
+            include=tuple(doc.get("include") or ()),
+            exclude=tuple(doc.get("exclude") or ()),
+            exposed_schemas=tuple(doc.get("exposed_schemas") or ("public",)),
+            path=path,
+        )
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"The manifest {path} is malformed; run `supabase-migrate init` again.") from None
+
+
+def read_if_present(path: Path | None = None) -> Manifest | None:
+    path = path or default_path()
+    return read(path) if path.exists() else None

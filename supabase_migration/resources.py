@@ -1,0 +1,99 @@
+"""Dagster resources for the two databases.
+
+URLs come from environment variables through `EnvVar`, so they are resolved at run time, masked
+in the UI and never stored in run config. Everything a user sees from these resources goes
+through `DatabaseUrl.describe()` / `redacted()`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import dagster as dg
+import psycopg
+from pydantic import Field
+
+from .conninfo import DatabaseUrl, Endpoint, parse_database_url
+from .connections import connect, retrying
+
+SOURCE_URL_ENV = "SOURCE_DATABASE_URL"
+TARGET_URL_ENV = "SUPABASE_DB_URL"
+POOLER_URL_ENV = "SUPABASE_POOLER_URL"
+TARGET_ENDPOINT_ENV = "SUPABASE_DB_ENDPOINT"  # override for self-hosted poolers
+SSLROOTCERT_ENV = "SUPABASE_SSLROOTCERT"
+INSECURE_ENV = "SUPABASE_MIGRATION_ALLOW_INSECURE_SSL"
+
+
+class _Database(dg.ConfigurableResource):
+    url: str = Field(description="Connection URL; supply it with EnvVar, never inline.")
+    endpoint: str | None = Field(
+        default=None,
+        description="Override endpoint detection: direct, session_pooler, transaction_pooler.",
+    )
+    sslrootcert: str | None = Field(default=None, description="CA file for verify-ca/verify-full.")
+    allow_insecure_ssl: bool = Field(
+        default=False, description="Permit sslmode disable/allow/prefer on a non-loopback host."
+    )
+    connect_timeout: int = Field(default=10, description="Seconds to wait for a connection.")
+
+    label: ClassVar[str] = "database"
+
+    def database_url(self) -> DatabaseUrl:
+        return parse_database_url(
+            self.url,
+            label=self.label,
+            endpoint=Endpoint(self.endpoint) if self.endpoint else None,
+            allow_insecure=self.allow_insecure_ssl,
+            sslrootcert=self.sslrootcert,
+        )
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """An autocommit connection, retried on transient failures, always closed."""
+        url = self.database_url()
+        conn = retrying(
+            lambda: connect(url, autocommit=True, connect_timeout=self.connect_timeout),
+            what=f"connecting to the {url.describe()}",
+        )
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+class SourceDatabase(_Database):
+    """The PostgreSQL database being migrated (read only)."""
+
+    label: ClassVar[str] = "source"
+
+
+class TargetDatabase(_Database):
+    """The Supabase database receiving the migration (direct or session pooler preferred)."""
+
+    pooler_url: str | None = Field(
+        default=None, description="Optional transaction-pooler URL, for reference and checks."
+    )
+
+    label: ClassVar[str] = "target"
+
+
+def _optional_env(name: str) -> dg.EnvVar | None:
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """Resources wired to the documented environment variables."""
+    insecure = os.environ.get(INSECURE_ENV, "").lower() in {"1", "true", "yes"}
+    return {
+        "source": SourceDatabase(url=dg.EnvVar(SOURCE_URL_ENV), allow_insecure_ssl=insecure),
+        "target": TargetDatabase(
+            url=dg.EnvVar(TARGET_URL_ENV),
+            pooler_url=_optional_env(POOLER_URL_ENV),  # type: ignore[arg-type]
+            endpoint=_optional_env(TARGET_ENDPOINT_ENV),  # type: ignore[arg-type]
+            sslrootcert=_optional_env(SSLROOTCERT_ENV),  # type: ignore[arg-type]
+            allow_insecure_ssl=insecure,
+        ),
+    }

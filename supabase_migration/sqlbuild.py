@@ -1,0 +1,181 @@
+"""SQL text for the copy path, built with psycopg.sql so identifiers are always quoted.
+
+Key-range bounds are stored as text (JSON arrays) and cast back to the key columns' types here,
+so one code path serves integer, uuid, text, timestamp and composite keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from psycopg import sql
+
+from .catalog import Column, TableInfo
+from .ranges import Bound
+
+# Row text must render the same on source and target for checksums to be comparable, so every
+# transaction that hashes rows pins the settings that change text output.
+NORMALIZE_TEXT_OUTPUT = sql.SQL(
+    "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
+    "SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; "
+    "SET LOCAL bytea_output = 'hex'"
+)
+
+
+def table_ident(table: TableInfo) -> sql.Identifier:
+    return sql.Identifier(table.schema, table.name)
+
+
+def column_list(columns: Sequence[Column], prefix: str | None = None) -> sql.Composable:
+    if prefix:
+        return sql.SQL(", ").join(sql.Identifier(prefix, c.name) for c in columns)
+    return sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+
+
+def _key_expr(table: TableInfo, alias: str | None, collate_c: bool) -> sql.Composable:
+    parts = []
+    for name in table.key:
+        ident = sql.Identifier(alias, name) if alias else sql.Identifier(name)
+        if collate_c and table.column(name).collatable:
+            parts.append(sql.SQL("{} COLLATE \"C\"").format(ident))
+        else:
+            parts.append(ident)
+    return sql.SQL("({})").format(sql.SQL(", ").join(parts))
+
+
+def _bound_expr(table: TableInfo, values: Sequence[str]) -> sql.Composable:
+    casts = [
+        sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(table.column(k).type_sql))
+        for k, v in zip(table.key, values, strict=True)
+    ]
+    return sql.SQL("({})").format(sql.SQL(", ").join(casts))
+
+
+def range_predicate(
+    table: TableInfo,
+    lower: Bound,
+    upper: Bound,
+    *,
+    alias: str | None = None,
+    collate_c: bool = False,
+) -> sql.Composable:
+    """`lower <= key < upper` as row comparisons; a missing bound is open."""
+    if not table.key:
+        return sql.SQL("true")
+    key = _key_expr(table, alias, collate_c)
+    parts: list[sql.Composable] = []
+    if lower is not None:
+        parts.append(sql.SQL("{} >= {}").format(key, _bound_expr(table, lower)))
+    if upper is not None:
+        parts.append(sql.SQL("{} < {}").format(key, _bound_expr(table, upper)))
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
+
+
+def row_hash_sum(columns: Sequence[Column], alias: str | None = None) -> sql.Composable:
+    """Order-independent checksum: the sum of a 64-bit slice of each row's md5, as text."""
+    cols = column_list(columns, alias)
+    return sql.SQL(
+        "coalesce(sum(('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint::numeric), 0)::text"
+    ).format(cols)
+
+
+def range_checksum_query(
+    table: TableInfo, lower: Bound, upper: Bound, *, collate_c: bool = False
+) -> sql.Composed:
+    """count, checksum and the largest key of one range, computed inside the database."""
+    last_key = (
+        sql.SQL("max({})::text").format(sql.Identifier(table.key[0]))
+        if len(table.key) == 1
+        else sql.SQL("NULL::text")
+    )
+    return sql.SQL("SELECT count(*), {}, {} FROM {} WHERE {}").format(
+        row_hash_sum(table.copy_columns),
+        last_key,
+        table_ident(table),
+        range_predicate(table, lower, upper, collate_c=collate_c),
+    )
+
+
+def copy_out_query(
+    table: TableInfo, lower: Bound, upper: Bound, *, binary: bool, collate_c: bool = False
+) -> sql.Composed:
+    return sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT {}").format(
+        column_list(table.copy_columns),
+        table_ident(table),
+        range_predicate(table, lower, upper, collate_c=collate_c),
+        sql.SQL("(FORMAT binary)") if binary else sql.SQL(""),
+    )
+
+
+def copy_in_query(target: sql.Composable, columns: Sequence[Column], *, binary: bool) -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN {}").format(
+        target, column_list(columns), sql.SQL("(FORMAT binary)") if binary else sql.SQL("")
+    )
+
+
+def create_staging(table: TableInfo, staging: str) -> sql.Composed:
+    """A temp table dropped at commit: lives inside one transaction, so poolers are fine."""
+    return sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+        sql.Identifier(staging), column_list(table.copy_columns), table_ident(table)
+    )
+
+
+def delete_missing(
+    table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
+) -> sql.Composed:
+    """Delete target rows in the range whose key the source no longer has."""
+    match = sql.SQL(" AND ").join(
+        sql.SQL("s.{k} = t.{k}").format(k=sql.Identifier(k)) for k in table.key
+    )
+    return sql.SQL(
+        "DELETE FROM {} AS t WHERE {} AND NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})"
+    ).format(
+        table_ident(table),
+        range_predicate(table, lower, upper, alias="t", collate_c=collate_c),
+        sql.Identifier(staging),
+        match,
+    )
+
+
+def upsert_from_staging(table: TableInfo, staging: str) -> sql.Composed:
+    """Insert new rows and update changed ones; rows whose text is identical are not touched."""
+    cols = table.copy_columns
+    overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if table.has_identity_always else sql.SQL("")
+    key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
+    others = [c for c in cols if c.name not in table.key]
+    if others:
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c.name)) for c in others
+        )
+        action = sql.SQL("DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text").format(
+            assignments,
+            column_list(others, "t"),
+            sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c.name)) for c in others),
+        )
+    else:
+        action = sql.SQL("DO NOTHING")
+    return sql.SQL("INSERT INTO {} AS t ({}) {}SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+        table_ident(table),
+        column_list(cols),
+        overriding,
+        column_list(cols),
+        sql.Identifier(staging),
+        key,
+        action,
+    )
+
+
+def any_row_in_range(
+    table: TableInfo, lower: Bound, upper: Bound, *, collate_c: bool = False
+) -> sql.Composed:
+    return sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(
+        table_ident(table), range_predicate(table, lower, upper, collate_c=collate_c)
+    )
+
+
+def delete_range(
+    table: TableInfo, lower: Bound, upper: Bound, *, collate_c: bool = False
+) -> sql.Composed:
+    return sql.SQL("DELETE FROM {} WHERE {}").format(
+        table_ident(table), range_predicate(table, lower, upper, collate_c=collate_c)
+    )
