@@ -16,6 +16,7 @@ Paths:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from psycopg import sql
 
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
-from .conninfo import DatabaseUrl
 from .connections import connect, is_transient, retrying
+from .conninfo import DatabaseUrl
 from .errors import ConcurrentRunError, CopyError, TransientError
 from .redaction import describe_pg_error
 
@@ -93,8 +94,15 @@ def copy_range(
             )
             if unchanged:
                 return RangeResult(
-                    name, partition_key, "unchanged", count, 0, 0,
-                    time.monotonic() - started, checksum, key_range.describe(),
+                    name,
+                    partition_key,
+                    "unchanged",
+                    count,
+                    0,
+                    0,
+                    time.monotonic() - started,
+                    checksum,
+                    key_range.describe(),
                 )
             with target.transaction():
                 locked = checkpoints.lock(target, name, partition_key)
@@ -117,7 +125,14 @@ def copy_range(
                     ),
                 )
         return RangeResult(
-            name, partition_key, path, count, deleted, nbytes, duration, checksum,
+            name,
+            partition_key,
+            path,
+            count,
+            deleted,
+            nbytes,
+            duration,
+            checksum,
             key_range.describe(),
         )
     except pg_errors.LockNotAvailable:
@@ -182,7 +197,9 @@ def _load(
     binary = table.binary_ok if options.binary is None else options.binary
     if table.key_kind is KeyKind.NONE:
         deleted = target.execute(sqlbuild.delete_range(table, None, None)).rowcount
-        nbytes = _stream(source, target, table, key_range, sqlbuild.table_ident(table), binary, options)
+        nbytes = _stream(
+            source, target, table, key_range, sqlbuild.table_ident(table), binary, options
+        )
         return "replace", max(deleted, 0), nbytes
     if cp.completed_at is None:
         occupied = target.execute(
@@ -194,7 +211,9 @@ def _load(
             )
             return "copy", 0, nbytes
     target.execute(sqlbuild.create_staging(table, STAGING_TABLE))
-    nbytes = _stream(source, target, table, key_range, sql.Identifier(STAGING_TABLE), binary, options)
+    nbytes = _stream(
+        source, target, table, key_range, sql.Identifier(STAGING_TABLE), binary, options
+    )
     deleted = target.execute(
         sqlbuild.delete_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c)
     ).rowcount
@@ -236,10 +255,8 @@ def _record_failure(
     """Best effort: a broken target connection cannot record anything, and must not mask."""
     if target.closed or target.broken:
         return
-    try:
+    with contextlib.suppress(psycopg.Error):
         checkpoints.mark_failed(target, table, key, message, run_id)
-    except psycopg.Error:
-        pass
 
 
 def replica_mode_allowed(target: psycopg.Connection) -> bool:

@@ -65,7 +65,9 @@ class Manifest:
         for t in self.tables:
             if t.name == name:
                 return t
-        raise ConfigError(f"Table {name} is not in the manifest; run `supabase-migrate init` again.")
+        raise ConfigError(
+            f"Table {name} is not in the manifest; run `supabase-migrate init` again."
+        )
 
     def batch_size_for(self, table: ManifestTable) -> int:
         return table.batch_size or self.batch_size
@@ -151,9 +153,13 @@ def read(path: Path) -> Manifest:
             f"No manifest at {path}; run `supabase-migrate init` to write one from the source."
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"The manifest {path} is not valid YAML ({exc.__class__.__name__}).") from None
+        raise ConfigError(
+            f"The manifest {path} is not valid YAML ({exc.__class__.__name__})."
+        ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
-        raise ConfigError(f"The manifest {path} has no `tables` mapping; run `supabase-migrate init`.")
+        raise ConfigError(
+            f"The manifest {path} has no `tables` mapping; run `supabase-migrate init`."
+        )
     mode = doc.get("schema_mode", "dump")
     if mode not in SCHEMA_MODES:
         raise ConfigError(f"The manifest's schema_mode must be one of {', '.join(SCHEMA_MODES)}.")
@@ -182,7 +188,9 @@ def read(path: Path) -> Manifest:
             path=path,
         )
     except (AttributeError, TypeError, ValueError):
-        raise ConfigError(f"The manifest {path} is malformed; run `supabase-migrate init` again.") from None
+        raise ConfigError(
+            f"The manifest {path} is malformed; run `supabase-migrate init` again."
+        ) from None
 
 
 def read_if_present(path: Path | None = None) -> Manifest | None:

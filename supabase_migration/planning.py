@@ -47,9 +47,7 @@ def plan_table(
     else:
         bounds = _keyset_boundaries(conn, table, batch_size, max_partitions, start, collate_c)
     edges: list[Bound] = [start, *bounds, None]
-    return [
-        KeyRange(name, first_index + i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)
-    ]
+    return [KeyRange(name, first_index + i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
 def _integer_boundaries(
@@ -143,7 +141,10 @@ def refresh_plan(
         existing = checkpoints.load(target, name)
         if not existing:
             ranges = plan_table(
-                source, table, batch_size=batch_size, max_partitions=max_partitions,
+                source,
+                table,
+                batch_size=batch_size,
+                max_partitions=max_partitions,
                 collate_c=collate_c,
             )
             checkpoints.seed_pending(target, ranges)
@@ -153,9 +154,13 @@ def refresh_plan(
             new = 0
             if table.key_kind is not KeyKind.NONE and last.upper is None:
                 grown = plan_table(
-                    source, table, batch_size=batch_size,
+                    source,
+                    table,
+                    batch_size=batch_size,
                     max_partitions=max(1, max_partitions - len(existing) + 1),
-                    start=last.lower, first_index=last.index, collate_c=collate_c,
+                    start=last.lower,
+                    first_index=last.index,
+                    collate_c=collate_c,
                 )
                 if len(grown) > 2:  # only worth re-keying when the tail holds several batches
                     checkpoints.close_open_range(target, name, last.partition_key, grown[0].upper)  # type: ignore[arg-type]

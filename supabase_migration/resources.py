@@ -16,8 +16,8 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 from .connections import connect, retrying
+from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 
 SOURCE_URL_ENV = "SOURCE_DATABASE_URL"
 TARGET_URL_ENV = "SUPABASE_DB_URL"

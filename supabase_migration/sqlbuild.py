@@ -37,7 +37,7 @@ def _key_expr(table: TableInfo, alias: str | None, collate_c: bool) -> sql.Compo
     for name in table.key:
         ident = sql.Identifier(alias, name) if alias else sql.Identifier(name)
         if collate_c and table.column(name).collatable:
-            parts.append(sql.SQL("{} COLLATE \"C\"").format(ident))
+            parts.append(sql.SQL('{} COLLATE "C"').format(ident))
         else:
             parts.append(ident)
     return sql.SQL("({})").format(sql.SQL(", ").join(parts))
@@ -107,7 +107,9 @@ def copy_out_query(
     )
 
 
-def copy_in_query(target: sql.Composable, columns: Sequence[Column], *, binary: bool) -> sql.Composed:
+def copy_in_query(
+    target: sql.Composable, columns: Sequence[Column], *, binary: bool
+) -> sql.Composed:
     return sql.SQL("COPY {} ({}) FROM STDIN {}").format(
         target, column_list(columns), sql.SQL("(FORMAT binary)") if binary else sql.SQL("")
     )
@@ -147,10 +149,14 @@ def upsert_from_staging(table: TableInfo, staging: str) -> sql.Composed:
         assignments = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c.name)) for c in others
         )
-        action = sql.SQL("DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text").format(
+        action = sql.SQL(
+            "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text"
+        ).format(
             assignments,
             column_list(others, "t"),
-            sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c.name)) for c in others),
+            sql.SQL(", ").join(
+                sql.SQL("EXCLUDED.{}").format(sql.Identifier(c.name)) for c in others
+            ),
         )
     else:
         action = sql.SQL("DO NOTHING")

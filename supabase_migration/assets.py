@@ -1,0 +1,336 @@
+"""The software-defined assets: schema -> plan -> one partitioned asset per table -> sequences.
+
+Bodies are thin: they open connections through the resources, call the core and turn results
+into metadata. Every `MigrationError` becomes a `dg.Failure` carrying its one PHI-free sentence,
+retryable only when the cause was transient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator, Sequence
+
+import dagster as dg
+import psycopg
+from pydantic import Field
+
+from . import checkpoints
+from .catalog import TableInfo, needs_bytewise_keys, read_tables
+from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
+from .errors import MigrationError, TransientError
+from .manifest import Manifest, ManifestTable
+from .planning import MAX_PARTITIONS_PER_TABLE, refresh_plan
+from .report import markdown_table
+from .resources import SourceDatabase, TargetDatabase
+from .schema_step import migrate_schema
+from .sequences import sync_sequences
+
+GROUP_SETUP = "migration"
+GROUP_TABLES = "tables"
+SCHEMA_KEY = dg.AssetKey(["migration", "schema"])
+PLAN_KEY = dg.AssetKey(["migration", "plan"])
+SEQUENCES_KEY = dg.AssetKey(["migration", "sequences"])
+TARGET_POOL = "supabase_target"
+KINDS = {"postgres", "supabase"}
+
+# Ranges per run in a backfill: large enough that Dagster's per-run cost (~0.2 s) stays small
+# against copy time, small enough that one run's failure leaves little to redo.
+PARTITIONS_PER_RUN = 50
+
+COPY_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
+def _safe(part: str) -> str:
+    """Asset key parts allow [A-Za-z0-9_]; other names get a short stable hash suffix."""
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", part)
+    if cleaned != part:
+        cleaned += "_" + hashlib.sha1(part.encode()).hexdigest()[:6]
+    return cleaned
+
+
+def table_asset_key(name: str) -> dg.AssetKey:
+    schema, table = name.split(".", 1)
+    return dg.AssetKey([_safe(schema), _safe(table)])
+
+
+def partitions_def_name(name: str) -> str:
+    return "ranges__" + "__".join(table_asset_key(name).path)
+
+
+def partitions_def_for(name: str) -> dg.DynamicPartitionsDefinition:
+    return dg.DynamicPartitionsDefinition(name=partitions_def_name(name))
+
+
+def _failure(exc: MigrationError) -> dg.Failure:
+    return dg.Failure(description=exc.message, allow_retries=isinstance(exc, TransientError))
+
+
+class TableCopyConfig(dg.Config):
+    resync: bool = Field(
+        default=True,
+        description=(
+            "Re-sync every selected range. False skips completed ranges whose source checksum "
+            "is unchanged (what `supabase-migrate run` does)."
+        ),
+    )
+
+
+def build_schema_asset(manifest: Manifest) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=SCHEMA_KEY,
+        group_name=GROUP_SETUP,
+        kinds=KINDS,
+        description=(
+            "Preflight, then the schema on the target (Alembic upgrade head, pg_dump schema copy, "
+            "or none) and the supabase_migration bookkeeping schema."
+        ),
+        pool=TARGET_POOL,
+    )
+    def schema(
+        context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
+    ) -> dg.MaterializeResult:
+        try:
+            outcome = migrate_schema(manifest, source.database_url(), target.database_url())
+        except MigrationError as exc:
+            raise _failure(exc) from None
+        metadata = {k: v for k, v in outcome.result.metadata().items() if v is not None}
+        metadata["preflight"] = dg.MetadataValue.md(outcome.findings_markdown)
+        metadata["findings"] = len(outcome.findings)
+        return dg.MaterializeResult(metadata=metadata)
+
+    return schema
+
+
+def build_plan_asset(manifest: Manifest) -> dg.AssetsDefinition:
+    description = (
+        "Split every table into key ranges, write pending checkpoints, register partitions."
+    )
+    if not manifest.tables:
+        description += " No tables yet: run `supabase-migrate init` to write migration.yaml."
+
+    @dg.asset(
+        key=PLAN_KEY,
+        deps=[SCHEMA_KEY],
+        group_name=GROUP_SETUP,
+        kinds=KINDS,
+        description=description,
+    )
+    def plan(
+        context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
+    ) -> dg.MaterializeResult:
+        try:
+            plans = plan_all(manifest, source, target, context.instance)
+        except MigrationError as exc:
+            raise _failure(exc) from None
+        rows = [[p.table, p.key_kind, p.ranges, p.new_ranges, p.completed, p.note] for p in plans]
+        return dg.MaterializeResult(
+            metadata={
+                "tables": len(plans),
+                "partitions": sum(p.ranges for p in plans),
+                "plan": dg.MetadataValue.md(
+                    markdown_table(["table", "key", "ranges", "new", "completed", "note"], rows)
+                ),
+            }
+        )
+
+    return plan
+
+
+def live_tables(source_conn: psycopg.Connection, names: Sequence[str]) -> dict[str, TableInfo]:
+    """Current catalog records for the manifest's tables; missing ones are a clear error."""
+    schemas = sorted({n.split(".", 1)[0] for n in names})
+    found = {t.qualified_name: t for t in read_tables(source_conn, schemas)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise MigrationError(
+            f"Table {missing[0]} is in the manifest but not in the source"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; run `supabase-migrate init` again."
+        )
+    return {n: found[n] for n in names}
+
+
+def plan_all(
+    manifest: Manifest,
+    source: SourceDatabase,
+    target: TargetDatabase,
+    instance: dg.DagsterInstance,
+    tables: Sequence[ManifestTable] | None = None,
+):
+    """Plan every table, then make Dagster know every partition key the checkpoints hold."""
+    chosen = list(tables or manifest.tables)
+    plans = []
+    with source.connection() as s, target.connection() as t:
+        checkpoints.ensure_bookkeeping(t)
+        bytewise = needs_bytewise_keys(s, t)
+        infos = live_tables(s, [m.name for m in chosen])
+        for entry in chosen:
+            plans.append(
+                refresh_plan(
+                    s,
+                    t,
+                    infos[entry.name],
+                    batch_size=manifest.batch_size_for(entry),
+                    max_partitions=MAX_PARTITIONS_PER_TABLE,
+                    collate_c=bytewise,
+                )
+            )
+            keys = [cp.partition_key for cp in checkpoints.load(t, entry.name)]
+            instance.add_dynamic_partitions(partitions_def_name(entry.name), keys)
+    return plans
+
+
+def range_metadata(result: RangeResult) -> dict[str, dg.RawMetadataValue]:
+    return {
+        "path": result.path,
+        "rows": result.rows,
+        "rows_deleted": result.rows_deleted,
+        "bytes": result.bytes,
+        "duration_s": round(result.duration_s, 3),
+        "key_range": result.bounds,
+        "checksum": result.checksum,
+        "dagster/partition_row_count": result.rows,
+    }
+
+
+def copy_partitions(
+    context: dg.AssetExecutionContext,
+    manifest: Manifest,
+    table_name: str,
+    keys: Sequence[str],
+    source: SourceDatabase,
+    target: TargetDatabase,
+    resync: bool,
+) -> Iterator[dg.AssetMaterialization]:
+    """Copy each range, reporting each one as it completes; fail at the end if any failed.
+
+    Reporting per range means a run that fails on one range still shows the others as
+    materialized, exactly as the checkpoint table records them.
+    """
+    failures: list[MigrationError] = []
+    source_url, target_url = source.database_url(), target.database_url()
+    with CopySession(source_url, target_url, log=context.log.warning) as session:
+        try:
+            table = live_tables(session.source, [table_name])[table_name]
+            options = CopyOptions(
+                force=resync,
+                replica_mode=replica_mode_allowed(session.target),
+                collate_c=needs_bytewise_keys(session.source, session.target),
+                run_id=context.run_id,
+            )
+        except MigrationError as exc:
+            raise _failure(exc) from None
+        for key in keys:
+            if context.retry_number and _done_in_this_run(session, table_name, key, context.run_id):
+                continue
+            try:
+                result = session.copy(table, key, options)
+            except MigrationError as exc:
+                context.log.error(exc.message)
+                failures.append(exc)
+                continue
+            yield dg.AssetMaterialization(
+                asset_key=context.asset_key,
+                partition=key,
+                description=f"{result.path}: {result.rows} rows in {result.duration_s:.2f} s",
+                metadata=range_metadata(result),
+            )
+    if failures:
+        raise dg.Failure(
+            description=(
+                f"{len(failures)} of {len(keys)} ranges of {table_name} failed; "
+                f"first: {failures[0].message}"
+            ),
+            allow_retries=all(isinstance(f, TransientError) for f in failures),
+        )
+
+
+def _done_in_this_run(session: CopySession, table: str, key: str, run_id: str) -> bool:
+    cp = checkpoints.get(session.target, table, key)
+    return cp is not None and cp.status == checkpoints.Status.COMPLETED and cp.run_id == run_id
+
+
+def build_table_asset(manifest: Manifest, entry: ManifestTable) -> dg.AssetsDefinition:
+    deps = [dg.AssetDep(PLAN_KEY)] + [
+        dg.AssetDep(table_asset_key(parent), partition_mapping=dg.AllPartitionMapping())
+        for parent in entry.parents
+        if parent != entry.name
+    ]
+    key_text = ", ".join(entry.key) if entry.key else "none (whole-table partition)"
+
+    @dg.asset(
+        key=table_asset_key(entry.name),
+        deps=deps,
+        partitions_def=partitions_def_for(entry.name),
+        group_name=GROUP_TABLES,
+        kinds=KINDS | {"table"},
+        description=(
+            f"Rows of {entry.name} on the target. Each partition is one key range "
+            f"(key: {key_text}), copied with COPY in one transaction and checkpointed."
+        ),
+        metadata={
+            "table": entry.name,
+            "key": key_text,
+            "estimated_rows": entry.estimated_rows if entry.estimated_rows is not None else -1,
+        },
+        output_required=False,
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PER_RUN),
+        retry_policy=COPY_RETRY_POLICY,
+        pool=TARGET_POOL,
+    )
+    def table_asset(
+        context: dg.AssetExecutionContext,
+        config: TableCopyConfig,
+        source: SourceDatabase,
+        target: TargetDatabase,
+    ) -> Iterator[dg.AssetMaterialization]:
+        yield from copy_partitions(
+            context, manifest, entry.name, context.partition_keys, source, target, config.resync
+        )
+
+    return table_asset
+
+
+def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=SEQUENCES_KEY,
+        deps=[table_asset_key(t.name) for t in manifest.tables] or [PLAN_KEY],
+        group_name=GROUP_SETUP,
+        kinds=KINDS,
+        description=(
+            "Every sequence and identity on the target moved to at least the source's position "
+            "and past its column's max, so the application's next insert cannot collide."
+        ),
+        pool=TARGET_POOL,
+    )
+    def sequences(
+        context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
+    ) -> dg.MaterializeResult:
+        started = time.monotonic()
+        try:
+            with source.connection() as s, target.connection() as t:
+                results = sync_sequences(s, t, manifest.schemas)
+        except MigrationError as exc:
+            raise _failure(exc) from None
+        rows = [
+            [r.sequence, r.column or "", r.source_value, r.column_max, r.before, r.after]
+            for r in results
+        ]
+        return dg.MaterializeResult(
+            metadata={
+                "sequences": len(results),
+                "moved": sum(1 for r in results if r.moved),
+                "duration_s": round(time.monotonic() - started, 3),
+                "sequences_table": dg.MetadataValue.md(
+                    markdown_table(
+                        ["sequence", "column", "source", "column max", "before", "after"], rows
+                    )
+                ),
+            }
+        )
+
+    return sequences

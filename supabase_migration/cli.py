@@ -1,0 +1,246 @@
+"""`supabase-migrate`: a thin shell over `commands`.
+
+Every failure a user can act on ends as one sentence on stderr with exit code 2 (bad input) or
+1 (migration or verification failed); no traceback, no password, no row values.
+Exit codes: 0 all done, 1 migration/verification failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, MigrationError
+from .redaction import redact_text
+from .report import markdown_table
+from .resources import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one sentence with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message[0].upper()}{message[1:]} (see `supabase-migrate --help`).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="supabase-migrate",
+        description="Migrate a PostgreSQL database into Supabase: resumable, verified, PHI-safe.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def connection_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source", help=f"source URL (prefer the {SOURCE_URL_ENV} variable)")
+        p.add_argument("--target", help=f"Supabase URL (prefer the {TARGET_URL_ENV} variable)")
+        p.add_argument("--sslrootcert", help="CA certificate for sslmode verify-ca/verify-full")
+        p.add_argument(
+            "--allow-insecure-ssl",
+            action="store_true",
+            help="permit sslmode disable/allow/prefer for a non-loopback host (not for PHI)",
+        )
+        p.add_argument("--manifest", type=Path, help="manifest path (default migration.yaml)")
+
+    def selection_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--schemas", type=_csv, default=(), help="source schemas (default: all)")
+        p.add_argument("--include", type=_csv, default=(), help="schema.table globs to include")
+        p.add_argument("--exclude", type=_csv, default=(), help="schema.table globs to exclude")
+        p.add_argument("--batch-size", type=_positive, help="rows per key range")
+        p.add_argument("--schema-mode", choices=("alembic", "dump", "none"))
+        p.add_argument("--alembic-config", help="path to the application's alembic.ini")
+
+    p = sub.add_parser("init", help="introspect the source and write migration.yaml")
+    connection_args(p)
+    selection_args(p)
+
+    p = sub.add_parser("plan", help="preflight and range plan; writes nothing on the target")
+    connection_args(p)
+    selection_args(p)
+
+    for name, text in (
+        ("run", "migrate: schema, every range not done or changed, sequences"),
+        ("resume", "copy only the ranges whose checkpoint is not completed"),
+    ):
+        p = sub.add_parser(name, help=text)
+        connection_args(p)
+        selection_args(p)
+        p.add_argument("--workers", type=_positive, default=1, help="parallel copy processes")
+        p.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    p = sub.add_parser("status", help="partitions and rows per table, from the checkpoints")
+    connection_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _export_connection_settings(args: argparse.Namespace) -> None:
+    """Flags win over the environment; they travel to runs and workers only as env vars."""
+    if getattr(args, "source", None):
+        os.environ[SOURCE_URL_ENV] = args.source
+    if getattr(args, "target", None):
+        os.environ[TARGET_URL_ENV] = args.target
+    if getattr(args, "sslrootcert", None):
+        os.environ[SSLROOTCERT_ENV] = args.sslrootcert
+    if getattr(args, "allow_insecure_ssl", False):
+        os.environ[INSECURE_ENV] = "1"
+
+
+def _settings(args: argparse.Namespace):
+    from .commands import Settings
+    from .manifest import default_path
+
+    return Settings(
+        manifest_path=args.manifest or default_path(),
+        workers=getattr(args, "workers", 1),
+        batch_size=getattr(args, "batch_size", None),
+        schema_mode=getattr(args, "schema_mode", None),
+        alembic_config=getattr(args, "alembic_config", None),
+        schemas=getattr(args, "schemas", ()),
+        include=getattr(args, "include", ()),
+        exclude=getattr(args, "exclude", ()),
+    )
+
+
+class Progress:
+    """Rows, rows/s and ETA per table on a terminal; silent when output is not a terminal."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self.last_lines = 0
+
+    def __call__(self, tables: dict[str, dict[str, int]]) -> None:
+        if not self.tty:
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        lines = []
+        for name, t in sorted(tables.items()):
+            total = t["pending"] + t["completed"] + t["failed"]
+            rate = t["rows"] / elapsed
+            left = t["pending"] + t["failed"]
+            eta = (elapsed / max(t["completed"], 1)) * left if t["completed"] else 0
+            lines.append(
+                f"{name:40.40} {t['completed']:>6}/{total:<6} ranges {t['rows']:>12,} rows "
+                f"{rate:>10,.0f} rows/s  ETA {eta:5.0f}s"
+                + (f"  {t['failed']} failed" if t["failed"] else "")
+            )
+        if self.last_lines:
+            self.stream.write(f"\x1b[{self.last_lines}F")
+        self.stream.write("\n".join(f"{line}\x1b[K" for line in lines) + "\n")
+        self.stream.flush()
+        self.last_lines = len(lines)
+
+
+def _print_status(tables: dict[str, dict[str, int]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"tables": tables}, indent=2, sort_keys=True))
+        return
+    if not tables:
+        print("Nothing planned yet: run `supabase-migrate run` (or `plan`) first.")
+        return
+    rows = [
+        [name, t["completed"], t["pending"], t["failed"], f"{t['rows']:,}"]
+        for name, t in sorted(tables.items())
+    ]
+    print(markdown_table(["table", "completed", "pending", "failed", "rows"], rows))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from . import commands
+
+    _export_connection_settings(args)
+    if args.command == "init":
+        manifest = commands.init(_settings(args))
+        print(f"Wrote {manifest.path} with {len(manifest.tables)} tables; review it, then `run`.")
+        return EXIT_OK
+    if args.command == "plan":
+        report = commands.plan(_settings(args))
+        from .preflight import findings_markdown
+
+        print("## Preflight\n")
+        print(findings_markdown(report.findings) if report.findings else "No findings.")
+        print("\n## Ranges\n")
+        print(markdown_table(["table", "key", "ranges", "note"], report.tables))
+        return EXIT_BAD_INPUT if report.has_errors else EXIT_OK
+    if args.command in ("run", "resume"):
+        progress = None if args.no_progress else Progress()
+        summary = commands.run(
+            _settings(args),
+            resume=args.command == "resume",
+            progress=progress,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+        _print_status(summary.tables, as_json=False)
+        for failure in summary.failures[:20]:
+            print(f"failed: {failure}", file=sys.stderr)
+        if summary.ok:
+            print(f"Migration complete in {summary.duration_s:.1f} s.")
+            return EXIT_OK
+        print(
+            f"{len(summary.failures)} range(s) failed; fix the cause and run "
+            "`supabase-migrate resume` (or backfill failed partitions in the UI).",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if args.command == "status":
+        _print_status(commands.status(), args.json)
+        return EXIT_OK
+    raise ConfigError(f"Unknown command {args.command}.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    secrets = [os.environ.get(SOURCE_URL_ENV, ""), os.environ.get(TARGET_URL_ENV, "")]
+    try:
+        args = build_parser().parse_args(argv)
+        secrets += [getattr(args, "source", None) or "", getattr(args, "target", None) or ""]
+        return dispatch(args)
+    except MigrationError as exc:
+        print(f"error: {redact_text(exc.message, _passwords(secrets))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted; completed ranges are kept. Run `supabase-migrate resume`.", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _passwords(urls: Sequence[str]) -> list[str]:
+    from .conninfo import parse_database_url
+
+    found = []
+    for url in urls:
+        if not url:
+            continue
+        try:
+            parsed = parse_database_url(url, label="input", allow_insecure=True)
+        except MigrationError:
+            continue
+        if parsed.password:
+            found.append(parsed.password)
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""The programmatic API behind `supabase-migrate`: init, plan, run, resume, status.
+
+Runs go through the same Dagster definitions as the UI and are recorded in the `DAGSTER_HOME`
+instance, so a CLI migration shows up in `dagster dev` with its partitions and checks. No daemon
+is needed: each unit of work (one table, a contiguous span of its ranges) is executed in-process,
+by up to `workers` processes at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from . import checkpoints, manifest as manifest_io
+from .assets import (
+    PARTITIONS_PER_RUN,
+    PLAN_KEY,
+    SCHEMA_KEY,
+    SEQUENCES_KEY,
+    live_tables,
+    partitions_def_name,
+    table_asset_key,
+)
+from .catalog import needs_bytewise_keys, read_tables, user_schemas
+from .conninfo import DatabaseUrl, parse_database_url
+from .connections import connect, warn_if_workers_exceed_pool
+from .definitions import build_definitions
+from .errors import ConfigError, MigrationError
+from .manifest import Manifest
+from .planning import MAX_PARTITIONS_PER_TABLE, plan_table
+from .preflight import Finding, Severity
+from .resources import (
+    INSECURE_ENV,
+    SOURCE_URL_ENV,
+    SSLROOTCERT_ENV,
+    TARGET_ENDPOINT_ENV,
+    TARGET_URL_ENV,
+    default_resources,
+)
+from .schema_step import preflight
+
+PID_TAG = "supabase_migration/pid"
+COMMAND_TAG = "supabase_migration/command"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a command was asked to do; URLs stay in the environment, never here."""
+
+    manifest_path: Path = field(default_factory=manifest_io.default_path)
+    workers: int = 1
+    batch_size: int | None = None
+    schema_mode: str | None = None
+    alembic_config: str | None = None
+    schemas: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+def _env_url(env: str, label: str, flag: str) -> DatabaseUrl:
+    text = os.environ.get(env)
+    if not text:
+        raise ConfigError(f"No {label} database given: set {env} or pass {flag}.")
+    insecure = os.environ.get(INSECURE_ENV, "").lower() in {"1", "true", "yes"}
+    endpoint = os.environ.get(TARGET_ENDPOINT_ENV) if label == "target" else None
+    from .conninfo import Endpoint
+
+    return parse_database_url(
+        text,
+        label=label,
+        endpoint=Endpoint(endpoint) if endpoint else None,
+        allow_insecure=insecure,
+        sslrootcert=os.environ.get(SSLROOTCERT_ENV) if label == "target" else None,
+    )
+
+
+def source_url() -> DatabaseUrl:
+    return _env_url(SOURCE_URL_ENV, "source", "--source")
+
+
+def target_url() -> DatabaseUrl:
+    return _env_url(TARGET_URL_ENV, "target", "--target")
+
+
+def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
+    """Fail fast with one sentence before any Dagster run starts."""
+    for url in (source_url(), target_url()):
+        with connect(url, autocommit=True):
+            pass
+    if target_url().uses_transaction_pooler:
+        log(
+            "Note: the target is a transaction pooler (port 6543); it works, but a direct or "
+            "session-pooler URL (port 5432) is faster for bulk loads."
+        )
+
+
+# -- manifest ----------------------------------------------------------------------------------
+
+
+def init(settings: Settings) -> Manifest:
+    """Introspect the source and write the manifest."""
+    with connect(source_url(), autocommit=True) as source:
+        schemas = list(settings.schemas) or user_schemas(source)
+        tables = read_tables(source, schemas)
+    previous = manifest_io.read_if_present(settings.manifest_path)
+    base = {
+        "schema_mode": settings.schema_mode or (previous.schema_mode if previous else "dump"),
+        "alembic_config": settings.alembic_config
+        or (previous.alembic_config if previous else None),
+        "batch_size": settings.batch_size
+        or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
+    }
+    if base["schema_mode"] == "alembic" and not base["alembic_config"]:
+        raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
+    result = manifest_io.from_catalog(
+        tables,
+        schemas=schemas,
+        include=settings.include or (previous.include if previous else ()),
+        exclude=settings.exclude or (previous.exclude if previous else ()),
+        **base,
+    )
+    manifest_io.write(result, settings.manifest_path)
+    return manifest_io.read(settings.manifest_path)
+
+
+def ensure_manifest(settings: Settings) -> Manifest:
+    """The manifest, written first if missing or when filters/settings were passed."""
+    existing = manifest_io.read_if_present(settings.manifest_path)
+    if existing is None or settings.include or settings.exclude or settings.schemas:
+        return init(settings)
+    changes: dict[str, object] = {}
+    if settings.batch_size:
+        changes["batch_size"] = settings.batch_size
+    if settings.schema_mode:
+        changes["schema_mode"] = settings.schema_mode
+    if settings.alembic_config:
+        changes["alembic_config"] = settings.alembic_config
+    if changes:
+        existing = existing.with_settings(**changes)
+        manifest_io.write(existing, settings.manifest_path)
+    return existing
+
+
+# -- Dagster instance ------------------------------------------------------------------------
+
+
+def dagster_instance() -> dg.DagsterInstance:
+    """The persistent instance in DAGSTER_HOME (default ./.dagster), so the UI sees CLI runs."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(Path.cwd() / ".dagster")
+        os.environ["DAGSTER_HOME"] = home
+    home_path = Path(home)
+    home_path.mkdir(parents=True, exist_ok=True)
+    config = home_path / "dagster.yaml"
+    if not config.exists():
+        for candidate in (_PACKAGE_DIR / "dagster.yaml", _PACKAGE_DIR.parent / "dagster.yaml"):
+            if candidate.exists():
+                shutil.copyfile(candidate, config)
+                break
+    return dg.DagsterInstance.get()
+
+
+def _quiet_dagster() -> dict:
+    logging.getLogger("dagster").setLevel(logging.ERROR)
+    return {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+
+def release_dead_runs(instance: dg.DagsterInstance) -> int:
+    """Fail runs left STARTED by a CLI process that died (e.g. SIGKILL) and free their slots."""
+    released = 0
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+        )
+    )
+    for run in runs:
+        pid = run.tags.get(PID_TAG)
+        if not pid or _alive(int(pid)):
+            continue
+        instance.report_run_failed(run)
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released += 1
+    return released
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _failure_sentence(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.get_step_failure_events():
+        data = event.step_failure_data
+        if data.user_failure_data and data.user_failure_data.description:
+            return data.user_failure_data.description
+        if data.error:
+            return data.error.message.strip().splitlines()[-1]
+    return "the run failed; see the Dagster UI for the step that failed."
+
+
+def _materialize(
+    defs: dg.Definitions,
+    keys: Sequence[dg.AssetKey],
+    instance: dg.DagsterInstance,
+    command: str,
+    *,
+    run_config: dict | None = None,
+    tags: dict[str, str] | None = None,
+) -> dg.ExecuteInProcessResult:
+    assets = [defs.get_assets_def(k) for k in keys]
+    config = {**_quiet_dagster(), **(run_config or {})}
+    return dg.materialize(
+        assets,
+        instance=instance,
+        resources=default_resources(),
+        run_config=config,
+        tags={PID_TAG: str(os.getpid()), COMMAND_TAG: command, **(tags or {})},
+        raise_on_error=False,
+    )
+
+
+def _run_setup_asset(
+    defs: dg.Definitions, key: dg.AssetKey, instance: dg.DagsterInstance, command: str
+) -> None:
+    result = _materialize(defs, [key], instance, command)
+    if not result.success:
+        raise MigrationError(_failure_sentence(result))
+
+
+# -- plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    findings: list[Finding]
+    tables: list[tuple[str, str, int, str]]  # name, key kind, ranges, note
+
+    @property
+    def has_errors(self) -> bool:
+        return any(f.severity == Severity.ERROR for f in self.findings)
+
+
+def plan(settings: Settings) -> PlanReport:
+    """Preflight plus the ranges each table would get; writes nothing on the target."""
+    manifest = ensure_manifest(settings)
+    findings = preflight(manifest, source_url(), target_url())
+    rows = []
+    with connect(source_url(), autocommit=True) as source, connect(
+        target_url(), autocommit=True
+    ) as target:
+        bytewise = needs_bytewise_keys(source, target)
+        infos = live_tables(source, [t.name for t in manifest.tables])
+        for entry in manifest.tables:
+            info = infos[entry.name]
+            ranges = plan_table(
+                source,
+                info,
+                batch_size=manifest.batch_size_for(entry),
+                max_partitions=MAX_PARTITIONS_PER_TABLE,
+                collate_c=bytewise,
+            )
+            note = "whole table, replaced atomically" if not info.key else ", ".join(info.key)
+            rows.append((entry.name, str(info.key_kind), len(ranges), note))
+    return PlanReport(findings=findings, tables=rows)
+
+
+# -- run / resume ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A contiguous span of one table's partitions, executed as one Dagster run."""
+
+    table: str
+    first: str
+    last: str
+    count: int
+
+
+@dataclass
+class RunSummary:
+    tables: dict[str, dict[str, int]]
+    failures: list[str]
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and all(
+            t["pending"] == 0 and t["failed"] == 0 for t in self.tables.values()
+        )
+
+
+def make_units(table: str, keys: Sequence[str], todo: set[str] | None) -> list[Unit]:
+    """Split the table's keys (in partition order) into runs of at most PARTITIONS_PER_RUN,
+    keeping only contiguous spans of keys in `todo` (None = every key)."""
+    units: list[Unit] = []
+    span: list[str] = []
+
+    def close() -> None:
+        if span:
+            units.append(Unit(table, span[0], span[-1], len(span)))
+            span.clear()
+
+    for key in keys:
+        if todo is not None and key not in todo:
+            close()
+            continue
+        span.append(key)
+        if len(span) >= PARTITIONS_PER_RUN:
+            close()
+    close()
+    return units
+
+
+def execute_unit(defs: dg.Definitions, instance: dg.DagsterInstance, unit: Unit, resync: bool) -> bool:
+    key = table_asset_key(unit.table)
+    op_name = defs.get_assets_def(key).op.name
+    tags = (
+        {}
+        if unit.first == unit.last
+        else {ASSET_PARTITION_RANGE_START_TAG: unit.first, ASSET_PARTITION_RANGE_END_TAG: unit.last}
+    )
+    assets = [defs.get_assets_def(key)]
+    result = dg.materialize(
+        assets,
+        instance=instance,
+        resources=default_resources(),
+        run_config={**_quiet_dagster(), "ops": {op_name: {"config": {"resync": resync}}}},
+        partition_key=unit.first if unit.first == unit.last else None,
+        tags={PID_TAG: str(os.getpid()), COMMAND_TAG: "run", **tags},
+        raise_on_error=False,
+    )
+    return result.success
+
+
+def _worker_init() -> None:
+    """Workers die with the CLI: a SIGKILLed run must not leave copies running behind it."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    _quiet_dagster()
+
+
+def _worker_execute(manifest_path: str, unit: Unit, resync: bool) -> bool:
+    defs = build_definitions(manifest_io.read(Path(manifest_path)))
+    return execute_unit(defs, dg.DagsterInstance.get(), unit, resync)
+
+
+def run(
+    settings: Settings,
+    *,
+    resume: bool = False,
+    progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> RunSummary:
+    """Schema, plan, every range that is not done (or changed), then sequences."""
+    started = time.monotonic()
+    check_connections(log)
+    warning = warn_if_workers_exceed_pool(target_url(), settings.workers)
+    if warning:
+        log(warning)
+    manifest = ensure_manifest(settings)
+    instance = dagster_instance()
+    released = release_dead_runs(instance)
+    if released:
+        log(f"Marked {released} run(s) of a stopped migration process as failed.")
+    defs = build_definitions(manifest)
+    command = "resume" if resume else "run"
+    _run_setup_asset(defs, SCHEMA_KEY, instance, command)
+    _run_setup_asset(defs, PLAN_KEY, instance, command)
+
+    units: list[Unit] = []
+    with connect(target_url(), autocommit=True) as target:
+        for entry in manifest.tables:
+            keys = instance.get_dynamic_partitions(partitions_def_name(entry.name))
+            todo = None
+            if resume:
+                todo = {
+                    cp.partition_key
+                    for cp in checkpoints.load(target, entry.name)
+                    if cp.status != checkpoints.Status.COMPLETED
+                }
+            units += make_units(entry.name, keys, todo)
+
+    stop = threading.Event()
+    watcher = None
+    if progress is not None:
+        watcher = threading.Thread(target=_watch, args=(progress, stop), daemon=True)
+        watcher.start()
+    try:
+        _execute_all(defs, instance, manifest, units, settings.workers, resync=False)
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+
+    with connect(target_url(), autocommit=True) as target:
+        failed = [
+            f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
+            for name in (t.name for t in manifest.tables)
+            for cp in checkpoints.load(target, name)
+            if cp.status == checkpoints.Status.FAILED
+        ]
+        tables = checkpoints.summary(target)
+    if not failed:
+        _run_setup_asset(defs, SEQUENCES_KEY, instance, command)
+    if progress is not None:
+        progress(tables)
+    return RunSummary(tables=tables, failures=failed, duration_s=time.monotonic() - started)
+
+
+def _execute_all(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    manifest: Manifest,
+    units: Sequence[Unit],
+    workers: int,
+    *,
+    resync: bool,
+) -> None:
+    # Biggest tables first, so the longest tail starts early (as pgcopydb does).
+    sizes = {t.name: t.estimated_rows or 0 for t in manifest.tables}
+    ordered = sorted(units, key=lambda u: -sizes.get(u.table, 0))
+    if workers <= 1:
+        for unit in ordered:
+            execute_unit(defs, instance, unit, resync)
+        return
+    assert manifest.path is not None
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+        futures = [pool.submit(_worker_execute, str(manifest.path), u, resync) for u in ordered]
+        for future in as_completed(futures):
+            future.result()
+
+
+def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threading.Event) -> None:
+    try:
+        with connect(target_url(), autocommit=True) as target:
+            while not stop.wait(1.0):
+                progress(checkpoints.summary(target))
+    except MigrationError:
+        return
+
+
+def status() -> dict[str, dict[str, int]]:
+    with connect(target_url(), autocommit=True) as target:
+        if not checkpoints.bookkeeping_exists(target):
+            return {}
+        return checkpoints.summary(target)

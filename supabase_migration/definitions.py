@@ -1,0 +1,57 @@
+"""The one place Dagster definitions are assembled, from `migration.yaml`.
+
+Nothing here touches a database: `dagster dev` must load with the source offline. Without a
+manifest the code location still loads, with only the setup assets and a pointer to
+`supabase-migrate init`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from .assets import (
+    PLAN_KEY,
+    SCHEMA_KEY,
+    SEQUENCES_KEY,
+    build_plan_asset,
+    build_schema_asset,
+    build_sequences_asset,
+    build_table_asset,
+)
+from .manifest import Manifest, read_if_present
+from .resources import default_resources
+
+EMPTY_MANIFEST = Manifest(tables=())
+
+
+def build_definitions(manifest: Manifest | None = None) -> dg.Definitions:
+    manifest = manifest or EMPTY_MANIFEST
+    table_assets = [build_table_asset(manifest, t) for t in manifest.tables]
+    assets = [
+        build_schema_asset(manifest),
+        build_plan_asset(manifest),
+        *table_assets,
+        build_sequences_asset(manifest),
+    ]
+    jobs = [
+        dg.define_asset_job(
+            "migration_setup",
+            selection=dg.AssetSelection.assets(SCHEMA_KEY, PLAN_KEY),
+            description="Preflight, schema and plan: run before copying partitions.",
+        ),
+        dg.define_asset_job(
+            "migration_finish",
+            selection=dg.AssetSelection.assets(SEQUENCES_KEY),
+            description="After every partition is copied: sequences.",
+        ),
+    ]
+    return dg.Definitions(assets=assets, jobs=jobs, resources=default_resources())
+
+
+def load_definitions(path: Path | None = None) -> dg.Definitions:
+    return build_definitions(read_if_present(path))
+
+
+defs = load_definitions()
