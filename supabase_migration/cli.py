@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=_positive, default=1, help="parallel copy processes")
         p.add_argument("--no-progress", action="store_true", help="no progress display")
 
+    p = sub.add_parser("demo", help="migrate the example clinic app between two local servers")
+    p.add_argument("--rows", type=_positive, default=20_000, help="rows to generate (total)")
+    p.add_argument("--workers", type=_positive, default=2, help="parallel copy processes")
+    p.add_argument("--dir", type=Path, default=Path("supabase-migration-demo"), help="work dir")
+    p.add_argument("--ui", action="store_true", help="then open the Dagster UI on the demo")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+
     p = sub.add_parser("status", help="partitions and rows per table, from the checkpoints")
     connection_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -169,6 +176,21 @@ def _print_status(tables: dict[str, dict[str, int]], as_json: bool) -> None:
     print(markdown_table(["table", "completed", "pending", "failed", "rows"], rows))
 
 
+def _finish(summary) -> int:
+    _print_status(summary.tables, as_json=False)
+    for failure in summary.failures[:20]:
+        print(f"failed: {failure}", file=sys.stderr)
+    if summary.ok:
+        print(f"Migration complete in {summary.duration_s:.1f} s.")
+        return EXIT_OK
+    print(
+        f"{len(summary.failures)} range(s) failed; fix the cause and run "
+        "`supabase-migrate resume` (or backfill failed partitions in the UI).",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from . import commands
 
@@ -194,21 +216,22 @@ def dispatch(args: argparse.Namespace) -> int:
             progress=progress,
             log=lambda m: print(m, file=sys.stderr),
         )
-        _print_status(summary.tables, as_json=False)
-        for failure in summary.failures[:20]:
-            print(f"failed: {failure}", file=sys.stderr)
-        if summary.ok:
-            print(f"Migration complete in {summary.duration_s:.1f} s.")
-            return EXIT_OK
-        print(
-            f"{len(summary.failures)} range(s) failed; fix the cause and run "
-            "`supabase-migrate resume` (or backfill failed partitions in the UI).",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+        return _finish(summary)
     if args.command == "status":
         _print_status(commands.status(), args.json)
         return EXIT_OK
+    if args.command == "demo":
+        from .demo import demo
+
+        summary = demo(
+            rows=args.rows,
+            workdir=args.dir.resolve(),
+            ui=args.ui,
+            workers=args.workers,
+            log=lambda m: print(m, file=sys.stderr),
+            progress=None if args.no_progress else Progress(),
+        )
+        return _finish(summary)
     raise ConfigError(f"Unknown command {args.command}.")
 
 
@@ -222,7 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {redact_text(exc.message, _passwords(secrets))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("Interrupted; completed ranges are kept. Run `supabase-migrate resume`.", file=sys.stderr)
+        print(
+            "Interrupted; completed ranges are kept. Run `supabase-migrate resume`.",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 

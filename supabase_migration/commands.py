@@ -28,7 +28,8 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from . import checkpoints, manifest as manifest_io
+from . import checkpoints
+from . import manifest as manifest_io
 from .assets import (
     PARTITIONS_PER_RUN,
     PLAN_KEY,
@@ -39,8 +40,8 @@ from .assets import (
     table_asset_key,
 )
 from .catalog import needs_bytewise_keys, read_tables, user_schemas
-from .conninfo import DatabaseUrl, parse_database_url
 from .connections import connect, warn_if_workers_exceed_pool
+from .conninfo import DatabaseUrl, parse_database_url
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
 from .manifest import Manifest
@@ -272,9 +273,10 @@ def plan(settings: Settings) -> PlanReport:
     manifest = ensure_manifest(settings)
     findings = preflight(manifest, source_url(), target_url())
     rows = []
-    with connect(source_url(), autocommit=True) as source, connect(
-        target_url(), autocommit=True
-    ) as target:
+    with (
+        connect(source_url(), autocommit=True) as source,
+        connect(target_url(), autocommit=True) as target,
+    ):
         bytewise = needs_bytewise_keys(source, target)
         infos = live_tables(source, [t.name for t in manifest.tables])
         for entry in manifest.tables:
@@ -339,7 +341,9 @@ def make_units(table: str, keys: Sequence[str], todo: set[str] | None) -> list[U
     return units
 
 
-def execute_unit(defs: dg.Definitions, instance: dg.DagsterInstance, unit: Unit, resync: bool) -> bool:
+def execute_unit(
+    defs: dg.Definitions, instance: dg.DagsterInstance, unit: Unit, resync: bool
+) -> bool:
     key = table_asset_key(unit.table)
     op_name = defs.get_assets_def(key).op.name
     tags = (

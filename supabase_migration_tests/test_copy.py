@@ -1,0 +1,229 @@
+"""The copy path against real servers: first load, re-sync, deletes, keys of every kind."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from supabase_migration.connections import connect
+from supabase_migration.conninfo import Endpoint, parse_database_url
+
+from supabase_migration import checkpoints
+from supabase_migration.catalog import KeyKind, read_tables
+from supabase_migration.copy import CopyOptions, copy_range, replica_mode_allowed
+from supabase_migration.errors import ConcurrentRunError, CopyError
+from supabase_migration.planning import refresh_plan
+
+from .compare import assert_tables_equal
+
+SCHEMA = """
+CREATE TYPE mood AS ENUM ('calm', 'tense');
+CREATE TABLE parents (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text NOT NULL);
+CREATE TABLE items (
+    id bigint PRIMARY KEY,
+    parent_id integer REFERENCES parents(id),
+    label text,
+    doc jsonb,
+    tags text[],
+    feeling mood,
+    at timestamptz,
+    amount numeric(12, 3),
+    label_upper text GENERATED ALWAYS AS (upper(label)) STORED
+);
+CREATE TABLE by_uuid (id uuid PRIMARY KEY, note text);
+CREATE TABLE composite (a text NOT NULL, b integer NOT NULL, v double precision,
+                        PRIMARY KEY (a, b));
+CREATE TABLE keyless (x integer, y text);
+CREATE TABLE uniq_key (code text NOT NULL UNIQUE, v integer);
+"""
+
+SEED = """
+INSERT INTO parents (name) SELECT 'p' || g FROM generate_series(1, 20) g;
+INSERT INTO items (id, parent_id, label, doc, tags, feeling, at, amount)
+SELECT g, 1 + g % 20, 'label ' || g, jsonb_build_object('g', g, 'nested', jsonb_build_array(g)),
+       ARRAY['t' || g, 'x'], (ARRAY['calm', 'tense'])[1 + g % 2]::mood,
+       '2024-01-01'::timestamptz + g * interval '1 minute', g / 7.0
+FROM generate_series(1, 5000) g;
+INSERT INTO by_uuid SELECT md5(g::text)::uuid, 'n' || g FROM generate_series(1, 3000) g;
+INSERT INTO composite SELECT chr(65 + g % 26) || g, g % 7, g * 0.5 FROM generate_series(1, 2500) g;
+INSERT INTO keyless SELECT g, 'k' || g FROM generate_series(1, 700) g;
+INSERT INTO uniq_key SELECT 'c' || g, g FROM generate_series(1, 900) g;
+"""
+
+TABLES = [
+    "public.parents",
+    "public.items",
+    "public.by_uuid",
+    "public.composite",
+    "public.keyless",
+    "public.uniq_key",
+]
+
+
+@pytest.fixture
+def pair(source_db, target_db):
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute(SEED)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return source_db, target_db
+
+
+def _urls(source_db, target_url: str, endpoint: Endpoint | None = None):
+    return (
+        parse_database_url(source_db.url, label="source"),
+        parse_database_url(target_url, label="target", endpoint=endpoint),
+    )
+
+
+def migrate_all(source_db, target_url: str, *, batch_size=700, endpoint=None, force=False):
+    src_url, tgt_url = _urls(source_db, target_url, endpoint)
+    results = []
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        options = CopyOptions(force=force, replica_mode=replica_mode_allowed(t))
+        for info in read_tables(s, ["public"]):
+            refresh_plan(s, t, info, batch_size=batch_size)
+            for cp in checkpoints.load(t, info.qualified_name):
+                results.append(copy_range(s, t, info, cp.partition_key, options))
+    return results
+
+
+def test_catalog_sees_key_kinds(pair):
+    source_db, _ = pair
+    with psycopg.connect(source_db.url) as conn:
+        tables = {t.qualified_name: t for t in read_tables(conn, ["public"])}
+    assert tables["public.items"].key_kind is KeyKind.INTEGER
+    assert tables["public.by_uuid"].key_kind is KeyKind.KEYSET
+    assert tables["public.composite"].key == ("a", "b")
+    assert tables["public.keyless"].key_kind is KeyKind.NONE
+    assert tables["public.uniq_key"].key_source == "unique_index"
+    assert tables["public.items"].parents == ("public.parents",)
+    assert [c.name for c in tables["public.items"].columns if c.generated] == ["label_upper"]
+    assert tables["public.parents"].has_identity_always
+
+
+def test_first_load_then_resync_converges(pair):
+    source_db, target_db = pair
+    first = migrate_all(source_db, target_db.url)
+    assert {r.path for r in first} <= {"copy", "replace"}
+    assert len([r for r in first if r.table == "public.items"]) > 3
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+
+    # Unchanged source: every range is skipped without writing.
+    again = migrate_all(source_db, target_db.url)
+    assert {r.path for r in again} == {"unchanged"}
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE items SET label = 'changed' WHERE id IN (10, 4000)")
+        conn.execute("DELETE FROM items WHERE id = 2500")
+        conn.execute("INSERT INTO items (id, label) VALUES (999999, 'new tail row')")
+        conn.execute("DELETE FROM by_uuid WHERE note = 'n17'")
+        conn.execute("UPDATE composite SET v = -1 WHERE b = 3")
+        conn.execute("DELETE FROM keyless WHERE x < 10")
+    third = migrate_all(source_db, target_db.url)
+    changed = {(r.table, r.path) for r in third if r.changed}
+    assert ("public.items", "upsert") in changed
+    assert ("public.keyless", "replace") in changed
+    assert ("public.parents", "unchanged") not in changed
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+    assert sum(r.rows_deleted for r in third if r.table == "public.items") == 1
+
+
+def test_forced_resync_writes_nothing_when_equal(pair):
+    source_db, target_db = pair
+    migrate_all(source_db, target_db.url)
+    forced = migrate_all(source_db, target_db.url, force=True)
+    assert {r.path for r in forced} <= {"upsert", "replace"}
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+
+
+def test_through_transaction_pooler(pair):
+    source_db, target_db = pair
+    migrate_all(source_db, target_db.pooler_url, endpoint=Endpoint.TRANSACTION_POOLER)
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE items SET amount = 0 WHERE id < 50")
+    migrate_all(source_db, target_db.pooler_url, endpoint=Endpoint.TRANSACTION_POOLER)
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+
+
+def test_failure_is_recorded_without_values_and_rolls_back(pair):
+    source_db, target_db = pair
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE uniq_key ADD CONSTRAINT v_small CHECK (v < 100)")
+        conn.execute("INSERT INTO uniq_key VALUES ('secret-value-c5', 1)")
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        info = next(x for x in read_tables(s, ["public"]) if x.name == "uniq_key")
+        refresh_plan(s, t, info, batch_size=10_000)
+        with pytest.raises(CopyError) as raised:
+            copy_range(s, t, info, "000000", CopyOptions(replica_mode=replica_mode_allowed(t)))
+        cp = checkpoints.get(t, "public.uniq_key", "000000")
+        count = t.execute("SELECT count(*) FROM uniq_key").fetchone()[0]
+    assert cp.status == "failed"
+    assert cp.error_message == str(raised.value)
+    assert "v_small" in cp.error_message
+    assert "secret-value" not in cp.error_message and "c5" not in cp.error_message
+    assert count == 1  # nothing of the batch was committed
+
+
+def test_concurrent_copy_of_one_range_fails_cleanly(pair):
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        info = next(x for x in read_tables(s, ["public"]) if x.name == "items")
+        refresh_plan(s, t, info, batch_size=100_000)
+    holder = psycopg.connect(target_db.url)
+    holder.execute(
+        "SELECT 1 FROM supabase_migration.migration_checkpoints "
+        "WHERE table_name = 'public.items' FOR UPDATE"
+    )
+    try:
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            with pytest.raises(ConcurrentRunError):
+                copy_range(s, t, info, "000000", CopyOptions())
+            assert t.execute("SELECT count(*) FROM items").fetchone()[0] == 0
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_target_role_may_skip_fk_triggers(target_db):
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert replica_mode_allowed(conn)
+
+
+def test_parallel_ranges_of_one_table(pair):
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        info = next(x for x in read_tables(s, ["public"]) if x.name == "items")
+        refresh_plan(s, t, info, batch_size=500)
+        keys = [cp.partition_key for cp in checkpoints.load(t, "public.items")]
+    errors: list[BaseException] = []
+
+    def work(part: list[str]) -> None:
+        try:
+            with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+                for key in part:
+                    copy_range(s, t, info, key, CopyOptions())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(keys[i::3],)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    with psycopg.connect(source_db.url) as s, psycopg.connect(target_db.url) as t:
+        assert (
+            s.execute("SELECT count(*) FROM items").fetchone()
+            == t.execute("SELECT count(*) FROM items").fetchone()
+        )

@@ -1,0 +1,96 @@
+"""Definitions load with no database reachable, from a manifest or without one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from supabase_migration import manifest as manifest_io
+from supabase_migration.assets import PLAN_KEY, SCHEMA_KEY, SEQUENCES_KEY, table_asset_key
+from supabase_migration.definitions import build_definitions, load_definitions
+from supabase_migration.manifest import Manifest, ManifestTable
+
+REPO = Path(__file__).resolve().parents[1]
+
+MANIFEST = Manifest(
+    tables=(
+        ManifestTable("public.providers", ("provider_id",), "primary_key", 10),
+        ManifestTable(
+            "public.appointments",
+            ("appointment_id",),
+            "primary_key",
+            500,
+            None,
+            ("public.providers",),
+        ),
+        ManifestTable("public.vital_readings", (), "none", 100),
+        ManifestTable("public.bıgınt_table", ("id",), "primary_key", 1),
+    ),
+)
+
+
+def test_definitions_from_manifest_offline(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SOURCE_DATABASE_URL", "postgresql://u:secret@db.invalid:5432/x")
+    path = tmp_path / "migration.yaml"
+    manifest_io.write(MANIFEST, path)
+    defs = load_definitions(path)
+    graph = defs.resolve_asset_graph()
+    keys = set(graph.get_all_asset_keys())
+    appointments = table_asset_key("public.appointments")
+    assert {SCHEMA_KEY, PLAN_KEY, SEQUENCES_KEY, appointments} <= keys
+    assert table_asset_key("public.providers") in graph.get(appointments).parent_keys
+    assert PLAN_KEY in graph.get(appointments).parent_keys
+    unicode_key = table_asset_key("public.bıgınt_table")
+    assert unicode_key in keys and all(p.isascii() for p in unicode_key.path)
+    spec = defs.get_assets_def(appointments)
+    assert spec.partitions_def is not None
+    assert spec.backfill_policy is not None
+    assert {"postgres", "supabase"} <= set(graph.get(appointments).kinds)
+    assert graph.get(appointments).group_name == "tables"
+    dg.Definitions.validate_loadable(defs)
+
+
+def test_definitions_without_manifest_point_to_init() -> None:
+    defs = build_definitions(None)
+    plan = defs.get_assets_def(PLAN_KEY)
+    assert "supabase-migrate init" in (plan.descriptions_by_key[PLAN_KEY] or "")
+
+
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    manifest_io.write(MANIFEST, path)
+    again = manifest_io.read(path)
+    assert again.tables == MANIFEST.tables
+    assert "password" not in path.read_text().lower()
+
+
+def test_dagster_cli_validates_workspace_with_no_database(tmp_path: Path) -> None:
+    """What `dagster dev -w workspace.yaml` loads, checked by dagster's own validator."""
+    manifest_io.write(MANIFEST, tmp_path / "migration.yaml")
+    env = {
+        **os.environ,
+        "SUPABASE_MIGRATION_MANIFEST": str(tmp_path / "migration.yaml"),
+        "DAGSTER_HOME": str(tmp_path),
+        "SOURCE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "definitions",
+            "validate",
+            "-w",
+            str(REPO / "workspace.yaml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
