@@ -1,8 +1,30 @@
-"""Rendering results for people: Markdown for the Dagster UI and the CLI."""
+"""Rendering results for people: Markdown for the Dagster UI and the CLI, HTML and JSON files.
+
+The verification report is built only from `CheckOutcome`s, whose descriptions and details hold
+counts, object names, partition keys and primary keys: no row value can reach a report file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+import html
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .verify import CHECK_NAMES, CHECKSUMS, CONSTRAINTS, ERROR, INDEXES, ROW_COUNT, CheckOutcome
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+REPORT_DIR_ENV = "SUPABASE_MIGRATION_REPORT_DIR"
+DEFAULT_REPORT_DIR = "migration-report"
+REPORT_BASENAME = "verification_report"
+FAILING_FINDING_SEVERITIES = {"error", "critical"}
 
 
 def _cell(value: object) -> str:
@@ -17,3 +39,309 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     ]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def report_dir() -> Path:
+    return Path(os.environ.get(REPORT_DIR_ENV) or DEFAULT_REPORT_DIR)
+
+
+def finding_dict(finding: Any) -> dict[str, Any]:
+    """Security findings arrive from another module in whatever shape; render them as dicts."""
+    if dataclasses.is_dataclass(finding) and not isinstance(finding, type):
+        data = dataclasses.asdict(finding)
+    elif isinstance(finding, Mapping):
+        data = dict(finding)
+    elif hasattr(finding, "to_dict"):
+        data = dict(finding.to_dict())
+    else:
+        data = {"finding": str(finding)}
+    return {
+        k: v if isinstance(v, (int, float, bool)) or v is None else str(v) for k, v in data.items()
+    }
+
+
+def finding_fails(finding: Mapping[str, Any]) -> bool:
+    return str(finding.get("severity", "")).lower() in FAILING_FINDING_SEVERITIES
+
+
+@dataclass(frozen=True)
+class TableSummary:
+    table: str
+    source_rows: int | None
+    target_rows: int | None
+    ranges_verified: int | None
+    checksum_status: str  # "match" | "N ranges differ" | "not run" | "error"
+    checks_passed: int
+    checks_failed: int
+    status: str  # PASS | WARN | FAIL
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every check outcome of one verification, and what the report shows about them."""
+
+    outcomes: tuple[CheckOutcome, ...]
+    security_findings: tuple[Any, ...] = ()
+    generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    run_id: str | None = None
+    duration_s: float = 0.0
+    seed: int | None = None
+    source: str = ""
+    target: str = ""
+
+    # --- verdict ------------------------------------------------------------------------------
+
+    @property
+    def findings(self) -> list[dict[str, Any]]:
+        return [finding_dict(f) for f in self.security_findings]
+
+    @property
+    def error_failures(self) -> list[CheckOutcome]:
+        return [o for o in self.outcomes if not o.passed and o.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[CheckOutcome]:
+        return [o for o in self.outcomes if not o.passed and o.severity != ERROR]
+
+    @property
+    def passed(self) -> bool:
+        """PASS unless an ERROR check failed or a security finding is error/critical."""
+        return not self.error_failures and not any(finding_fails(f) for f in self.findings)
+
+    @property
+    def status(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    @property
+    def tables(self) -> list[str]:
+        return list(dict.fromkeys(o.table for o in self.outcomes))
+
+    def outcome(self, table: str, name: str) -> CheckOutcome | None:
+        return next((o for o in self.outcomes if o.table == table and o.name == name), None)
+
+    def table_summaries(self) -> list[TableSummary]:
+        result = []
+        for table in self.tables:
+            mine = [o for o in self.outcomes if o.table == table]
+            counts = self.outcome(table, ROW_COUNT)
+            sums = self.outcome(table, CHECKSUMS)
+            if sums is None:
+                checksum_status = "not run"
+            elif "ranges_verified" not in sums.details:
+                checksum_status = "error"
+            elif sums.passed:
+                checksum_status = "match"
+            else:
+                bad = sums.details.get("mismatched_ranges", 0)
+                checksum_status = f"{bad} range differs" if bad == 1 else f"{bad} ranges differ"
+            failed = [o for o in mine if not o.passed]
+            status = (
+                "FAIL"
+                if any(o.severity == ERROR for o in failed)
+                else ("WARN" if failed else "PASS")
+            )
+            details = counts.details if counts else {}
+            result.append(
+                TableSummary(
+                    table=table,
+                    source_rows=details.get("source_rows"),
+                    target_rows=details.get("target_rows"),
+                    ranges_verified=sums.details.get("ranges_verified") if sums else None,
+                    checksum_status=checksum_status,
+                    checks_passed=len(mine) - len(failed),
+                    checks_failed=len(failed),
+                    status=status,
+                )
+            )
+        return result
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent per check, over all tables (checks overlap nothing: they add up)."""
+        totals = dict.fromkeys(CHECK_NAMES, 0.0)
+        for o in self.outcomes:
+            totals[o.name] = totals.get(o.name, 0.0) + o.duration_s
+        return {k: round(v, 3) for k, v in totals.items()}
+
+    def schema_differences(self) -> list[dict[str, str]]:
+        rows = []
+        for o in self.outcomes:
+            if o.name not in (INDEXES, CONSTRAINTS):
+                continue
+            kind = "index" if o.name == INDEXES else "constraint"
+            for group in ("missing", "extra", "different"):
+                for item in o.details.get(group, []):
+                    rows.append(
+                        {
+                            "table": o.table,
+                            "object": item.get("kind", kind),
+                            "name": item["name"],
+                            "difference": f"{group} on target" if group != "different" else group,
+                        }
+                    )
+        return rows
+
+    # --- serializations -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "passed": self.passed,
+            "generated_at": self.generated_at.isoformat(),
+            "run_id": self.run_id,
+            "duration_s": round(self.duration_s, 3),
+            "sample_seed": self.seed,
+            "source": self.source,
+            "target": self.target,
+            "summary": {
+                "tables": len(self.tables),
+                "checks": len(self.outcomes),
+                "failed_error": len(self.error_failures),
+                "failed_warn": len(self.warnings),
+                "security_findings": len(self.security_findings),
+            },
+            "tables": [dataclasses.asdict(s) for s in self.table_summaries()],
+            "schema_differences": self.schema_differences(),
+            "security_findings": self.findings,
+            "timings_s": self.timings(),
+            "checks": [o.to_dict() for o in self.outcomes],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def _header_lines(self) -> list[str]:
+        return [
+            f"Generated {self.generated_at.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+            + (f" · run {self.run_id}" if self.run_id else "")
+            + f" · {self.duration_s:.1f} s"
+            + (f" · sample seed {self.seed}" if self.seed is not None else ""),
+            *([f"Source: {self.source} · Target: {self.target}"] if self.source else []),
+            f"{len(self.outcomes)} checks on {len(self.tables)} tables: "
+            f"{len(self.outcomes) - len(self.error_failures) - len(self.warnings)} passed, "
+            f"{len(self.error_failures)} failed (ERROR), {len(self.warnings)} warnings; "
+            f"{len(self.security_findings)} security findings.",
+        ]
+
+    def _frames(self) -> dict[str, pd.DataFrame]:
+        """The report's tables, shared by the Markdown and HTML renderings."""
+        import pandas as pd  # only when rendering: keeps CLI start-up light
+
+        summaries = [
+            {
+                "table": s.table,
+                "source rows": s.source_rows,
+                "target rows": s.target_rows,
+                "ranges verified": s.ranges_verified,
+                "checksums": s.checksum_status,
+                "checks passed": s.checks_passed,
+                "checks failed": s.checks_failed,
+                "status": s.status,
+            }
+            for s in self.table_summaries()
+        ]
+        failures = [
+            {
+                "table": o.table,
+                "check": o.name,
+                "severity": o.severity,
+                "description": o.description,
+                "to re-run": ", ".join(o.details.get("partitions_to_rerun", [])[:20]),
+            }
+            for o in self.error_failures + self.warnings
+        ]
+        checks = [
+            {
+                "table": o.table,
+                "check": o.name,
+                "result": "pass" if o.passed else "FAIL",
+                "severity": o.severity,
+                "seconds": round(o.duration_s, 3),
+                "description": o.description,
+            }
+            for o in self.outcomes
+        ]
+        timings = [{"check": k, "seconds": v} for k, v in self.timings().items()]
+        return {
+            "Tables": pd.DataFrame(summaries),
+            "Failures": pd.DataFrame(failures),
+            "Schema differences": pd.DataFrame(self.schema_differences()),
+            "Security findings": pd.DataFrame(self.findings),
+            "Timings": pd.DataFrame(timings),
+            "All checks": pd.DataFrame(checks),
+        }
+
+    def to_markdown(self) -> str:
+        lines = [f"# Migration verification: {self.status}", ""]
+        lines += [line + "  " for line in self._header_lines()]
+        for title, frame in self._frames().items():
+            lines += ["", f"## {title}", ""]
+            if frame.empty:
+                lines.append("None." if title != "Security findings" else "None reported.")
+            else:
+                rows = frame.astype(object).where(frame.notna(), None).values.tolist()
+                lines.append(markdown_table(list(frame.columns), rows))
+        return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        """One self-contained page: inline CSS, no scripts, every value escaped."""
+        esc = html.escape
+        body = [
+            f'<h1>Migration verification: <span class="{self.status.lower()}">'
+            f"{self.status}</span></h1>",
+            *[f"<p>{esc(line)}</p>" for line in self._header_lines()],
+        ]
+        for title, frame in self._frames().items():
+            body.append(f"<h2>{esc(title)}</h2>")
+            if frame.empty:
+                body.append(
+                    "<p>None.</p>" if title != "Security findings" else "<p>None reported.</p>"
+                )
+            else:
+                body.append(frame.to_html(index=False, escape=True, na_rep="", border=0))
+        return _HTML_PAGE.format(
+            title=esc(f"Migration verification: {self.status}"), body="\n".join(body)
+        )
+
+    def write(self, directory: Path | str | None = None) -> dict[str, Path]:
+        """Write HTML, JSON and Markdown files (atomically); returns their paths by format."""
+        directory = Path(directory) if directory is not None else report_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        contents = {
+            "html": (f"{REPORT_BASENAME}.html", self.to_html()),
+            "json": (f"{REPORT_BASENAME}.json", self.to_json()),
+            "markdown": (f"{REPORT_BASENAME}.md", self.to_markdown()),
+        }
+        paths = {}
+        for fmt, (name, text) in contents.items():
+            path = directory / name
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+            paths[fmt] = path
+        return paths
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #1f2328; }}
+h1 {{ font-size: 1.6rem; }} h2 {{ font-size: 1.2rem; margin-top: 2rem; }}
+.pass {{ color: #1a7f37; }} .fail {{ color: #cf222e; }}
+table {{ border-collapse: collapse; font-size: 0.9rem; }}
+th, td {{ border: 1px solid #d0d7de; padding: 0.3rem 0.6rem; text-align: left;
+          vertical-align: top; }}
+th {{ background: #f6f8fa; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""

@@ -1,0 +1,408 @@
+"""Opening connections, explaining why they fail, and retrying what is worth retrying.
+
+Every connection the tool opens goes through `connect`, so every one of them is named
+`supabase-migration` in pg_stat_activity, avoids server-side prepared statements behind a
+transaction pooler (PgBouncer/Supavisor on port 6543 cannot keep them), and fails with one
+sentence that names the endpoint and what to do, never with libpq's raw text (which may quote
+the connection string) and never with the password.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+import sqlalchemy
+
+from .conninfo import DatabaseUrl, Endpoint
+from .errors import ConfigError, ConnectionFailed, MigrationError, TransientError
+from .redaction import describe_pg_error, redact_text
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+T = TypeVar("T")
+
+# SQLSTATEs after which the same work can simply be tried again.
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now (starting up, shutting down, recovery)
+        "53300",  # too_many_connections
+        "08000",  # connection_exception
+        "08001",  # sqlclient_unable_to_establish_sqlconnection
+        "08003",  # connection_does_not_exist
+        "08006",  # connection_failure
+        "08007",  # transaction_resolution_unknown
+        "25P03",  # idle_in_transaction_session_timeout
+    }
+)
+
+# Words of libpq, PgBouncer and Supavisor for a lost connection or a momentarily full pool.
+_TRANSIENT_TEXT = re.compile(
+    "|".join(
+        [
+            r"server closed the connection unexpectedly",
+            r"terminating connection",
+            r"connection reset",
+            r"broken pipe",
+            r"ssl syscall error",
+            r"ssl connection has been closed unexpectedly",
+            r"eof detected",
+            r"could not receive data from server",
+            r"could not send data to server",
+            r"consuming input failed",
+            r"the connection is (?:closed|lost)",
+            r"server conn crashed",
+            r"no more connections allowed",
+            r"max_client_conn",
+            r"query_wait_timeout",
+            r"maxclientsinsessionmode",
+            r"max client connections reached",
+            r"too many clients",
+            r"too many connections",
+            r"remaining connection slots are reserved",
+            r"the database system is (?:starting up|shutting down|in recovery mode"
+            r"|not yet accepting connections|not accepting connections)",
+            r"pgbouncer cannot connect to server",
+            r"server login has been failing",
+            r"client_login_timeout",
+            r"pooler is shutting down",
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+
+_POOLERS = frozenset({Endpoint.SESSION_POOLER, Endpoint.TRANSACTION_POOLER})
+
+
+class ServerUnreachable(ConnectionFailed):
+    """Refused or timed out: permanent for one attempt, retried inside `retrying`.
+
+    A first connection that is refused almost always means a wrong host or port, so `connect`
+    fails at once; during a migration the same symptom usually means a restart, so the
+    `retrying` loop waits and tries again.
+    """
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the same work may succeed if simply tried again."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, MigrationError):
+        return False
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate in TRANSIENT_SQLSTATES:
+        return True
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or (
+        sqlstate and sqlstate.startswith("08")
+    ):
+        # PgBouncer reports everything (also permanent problems) as 08P01: go by the words.
+        return bool(_TRANSIENT_TEXT.search(str(exc)))
+    return False
+
+
+def connect(
+    url: DatabaseUrl, *, autocommit: bool = False, connect_timeout: int = 10
+) -> psycopg.Connection:
+    """Open a connection, or raise ConnectionFailed/TransientError with one clear sentence."""
+    kwargs: dict[str, Any] = {
+        "autocommit": autocommit,
+        "connect_timeout": connect_timeout,
+        "application_name": url.application_name,
+    }
+    if url.uses_transaction_pooler:
+        kwargs["prepare_threshold"] = None
+    try:
+        return psycopg.Connection.connect(url.conninfo(), **kwargs)
+    except psycopg.OperationalError as exc:
+        raise connection_error(url, exc, connect_timeout=connect_timeout) from None
+
+
+def connection_error(
+    url: DatabaseUrl, exc: BaseException, *, connect_timeout: int = 10
+) -> ConnectionFailed | TransientError:
+    """Map a connect-time failure to the exception to raise, with one sentence per cause."""
+    raw = str(exc)
+    text = raw.lower()
+    where = f"Could not connect to the {url.describe()}"
+
+    def fail(reason: str, cls: type[ConnectionFailed] = ConnectionFailed) -> ConnectionFailed:
+        return cls(redact_text(f"{where}: {reason}.", _secrets(url)))
+
+    if isinstance(exc, psycopg.errors.ConnectionTimeout) or "timeout expired" in text:
+        return fail(
+            f"no answer within {connect_timeout} s; check the host and port, and that firewalls "
+            "or the project's network restrictions allow this machine",
+            ServerUnreachable,
+        )
+    if _TRANSIENT_TEXT.search(raw) and "password" not in text:
+        return TransientError(
+            redact_text(f"{where}: {_transient_reason(text)}; try again shortly.", _secrets(url))
+        )
+    if re.search(
+        r"failed to resolve host|could not translate host name|name or service not known"
+        r"|nodename nor servname|no address associated|temporary failure in name resolution",
+        text,
+    ):
+        hint = (
+            "check the region in the pooler host name (copy it from the dashboard's Connect panel)"
+            if url.is_supabase and url.endpoint in _POOLERS
+            else "check the host name in the URL"
+        )
+        return fail(f"the host name {url.host} does not resolve; {hint}")
+    ipv6_hint = _ipv6_hint(url)
+    if re.search(r"network is unreachable|cannot assign requested address|no route to host", text):
+        if ipv6_hint:
+            return fail(f"this machine has no route to {url.host}; {ipv6_hint}")
+        return fail(f"this machine has no network route to {url.host}", ServerUnreachable)
+    if "connection refused" in text:
+        if ipv6_hint:
+            return fail(f"the connection was refused; {ipv6_hint}", ServerUnreachable)
+        return fail(
+            f"the connection was refused; check that the server is running and listening on "
+            f"port {url.port} of {url.host}",
+            ServerUnreachable,
+        )
+    if "tenant or user not found" in text:
+        return fail(
+            f"the pooler does not know user {url.user}; the pooler user is "
+            "postgres.<project-ref> and the pooler host must be the one in this project's "
+            "Connect panel"
+        )
+    if "authentication failed" in text:  # password / SASL / scram, libpq or a pooler
+        hint = "check the password"
+        if url.is_supabase:
+            hint += " (reset it in the dashboard's Database Settings if needed)"
+            if url.endpoint in _POOLERS:
+                hint += " and that the pooler user is postgres.<project-ref>"
+        return fail(f"password authentication failed for user {url.user}; {hint}")
+    if "no password supplied" in text or "password is required" in text:
+        return fail("the server asks for a password and the URL has none; add it to the URL")
+    if re.search(r'database "[^"]*" does not exist', text) or "no such database" in text:
+        return fail(
+            f"database {url.dbname} does not exist; check the database name at the end of the "
+            "URL (on Supabase it is postgres)"
+        )
+    if re.search(r'role "[^"]*" does not exist', text):
+        return fail(f"user {url.user} does not exist on that server; check the user in the URL")
+    if "server does not support ssl" in text:
+        if url.is_loopback:
+            advice = "enable SSL on the server, or for this local server drop sslmode from the URL"
+        else:
+            advice = "enable SSL on the server; the tool does not send data unencrypted"
+        return fail(f"the server does not support SSL but the URL requires it; {advice}")
+    if "pg_hba.conf" in text and "no encryption" in text:
+        return fail(
+            "the server accepts only encrypted connections from here; use sslmode=require "
+            "(the default for remote hosts) or verify-full"
+        )
+    if "pg_hba.conf" in text:
+        return fail(
+            f"the server's pg_hba.conf does not let user {url.user} connect to database "
+            f"{url.dbname} from this machine; ask its administrator, or on Supabase check the "
+            "network restrictions"
+        )
+    if "does not match host name" in text:
+        return fail(
+            f"the server certificate does not name host {url.host} (sslmode=verify-full); "
+            "connect with the host name shown in the dashboard rather than an IP address"
+        )
+    if re.search(r"certificate verify failed|root certificate file|certificate", text):
+        return fail(
+            "the server certificate could not be verified; pass the Supabase CA certificate "
+            "(prod-ca-2021.crt from the dashboard's Database Settings) with sslrootcert="
+        )
+    return fail(_short_reason(raw, url))
+
+
+def _transient_reason(text: str) -> str:
+    if "starting up" in text or "recovery mode" in text or "not yet accepting" in text:
+        return "the server is starting up"
+    if "shutting down" in text:
+        return "the server is shutting down"
+    if "maxclientsinsessionmode" in text or "max client connections reached" in text:
+        return "the session pooler is full (its pool size caps clients); lower --workers"
+    if "too many" in text or "no more connections" in text or "slots are reserved" in text:
+        return "the server or pooler has no free connection slots"
+    return (
+        "the server closed the connection while it was being set up (a restart, or the port "
+        "is not PostgreSQL or a pooler)"
+    )
+
+
+def _ipv6_hint(url: DatabaseUrl) -> str | None:
+    """Supabase's direct host is IPv6-only without the IPv4 add-on: say so and name the fix."""
+    if url.endpoint is not Endpoint.DIRECT or not url.is_supabase:
+        return None
+    return (
+        f"db.{url.project_ref}.supabase.co is IPv6-only unless the project has the IPv4 add-on, "
+        "so from an IPv4-only network use the session pooler (the dashboard's Connect panel: "
+        f"<region>.pooler.supabase.com port 5432, user postgres.{url.project_ref})"
+    )
+
+
+def _short_reason(raw: str, url: DatabaseUrl) -> str:
+    """libpq's last meaningful line, redacted and squeezed into one clause."""
+    lines = [line.strip() for line in raw.splitlines() if line.strip()]
+    reason = lines[0] if lines else "unknown error"
+    reason = re.sub(r"^(?:connection failed: )?", "", reason)
+    reason = re.sub(r"^connection to server (?:at|on) .*? failed: ", "", reason)
+    reason = re.sub(r"^(?:FATAL|ERROR):\s+", "", reason)
+    reason = redact_text(reason, _secrets(url)).rstrip(". ")
+    return reason.replace(". ", "; ") or "unknown error"
+
+
+def _secrets(url: DatabaseUrl) -> list[str]:
+    return [s for s in (url.password, url.params.get("sslpassword")) if s]
+
+
+def retrying(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float = 8.0,
+    what: str = "operation",
+    log: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call `fn`, retrying transient failures with bounded exponential backoff and jitter.
+
+    Permanent errors propagate at once, unchanged. When every attempt failed, a transient
+    psycopg error becomes a TransientError naming `what`; a MigrationError is re-raised.
+    """
+    attempts = max(1, attempts)
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            retryable = is_transient(exc) or isinstance(exc, ServerUnreachable)
+            if not retryable:
+                raise
+            if attempt == attempts:
+                if isinstance(exc, MigrationError):
+                    raise
+                raise TransientError(
+                    f"{_capitalized(what)} still failed after {attempts} attempts: "
+                    f"{describe_pg_error(exc)}."
+                ) from None
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            delay = random.uniform(delay / 2, delay)
+            if log is not None:
+                log(
+                    f"{_capitalized(what)} hit a transient error ({describe_pg_error(exc)}); "
+                    f"retrying in {delay:.1f} s (attempt {attempt + 1} of {attempts})."
+                )
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def check_session_state_supported(url: DatabaseUrl, needed_for: str) -> None:
+    """Refuse a transaction-pooler URL where SET, temp tables or locks must outlive a statement."""
+    if url.uses_transaction_pooler:
+        raise ConfigError(
+            f"{_capitalized(needed_for)} needs a direct or session connection; the {url.label} "
+            f"URL is the transaction pooler (port {url.port}): use the session pooler on port "
+            "5432 or the direct host."
+        )
+
+
+def warn_if_workers_exceed_pool(url: DatabaseUrl, workers: int, pool_size: int = 15) -> str | None:
+    """Supavisor session mode admits at most pool-size clients per user+database."""
+    if url.endpoint is Endpoint.SESSION_POOLER and workers > pool_size:
+        return (
+            f"--workers {workers} exceeds the session pooler's pool size ({pool_size}): "
+            "Supavisor session mode admits at most that many clients per user and database, "
+            "so the extra workers wait and then fail with MaxClientsInSessionMode; use "
+            f"--workers {pool_size} or fewer, raise the pool size, or use the direct host."
+        )
+    return None
+
+
+def check_encrypted(conn: psycopg.Connection) -> bool:
+    """True when our link is TLS and the server reports this backend's session as SSL.
+
+    Behind a pooler pg_stat_ssl describes the pooler's link to the server, not ours, so
+    the client side (libpq's view of this socket) must say so too.
+    """
+    if not conn.pgconn.ssl_in_use:
+        return False
+    row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+    return bool(row and row[0])
+
+
+def _connect_args(url: DatabaseUrl, connect_timeout: int) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "application_name": url.application_name,
+        "connect_timeout": connect_timeout,
+    }
+    if url.uses_transaction_pooler:
+        args["prepare_threshold"] = None
+    return args
+
+
+def make_engine(
+    url: DatabaseUrl,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    connect_timeout: int = 10,
+    pool_pre_ping: bool = True,
+) -> sqlalchemy.Engine:
+    """A SQLAlchemy engine on psycopg; bound parameters (row values) stay out of its errors."""
+    return sqlalchemy.create_engine(
+        url.sqlalchemy_url(),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=pool_pre_ping,
+        hide_parameters=True,
+        connect_args=_connect_args(url, connect_timeout),
+    )
+
+
+def make_async_engine(
+    url: DatabaseUrl,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    connect_timeout: int = 10,
+    pool_pre_ping: bool = True,
+) -> AsyncEngine:
+    """The engine an application uses after cut-over, also through the Supabase pooler.
+
+    On a transaction pooler (port 6543) prepared statements are turned off, as Supabase
+    requires; SET must become SET LOCAL inside each transaction there. Example::
+
+        url = parse_database_url(os.environ["SUPABASE_POOLER_URL"], label="app")
+        engine = make_async_engine(url, pool_size=10)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT 1"))).all()
+        await engine.dispose()
+
+    Needs greenlet (`sqlalchemy[asyncio]`), so it is imported only here.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return create_async_engine(
+        url.async_sqlalchemy_url(),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=pool_pre_ping,
+        hide_parameters=True,
+        connect_args=_connect_args(url, connect_timeout),
+    )

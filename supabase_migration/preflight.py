@@ -1,0 +1,795 @@
+"""Preflight: what the source uses that Supabase cannot take, found before anything is written.
+
+Both catalogs are read (never a row of user data) and every finding is one sentence naming
+objects only. An ERROR stops the migration before the schema step writes anything; WARNINGs
+name what will be left out or changed; INFO documents what will happen. The same list is what
+`supabase-migrate plan` prints and what the schema materialization shows as a Markdown table.
+
+Supabase facts behind the checks (shared/docs/supabase-facts.md in the workspace): the target's
+`postgres` role is not a superuser; extensions live in schema `extensions` and belong to
+`supabase_admin`; there is no `lo` extension; Supabase owns the `auth`, `storage`, `realtime`,
+`extensions`, `graphql*`, `vault`, `pgsodium`, `net` and `supabase_*` schemas.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import psycopg
+
+from .catalog import BOOKKEEPING_SCHEMA, read_tables
+from .connections import is_transient
+from .conninfo import is_loopback_host
+from .errors import PreflightError, TransientError
+from .redaction import describe_pg_error
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One observation: `message` is one sentence with identifiers only, never row values."""
+
+    severity: Severity
+    code: str
+    subject: str
+    message: str
+
+
+# Schemas Supabase creates or reserves (plus ours); a source schema of that name would collide.
+RESERVED_SCHEMAS = frozenset(
+    {
+        "auth",
+        "storage",
+        "realtime",
+        "_realtime",
+        "_analytics",
+        "extensions",
+        "graphql",
+        "graphql_public",
+        "vault",
+        "pgsodium",
+        "pgsodium_masks",
+        "net",
+        "pgbouncer",
+        BOOKKEEPING_SCHEMA,
+    }
+)
+
+# OID-valued types: their binary form is a catalog OID that means something else on the target.
+REG_TYPES = frozenset(
+    {
+        "regclass",
+        "regcollation",
+        "regconfig",
+        "regdictionary",
+        "regnamespace",
+        "regoper",
+        "regoperator",
+        "regproc",
+        "regprocedure",
+        "regrole",
+        "regtype",
+    }
+)
+
+# Extensions every PostgreSQL has, which never need to be created.
+BUILTIN_EXTENSIONS = frozenset({"plpgsql"})
+
+
+def is_reserved_schema(name: str) -> bool:
+    return name in RESERVED_SCHEMAS or name.startswith("supabase_")
+
+
+# -- catalog helpers shared with schema_apply -----------------------------------------------------
+
+_EXT_MEMBER = """EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{catalog}'::regclass
+                         AND d.objid = {oid} AND d.deptype = 'e')"""
+
+
+def ext_member(catalog: str, oid: str) -> str:
+    """SQL predicate: the object belongs to an extension (pg_dump leaves those out)."""
+    return _EXT_MEMBER.format(catalog=catalog, oid=oid)
+
+
+def source_schemas(conn: psycopg.Connection) -> list[str]:
+    """Default schemas to migrate: every non-system schema except extension-created ones.
+
+    Our own bookkeeping schema is left out (a source that was once a target has one);
+    Supabase's reserved names are kept so that preflight can stop on them.
+    """
+    rows = conn.execute(
+        f"""
+        SELECT n.nspname FROM pg_namespace n
+        WHERE n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema'
+          AND n.nspname <> %s
+          AND NOT {ext_member("pg_namespace", "n.oid")}
+        ORDER BY n.nspname
+        """,
+        (BOOKKEEPING_SCHEMA,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def server_major(conn: psycopg.Connection) -> int:
+    return conn.info.server_version // 10000
+
+
+def installed_extensions(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
+    """{name: (schema, version)} of the extensions created in the connected database."""
+    rows = conn.execute(
+        """
+        SELECT e.extname, n.nspname, e.extversion
+        FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+        ORDER BY e.extname
+        """
+    ).fetchall()
+    return {name: (schema, version) for name, schema, version in rows}
+
+
+def available_extensions(conn: psycopg.Connection) -> dict[str, str | None]:
+    """{name: default_version} the server could create (its control files)."""
+    rows = conn.execute("SELECT name, default_version FROM pg_available_extensions").fetchall()
+    return {name: version for name, version in rows}
+
+
+# -- the checks ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    source: psycopg.Connection
+    target: psycopg.Connection
+    schemas: list[str]
+    source_ext: dict[str, tuple[str, str]]
+    target_ext: dict[str, tuple[str, str]]
+    target_available: dict[str, str | None]
+    findings: list[Finding]
+
+    def add(self, severity: Severity, code: str, subject: str, message: str) -> None:
+        self.findings.append(Finding(severity, code, subject, message))
+
+    def missing_extensions(self) -> set[str]:
+        return {
+            name
+            for name in self.source_ext
+            if name not in BUILTIN_EXTENSIONS
+            and name not in self.target_ext
+            and name not in self.target_available
+        }
+
+
+def run_preflight(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    *,
+    schemas: Sequence[str] | None = None,
+) -> list[Finding]:
+    """Compare the source's catalog with what the target can take; write nothing anywhere.
+
+    `schemas` are the user schemas to migrate (default: every non-system schema of the source).
+    The findings come back sorted: errors first.
+    """
+    try:
+        return _run_checks(source, target, schemas)
+    except psycopg.Error as exc:
+        # Read-only, so a lost connection is simply worth another try.
+        cls = TransientError if is_transient(exc) else PreflightError
+        raise cls(f"Preflight could not read the catalogs: {describe_pg_error(exc)}.") from None
+
+
+def _run_checks(
+    source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str] | None
+) -> list[Finding]:
+    ctx = _Context(
+        source=source,
+        target=target,
+        schemas=list(schemas) if schemas is not None else source_schemas(source),
+        source_ext=installed_extensions(source),
+        target_ext=installed_extensions(target),
+        target_available=available_extensions(target),
+        findings=[],
+    )
+    for check in (
+        _check_versions,
+        _check_encryption,
+        _check_encoding,
+        _check_schemas,
+        _check_extensions,
+        _check_types,
+        _check_columns,
+        _check_keys,
+        _check_owners,
+        _check_policies,
+        _check_large_objects,
+        _check_superuser_objects,
+        _check_materialized_views,
+        _check_privileges,
+        _check_target_objects,
+        _check_audit,
+    ):
+        check(ctx)
+    return sorted(ctx.findings, key=lambda f: _ORDER[f.severity])
+
+
+def _check_versions(ctx: _Context) -> None:
+    src, tgt = server_major(ctx.source), server_major(ctx.target)
+    src_text = ctx.source.info.parameter_status("server_version") or str(src)
+    tgt_text = ctx.target.info.parameter_status("server_version") or str(tgt)
+    ctx.add(
+        Severity.INFO,
+        "server-version",
+        "servers",
+        f"Source runs PostgreSQL {_short_version(src_text)} and the target "
+        f"{_short_version(tgt_text)}.",
+    )
+    if tgt < src:
+        # Supabase offers 15 and 17: a 16 source into 15 usually works, so warn, and the schema
+        # step applies everything in one transaction, so a feature the target lacks leaves
+        # nothing behind.
+        ctx.add(
+            Severity.WARNING,
+            "version-downgrade",
+            "servers",
+            f"The target's major version {tgt} is older than the source's {src}, so objects "
+            "using newer features may fail to apply; prefer a target of the same major or newer.",
+        )
+
+
+def _short_version(text: str) -> str:
+    return text.split(" ", 1)[0]
+
+
+def _check_encryption(ctx: _Context) -> None:
+    for label, conn, remote_severity in (
+        ("target", ctx.target, Severity.ERROR),
+        ("source", ctx.source, Severity.WARNING),
+    ):
+        if conn.pgconn.ssl_in_use:
+            ctx.add(
+                Severity.INFO,
+                "ssl",
+                label,
+                f"The connection to the {label} is encrypted with TLS.",
+            )
+            continue
+        local = is_loopback_host(conn.info.host)
+        severity = Severity.WARNING if local else remote_severity
+        where = "a local server" if local else f"host {conn.info.host}"
+        ctx.add(
+            severity,
+            "ssl",
+            label,
+            f"The connection to the {label} ({where}) is not encrypted; PHI must travel over "
+            "TLS, so use sslmode=verify-full (or require) in its URL.",
+        )
+
+
+def _check_encoding(ctx: _Context) -> None:
+    query = (
+        "SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = current_database()"
+    )
+    src = ctx.source.execute(query).fetchone()
+    tgt = ctx.target.execute(query).fetchone()
+    if src and tgt and src[0] != tgt[0]:
+        severity = Severity.ERROR if tgt[0] == "SQL_ASCII" else Severity.WARNING
+        ctx.add(
+            severity,
+            "encoding",
+            "database",
+            f"The source database is encoded {src[0]} and the target {tgt[0]}; text is converted "
+            "on the way and characters the target encoding lacks fail the copy.",
+        )
+
+
+def _check_schemas(ctx: _Context) -> None:
+    existing = {
+        r[0]
+        for r in ctx.source.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (ctx.schemas,)
+        )
+    }
+    for schema in ctx.schemas:
+        if schema not in existing:
+            ctx.add(
+                Severity.ERROR,
+                "schema-missing",
+                f"schema {schema}",
+                f"Schema {schema} is listed for migration but does not exist on the source; "
+                "fix the schema list in migration.yaml.",
+            )
+        elif is_reserved_schema(schema):
+            ctx.add(
+                Severity.ERROR,
+                "reserved-schema",
+                f"schema {schema}",
+                f"Schema {schema} on the source has a name Supabase reserves for its own "
+                "services, so it would collide on the target; rename it on the source or "
+                "exclude it from the migration.",
+            )
+
+
+def _check_extensions(ctx: _Context) -> None:
+    present: list[str] = []
+    for name, (schema, version) in ctx.source_ext.items():
+        if name in BUILTIN_EXTENSIONS:
+            continue
+        if name in ctx.target_ext:
+            target_schema, target_version = ctx.target_ext[name]
+            present.append(name)
+            if target_schema != schema:
+                ctx.add(
+                    Severity.INFO,
+                    "extension-schema",
+                    f"extension {name}",
+                    f"Extension {name} is in schema {schema} on the source and in "
+                    f"{target_schema} on the target; dump mode rewrites {schema}-qualified "
+                    f"references to its objects, other code must find them through search_path.",
+                )
+            if target_version != version:
+                ctx.add(
+                    Severity.INFO,
+                    "extension-version",
+                    f"extension {name}",
+                    f"Extension {name} is version {version} on the source and "
+                    f"{target_version} on the target.",
+                )
+        elif name in ctx.target_available:
+            ctx.add(
+                Severity.INFO,
+                "extension-install",
+                f"extension {name}",
+                f"Extension {name} is available on the target but not installed; dump mode "
+                "creates it in schema extensions (alembic mode leaves it to your migrations).",
+            )
+            default = ctx.target_available[name]
+            if default and default != version:
+                ctx.add(
+                    Severity.INFO,
+                    "extension-version",
+                    f"extension {name}",
+                    f"Extension {name} is version {version} on the source and the target "
+                    f"offers {default}.",
+                )
+        else:
+            hint = (
+                "Supabase has no lo extension: store the data in bytea columns instead"
+                if name == "lo"
+                else "ask for it to be enabled on the target, or drop it from the source if "
+                "nothing uses it"
+            )
+            ctx.add(
+                Severity.ERROR,
+                "extension-missing",
+                f"extension {name}",
+                f"Extension {name} is installed on the source but the target does not offer "
+                f"it; {hint}.",
+            )
+    if present:
+        ctx.add(
+            Severity.INFO,
+            "extensions-present",
+            "extensions",
+            f"Extensions already on the target: {', '.join(sorted(present))}.",
+        )
+    commented = ctx.source.execute(
+        """
+        SELECT count(*) FROM pg_extension e
+        JOIN pg_description d ON d.objoid = e.oid AND d.classoid = 'pg_extension'::regclass
+        WHERE e.extname <> ALL(%s)
+        """,
+        (list(BUILTIN_EXTENSIONS),),
+    ).fetchone()
+    if commented and commented[0]:
+        ctx.add(
+            Severity.INFO,
+            "extension-comment",
+            "extensions",
+            "Comments on extensions are skipped: on Supabase extensions belong to "
+            "supabase_admin and postgres is not a superuser.",
+        )
+
+
+_TYPES_SQL = f"""
+SELECT n.nspname, t.typname, t.typtype
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname = ANY(%s)
+  AND t.typtype IN ('b', 'c', 'd', 'e', 'r')
+  AND NOT (t.typtype = 'b' AND t.typcategory = 'A')
+  AND (t.typtype <> 'c' OR (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
+  AND NOT {ext_member("pg_type", "t.oid")}
+ORDER BY 1, 2
+"""
+
+_TYPE_KINDS = {"e": "enum", "d": "domain", "c": "composite type", "r": "range type"}
+
+
+def _check_types(ctx: _Context) -> None:
+    counts: dict[str, int] = defaultdict(int)
+    for schema, name, kind in ctx.source.execute(_TYPES_SQL, (ctx.schemas,)):
+        if kind == "b":
+            ctx.add(
+                Severity.ERROR,
+                "base-type",
+                f"{schema}.{name}",
+                f"Type {schema}.{name} is a base type with C input/output functions, which "
+                "only a superuser can create and Supabase does not allow; replace it with a "
+                "domain or a column of a built-in type.",
+            )
+        else:
+            counts[_TYPE_KINDS[kind]] += 1
+    if counts:
+        summary = ", ".join(
+            f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in sorted(counts.items())
+        )
+        ctx.add(
+            Severity.INFO,
+            "custom-types",
+            "types",
+            f"The migrated schemas define {summary}; they are created with the schema.",
+        )
+
+
+# Each column's type, followed through domains and arrays down to the types it is made of.
+_COLUMN_TYPES_SQL = f"""
+WITH RECURSIVE cols AS (
+    SELECT n.nspname, c.relname, a.attname, a.atttypid AS typid, a.atttypid AS orig
+    FROM pg_attribute a
+    JOIN pg_class c ON c.oid = a.attrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+      AND n.nspname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
+      AND NOT {ext_member("pg_class", "c.oid")}
+), chain AS (
+    SELECT * FROM cols
+    UNION ALL
+    SELECT ch.nspname, ch.relname, ch.attname,
+           CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END, ch.orig
+    FROM chain ch JOIN pg_type t ON t.oid = ch.typid
+    WHERE t.typtype = 'd' OR (t.typcategory = 'A' AND t.typelem <> 0)
+)
+SELECT DISTINCT ch.nspname, ch.relname, ch.attname, format_type(ch.orig, NULL),
+       t.typname, tn.nspname, e.extname
+FROM chain ch
+JOIN pg_type t ON t.oid = ch.typid
+JOIN pg_namespace tn ON tn.oid = t.typnamespace
+LEFT JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'
+LEFT JOIN pg_extension e ON e.oid = d.refobjid
+WHERE (tn.nspname = 'pg_catalog' AND (t.typname = 'oid' OR t.typname = ANY(%s)))
+   OR e.extname IS NOT NULL
+ORDER BY 1, 2, 3
+"""
+
+
+def _check_columns(ctx: _Context) -> None:
+    missing = ctx.missing_extensions()
+    parts: dict[tuple[str, str, str], list[tuple[str, str, str | None]]] = defaultdict(list)
+    for schema, table, column, type_sql, typname, _, extname in ctx.source.execute(
+        _COLUMN_TYPES_SQL, (ctx.schemas, list(REG_TYPES))
+    ):
+        parts[(schema, table, column)].append((type_sql, typname, extname))
+    for (schema, table, column), rows in parts.items():
+        subject = f"{schema}.{table}.{column}"
+        type_sql = rows[0][0]
+        lacking = sorted({ext for _, _, ext in rows if ext in missing})
+        if lacking:
+            ctx.add(
+                Severity.ERROR,
+                "extension-type",
+                subject,
+                f"Column {subject} has type {type_sql} from extension {lacking[0]}, which the "
+                "target does not offer, so the table cannot be created there.",
+            )
+        elif any(ext is None and name in REG_TYPES for _, name, ext in rows):
+            ctx.add(
+                Severity.ERROR,
+                "reg-type",
+                subject,
+                f"Column {subject} has type {type_sql}, which stores catalog OIDs that differ "
+                "on the target; change the column to text (the object's name) before migrating.",
+            )
+        elif any(ext is None and name == "oid" for _, name, ext in rows):
+            ctx.add(
+                Severity.WARNING,
+                "oid-column",
+                subject,
+                f"Column {subject} has type {type_sql}: its numbers are copied as they are, so "
+                "any that point at large objects or catalog rows will not match on the target.",
+            )
+
+
+def _check_keys(ctx: _Context) -> None:
+    for table in read_tables(ctx.source, ctx.schemas):
+        if table.key_source == "none":
+            ctx.add(
+                Severity.WARNING,
+                "no-key",
+                table.qualified_name,
+                f"Table {table.qualified_name} has no primary key or NOT NULL unique index, so "
+                "it is copied as one whole-table partition replaced atomically (add a primary "
+                "key to copy it in resumable ranges).",
+            )
+
+
+_OWNERS_SQL = f"""
+SELECT r.rolname, count(*) FROM (
+    SELECT n.nspowner AS owner FROM pg_namespace n
+    WHERE n.nspname = ANY(%(schemas)s)
+    UNION ALL
+    SELECT c.relowner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = ANY(%(schemas)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+      AND NOT {ext_member("pg_class", "c.oid")}
+    UNION ALL
+    SELECT t.typowner FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE n.nspname = ANY(%(schemas)s) AND t.typtype IN ('b', 'd', 'e', 'r')
+      AND t.typcategory <> 'A' AND NOT {ext_member("pg_type", "t.oid")}
+    UNION ALL
+    SELECT p.proowner FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_proc", "p.oid")}
+) o JOIN pg_roles r ON r.oid = o.owner
+GROUP BY r.rolname ORDER BY r.rolname
+"""
+
+
+def _target_roles(ctx: _Context) -> set[str]:
+    return {r[0] for r in ctx.target.execute("SELECT rolname FROM pg_roles")}
+
+
+def _check_owners(ctx: _Context) -> None:
+    roles = _target_roles(ctx)
+    for role, count in ctx.source.execute(_OWNERS_SQL, {"schemas": ctx.schemas}):
+        if role not in roles:
+            ctx.add(
+                Severity.WARNING,
+                "missing-owner",
+                f"role {role}",
+                f"{count} object{'s' if count > 1 else ''} in the migrated schemas "
+                f"{'are' if count > 1 else 'is'} owned by role {role}, which does not exist "
+                "on the target; ownership goes to postgres.",
+            )
+
+
+_POLICY_ROLES_SQL = """
+SELECT DISTINCT n.nspname, c.relname, p.polname, r.rolname
+FROM pg_policy p
+JOIN pg_class c ON c.oid = p.polrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL unnest(p.polroles) AS pr(oid)
+JOIN pg_roles r ON r.oid = pr.oid
+WHERE n.nspname = ANY(%s)
+ORDER BY 1, 2, 3, 4
+"""
+
+
+def _check_policies(ctx: _Context) -> None:
+    roles = _target_roles(ctx)
+    for schema, table, policy, role in ctx.source.execute(_POLICY_ROLES_SQL, (ctx.schemas,)):
+        if role not in roles:
+            ctx.add(
+                Severity.WARNING,
+                "policy-role",
+                f"{schema}.{table}",
+                f"Policy {policy} on {schema}.{table} applies to role {role}, which does not "
+                "exist on the target; create that role there first or the schema step fails.",
+            )
+
+
+def _check_large_objects(ctx: _Context) -> None:
+    row = ctx.source.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
+    count = row[0] if row else 0
+    if count:
+        ctx.add(
+            Severity.ERROR,
+            "large-objects",
+            "large objects",
+            f"The source database holds {count} large object{'s' if count > 1 else ''} "
+            "(pg_largeobject), which this tool does not copy and Supabase cannot manage "
+            "without the lo extension; move their contents into bytea columns on the source "
+            "first.",
+        )
+
+
+def _count(conn: psycopg.Connection, query: str, params: Iterable[object] = ()) -> int:
+    row = conn.execute(query, tuple(params)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _check_superuser_objects(ctx: _Context) -> None:
+    skipped = "skipped: it needs a superuser, and postgres is not one on Supabase"
+    n = _count(
+        ctx.source,
+        "SELECT count(*) FROM pg_event_trigger e "
+        f"WHERE NOT {ext_member('pg_event_trigger', 'e.oid')}",
+    )
+    if n:
+        ctx.add(
+            Severity.WARNING,
+            "event-trigger",
+            "event triggers",
+            f"{n} event trigger{'s are' if n > 1 else ' is'} {skipped}.",
+        )
+    for lang, n in ctx.source.execute(
+        f"""
+        SELECT l.lanname, count(*) FROM pg_proc p
+        JOIN pg_namespace ns ON ns.oid = p.pronamespace
+        JOIN pg_language l ON l.oid = p.prolang
+        WHERE ns.nspname = ANY(%s) AND NOT l.lanpltrusted AND p.prokind <> 'a'
+          AND NOT {ext_member("pg_proc", "p.oid")}
+        GROUP BY l.lanname ORDER BY 1
+        """,
+        (ctx.schemas,),
+    ):
+        ctx.add(
+            Severity.WARNING,
+            "untrusted-function",
+            f"language {lang}",
+            f"{n} function{'s' if n > 1 else ''} in untrusted language {lang} "
+            f"{'are' if n > 1 else 'is'} {skipped}; objects that use them fail to apply.",
+        )
+    n = _count(ctx.source, "SELECT count(*) FROM pg_foreign_server")
+    if n:
+        ctx.add(
+            Severity.WARNING,
+            "foreign-server",
+            "foreign servers",
+            f"{n} foreign server{'s' if n > 1 else ''} and their user mappings are not "
+            "migrated (they hold credentials); create them on the target yourself.",
+        )
+    for schema, table in ctx.source.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'f' AND n.nspname = ANY(%s) ORDER BY 1, 2
+        """,
+        (ctx.schemas,),
+    ):
+        ctx.add(
+            Severity.WARNING,
+            "foreign-table",
+            f"{schema}.{table}",
+            f"Foreign table {schema}.{table} is skipped: its server is not migrated.",
+        )
+    n = _count(ctx.source, "SELECT count(*) FROM pg_publication")
+    if n:
+        ctx.add(
+            Severity.INFO,
+            "publication",
+            "publications",
+            f"{n} publication{'s are' if n > 1 else ' is'} not migrated; on Supabase, manage "
+            "replication from the dashboard.",
+        )
+    n = _count(
+        ctx.source,
+        "SELECT count(*) FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+        "WHERE d.datname = current_database()",
+    )
+    if n:
+        ctx.add(
+            Severity.INFO,
+            "subscription",
+            "subscriptions",
+            f"{n} subscription{'s are' if n > 1 else ' is'} {skipped}.",
+        )
+
+
+def _check_materialized_views(ctx: _Context) -> None:
+    for schema, name in ctx.source.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'm' AND n.nspname = ANY(%s) ORDER BY 1, 2
+        """,
+        (ctx.schemas,),
+    ):
+        ctx.add(
+            Severity.INFO,
+            "materialized-view",
+            f"{schema}.{name}",
+            f"Materialized view {schema}.{name} is created empty; run REFRESH MATERIALIZED "
+            "VIEW on the target after the data is copied.",
+        )
+
+
+def _check_privileges(ctx: _Context) -> None:
+    n = _count(
+        ctx.source,
+        """
+        SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = ANY(%s) AND c.relacl IS NOT NULL AND c.relkind IN ('r', 'p', 'v', 'm')
+        """,
+        (ctx.schemas,),
+    )
+    if n:
+        ctx.add(
+            Severity.INFO,
+            "privileges",
+            "grants",
+            f"GRANTs on {n} relation{'s' if n > 1 else ''} are not copied (roles differ on "
+            "Supabase); grant what the application needs on the target, and keep PHI tables "
+            "away from anon and authenticated.",
+        )
+
+
+def _check_target_objects(ctx: _Context) -> None:
+    for schema, n in ctx.target.execute(
+        f"""
+        SELECT n.nspname, count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p')
+          AND NOT {ext_member("pg_class", "c.oid")}
+        GROUP BY 1 ORDER BY 1
+        """,
+        (ctx.schemas,),
+    ):
+        ctx.add(
+            Severity.INFO,
+            "target-not-empty",
+            f"schema {schema}",
+            f"The target already has {n} table{'s' if n > 1 else ''} in schema {schema}; dump "
+            "mode applies the schema only where it applied it before or nothing is there.",
+        )
+
+
+def _check_audit(ctx: _Context) -> None:
+    """HIPAA projects audit with pgaudit; row logging would copy PHI into the logs."""
+    if "pgaudit" not in ctx.target_ext:
+        if "pgaudit" in ctx.target_available:
+            ctx.add(
+                Severity.INFO,
+                "pgaudit",
+                "target",
+                "The pgaudit extension is available on the target but not enabled; HIPAA "
+                "projects usually enable it (never with pgaudit.log_rows).",
+            )
+        return
+    row = ctx.target.execute("SELECT current_setting('pgaudit.log_rows', true)").fetchone()
+    if row and row[0] == "on":
+        ctx.add(
+            Severity.WARNING,
+            "pgaudit",
+            "target",
+            "pgaudit.log_rows is on for the target, so audit logs would hold copied row values "
+            "(PHI); turn it off for the migration role.",
+        )
+
+
+# -- reporting ------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return re.sub(r"\s+", " ", text).replace("|", "\\|")
+
+
+def findings_markdown(findings: Sequence[Finding]) -> str:
+    """A Markdown table for the Dagster UI and `supabase-migrate plan`."""
+    lines = ["| severity | code | subject | message |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {f.severity.value} | {_cell(f.code)} | {_cell(f.subject)} | {_cell(f.message)} |"
+        for f in findings
+    ]
+    return "\n".join(lines)
+
+
+def raise_for_errors(findings: Sequence[Finding]) -> None:
+    """Stop before any data moves when a finding is an ERROR, in one sentence."""
+    errors = [f for f in findings if f.severity is Severity.ERROR]
+    if not errors:
+        return
+    first = errors[0].message.rstrip(".")
+    more = len(errors) - 1
+    tail = (
+        f" (and {more} more error{'s' if more > 1 else ''}; `supabase-migrate plan` lists them)"
+        if more
+        else ""
+    )
+    raise PreflightError(
+        f"Preflight stopped the migration before anything was written: {first}{tail}."
+    )

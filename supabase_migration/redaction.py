@@ -1,0 +1,161 @@
+"""Keeping passwords and row values (PHI) out of every message the tool prints or records.
+
+Two tools: `redact_text` masks secrets in free text (URLs, key=value strings, known passwords),
+and `describe_pg_error` turns a database error into a sentence built only from what cannot
+carry a row value: the SQLSTATE, its condition name and the object names the server reports.
+PostgreSQL's DETAIL ("Key (ssn)=(123-45-6789) already exists"), WHERE/CONTEXT (which can quote
+the failing COPY line) and the text after ':' in messages such as `invalid input syntax for
+type integer: "abc"` are never used.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import cache
+from urllib.parse import quote, quote_plus
+
+import psycopg
+import psycopg.errors
+
+from .errors import MigrationError
+
+MASK = "***"
+
+# scheme://user:password@  -> scheme://user:***@  (greedy up to the last @ of the token, so a
+# raw @ in the password is still covered; over-masking a host is acceptable, leaking is not).
+_URL_CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):(?P<pw>\S*)@")
+# password=secret, password='se cret', sslpassword=..., PGPASSWORD=..., "password": "x".
+_KEYVALUE_PASSWORD = re.compile(
+    r"""(?P<key>\b\w*(?:password|passwd)\b["']?\s*[=:]\s*)"""
+    r"""(?P<value>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s,;&)}\]]+)""",
+    re.IGNORECASE,
+)
+_QUOTED = re.compile(r""""(?:[^"]|"")*"|(?<!\w)'(?:[^'\\]|\\.|'')*'""")
+_OPEN_QUOTE = re.compile(r""""|(?<!\w)'""")
+_HEX_BYTES = re.compile(r"\b0x[0-9A-Fa-f]+\b")
+_LIBPQ_PREFIX = re.compile(
+    r"^(?:connection failed: )?(?:connection to server (?:at|on) [^\n]*? failed: )?"
+    r"(?:(?:FATAL|ERROR|PANIC):\s+)?"
+)
+# Client-side (no SQLSTATE) messages that are libpq's own words about the connection: they
+# carry host names and socket errors, never row values, so their text after ':' is kept.
+_CONNECTION_WORDS = re.compile(
+    r"connection|server|socket|SSL|timeout|consuming input|could not (?:send|receive)",
+    re.IGNORECASE,
+)
+_DIAG_FIELDS = ("schema_name", "table_name", "column_name", "constraint_name", "datatype_name")
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Mask each known secret (raw and percent-encoded) and any credential in URLs or key=value."""
+    if not text:
+        return text
+    forms: set[str] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        forms.update({secret, quote(secret, safe=""), quote_plus(secret), quote(secret)})
+        forms.add(secret.replace("\\", "\\\\").replace("'", "\\'"))  # libpq-quoted form
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, MASK)
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m.group('head')}:{MASK}@", text)
+    return _KEYVALUE_PASSWORD.sub(lambda m: f"{m.group('key')}{MASK}", text)
+
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+@cache
+def condition_name(sqlstate: str) -> str | None:
+    """'23505' -> 'unique_violation', from psycopg's generated SQLSTATE classes."""
+    try:
+        cls = psycopg.errors.lookup(sqlstate)
+    except KeyError:
+        return None
+    return _CAMEL_BOUNDARY.sub("_", cls.__name__).lower().rstrip("_")
+
+
+def describe_pg_error(exc: BaseException, *, context: str = "") -> str:
+    """One PHI-free phrase for an error, without a final period so callers can embed it.
+
+    e.g. 'unique_violation (23505) on public.patients, constraint patients_ssn_key: duplicate
+    key value violates unique constraint "patients_ssn_key"'.
+    """
+    prefix = f"{context}: " if context else ""
+    if isinstance(exc, MigrationError):
+        return prefix + redact_text(exc.message).rstrip(".")
+    if not isinstance(exc, psycopg.Error):
+        text = _strip_literals(redact_text(_first_line(str(exc))), ())
+        return prefix + (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+    diag = exc.diag
+    identifiers = tuple(
+        value for value in (getattr(diag, name, None) for name in _DIAG_FIELDS) if value
+    )
+    sqlstate = exc.sqlstate or diag.sqlstate
+    if sqlstate:
+        name = condition_name(sqlstate)
+        head = f"{name} ({sqlstate})" if name else f"SQLSTATE {sqlstate}"
+    else:
+        head = type(exc).__name__
+    where = _objects(diag)
+    if where:
+        head += f" on {where}"
+
+    if sqlstate and (sqlstate.startswith("P0") or condition_name(sqlstate) is None):
+        # RAISE in a trigger or function: its words are the author's, and may embed NEW.* values.
+        return prefix + f"{head}: message from a trigger or function withheld"
+    primary = diag.message_primary or _first_line(str(exc))
+    primary = _LIBPQ_PREFIX.sub("", primary.strip())
+    if (
+        sqlstate
+        or not isinstance(exc, psycopg.OperationalError)
+        or not _CONNECTION_WORDS.search(primary)
+    ):
+        # Server messages put the offending value after the colon: drop it.
+        primary = primary.split(":", 1)[0]
+    primary = _strip_literals(redact_text(primary), identifiers).strip().rstrip(".")
+    return prefix + (f"{head}: {primary}" if primary else head)
+
+
+def _objects(diag: psycopg.errors.Diagnostic) -> str:
+    parts = []
+    table = ".".join(p for p in (diag.schema_name, diag.table_name) if p)
+    if table:
+        parts.append(table if diag.table_name else f"schema {table}")
+    if diag.column_name:
+        parts.append(f"column {diag.column_name}")
+    if diag.constraint_name:
+        parts.append(f"constraint {diag.constraint_name}")
+    if diag.datatype_name:
+        parts.append(f"type {diag.datatype_name}")
+    return ", ".join(parts)
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
+    """Replace every quoted literal that is not a reported identifier, and raw byte values."""
+    allowed = {f'"{name}"' for name in identifiers} | {f"'{name}'" for name in identifiers}
+    out: list[str] = []
+    pos = 0
+    for match in _QUOTED.finditer(text):
+        between = text[pos : match.start()]
+        unbalanced = _OPEN_QUOTE.search(between)
+        if unbalanced:  # cannot happen with a well-formed match, but never risk a value
+            out.append(between[: unbalanced.start()])
+            return _HEX_BYTES.sub("0x…", "".join(out)).rstrip()
+        out.append(between)
+        out.append(match.group(0) if match.group(0) in allowed else '"…"')
+        pos = match.end()
+    tail = text[pos:]
+    unbalanced = _OPEN_QUOTE.search(tail)
+    # An opening quote that never closes: the rest may be a truncated value, so drop it.
+    out.append(tail[: unbalanced.start()] if unbalanced else tail)
+    return _HEX_BYTES.sub("0x…", "".join(out)).rstrip()

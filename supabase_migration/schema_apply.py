@@ -1,0 +1,1109 @@
+"""Put the source's schema on the target: the user's Alembic project, a filtered pg_dump, or none.
+
+Every mode is idempotent and all-or-nothing:
+
+- `alembic` runs `upgrade head` through Alembic's Python API on one connection we open to the
+  target, inside one transaction (unless the project's env.py commits per migration). The
+  target goes to env.py two ways, so no env.py needs editing in the usual cases: as an open
+  SQLAlchemy connection in `config.attributes["connection"]` (the Alembic cookbook's pattern)
+  and as the `sqlalchemy.url` option (what the generated env.py reads). An env.py that builds
+  its own URL (say from an environment variable) needs one line changed, e.g.::
+
+      connectable = config.attributes.get("connection") or engine_from_config(...)
+
+  A run that leaves the target short of head is caught and reported as exactly that.
+- `dump` runs `pg_dump --schema-only` on the source (a pg_dump at least as new as the source
+  server), drops what Supabase owns or what needs a superuser (roles, owners, grants, the
+  `extensions` schema, extensions themselves, their comments, event triggers, publications,
+  untrusted-language functions, foreign tables), creates the extensions the source uses in
+  schema `extensions`, and applies the rest in ONE target transaction. The sha256 of the
+  filtered SQL is recorded in `supabase_migration.schema_applied`: the same hash again is a
+  no-op; a different hash means the source schema changed, which we refuse to diff.
+  Limitation: references to objects of an extension that sits in another schema on the source
+  (commonly `public.uuid_generate_v4()`) are rewritten to the extension's schema on the
+  target when they are schema-qualified, as pg_dump writes them; unqualified references inside
+  function bodies rely on the search_path, which on Supabase includes `extensions`.
+- `none`: the user made the schema; we only check that the schemas and tables are there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging.config
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .catalog import BOOKKEEPING_SCHEMA
+from .connections import connect, is_transient
+from .conninfo import DatabaseUrl
+from .errors import ConfigError, MigrationError, SchemaError, TransientError
+from .preflight import (
+    BUILTIN_EXTENSIONS,
+    available_extensions,
+    ext_member,
+    installed_extensions,
+    is_reserved_schema,
+    server_major,
+    source_schemas,
+)
+from .redaction import describe_pg_error, redact_text
+
+log = logging.getLogger(__name__)
+
+SCHEMA_APPLIED = "schema_applied"
+EXTENSIONS_SCHEMA = "extensions"
+PG_DUMP_TIMEOUT_S = 3600
+# pg_advisory_xact_lock key: two schema steps never interleave on one target.
+_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.schema'))"
+
+
+class SchemaMode(StrEnum):
+    ALEMBIC = "alembic"
+    DUMP = "dump"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class SchemaResult:
+    """What the schema step did, for the materialization's metadata."""
+
+    mode: SchemaMode
+    revision: str | None = None
+    dump_hash: str | None = None
+    objects_created: int = 0
+    changed: bool = False
+    skipped: list[str] = field(default_factory=list)  # "what: why", left out on purpose
+    duration_s: float = 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        """Plain values (str/int/float/bool/None) for Dagster metadata."""
+        return {
+            "mode": self.mode.value,
+            "revision": self.revision,
+            "dump_hash": self.dump_hash,
+            "objects_created": self.objects_created,
+            "changed": self.changed,
+            "skipped": "\n".join(f"- {s}" for s in self.skipped) if self.skipped else None,
+            "skipped_count": len(self.skipped),
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+def apply_schema(
+    mode: SchemaMode | str,
+    *,
+    source_url: DatabaseUrl,
+    target_url: DatabaseUrl,
+    alembic_config: Path | None = None,
+    schemas: Sequence[str] | None = None,
+) -> SchemaResult:
+    """Bring the target's schema to the source's, in `mode`; see the module docstring."""
+    started = time.monotonic()
+    try:
+        mode = SchemaMode(mode)
+    except ValueError:
+        raise ConfigError(
+            f"Unknown schema mode {mode!r}; use one of alembic, dump or none."
+        ) from None
+    try:
+        if mode is SchemaMode.ALEMBIC:
+            result = _apply_alembic(target_url, alembic_config, schemas)
+        elif mode is SchemaMode.DUMP:
+            result = _apply_dump(source_url, target_url, schemas)
+        else:
+            result = _check_none(source_url, target_url, schemas)
+    except psycopg.Error as exc:
+        # Catalog reads and bookkeeping outside the apply transaction; nothing half-done.
+        cls = TransientError if is_transient(exc) else SchemaError
+        raise cls(
+            f"The schema step ({mode.value} mode) failed: {describe_pg_error(exc)}."
+        ) from None
+    return SchemaResult(
+        mode=result.mode,
+        revision=result.revision,
+        dump_hash=result.dump_hash,
+        objects_created=result.objects_created,
+        changed=result.changed,
+        skipped=result.skipped,
+        duration_s=time.monotonic() - started,
+    )
+
+
+# -- bookkeeping ---------------------------------------------------------------------------------
+
+_BOOKKEEPING_DDL = sql.SQL(
+    """
+CREATE SCHEMA IF NOT EXISTS {schema};
+REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS {table} (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    mode        text        NOT NULL,
+    dump_hash   text,
+    revision    text,
+    schemas     text[]      NOT NULL DEFAULT '{{}}',
+    objects     integer     NOT NULL DEFAULT 0,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON {table} FROM PUBLIC;
+DO $$
+DECLARE r text;
+BEGIN
+  FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+      EXECUTE format('REVOKE ALL ON SCHEMA %I FROM %I', {schema_text}, r);
+      EXECUTE format('REVOKE ALL ON %I.%I FROM %I', {schema_text}, {table_text}, r);
+    END IF;
+  END LOOP;
+END $$;
+"""
+).format(
+    schema=sql.Identifier(BOOKKEEPING_SCHEMA),
+    table=sql.Identifier(BOOKKEEPING_SCHEMA, SCHEMA_APPLIED),
+    schema_text=sql.Literal(BOOKKEEPING_SCHEMA),
+    table_text=sql.Literal(SCHEMA_APPLIED),
+)
+
+
+def _ensure_bookkeeping(conn: psycopg.Connection) -> None:
+    conn.execute(_BOOKKEEPING_DDL)
+
+
+def _last_record(conn: psycopg.Connection, mode: SchemaMode) -> tuple[str | None, Any] | None:
+    """(hash or revision, applied_at) of the last apply in `mode`, when the table exists."""
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{BOOKKEEPING_SCHEMA}.{SCHEMA_APPLIED}",)
+    ).fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(dump_hash, revision), applied_at FROM {} WHERE mode = %s "
+            "ORDER BY id DESC LIMIT 1"
+        ).format(sql.Identifier(BOOKKEEPING_SCHEMA, SCHEMA_APPLIED)),
+        (mode.value,),
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def _record(
+    conn: psycopg.Connection,
+    mode: SchemaMode,
+    *,
+    dump_hash: str | None = None,
+    revision: str | None = None,
+    schemas: Sequence[str],
+    objects: int,
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (mode, dump_hash, revision, schemas, objects) "
+            "VALUES (%s, %s, %s, %s, %s)"
+        ).format(sql.Identifier(BOOKKEEPING_SCHEMA, SCHEMA_APPLIED)),
+        (mode.value, dump_hash, revision, list(schemas), objects),
+    )
+
+
+# -- catalog counts ------------------------------------------------------------------------------
+
+_COUNT_SQL = f"""
+SELECT
+  (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_class", "c.oid")})
++ (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE n.nspname = ANY(%(schemas)s) AND t.typtype IN ('b', 'd', 'e', 'r')
+      AND t.typcategory <> 'A' AND NOT {ext_member("pg_type", "t.oid")})
++ (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_proc", "p.oid")})
+"""
+
+
+def count_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> int:
+    """Relations (tables, indexes, views, sequences), types and functions in `schemas`."""
+    row = conn.execute(_COUNT_SQL, {"schemas": list(schemas)}).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _existing_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> list[str]:
+    """Up to a few qualified names of user relations/types/functions already in `schemas`."""
+    rows = conn.execute(
+        f"""
+        SELECT n.nspname || '.' || c.relname FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = ANY(%(schemas)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')
+          AND NOT {ext_member("pg_class", "c.oid")}
+        UNION ALL
+        SELECT n.nspname || '.' || t.typname FROM pg_type t
+        JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname = ANY(%(schemas)s) AND t.typtype IN ('b', 'd', 'e', 'r')
+          AND t.typcategory <> 'A' AND NOT {ext_member("pg_type", "t.oid")}
+        UNION ALL
+        SELECT n.nspname || '.' || p.proname || '()' FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_proc", "p.oid")}
+        ORDER BY 1
+        """,
+        {"schemas": list(schemas)},
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def target_user_schemas(conn: psycopg.Connection) -> list[str]:
+    """Schemas on the target that are neither PostgreSQL's, Supabase's, ours nor an extension's."""
+    return [s for s in source_schemas(conn) if not is_reserved_schema(s)]
+
+
+# -- alembic -------------------------------------------------------------------------------------
+
+
+def _apply_alembic(
+    target_url: DatabaseUrl, alembic_config: Path | None, schemas: Sequence[str] | None
+) -> SchemaResult:
+    # Imported here: only this mode needs Alembic and SQLAlchemy's engine machinery.
+    from alembic import command
+    from alembic.runtime.environment import EnvironmentContext
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    from .connections import make_engine
+
+    if alembic_config is None:
+        raise ConfigError(
+            "Schema mode alembic needs the project's Alembic configuration: pass "
+            "--alembic-config PATH (its alembic.ini) or set alembic_config in migration.yaml."
+        )
+    cfg = alembic_configuration(Path(alembic_config), target_url)
+    try:
+        script = ScriptDirectory.from_config(cfg)
+        heads = set(script.get_heads())
+    except CommandError as exc:
+        raise ConfigError(
+            f"The Alembic project at {alembic_config} cannot be read: {_one_line(exc)}."
+        ) from None
+    secrets = [target_url.password or ""]
+
+    def version_table() -> tuple[str, str | None]:
+        """Where env.py keeps the revision (it may configure another table or schema)."""
+        found: list[tuple[str, str | None]] = []
+
+        def read(rev: Any, context: Any) -> list[Any]:
+            found.append((context.version_table, context.version_table_schema))
+            return []
+
+        with engine.connect() as connection:
+            cfg.attributes["connection"] = connection
+            try:
+                with EnvironmentContext(cfg, script, fn=read, dont_mutate=True):
+                    script.run_env()
+            finally:
+                cfg.attributes.pop("connection", None)
+                connection.rollback()
+        return found[0] if found else ("alembic_version", None)
+
+    engine = make_engine(target_url, pool_size=1, max_overflow=0)
+    try:
+        with _alembic_errors(target_url, secrets), _quiet_logging_config():
+            table, table_schema = version_table()
+            with connect(target_url, autocommit=True) as conn:
+                # Read on our own connection: an env.py that connects elsewhere cannot fool it.
+                before = _target_revisions(conn, table, table_schema)
+                before_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
+                count_before = count_objects(conn, before_schemas)
+            if before == heads:
+                return SchemaResult(
+                    mode=SchemaMode.ALEMBIC, revision=_revision(before), changed=False
+                )
+            with engine.begin() as connection:
+                # Supabase caps statements at 2 min; a migration may build a big index.
+                connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                cfg.attributes["connection"] = connection
+                try:
+                    command.upgrade(cfg, "head")
+                finally:
+                    cfg.attributes.pop("connection", None)
+    finally:
+        engine.dispose()
+    with connect(target_url) as conn, conn.transaction():
+        after = _target_revisions(conn, table, table_schema)
+        if after != heads:
+            raise SchemaError(
+                f"Alembic ran but the target is at revision {_revision(after) or 'none'} "
+                f"instead of head {_revision(heads)}; the project's env.py probably connects "
+                "with its own URL: make it use config.attributes['connection'] or the "
+                "sqlalchemy.url option."
+            )
+        after_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
+        created = max(count_objects(conn, after_schemas) - count_before, 0)
+        _ensure_bookkeeping(conn)
+        _record(
+            conn,
+            SchemaMode.ALEMBIC,
+            revision=_revision(after),
+            schemas=after_schemas,
+            objects=created,
+        )
+    return SchemaResult(
+        mode=SchemaMode.ALEMBIC,
+        revision=_revision(after),
+        objects_created=created,
+        changed=before != after,
+    )
+
+
+def _target_revisions(conn: psycopg.Connection, table: str, schema: str | None) -> set[str]:
+    """The revisions in the target's Alembic version table (empty when there is none yet)."""
+    ident = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    # Unqualified (no version_table_schema) resolves through the search_path, as in Alembic.
+    found = conn.execute("SELECT to_regclass(%s)", (ident.as_string(conn),))
+    row = found.fetchone()
+    if not row or row[0] is None:
+        return set()
+    return {r[0] for r in conn.execute(sql.SQL("SELECT version_num FROM {}").format(ident))}
+
+
+def alembic_configuration(path: Path, target_url: DatabaseUrl) -> Any:
+    """Load the user's alembic.ini and point it at the target, without touching the file."""
+    from alembic.config import Config
+
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"The Alembic configuration {path} does not exist.")
+    cfg = Config(str(path))
+    # Flask-Migrate's convention, honoured by many env.py files: leave the host's logging alone.
+    cfg.attributes["configure_logger"] = False
+    # ConfigParser interpolates '%': a percent-encoded password (%40 ...) must be doubled.
+    url = target_url.sqlalchemy_url().render_as_string(hide_password=False)
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    # A relative script_location is relative to the working directory in Alembic; the user
+    # ran `alembic` from the project directory, we may not have.
+    location = cfg.get_alembic_option("script_location")
+    if isinstance(location, str) and location and not _is_package_resource(location):
+        resolved = Path(location)
+        if not resolved.is_absolute() and not resolved.exists():
+            candidate = path.parent.absolute() / location
+            if candidate.exists():
+                cfg.set_main_option("script_location", str(candidate).replace("%", "%%"))
+    return cfg
+
+
+def _is_package_resource(location: str) -> bool:
+    return bool(re.fullmatch(r"[\w.]+:[\w./]+", location))
+
+
+def _revision(heads: set[str]) -> str | None:
+    return ",".join(sorted(heads)) if heads else None
+
+
+@contextlib.contextmanager
+def _quiet_logging_config() -> Iterator[None]:
+    """Keep env.py's `fileConfig(alembic.ini)` from replacing the host's (Dagster's) logging.
+
+    The generated env.py calls logging.config.fileConfig, which closes every handler and
+    disables existing loggers; those sections are meant for the alembic CLI, not for us.
+    """
+    original = logging.config.fileConfig
+    logging.config.fileConfig = _no_file_config  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        logging.config.fileConfig = original  # type: ignore[assignment]
+
+
+def _no_file_config(*args: Any, **kwargs: Any) -> None:
+    log.debug("Skipped logging.config.fileConfig from the Alembic env.py.")
+
+
+@contextlib.contextmanager
+def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[None]:
+    """Turn whatever the user's migrations raise into one PHI-free SchemaError."""
+    import sqlalchemy.exc
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except MigrationError:
+        raise
+    except sqlalchemy.exc.DBAPIError as exc:
+        cause = exc.orig if isinstance(exc.orig, BaseException) else exc
+        raise SchemaError(
+            f"Alembic's upgrade failed on the {target_url.describe()} and was rolled back: "
+            f"{redact_text(describe_pg_error(cause), secrets)}."
+        ) from None
+    except CommandError as exc:
+        raise SchemaError(
+            f"Alembic's upgrade failed: {redact_text(_one_line(exc), secrets)}."
+        ) from None
+    except Exception as exc:
+        raise SchemaError(
+            "Alembic's upgrade failed in the project's env.py or a migration script: "
+            f"{redact_text(describe_pg_error(exc), secrets)}."
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__).rstrip(".")
+
+
+# -- dump: finding pg_dump -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PgDump:
+    path: Path
+    major: int
+
+
+def pg_dump_candidates() -> list[PgDump]:
+    """Every pg_dump we can find: localpg's system and embedded builds, Debian's, PATH."""
+    paths: list[Path] = []
+    try:
+        from . import localpg
+
+        for prefer in ("system", "embedded"):
+            found = localpg.find_binaries(prefer)  # type: ignore[arg-type]
+            if found is not None:
+                paths.append(found.tool("pg_dump"))
+    except (ImportError, MigrationError):
+        pass
+    paths += sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"))
+    on_path = shutil.which("pg_dump")
+    if on_path:
+        paths.append(Path(on_path))
+    seen: set[Path] = set()
+    result: list[PgDump] = []
+    for path in paths:
+        real = path.resolve()
+        if real in seen or not real.is_file():
+            continue
+        seen.add(real)
+        major = _pg_dump_major(path)
+        if major:
+            result.append(PgDump(path, major))
+    return result
+
+
+def _pg_dump_major(path: Path) -> int | None:
+    try:
+        done = subprocess.run(
+            [str(path), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except OSError:
+        return None
+    match = re.search(r"\(PostgreSQL\)\s+(\d+)", done.stdout)
+    return int(match.group(1)) if match and done.returncode == 0 else None
+
+
+def find_pg_dump(source_major: int) -> PgDump:
+    """The oldest pg_dump at least as new as the source server: closest to its SQL dialect."""
+    candidates = pg_dump_candidates()
+    usable = [c for c in candidates if c.major >= source_major]
+    if not usable:
+        found = ", ".join(sorted({str(c.major) for c in candidates})) or "none"
+        raise ConfigError(
+            f"Dump mode needs pg_dump {source_major} or newer for the source's PostgreSQL "
+            f"{source_major} (found: {found}); install postgresql-client-{source_major}, "
+            "install the embedded build (pip install 'supabase-migration[embedded]'), or use "
+            "--schema-mode alembic or none."
+        )
+    return min(usable, key=lambda c: c.major)
+
+
+def run_pg_dump(pg_dump: PgDump, source_url: DatabaseUrl, schemas: Sequence[str]) -> str:
+    """The source's schema as SQL; the password travels in PGPASSWORD, never on argv."""
+    argv = [
+        str(pg_dump.path),
+        "--schema-only",
+        "--no-owner",
+        "--no-privileges",
+        "--no-publications",
+        "--no-subscriptions",
+        "--no-security-labels",
+        "--no-tablespaces",
+        "--encoding=UTF8",
+        "--lock-wait-timeout=60000",
+    ]
+    for schema in schemas:
+        # -n takes a pattern: quote the name so it matches exactly that schema.
+        argv += ["--schema", '"' + schema.replace('"', '""') + '"']
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env |= source_url.libpq_env()
+    env.setdefault("PGCONNECT_TIMEOUT", "10")
+    secrets = [s for s in (source_url.password, source_url.params.get("sslpassword")) if s]
+    try:
+        done = subprocess.run(
+            argv, env=env, capture_output=True, timeout=PG_DUMP_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise SchemaError(
+            f"pg_dump did not finish dumping the schema of the {source_url.describe()} within "
+            f"{PG_DUMP_TIMEOUT_S} s; check for locks held on the source's tables."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"pg_dump at {pg_dump.path} could not be started: {exc.strerror}."
+        ) from None
+    if done.returncode != 0:
+        stderr = done.stderr.decode("utf-8", "replace")
+        raise SchemaError(
+            f"pg_dump {pg_dump.major} could not dump the schema of the {source_url.describe()}: "
+            f"{_pg_dump_reason(stderr, secrets)}."
+        )
+    return done.stdout.decode("utf-8")
+
+
+def _pg_dump_reason(stderr: str, secrets: Sequence[str]) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line] or lines or ["exit status non-zero"]
+    reason = re.sub(r"^pg_dump:\s*(?:error:\s*)?", "", errors[0])
+    return redact_text(reason, secrets).rstrip(".")
+
+
+# -- dump: reading and filtering the SQL ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One SQL statement of a plain pg_dump, with the TOC entry it belongs to."""
+
+    sql: str
+    entry_type: str = ""  # e.g. "TABLE", "FK CONSTRAINT", "COMMENT"; "" before the first entry
+    entry_name: str = ""
+    entry_schema: str = ""
+
+
+_HEADER = re.compile(
+    r"-- (?:Data for )?Name: (?P<name>.*?); Type: (?P<type>[A-Z][A-Z ]*); "
+    r"Schema: (?P<schema>.*?); Owner: .*$"
+)
+_SCAN = re.compile(r"--|/\*|'|\"|\$(?:[^\W\d]\w*)?\$|;|^\\", re.MULTILINE)
+
+
+def split_dump(text: str) -> list[Statement]:
+    """Split pg_dump's plain output into statements, quoting-aware, dropping psql meta-commands.
+
+    Strings ('', E''), quoted identifiers, dollar-quoted bodies and comments are skipped over,
+    so a ';' or '--' inside a function body never splits it. A `-- Name: ...; Type: ...`
+    comment between statements starts a new TOC entry; `\\restrict`-style lines are dropped.
+    """
+    statements: list[Statement] = []
+    entry = ("", "", "")
+    start: int | None = None  # where the current statement began
+    pos = 0
+    n = len(text)
+    while pos < n:
+        match = _SCAN.search(text, pos)
+        if match is None:
+            break
+        token, at = match.group(), match.start()
+        if start is None and text[pos:at].strip():
+            start = pos + (len(text[pos:at]) - len(text[pos:at].lstrip()))
+        if token == "--":
+            end = text.find("\n", at)
+            end = n if end < 0 else end
+            if start is None:
+                header = _HEADER.match(text, at, end)
+                if header:
+                    entry = (header["type"], header["name"], header["schema"])
+            pos = end
+        elif token == "/*":
+            pos = _skip_block_comment(text, at)
+        elif token == "\\":
+            # psql meta-command (pg_dump 17+/15.14+: \restrict KEY); only between statements.
+            end = text.find("\n", at)
+            end = n if end < 0 else end
+            if start is not None:
+                raise SchemaError(
+                    "The pg_dump output has a psql meta-command inside a statement, which this "
+                    "tool cannot apply; use --schema-mode none and restore the schema yourself."
+                )
+            pos = end
+        elif token == ";":
+            if start is not None:
+                statements.append(Statement(text[start : at + 1].strip(), *entry))
+            start = None
+            pos = at + 1
+        else:
+            if start is None:
+                start = at
+            if token == "'":
+                escaped = at > 0 and text[at - 1] in "eE" and (at < 2 or not _ident(text[at - 2]))
+                pos = _skip_string(text, at, escaped)
+            elif token == '"':
+                pos = _skip_quoted(text, at, '"')
+            elif at > 0 and _ident(text[at - 1]):
+                pos = at + 1  # a '$' inside an identifier such as a$b
+            else:
+                close = text.find(token, match.end())
+                if close < 0:
+                    raise SchemaError("The pg_dump output has an unterminated dollar-quoted body.")
+                pos = close + len(token)
+    if start is not None and text[start:].strip():
+        statements.append(Statement(text[start:].strip(), *entry))
+    return statements
+
+
+def _ident(ch: str) -> bool:
+    return ch.isalnum() or ch in "_$"
+
+
+def _skip_block_comment(text: str, at: int) -> int:
+    depth, pos = 0, at
+    while True:
+        match = re.compile(r"/\*|\*/").search(text, pos)
+        if match is None:
+            return len(text)
+        depth += 1 if match.group() == "/*" else -1
+        pos = match.end()
+        if depth == 0:
+            return pos
+
+
+def _skip_quoted(text: str, at: int, quote: str) -> int:
+    pos = at + 1
+    while True:
+        close = text.find(quote, pos)
+        if close < 0:
+            return len(text)
+        if text.startswith(quote * 2, close):
+            pos = close + 2
+            continue
+        return close + 1
+
+
+def _skip_string(text: str, at: int, escaped: bool) -> int:
+    if not escaped:
+        return _skip_quoted(text, at, "'")
+    match = re.compile(r"(?:[^'\\]|\\.|'')*'", re.DOTALL).match(text, at + 1)
+    return match.end() if match else len(text)
+
+
+@dataclass(frozen=True)
+class FilteredDump:
+    statements: list[str]  # to apply, in order, SETs included
+    skipped: list[str]
+    digest: str  # sha256 of the statements that define objects (SETs left out)
+
+
+# TOC entry types left out, with the reason shown in the materialization.
+_SKIP_TYPES = {
+    "EXTENSION": "",  # created in schema extensions instead (or already there)
+    "EVENT TRIGGER": "needs superuser on Supabase",
+    "PROCEDURAL LANGUAGE": "needs superuser on Supabase",
+    "PUBLICATION": "publications are not migrated",
+    "PUBLICATION TABLE": "publications are not migrated",
+    "PUBLICATION TABLES IN SCHEMA": "publications are not migrated",
+    "SUBSCRIPTION": "needs superuser on Supabase",
+    "FOREIGN DATA WRAPPER": "needs superuser on Supabase",
+    "SERVER": "foreign servers hold credentials and are not migrated",
+    "USER MAPPING": "foreign servers hold credentials and are not migrated",
+    "FOREIGN TABLE": "its foreign server is not migrated",
+    "SECURITY LABEL": "",
+    "ACL": "",
+    "DEFAULT ACL": "",
+    "DATABASE": "",
+    "DATABASE PROPERTIES": "",
+}
+# Statements dropped wherever they appear: roles, ownership, grants, extension management.
+_DROP_STATEMENT = re.compile(
+    r"^(?:ALTER\s+.*\s+OWNER\s+TO\s|GRANT\s|REVOKE\s|CREATE\s+EXTENSION\s|ALTER\s+EXTENSION\s"
+    r"|COMMENT\s+ON\s+EXTENSION\s|(?:CREATE|ALTER|DROP)\s+(?:ROLE|USER|GROUP)\s"
+    r"|SECURITY\s+LABEL\s|ALTER\s+DEFAULT\s+PRIVILEGES\s|(?:CREATE|ALTER)\s+EVENT\s+TRIGGER\s"
+    r"|(?:CREATE|ALTER)\s+(?:PUBLICATION|SUBSCRIPTION)\s|ALTER\s+SCHEMA\s+public\s)",
+    re.IGNORECASE | re.DOTALL,
+)
+_SET = re.compile(r"^SET\s+(\w+)\s*(?:=|\s+TO\s)\s*(.*);$", re.IGNORECASE | re.DOTALL)
+_SET_CONFIG = re.compile(
+    r"^SELECT\s+pg_catalog\.set_config\('(\w+)',\s*'(.*)',\s*false\);$", re.IGNORECASE
+)
+# Session-level SETs that must not be sent: psycopg owns the client encoding, and PG 17+'s
+# transaction_timeout must not be copied onto an older target (the target's list decides).
+_NEVER_SET = frozenset({"client_encoding", "transaction_timeout"})
+_LANGUAGE = re.compile(r"\n\s*LANGUAGE\s+\"?(\w+)\"?", re.IGNORECASE)
+
+
+def filter_dump(
+    statements: Sequence[Statement],
+    *,
+    target_settings: set[str],
+    untrusted_languages: set[str],
+) -> FilteredDump:
+    """Keep what the non-superuser `postgres` may create; SETs become SET LOCAL (pooler-safe)."""
+    kept: list[str] = []
+    skipped: list[str] = []
+    defining: list[str] = []
+    gone: set[tuple[str, str]] = set()  # (schema, name) of skipped entries, for their comments
+
+    def skip(what: str, why: str) -> None:
+        if why and f"{what}: {why}" not in skipped:
+            skipped.append(f"{what}: {why}")
+
+    for st in statements:
+        text, kind, name, schema = st.sql, st.entry_type, st.entry_name, st.entry_schema
+        set_match = _SET.match(text)
+        if set_match:
+            setting = set_match.group(1).lower()
+            if setting not in _NEVER_SET and setting in target_settings:
+                kept.append(f"SET LOCAL {setting} = {set_match.group(2)};")
+            continue
+        config_match = _SET_CONFIG.match(text)
+        if config_match:
+            kept.append(
+                f"SELECT pg_catalog.set_config('{config_match.group(1)}', "
+                f"'{config_match.group(2)}', true);"
+            )
+            continue
+        if kind in _SKIP_TYPES:
+            skip(f"{kind} {_qualified(schema, name)}", _SKIP_TYPES[kind])
+            gone.add((schema, name))
+            continue
+        if schema == EXTENSIONS_SCHEMA or (kind == "SCHEMA" and name == EXTENSIONS_SCHEMA):
+            skip(f"{kind} {_qualified(schema, name)}", "schema extensions belongs to Supabase")
+            continue
+        if kind == "SCHEMA" and name == "public":
+            continue  # exists on every target
+        if kind == "COMMENT":
+            target_kind, _, target_name = name.partition(" ")
+            if target_kind == "EXTENSION":
+                skip(f"COMMENT ON EXTENSION {target_name}", "extensions belong to supabase_admin")
+                continue
+            if name == "SCHEMA public":
+                continue
+            base = re.sub(r"\(.*$", "", target_name).split(".", 1)[0]
+            if (schema, target_name) in gone or (schema, base) in gone:
+                continue
+        if kind in {"FUNCTION", "PROCEDURE"}:
+            language = _LANGUAGE.search(text)
+            if language and language.group(1).lower() in untrusted_languages:
+                skip(
+                    f"{kind} {_qualified(schema, name)}",
+                    f"language {language.group(1)} needs superuser on Supabase",
+                )
+                gone.add((schema, name))
+                continue
+        if _DROP_STATEMENT.match(text):
+            continue
+        if kind == "SCHEMA":
+            text = re.sub(
+                r"^CREATE\s+SCHEMA\s+(?!IF\s+NOT\s+EXISTS)",
+                "CREATE SCHEMA IF NOT EXISTS ",
+                text,
+                flags=re.IGNORECASE,
+            )
+        kept.append(text)
+        defining.append(text)
+    digest = hashlib.sha256("\n".join(defining).encode("utf-8")).hexdigest()
+    return FilteredDump(statements=kept, skipped=skipped, digest=digest)
+
+
+def _qualified(schema: str, name: str) -> str:
+    return name if schema in {"", "-"} else f"{schema}.{name}"
+
+
+# -- dump: references to extension objects -------------------------------------------------------
+
+_EXTENSION_MEMBERS_SQL = """
+SELECT e.extname, n.nspname, m.kind, m.name
+FROM pg_depend d
+JOIN pg_extension e ON e.oid = d.refobjid AND d.refclassid = 'pg_extension'::regclass
+CROSS JOIN LATERAL (
+    SELECT 'name' AS kind, p.proname::text AS name, p.pronamespace AS nsp FROM pg_proc p
+    WHERE d.classid = 'pg_proc'::regclass AND p.oid = d.objid
+    UNION ALL
+    SELECT 'name', t.typname::text, t.typnamespace FROM pg_type t
+    WHERE d.classid = 'pg_type'::regclass AND t.oid = d.objid
+    UNION ALL
+    SELECT 'name', c.relname::text, c.relnamespace FROM pg_class c
+    WHERE d.classid = 'pg_class'::regclass AND c.oid = d.objid
+    UNION ALL
+    SELECT 'name', o.opcname::text, o.opcnamespace FROM pg_opclass o
+    WHERE d.classid = 'pg_opclass'::regclass AND o.oid = d.objid
+    UNION ALL
+    SELECT 'name', f.opfname::text, f.opfnamespace FROM pg_opfamily f
+    WHERE d.classid = 'pg_opfamily'::regclass AND f.oid = d.objid
+    UNION ALL
+    SELECT 'name', c.cfgname::text, c.cfgnamespace FROM pg_ts_config c
+    WHERE d.classid = 'pg_ts_config'::regclass AND c.oid = d.objid
+    UNION ALL
+    SELECT 'name', t.dictname::text, t.dictnamespace FROM pg_ts_dict t
+    WHERE d.classid = 'pg_ts_dict'::regclass AND t.oid = d.objid
+    UNION ALL
+    SELECT 'operator', o.oprname::text, o.oprnamespace FROM pg_operator o
+    WHERE d.classid = 'pg_operator'::regclass AND o.oid = d.objid
+) m
+JOIN pg_namespace n ON n.oid = m.nsp
+WHERE d.deptype = 'e'
+"""
+
+
+def _quote_ident(name: str) -> str:
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def extension_rewriter(
+    source: psycopg.Connection, moves: dict[str, tuple[str, str]]
+) -> Callable[[str], str]:
+    """A function rewriting `old_schema.member` to `new_schema.member` for moved extensions.
+
+    `moves` is {extension: (schema on the source, schema on the target)}. pg_dump qualifies
+    every reference (its search_path is empty), so qualified names are what appear.
+    """
+    moved = {ext: pair for ext, pair in moves.items() if pair[0] != pair[1]}
+    if not moved:
+        return lambda text: text
+    names: dict[tuple[str, str], set[str]] = {}
+    operators: dict[tuple[str, str], set[str]] = {}
+    for ext, schema, kind, name in source.execute(_EXTENSION_MEMBERS_SQL):
+        if ext not in moved or schema != moved[ext][0]:
+            continue
+        bucket = operators if kind == "operator" else names
+        bucket.setdefault(moved[ext], set()).add(name)
+    patterns: list[tuple[re.Pattern[str], str]] = []
+    for (old, new), members in names.items():
+        alternatives = "|".join(
+            re.escape(_quote_ident(m)) for m in sorted(members, key=len, reverse=True)
+        )
+        patterns.append(
+            (
+                re.compile(
+                    rf'(?<![\w$".]){re.escape(_quote_ident(old))}\.({alternatives})(?![\w$])'
+                ),
+                _quote_ident(new) + r".\1",
+            )
+        )
+    for (old, new), members in operators.items():
+        alternatives = "|".join(re.escape(m) for m in sorted(members, key=len, reverse=True))
+        patterns.append(
+            (
+                re.compile(rf"OPERATOR\({re.escape(_quote_ident(old))}\.({alternatives})\)"),
+                f"OPERATOR({_quote_ident(new)}.\\1)",
+            )
+        )
+
+    def rewrite(text: str) -> str:
+        for pattern, replacement in patterns:
+            text = pattern.sub(replacement, text)
+        return text
+
+    return rewrite
+
+
+# -- dump: applying ------------------------------------------------------------------------------
+
+
+def _apply_dump(
+    source_url: DatabaseUrl, target_url: DatabaseUrl, schemas: Sequence[str] | None
+) -> SchemaResult:
+    with connect(source_url, autocommit=True) as source:
+        schemas = list(schemas) if schemas is not None else source_schemas(source)
+        source_ext = {
+            name: info
+            for name, info in installed_extensions(source).items()
+            if name not in BUILTIN_EXTENSIONS
+        }
+        untrusted = {
+            r[0] for r in source.execute("SELECT lanname FROM pg_language WHERE NOT lanpltrusted")
+        }
+        pg_dump = find_pg_dump(server_major(source))
+        raw = run_pg_dump(pg_dump, source_url, schemas)
+        with connect(target_url, autocommit=True) as probe:
+            settings = {r[0] for r in probe.execute("SELECT name FROM pg_settings")}
+            target_ext = installed_extensions(probe)
+        dump = filter_dump(split_dump(raw), target_settings=settings, untrusted_languages=untrusted)
+        moves = {
+            name: (schema, target_ext[name][0] if name in target_ext else EXTENSIONS_SCHEMA)
+            for name, (schema, _) in source_ext.items()
+        }
+        rewrite = extension_rewriter(source, moves)
+    skipped = list(dump.skipped)
+    created: int | None = None
+    with connect(target_url) as target:
+        try:
+            with target.transaction():
+                created = _apply_dump_in_transaction(
+                    target, target_url, dump, rewrite, schemas, source_ext
+                )
+        except psycopg.Error as exc:
+            raise SchemaError(
+                f"The schema could not be applied to the {target_url.describe()}, so nothing "
+                f"was changed: {describe_pg_error(exc)}{_failed_entry(exc)}."
+            ) from None
+    return SchemaResult(
+        mode=SchemaMode.DUMP,
+        dump_hash=dump.digest,
+        objects_created=max(created or 0, 0),
+        changed=created is not None,
+        skipped=skipped,
+    )
+
+
+def _apply_dump_in_transaction(
+    conn: psycopg.Connection,
+    target_url: DatabaseUrl,
+    dump: FilteredDump,
+    rewrite: Callable[[str], str],
+    schemas: Sequence[str],
+    source_ext: dict[str, tuple[str, str]],
+) -> int | None:
+    """Apply inside the caller's transaction; None when this dump was applied before."""
+    conn.execute("SET LOCAL statement_timeout = 0")
+    conn.execute(_LOCK_SQL)
+    previous = _last_record(conn, SchemaMode.DUMP)
+    if previous is not None:
+        digest, applied_at = previous
+        if digest == dump.digest:
+            raise psycopg.Rollback()  # a no-op, and provably so: nothing is committed
+        raise SchemaError(
+            f"The source schema changed since dump mode applied it to the target on "
+            f"{applied_at:%Y-%m-%d %H:%M %Z} (hash {str(digest)[:12]}, now {dump.digest[:12]}); "
+            "this tool does not diff schemas: apply the change on the target yourself (for "
+            "example with a migration) and rerun with --schema-mode none, or drop the migrated "
+            "schemas on the target and run again."
+        )
+    existing = _existing_objects(conn, schemas)
+    if existing:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise SchemaError(
+            f"The target already has {len(existing)} object{'s' if len(existing) > 1 else ''} "
+            f"in the migrated schemas ({shown}) that this tool did not create; if you made the "
+            "schema yourself, rerun with --schema-mode none, otherwise drop them and run again."
+        )
+    before = count_objects(conn, schemas)
+    _create_extensions(conn, target_url, source_ext)
+    _execute_dump(conn, [rewrite(s) for s in dump.statements])
+    # The dump's settings were SET LOCAL: restore ours for the bookkeeping statements.
+    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")
+    created = count_objects(conn, schemas) - before
+    _ensure_bookkeeping(conn)
+    _record(conn, SchemaMode.DUMP, dump_hash=dump.digest, schemas=schemas, objects=created)
+    return created
+
+
+def _create_extensions(
+    conn: psycopg.Connection,
+    target_url: DatabaseUrl,
+    source_ext: dict[str, tuple[str, str]],
+) -> None:
+    present = installed_extensions(conn)
+    available = available_extensions(conn)
+    missing = [name for name in sorted(source_ext) if name not in present]
+    if not missing:
+        return
+    for name in missing:
+        if name not in available:
+            raise SchemaError(
+                f"Extension {name} is used on the source but the {target_url.describe()} does "
+                "not offer it; run `supabase-migrate plan` for the preflight findings."
+            )
+    conn.execute(
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(EXTENSIONS_SCHEMA))
+    )
+    for name in missing:
+        try:
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {} CASCADE").format(
+                        sql.Identifier(name), sql.Identifier(EXTENSIONS_SCHEMA)
+                    )
+                )
+        except psycopg.Error as exc:
+            raise SchemaError(
+                f"Extension {name} could not be created in schema extensions on the "
+                f"{target_url.describe()} ({describe_pg_error(exc)}); enable it from the "
+                "Supabase dashboard (Database, Extensions, schema extensions) and run again."
+            ) from None
+
+
+# Statements per round trip; a failing batch is replayed one statement at a time (inside a
+# savepoint) to name the statement that failed.
+_BATCH = 200
+
+
+def _execute_dump(conn: psycopg.Connection, statements: Sequence[str]) -> None:
+    """Run the statements in batches (simple query protocol: several per round trip)."""
+    for first in range(0, len(statements), _BATCH):
+        batch = statements[first : first + _BATCH]
+        try:
+            with conn.transaction():
+                conn.execute("\n".join(batch))  # type: ignore[call-overload]
+        except psycopg.Error as exc:
+            failed = _failing_statement(conn, batch)
+            if failed is not None:
+                exc.add_note(f"statement: {_statement_head(failed)}")
+            raise
+
+
+def _failing_statement(conn: psycopg.Connection, batch: Sequence[str]) -> str | None:
+    for statement in batch:
+        try:
+            with conn.transaction():
+                conn.execute(statement)  # type: ignore[call-overload]
+        except psycopg.Error:
+            return statement
+    return None
+
+
+def _statement_head(statement: str) -> str:
+    """The statement's leading keywords and object name, never literals or bodies."""
+    head = re.split(r"[('$]|\bAS\b|\bDEFAULT\b", statement, maxsplit=1)[0]
+    return " ".join(head.split())[:120]
+
+
+def _failed_entry(exc: psycopg.Error) -> str:
+    for note in getattr(exc, "__notes__", []) or []:
+        if note.startswith("statement: "):
+            return f" (in {note.removeprefix('statement: ')})"
+    return ""
+
+
+# -- none ----------------------------------------------------------------------------------------
+
+_TABLES_SQL = f"""
+SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT {ext_member("pg_class", "c.oid")}
+"""
+
+
+def _check_none(
+    source_url: DatabaseUrl, target_url: DatabaseUrl, schemas: Sequence[str] | None
+) -> SchemaResult:
+    with connect(source_url, autocommit=True) as source:
+        schemas = list(schemas) if schemas is not None else source_schemas(source)
+        wanted = {r[0] for r in source.execute(_TABLES_SQL, (schemas,))}
+    with connect(target_url, autocommit=True) as target:
+        present_schemas = {
+            r[0]
+            for r in target.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,)
+            )
+        }
+        have = {r[0] for r in target.execute(_TABLES_SQL, (schemas,))}
+    absent_schemas = [s for s in schemas if s not in present_schemas]
+    if absent_schemas:
+        raise SchemaError(
+            f"Schema mode none expects the schema to exist on the target, but schema "
+            f"{absent_schemas[0]} is missing there; create it (for example with your "
+            "migrations) or use --schema-mode dump or alembic."
+        )
+    missing = sorted(wanted - have)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise SchemaError(
+            f"Schema mode none expects every source table on the target, but {len(missing)} "
+            f"{'are' if len(missing) > 1 else 'is'} missing ({shown}); create them or use "
+            "--schema-mode dump or alembic."
+        )
+    return SchemaResult(mode=SchemaMode.NONE, changed=False)

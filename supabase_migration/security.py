@@ -1,0 +1,1095 @@
+"""Securing the migrated data on Supabase: RLS, encryption in transit, pgaudit, the audit trail.
+
+Why each piece exists:
+
+* Supabase grants ALL on new `public` tables to `anon`/`authenticated` (its API roles) by default
+  privileges, and "RLS status on tables is not migrated". Until RLS is enabled, anyone holding
+  the project's anon key can read the migrated PHI over the REST API (Supabase's linter calls
+  this `rls_disabled_in_public`, level ERROR). `enable_rls` closes that: with RLS on and no
+  policy, `anon` and `authenticated` see no rows (default deny); `service_role` has BYPASSRLS
+  and keeps working. Policies the user supplies are applied once, recorded by sha256.
+* HIPAA wants encryption in transit; `session_encryption` asks the server (`pg_stat_ssl`) as
+  well as libpq, because a client-side `sslmode` proves nothing about the session actually made.
+* pgaudit on Supabase is configured only at role level (`ALTER ROLE postgres SET pgaudit.*`),
+  through supautils' privileged-role allow-list. `pgaudit.log_rows` would copy PHI into the
+  logs and `pgaudit.log_parameter` bound values, so neither is ever set; finding either on is a
+  finding. pgaudit logs statement text: applications should bind values as parameters.
+* Every checkpoint row records who completed which range in which run, and when;
+  `migration_audit_trail` summarises it without key bounds (a text key can itself be PHI).
+
+Nothing here imports Dagster; every error is a one-sentence, PHI-free `MigrationError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.errors
+from psycopg import sql
+
+from .catalog import BOOKKEEPING_SCHEMA
+from .connections import connect, is_transient
+from .conninfo import DatabaseUrl, is_loopback_host
+from .errors import ConfigError, MigrationError, SchemaError, TransientError
+from .redaction import describe_pg_error
+
+API_ROLES = ("anon", "authenticated")
+SERVICE_ROLE = "service_role"
+AUDITOR_ROLE = "supabase_migration_auditor"
+AUDIT_SETTINGS_ROLE = "postgres"
+# DDL and role/privilege changes carry no row values; read/write classes are left to the user.
+DEFAULT_AUDIT_LOG = "ddl, role"
+# Settings that would write row values (PHI) or bound parameters into the server log.
+UNSAFE_AUDIT_SETTINGS = ("pgaudit.log_rows", "pgaudit.log_parameter")
+AUDITED_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
+APPLIED_POLICIES = sql.Identifier(BOOKKEEPING_SCHEMA, "applied_policies")
+CHECKPOINTS_TABLE = f"{BOOKKEEPING_SCHEMA}.migration_checkpoints"
+DEFAULT_APPLICATION_NAME = "supabase-migration"
+LOCK_TIMEOUT = "30s"
+
+# One advisory lock serialises concurrent security steps (two runs, or the CLI and Dagster).
+_LOCK_KEY = "supabase_migration.security"
+_AUDIT_CLASSES = {"read", "write", "function", "role", "ddl", "misc", "misc_set", "all", "none"}
+_TRUE_WORDS = {"on", "true", "yes", "1"}
+# Transaction control in policy SQL would commit part of it outside our transaction. PL/pgSQL's
+# own BEGIN/END (in DO blocks and functions) never ends in ';' right after the keyword.
+_TRANSACTION_CONTROL = re.compile(
+    r"(?im)^\s*(?:"
+    r"(?:commit|rollback|abort)(?:\s+(?:work|transaction|and\s+(?:no\s+)?chain))?\s*;"
+    r"|(?:commit|rollback)\s+prepared\b|prepare\s+transaction\b|start\s+transaction\b"
+    r"|begin(?:\s+(?:work|transaction))?\s*;|end\s+(?:work|transaction)\s*;)"
+)
+
+APPLIED_POLICIES_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {BOOKKEEPING_SCHEMA};
+REVOKE ALL ON SCHEMA {BOOKKEEPING_SCHEMA} FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.applied_policies (
+    sha256      text        PRIMARY KEY,
+    source      text,
+    bytes       integer     NOT NULL,
+    run_id      text,
+    applied_by  text        NOT NULL DEFAULT current_user,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON {BOOKKEEPING_SCHEMA}.applied_policies FROM PUBLIC;
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class SecurityAction:
+    """One thing `enable_rls` did or deliberately did not do, for metadata and the report."""
+
+    kind: str  # enable_rls | rls_already_enabled | not_exposed | missing | apply_policies | ...
+    subject: str  # schema.table, the bookkeeping schema, or the policy digest
+    detail: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.kind in {"enable_rls", "apply_policies"}
+
+
+@dataclass(frozen=True)
+class TableRls:
+    """RLS state of one table in an exposed schema."""
+
+    schema: str
+    table: str
+    rls_enabled: bool
+    rls_forced: bool
+    policies: int
+    is_partition: bool = False
+    api_access: bool | None = None  # anon/authenticated hold a table privilege (None: no roles)
+
+    @property
+    def name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(frozen=True)
+class SessionEncryption:
+    """Encryption of one session, seen by libpq (our socket) and by the server (pg_stat_ssl).
+
+    Behind a pooler the server sees the pooler's link, so both views are kept.
+    """
+
+    client_tls: bool
+    server_ssl: bool | None  # None: pg_stat_ssl showed no row for this backend
+    protocol: str | None = None
+    cipher: str | None = None
+
+    @property
+    def encrypted(self) -> bool | None:
+        if not self.client_tls:
+            return False
+        return self.server_ssl
+
+
+@dataclass(frozen=True)
+class AuditStatus:
+    """What pgaudit looks like on the target right now (read only)."""
+
+    extension_available: bool
+    loaded: bool
+    installed_version: str | None
+    settings_role: str | None
+    role_settings: dict[str, str] = field(default_factory=dict)  # pgaudit.* set on that role
+    unsafe_settings: tuple[str, ...] = ()  # e.g. "pgaudit.log_rows=on (role postgres)"
+
+    @property
+    def auditor_role(self) -> str | None:
+        return self.role_settings.get("pgaudit.role") or None
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """What `configure_pgaudit` did, or one sentence on why audit logging is not configured."""
+
+    available: bool
+    message: str
+    configured: bool = False
+    extension_version: str | None = None
+    auditor_role: str | None = None
+    settings_role: str | None = None
+    log_classes: str | None = None
+    tables: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+    unsafe_settings: tuple[str, ...] = ()
+
+    def markdown(self) -> str:
+        lines = [self.message]
+        if self.configured:
+            lines += [
+                "",
+                f"- extension: pgaudit {self.extension_version or '?'}",
+                f"- role-level settings on `{self.settings_role}`: pgaudit.role = "
+                f"`{self.auditor_role}`, pgaudit.log = `{self.log_classes}`",
+                f"- object auditing ({AUDITED_PRIVILEGES}) on {len(self.tables)} table(s)",
+                "- pgaudit.log_rows / pgaudit.log_parameter: never set by this tool",
+            ]
+        lines += [f"- {action}" for action in self.actions]
+        lines += [f"- UNSAFE: {setting}" for setting in self.unsafe_settings]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _split(name: str) -> tuple[str, str]:
+    if "." not in name:
+        raise ConfigError(f"Table name {name!r} must be schema-qualified (schema.table).")
+    schema, table = name.split(".", 1)
+    return schema, table
+
+
+def _lock(conn: psycopg.Connection) -> None:
+    """Transaction-scoped, so it also works through a transaction pooler."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOCK_KEY,))
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+
+
+def _failure(exc: psycopg.Error, what: str) -> MigrationError:
+    """One PHI-free sentence; lock timeouts and lost connections are worth retrying."""
+    sentence = f"{what} failed: {describe_pg_error(exc)}."
+    if is_transient(exc) or isinstance(exc, psycopg.errors.LockNotAvailable):
+        return TransientError(sentence)
+    return SchemaError(sentence)
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Database errors leave this module only as one-sentence MigrationErrors."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise _failure(exc, what) from None
+
+
+def _existing_roles(conn: psycopg.Connection, names: Iterable[str]) -> list[str]:
+    wanted = list(names)
+    rows = conn.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (wanted,)
+    ).fetchall()
+    found = {r[0] for r in rows}
+    return [n for n in wanted if n in found]
+
+
+def check_exposed_schemas(exposed_schemas: Sequence[str]) -> tuple[str, ...]:
+    """The bookkeeping schema must never be exposed over the API."""
+    schemas = tuple(exposed_schemas)
+    if BOOKKEEPING_SCHEMA in schemas:
+        raise ConfigError(
+            f"exposed_schemas lists {BOOKKEEPING_SCHEMA}, the migration's bookkeeping schema, "
+            "which must never be exposed over the Supabase API; remove it from the manifest."
+        )
+    return schemas
+
+
+def _relations(conn: psycopg.Connection, name: str) -> list[tuple[str, str, bool, bool]] | None:
+    """The table and, if partitioned, every partition: (schema, table, rls on, is partition).
+
+    None when the table does not exist on the target.
+    """
+    schema, table = _split(name)
+    row = conn.execute(
+        "SELECT c.oid, c.relrowsecurity, c.relkind FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (schema, table),
+    ).fetchone()
+    if row is None:
+        return None
+    relations = [(schema, table, bool(row[1]), False)]
+    if row[2] == "p":  # pg_partition_tree lists nothing for a plain table
+        for part in conn.execute(
+            "SELECT n.nspname, c.relname, c.relrowsecurity "
+            "FROM pg_partition_tree(%s::oid::regclass) t "
+            "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE t.level > 0 AND c.relkind IN ('r', 'p') ORDER BY t.level, 1, 2",
+            (row[0],),
+        ):
+            relations.append((part[0], part[1], bool(part[2]), True))
+    return relations
+
+
+# --------------------------------------------------------------------------------------------
+# Row Level Security
+
+
+def read_policy_file(path: str | Path) -> str:
+    """The policy SQL in `path`, or a ConfigError naming the file (never its content)."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"The policy file {file} does not exist.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"The policy file {file} is not UTF-8 text.") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"The policy file {file} could not be read ({exc.__class__.__name__})."
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"The policy file {file} is empty.")
+    return text
+
+
+def policy_digest(policy_sql: str) -> str:
+    """sha256 of the exact text: any edit makes it a new policy set that is applied again."""
+    return hashlib.sha256(policy_sql.encode("utf-8")).hexdigest()
+
+
+def check_policy_sql(policy_sql: str) -> str:
+    """Refuse what cannot run inside our one transaction; returns the sha256 digest."""
+    digest = policy_digest(policy_sql)
+    if not policy_sql.strip():
+        raise ConfigError("The policy SQL is empty.")
+    if _TRANSACTION_CONTROL.search(policy_sql):
+        raise ConfigError(
+            f"The policy SQL (sha256 {digest[:12]}) contains transaction control (BEGIN/COMMIT/"
+            "ROLLBACK); remove it: the tool applies the file in one transaction."
+        )
+    return digest
+
+
+def enable_rls(
+    target_conn: psycopg.Connection,
+    tables: Sequence[str],
+    *,
+    exposed_schemas: Sequence[str] = ("public",),
+    policy_sql: str | None = None,
+    policy_source: str | None = None,
+    run_id: str | None = None,
+) -> list[SecurityAction]:
+    """Enable RLS on every migrated table (and partition) in an exposed schema; idempotent.
+
+    Without policies that is default deny for `anon` and `authenticated`; `service_role`
+    (BYPASSRLS on Supabase) and the table owner are unaffected, and RLS is never FORCEd.
+    Then `anon`/`authenticated` lose every privilege on the bookkeeping schema.
+
+    `policy_sql` is applied afterwards in its own transaction (so a broken policy file never
+    leaves tables without RLS) and recorded by sha256 in `supabase_migration.applied_policies`:
+    the same text is not applied twice, an edited text is. Write it re-runnable anyway
+    (`DROP POLICY IF EXISTS ...; CREATE POLICY ...`), without BEGIN/COMMIT.
+    """
+    exposed = check_exposed_schemas(exposed_schemas)
+    if policy_sql is not None:
+        check_policy_sql(policy_sql)  # before anything changes
+    actions: list[SecurityAction] = []
+    try:
+        with target_conn.transaction():
+            _lock(target_conn)
+            for name in tables:
+                actions += _enable_one(target_conn, name, exposed)
+            actions += _revoke_bookkeeping(target_conn)
+            actions += _service_role_note(target_conn)
+    except psycopg.Error as exc:
+        raise _failure(exc, "Enabling row level security") from None
+    if policy_sql is not None:
+        actions.append(_apply_policies(target_conn, policy_sql, policy_source, run_id))
+    return actions
+
+
+def _enable_one(
+    conn: psycopg.Connection, name: str, exposed: tuple[str, ...]
+) -> list[SecurityAction]:
+    relations = _relations(conn, name)
+    if relations is None:
+        return [SecurityAction("missing", name, "not on the target; nothing to protect")]
+    actions = []
+    for schema, table, enabled, is_partition in relations:
+        qualified = f"{schema}.{table}"
+        suffix = " (partition)" if is_partition else ""
+        if schema not in exposed:
+            if not is_partition:
+                actions.append(
+                    SecurityAction("not_exposed", qualified, "schema is not exposed over the API")
+                )
+            continue
+        if enabled:
+            actions.append(SecurityAction("rls_already_enabled", qualified, suffix.strip()))
+            continue
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(
+                sql.Identifier(schema, table)
+            )
+        )
+        actions.append(SecurityAction("enable_rls", qualified, suffix.strip()))
+    return actions
+
+
+def _revoke_bookkeeping(conn: psycopg.Connection) -> list[SecurityAction]:
+    """The API roles may not even look up names in the bookkeeping schema."""
+    exists = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (BOOKKEEPING_SCHEMA,)
+    ).fetchone()
+    roles = _existing_roles(conn, API_ROLES)
+    if not (exists and exists[0]) or not roles:
+        return []
+    schema = sql.Identifier(BOOKKEEPING_SCHEMA)
+    grantees = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(r) for r in roles)])
+    for what in ("TABLES", "SEQUENCES", "FUNCTIONS"):
+        conn.execute(
+            sql.SQL("REVOKE ALL ON ALL {} IN SCHEMA {} FROM {}").format(
+                sql.SQL(what), schema, grantees
+            )
+        )
+    conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(schema, grantees))
+    return [
+        SecurityAction(
+            "revoke_bookkeeping", BOOKKEEPING_SCHEMA, f"no privileges for {', '.join(roles)}"
+        )
+    ]
+
+
+def _service_role_note(conn: psycopg.Connection) -> list[SecurityAction]:
+    row = conn.execute(
+        "SELECT rolbypassrls FROM pg_roles WHERE rolname = %s", (SERVICE_ROLE,)
+    ).fetchone()
+    if row is None or row[0]:
+        return []
+    return [
+        SecurityAction(
+            "service_role_no_bypassrls",
+            SERVICE_ROLE,
+            "service_role lacks BYPASSRLS, so RLS also filters its rows",
+        )
+    ]
+
+
+def _apply_policies(
+    conn: psycopg.Connection, policy_sql: str, source: str | None, run_id: str | None
+) -> SecurityAction:
+    digest = check_policy_sql(policy_sql)
+    short = digest[:12]
+    try:
+        with conn.transaction():
+            _lock(conn)
+            conn.execute(APPLIED_POLICIES_DDL)
+            done = conn.execute(
+                sql.SQL("SELECT applied_at FROM {} WHERE sha256 = %s").format(APPLIED_POLICIES),
+                (digest,),
+            ).fetchone()
+            if done is not None:
+                return SecurityAction(
+                    "policies_unchanged", f"sha256:{short}", f"already applied {done[0]:%Y-%m-%d}"
+                )
+            try:
+                with conn.transaction():
+                    conn.execute(policy_sql)  # type: ignore[arg-type]  # no params: simple query
+            except psycopg.Error as exc:
+                raise ConfigError(
+                    f"The policy SQL (sha256 {short}) failed and nothing of it was applied: "
+                    f"{describe_pg_error(exc)}; fix the policy file and run again."
+                ) from None
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (sha256, source, bytes, run_id) VALUES (%s, %s, %s, %s)"
+                ).format(APPLIED_POLICIES),
+                (digest, source, len(policy_sql.encode("utf-8")), run_id),
+            )
+            _revoke_bookkeeping(conn)
+    except psycopg.Error as exc:
+        raise _failure(exc, f"Applying the policy SQL (sha256 {short})") from None
+    return SecurityAction("apply_policies", f"sha256:{short}", source or "")
+
+
+def rls_status(
+    target_conn: psycopg.Connection, exposed_schemas: Sequence[str] = ("public",)
+) -> list[TableRls]:
+    """Every table (and partition) in the exposed schemas: RLS on?, policies, API grants."""
+    with _translated("Reading row level security status"):
+        return _rls_status(target_conn, exposed_schemas)
+
+
+def _rls_status(target_conn: psycopg.Connection, exposed_schemas: Sequence[str]) -> list[TableRls]:
+    roles = _existing_roles(target_conn, API_ROLES)
+    if roles:
+        checks = sql.SQL(" OR ").join(
+            sql.SQL("has_table_privilege({}, c.oid, 'SELECT, INSERT, UPDATE, DELETE')").format(
+                sql.Literal(r)
+            )
+            for r in roles
+        )
+    else:
+        checks = sql.SQL("NULL")
+    query = sql.SQL(
+        "SELECT n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity, "
+        "(SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid), c.relispartition, ({}) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') ORDER BY 1, 2"
+    ).format(checks)
+    rows = target_conn.execute(query, (list(exposed_schemas),)).fetchall()
+    return [
+        TableRls(
+            schema=r[0],
+            table=r[1],
+            rls_enabled=bool(r[2]),
+            rls_forced=bool(r[3]),
+            policies=int(r[4]),
+            is_partition=bool(r[5]),
+            api_access=None if r[6] is None else bool(r[6]),
+        )
+        for r in rows
+    ]
+
+
+def bookkeeping_exposed_to(target_conn: psycopg.Connection) -> list[str]:
+    """API roles that can use the bookkeeping schema (must be empty)."""
+    exposed = []
+    with _translated("Reading privileges on the bookkeeping schema"):
+        for role in _existing_roles(target_conn, API_ROLES):
+            row = target_conn.execute(
+                "SELECT has_schema_privilege(%s, n.oid, 'USAGE') "
+                "FROM pg_namespace n WHERE n.nspname = %s",
+                (role, BOOKKEEPING_SCHEMA),
+            ).fetchone()
+            if row and row[0]:
+                exposed.append(role)
+    return exposed
+
+
+# --------------------------------------------------------------------------------------------
+# Encryption in transit
+
+
+def session_encryption(conn: psycopg.Connection) -> SessionEncryption:
+    """This session's encryption, from libpq and from the server's pg_stat_ssl."""
+    client_tls = bool(conn.pgconn.ssl_in_use)
+    with _translated("Reading pg_stat_ssl"):
+        row = conn.execute(
+            "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        ).fetchone()
+    if row is None or row[0] is None:
+        return SessionEncryption(client_tls=client_tls, server_ssl=None)
+    return SessionEncryption(
+        client_tls=client_tls, server_ssl=bool(row[0]), protocol=row[1], cipher=row[2]
+    )
+
+
+def encryption_status(conn: psycopg.Connection) -> bool | None:
+    """True when both libpq and the server say this session is TLS; None if the server is mute."""
+    return session_encryption(conn).encrypted
+
+
+def unencrypted_sessions(
+    conn: psycopg.Connection, application_name: str = DEFAULT_APPLICATION_NAME
+) -> int:
+    """The tool's other sessions (same user and application name) that arrived over the
+    network without TLS, as the server sees them; unix-socket and loopback ones are not counted.
+    """
+    with _translated("Reading pg_stat_activity"):
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s ON s.pid = a.pid "
+            "WHERE a.application_name = %s AND a.usename = current_user "
+            "AND a.pid <> pg_backend_pid() AND NOT s.ssl AND a.client_addr IS NOT NULL "
+            "AND NOT (a.client_addr <<= inet '127.0.0.0/8' OR a.client_addr = inet '::1')",
+            (application_name,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def connection_is_loopback(conn: psycopg.Connection) -> bool:
+    """Whether this connection stays on the machine (loopback address or unix socket)."""
+    info = conn.info
+    hostaddr = getattr(info, "hostaddr", "") or ""
+    return is_loopback_host(info.host or "") and (not hostaddr or is_loopback_host(hostaddr))
+
+
+# --------------------------------------------------------------------------------------------
+# pgaudit
+
+
+def _parse_config(entries: Iterable[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for entry in entries or ():
+        key, _, value = entry.partition("=")
+        out[key] = value
+    return out
+
+
+def _is_on(value: str | None) -> bool:
+    return (value or "").strip().strip("'\"").lower() in _TRUE_WORDS
+
+
+def pgaudit_status(
+    target_conn: psycopg.Connection, *, settings_role: str | None = None
+) -> AuditStatus:
+    """Read-only view of pgaudit on the target: available, loaded, installed, role settings,
+    and any place where log_rows/log_parameter is on for our role or this database."""
+    with _translated("Reading the pgaudit configuration"):
+        return _pgaudit_status(target_conn, settings_role)
+
+
+def _pgaudit_status(conn: psycopg.Connection, settings_role: str | None) -> AuditStatus:
+    available = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgaudit')"
+    ).fetchone()
+    # Only a preloaded pgaudit defines its settings; an ALTER ROLE ... SET alone does not.
+    loaded = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')"
+    ).fetchone()
+    installed = conn.execute(
+        "SELECT extversion FROM pg_extension WHERE extname = 'pgaudit'"
+    ).fetchone()
+    role = settings_role or _default_settings_role(conn)
+    role_row = conn.execute(
+        "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+        "WHERE r.rolname = %s AND s.setdatabase = 0",
+        (role,),
+    ).fetchone()
+    role_settings = {
+        k: v
+        for k, v in _parse_config(role_row[0] if role_row else None).items()
+        if k.startswith("pgaudit.")
+    }
+    unsafe: list[str] = []
+    # Role-level (any database / this database) and database-level settings that apply to us.
+    for setrole, setdatabase, config in conn.execute(
+        "SELECT coalesce(r.rolname, ''), coalesce(d.datname, ''), s.setconfig "
+        "FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole "
+        "LEFT JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE (s.setrole = 0 OR r.rolname = %s) "
+        "AND (s.setdatabase = 0 OR d.datname = current_database())",
+        (role,),
+    ):
+        values = _parse_config(config)
+        for name in UNSAFE_AUDIT_SETTINGS:
+            if _is_on(values.get(name)):
+                scope = f"role {setrole}" if setrole else f"database {setdatabase}"
+                if setrole and setdatabase:
+                    scope += f" in database {setdatabase}"
+                unsafe.append(f"{name}=on ({scope})")
+    if loaded and loaded[0]:
+        for name, setting, source in conn.execute(
+            "SELECT name, setting, source FROM pg_settings WHERE name = ANY(%s)",
+            (list(UNSAFE_AUDIT_SETTINGS),),
+        ):
+            if _is_on(setting) and source not in {"user", "database", "database user"}:
+                unsafe.append(f"{name}=on (server {source})")
+    return AuditStatus(
+        extension_available=bool(available and available[0]),
+        loaded=bool(loaded and loaded[0]),
+        installed_version=installed[0] if installed else None,
+        settings_role=role,
+        role_settings=role_settings,
+        unsafe_settings=tuple(dict.fromkeys(unsafe)),
+    )
+
+
+def _default_settings_role(conn: psycopg.Connection) -> str:
+    """`postgres` on Supabase (the role users and this tool log in as), else ourselves."""
+    row = conn.execute(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s) "
+        "THEN %s ELSE current_user END",
+        (AUDIT_SETTINGS_ROLE, AUDIT_SETTINGS_ROLE),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _check_log_classes(log_classes: str) -> str:
+    parts = [p.strip().lower() for p in log_classes.split(",") if p.strip()]
+    if not parts or any(p.lstrip("-") not in _AUDIT_CLASSES for p in parts):
+        raise ConfigError(
+            f"pgaudit.log must be a comma-separated list of {', '.join(sorted(_AUDIT_CLASSES))} "
+            "(each optionally prefixed with '-')."
+        )
+    return ", ".join(parts)
+
+
+def unavailable_message(status: AuditStatus) -> str | None:
+    """The sentence the report shows when pgaudit cannot be used, else None."""
+    if not status.extension_available:
+        return (
+            "pgaudit is not available on the target (not in pg_available_extensions), so audit "
+            "logging of the PHI tables is not configured; keep the checkpoint table's audit "
+            "trail and enable pgaudit (available on Supabase) when the target has it."
+        )
+    if not status.loaded:
+        return (
+            "pgaudit is installed on the target but not loaded (it must be in "
+            "shared_preload_libraries, as it is on Supabase), so audit logging of the PHI "
+            "tables is not configured."
+        )
+    return None
+
+
+def configure_pgaudit(
+    target_conn: psycopg.Connection,
+    tables: Sequence[str],
+    *,
+    role_name: str = AUDITOR_ROLE,
+    settings_role: str | None = None,
+    log_classes: str = DEFAULT_AUDIT_LOG,
+) -> AuditOutcome:
+    """Object-audit the PHI tables with pgaudit, the way Supabase permits (role-level settings).
+
+    When pgaudit is loaded: CREATE EXTENSION IF NOT EXISTS pgaudit (allow-listed on Supabase),
+    a NOLOGIN NOINHERIT auditor role, GRANT SELECT, INSERT, UPDATE, DELETE on each table (and
+    partition) to it, and `ALTER ROLE postgres SET pgaudit.role = auditor`. `pgaudit.log` is set
+    to `log_classes` only where the role has no pgaudit.log yet (a user's choice is kept), and
+    an existing pgaudit.role is reused rather than replaced. Never sets log_rows or
+    log_parameter. The settings apply to sessions that start afterwards.
+    """
+    conn = target_conn
+    classes = _check_log_classes(log_classes)
+    status = pgaudit_status(conn, settings_role=settings_role)
+    reason = unavailable_message(status)
+    if reason:
+        return AuditOutcome(available=False, message=reason, unsafe_settings=status.unsafe_settings)
+    role = status.settings_role
+    assert role is not None
+    actions: list[str] = []
+    try:
+        with conn.transaction():
+            _lock(conn)
+            version = status.installed_version
+            if version is None:
+                try:
+                    with conn.transaction():
+                        conn.execute("CREATE EXTENSION IF NOT EXISTS pgaudit")
+                except psycopg.errors.InsufficientPrivilege:
+                    return AuditOutcome(
+                        available=False,
+                        message=(
+                            "pgaudit is loaded on the target but this role may not create the "
+                            "extension; enable pgaudit (Supabase dashboard: Database > "
+                            "Extensions) and run the security step again."
+                        ),
+                        unsafe_settings=status.unsafe_settings,
+                    )
+                row = conn.execute(
+                    "SELECT extversion FROM pg_extension WHERE extname = 'pgaudit'"
+                ).fetchone()
+                version = row[0] if row else None
+                actions.append(f"created extension pgaudit {version}")
+            auditor = _auditor(conn, status, role_name, actions)
+            audited = _grant_audited(conn, tables, auditor)
+            current_log = status.role_settings.get("pgaudit.log")
+            try:
+                with conn.transaction():
+                    if status.auditor_role != auditor:
+                        _alter_role_set(conn, role, "pgaudit.role", auditor)
+                        actions.append(f"set pgaudit.role = {auditor} on role {role}")
+                    if current_log is None:
+                        _alter_role_set(conn, role, "pgaudit.log", classes)
+                        actions.append(f"set pgaudit.log = '{classes}' on role {role}")
+                    else:
+                        actions.append(f"kept pgaudit.log = '{current_log}' on role {role}")
+            except psycopg.errors.InsufficientPrivilege as exc:
+                return AuditOutcome(
+                    available=True,
+                    message=(
+                        f"pgaudit is available but role {role} may not have pgaudit settings "
+                        f"set ({describe_pg_error(exc)}); on Supabase run the security step as "
+                        "postgres."
+                    ),
+                    extension_version=version,
+                    auditor_role=auditor,
+                    tables=tuple(audited),
+                    actions=tuple(actions),
+                    unsafe_settings=status.unsafe_settings,
+                )
+    except psycopg.Error as exc:
+        raise _failure(exc, "Configuring pgaudit") from None
+    message = (
+        f"pgaudit object auditing covers {len(audited)} table(s) through role {auditor} "
+        f"(pgaudit.role on {role}); statements are logged without row values or parameters."
+    )
+    if status.unsafe_settings:
+        message += " Warning: " + "; ".join(status.unsafe_settings) + " writes values to the log."
+    return AuditOutcome(
+        available=True,
+        configured=True,
+        message=message,
+        extension_version=version,
+        auditor_role=auditor,
+        settings_role=role,
+        log_classes=current_log if current_log is not None else classes,
+        tables=tuple(audited),
+        actions=tuple(actions),
+        unsafe_settings=status.unsafe_settings,
+    )
+
+
+def _auditor(
+    conn: psycopg.Connection, status: AuditStatus, role_name: str, actions: list[str]
+) -> str:
+    """An existing pgaudit.role is kept (pgaudit has one per session); else ours, made NOLOGIN."""
+    existing = status.auditor_role
+    if existing and existing != role_name and _existing_roles(conn, [existing]):
+        actions.append(f"kept existing pgaudit.role {existing}")
+        return existing
+    if not _existing_roles(conn, [role_name]):
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(sql.Identifier(role_name)))
+        actions.append(f"created role {role_name} (NOLOGIN NOINHERIT)")
+    return role_name
+
+
+def _grant_audited(conn: psycopg.Connection, tables: Sequence[str], auditor: str) -> list[str]:
+    audited: list[str] = []
+    for name in tables:
+        for schema, table, _rls, _part in _relations(conn, name) or []:
+            conn.execute(
+                sql.SQL("GRANT {} ON {} TO {}").format(
+                    sql.SQL(AUDITED_PRIVILEGES),
+                    sql.Identifier(schema, table),
+                    sql.Identifier(auditor),
+                )
+            )
+            audited.append(f"{schema}.{table}")
+    return audited
+
+
+def _alter_role_set(conn: psycopg.Connection, role: str, setting: str, value: str) -> None:
+    assert setting in {"pgaudit.role", "pgaudit.log"}  # never log_rows / log_parameter
+    conn.execute(
+        sql.SQL("ALTER ROLE {} SET {} = {}").format(
+            sql.Identifier(role), sql.SQL(setting), sql.Literal(value)
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The migration's own audit trail
+
+
+def compact_partitions(keys: Iterable[str]) -> str:
+    """'000000, 000001, 000002, 000007' -> '000000-000002, 000007' (order kept for non-numbers)."""
+    ordered = sorted(set(keys), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    parts: list[str] = []
+    start = prev = None
+    for key in ordered:
+        if key.isdigit() and prev is not None and prev.isdigit() and int(key) == int(prev) + 1:
+            prev = key
+            continue
+        if start is not None:
+            parts.append(start if start == prev else f"{start}-{prev}")
+        start = prev = key
+    if start is not None:
+        parts.append(start if start == prev else f"{start}-{prev}")
+    return ", ".join(parts)
+
+
+def migration_audit_trail(target_conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Who completed which ranges in which run, and when, per run (oldest first).
+
+    From `supabase_migration.migration_checkpoints`; it keeps the latest completion of each
+    range (Dagster's event log keeps every run). Partition keys only, never key bounds: a text
+    key can itself be PHI.
+    """
+    with _translated("Reading the migration audit trail"):
+        exists = target_conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (CHECKPOINTS_TABLE,)
+        ).fetchone()
+        if not (exists and exists[0]):
+            return []
+        rows = target_conn.execute(
+            sql.SQL(
+                "SELECT coalesce(run_id, ''), table_name, status, "
+                "array_agg(DISTINCT completed_by) FILTER (WHERE completed_by IS NOT NULL), "
+                "min(completed_at), max(completed_at), max(updated_at), "
+                "array_agg(partition_key ORDER BY partition_key), "
+                "coalesce(sum(records_migrated) FILTER (WHERE status = 'completed'), 0) "
+                "FROM {} WHERE status IN ('completed', 'failed') "
+                "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            ).format(sql.Identifier(BOOKKEEPING_SCHEMA, "migration_checkpoints"))
+        ).fetchall()
+    runs: dict[str, dict[str, Any]] = {}
+    for run_id, table, status, users, first, last, updated, keys, rows_done in rows:
+        run = runs.setdefault(
+            run_id,
+            {
+                "run_id": run_id or None,
+                "completed_by": set(),
+                "first_completed_at": None,
+                "last_completed_at": None,
+                "last_activity_at": None,
+                "tables": {},
+                "partitions": 0,
+                "failed_partitions": 0,
+                "rows": 0,
+            },
+        )
+        run["completed_by"].update(users or ())
+        for key, value, pick in (
+            ("first_completed_at", first, min),
+            ("last_completed_at", last, max),
+            ("last_activity_at", updated, max),
+        ):
+            if value is not None:
+                run[key] = value if run[key] is None else pick(run[key], value)
+        entry = run["tables"].setdefault(table, {"ranges": "", "failed": "", "rows": 0})
+        if status == "completed":
+            entry["ranges"] = compact_partitions(keys)
+            entry["rows"] = int(rows_done)
+            run["partitions"] += len(keys)
+            run["rows"] += int(rows_done)
+        else:
+            entry["failed"] = compact_partitions(keys)
+            run["failed_partitions"] += len(keys)
+    trail = []
+    for run in runs.values():
+        run["completed_by"] = ", ".join(sorted(run["completed_by"]))
+        run["ranges"] = "; ".join(
+            f"{t} {e['ranges']}" for t, e in sorted(run["tables"].items()) if e["ranges"]
+        )
+        for key in ("first_completed_at", "last_completed_at", "last_activity_at"):
+            if run[key] is not None:
+                run[key] = run[key].isoformat()
+        trail.append(run)
+    trail.sort(key=lambda r: r["first_completed_at"] or r["last_activity_at"] or "")
+    return trail
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Same output as report.markdown_table; kept here so the report may import this module."""
+
+    def cell(value: object) -> str:
+        return ("" if value is None else str(value)).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def audit_trail_markdown(trail: Sequence[dict[str, Any]]) -> str:
+    rows = [
+        [
+            r["run_id"] or "(none)",
+            r["completed_by"],
+            r["first_completed_at"] or "",
+            r["last_completed_at"] or "",
+            r["partitions"],
+            r["failed_partitions"],
+            r["rows"],
+            r["ranges"],
+        ]
+        for r in trail
+    ]
+    headers = ["run", "by", "first", "last", "ranges", "failed", "rows", "partitions"]
+    return markdown_table(headers, rows)
+
+
+def rls_markdown(status: Sequence[TableRls]) -> str:
+    rows = [
+        [
+            t.name + (" (partition)" if t.is_partition else ""),
+            "yes" if t.rls_enabled else "**NO**",
+            t.policies,
+            "default deny" if t.rls_enabled and not t.policies else "",
+            {True: "yes", False: "no", None: ""}[t.api_access],
+        ]
+        for t in status
+    ]
+    return markdown_table(["table", "RLS", "policies", "note", "anon/authenticated grants"], rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Findings for the verification report
+
+
+def _finding(severity: str, code: str, subject: str, message: str) -> dict[str, str]:
+    return {"severity": severity, "code": code, "subject": subject, "message": message}
+
+
+def security_findings(
+    target_conn: psycopg.Connection,
+    manifest: Any,
+    *,
+    is_loopback: bool | None = None,
+) -> list[dict[str, str]]:
+    """Security findings as plain dicts (severity ERROR/WARN/INFO, code, subject, message).
+
+    Read only. `manifest` needs `exposed_schemas` and `tables` (entries with `.name`);
+    `is_loopback` overrides what the connection's host says.
+    """
+    with _translated("Reading the target's security settings"):
+        return _security_findings(target_conn, manifest, is_loopback)
+
+
+def _security_findings(
+    conn: psycopg.Connection, manifest: Any, is_loopback: bool | None
+) -> list[dict[str, str]]:
+    findings: list[dict[str, str]] = []
+    exposed = tuple(getattr(manifest, "exposed_schemas", ("public",)))
+    if BOOKKEEPING_SCHEMA in exposed:
+        findings.append(
+            _finding(
+                "ERROR",
+                "bookkeeping_exposed",
+                BOOKKEEPING_SCHEMA,
+                f"exposed_schemas lists {BOOKKEEPING_SCHEMA}; remove it from the manifest.",
+            )
+        )
+        exposed = tuple(s for s in exposed if s != BOOKKEEPING_SCHEMA)
+
+    enc = session_encryption(conn)
+    loopback = connection_is_loopback(conn) if is_loopback is None else is_loopback
+    if enc.encrypted:
+        findings.append(
+            _finding(
+                "INFO",
+                "connection_encrypted",
+                "target",
+                f"The migration's session to the target is encrypted ({enc.protocol}).",
+            )
+        )
+    elif loopback:
+        findings.append(
+            _finding(
+                "WARN",
+                "connection_not_encrypted_loopback",
+                "target",
+                "The migration's session to the target is not encrypted; acceptable only "
+                "because the target is on this machine.",
+            )
+        )
+    else:
+        findings.append(
+            _finding(
+                "ERROR",
+                "connection_not_encrypted",
+                "target",
+                "The migration's session to the target is not encrypted according to "
+                + ("the server (pg_stat_ssl)" if enc.client_tls else "libpq")
+                + "; use sslmode=verify-full and enforce SSL on the project.",
+            )
+        )
+
+    migrated = {t.name for t in getattr(manifest, "tables", ())}
+    for t in rls_status(conn, exposed):
+        if not t.rls_enabled:
+            findings.append(
+                _finding(
+                    "ERROR",
+                    "rls_disabled_in_public",
+                    t.name,
+                    f"Table {t.name} is in exposed schema {t.schema} but row level security is "
+                    "not enabled, so the API roles can read and write it; run the security step "
+                    f"or ALTER TABLE {t.name} ENABLE ROW LEVEL SECURITY.",
+                )
+            )
+        elif t.policies == 0 and (t.name in migrated or not migrated):
+            findings.append(
+                _finding(
+                    "INFO",
+                    "rls_enabled_no_policy",
+                    t.name,
+                    f"Table {t.name} has RLS and no policy: anon and authenticated see no rows "
+                    "(default deny) until policies are added; service_role is unaffected.",
+                )
+            )
+
+    for role in bookkeeping_exposed_to(conn):
+        findings.append(
+            _finding(
+                "ERROR",
+                "bookkeeping_exposed",
+                BOOKKEEPING_SCHEMA,
+                f"Role {role} can use schema {BOOKKEEPING_SCHEMA}; run the security step to "
+                "revoke it.",
+            )
+        )
+    for note in _service_role_note(conn):
+        findings.append(_finding("WARN", note.kind, note.subject, note.detail.capitalize() + "."))
+
+    audit = pgaudit_status(conn)
+    reason = unavailable_message(audit)
+    if reason:
+        findings.append(_finding("WARN", "pgaudit_unavailable", "pgaudit", reason))
+    elif audit.installed_version is None or audit.auditor_role is None:
+        findings.append(
+            _finding(
+                "WARN",
+                "pgaudit_not_configured",
+                "pgaudit",
+                "pgaudit is available on the target but object auditing of the PHI tables is "
+                "not configured; run the security step.",
+            )
+        )
+    else:
+        findings.append(
+            _finding(
+                "INFO",
+                "pgaudit_configured",
+                "pgaudit",
+                f"pgaudit {audit.installed_version}: pgaudit.role = {audit.auditor_role}, "
+                f"pgaudit.log = {audit.role_settings.get('pgaudit.log', 'none')} on role "
+                f"{audit.settings_role}.",
+            )
+        )
+    for setting in audit.unsafe_settings:
+        findings.append(
+            _finding(
+                "ERROR",
+                "pgaudit_logs_values",
+                setting.split("=", 1)[0],
+                f"{setting} writes row values or bound parameters (PHI) into the server log; "
+                "turn it off.",
+            )
+        )
+    return findings
+
+
+def report_findings(manifest: Any) -> Callable[[DatabaseUrl, DatabaseUrl], list[dict[str, str]]]:
+    """`security_findings` in the shape the verification report asks for: (source, target) URLs
+    in, findings out; the target's own URL decides whether it is loopback."""
+
+    def findings(_source: DatabaseUrl, target: DatabaseUrl) -> list[dict[str, str]]:
+        with connect(target, autocommit=True) as conn:
+            return security_findings(conn, manifest, is_loopback=target.is_loopback)
+
+    return findings

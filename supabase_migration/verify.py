@@ -1,0 +1,1199 @@
+"""Prove the target equals the source: counts, checksums, samples, schema objects, FKs, sequences.
+
+Pure functions over a source and a target psycopg connection (autocommit mode; transactions are
+explicit here). Each returns a `CheckOutcome` whose description and details carry only counts,
+object names, partition keys and primary keys: never a column value, so results can be shown in
+the Dagster UI, written to reports and pasted into tickets without leaking patient data.
+
+Every read runs in a REPEATABLE READ, READ ONLY transaction with `SET LOCAL statement_timeout = 0`
+(Supabase caps statements at 2 minutes) and no session state, so it works through a transaction
+pooler. Heavy work (counting, hashing) happens inside each database; only per-range totals, and on
+a mismatch the keys and hashes of one range, come back to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from . import checkpoints, sqlbuild
+from .catalog import TableInfo, needs_bytewise_keys, read_tables
+from .conninfo import DatabaseUrl
+from .copy import CopySession
+from .manifest import Manifest
+from .ranges import KeyRange
+from .redaction import describe_pg_error
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .report import Report
+
+ERROR = "ERROR"
+WARN = "WARN"
+
+ROW_COUNT = "row_count_matches"
+CHECKSUMS = "checksums_match"
+SAMPLE = "sample_rows_match"
+INDEXES = "indexes_match"
+CONSTRAINTS = "constraints_match"
+FOREIGN_KEYS = "foreign_keys_valid"
+SEQUENCES = "sequence_ahead"
+CHECK_NAMES = (ROW_COUNT, CHECKSUMS, SAMPLE, INDEXES, CONSTRAINTS, FOREIGN_KEYS, SEQUENCES)
+
+CHECK_DESCRIPTIONS = {
+    ROW_COUNT: "Exact row counts on source and target agree, per key range and in total.",
+    CHECKSUMS: (
+        "An order-independent checksum of every row, computed inside each database, agrees per "
+        "key range; mismatches name the partitions to re-run and the differing primary keys."
+    ),
+    SAMPLE: (
+        "A seeded random sample of rows agrees column by column after normalizing timestamps, "
+        "numerics and JSON; mismatches name primary keys and columns only."
+    ),
+    INDEXES: "Index definitions agree after normalizing names and schema qualification.",
+    CONSTRAINTS: (
+        "PRIMARY KEY, UNIQUE, CHECK, FOREIGN KEY, EXCLUDE and NOT NULL definitions agree."
+    ),
+    FOREIGN_KEYS: (
+        "Every foreign key holds on the target (loads may skip FK triggers in replica mode)."
+    ),
+    SEQUENCES: "Every sequence or identity owned by a column is past that column's largest value.",
+}
+DEFAULT_SEVERITY = {name: ERROR for name in CHECK_NAMES} | {INDEXES: WARN}
+
+DEFAULT_SAMPLE_SIZE = 100
+RANGES_PER_TRANSACTION = 200  # bounds how long one verification snapshot stays open
+DRILL_DOWN_RANGES = 5  # mismatched ranges whose rows are compared key by key
+MAX_KEYS_SHOWN = 20
+MAX_FK_KEYS = 10
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One check on one table. `details` holds plain JSON values and never a column value."""
+
+    name: str
+    table: str
+    passed: bool
+    severity: str  # "ERROR" | "WARN": what a failure means
+    description: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    @property
+    def blocking_failure(self) -> bool:
+        return not self.passed and self.severity == ERROR
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "table": self.table,
+            "passed": self.passed,
+            "severity": self.severity,
+            "description": self.description,
+            "details": dict(self.details),
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+# --- plumbing -------------------------------------------------------------------------------
+
+
+@contextmanager
+def read_snapshot(
+    conn: psycopg.Connection, *, catalog: bool = False
+) -> Iterator[psycopg.Connection]:
+    """A read-only REPEATABLE READ transaction, no statement timeout, pinned text output.
+
+    `catalog=True` also pins search_path so pg_get_*def() qualify names the same on both sides.
+    Everything is SET LOCAL and rolled back: nothing leaks into a pooled server connection.
+    """
+    setup = [
+        sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+        sql.SQL("SET LOCAL statement_timeout = 0"),
+        sqlbuild.NORMALIZE_TEXT_OUTPUT,
+    ]
+    if catalog:
+        setup.append(sql.SQL("SET LOCAL search_path = pg_catalog"))
+    with conn.transaction(force_rollback=True):
+        conn.execute(sql.SQL("; ").join(setup))
+        yield conn
+
+
+def on_both(
+    fn: Callable[[psycopg.Connection], T], source: psycopg.Connection, target: psycopg.Connection
+) -> tuple[T, T]:
+    """Run the same read on source and target at once: verification takes the slower side's time."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        s, t = pool.submit(fn, source), pool.submit(fn, target)
+        return s.result(), t.result()
+
+
+def _timed(
+    name: str, table: TableInfo, fn: Callable[[], tuple[bool, str, str, dict[str, Any]]]
+) -> CheckOutcome:
+    started = time.monotonic()
+    passed, severity, description, details = fn()
+    return CheckOutcome(
+        name=name,
+        table=table.qualified_name,
+        passed=passed,
+        severity=severity,
+        description=description,
+        details=details,
+        duration_s=time.monotonic() - started,
+    )
+
+
+def whole_table(table: TableInfo) -> list[KeyRange]:
+    return [KeyRange(table.qualified_name, 0, None, None)]
+
+
+def ranges_from_checkpoints(target: psycopg.Connection, table: TableInfo) -> list[KeyRange]:
+    """The planned ranges of `table`, or the whole table when it was never planned."""
+    with read_snapshot(target):
+        if not checkpoints.bookkeeping_exists(target):
+            return whole_table(table)
+        rows = checkpoints.load(target, table.qualified_name)
+    return [cp.key_range() for cp in rows] or whole_table(table)
+
+
+def covers_key_space(ranges: Sequence[KeyRange]) -> bool:
+    """Ranges open at both ends and contiguous: their counts add up to the table's."""
+    ordered = sorted(ranges, key=lambda r: r.index)
+    if not ordered or ordered[0].lower is not None or ordered[-1].upper is not None:
+        return False
+    return all(a.upper == b.lower for a, b in pairwise(ordered))
+
+
+def key_label(key: Sequence[str], values: Sequence[Any]) -> str:
+    """`id=42` / `a=B1, b=3`: how a row is named in results (primary keys only)."""
+    return ", ".join(f"{k}={v}" for k, v in zip(key, values, strict=True))
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _plural(n: int, word: str) -> str:
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}es" if word.endswith(("x", "s")) else f"{n} {word}s"
+
+
+def _shown(items: Sequence[str], limit: int = 10) -> str:
+    head = ", ".join(items[:limit])
+    return head + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _exists(conn: psycopg.Connection, table: TableInfo) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (sqlbuild.table_ident(table).as_string(conn),)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _missing_table(
+    name: str, table: TableInfo, source: psycopg.Connection | None, target: psycopg.Connection
+) -> CheckOutcome | None:
+    """A failed outcome when the table itself is absent on either side, else None."""
+    sides = [("target", target)] + ([("source", source)] if source is not None else [])
+    for label, conn in sides:
+        with read_snapshot(conn):
+            exists = _exists(conn, table)
+        if not exists:
+            return CheckOutcome(
+                name,
+                table.qualified_name,
+                False,
+                ERROR,
+                f"{table.qualified_name} does not exist on the {label}.",
+                {"missing_on": label},
+            )
+    return None
+
+
+# --- row counts and checksums ----------------------------------------------------------------
+
+
+def _per_range(
+    conn: psycopg.Connection,
+    ranges: Sequence[KeyRange],
+    query: Callable[[KeyRange], sql.Composable],
+) -> list[tuple[Any, ...]]:
+    """One row per range, a bounded number of ranges per snapshot."""
+    out: list[tuple[Any, ...]] = []
+    for chunk in _chunks(ranges, RANGES_PER_TRANSACTION):
+        with read_snapshot(conn):
+            for r in chunk:
+                row = conn.execute(query(r)).fetchone()
+                assert row is not None
+                out.append(tuple(row))
+    return out
+
+
+def row_counts(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    ranges: Sequence[KeyRange] | None = None,
+    *,
+    collate_c: bool = False,
+) -> CheckOutcome:
+    """Exact count(*) per range on both sides; the total too, when ranges leave gaps."""
+    missing = _missing_table(ROW_COUNT, table, source, target)
+    if missing:
+        return missing
+    ranges = list(ranges or whole_table(table))
+    name = table.qualified_name
+
+    def run() -> tuple[bool, str, str, dict[str, Any]]:
+        def counts(conn: psycopg.Connection) -> tuple[list[int], int]:
+            def count(r: KeyRange) -> sql.Composable:
+                return sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                    sqlbuild.table_ident(table),
+                    sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
+                )
+
+            per_range = [int(row[0]) for row in _per_range(conn, ranges, count)]
+            if covers_key_space(ranges):
+                return per_range, sum(per_range)
+            with read_snapshot(conn):
+                total = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {}").format(sqlbuild.table_ident(table))
+                ).fetchone()
+            return per_range, int(total[0]) if total else 0
+
+        (src_ranges, src_total), (tgt_ranges, tgt_total) = on_both(counts, source, target)
+        mismatched = [
+            {
+                "partition_key": r.partition_key,
+                "key_range": r.describe(),
+                "source_rows": s,
+                "target_rows": t,
+                "difference": t - s,
+            }
+            for r, s, t in zip(ranges, src_ranges, tgt_ranges, strict=True)
+            if s != t
+        ]
+        outside = (src_total - sum(src_ranges)) != (tgt_total - sum(tgt_ranges))
+        passed = not mismatched and src_total == tgt_total
+        details: dict[str, Any] = {
+            "source_rows": src_total,
+            "target_rows": tgt_total,
+            "ranges": len(ranges),
+            "mismatched_ranges": len(mismatched),
+            "partitions_to_rerun": [m["partition_key"] for m in mismatched],
+            "mismatches": mismatched[:100],
+        }
+        if passed:
+            text = f"{name}: {src_total} rows on both sides across {_plural(len(ranges), 'range')}."
+        else:
+            text = (
+                f"{name}: {src_total} source rows vs {tgt_total} target rows; "
+                f"{len(mismatched)} of {len(ranges)} ranges differ"
+                + (f" ({_shown(details['partitions_to_rerun'])})" if mismatched else "")
+                + ("; rows also differ outside the planned ranges" if outside else "")
+                + "."
+            )
+        return passed, ERROR, text, details
+
+    return _timed(ROW_COUNT, table, run)
+
+
+def checksum_query(table: TableInfo, r: KeyRange, *, collate_c: bool = False) -> sql.Composed:
+    """count and checksum of one range: the copy's own `row_hash_sum` over the same predicate.
+
+    Same numbers as `sqlbuild.range_checksum_query` (what the checkpoints record) without its
+    max(key), which does not exist for every key type (uuid) and is not needed here.
+    """
+    return sql.SQL("SELECT count(*), {} FROM {} WHERE {}").format(
+        sqlbuild.row_hash_sum(table.copy_columns),
+        sqlbuild.table_ident(table),
+        sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
+    )
+
+
+def range_checksums(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    ranges: Sequence[KeyRange] | None = None,
+    *,
+    collate_c: bool = False,
+    drill_down: int = DRILL_DOWN_RANGES,
+) -> CheckOutcome:
+    """Count and checksum of every range on both sides (the checksum the copy recorded).
+
+    A mismatched range names its partition key (what to re-run); for the first few, the rows are
+    compared by key and per-row hash to name missing, extra and changed primary keys, and for
+    changed rows the columns that differ (by per-column hash: no value leaves either database).
+    """
+    missing = _missing_table(CHECKSUMS, table, source, target)
+    if missing:
+        return missing
+    ranges = list(ranges or whole_table(table))
+    name = table.qualified_name
+
+    def run() -> tuple[bool, str, str, dict[str, Any]]:
+        def sums(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
+            return _per_range(
+                conn,
+                ranges,
+                lambda r: checksum_query(table, r, collate_c=collate_c),
+            )
+
+        src, tgt = on_both(sums, source, target)
+        bad: list[tuple[KeyRange, tuple[Any, ...], tuple[Any, ...]]] = [
+            (r, s, t)
+            for r, s, t in zip(ranges, src, tgt, strict=True)
+            if (s[0], s[1]) != (t[0], t[1])
+        ]
+        mismatches: list[dict[str, Any]] = []
+        changed_keys: list[str] = []
+        for i, (r, s, t) in enumerate(bad):
+            entry: dict[str, Any] = {
+                "partition_key": r.partition_key,
+                "key_range": r.describe(),
+                "source_rows": int(s[0]),
+                "target_rows": int(t[0]),
+            }
+            if i < drill_down and table.key:
+                diff = _diff_range_rows(source, target, table, r, collate_c)
+                entry.update(diff)
+                changed_keys += diff["missing_on_target"] + diff["extra_on_target"]
+                changed_keys += [c["key"] for c in diff["changed"]]
+            mismatches.append(entry)
+        keys = [r.partition_key for r, _, _ in bad]
+        details: dict[str, Any] = {
+            "ranges_verified": len(ranges),
+            "mismatched_ranges": len(bad),
+            "partitions_to_rerun": keys,
+            "mismatches": mismatches[:100],
+            "rows_hashed": sum(int(s[0]) for s in src) + sum(int(t[0]) for t in tgt),
+        }
+        if not bad:
+            text = f"{name}: checksums match in {_plural(len(ranges), 'range')}."
+        else:
+            text = (
+                f"{name}: {len(bad)} of {len(ranges)} ranges have different checksums "
+                f"(re-run partitions {_shown(keys)})"
+                + (f"; rows differ at {_shown(changed_keys, 5)}" if changed_keys else "")
+                + "."
+            )
+        return not bad, ERROR, text, details
+
+    return _timed(CHECKSUMS, table, run)
+
+
+def _key_texts(table: TableInfo, alias: str | None = None) -> sql.Composable:
+    return sql.SQL(", ").join(
+        sql.SQL("{}::text").format(sql.Identifier(alias, k) if alias else sql.Identifier(k))
+        for k in table.key
+    )
+
+
+def _keys_filter(table: TableInfo) -> sql.Composable:
+    """`(k1, k2) IN (...)` over text arrays, one per key column, cast back to the key types."""
+    cols = [f"k{i}" for i in range(len(table.key))]
+    return sql.SQL("({}) IN (SELECT {} FROM unnest({}) AS u({}))").format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
+        sql.SQL(", ").join(
+            sql.SQL("CAST(u.{} AS {})").format(sql.Identifier(c), sql.SQL(table.column(k).type_sql))
+            for c, k in zip(cols, table.key, strict=True)
+        ),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in cols),
+        sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+    )
+
+
+def _key_arrays(keys: Sequence[tuple[str, ...]], width: int) -> list[list[str]]:
+    return [[k[i] for k in keys] for i in range(width)]
+
+
+def _diff_range_rows(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    r: KeyRange,
+    collate_c: bool,
+) -> dict[str, Any]:
+    """Keys missing, extra and changed in one range, and which columns changed."""
+    query = sql.SQL("SELECT {}, md5(ROW({})::text) FROM {} WHERE {}").format(
+        _key_texts(table),
+        sqlbuild.column_list(table.copy_columns),
+        sqlbuild.table_ident(table),
+        sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
+    )
+    width = len(table.key)
+
+    def hashes(conn: psycopg.Connection) -> dict[tuple[str, ...], str]:
+        with read_snapshot(conn):
+            return {tuple(row[:width]): row[width] for row in conn.execute(query)}
+
+    src, tgt = on_both(hashes, source, target)
+    missing = sorted(set(src) - set(tgt))
+    extra = sorted(set(tgt) - set(src))
+    changed = sorted(k for k in set(src) & set(tgt) if src[k] != tgt[k])
+    shown = changed[:MAX_KEYS_SHOWN]
+    columns = _changed_columns(source, target, table, shown) if shown else {}
+    return {
+        "missing_on_target": [key_label(table.key, k) for k in missing[:MAX_KEYS_SHOWN]],
+        "missing_count": len(missing),
+        "extra_on_target": [key_label(table.key, k) for k in extra[:MAX_KEYS_SHOWN]],
+        "extra_count": len(extra),
+        "changed": [{"key": key_label(table.key, k), "columns": columns.get(k, [])} for k in shown],
+        "changed_count": len(changed),
+    }
+
+
+def _changed_columns(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    keys: Sequence[tuple[str, ...]],
+) -> dict[tuple[str, ...], list[str]]:
+    """Per-column md5 of the given rows on both sides: names the columns, ships no values."""
+    cols = table.copy_columns
+    query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
+        _key_texts(table),
+        sql.SQL(", ").join(
+            sql.SQL("md5(coalesce({}::text, '<NULL>') || {}::text)").format(
+                sql.Identifier(c.name), sql.Literal(c.name)
+            )
+            for c in cols
+        ),
+        sqlbuild.table_ident(table),
+        _keys_filter(table),
+    )
+    width = len(table.key)
+    params = _key_arrays(keys, width)
+
+    def fetch(conn: psycopg.Connection) -> dict[tuple[str, ...], tuple[Any, ...]]:
+        with read_snapshot(conn):
+            return {tuple(row[:width]): tuple(row[width:]) for row in conn.execute(query, params)}
+
+    src, tgt = on_both(fetch, source, target)
+    result: dict[tuple[str, ...], list[str]] = {}
+    for k in keys:
+        a, b = src.get(k), tgt.get(k)
+        if a is not None and b is not None:
+            result[k] = [c.name for c, x, y in zip(cols, a, b, strict=True) if x != y]
+    return result
+
+
+# --- sample ---------------------------------------------------------------------------------
+
+
+def normalize_column(values: pd.Series, type_sql: str) -> pd.Series:
+    """Representation-insensitive form of one column's text values, by column type.
+
+    Timestamps compare as UTC instants, numerics without trailing zeros (1.50 = 1.5), JSON with
+    sorted keys and no whitespace; anything else (arrays included) as the server's text.
+    """
+    import pandas as pd
+
+    t = type_sql.lower()
+    if t.endswith("[]"):
+        return values
+    if t.startswith("timestamp"):
+        parsed = pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
+        iso = parsed.map(lambda v: None if pd.isna(v) else v.isoformat())
+        return iso.where(parsed.notna(), values)  # 'infinity' and BC dates stay text
+    if t.startswith(("numeric", "decimal")):
+        return values.map(_norm_numeric)
+    if t in {"json", "jsonb"}:
+        return values.map(_norm_json)
+    return values
+
+
+def _norm_numeric(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        d = Decimal(value)
+    except InvalidOperation:
+        return value
+    return format(d.normalize(), "f") if d.is_finite() else str(d)
+
+
+def _norm_json(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.dumps(json.loads(value), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        return value
+
+
+def sample_rows(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int | None = None,
+) -> CheckOutcome:
+    """Compare a seeded random sample of rows column by column (pandas; small data only).
+
+    Keys are picked on the source by `md5(key || seed)`, so a recorded seed reproduces the
+    sample. The rows are read as text under pinned settings on both sides and normalized per
+    column type; results name primary keys and column names, never values. Without a key, a
+    sample of full-row hashes is looked up on the target and only counts are reported.
+    """
+    missing = _missing_table(SAMPLE, table, source, target)
+    if missing:
+        return missing
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    if not table.key:
+        return _timed(SAMPLE, table, lambda: _sample_by_hash(source, target, table, size, seed))
+    return _timed(SAMPLE, table, lambda: _sample_by_key(source, target, table, size, seed))
+
+
+def _sample_by_key(
+    source: psycopg.Connection, target: psycopg.Connection, table: TableInfo, size: int, seed: int
+) -> tuple[bool, str, str, dict[str, Any]]:
+    import pandas as pd  # small frames only: never on the bulk copy path
+
+    name = table.qualified_name
+    width = len(table.key)
+    pick = sql.SQL("SELECT {} FROM {} ORDER BY md5(ROW({})::text || %s), 1 LIMIT %s").format(
+        _key_texts(table),
+        sqlbuild.table_ident(table),
+        sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
+    )
+    with read_snapshot(source):
+        keys = [tuple(row) for row in source.execute(pick, (str(seed), size))]
+    columns = list(table.columns)
+    labels = [f"c{i}" for i in range(len(columns))]
+    fetch = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
+        _key_texts(table),
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in columns),
+        sqlbuild.table_ident(table),
+        _keys_filter(table),
+    )
+    params = _key_arrays(keys, width)
+
+    def rows(conn: psycopg.Connection) -> pd.DataFrame:
+        with read_snapshot(conn):
+            data = conn.execute(fetch, params).fetchall() if keys else []
+        frame = pd.DataFrame(data, columns=[f"k{i}" for i in range(width)] + labels, dtype=object)
+        frame.index = pd.Index(
+            [key_label(table.key, r[:width]) for r in data], dtype=object, name="key"
+        )
+        return frame[labels]
+
+    src, tgt = on_both(rows, source, target)
+    missing_keys = [k for k in src.index if k not in tgt.index]
+    common = src.index.intersection(tgt.index)
+    s, t = src.loc[common], tgt.loc[common]
+    differing: dict[str, list[str]] = {}
+    for label, col in zip(labels, columns, strict=True):
+        a = normalize_column(s[label], col.type_sql)
+        b = normalize_column(t[label], col.type_sql)
+        unequal = ~((a == b) | (a.isna() & b.isna()))
+        for key in a.index[unequal.to_numpy()]:
+            differing.setdefault(str(key), []).append(col.name)
+    mismatched = [{"key": k, "columns": cols} for k, cols in sorted(differing.items())]
+    bad_columns = sorted({c for cols in differing.values() for c in cols})
+    passed = not mismatched and not missing_keys
+    details: dict[str, Any] = {
+        "seed": seed,
+        "sample_size": size,
+        "rows_sampled": len(keys),
+        "rows_compared": len(common),
+        "missing_on_target": missing_keys[:MAX_KEYS_SHOWN],
+        "missing_count": len(missing_keys),
+        "mismatched_rows": len(mismatched),
+        "mismatched_columns": bad_columns,
+        "mismatches": mismatched[:MAX_KEYS_SHOWN],
+    }
+    if passed:
+        text = f"{name}: {len(keys)} sampled rows (seed {seed}) are equal column by column."
+    else:
+        parts = []
+        if mismatched:
+            parts.append(
+                f"{len(mismatched)} of {len(keys)} sampled rows (seed {seed}) differ in "
+                f"column(s) {', '.join(bad_columns)} "
+                f"(e.g. {_shown([m['key'] for m in mismatched], 5)})"
+            )
+        if missing_keys:
+            parts.append(
+                f"{len(missing_keys)} of {len(keys)} sampled rows (seed {seed}) are missing on "
+                f"the target ({_shown(missing_keys, 5)})"
+            )
+        text = f"{name}: " + "; ".join(parts) + "."
+    return passed, ERROR, text, details
+
+
+def _sample_by_hash(
+    source: psycopg.Connection, target: psycopg.Connection, table: TableInfo, size: int, seed: int
+) -> tuple[bool, str, str, dict[str, Any]]:
+    name = table.qualified_name
+    row_hash = sql.SQL("md5(ROW({})::text)").format(sqlbuild.column_list(table.copy_columns))
+    pick = sql.SQL("SELECT h FROM (SELECT {} AS h FROM {}) s ORDER BY md5(h || %s), h LIMIT %s")
+    with read_snapshot(source):
+        hashes = [
+            r[0]
+            for r in source.execute(
+                pick.format(row_hash, sqlbuild.table_ident(table)), (str(seed), size)
+            )
+        ]
+    count = sql.SQL(
+        "SELECT h, count(*) FROM (SELECT {} AS h FROM {}) s WHERE h = ANY(%s) GROUP BY h"
+    ).format(row_hash, sqlbuild.table_ident(table))
+
+    def counts(conn: psycopg.Connection) -> dict[str, int]:
+        with read_snapshot(conn):
+            return {h: int(n) for h, n in conn.execute(count, (hashes,))}
+
+    src, tgt = on_both(counts, source, target)
+    not_found = sum(max(0, n - tgt.get(h, 0)) for h, n in src.items())
+    passed = not_found == 0
+    details = {
+        "seed": seed,
+        "sample_size": size,
+        "rows_sampled": len(hashes),
+        "rows_not_found_on_target": not_found,
+        "method": "full-row hash (no usable key)",
+    }
+    text = (
+        f"{name} (no key): {len(hashes)} sampled rows (seed {seed}) all found on the target."
+        if passed
+        else f"{name} (no key): {not_found} of {len(hashes)} sampled rows (seed {seed}) "
+        "have no identical row on the target."
+    )
+    return passed, ERROR, text, details
+
+
+# --- schema objects -------------------------------------------------------------------------
+
+_INDEXES_SQL = """
+SELECT ci.relname, quote_ident(ci.relname), i.indrelid::regclass::text,
+       pg_get_indexdef(i.indexrelid), i.indisunique, i.indisprimary, i.indisvalid
+FROM pg_index i JOIN pg_class ci ON ci.oid = i.indexrelid
+WHERE i.indrelid = to_regclass(%s)
+"""
+
+_CONSTRAINTS_SQL = """
+SELECT c.conname, c.contype::text, pg_get_constraintdef(c.oid)
+FROM pg_constraint c
+WHERE c.conrelid = to_regclass(%s) AND c.contype IN ('p', 'u', 'c', 'f', 'x')
+UNION ALL
+SELECT a.attname || ' (not null)', 'n', 'NOT NULL ' || quote_ident(a.attname)
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull
+"""
+
+_CONSTRAINT_KINDS = {
+    "p": "primary key",
+    "u": "unique",
+    "c": "check",
+    "f": "foreign key",
+    "x": "exclude",
+    "n": "not null",
+}
+
+
+def strip_schemas(text: str, schemas: Sequence[str]) -> str:
+    """Drop `schema.` / `"schema".` qualification for the given schemas."""
+    for schema in schemas:
+        for form in (f'"{schema}".', f"{schema}."):
+            text = _replace_qualifier(text, form)
+    return " ".join(text.split())
+
+
+def _replace_qualifier(text: str, form: str) -> str:
+    out, pos = [], 0
+    while (i := text.find(form, pos)) >= 0:
+        before = text[i - 1] if i else " "
+        part_of_name = before.isalnum() or before in '_"$'
+        out.append(text[pos : i + len(form)] if part_of_name else text[pos:i])
+        pos = i + len(form)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def normalize_indexdef(
+    indexdef: str, quoted_name: str, table_regclass: str, unique: bool, schemas: Sequence[str]
+) -> str:
+    """`CREATE UNIQUE INDEX x ON public.t USING btree (a)` -> `UNIQUE USING btree (a)`."""
+    head = f"CREATE {'UNIQUE ' if unique else ''}INDEX {quoted_name} ON "
+    body = indexdef[len(head) :] if indexdef.startswith(head) else indexdef
+    body = body.removeprefix("ONLY ")
+    body = body[len(table_regclass) :].lstrip() if body.startswith(table_regclass) else body
+    return strip_schemas(("UNIQUE " if unique else "") + body, schemas)
+
+
+def _schema_compare(
+    source: dict[str, tuple[str, Any]], target: dict[str, tuple[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """missing / extra / different by name; a same-definition pair under new names is renamed."""
+    different = [
+        {"name": n, "source": source[n][0], "target": target[n][0]}
+        for n in sorted(source.keys() & target.keys())
+        if source[n][0] != target[n][0]
+    ]
+    only_src = sorted(source.keys() - target.keys())
+    only_tgt = sorted(target.keys() - source.keys())
+    renamed, missing = [], []
+    for n in only_src:
+        match = next((m for m in only_tgt if target[m][0] == source[n][0]), None)
+        if match is None:
+            missing.append({"name": n, "definition": source[n][0]})
+        else:
+            only_tgt.remove(match)
+            renamed.append({"name": n, "target_name": match, "definition": source[n][0]})
+    extra = [{"name": n, "definition": target[n][0]} for n in only_tgt]
+    return {"missing": missing, "extra": extra, "different": different, "renamed": renamed}
+
+
+def _schema_text(name: str, kind: str, diff: dict[str, list[dict[str, Any]]], total: int) -> str:
+    parts = [
+        f"{label} {', '.join(d['name'] for d in diff[key])}"
+        for key, label in (
+            ("missing", "missing on target:"),
+            ("extra", "extra on target:"),
+            ("different", "different:"),
+        )
+        if diff[key]
+    ]
+    if not parts:
+        renamed = f" ({len(diff['renamed'])} renamed)" if diff["renamed"] else ""
+        if not total:
+            return f"{name}: {_plural(0, kind).replace('0', 'no', 1)} on either side."
+        return f"{name}: {_plural(total, kind)} on both sides, all equal{renamed}."
+    return f"{name}: " + "; ".join(parts) + "."
+
+
+def indexes(
+    source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
+) -> CheckOutcome:
+    """Index definitions by name; missing or different unique indexes are ERROR, others WARN."""
+    missing = _missing_table(INDEXES, table, source, target)
+    if missing:
+        return missing
+    schemas = [table.schema, "public"]
+
+    def run() -> tuple[bool, str, str, dict[str, Any]]:
+        def read(conn: psycopg.Connection) -> dict[str, tuple[str, Any]]:
+            with read_snapshot(conn, catalog=True):
+                rows = conn.execute(
+                    _INDEXES_SQL, (sqlbuild.table_ident(table).as_string(conn),)
+                ).fetchall()
+            out = {}
+            for name, quoted, regclass, indexdef, unique, primary, valid in rows:
+                norm = normalize_indexdef(indexdef, quoted, regclass, unique, schemas)
+                if primary:
+                    norm = "PRIMARY KEY " + norm
+                if not valid:
+                    norm += " (INVALID)"
+                out[name] = (norm, unique)
+            return out
+
+        src, tgt = on_both(read, source, target)
+        diff = _schema_compare(src, tgt)
+        failed = diff["missing"] + diff["different"] + diff["extra"]
+        unique_lost = any(
+            src.get(d["name"], (None, False))[1] for d in diff["missing"] + diff["different"]
+        )
+        severity = ERROR if unique_lost else WARN
+        details = {"source_indexes": len(src), "target_indexes": len(tgt), **diff}
+        return (
+            not failed,
+            severity,
+            _schema_text(table.qualified_name, "index", diff, len(src)),
+            details,
+        )
+
+    return _timed(INDEXES, table, run)
+
+
+def constraints(
+    source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
+) -> CheckOutcome:
+    """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef) and NOT NULL columns, by name."""
+    missing = _missing_table(CONSTRAINTS, table, source, target)
+    if missing:
+        return missing
+    schemas = [table.schema, "public"]
+
+    def run() -> tuple[bool, str, str, dict[str, Any]]:
+        def read(conn: psycopg.Connection) -> dict[str, tuple[str, Any]]:
+            ident = sqlbuild.table_ident(table).as_string(conn)
+            with read_snapshot(conn, catalog=True):
+                rows = conn.execute(_CONSTRAINTS_SQL, (ident, ident)).fetchall()
+            return {
+                name: (strip_schemas(definition, schemas), _CONSTRAINT_KINDS.get(kind, kind))
+                for name, kind, definition in rows
+            }
+
+        src, tgt = on_both(read, source, target)
+        diff = _schema_compare(src, tgt)
+        for group in ("missing", "extra", "different"):
+            for d in diff[group]:
+                d["kind"] = (src.get(d["name"]) or tgt.get(d["name"]) or ("", ""))[1]
+        failed = diff["missing"] + diff["different"] + diff["extra"]
+        only_extra = failed and not (diff["missing"] or diff["different"])
+        severity = WARN if only_extra else ERROR
+        details = {"source_constraints": len(src), "target_constraints": len(tgt), **diff}
+        text = _schema_text(table.qualified_name, "constraint", diff, len(src))
+        return not failed, severity, text, details
+
+    return _timed(CONSTRAINTS, table, run)
+
+
+# --- foreign keys and sequences (target only) ---------------------------------------------
+
+_FKS_SQL = """
+SELECT c.conname, c.confmatchtype::text, cr.relkind::text, pn.nspname, pc.relname, pc.relkind::text,
+       (SELECT array_agg(a.attname ORDER BY k.ord)
+          FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum),
+       (SELECT array_agg(a.attname ORDER BY k.ord)
+          FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum)
+FROM pg_constraint c
+JOIN pg_class cr ON cr.oid = c.conrelid
+JOIN pg_class pc ON pc.oid = c.confrelid
+JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+WHERE c.contype = 'f' AND c.conparentid = 0 AND c.conrelid = to_regclass(%s)
+ORDER BY c.conname
+"""
+
+
+def _orphans_query(
+    table: TableInfo,
+    child_partitioned: bool,
+    parent: sql.Composable,
+    parent_partitioned: bool,
+    columns: Sequence[str],
+    ref_columns: Sequence[str],
+    match_full: bool,
+) -> sql.Composed:
+    """Child rows whose FK has no parent, as the RI triggers would judge them (NULL-aware)."""
+    child_cols = [sql.Identifier("c", col) for col in columns]
+    all_set = sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(c) for c in child_cols)
+    no_parent = sql.SQL("NOT EXISTS (SELECT 1 FROM {}{} p WHERE {})").format(
+        sql.SQL("" if parent_partitioned else "ONLY "),
+        parent,
+        sql.SQL(" AND ").join(
+            sql.SQL("p.{} = {}").format(sql.Identifier(rc), cc)
+            for rc, cc in zip(ref_columns, child_cols, strict=True)
+        ),
+    )
+    violation = sql.SQL("({} AND {})").format(all_set, no_parent)
+    if match_full and len(columns) > 1:
+        # MATCH FULL also forbids a partly-NULL key.
+        any_set = sql.SQL(" OR ").join(sql.SQL("{} IS NOT NULL").format(c) for c in child_cols)
+        violation = sql.SQL("({} OR (({}) AND NOT ({})))").format(violation, any_set, all_set)
+    keys = _key_texts(table, "c") if table.key else sql.SQL("NULL::text")
+    order = (
+        sql.SQL(", ").join(sql.Identifier("c", k) for k in table.key) if table.key else sql.SQL("1")
+    )
+    return sql.SQL(
+        "SELECT count(*) OVER (), {keys} FROM {only}{child} c WHERE {violation} "
+        "ORDER BY {order} LIMIT {limit}"
+    ).format(
+        keys=keys,
+        only=sql.SQL("" if child_partitioned else "ONLY "),
+        child=sqlbuild.table_ident(table),
+        violation=violation,
+        order=order,
+        limit=sql.Literal(MAX_FK_KEYS),
+    )
+
+
+def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
+    """Anti-join each FK of `table` on the target; name the constraint and offending child keys."""
+    missing = _missing_table(FOREIGN_KEYS, table, None, target)
+    if missing:
+        return missing
+
+    def run() -> tuple[bool, str, str, dict[str, Any]]:
+        results = []
+        with read_snapshot(target):
+            fks = target.execute(
+                _FKS_SQL, (sqlbuild.table_ident(table).as_string(target),)
+            ).fetchall()
+            for conname, match, child_kind, p_schema, p_name, p_kind, cols, ref_cols in fks:
+                rows = target.execute(
+                    _orphans_query(
+                        table,
+                        child_kind == "p",
+                        sql.Identifier(p_schema, p_name),
+                        p_kind == "p",
+                        cols,
+                        ref_cols,
+                        match == "f",
+                    )
+                ).fetchall()
+                violations = int(rows[0][0]) if rows else 0
+                results.append(
+                    {
+                        "constraint": conname,
+                        "columns": ", ".join(cols),
+                        "references": f"{p_schema}.{p_name}",
+                        "violations": violations,
+                        "example_keys": [key_label(table.key, r[1:]) for r in rows]
+                        if table.key
+                        else [],
+                    }
+                )
+        broken = [r for r in results if r["violations"]]
+        details = {"foreign_keys": len(results), "violated": len(broken), "constraints": results}
+        name = table.qualified_name
+        if not broken:
+            text = (
+                f"{name}: {_plural(len(results), 'foreign key')} checked, none violated on the "
+                "target."
+                if results
+                else f"{name}: no foreign keys."
+            )
+        else:
+            text = (
+                f"{name}: "
+                + "; ".join(
+                    f"{r['constraint']} has {r['violations']} orphan row(s)"
+                    + (f" ({_shown(r['example_keys'], 5)})" if r["example_keys"] else "")
+                    for r in broken
+                )
+                + "."
+            )
+        return not broken, ERROR, text, details
+
+    return _timed(FOREIGN_KEYS, table, run)
+
+
+_OWNED_SEQUENCES_SQL = """
+SELECT n.nspname, s.relname, a.attname, d.deptype::text, q.seqincrement
+FROM pg_depend d
+JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+JOIN pg_namespace n ON n.oid = s.relnamespace
+JOIN pg_sequence q ON q.seqrelid = s.oid
+JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+  AND d.deptype IN ('a', 'i') AND d.refobjid = to_regclass(%s)
+ORDER BY n.nspname, s.relname
+"""
+
+
+def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
+    """Each serial/identity sequence owned by a column of `table` hands out a value past its max."""
+    missing = _missing_table(SEQUENCES, table, None, target)
+    if missing:
+        return missing
+
+    def run() -> tuple[bool, str, str, dict[str, Any]]:
+        results = []
+        with read_snapshot(target):
+            owned = target.execute(
+                _OWNED_SEQUENCES_SQL, (sqlbuild.table_ident(table).as_string(target),)
+            ).fetchall()
+            for schema, seq, column, deptype, increment in owned:
+                last_value, is_called = target.execute(
+                    sql.SQL("SELECT last_value, is_called FROM {}").format(
+                        sql.Identifier(schema, seq)
+                    )
+                ).fetchone()  # type: ignore[misc]
+                low, high = target.execute(
+                    sql.SQL("SELECT min({c})::numeric, max({c})::numeric FROM {t}").format(
+                        c=sql.Identifier(column), t=sqlbuild.table_ident(table)
+                    )
+                ).fetchone()  # type: ignore[misc]
+                next_value = int(last_value) + (int(increment) if is_called else 0)
+                if increment > 0:
+                    ahead = high is None or next_value > high
+                    bound = None if high is None else int(high)
+                else:
+                    ahead = low is None or next_value < low
+                    bound = None if low is None else int(low)
+                results.append(
+                    {
+                        "sequence": f"{schema}.{seq}",
+                        "column": column,
+                        "kind": "identity" if deptype == "i" else "serial/owned",
+                        "next_value": next_value,
+                        "column_max" if increment > 0 else "column_min": bound,
+                        "ahead": ahead,
+                    }
+                )
+        behind = [r for r in results if not r["ahead"]]
+        details = {"sequences": len(results), "behind": len(behind), "owned": results}
+        name = table.qualified_name
+        if not results:
+            text = f"{name}: no sequence or identity is owned by its columns."
+        elif not behind:
+            text = (
+                f"{name}: {_plural(len(results), 'owned sequence')} checked, every one past "
+                "its column's values."
+            )
+        else:
+            text = (
+                f"{name}: "
+                + "; ".join(
+                    f"{r['sequence']} would hand out {r['next_value']} but {r['column']} "
+                    f"already reaches {r.get('column_max', r.get('column_min'))}"
+                    for r in behind
+                )
+                + "."
+            )
+        return not behind, ERROR, text, details
+
+    return _timed(SEQUENCES, table, run)
+
+
+# --- one table, the whole migration -------------------------------------------------------
+
+
+def failed_to_run(name: str, table: str, exc: BaseException, duration_s: float) -> CheckOutcome:
+    """A check that could not run fails, with a PHI-free reason."""
+    return CheckOutcome(
+        name=name,
+        table=table,
+        passed=False,
+        severity=DEFAULT_SEVERITY.get(name, ERROR),
+        description=f"{table}: the check could not run: {describe_pg_error(exc)}.",
+        details={"error": describe_pg_error(exc)},
+        duration_s=duration_s,
+    )
+
+
+def verify_table(
+    source: psycopg.Connection | Callable[[], psycopg.Connection],
+    target: psycopg.Connection | Callable[[], psycopg.Connection],
+    table: TableInfo,
+    ranges: Sequence[KeyRange] | None = None,
+    *,
+    checks: Sequence[str] = CHECK_NAMES,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int | None = None,
+    collate_c: bool = False,
+) -> list[CheckOutcome]:
+    """Run the selected checks on one table; a check that errors fails alone.
+
+    Connections may be given as callables returning a live connection, so a connection broken
+    by one check is replaced before the next (see `CopySession`).
+    """
+    src = source if callable(source) else (lambda: source)
+    tgt = target if callable(target) else (lambda: target)
+    runners: dict[str, Callable[[], CheckOutcome]] = {
+        ROW_COUNT: lambda: row_counts(src(), tgt(), table, ranges, collate_c=collate_c),
+        CHECKSUMS: lambda: range_checksums(src(), tgt(), table, ranges, collate_c=collate_c),
+        SAMPLE: lambda: sample_rows(src(), tgt(), table, sample_size, seed),
+        INDEXES: lambda: indexes(src(), tgt(), table),
+        CONSTRAINTS: lambda: constraints(src(), tgt(), table),
+        FOREIGN_KEYS: lambda: foreign_keys(tgt(), table),
+        SEQUENCES: lambda: sequences(tgt(), table),
+    }
+    outcomes = []
+    for name in CHECK_NAMES:
+        if name not in checks:
+            continue
+        started = time.monotonic()
+        try:
+            outcomes.append(runners[name]())
+        except psycopg.Error as exc:
+            outcomes.append(
+                failed_to_run(name, table.qualified_name, exc, time.monotonic() - started)
+            )
+    return outcomes
+
+
+def run_verification(
+    manifest: Manifest,
+    source_url: DatabaseUrl,
+    target_url: DatabaseUrl,
+    *,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int | None = None,
+    run_id: str | None = None,
+    security_findings: Sequence[Any] = (),
+    tables: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Report:
+    """Every check on every manifest table, gathered into one `Report` (the CLI's `verify`)."""
+    from .report import Report  # report renders outcomes, so it imports this module
+
+    started = time.monotonic()
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    names = list(tables) if tables else [t.name for t in manifest.tables]
+    outcomes: list[CheckOutcome] = []
+    with CopySession(source_url, target_url, log=log) as session:
+        schemas = sorted({n.split(".", 1)[0] for n in names})
+        with read_snapshot(session.source), read_snapshot(session.target):
+            collate_c = needs_bytewise_keys(session.source, session.target)
+            infos = {t.qualified_name: t for t in read_tables(session.source, schemas)}
+        for name in names:
+            info = infos.get(name)
+            if info is None:
+                outcomes.append(
+                    CheckOutcome(
+                        ROW_COUNT,
+                        name,
+                        False,
+                        ERROR,
+                        f"{name} is in the manifest but not in the source; nothing was verified.",
+                        {"missing_on": "source"},
+                    )
+                )
+                continue
+            if log:
+                log(f"Verifying {name}")
+            ranges = ranges_from_checkpoints(session.target, info)
+            outcomes += verify_table(
+                lambda: session.source,
+                lambda: session.target,
+                info,
+                ranges,
+                sample_size=sample_size,
+                seed=seed,
+                collate_c=collate_c,
+            )
+    return Report(
+        outcomes=tuple(outcomes),
+        security_findings=tuple(security_findings),
+        generated_at=datetime.now(UTC),
+        run_id=run_id,
+        duration_s=time.monotonic() - started,
+        seed=seed,
+        source=source_url.describe(),
+        target=target_url.describe(),
+    )
+
+
+__all__ = [
+    "CHECK_DESCRIPTIONS",
+    "CHECK_NAMES",
+    "ERROR",
+    "WARN",
+    "CheckOutcome",
+    "checksum_query",
+    "constraints",
+    "foreign_keys",
+    "indexes",
+    "range_checksums",
+    "ranges_from_checkpoints",
+    "read_snapshot",
+    "row_counts",
+    "run_verification",
+    "sample_rows",
+    "sequences",
+    "verify_table",
+]

@@ -1,0 +1,136 @@
+"""`supabase-migrate` end to end against the test bed, as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from supabase_migration import example_app
+from supabase_migration.example_app.generate import generate
+
+from .compare import assert_tables_equal
+
+APP_TABLES = [
+    "public.providers",
+    "public.patients",
+    "public.appointments",
+    "public.prescriptions",
+    "public.lab_results",
+    "public.vital_readings",
+]
+
+
+def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "supabase_migration.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def clinic(source_db, target_db, tmp_path: Path):
+    """The example app with data on the source; an empty Supabase-like target."""
+    example_app.upgrade_head(source_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    generate(source_db.url, 6_000)
+    env = {
+        **os.environ,
+        "SOURCE_DATABASE_URL": source_db.url,
+        "SUPABASE_DB_URL": target_db.url,
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "SUPABASE_MIGRATION_MANIFEST": str(tmp_path / "migration.yaml"),
+    }
+    return source_db, target_db, env, tmp_path
+
+
+def test_run_in_alembic_mode_then_rerun_is_a_no_op(clinic):
+    source_db, target_db, env, tmp_path = clinic
+    done = cli(
+        [
+            "run",
+            "--schema-mode", "alembic",
+            "--alembic-config", str(example_app.ALEMBIC_INI),
+            "--batch-size", "500",
+            "--workers", "2",
+        ],
+        env,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+    with psycopg.connect(target_db.url) as conn:
+        before = conn.execute(
+            "SELECT table_name, partition_key, updated_at FROM "
+            "supabase_migration.migration_checkpoints ORDER BY 1, 2"
+        ).fetchall()
+        assert all(
+            r[0] == "completed"
+            for r in conn.execute("SELECT status FROM supabase_migration.migration_checkpoints")
+        )
+    again = cli(["run"], env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    with psycopg.connect(target_db.url) as conn:
+        after = conn.execute(
+            "SELECT table_name, partition_key, updated_at FROM "
+            "supabase_migration.migration_checkpoints ORDER BY 1, 2"
+        ).fetchall()
+    assert before == after  # unchanged ranges cost no write on the target
+
+    status = cli(["status", "--json"], env, tmp_path)
+    assert status.returncode == 0, status.stderr
+    tables = json.loads(status.stdout)["tables"]
+    assert set(tables) == set(APP_TABLES)
+    assert all(t["pending"] == 0 and t["failed"] == 0 for t in tables.values())
+    password = target_db.password
+    for output in (done.stdout, done.stderr, again.stdout, again.stderr, status.stdout):
+        assert password not in output
+
+
+def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
+    source_db, target_db, env, tmp_path = clinic
+    first = cli(["run", "--schema-mode", "dump", "--batch-size", "1000"], env, tmp_path)
+    assert first.returncode == 0, first.stderr
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE patients SET phone = '555-0000' WHERE patient_id IN "
+                     "(SELECT patient_id FROM patients ORDER BY patient_id LIMIT 3)")
+        conn.execute("DELETE FROM vital_readings WHERE ctid IN "
+                     "(SELECT ctid FROM vital_readings LIMIT 5)")
+        conn.execute("DELETE FROM prescriptions WHERE prescription_id % 50 = 0")
+        conn.execute("INSERT INTO providers (npi, full_name, specialty) "
+                     "VALUES ('9999999999', 'New Provider', 'cardiology')")
+    second = cli(["run"], env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        # the application's next insert must not collide with copied ids
+        conn.execute("INSERT INTO providers (npi, full_name, specialty) "
+                     "VALUES ('8888888888', 'After Cutover', 'cardiology')")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--target", "postgresql://postgres:pw@127.0.0.1:1/postgres"], "target"),
+        (["run", "--source", "not a url at all"], "source"),
+        (["run", "--batch-size", "0"], "batch-size"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
+    _, target_db, env, tmp_path = clinic
+    done = cli(args, env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if line]
+    assert len(lines) == 1, done.stderr
+    assert needle in lines[0].lower()
+    assert "Traceback" not in done.stderr
+    assert target_db.password not in done.stderr + done.stdout

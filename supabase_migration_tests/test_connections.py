@@ -1,0 +1,463 @@
+"""Connections against the test bed: SSL, the transaction pooler, clear failures, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import socket
+
+import psycopg
+import psycopg.errors as pg_errors
+import pytest
+from psycopg.pq import DiagnosticField as F
+from sqlalchemy import text
+
+from supabase_migration.connections import (
+    ServerUnreachable,
+    check_encrypted,
+    check_session_state_supported,
+    connect,
+    connection_error,
+    is_transient,
+    make_async_engine,
+    make_engine,
+    retrying,
+    warn_if_workers_exceed_pool,
+)
+from supabase_migration.conninfo import DatabaseUrl, Endpoint, parse_database_url
+from supabase_migration.errors import (
+    ConfigError,
+    ConnectionFailed,
+    CopyError,
+    MigrationError,
+    TransientError,
+)
+
+WRONG_PASSWORD = "Wr0ng-p@ss/w%rd#x:1"
+REF = "abcdefghijklmnopqrst"
+
+
+def assert_clear(exc: MigrationError, *secrets: str) -> None:
+    """One sentence, and no password anywhere in what a user or a log would see."""
+    message = str(exc)
+    assert message.endswith("."), message
+    assert "\n" not in message, message
+    assert not re.search(r"\.\s+[A-Z]", message), message
+    for secret in secrets:
+        if secret:
+            assert secret not in message
+            assert secret not in repr(exc)
+            assert secret not in str(exc.args)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_changes(url: DatabaseUrl, **changes: object) -> DatabaseUrl:
+    params = changes.pop("params", None)
+    if params is not None:
+        changes["params"] = {**url.params, **params}  # type: ignore[dict-item]
+    return dataclasses.replace(url, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def target(target_db) -> DatabaseUrl:
+    return parse_database_url(target_db.url, label="target")
+
+
+@pytest.fixture
+def txn_pooler(target_db) -> DatabaseUrl:
+    return parse_database_url(
+        target_db.pooler_url, label="target", endpoint=Endpoint.TRANSACTION_POOLER
+    )
+
+
+# -- real connections -----------------------------------------------------------------------------
+
+
+def test_connects_to_the_target_with_ssl(target):
+    with connect(target, autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert check_encrypted(conn) is True
+        assert conn.execute("SHOW application_name").fetchone() == ("supabase-migration",)
+        assert conn.prepare_threshold is not None  # direct: prepared statements stay on
+        assert conn.autocommit
+
+
+def test_source_without_ssl_is_not_encrypted(source_db):
+    url = parse_database_url(source_db.url, label="source")
+    with connect(url) as conn:
+        assert check_encrypted(conn) is False
+        assert not conn.autocommit
+
+
+def test_transaction_pooler_works_across_transactions(txn_pooler):
+    with connect(txn_pooler) as conn:
+        assert conn.prepare_threshold is None
+        assert check_encrypted(conn) is True  # the test bed's PgBouncer requires client TLS
+        for i in range(12):  # well past psycopg's default prepare threshold of 5
+            with conn.transaction():
+                row = conn.execute("SELECT %s::int + 1", [i]).fetchone()
+            assert row == (i + 1,)
+            conn.commit()
+    with connect(txn_pooler, autocommit=True) as conn:
+        for i in range(12):
+            assert conn.execute("SELECT %s::text", [str(i)]).fetchone() == (str(i),)
+
+
+def test_sqlalchemy_engine_through_the_pooler(txn_pooler):
+    engine = make_engine(txn_pooler, pool_size=2, max_overflow=0)
+    try:
+        for i in range(8):
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT :v"), {"v": i}).scalar() == i
+        assert engine.url.password is not None and "***" in str(engine.url)
+        assert engine.hide_parameters
+    finally:
+        engine.dispose()
+
+
+def test_async_engine_through_the_pooler(txn_pooler):
+    pytest.importorskip("greenlet", reason="SQLAlchemy's asyncio needs greenlet")
+
+    async def run() -> list[int]:
+        engine = make_async_engine(txn_pooler, pool_size=2, max_overflow=0)
+        try:
+            values = []
+            for i in range(8):
+                async with engine.connect() as conn:
+                    values.append((await conn.execute(text("SELECT :v"), {"v": i})).scalar())
+            return values
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(run()) == list(range(8))
+
+
+def test_engine_to_the_target(target):
+    engine = make_engine(target)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT current_setting('application_name')")).scalar() == (
+                "supabase-migration"
+            )
+    finally:
+        engine.dispose()
+
+
+# -- clear failures -------------------------------------------------------------------------------
+
+
+def test_wrong_password(target, target_db):
+    url = with_changes(target, password=WRONG_PASSWORD)
+    with pytest.raises(ConnectionFailed, match="password authentication failed") as info:
+        connect(url)
+    assert info.value.exit_code == 2
+    assert_clear(info.value, WRONG_PASSWORD, target_db.password)
+    assert str(info.value).startswith(f"Could not connect to the {url.describe()}: ")
+
+
+def test_wrong_password_through_the_pooler(txn_pooler, target_db):
+    with pytest.raises(ConnectionFailed, match="authentication failed") as info:
+        connect(with_changes(txn_pooler, password=WRONG_PASSWORD))
+    assert_clear(info.value, WRONG_PASSWORD, target_db.password)
+
+
+def test_missing_database(target, target_db):
+    with pytest.raises(ConnectionFailed, match="database no_such_db does not exist") as info:
+        connect(with_changes(target, dbname="no_such_db"))
+    assert_clear(info.value, target_db.password)
+
+
+def test_refused_port(target, target_db):
+    with pytest.raises(ServerUnreachable, match="refused") as info:
+        connect(with_changes(target, port=free_port()))
+    assert isinstance(info.value, ConnectionFailed)
+    assert not is_transient(info.value)
+    assert_clear(info.value, target_db.password)
+
+
+def test_unknown_host(target, target_db):
+    url = with_changes(target, host="nonexistent.invalid", params={"sslmode": "require"})
+    with pytest.raises(ConnectionFailed, match=r"nonexistent\.invalid does not resolve") as info:
+        connect(url)
+    assert_clear(info.value, target_db.password)
+
+
+def test_no_ssl_on_the_source_when_required(source_db):
+    url = parse_database_url(
+        source_db.url + _joiner(source_db.url) + "sslmode=require", label="source"
+    )
+    with pytest.raises(ConnectionFailed, match="does not support SSL") as info:
+        connect(url)
+    assert_clear(info.value, url.password or "")
+
+
+def test_timeout_when_the_server_never_answers(target):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = with_changes(target, port=silent.getsockname()[1])
+        with pytest.raises(ServerUnreachable, match="no answer within 2 s") as info:
+            connect(url, connect_timeout=2)
+    assert_clear(info.value, target.password or "")
+
+
+def test_transaction_pooler_where_session_state_is_needed(txn_pooler, target):
+    with pytest.raises(ConfigError) as info:
+        check_session_state_supported(txn_pooler, "pg_dump schema copy")
+    assert str(info.value) == (
+        f"Pg_dump schema copy needs a direct or session connection; the target URL is the "
+        f"transaction pooler (port {txn_pooler.port}): use the session pooler on port 5432 or the "
+        "direct host."
+    )
+    assert_clear(info.value, txn_pooler.password or "")
+    check_session_state_supported(target, "pg_dump schema copy")
+
+
+def _joiner(url: str) -> str:
+    return "&" if "?" in url else "?"
+
+
+# -- mapping libpq texts we cannot provoke locally -------------------------------------------------
+
+SUPABASE_DIRECT = parse_database_url(
+    f"postgresql://postgres:{WRONG_PASSWORD.replace('@', '%40').replace('#', '%23')}"
+    f"@db.{REF}.supabase.co:5432/postgres",
+    label="target",
+)
+SUPABASE_POOLER = parse_database_url(
+    f"postgres://postgres.{REF}:hunter2@aws-0-eu-central-1.pooler.supabase.com:5432/postgres",
+    label="target",
+)
+PREFIX = 'connection failed: connection to server at "2600:1f18::1", port 5432 failed: '
+
+
+@pytest.mark.parametrize(
+    ("url", "libpq_text", "cls", "words"),
+    [
+        (SUPABASE_DIRECT, PREFIX + "Network is unreachable\n\tIs the server running?",
+         ConnectionFailed, "IPv6-only"),
+        (SUPABASE_DIRECT, PREFIX + "Connection refused", ServerUnreachable, "session pooler"),
+        (SUPABASE_DIRECT, PREFIX + "SSL error: certificate verify failed", ConnectionFailed,
+         "prod-ca-2021.crt"),
+        (SUPABASE_DIRECT, PREFIX + 'root certificate file "/x.crt" does not exist',
+         ConnectionFailed, "sslrootcert"),
+        (SUPABASE_DIRECT, PREFIX + 'server certificate for "x" does not match host name "y"',
+         ConnectionFailed, "host name shown in the dashboard"),
+        (SUPABASE_DIRECT, PREFIX + 'FATAL:  no pg_hba.conf entry for host "1.2.3.4", user '
+         '"postgres", database "postgres", no encryption', ConnectionFailed, "sslmode=require"),
+        (SUPABASE_DIRECT, PREFIX + 'FATAL:  no pg_hba.conf entry for host "1.2.3.4", user '
+         '"postgres", database "postgres", SSL encryption', ConnectionFailed, "pg_hba.conf"),
+        (SUPABASE_DIRECT, PREFIX + "FATAL:  the database system is starting up",
+         TransientError, "starting up"),
+        (SUPABASE_DIRECT, PREFIX + "FATAL:  sorry, too many clients already", TransientError,
+         "no free connection slots"),
+        (SUPABASE_DIRECT, PREFIX + "FATAL:  remaining connection slots are reserved for roles "
+         "with the SUPERUSER attribute", TransientError, "no free connection slots"),
+        (SUPABASE_POOLER, PREFIX + "FATAL:  Tenant or user not found", ConnectionFailed,
+         "postgres.<project-ref>"),
+        (SUPABASE_POOLER, PREFIX + "FATAL:  (EDBHANDLEREXITED) MaxClientsInSessionMode: max "
+         "clients reached - in Session mode max clients are limited to pool_size",
+         TransientError, "lower --workers"),
+        (SUPABASE_POOLER, PREFIX + "FATAL:  password authentication failed for user "
+         f'"postgres.{REF}"', ConnectionFailed, "postgres.<project-ref>"),
+        (SUPABASE_POOLER, "failed to resolve host 'aws-0-eu-central-1.pooler.supabase.com': "
+         "[Errno -2] Name or service not known", ConnectionFailed, "region"),
+        (SUPABASE_POOLER, PREFIX + "FATAL:  no more connections allowed (max_client_conn)",
+         TransientError, "no free connection slots"),
+        (SUPABASE_POOLER, PREFIX + "fe_sendauth: no password supplied", ConnectionFailed,
+         "has none"),
+        (SUPABASE_POOLER, PREFIX + 'FATAL:  role "postgres.x" does not exist', ConnectionFailed,
+         "does not exist on that server"),
+        (SUPABASE_POOLER, PREFIX + "something new hunter2 happened. Try again",
+         ConnectionFailed, "something new *** happened; Try again"),
+    ],
+)  # fmt: skip
+def test_connection_error_mapping(url, libpq_text, cls, words):
+    exc = connection_error(url, psycopg.OperationalError(libpq_text))
+    assert type(exc) is cls
+    assert words in str(exc)
+    assert str(exc).startswith(f"Could not connect to the {url.describe()}: ")
+    assert_clear(exc, url.password or "", "hunter2")
+
+
+def test_timeout_exception_class_maps_to_unreachable():
+    exc = connection_error(
+        SUPABASE_DIRECT,
+        pg_errors.ConnectionTimeout("connection timeout expired"),
+        connect_timeout=7,
+    )
+    assert isinstance(exc, ServerUnreachable)
+    assert "no answer within 7 s" in str(exc)
+
+
+# -- transient or not ------------------------------------------------------------------------------
+
+
+def server_error(cls: type[psycopg.Error], message: str) -> psycopg.Error:
+    info = {F.MESSAGE_PRIMARY: message.encode()}
+    if cls.sqlstate:
+        info[F.SQLSTATE] = cls.sqlstate.encode()
+    return cls(message, info=info)
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (server_error(pg_errors.SerializationFailure, "could not serialize access"), True),
+        (server_error(pg_errors.DeadlockDetected, "deadlock detected"), True),
+        (server_error(pg_errors.AdminShutdown, "terminating connection due to admin"), True),
+        (server_error(pg_errors.CannotConnectNow, "the database system is starting up"), True),
+        (server_error(pg_errors.TooManyConnections, "sorry, too many clients already"), True),
+        (server_error(pg_errors.ProtocolViolation, "server conn crashed?"), True),
+        (server_error(pg_errors.ProtocolViolation, "query_wait_timeout"), True),
+        (server_error(pg_errors.ProtocolViolation, "no more connections allowed (max_client_conn)"),
+         True),
+        (server_error(pg_errors.ProtocolViolation, "no such database: x"), False),
+        (psycopg.OperationalError("consuming input failed: server closed the connection "
+                                  "unexpectedly"), True),
+        (psycopg.OperationalError("the connection is closed"), True),
+        (psycopg.OperationalError("SSL SYSCALL error: EOF detected"), True),
+        (psycopg.OperationalError("(EDBHANDLEREXITED) MaxClientsInSessionMode"), True),
+        (psycopg.OperationalError("password authentication failed"), False),
+        (server_error(pg_errors.UniqueViolation, "duplicate key value"), False),
+        (server_error(pg_errors.QueryCanceled, "canceling statement due to statement timeout"),
+         False),
+        (server_error(pg_errors.LockNotAvailable, "could not obtain lock"), False),
+        (TransientError("The pooler hiccuped."), True),
+        (ConnectionFailed("Could not connect."), False),
+        (CopyError("Copying failed."), False),
+        (ValueError("nope"), False),
+    ],
+)  # fmt: skip
+def test_is_transient(exc, transient):
+    assert is_transient(exc) is transient
+
+
+# -- retrying -------------------------------------------------------------------------------------
+
+
+class Flaky:
+    def __init__(self, failures: list[BaseException], result: str = "done") -> None:
+        self.failures = failures
+        self.result = result
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.result
+
+
+def test_retrying_recovers_after_two_transient_failures():
+    delays: list[float] = []
+    logs: list[str] = []
+    fn = Flaky(
+        [
+            server_error(pg_errors.SerializationFailure, "could not serialize access"),
+            TransientError("The pooler hiccuped."),
+        ]
+    )
+    result = retrying(fn, what="copying a range", log=logs.append, sleep=delays.append)
+    assert (result, fn.calls) == ("done", 3)
+    assert len(delays) == 2 and 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0
+    assert logs[0].startswith("Copying a range hit a transient error (serialization_failure")
+    assert "attempt 2 of 5" in logs[0]
+
+
+def test_retrying_does_not_retry_permanent_errors():
+    error = server_error(pg_errors.UniqueViolation, "duplicate key value")
+    fn = Flaky([error])
+    with pytest.raises(pg_errors.UniqueViolation) as info:
+        retrying(fn, sleep=lambda _: pytest.fail("slept"))
+    assert info.value is error and fn.calls == 1
+    fn = Flaky([ConnectionFailed("Could not connect: password authentication failed.")])
+    with pytest.raises(ConnectionFailed):
+        retrying(fn, sleep=lambda _: pytest.fail("slept"))
+    assert fn.calls == 1
+
+
+def test_retrying_gives_up_with_one_sentence():
+    errors = [server_error(pg_errors.DeadlockDetected, "deadlock detected") for _ in range(3)]
+    delays: list[float] = []
+    with pytest.raises(TransientError) as info:
+        retrying(Flaky(errors), attempts=3, what="copying a range", sleep=delays.append)
+    assert str(info.value) == (
+        "Copying a range still failed after 3 attempts: deadlock_detected (40P01): deadlock "
+        "detected."
+    )
+    assert len(delays) == 2
+
+
+def test_retrying_backoff_is_bounded():
+    delays: list[float] = []
+    errors = [TransientError("x.") for _ in range(8)]
+    with pytest.raises(TransientError):
+        retrying(Flaky(errors), attempts=8, base_delay=1, max_delay=3, sleep=delays.append)
+    assert len(delays) == 7
+    assert all(0.5 <= d <= 3 for d in delays)
+    assert max(delays[3:]) <= 3
+
+
+def test_refused_is_retried_inside_retrying_but_not_outside(target):
+    url = with_changes(target, port=free_port())
+    calls = 0
+
+    def attempt() -> psycopg.Connection:
+        nonlocal calls
+        calls += 1
+        return connect(url)
+
+    with pytest.raises(ServerUnreachable):
+        retrying(attempt, attempts=3, base_delay=0.01, what="connecting to the target")
+    assert calls == 3
+
+
+def test_retrying_reconnects_after_admin_shutdown(target, target_db):
+    state: dict[str, psycopg.Connection] = {}
+
+    def query() -> int:
+        conn = state.get("conn")
+        if conn is None or conn.closed or conn.broken:
+            state["conn"] = conn = connect(target, autocommit=True)
+        return conn.execute("SELECT 42").fetchone()[0]
+
+    assert query() == 42
+    victim = state["conn"].info.backend_pid
+    with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [victim])
+    logs: list[str] = []
+    try:
+        assert retrying(query, base_delay=0.05, log=logs.append) == 42
+        assert state["conn"].info.backend_pid != victim
+    finally:
+        state["conn"].close()
+    assert len(logs) == 1
+    assert "admin_shutdown (57P01)" in logs[0] or "connection" in logs[0]
+    assert target_db.password not in logs[0]
+
+
+# -- pool-size warning -----------------------------------------------------------------------------
+
+
+def test_warn_if_workers_exceed_pool():
+    assert warn_if_workers_exceed_pool(SUPABASE_POOLER, 15) is None
+    warning = warn_if_workers_exceed_pool(SUPABASE_POOLER, 16)
+    assert warning is not None and "MaxClientsInSessionMode" in warning
+    assert warning.endswith(".") and not re.search(r"\.\s+[A-Z]", warning)
+    assert warn_if_workers_exceed_pool(SUPABASE_POOLER, 30, pool_size=40) is None
+    assert warn_if_workers_exceed_pool(SUPABASE_DIRECT, 64) is None
+
+
+def test_direct_auth_failure_does_not_mention_the_pooler_user():
+    exc = connection_error(
+        SUPABASE_DIRECT,
+        psycopg.OperationalError(PREFIX + 'FATAL:  password authentication failed for user "x"'),
+    )
+    assert "check the password" in str(exc) and "pooler" not in str(exc)

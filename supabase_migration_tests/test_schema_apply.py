@@ -1,0 +1,666 @@
+"""The schema step against real servers: dump mode (Pagila), alembic mode (the example app), none.
+
+Catalogs are compared with queries written here, independent of the product's own counting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import textwrap
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from supabase_migration import schema_apply
+from supabase_migration.conninfo import Endpoint, parse_database_url
+from supabase_migration.errors import ConfigError, SchemaError
+from supabase_migration.localpg import find_binaries
+from supabase_migration.schema_apply import (
+    SchemaMode,
+    SchemaResult,
+    Statement,
+    apply_schema,
+    filter_dump,
+    find_pg_dump,
+    run_pg_dump,
+    split_dump,
+)
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _urls(source_db, target_url: str, endpoint: Endpoint | None = None):
+    return (
+        parse_database_url(source_db.url, label="source"),
+        parse_database_url(target_url, label="target", endpoint=endpoint),
+    )
+
+
+def load_sql_file(url: str, path: Path) -> None:
+    """psql -f, as a user would load a dump (COPY ... FROM stdin needs psql)."""
+    binaries = find_binaries("system")
+    assert binaries is not None
+    parsed = parse_database_url(url, label="fixture")
+    done = subprocess.run(
+        [str(binaries.tool("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path)],
+        env={"PATH": "/usr/bin:/bin", **parsed.libpq_env()},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def execute(url: str, statements: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(statements)  # type: ignore[arg-type]
+
+
+# Everything a schema is made of, in a form that compares across servers (names, definitions).
+SNAPSHOT_QUERIES = {
+    "relations": """
+        SELECT c.relname, c.relkind::text FROM pg_class c
+        WHERE c.relnamespace = %(nsp)s::regnamespace ORDER BY 1""",
+    "columns": """
+        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attidentity::text,
+               a.attgenerated::text
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = %(nsp)s::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY 1, 2""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, contype::text, pg_get_constraintdef(oid)
+        FROM pg_constraint WHERE connamespace = %(nsp)s::regnamespace ORDER BY 1, 2""",
+    "indexes": """
+        SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE c.relnamespace = %(nsp)s::regnamespace ORDER BY 1""",
+    "views": """
+        SELECT c.relname, pg_get_viewdef(c.oid) FROM pg_class c
+        WHERE c.relnamespace = %(nsp)s::regnamespace AND c.relkind IN ('v', 'm') ORDER BY 1""",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.prokind::text,
+               md5(coalesce(p.prosrc, '')), pg_get_function_result(p.oid)
+        FROM pg_proc p WHERE p.pronamespace = %(nsp)s::regnamespace ORDER BY 1, 2""",
+    "triggers": """
+        SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid)
+        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        WHERE c.relnamespace = %(nsp)s::regnamespace AND NOT t.tgisinternal ORDER BY 1, 2""",
+    "types": """
+        SELECT t.typname, t.typtype::text,
+               coalesce((SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+                         FROM pg_enum e WHERE e.enumtypid = t.oid), ''),
+               coalesce(format_type(nullif(t.typbasetype, 0), t.typtypmod), '')
+        FROM pg_type t WHERE t.typnamespace = %(nsp)s::regnamespace
+          AND t.typtype IN ('e', 'd', 'c', 'r') ORDER BY 1""",
+    "partitions": """
+        SELECT i.inhrelid::regclass::text, i.inhparent::regclass::text,
+               coalesce(pg_get_expr(c.relpartbound, c.oid), '')
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE c.relnamespace = %(nsp)s::regnamespace ORDER BY 1""",
+    "comments": """
+        SELECT c.relname, d.objsubid, d.description FROM pg_description d
+        JOIN pg_class c ON c.oid = d.objoid AND d.classoid = 'pg_class'::regclass
+        WHERE c.relnamespace = %(nsp)s::regnamespace ORDER BY 1, 2""",
+}
+
+
+def snapshot(url: str, schema: str = "public") -> dict[str, list[tuple]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET search_path = public")
+        return {
+            name: conn.execute(query, {"nsp": schema}).fetchall()  # type: ignore[arg-type]
+            for name, query in SNAPSHOT_QUERIES.items()
+        }
+
+
+def bookkeeping_rows(admin_url: str) -> list[tuple]:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if not conn.execute("SELECT to_regclass('supabase_migration.schema_applied')").fetchone()[
+            0
+        ]:
+            return []
+        return conn.execute(
+            "SELECT mode, dump_hash, revision, objects FROM supabase_migration.schema_applied "
+            "ORDER BY id"
+        ).fetchall()
+
+
+def has_schema(url: str, name: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return bool(
+            conn.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (name,)
+            ).fetchone()[0]
+        )
+
+
+def public_tables(url: str) -> list[str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                "AND relkind IN ('r', 'p') ORDER BY 1"
+            )
+        ]
+
+
+# -- dump mode -------------------------------------------------------------------------------------
+
+
+def test_pagila_dump_mode_recreates_every_object_and_is_idempotent(
+    source_db, target_db, pagila_dir
+):
+    load_sql_file(source_db.url, pagila_dir / "pagila-schema.sql")
+    load_sql_file(source_db.url, pagila_dir / "pagila-data.sql")
+    source, target = _urls(source_db, target_db.url)
+
+    result = apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
+
+    assert result.changed and result.mode is SchemaMode.DUMP
+    assert result.dump_hash and len(result.dump_hash) == 64
+    assert result.revision is None
+    expected = snapshot(source_db.url)
+    got = snapshot(target_db.admin_url)
+    for kind in SNAPSHOT_QUERIES:
+        assert got[kind] == expected[kind], f"{kind} differ between source and target"
+    # The things the issue names, present by name (the equality above already implies it).
+    relkinds = {kind for _, kind in got["relations"]}
+    assert {"r", "p", "v", "m", "S", "i"} <= relkinds
+    assert ("b\u0131g\u0131nt", "d", "", "bigint") in got["types"]  # non-ASCII identifier
+    assert any(name == "film_fulltext_trigger" for _, name, _ in got["triggers"])
+    assert len([p for p in got["partitions"] if p[2].startswith("FOR VALUES")]) == 7
+    assert result.objects_created == len(got["relations"]) + 3 + len(got["functions"])
+    meta = result.metadata()
+    assert meta["mode"] == "dump" and meta["changed"] is True
+    assert meta["dump_hash"] == result.dump_hash
+    assert bookkeeping_rows(target_db.admin_url) == [
+        ("dump", result.dump_hash, None, result.objects_created)
+    ]
+
+    again = apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
+
+    assert not again.changed
+    assert again.objects_created == 0
+    assert again.dump_hash == result.dump_hash
+    assert snapshot(target_db.admin_url) == got
+    assert len(bookkeeping_rows(target_db.admin_url)) == 1
+
+
+def test_bookkeeping_schema_is_closed_to_api_roles(source_db, target_db):
+    execute(source_db.url, "CREATE TABLE t (id int PRIMARY KEY)")
+    source, target = _urls(source_db, target_db.url)
+    apply_schema("dump", source_url=source, target_url=target, schemas=["public"])
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        for role in ("anon", "authenticated"):
+            usage, select = conn.execute(
+                "SELECT has_schema_privilege(%s, 'supabase_migration', 'USAGE'), "
+                "has_table_privilege(%s, 'supabase_migration.schema_applied', 'SELECT')",
+                (role, role),
+            ).fetchone()
+            assert not usage and not select, role
+
+
+SMALL_SCHEMA = """
+CREATE SCHEMA clinic;
+CREATE TYPE clinic.status AS ENUM ('new', 'done');
+CREATE DOMAIN clinic.positive AS integer CHECK (VALUE > 0);
+CREATE TABLE clinic.visits (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    status clinic.status NOT NULL DEFAULT 'new',
+    units clinic.positive,
+    note text,
+    updated_at timestamptz
+);
+COMMENT ON TABLE clinic.visits IS 'One row per visit';
+COMMENT ON COLUMN clinic.visits.note IS 'Free text; may hold PHI';
+CREATE FUNCTION clinic.touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();  -- a ; and a -- inside the body
+    RETURN NEW;
+END $$;
+CREATE TRIGGER visits_touch BEFORE UPDATE ON clinic.visits
+    FOR EACH ROW EXECUTE FUNCTION clinic.touch();
+CREATE VIEW clinic.open_visits AS SELECT id, note FROM clinic.visits WHERE status = 'new';
+"""
+
+
+def test_dump_mode_through_the_transaction_pooler(source_db, target_db):
+    execute(source_db.url, SMALL_SCHEMA)
+    source, target = _urls(source_db, target_db.pooler_url, Endpoint.TRANSACTION_POOLER)
+    assert target.uses_transaction_pooler
+
+    first = apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+    second = apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+
+    assert first.changed and not second.changed
+    assert snapshot(target_db.admin_url, "clinic") == snapshot(source_db.url, "clinic")
+
+
+def test_changed_source_schema_is_refused(source_db, target_db):
+    execute(source_db.url, SMALL_SCHEMA)
+    source, target = _urls(source_db, target_db.url)
+    apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+    before = snapshot(target_db.admin_url, "clinic")
+    execute(source_db.url, "ALTER TABLE clinic.visits ADD COLUMN room text")
+
+    with pytest.raises(SchemaError) as caught:
+        apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+
+    message = str(caught.value)
+    assert "source schema changed" in message and "--schema-mode none" in message
+    assert snapshot(target_db.admin_url, "clinic") == before
+
+
+def test_objects_the_tool_did_not_create_are_refused(source_db, target_db):
+    execute(source_db.url, SMALL_SCHEMA)
+    execute(target_db.url, "CREATE SCHEMA clinic; CREATE TABLE clinic.visits (id int)")
+    source, target = _urls(source_db, target_db.url)
+
+    with pytest.raises(SchemaError) as caught:
+        apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+
+    assert "clinic.visits" in str(caught.value)
+    assert "--schema-mode none" in str(caught.value)
+    assert not has_schema(target_db.admin_url, "supabase_migration")
+
+
+@pytest.fixture
+def source_only_role(source_db):
+    """A role that exists on the source server only (roles are cluster-wide: drop it after)."""
+    name = "sm_" + source_db.name[-8:] + "_reader"
+    execute(source_db.url, f"CREATE ROLE {name} NOLOGIN")
+    yield name
+    execute(source_db.url, f"DROP OWNED BY {name}; DROP ROLE {name}")
+
+
+def test_failing_statement_leaves_nothing_and_names_the_statement(
+    source_db, target_db, source_only_role
+):
+    execute(
+        source_db.url,
+        SMALL_SCHEMA
+        + f"""
+        ALTER TABLE clinic.visits ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY readers ON clinic.visits FOR SELECT TO {source_only_role} USING (true);
+        INSERT INTO clinic.visits (note) VALUES ('PHI-VALUE-4711');
+        """,
+    )
+    source, target = _urls(source_db, target_db.url)
+
+    with pytest.raises(SchemaError) as caught:
+        apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+
+    message = str(caught.value)
+    assert "nothing was changed" in message
+    assert source_only_role in message and "CREATE POLICY readers" in message
+    assert "PHI-VALUE-4711" not in message
+    assert not has_schema(target_db.admin_url, "clinic")
+    assert not has_schema(target_db.admin_url, "supabase_migration")
+
+
+def test_extension_in_public_on_the_source_lands_in_extensions(source_db, target_db):
+    execute(
+        source_db.url,
+        """
+        CREATE EXTENSION "uuid-ossp" WITH SCHEMA public;
+        CREATE EXTENSION pg_trgm WITH SCHEMA public;
+        CREATE TABLE docs (id uuid PRIMARY KEY DEFAULT public.uuid_generate_v4(), title text);
+        CREATE INDEX docs_title_trgm ON docs USING gin (title public.gin_trgm_ops);
+        COMMENT ON TABLE docs IS 'documents';
+        """,
+    )
+    source, target = _urls(source_db, target_db.url)
+
+    result = apply_schema("dump", source_url=source, target_url=target, schemas=["public"])
+
+    assert result.changed
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        placed = dict(
+            conn.execute(
+                "SELECT e.extname, n.nspname FROM pg_extension e "
+                "JOIN pg_namespace n ON n.oid = e.extnamespace"
+            ).fetchall()
+        )
+        assert placed["pg_trgm"] == "extensions" and placed["uuid-ossp"] == "extensions"
+        conn.execute("SET search_path = public")  # so that definitions show their schemas
+        default = conn.execute(
+            "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
+            "WHERE adrelid = 'public.docs'::regclass"
+        ).fetchone()[0]
+        assert default == "extensions.uuid_generate_v4()"
+        index = conn.execute(
+            "SELECT pg_get_indexdef('public.docs_title_trgm'::regclass)"
+        ).fetchone()
+        assert "extensions.gin_trgm_ops" in index[0]
+        conn.execute("INSERT INTO public.docs (title) VALUES ('x')")
+
+
+# -- pieces of dump mode ---------------------------------------------------------------------------
+
+
+def test_split_dump_respects_quoting_and_drops_meta_commands():
+    text = textwrap.dedent(
+        """\
+        --
+        -- PostgreSQL database dump
+        --
+
+        \\restrict abc123
+
+        SET statement_timeout = 0;
+        SET transaction_timeout = 0;
+        SELECT pg_catalog.set_config('search_path', '', false);
+
+        --
+        -- Name: f(); Type: FUNCTION; Schema: public; Owner: -
+        --
+
+        CREATE FUNCTION public.f() RETURNS text
+            LANGUAGE plpgsql
+            AS $_$ BEGIN RETURN 'a;b' || $x$;--$x$; END $_$;
+
+        --
+        -- Name: t; Type: TABLE; Schema: public; Owner: -
+        --
+
+        CREATE TABLE public.t (a text DEFAULT E'it\\'s;', "we;ird" int /* ; */);
+
+        --
+        -- Name: EXTENSION hstore; Type: COMMENT; Schema: -; Owner: -
+        --
+
+        COMMENT ON EXTENSION hstore IS 'data type; for storing';
+
+        \\unrestrict abc123
+        """
+    )
+    statements = split_dump(text)
+
+    assert [s.entry_type for s in statements] == ["", "", "", "FUNCTION", "TABLE", "COMMENT"]
+    assert statements[3].sql.endswith("END $_$;") and "$x$;--$x$" in statements[3].sql
+    assert statements[4].sql.startswith("CREATE TABLE") and "/* ; */" in statements[4].sql
+    assert statements[5].entry_name == "EXTENSION hstore"
+
+    filtered = filter_dump(
+        statements, target_settings={"statement_timeout"}, untrusted_languages=set()
+    )
+    assert filtered.statements[:2] == [
+        "SET LOCAL statement_timeout = 0;",
+        "SELECT pg_catalog.set_config('search_path', '', true);",
+    ]
+    assert not any("transaction_timeout" in s or "EXTENSION" in s for s in filtered.statements)
+    assert filtered.skipped == ["COMMENT ON EXTENSION hstore: extensions belong to supabase_admin"]
+
+
+def test_filter_drops_superuser_objects_and_hashes_only_definitions():
+    def entry(kind: str, name: str, sql: str, schema: str = "public") -> Statement:
+        return Statement(sql, kind, name, schema)
+
+    statements = [
+        Statement("SET lock_timeout = 0;"),
+        entry("SCHEMA", "app", "CREATE SCHEMA app;", "-"),
+        entry("SCHEMA", "public", "CREATE SCHEMA public;", "-"),
+        entry("EXTENSION", "hstore", "CREATE EXTENSION IF NOT EXISTS hstore WITH SCHEMA public;"),
+        entry(
+            "EVENT TRIGGER",
+            "ddl_log",
+            "CREATE EVENT TRIGGER ddl_log ON ddl_command_end EXECUTE FUNCTION public.log_ddl();",
+            "-",
+        ),
+        entry(
+            "FUNCTION",
+            "py()",
+            "CREATE FUNCTION public.py() RETURNS int\n    LANGUAGE "
+            "plpython3u\n    AS $$return 1$$;",
+        ),
+        entry("COMMENT", "FUNCTION py()", "COMMENT ON FUNCTION public.py() IS 'x';"),
+        entry("TABLE", "t", "CREATE TABLE public.t (id int);"),
+        entry("TABLE", "t", "ALTER TABLE public.t OWNER TO someone;"),
+    ]
+    filtered = filter_dump(
+        statements, target_settings={"lock_timeout"}, untrusted_languages={"plpython3u", "c"}
+    )
+
+    assert filtered.statements == [
+        "SET LOCAL lock_timeout = 0;",
+        "CREATE SCHEMA IF NOT EXISTS app;",
+        "CREATE TABLE public.t (id int);",
+    ]
+    assert "EVENT TRIGGER ddl_log: needs superuser on Supabase" in filtered.skipped
+    assert any(s.startswith("FUNCTION public.py()") for s in filtered.skipped)
+    # SET lines (which differ between pg_dump versions) do not change the hash.
+    other = filter_dump(statements[1:], target_settings=set(), untrusted_languages={"plpython3u"})
+    assert other.digest == filtered.digest
+
+
+def test_pg_dump_gets_the_password_from_the_environment_only(source_db, target_db, monkeypatch):
+    secret = "Wr0ng%pass@word"
+    wrong = dataclasses.replace(parse_database_url(target_db.url, label="source"), password=secret)
+    seen: list[list[str]] = []
+    real_run = subprocess.run
+
+    def spy(argv, *args, **kwargs):
+        seen.append([str(a) for a in argv])
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(schema_apply.subprocess, "run", spy)
+    with pytest.raises(SchemaError) as caught:
+        run_pg_dump(find_pg_dump(15), wrong, ["public"])
+
+    assert "password authentication failed" in str(caught.value)
+    assert secret not in str(caught.value)
+    assert seen and all(secret not in " ".join(argv) for argv in seen)
+
+
+def test_a_too_new_source_needs_a_newer_pg_dump():
+    with pytest.raises(ConfigError) as caught:
+        find_pg_dump(99)
+    assert "pg_dump 99 or newer" in str(caught.value)
+
+
+# -- none mode -------------------------------------------------------------------------------------
+
+
+def test_none_mode_checks_the_target_has_the_tables(source_db, target_db):
+    execute(source_db.url, SMALL_SCHEMA)
+    source, target = _urls(source_db, target_db.url)
+
+    with pytest.raises(SchemaError) as caught:
+        apply_schema("none", source_url=source, target_url=target, schemas=["clinic"])
+    assert "schema clinic is missing" in str(caught.value)
+
+    apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+    result = apply_schema("none", source_url=source, target_url=target, schemas=["clinic"])
+    assert result == SchemaResult(mode=SchemaMode.NONE, changed=False, duration_s=result.duration_s)
+
+    execute(source_db.url, "CREATE TABLE clinic.rooms (id int PRIMARY KEY)")
+    with pytest.raises(SchemaError) as caught:
+        apply_schema("none", source_url=source, target_url=target, schemas=["clinic"])
+    assert "clinic.rooms" in str(caught.value)
+
+
+def test_unknown_mode_is_a_config_error(source_db, target_db):
+    source, target = _urls(source_db, target_db.url)
+    with pytest.raises(ConfigError):
+        apply_schema("pg_restore", source_url=source, target_url=target)
+
+
+# -- alembic mode ----------------------------------------------------------------------------------
+
+
+def test_example_app_alembic_mode_to_head_then_no_op(source_db, target_db):
+    from supabase_migration.example_app import ALEMBIC_INI, HEAD, TABLES
+
+    host_logger = logging.getLogger("supabase_migration_tests.host")
+    source, target = _urls(source_db, target_db.url)
+
+    result = apply_schema(
+        "alembic", source_url=source, target_url=target, alembic_config=ALEMBIC_INI
+    )
+
+    assert result.changed and result.revision == HEAD
+    assert result.objects_created > len(TABLES)
+    assert sorted(f"public.{t}" for t in public_tables(target_db.admin_url)) == sorted(
+        [*TABLES, "public.alembic_version"]
+    )
+    assert not host_logger.disabled
+    before = snapshot(target_db.admin_url)
+
+    again = apply_schema(
+        "alembic", source_url=source, target_url=target, alembic_config=ALEMBIC_INI
+    )
+
+    assert not again.changed and again.revision == HEAD and again.objects_created == 0
+    assert snapshot(target_db.admin_url) == before
+    assert [row[0] for row in bookkeeping_rows(target_db.admin_url)] == ["alembic"]
+
+
+def test_example_app_through_the_transaction_pooler(source_db, target_db):
+    from supabase_migration.example_app import ALEMBIC_INI, HEAD
+
+    source, target = _urls(source_db, target_db.pooler_url, Endpoint.TRANSACTION_POOLER)
+    first = apply_schema(
+        "alembic", source_url=source, target_url=target, alembic_config=ALEMBIC_INI
+    )
+    second = apply_schema(
+        "alembic", source_url=source, target_url=target, alembic_config=ALEMBIC_INI
+    )
+    assert (first.changed, first.revision) == (True, HEAD)
+    assert (second.changed, second.revision) == (False, HEAD)
+
+
+def _alembic_project(root: Path, env_py: str, revisions: list[tuple[str, str]]) -> Path:
+    """A minimal Alembic project: alembic.ini with a relative script_location, env.py, revisions."""
+    (root / "migrations" / "versions").mkdir(parents=True)
+    (root / "alembic.ini").write_text(
+        "[alembic]\nscript_location = migrations\nsqlalchemy.url = postgresql://nowhere/db\n"
+        "\n[loggers]\nkeys = root\n[handlers]\nkeys = console\n[formatters]\nkeys = generic\n"
+        "[logger_root]\nlevel = WARNING\nhandlers = console\n"
+        "[handler_console]\nclass = StreamHandler\nargs = (sys.stderr,)\nformatter = generic\n"
+        "[formatter_generic]\nformat = %%(message)s\n"
+    )
+    (root / "migrations" / "env.py").write_text(textwrap.dedent(env_py))
+    previous = None
+    for number, (rev, body) in enumerate(revisions):
+        (root / "migrations" / "versions" / f"{number:04d}_{rev}.py").write_text(
+            textwrap.dedent(
+                f"""\
+                from alembic import op
+                revision = {rev!r}
+                down_revision = {previous!r}
+                branch_labels = None
+                depends_on = None
+
+                def upgrade():
+                    op.execute({body!r})
+
+                def downgrade():
+                    pass
+                """
+            )
+        )
+        previous = rev
+    return root / "alembic.ini"
+
+
+# The env.py `alembic init` generates: it reads sqlalchemy.url and calls fileConfig.
+GENERATED_ENV = """\
+from logging.config import fileConfig
+from sqlalchemy import engine_from_config, pool
+from alembic import context
+
+config = context.config
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name)
+
+def run_migrations_online():
+    connectable = engine_from_config(
+        config.get_section(config.config_ini_section, {}),
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+    )
+    with connectable.connect() as connection:
+        context.configure(connection=connection, target_metadata=None)
+        with context.begin_transaction():
+            context.run_migrations()
+
+run_migrations_online()
+"""
+
+
+# The Alembic cookbook's "sharing a connection": env.py only takes the caller's connection.
+COOKBOOK_ENV = """\
+from alembic import context
+
+config = context.config
+context.configure(connection=config.attributes["connection"], target_metadata=None)
+with context.begin_transaction():
+    context.run_migrations()
+"""
+
+
+def test_generated_env_py_reads_the_injected_url(source_db, target_db, tmp_path, monkeypatch):
+    ini = _alembic_project(
+        tmp_path / "app",
+        GENERATED_ENV,
+        [("a1", "CREATE TABLE notes (id int PRIMARY KEY)"), ("a2", "CREATE INDEX ON notes (id)")],
+    )
+    monkeypatch.chdir("/")  # the relative script_location must still be found
+    host_logger = logging.getLogger("supabase_migration_tests.generated")
+    source, target = _urls(source_db, target_db.url)
+    assert "%" in target_db.password  # ConfigParser interpolation must not eat it
+
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+
+    assert result.changed and result.revision == "a2"
+    # notes, its primary key, the new index, alembic_version and its primary key
+    assert result.objects_created == 5
+    assert not host_logger.disabled
+    assert "notes" in public_tables(target_db.admin_url)
+
+
+def test_failed_migration_rolls_back_every_revision(source_db, target_db, tmp_path):
+    ini = _alembic_project(
+        tmp_path / "app",
+        COOKBOOK_ENV,
+        [("b1", "CREATE TABLE first (id int)"), ("b2", "SELECT no_such_function()")],
+    )
+    source, target = _urls(source_db, target_db.url)
+
+    with pytest.raises(SchemaError) as caught:
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+
+    assert "undefined_function" in str(caught.value)
+    assert public_tables(target_db.admin_url) == []
+
+
+def test_env_py_with_its_own_url_is_caught(source_db, target_db, tmp_path):
+    hard_coded = GENERATED_ENV.replace(
+        "config.get_section(config.config_ini_section, {}),",
+        f'{{"sqlalchemy.url": {source_db.url.replace("postgresql://", "postgresql+psycopg://")!r}}},',
+    )
+    ini = _alembic_project(
+        tmp_path / "app", hard_coded, [("c1", "CREATE TABLE misplaced (id int)")]
+    )
+    source, target = _urls(source_db, target_db.url)
+
+    with pytest.raises(SchemaError) as caught:
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+
+    assert "env.py" in str(caught.value) and "config.attributes['connection']" in str(caught.value)
+
+
+def test_alembic_mode_needs_a_config(source_db, target_db, tmp_path):
+    source, target = _urls(source_db, target_db.url)
+    with pytest.raises(ConfigError):
+        apply_schema("alembic", source_url=source, target_url=target)
+    with pytest.raises(ConfigError):
+        apply_schema(
+            "alembic", source_url=source, target_url=target, alembic_config=tmp_path / "nope.ini"
+        )

@@ -1,0 +1,214 @@
+"""Test-only pieces of the test bed: PgBouncer as Supabase's transaction pooler, the fixture
+records, and `require` (skip locally, fail in CI)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from supabase_migration.localpg import (
+    free_port,
+    hand_over,
+    private_tempdir,
+    service_command,
+    service_env,
+)
+
+# The target's `postgres` password: characters that break naive URL building, each of which
+# must be percent-encoded (and '"' for PgBouncer's userlist).
+TARGET_PASSWORD = "Sup@/pa%ss#word:1"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a prerequisite is missing; in CI (CI=true/1) a missing prerequisite fails."""
+    if condition:
+        return
+    if os.environ.get("CI", "").strip().lower() in {"true", "1"}:
+        pytest.fail(f"CI prerequisite missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def find_pgbouncer() -> Path | None:
+    """pgbouncer on PATH, or Debian's /usr/sbin (not on a non-root user's PATH)."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
+    return Path(found) if found else None
+
+
+@dataclass(frozen=True)
+class SourceDb:
+    """A fresh database on the source server; the superuser owns everything."""
+
+    name: str
+    url: str
+    admin_url: str
+
+
+@dataclass(frozen=True)
+class TargetDb:
+    """A fresh database on the Supabase-like target.
+
+    `url` logs in as the non-superuser `postgres` over SSL, as users do; `admin_url` is
+    supabase_admin over the unix socket, for fixtures and checks behind the tool's back.
+    """
+
+    name: str
+    url: str
+    admin_url: str
+    password: str = field(repr=False)
+    _pooler_url: str | None = field(default=None, repr=False)
+
+    @property
+    def pooler_url(self) -> str:
+        """Through PgBouncer in transaction mode; skips (fails in CI) without pgbouncer."""
+        require(self._pooler_url is not None, "pgbouncer is not installed (apt install pgbouncer)")
+        assert self._pooler_url is not None
+        return self._pooler_url
+
+
+def _userlist_quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+class PgBouncer:
+    """PgBouncer in transaction mode in front of a hostssl-only server, like Supavisor's 6543.
+
+    The wildcard database entry forwards any database name, so per-test databases need no
+    configuration. Clients must use SSL too (client_tls_sslmode=require).
+    """
+
+    def __init__(
+        self,
+        *,
+        target_port: int,
+        password: str,
+        cert: Path,
+        key: Path,
+        user: str = "postgres",
+        port: int | None = None,
+        executable: Path | None = None,
+    ) -> None:
+        found = executable or find_pgbouncer()
+        if found is None:
+            raise FileNotFoundError("pgbouncer is not installed")
+        self.executable = found
+        self.port = port or free_port()
+        self.target_port = target_port
+        self.user = user
+        self.password = password
+        self.directory = private_tempdir("smpgb-")
+        self.log_path = self.directory / "pgbouncer.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._write_files(cert, key)
+        atexit.register(self.cleanup)
+
+    def _write_files(self, cert: Path, key: Path) -> None:
+        """Config, userlist and a copy of the certificate the service user can read."""
+        own_cert, own_key = self.directory / "server.crt", self.directory / "server.key"
+        shutil.copyfile(cert, own_cert)
+        shutil.copyfile(key, own_key)
+        own_key.chmod(0o600)
+        userlist = self.directory / "userlist.txt"
+        userlist.write_text(f"{_userlist_quote(self.user)} {_userlist_quote(self.password)}\n")
+        userlist.chmod(0o600)
+        settings = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(self.port),
+            "unix_socket_dir": "",
+            "pool_mode": "transaction",
+            "max_client_conn": "200",
+            "default_pool_size": "20",
+            "auth_type": "scram-sha-256",
+            "auth_file": str(userlist),
+            # psycopg/SQLAlchemy send these; PgBouncer refuses unknown startup parameters.
+            "ignore_startup_parameters": "extra_float_digits,options,statement_timeout",
+            "client_tls_sslmode": "require",
+            "client_tls_cert_file": str(own_cert),
+            "client_tls_key_file": str(own_key),
+            "server_tls_sslmode": "require",
+            # Fault tests restart the server: reconnect quickly instead of after 15 s.
+            "server_login_retry": "1",
+        }
+        ini = self.directory / "pgbouncer.ini"
+        lines = ["[databases]", f"* = host=127.0.0.1 port={self.target_port}", "", "[pgbouncer]"]
+        lines += [f"{key} = {value}" for key, value in settings.items()]
+        ini.write_text("\n".join(lines) + "\n")
+        for path in (own_cert, own_key, userlist, ini):
+            hand_over(path)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 10) -> None:
+        """Start in the foreground (as the service user when root) and wait for the port."""
+        if self.running:
+            return
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                service_command([self.executable, self.directory / "pgbouncer.ini"]),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.directory,
+                env=service_env(),
+            )
+        deadline = time.monotonic() + timeout
+        while not self._accepts_connections():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"pgbouncer did not start:\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Immediate shutdown (SIGTERM): clients are cut off, as in a pooler failure."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> None:
+        """Stop and start on the same port: clients see their connections dropped."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def url(self, dbname: str, user: str | None = None, password: str | None = None) -> str:
+        user = user or self.user
+        password = self.password if password is None else password
+        query = urlencode({"sslmode": "require"})
+        return (
+            f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
+            f"@127.0.0.1:{self.port}/{quote(dbname, safe='')}?{query}"
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _accepts_connections(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
