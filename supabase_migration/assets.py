@@ -5,8 +5,6 @@ into metadata. Every `MigrationError` becomes a `dg.Failure` carrying its one PH
 retryable only when the cause was transient.
 """
 
-from __future__ import annotations
-
 import hashlib
 import re
 import time
@@ -184,7 +182,7 @@ def plan_all(
     return plans
 
 
-def range_metadata(result: RangeResult) -> dict[str, dg.RawMetadataValue]:
+def range_metadata(result: RangeResult) -> dict[str, object]:
     return {
         "path": result.path,
         "rows": result.rows,

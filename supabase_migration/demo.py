@@ -7,6 +7,7 @@ no system PostgreSQL, Docker or root is needed; the target is set up like a Supa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -116,11 +117,9 @@ def _serve_ui(workdir: Path, log: Callable[[str], None]) -> None:
         "      location_name: supabase_migration\n"
     )
     log("Opening the Dagster UI at http://127.0.0.1:3000 (Ctrl-C stops it and the servers)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(
             [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", "127.0.0.1"],
             check=False,
             env=os.environ.copy(),
         )
-    except KeyboardInterrupt:
-        pass

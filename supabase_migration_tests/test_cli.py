@@ -57,10 +57,14 @@ def test_run_in_alembic_mode_then_rerun_is_a_no_op(clinic):
     done = cli(
         [
             "run",
-            "--schema-mode", "alembic",
-            "--alembic-config", str(example_app.ALEMBIC_INI),
-            "--batch-size", "500",
-            "--workers", "2",
+            "--schema-mode",
+            "alembic",
+            "--alembic-config",
+            str(example_app.ALEMBIC_INI),
+            "--batch-size",
+            "500",
+            "--workers",
+            "2",
         ],
         env,
         tmp_path,
@@ -100,20 +104,27 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
     first = cli(["run", "--schema-mode", "dump", "--batch-size", "1000"], env, tmp_path)
     assert first.returncode == 0, first.stderr
     with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute("UPDATE patients SET phone = '555-0000' WHERE patient_id IN "
-                     "(SELECT patient_id FROM patients ORDER BY patient_id LIMIT 3)")
-        conn.execute("DELETE FROM vital_readings WHERE ctid IN "
-                     "(SELECT ctid FROM vital_readings LIMIT 5)")
+        conn.execute(
+            "UPDATE patients SET phone = '555-0000' WHERE patient_id IN "
+            "(SELECT patient_id FROM patients ORDER BY patient_id LIMIT 3)"
+        )
+        conn.execute(
+            "DELETE FROM vital_readings WHERE ctid IN (SELECT ctid FROM vital_readings LIMIT 5)"
+        )
         conn.execute("DELETE FROM prescriptions WHERE prescription_id % 50 = 0")
-        conn.execute("INSERT INTO providers (npi, full_name, specialty) "
-                     "VALUES ('9999999999', 'New Provider', 'cardiology')")
+        conn.execute(
+            "INSERT INTO providers (npi, full_name, specialty) "
+            "VALUES ('9999999999', 'New Provider', 'cardiology')"
+        )
     second = cli(["run"], env, tmp_path)
     assert second.returncode == 0, second.stderr
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         # the application's next insert must not collide with copied ids
-        conn.execute("INSERT INTO providers (npi, full_name, specialty) "
-                     "VALUES ('8888888888', 'After Cutover', 'cardiology')")
+        conn.execute(
+            "INSERT INTO providers (npi, full_name, specialty) "
+            "VALUES ('8888888888', 'After Cutover', 'cardiology')"
+        )
 
 
 @pytest.mark.parametrize(

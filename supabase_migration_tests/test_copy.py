@@ -6,11 +6,11 @@ import threading
 
 import psycopg
 import pytest
-from supabase_migration.connections import connect
-from supabase_migration.conninfo import Endpoint, parse_database_url
 
 from supabase_migration import checkpoints
 from supabase_migration.catalog import KeyKind, read_tables
+from supabase_migration.connections import connect
+from supabase_migration.conninfo import Endpoint, parse_database_url
 from supabase_migration.copy import CopyOptions, copy_range, replica_mode_allowed
 from supabase_migration.errors import ConcurrentRunError, CopyError
 from supabase_migration.planning import refresh_plan

@@ -28,7 +28,7 @@ MANIFEST = Manifest(
             ("public.providers",),
         ),
         ManifestTable("public.vital_readings", (), "none", 100),
-        ManifestTable("public.bıgınt_table", ("id",), "primary_key", 1),
+        ManifestTable("public.b\u0131g\u0131nt_table", ("id",), "primary_key", 1),
     ),
 )
 
@@ -44,7 +44,7 @@ def test_definitions_from_manifest_offline(tmp_path: Path, monkeypatch) -> None:
     assert {SCHEMA_KEY, PLAN_KEY, SEQUENCES_KEY, appointments} <= keys
     assert table_asset_key("public.providers") in graph.get(appointments).parent_keys
     assert PLAN_KEY in graph.get(appointments).parent_keys
-    unicode_key = table_asset_key("public.bıgınt_table")
+    unicode_key = table_asset_key("public.b\u0131g\u0131nt_table")
     assert unicode_key in keys and all(p.isascii() for p in unicode_key.path)
     spec = defs.get_assets_def(appointments)
     assert spec.partitions_def is not None
