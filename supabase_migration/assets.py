@@ -8,6 +8,7 @@ retryable only when the cause was transient.
 import hashlib
 import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import dagster as dg
@@ -24,6 +25,10 @@ from .report import markdown_table
 from .resources import SourceDatabase, TargetDatabase
 from .schema_step import migrate_schema
 from .sequences import sync_sequences
+
+# backfill_policy and pool are marked beta/preview; the warnings would bury real output.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 GROUP_SETUP = "migration"
 GROUP_TABLES = "tables"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
-from .catalog import Column, TableInfo
+from .catalog import Column, KeyKind, TableInfo
 from .ranges import Bound
 
 # Row text must render the same on source and target for checksums to be comparable, so every
@@ -83,9 +83,10 @@ def range_checksum_query(
     table: TableInfo, lower: Bound, upper: Bound, *, collate_c: bool = False
 ) -> sql.Composed:
     """count, checksum and the largest key of one range, computed inside the database."""
+    # uuid has no max(); only integer keys have a meaningful "largest key" worth recording.
     last_key = (
         sql.SQL("max({})::text").format(sql.Identifier(table.key[0]))
-        if len(table.key) == 1
+        if table.key_kind is KeyKind.INTEGER
         else sql.SQL("NULL::text")
     )
     return sql.SQL("SELECT count(*), {}, {} FROM {} WHERE {}").format(
