@@ -212,12 +212,13 @@ def build_report_asset(
     *,
     security_findings: SecurityFindings | None = None,
     record_table_checks: bool = True,
+    extra_deps: Sequence[dg.AssetKey] = (),
 ) -> dg.AssetsDefinition:
     """`migration/verification_report`: every check, one PASS/FAIL document, HTML + JSON files.
 
     `security_findings(source_url, target_url)` supplies findings for the report (issue 7).
     """
-    deps = [table_asset_key(t.name) for t in manifest.tables] + [SEQUENCES_KEY]
+    deps = [table_asset_key(t.name) for t in manifest.tables] + [SEQUENCES_KEY, *extra_deps]
 
     @dg.asset(
         key=REPORT_KEY,

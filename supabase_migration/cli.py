@@ -18,8 +18,9 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, MigrationError
 from .redaction import redact_text
-from .report import markdown_table
+from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table
 from .resources import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
+from .verify import DEFAULT_SAMPLE_SIZE
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -80,8 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     connection_args(p)
     selection_args(p)
 
+    def verify_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--sample-size",
+            type=_positive,
+            default=DEFAULT_SAMPLE_SIZE,
+            help="rows compared column by column",
+        )
+        p.add_argument("--seed", type=int, help="sample seed (default: random, recorded)")
+        p.add_argument(
+            "--report",
+            type=Path,
+            help=f"report directory (default ${REPORT_DIR_ENV} or ./{DEFAULT_REPORT_DIR})",
+        )
+
     for name, text in (
-        ("run", "migrate: schema, every range not done or changed, sequences"),
+        ("run", "migrate: schema, every range not done or changed, sequences, verification"),
         ("resume", "copy only the ranges whose checkpoint is not completed"),
     ):
         p = sub.add_parser(name, help=text)
@@ -89,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         selection_args(p)
         p.add_argument("--workers", type=_positive, default=1, help="parallel copy processes")
         p.add_argument("--no-progress", action="store_true", help="no progress display")
+        p.add_argument("--no-verify", action="store_true", help="skip the verification report")
+        verify_args(p)
+
+    p = sub.add_parser("verify", help="compare target with source; writes the PASS/FAIL report")
+    connection_args(p)
+    verify_args(p)
+    p.add_argument("--tables", type=_csv, default=(), help="only these schema.table names")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("demo", help="migrate the example clinic app between two local servers")
     p.add_argument("--rows", type=_positive, default=20_000, help="rows to generate (total)")
@@ -113,6 +136,8 @@ def _export_connection_settings(args: argparse.Namespace) -> None:
         os.environ[SSLROOTCERT_ENV] = args.sslrootcert
     if getattr(args, "allow_insecure_ssl", False):
         os.environ[INSECURE_ENV] = "1"
+    if getattr(args, "report", None):
+        os.environ[REPORT_DIR_ENV] = str(args.report.resolve())
 
 
 def _settings(args: argparse.Namespace):
@@ -128,6 +153,9 @@ def _settings(args: argparse.Namespace):
         schemas=getattr(args, "schemas", ()),
         include=getattr(args, "include", ()),
         exclude=getattr(args, "exclude", ()),
+        verify=not getattr(args, "no_verify", False),
+        sample_size=getattr(args, "sample_size", None) or DEFAULT_SAMPLE_SIZE,
+        seed=getattr(args, "seed", None),
     )
 
 
@@ -181,8 +209,18 @@ def _finish(summary) -> int:
     for failure in summary.failures[:20]:
         print(f"failed: {failure}", file=sys.stderr)
     if summary.ok:
-        print(f"Migration complete in {summary.duration_s:.1f} s.")
+        checked = " and verified" if summary.verified else ""
+        print(f"Migration complete{checked} in {summary.duration_s:.1f} s.")
+        if summary.report_dir:
+            print(f"Verification report: {summary.report_dir / 'verification_report.html'}")
         return EXIT_OK
+    if summary.copied:
+        print(
+            "Every range was copied but verification FAILED; see "
+            f"{summary.report_dir / 'verification_report.html'} for what differs.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     print(
         f"{len(summary.failures)} range(s) failed; fix the cause and run "
         "`supabase-migrate resume` (or backfill failed partitions in the UI).",
@@ -217,6 +255,10 @@ def dispatch(args: argparse.Namespace) -> int:
             log=lambda m: print(m, file=sys.stderr),
         )
         return _finish(summary)
+    if args.command == "verify":
+        report = commands.verify(_settings(args), args.report, args.tables)
+        print(report.to_json() if args.json else report.to_markdown())
+        return report.exit_code
     if args.command == "status":
         _print_status(commands.status(), args.json)
         return EXIT_OK

@@ -40,6 +40,7 @@ from .assets import (
     table_asset_key,
 )
 from .catalog import needs_bytewise_keys, read_tables, user_schemas
+from .checks import REPORT_CHECK, REPORT_KEY, record_check_results
 from .connections import connect, warn_if_workers_exceed_pool
 from .conninfo import DatabaseUrl, parse_database_url
 from .definitions import build_definitions
@@ -47,6 +48,7 @@ from .errors import ConfigError, MigrationError
 from .manifest import Manifest
 from .planning import MAX_PARTITIONS_PER_TABLE, plan_table
 from .preflight import Finding, Severity
+from .report import Report, report_dir
 from .resources import (
     INSECURE_ENV,
     SOURCE_URL_ENV,
@@ -56,6 +58,9 @@ from .resources import (
     default_resources,
 )
 from .schema_step import preflight
+from .security import report_findings
+from .security_assets import SECURITY_KEY
+from .verify import DEFAULT_SAMPLE_SIZE, run_verification
 
 PID_TAG = "supabase_migration/pid"
 COMMAND_TAG = "supabase_migration/command"
@@ -74,6 +79,9 @@ class Settings:
     schemas: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    verify: bool = True
+    sample_size: int = DEFAULT_SAMPLE_SIZE
+    seed: int | None = None
 
 
 # -- connections -----------------------------------------------------------------------------
@@ -311,12 +319,18 @@ class RunSummary:
     tables: dict[str, dict[str, int]]
     failures: list[str]
     duration_s: float
+    verified: bool | None = None  # None: verification was not run
+    report_dir: Path | None = None
 
     @property
-    def ok(self) -> bool:
+    def copied(self) -> bool:
         return not self.failures and all(
             t["pending"] == 0 and t["failed"] == 0 for t in self.tables.values()
         )
+
+    @property
+    def ok(self) -> bool:
+        return self.copied and self.verified is not False
 
 
 def make_units(table: str, keys: Sequence[str], todo: set[str] | None) -> list[Unit]:
@@ -434,11 +448,58 @@ def run(
             if cp.status == checkpoints.Status.FAILED
         ]
         tables = checkpoints.summary(target)
-    if not failed:
-        _run_setup_asset(defs, SEQUENCES_KEY, instance, command)
     if progress is not None:
         progress(tables)
-    return RunSummary(tables=tables, failures=failed, duration_s=time.monotonic() - started)
+    summary = RunSummary(tables=tables, failures=failed, duration_s=0.0)
+    if summary.copied:
+        _run_setup_asset(defs, SEQUENCES_KEY, instance, command)
+        _run_setup_asset(defs, SECURITY_KEY, instance, command)
+        if settings.verify:
+            log("Verifying every table against the source")
+            summary.verified = _run_report(defs, instance, command, settings)
+            summary.report_dir = report_dir().resolve()
+    summary.duration_s = time.monotonic() - started
+    return summary
+
+
+def _run_report(
+    defs: dg.Definitions, instance: dg.DagsterInstance, command: str, settings: Settings
+) -> bool:
+    """Materialize the verification report; True when it passed."""
+    config = {"sample_size": settings.sample_size, "seed": settings.seed}
+    result = _materialize(
+        defs,
+        [REPORT_KEY],
+        instance,
+        command,
+        run_config={"ops": {REPORT_KEY.to_python_identifier(): {"config": config}}},
+    )
+    if not result.success:
+        raise MigrationError(_failure_sentence(result))
+    evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == REPORT_CHECK]
+    return bool(evaluations) and all(e.passed for e in evaluations)
+
+
+def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = ()) -> Report:
+    """Every check, outside any Dagster run; results also land on the assets' checks in the UI."""
+    check_connections()
+    manifest = ensure_manifest(settings)
+    unknown = sorted(set(tables) - {t.name for t in manifest.tables})
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} is not in {manifest.path}; see its tables list.")
+    source, target = source_url(), target_url()
+    report = run_verification(
+        manifest,
+        source,
+        target,
+        sample_size=settings.sample_size,
+        seed=settings.seed,
+        security_findings=report_findings(manifest)(source, target),
+        tables=tables or None,
+    )
+    report.write(directory)
+    record_check_results(dagster_instance(), report, manifest)
+    return report
 
 
 def _execute_all(

@@ -20,8 +20,11 @@ from .assets import (
     build_sequences_asset,
     build_table_asset,
 )
+from .checks import REPORT_KEY, build_all_table_checks, build_report_asset
 from .manifest import Manifest, read_if_present
 from .resources import default_resources
+from .security import report_findings
+from .security_assets import SECURITY_KEY, build_security_asset, build_security_checks
 
 EMPTY_MANIFEST = Manifest(tables=())
 
@@ -34,6 +37,10 @@ def build_definitions(manifest: Manifest | None = None) -> dg.Definitions:
         build_plan_asset(manifest),
         *table_assets,
         build_sequences_asset(manifest),
+        build_security_asset(manifest),
+        build_report_asset(
+            manifest, security_findings=report_findings(manifest), extra_deps=[SECURITY_KEY]
+        ),
     ]
     jobs = [
         dg.define_asset_job(
@@ -43,11 +50,22 @@ def build_definitions(manifest: Manifest | None = None) -> dg.Definitions:
         ),
         dg.define_asset_job(
             "migration_finish",
-            selection=dg.AssetSelection.assets(SEQUENCES_KEY),
-            description="After every partition is copied: sequences.",
+            selection=dg.AssetSelection.assets(SEQUENCES_KEY, SECURITY_KEY, REPORT_KEY),
+            description=(
+                "After every partition is copied: sequences, row level security and audit, "
+                "then the verification report."
+            ),
+        ),
+        dg.define_asset_job(
+            "migration_verify",
+            selection=dg.AssetSelection.assets(REPORT_KEY),
+            description="Re-run every verification check and rewrite the report.",
         ),
     ]
-    return dg.Definitions(assets=assets, jobs=jobs, resources=default_resources())
+    checks = build_all_table_checks(manifest) + build_security_checks(manifest)
+    return dg.Definitions(
+        assets=assets, asset_checks=checks, jobs=jobs, resources=default_resources()
+    )
 
 
 def load_definitions(path: Path | None = None) -> dg.Definitions:

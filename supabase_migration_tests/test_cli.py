@@ -99,6 +99,51 @@ def test_run_in_alembic_mode_then_rerun_is_a_no_op(clinic):
     for output in (done.stdout, done.stderr, again.stdout, again.stderr, status.stdout):
         assert password not in output
 
+    # `run` ends with the verification report; it passed and says so in every format.
+    report = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
+    assert report["status"] == "PASS"
+    assert "verification_report.html" in done.stdout
+    assert (tmp_path / "migration-report" / "verification_report.md").exists()
+
+
+def test_verify_passes_then_names_the_damage_by_key_only(clinic):
+    source_db, target_db, env, tmp_path = clinic
+    done = cli(
+        ["run", "--no-verify", "--schema-mode", "dump", "--batch-size", "700"], env, tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "migration-report").exists()
+
+    ok = cli(["verify", "--json", "--seed", "11", "--report", "out"], env, tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["status"] == "PASS"
+    assert (tmp_path / "out" / "verification_report.html").exists()
+
+    with psycopg.connect(source_db.url) as conn:
+        phone, patient_id = conn.execute(
+            "SELECT phone, patient_id FROM patients ORDER BY patient_id OFFSET 12 LIMIT 1"
+        ).fetchone()
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE patients SET phone = '555-1212' WHERE patient_id = %s", [patient_id])
+        conn.execute(
+            "DELETE FROM prescriptions WHERE prescription_id = "
+            "(SELECT min(prescription_id) FROM prescriptions)"
+        )
+    bad = cli(["verify", "--seed", "11"], env, tmp_path)
+    assert bad.returncode == 1, bad.stderr
+    failed = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
+    assert failed["status"] == "FAIL"
+    text = bad.stdout + (tmp_path / "migration-report" / "verification_report.html").read_text()
+    assert "public.patients" in text and "public.prescriptions" in text
+    assert str(patient_id) in text  # the row is named by its key...
+    assert phone not in text and "555-1212" not in text  # ...never by its values
+    assert target_db.password not in bad.stdout + bad.stderr
+
+    only = cli(["verify", "--tables", "public.providers"], env, tmp_path)
+    assert only.returncode == 0, only.stderr
+    unknown = cli(["verify", "--tables", "public.nope"], env, tmp_path)
+    assert unknown.returncode == 2 and "public.nope" in unknown.stderr
+
 
 def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
     source_db, target_db, env, tmp_path = clinic
@@ -134,11 +179,19 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         (["run", "--target", "postgresql://postgres:pw@127.0.0.1:1/postgres"], "target"),
         (["run", "--source", "not a url at all"], "source"),
         (["run", "--batch-size", "0"], "batch-size"),
+        (["run", "--target", "postgresql://postgres:wrong@localhost:{port}/{db}"], "password"),
+        (
+            ["verify", "--target", "postgresql://postgres@localhost:{port}/{db}?sslmode=disable"],
+            "ssl",
+        ),
+        (["run", "--source", "postgresql://nobody@db.invalid.example:5432/app"], "source"),
         (["frobnicate"], "invalid choice"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
     _, target_db, env, tmp_path = clinic
+    where = psycopg.conninfo.conninfo_to_dict(target_db.url)
+    args = [a.format(port=where["port"], db=where["dbname"]) for a in args]
     done = cli(args, env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.strip().splitlines() if line]
