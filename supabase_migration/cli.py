@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive, default=2, help="parallel copy processes")
     p.add_argument("--dir", type=Path, default=Path("supabase-migration-demo"), help="work dir")
     p.add_argument("--ui", action="store_true", help="then open the Dagster UI on the demo")
+    p.add_argument(
+        "--fail-once",
+        action="store_true",
+        help="make a few partitions fail on their first attempt, to practise backfilling them",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
     p = sub.add_parser("status", help="partitions and rows per table, from the checkpoints")
@@ -269,6 +274,7 @@ def dispatch(args: argparse.Namespace) -> int:
             rows=args.rows,
             workdir=args.dir.resolve(),
             ui=args.ui,
+            fail_once=args.fail_once,
             workers=args.workers,
             log=lambda m: print(m, file=sys.stderr),
             progress=None if args.no_progress else Progress(),

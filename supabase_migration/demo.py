@@ -83,6 +83,7 @@ def demo(
     ui: bool,
     workers: int,
     log: Callable[[str], None],
+    fail_once: bool = False,
     progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
 ) -> RunSummary:
     servers = start_servers(workdir, rows=rows, log=log)
