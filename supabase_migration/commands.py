@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -531,8 +532,8 @@ def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threadin
         with connect(target_url(), autocommit=True) as target:
             while not stop.wait(1.0):
                 progress(checkpoints.summary(target))
-    except MigrationError:
-        return
+    except (MigrationError, psycopg.Error):
+        return  # the display is a nicety; the run itself reports real failures
 
 
 def status() -> dict[str, dict[str, int]]:

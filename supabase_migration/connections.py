@@ -120,9 +120,11 @@ def connect(
         "autocommit": autocommit,
         "connect_timeout": connect_timeout,
         "application_name": url.application_name,
+        # No server-side prepared statements, ever: a transaction pooler cannot always be told
+        # from its address (a self-hosted PgBouncer looks like a server), and our few large
+        # statements gain nothing from preparation.
+        "prepare_threshold": None,
     }
-    if url.uses_transaction_pooler:
-        kwargs["prepare_threshold"] = None
     try:
         return psycopg.Connection.connect(url.conninfo(), **kwargs)
     except psycopg.OperationalError as exc:
@@ -350,9 +352,8 @@ def _connect_args(url: DatabaseUrl, connect_timeout: int) -> dict[str, Any]:
     args: dict[str, Any] = {
         "application_name": url.application_name,
         "connect_timeout": connect_timeout,
+        "prepare_threshold": None,  # as in connect(): safe behind any pooler
     }
-    if url.uses_transaction_pooler:
-        args["prepare_threshold"] = None
     return args
 
 

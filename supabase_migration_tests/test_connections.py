@@ -84,7 +84,7 @@ def test_connects_to_the_target_with_ssl(target):
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert check_encrypted(conn) is True
         assert conn.execute("SHOW application_name").fetchone() == ("supabase-migration",)
-        assert conn.prepare_threshold is not None  # direct: prepared statements stay on
+        assert conn.prepare_threshold is None  # never prepared: safe behind any pooler
         assert conn.autocommit
 
 

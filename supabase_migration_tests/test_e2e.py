@@ -45,11 +45,11 @@ def _checkpoints(url: str) -> list[tuple]:
         ).fetchall()
 
 
-def _wait_for_progress(url: str, process: subprocess.Popen, minimum: int) -> None:
+def _wait_for_progress(url: str, process: subprocess.Popen, minimum: int, log: Path) -> None:
     """Until at least `minimum` ranges completed while others are still pending."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        assert process.poll() is None, "the run finished before it could be killed"
+        assert process.poll() is None, f"the run ended before the kill: {log.read_text()}"
         try:
             rows = _checkpoints(url)
         except psycopg.Error:  # bookkeeping not created yet
@@ -89,16 +89,17 @@ def test_sigkill_mid_run_then_run_again_through_the_pooler(source_db, target_db,
         "2",
         "--no-verify",
     ]
+    log = tmp_path / "killed-run.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "supabase_migration.cli", *args],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("w"),
         start_new_session=True,
     )
     try:
-        _wait_for_progress(target_db.url, process, minimum=5)
+        _wait_for_progress(target_db.url, process, minimum=5, log=log)
         process.send_signal(signal.SIGKILL)  # the main process only: workers must follow it
         process.wait(timeout=30)
         assert _process_group_gone(process.pid), "copy workers outlived the killed process"
