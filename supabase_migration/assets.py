@@ -18,7 +18,7 @@ from pydantic import Field
 from . import checkpoints
 from .catalog import TableInfo, needs_bytewise_keys, read_tables
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
-from .errors import MigrationError, TransientError
+from .errors import ConfigError, MigrationError, TransientError
 from .manifest import Manifest, ManifestTable
 from .planning import MAX_PARTITIONS_PER_TABLE, refresh_plan
 from .report import markdown_table
@@ -68,8 +68,16 @@ def partitions_def_for(name: str) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=partitions_def_name(name))
 
 
+EXIT_CODE_METADATA = "exit_code"
+
+
 def _failure(exc: MigrationError) -> dg.Failure:
-    return dg.Failure(description=exc.message, allow_retries=isinstance(exc, TransientError))
+    """The sentence for the UI; the exit code lets the CLI tell bad input (2) from failure (1)."""
+    return dg.Failure(
+        description=exc.message,
+        allow_retries=isinstance(exc, TransientError),
+        metadata={EXIT_CODE_METADATA: exc.exit_code},
+    )
 
 
 class TableCopyConfig(dg.Config):
@@ -149,7 +157,7 @@ def live_tables(source_conn: psycopg.Connection, names: Sequence[str]) -> dict[s
     found = {t.qualified_name: t for t in read_tables(source_conn, schemas)}
     missing = [n for n in names if n not in found]
     if missing:
-        raise MigrationError(
+        raise ConfigError(
             f"Table {missing[0]} is in the manifest but not in the source"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; run `supabase-migrate init` again."

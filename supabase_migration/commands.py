@@ -32,6 +32,7 @@ from dagster._core.storage.tags import (
 from . import checkpoints
 from . import manifest as manifest_io
 from .assets import (
+    EXIT_CODE_METADATA,
     PARTITIONS_PER_RUN,
     PLAN_KEY,
     SCHEMA_KEY,
@@ -193,8 +194,10 @@ def dagster_instance() -> dg.DagsterInstance:
 
 
 def _quiet_dagster() -> dict:
-    logging.getLogger("dagster").setLevel(logging.ERROR)
-    return {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    # The CLI prints each failure as one sentence itself; Dagster's console lines would repeat
+    # it with a stack trace. Everything stays in the instance's event log for the UI.
+    logging.getLogger("dagster").setLevel(logging.CRITICAL)
+    return {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def release_dead_runs(instance: dg.DagsterInstance) -> int:
@@ -226,13 +229,20 @@ def _alive(pid: int) -> bool:
 
 
 def _failure_sentence(result: dg.ExecuteInProcessResult) -> str:
+    return _run_failure(result).message
+
+
+def _run_failure(result: dg.ExecuteInProcessResult) -> MigrationError:
+    """The failed step's own sentence, as the error class its exit code stands for."""
     for event in result.get_step_failure_events():
         data = event.step_failure_data
         if data.user_failure_data and data.user_failure_data.description:
-            return data.user_failure_data.description
+            code = data.user_failure_data.metadata.get(EXIT_CODE_METADATA)
+            cls = ConfigError if code and code.value == ConfigError.exit_code else MigrationError
+            return cls(data.user_failure_data.description)
         if data.error:
-            return data.error.message.strip().splitlines()[-1]
-    return "the run failed; see the Dagster UI for the step that failed."
+            return MigrationError(data.error.message.strip().splitlines()[-1])
+    return MigrationError("the run failed; see the Dagster UI for the step that failed.")
 
 
 def _materialize(
@@ -261,7 +271,7 @@ def _run_setup_asset(
 ) -> None:
     result = _materialize(defs, [key], instance, command)
     if not result.success:
-        raise MigrationError(_failure_sentence(result))
+        raise _run_failure(result)
 
 
 # -- plan --------------------------------------------------------------------------------------

@@ -199,3 +199,30 @@ def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
     assert needle in lines[0].lower()
     assert "Traceback" not in done.stderr
     assert target_db.password not in done.stderr + done.stdout
+
+
+def test_init_then_plan_writes_nothing_on_the_target(clinic):
+    source_db, target_db, env, tmp_path = clinic
+    init = cli(
+        ["init", "--schema-mode", "dump", "--exclude", "public.lab_*", "--batch-size", "800"],
+        env,
+        tmp_path,
+    )
+    assert init.returncode == 0, init.stderr
+    manifest = (tmp_path / "migration.yaml").read_text()
+    assert "public.patients" in manifest and "public.lab_results" not in manifest
+    assert "://" not in manifest and target_db.password not in manifest
+
+    plan = cli(["plan"], env, tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "## Ranges" in plan.stdout and "public.patients" in plan.stdout
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (None,)
+        assert conn.execute("SELECT to_regclass('public.patients')").fetchone() == (None,)
+
+    # A source table that vanished after init is one clear sentence, not a traceback.
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("DROP TABLE vital_readings")
+    gone = cli(["run"], env, tmp_path)
+    assert gone.returncode == 2, gone.stderr
+    assert "public.vital_readings" in gone.stderr and "Traceback" not in gone.stderr
