@@ -47,6 +47,7 @@ from .connections import connect, warn_if_workers_exceed_pool
 from .conninfo import DatabaseUrl, parse_database_url
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
+from .localpg import pid_alive
 from .manifest import Manifest
 from .planning import MAX_PARTITIONS_PER_TABLE, plan_table
 from .preflight import Finding, Severity
@@ -210,22 +211,12 @@ def release_dead_runs(instance: dg.DagsterInstance) -> int:
     )
     for run in runs:
         pid = run.tags.get(PID_TAG)
-        if not pid or _alive(int(pid)):
+        if not pid or pid_alive(int(pid)):
             continue
         instance.report_run_failed(run)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         released += 1
     return released
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _failure_sentence(result: dg.ExecuteInProcessResult) -> str:

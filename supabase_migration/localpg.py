@@ -402,13 +402,7 @@ class LocalServer:
             pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(pid)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -669,3 +663,14 @@ def prepare_supabase_database(server: LocalServer, dbname: str) -> None:
         for extension in SUPABASE_EXTENSIONS:
             if server.binaries.has_extension(extension):
                 conn.execute(sql.SQL(SUPABASE_EXTENSION_SQL).format(ext=sql.Identifier(extension)))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,14 +16,7 @@ from supabase_migration.example_app.generate import generate
 
 from .compare import assert_tables_equal
 
-APP_TABLES = [
-    "public.providers",
-    "public.patients",
-    "public.appointments",
-    "public.prescriptions",
-    "public.lab_results",
-    "public.vital_readings",
-]
+APP_TABLES = list(example_app.TABLES)
 
 
 def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300):
