@@ -279,7 +279,14 @@ def dispatch(args: argparse.Namespace) -> int:
             log=lambda m: print(m, file=sys.stderr),
             progress=None if args.no_progress else Progress(),
         )
-        return _finish(summary)
+        code = _finish(summary)
+        if args.fail_once and summary.failures:
+            print(
+                "These failures were injected by --fail-once on purpose; backfill them as "
+                "shown above (exit code 1 means the copy is incomplete).",
+                file=sys.stderr,
+            )
+        return code
     raise ConfigError(f"Unknown command {args.command}.")
 
 
