@@ -16,11 +16,13 @@ import psycopg
 from pydantic import Field
 
 from . import checkpoints
-from .catalog import TableInfo, needs_bytewise_keys, read_tables
+from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
+from .connections import is_transient
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConfigError, MigrationError, TransientError
 from .manifest import Manifest, ManifestTable
 from .planning import MAX_PARTITIONS_PER_TABLE, refresh_plan
+from .redaction import describe_pg_error
 from .report import markdown_table
 from .resources import SourceDatabase, TargetDatabase
 from .schema_step import migrate_schema
@@ -71,8 +73,14 @@ def partitions_def_for(name: str) -> dg.DynamicPartitionsDefinition:
 EXIT_CODE_METADATA = "exit_code"
 
 
-def _failure(exc: MigrationError) -> dg.Failure:
+def _failure(exc: MigrationError | psycopg.Error) -> dg.Failure:
     """The sentence for the UI; the exit code lets the CLI tell bad input (2) from failure (1)."""
+    if isinstance(exc, psycopg.Error):  # unexpected here: never its raw text (DETAIL has values)
+        return dg.Failure(
+            description=describe_pg_error(exc) + ".",
+            allow_retries=is_transient(exc),
+            metadata={EXIT_CODE_METADATA: MigrationError.exit_code},
+        )
     return dg.Failure(
         description=exc.message,
         allow_retries=isinstance(exc, TransientError),
@@ -106,7 +114,7 @@ def build_schema_asset(manifest: Manifest) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         try:
             outcome = migrate_schema(manifest, source.database_url(), target.database_url())
-        except MigrationError as exc:
+        except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         metadata = {k: v for k, v in outcome.result.metadata().items() if v is not None}
         metadata["preflight"] = dg.MetadataValue.md(outcome.findings_markdown)
@@ -135,7 +143,7 @@ def build_plan_asset(manifest: Manifest) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         try:
             plans = plan_all(manifest, source, target, context.instance)
-        except MigrationError as exc:
+        except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         rows = [[p.table, p.key_kind, p.ranges, p.new_ranges, p.completed, p.note] for p in plans]
         return dg.MaterializeResult(
@@ -195,14 +203,17 @@ def plan_all(
     return plans
 
 
-def range_metadata(result: RangeResult) -> dict[str, object]:
+def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
+    """Integer bounds are shown; text/uuid/composite bounds are key values that may be PHI
+    (an SSN, an email), so the event log gets only the partition key for those."""
+    bounds = result.bounds if table.key_kind is KeyKind.INTEGER else "(key values not shown)"
     return {
         "path": result.path,
         "rows": result.rows,
         "rows_deleted": result.rows_deleted,
         "bytes": result.bytes,
         "duration_s": round(result.duration_s, 3),
-        "key_range": result.bounds,
+        "key_range": bounds,
         "checksum": result.checksum,
         "dagster/partition_row_count": result.rows,
     }
@@ -233,7 +244,7 @@ def copy_partitions(
                 collate_c=needs_bytewise_keys(session.source, session.target),
                 run_id=context.run_id,
             )
-        except MigrationError as exc:
+        except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         for key in keys:
             if context.retry_number and _done_in_this_run(session, table_name, key, context.run_id):
@@ -248,7 +259,7 @@ def copy_partitions(
                 asset_key=context.asset_key,
                 partition=key,
                 description=f"{result.path}: {result.rows} rows in {result.duration_s:.2f} s",
-                metadata=range_metadata(result),
+                metadata=range_metadata(result, table),
             )
     if failures:
         raise dg.Failure(
@@ -325,7 +336,7 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
         try:
             with source.connection() as s, target.connection() as t:
                 results = sync_sequences(s, t, manifest.schemas)
-        except MigrationError as exc:
+        except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         rows = [
             [r.sequence, r.column or "", r.source_value, r.column_max, r.before, r.after]

@@ -106,9 +106,16 @@ _FIELDS = sql.SQL(
 )
 
 
+# The schema step's lock key: concurrent CREATE ... IF NOT EXISTS of one schema or table fails
+# with a unique violation on the catalog (and concurrent REVOKEs with "tuple concurrently
+# updated") instead of waiting, so two runs starting at once must take turns here.
+_BOOKKEEPING_LOCK = "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.schema'))"
+
+
 def ensure_bookkeeping(conn: psycopg.Connection) -> None:
     """Create the bookkeeping schema and table if missing (idempotent, one transaction)."""
     with conn.transaction():
+        conn.execute(_BOOKKEEPING_LOCK)
         if conn.execute(
             "SELECT to_regclass(%s) IS NULL", (f"{BOOKKEEPING_SCHEMA}.migration_checkpoints",)
         ).fetchone()[0]:  # type: ignore[index]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -226,11 +227,19 @@ def _finish(summary) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    print(
-        f"{len(summary.failures)} range(s) failed; fix the cause and run "
-        "`supabase-migrate resume` (or backfill failed partitions in the UI).",
-        file=sys.stderr,
-    )
+    if summary.failures:
+        print(
+            f"{len(summary.failures)} range(s) failed; fix the cause and run "
+            "`supabase-migrate resume` (or backfill failed partitions in the UI).",
+            file=sys.stderr,
+        )
+    else:
+        pending = sum(t["pending"] for t in summary.tables.values())
+        print(
+            f"{pending} range(s) are still pending (another run may hold them); run "
+            "`supabase-migrate resume` once it has finished.",
+            file=sys.stderr,
+        )
     return EXIT_FAILED
 
 
@@ -291,6 +300,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # psycopg logs "error ignored terminating Copy" when a backend dies mid-COPY; the retry
+    # that follows is what the user needs to hear about, and it reports itself.
+    logging.getLogger("psycopg").setLevel(logging.CRITICAL)
     secrets = [os.environ.get(SOURCE_URL_ENV, ""), os.environ.get(TARGET_URL_ENV, "")]
     try:
         args = build_parser().parse_args(argv)

@@ -9,6 +9,7 @@ by up to `workers` processes at once.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -185,13 +186,19 @@ def dagster_instance() -> dg.DagsterInstance:
         os.environ["DAGSTER_HOME"] = home
     home_path = Path(home)
     home_path.mkdir(parents=True, exist_ok=True)
-    config = home_path / "dagster.yaml"
-    if not config.exists():
-        for candidate in (_PACKAGE_DIR / "dagster.yaml", _PACKAGE_DIR.parent / "dagster.yaml"):
-            if candidate.exists():
-                shutil.copyfile(candidate, config)
-                break
-    return dg.DagsterInstance.get()
+    # Two first runs on a fresh home would both create Dagster's SQLite tables and one would
+    # crash; the file lock makes the second wait for the first to finish creating them.
+    with open(home_path / ".supabase-migration.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        config = home_path / "dagster.yaml"
+        if not config.exists():
+            for candidate in (_PACKAGE_DIR / "dagster.yaml", _PACKAGE_DIR.parent / "dagster.yaml"):
+                if candidate.exists():
+                    shutil.copyfile(candidate, config)
+                    break
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # storage is created lazily: create it under the lock
+        return instance
 
 
 def _quiet_dagster() -> dict:
@@ -232,7 +239,14 @@ def _run_failure(result: dg.ExecuteInProcessResult) -> MigrationError:
             cls = ConfigError if code and code.value == ConfigError.exit_code else MigrationError
             return cls(data.user_failure_data.description)
         if data.error:
-            return MigrationError(data.error.message.strip().splitlines()[-1])
+            # Not the error's text: a psycopg message carries DETAIL lines with row values.
+            root = data.error
+            while root.cause is not None:
+                root = root.cause
+            return MigrationError(
+                f"The {event.step_key} step failed unexpectedly ({root.cls_name or 'error'}); "
+                "the run in the Dagster UI (DAGSTER_HOME) has the details."
+            )
     return MigrationError("the run failed; see the Dagster UI for the step that failed.")
 
 

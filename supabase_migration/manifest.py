@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -140,9 +141,13 @@ def write(manifest: Manifest, path: Path) -> None:
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(_HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-    tmp.replace(path)
+    text = _HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    # A private temp name per writer: two runs rewriting the manifest never share a file.
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
+    ) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
 
 
 def read(path: Path) -> Manifest:

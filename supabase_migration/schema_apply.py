@@ -325,6 +325,8 @@ def _apply_alembic(
                     mode=SchemaMode.ALEMBIC, revision=_revision(before), changed=False
                 )
             with engine.begin() as connection:
+                # One schema change at a time: a second run waits, then finds head applied.
+                connection.exec_driver_sql(_LOCK_SQL)
                 # Supabase caps statements at 2 min; a migration may build a big index.
                 connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
                 cfg.attributes["connection"] = connection
@@ -345,6 +347,7 @@ def _apply_alembic(
             )
         after_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
         created = max(count_objects(conn, after_schemas) - count_before, 0)
+        conn.execute(_LOCK_SQL)
         _ensure_bookkeeping(conn)
         _record(
             conn,
