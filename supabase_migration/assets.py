@@ -242,12 +242,13 @@ def copy_partitions(
                 force=resync,
                 replica_mode=replica_mode_allowed(session.target),
                 collate_c=needs_bytewise_keys(session.source, session.target),
-                run_id=context.run_id,
+                run_id=context.run.run_id,
             )
         except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
+        run_id = context.run.run_id
         for key in keys:
-            if context.retry_number and _done_in_this_run(session, table_name, key, context.run_id):
+            if context.retry_number and _done_in_this_run(session, table_name, key, run_id):
                 continue
             try:
                 result = session.copy(table, key, options)
