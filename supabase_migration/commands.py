@@ -271,10 +271,12 @@ def _materialize(
     )
 
 
-def _run_setup_asset(
-    defs: dg.Definitions, key: dg.AssetKey, instance: dg.DagsterInstance, command: str
+def _run_setup_assets(
+    defs: dg.Definitions, keys: Sequence[dg.AssetKey], instance: dg.DagsterInstance, command: str
 ) -> None:
-    result = _materialize(defs, [key], instance, command)
+    """One Dagster run for several unpartitioned assets (in dependency order): each run costs
+    over a second of fixed overhead."""
+    result = _materialize(defs, keys, instance, command)
     if not result.success:
         raise _run_failure(result)
 
@@ -428,8 +430,7 @@ def run(
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
     defs = build_definitions(manifest)
     command = "resume" if resume else "run"
-    _run_setup_asset(defs, SCHEMA_KEY, instance, command)
-    _run_setup_asset(defs, PLAN_KEY, instance, command)
+    _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
 
     units: list[Unit] = []
     with connect(target_url(), autocommit=True) as target:
@@ -468,8 +469,7 @@ def run(
         progress(tables)
     summary = RunSummary(tables=tables, failures=failed, duration_s=0.0)
     if summary.copied:
-        _run_setup_asset(defs, SEQUENCES_KEY, instance, command)
-        _run_setup_asset(defs, SECURITY_KEY, instance, command)
+        _run_setup_assets(defs, [SEQUENCES_KEY, SECURITY_KEY], instance, command)
         if settings.verify:
             log("Verifying every table against the source")
             summary.verified = _run_report(defs, instance, command, settings)
