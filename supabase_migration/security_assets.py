@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 from pydantic import Field
 
 from .assets import GROUP_SETUP, KINDS, SEQUENCES_KEY, TARGET_POOL, table_asset_key
@@ -61,6 +62,23 @@ def resolve_policy_file(configured: str | None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
+def tables_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]:
+    """The manifest's tables, plus, when our schema step created the schema (alembic or dump
+    mode), every other table it created in those schemas: an excluded table is empty but still
+    exposed over the REST API, so it gets RLS too."""
+    names = [t.name for t in manifest.tables]
+    if manifest.schema_mode not in ("alembic", "dump"):
+        return names
+    created = conn.execute(
+        "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY(%s) "
+        "ORDER BY 1",
+        [list(manifest.schemas)],
+    ).fetchall()
+    return names + [name for (name,) in created if name not in set(names)]
+
+
 def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
     deps = [table_asset_key(t.name) for t in manifest.tables] + [SEQUENCES_KEY]
     tables = [t.name for t in manifest.tables]
@@ -88,7 +106,7 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
             with target.connection() as conn:
                 actions = enable_rls(
                     conn,
-                    tables,
+                    tables_to_protect(conn, manifest),
                     exposed_schemas=manifest.exposed_schemas,
                     policy_sql=policy_sql,
                     policy_source=policy_path.name if policy_path else None,

@@ -219,3 +219,18 @@ def test_init_then_plan_writes_nothing_on_the_target(clinic):
     gone = cli(["run"], env, tmp_path)
     assert gone.returncode == 2, gone.stderr
     assert "public.vital_readings" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_tables_left_out_still_get_row_level_security(clinic):
+    source_db, target_db, env, tmp_path = clinic
+    included = "public.providers,public.patients"
+    done = cli(["run", "--schema-mode", "dump", "--include", included], env, tmp_path)
+    assert done.returncode == 0, done.stderr  # the report has no rls_disabled finding
+    assert_tables_equal(source_db.url, target_db.url, ["public.providers", "public.patients"])
+    with psycopg.connect(target_db.url) as conn:
+        unprotected = conn.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+            "AND relkind IN ('r', 'p') AND NOT relrowsecurity"
+        ).fetchall()
+        assert unprotected == []  # lab_results etc. were created by the dump, empty, with RLS
+        assert conn.execute("SELECT count(*) FROM lab_results").fetchone() == (0,)
