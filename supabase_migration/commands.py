@@ -43,9 +43,11 @@ from .assets import (
     table_asset_key,
 )
 from .catalog import needs_bytewise_keys, read_tables, user_schemas
+from .checkpoints import Status
 from .checks import REPORT_CHECK, REPORT_KEY, record_check_results
 from .connections import connect, warn_if_workers_exceed_pool
 from .conninfo import DatabaseUrl, parse_database_url
+from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
 from .localpg import pid_alive
@@ -433,17 +435,21 @@ def run(
     _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
 
     units: list[Unit] = []
-    with connect(target_url(), autocommit=True) as target:
-        for entry in manifest.tables:
-            keys = instance.get_dynamic_partitions(partitions_def_name(entry.name))
-            todo = None
+    with (
+        connect(source_url(), autocommit=True) as source,
+        connect(target_url(), autocommit=True) as target,
+    ):
+        names = [t.name for t in manifest.tables]
+        tables = live_tables(source, names)
+        options = CopyOptions(collate_c=needs_bytewise_keys(source, target))
+        for name in names:
+            keys = instance.get_dynamic_partitions(partitions_def_name(name))
+            planned = checkpoints.load(target, name)
             if resume:
-                todo = {
-                    cp.partition_key
-                    for cp in checkpoints.load(target, entry.name)
-                    if cp.status != checkpoints.Status.COMPLETED
-                }
-            units += make_units(entry.name, keys, todo)
+                todo = {cp.partition_key for cp in planned if cp.status != Status.COMPLETED}
+            else:  # catch-up: unchanged completed ranges need no Dagster run at all
+                todo = changed_or_unfinished(source, tables[name], planned, options)
+            units += make_units(name, keys, todo)
 
     stop = threading.Event()
     watcher = None

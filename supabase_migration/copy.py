@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -86,12 +86,7 @@ def copy_range(
         key_range = planned.key_range()
         with _source_snapshot(source):
             count, checksum, last_key = _source_checksum(source, table, key_range, options)
-            unchanged = (
-                not options.force
-                and planned.status == checkpoints.Status.COMPLETED
-                and planned.row_checksum == checksum
-                and planned.records_migrated == count
-            )
+            unchanged = not options.force and _matches(planned, count, checksum)
             if unchanged:
                 return RangeResult(
                     name,
@@ -160,6 +155,36 @@ class _source_snapshot:
         if self.conn.closed:
             return
         self.conn.execute("ROLLBACK")
+
+
+def _matches(planned: checkpoints.Checkpoint, count: int, checksum: str) -> bool:
+    return (
+        planned.status == checkpoints.Status.COMPLETED
+        and planned.row_checksum == checksum
+        and planned.records_migrated == count
+    )
+
+
+def changed_or_unfinished(
+    source: psycopg.Connection,
+    table: TableInfo,
+    planned: Sequence[checkpoints.Checkpoint],
+    options: CopyOptions,
+) -> set[str]:
+    """Partition keys a catch-up run must copy: not completed, or whose source rows changed.
+
+    The same test `copy_range` makes, done up front so unchanged ranges cost no Dagster run.
+    """
+    todo: set[str] = set()
+    for cp in planned:
+        if cp.status != checkpoints.Status.COMPLETED:
+            todo.add(cp.partition_key)
+            continue
+        with _source_snapshot(source):
+            count, checksum, _ = _source_checksum(source, table, cp.key_range(), options)
+        if not _matches(cp, count, checksum):
+            todo.add(cp.partition_key)
+    return todo
 
 
 def _source_checksum(
