@@ -683,7 +683,11 @@ def test_rls_check_fails_naming_unprotected_tables(
 ) -> None:
     target.execute("CREATE TABLE public.staff_notes (id int PRIMARY KEY, body text)")
     monkeypatch.setenv("SUPABASE_DB_URL", target_db.url)
-    manifest = Manifest(tables=(ManifestTable("public.patients", ("id",), "primary_key"),))
+    # Schema mode none: the tool made no table, so it changes none it does not migrate (in
+    # alembic/dump mode every table of the schema is its own and gets RLS: test_cli covers it).
+    manifest = Manifest(
+        tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="none"
+    )
     result = dg.materialize(
         [build_security_asset(manifest), *build_security_checks(manifest)],
         resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
