@@ -427,6 +427,11 @@ def _key_arrays(keys: Sequence[tuple[str, ...]], width: int) -> list[list[str]]:
     return [[k[i] for k in keys] for i in range(width)]
 
 
+def key_order(key: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
+    """Keys arrive as text; integer parts sort as numbers (id=2 before id=10)."""
+    return tuple((0, int(part), "") if part.lstrip("-").isdigit() else (1, 0, part) for part in key)
+
+
 def _diff_range_rows(
     source: psycopg.Connection,
     target: psycopg.Connection,
@@ -448,9 +453,9 @@ def _diff_range_rows(
             return {tuple(row[:width]): row[width] for row in conn.execute(query)}
 
     src, tgt = on_both(hashes, source, target)
-    missing = sorted(set(src) - set(tgt))
-    extra = sorted(set(tgt) - set(src))
-    changed = sorted(k for k in set(src) & set(tgt) if src[k] != tgt[k])
+    missing = sorted(set(src) - set(tgt), key=key_order)
+    extra = sorted(set(tgt) - set(src), key=key_order)
+    changed = sorted((k for k in set(src) & set(tgt) if src[k] != tgt[k]), key=key_order)
     shown = changed[:MAX_KEYS_SHOWN]
     columns = _changed_columns(source, target, table, shown) if shown else {}
     return {

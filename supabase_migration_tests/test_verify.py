@@ -567,3 +567,11 @@ def test_full_checksum_costs_a_fraction_of_the_copy(source_db, target_db) -> Non
     # checksum is one side of it; against Supabase over a WAN the copy costs far more.
     verify_s = counts.duration_s + sums.duration_s
     assert verify_s < copy_s, f"verification {verify_s:.2f} s vs copy {copy_s:.2f} s"
+
+
+def test_keys_are_listed_in_numeric_order() -> None:
+    from supabase_migration.verify import key_order
+
+    keys = [("10",), ("2",), ("-1",), ("abc",), ("1",)]
+    assert sorted(keys, key=key_order) == [("-1",), ("1",), ("2",), ("10",), ("abc",)]
+    assert sorted([("1", "b"), ("1", "a"), ("0", "z")], key=key_order)[0] == ("0", "z")
