@@ -39,6 +39,7 @@ from .connections import connect, is_transient
 from .conninfo import DatabaseUrl, is_loopback_host
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
 from .redaction import describe_pg_error
+from .report import markdown_table
 
 API_ROLES = ("anon", "authenticated")
 SERVICE_ROLE = "service_role"
@@ -892,17 +893,6 @@ def migration_audit_trail(target_conn: psycopg.Connection) -> list[dict[str, Any
         trail.append(run)
     trail.sort(key=lambda r: r["first_completed_at"] or r["last_activity_at"] or "")
     return trail
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Same output as report.markdown_table; kept here so the report may import this module."""
-
-    def cell(value: object) -> str:
-        return ("" if value is None else str(value)).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def audit_trail_markdown(trail: Sequence[dict[str, Any]]) -> str:

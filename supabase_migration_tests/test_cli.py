@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import pytest
 
 from supabase_migration import example_app
+from supabase_migration.assets import table_asset_key
 from supabase_migration.example_app.generate import generate
 
 from .compare import assert_tables_equal
@@ -91,6 +93,16 @@ def test_run_in_alembic_mode_then_rerun_is_a_no_op(clinic):
     password = target_db.password
     for output in (done.stdout, done.stderr, again.stdout, again.stderr, status.stdout):
         assert password not in output
+
+    # Each range is a materialization in the instance the UI reads; integer bounds are shown,
+    # uuid bounds (key values, possibly PHI) are not.
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        for table, shown in (("public.providers", True), ("public.patients", False)):
+            records = instance.fetch_materializations(table_asset_key(table), limit=100).records
+            assert records, f"no materialization of {table}"
+            for record in records:
+                key_range = str(record.asset_materialization.metadata["key_range"].value)
+                assert ("not shown" not in key_range) == shown, (table, key_range)
 
     # `run` ends with the verification report; it passed and says so in every format.
     report = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
