@@ -5,17 +5,18 @@ into metadata. Every `MigrationError` becomes a `dg.Failure` carrying its one PH
 retryable only when the cause was transient.
 """
 
+import dataclasses
 import hashlib
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import dagster as dg
 import psycopg
 from pydantic import Field
 
-from . import checkpoints
+from . import checkpoints, deferred
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
 from .connections import is_transient
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
@@ -36,6 +37,7 @@ GROUP_SETUP = "migration"
 GROUP_TABLES = "tables"
 SCHEMA_KEY = dg.AssetKey(["migration", "schema"])
 PLAN_KEY = dg.AssetKey(["migration", "plan"])
+INDEXES_KEY = dg.AssetKey(["migration", "deferred_indexes"])
 SEQUENCES_KEY = dg.AssetKey(["migration", "sequences"])
 TARGET_POOL = "supabase_target"
 KINDS = {"postgres", "supabase"}
@@ -142,17 +144,20 @@ def build_plan_asset(manifest: Manifest) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
         try:
-            plans = plan_all(manifest, source, target, context.instance)
+            plans = plan_all(manifest, source, target, context.instance, log=context.log.warning)
         except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
-        rows = [[p.table, p.key_kind, p.ranges, p.new_ranges, p.completed, p.note] for p in plans]
+        rows = [
+            [p.table, p.key_kind, p.ranges, p.new_ranges, p.completed, p.deferred_indexes, p.note]
+            for p in plans
+        ]
+        headers = ["table", "key", "ranges", "new", "completed", "indexes after load", "note"]
         return dg.MaterializeResult(
             metadata={
                 "tables": len(plans),
                 "partitions": sum(p.ranges for p in plans),
-                "plan": dg.MetadataValue.md(
-                    markdown_table(["table", "key", "ranges", "new", "completed", "note"], rows)
-                ),
+                "deferred_indexes": sum(p.deferred_indexes for p in plans),
+                "plan": dg.MetadataValue.md(markdown_table(headers, rows)),
             }
         )
 
@@ -179,8 +184,13 @@ def plan_all(
     target: TargetDatabase,
     instance: dg.DagsterInstance,
     tables: Sequence[ManifestTable] | None = None,
+    log: Callable[[str], None] | None = None,
 ):
-    """Plan every table, then make Dagster know every partition key the checkpoints hold."""
+    """Plan every table, then make Dagster know every partition key the checkpoints hold.
+
+    A table with nothing copied yet gets its secondary indexes dropped, to be built after its
+    load (see deferred.py).
+    """
     chosen = list(tables or manifest.tables)
     plans = []
     with source.connection() as s, target.connection() as t:
@@ -188,16 +198,18 @@ def plan_all(
         bytewise = needs_bytewise_keys(s, t)
         infos = live_tables(s, [m.name for m in chosen])
         for entry in chosen:
-            plans.append(
-                refresh_plan(
-                    s,
-                    t,
-                    infos[entry.name],
-                    batch_size=manifest.batch_size_for(entry),
-                    max_partitions=MAX_PARTITIONS_PER_TABLE,
-                    collate_c=bytewise,
-                )
+            plan = refresh_plan(
+                s,
+                t,
+                infos[entry.name],
+                batch_size=manifest.batch_size_for(entry),
+                max_partitions=MAX_PARTITIONS_PER_TABLE,
+                collate_c=bytewise,
             )
+            if plan.completed == 0:
+                waiting = deferred.defer_for_load(t, infos[entry.name], log)
+                plan = dataclasses.replace(plan, deferred_indexes=len(waiting))
+            plans.append(plan)
             keys = [cp.partition_key for cp in checkpoints.load(t, entry.name)]
             instance.add_dynamic_partitions(partitions_def_name(entry.name), keys)
     return plans
@@ -262,6 +274,13 @@ def copy_partitions(
                 description=f"{result.path}: {result.rows} rows in {result.duration_s:.2f} s",
                 metadata=range_metadata(result, table),
             )
+        if not failures:
+            try:
+                built = deferred.rebuild_if_complete(session.target, table_name)
+            except (MigrationError, psycopg.Error) as exc:
+                raise _failure(exc) from None
+            if built:
+                context.log.info(f"Built {len(built)} index(es) of {table_name} after its load.")
     if failures:
         raise dg.Failure(
             description=(
@@ -318,10 +337,54 @@ def build_table_asset(manifest: Manifest, entry: ManifestTable) -> dg.AssetsDefi
     return table_asset
 
 
+def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=INDEXES_KEY,
+        deps=[table_asset_key(t.name) for t in manifest.tables] or [PLAN_KEY],
+        group_name=GROUP_SETUP,
+        kinds=KINDS,
+        description=(
+            "Secondary indexes and unique constraints dropped for a table's first load, built "
+            "once every range of the table is copied (a table usually builds its own after its "
+            "last range; this catches any left over)."
+        ),
+        pool=TARGET_POOL,
+    )
+    def deferred_indexes(
+        context: dg.AssetExecutionContext, target: TargetDatabase
+    ) -> dg.MaterializeResult:
+        started = time.monotonic()
+        names = [t.name for t in manifest.tables]
+        rows: list[list[object]] = []
+        try:
+            with target.connection() as t:
+                for table_name in sorted({d.table_name for d in deferred.pending(t, names)}):
+                    built = deferred.rebuild_if_complete(t, table_name)
+                    rows += [[table_name, name, "built"] for name in built]
+                waiting = deferred.pending(t, names)
+        except (MigrationError, psycopg.Error) as exc:
+            raise _failure(exc) from None
+        rows += [[d.table_name, d.index_name, "waiting: table not fully copied"] for d in waiting]
+        if waiting:
+            context.log.warning(
+                f"{len(waiting)} index(es) wait for their tables' remaining ranges."
+            )
+        return dg.MaterializeResult(
+            metadata={
+                "built": len(rows) - len(waiting),
+                "waiting": len(waiting),
+                "duration_s": round(time.monotonic() - started, 3),
+                "indexes": dg.MetadataValue.md(markdown_table(["table", "index", "state"], rows)),
+            }
+        )
+
+    return deferred_indexes
+
+
 def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
     @dg.asset(
         key=SEQUENCES_KEY,
-        deps=[table_asset_key(t.name) for t in manifest.tables] or [PLAN_KEY],
+        deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY],
         group_name=GROUP_SETUP,
         kinds=KINDS,
         description=(

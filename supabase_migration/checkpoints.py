@@ -52,6 +52,20 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.migration_checkpoints (
 REVOKE ALL ON ALL TABLES IN SCHEMA {BOOKKEEPING_SCHEMA} FROM PUBLIC;
 """
 
+# Indexes dropped for a table's first load and built after it (see deferred.py); a separate
+# statement so targets bookkept by an earlier version get the table too.
+DEFERRED_DDL = f"""
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.deferred_indexes (
+    table_name  text        NOT NULL,
+    index_name  text        NOT NULL,
+    kind        text        NOT NULL,
+    statements  text[]      NOT NULL,
+    deferred_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, index_name)
+);
+REVOKE ALL ON {BOOKKEEPING_SCHEMA}.deferred_indexes FROM PUBLIC;
+"""
+
 # Supabase's API roles must never see bookkeeping; on plain PostgreSQL they may not exist.
 _REVOKE_API_ROLES = f"""
 DO $$
@@ -120,6 +134,10 @@ def ensure_bookkeeping(conn: psycopg.Connection) -> None:
             "SELECT to_regclass(%s) IS NULL", (f"{BOOKKEEPING_SCHEMA}.migration_checkpoints",)
         ).fetchone()[0]:  # type: ignore[index]
             conn.execute(BOOKKEEPING_DDL)
+        if conn.execute(
+            "SELECT to_regclass(%s) IS NULL", (f"{BOOKKEEPING_SCHEMA}.deferred_indexes",)
+        ).fetchone()[0]:  # type: ignore[index]
+            conn.execute(DEFERRED_DDL)
         conn.execute(_REVOKE_API_ROLES)
 
 

@@ -34,6 +34,7 @@ from . import checkpoints
 from . import manifest as manifest_io
 from .assets import (
     EXIT_CODE_METADATA,
+    INDEXES_KEY,
     PARTITIONS_PER_RUN,
     PLAN_KEY,
     SCHEMA_KEY,
@@ -475,7 +476,7 @@ def run(
         progress(tables)
     summary = RunSummary(tables=tables, failures=failed, duration_s=0.0)
     if summary.copied:
-        _run_setup_assets(defs, [SEQUENCES_KEY, SECURITY_KEY], instance, command)
+        _run_setup_assets(defs, [INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY], instance, command)
         if settings.verify:
             log("Verifying every table against the source")
             summary.verified = _run_report(defs, instance, command, settings)

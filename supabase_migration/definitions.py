@@ -12,9 +12,11 @@ from pathlib import Path
 import dagster as dg
 
 from .assets import (
+    INDEXES_KEY,
     PLAN_KEY,
     SCHEMA_KEY,
     SEQUENCES_KEY,
+    build_indexes_asset,
     build_plan_asset,
     build_schema_asset,
     build_sequences_asset,
@@ -36,6 +38,7 @@ def build_definitions(manifest: Manifest | None = None) -> dg.Definitions:
         build_schema_asset(manifest),
         build_plan_asset(manifest),
         *table_assets,
+        build_indexes_asset(manifest),
         build_sequences_asset(manifest),
         build_security_asset(manifest),
         build_report_asset(
@@ -50,10 +53,12 @@ def build_definitions(manifest: Manifest | None = None) -> dg.Definitions:
         ),
         dg.define_asset_job(
             "migration_finish",
-            selection=dg.AssetSelection.assets(SEQUENCES_KEY, SECURITY_KEY, REPORT_KEY),
+            selection=dg.AssetSelection.assets(
+                INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY, REPORT_KEY
+            ),
             description=(
-                "After every partition is copied: sequences, row level security and audit, "
-                "then the verification report."
+                "After every partition is copied: deferred indexes, sequences, row level "
+                "security and audit, then the verification report."
             ),
         ),
         dg.define_asset_job(

@@ -119,6 +119,7 @@ class TablePlan:
     new_ranges: int
     completed: int
     note: str
+    deferred_indexes: int = 0  # indexes built after the load instead of during it
 
 
 def refresh_plan(
