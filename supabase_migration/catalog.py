@@ -36,6 +36,7 @@ class Column:
     identity: str = ""  # "a" (ALWAYS), "d" (BY DEFAULT) or ""
     binary_ok: bool = True  # the type (or its domain base) has binary send/receive
     collatable: bool = False
+    hash_native: bool = False  # checksums may hash the value itself, not its text (see sqlbuild)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class TableInfo:
     estimated_rows: int | None = None
     parents: tuple[str, ...] = field(default=())  # qualified names of FK parent tables
     partitioned: bool = False  # native partitioned parent (children are copied through it)
+    hash_records: bool = False  # the source has hash_record_extended (PostgreSQL 14+)
 
     @property
     def qualified_name(self) -> str:
@@ -101,10 +103,16 @@ _COLUMNS_SQL = """
 SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
        a.attgenerated <> '' AS generated, a.attidentity::text,
        (b.typsend <> 0 AND b.typreceive <> 0) AS binary_ok,
-       b.typcollation <> 0 AS collatable
+       b.typcollation <> 0 AS collatable,
+       (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+-- Types whose hash is a function of exactly what their text shows: equal hash input means
+-- equal text (unlike numeric 1.5/1.50, interval 1 day/24 hours, jsonb, floats' -0, or enums
+-- and OIDs, which hash by an OID that differs between databases).
+CROSS JOIN (SELECT ARRAY['int2', 'int4', 'int8', 'bool', 'text', 'varchar', 'uuid', 'date',
+                         'timestamp', 'timestamptz', 'bytea']::regtype[]::oid[] AS types) n
 WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """
@@ -152,12 +160,8 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
     tables = conn.execute(_TABLES_SQL, {"schemas": list(schemas)}).fetchall()
     oids = [t[0] for t in tables]
     columns: dict[int, list[Column]] = {oid: [] for oid in oids}
-    for oid, name, type_sql, not_null, generated, identity, binary_ok, collatable in conn.execute(
-        _COLUMNS_SQL, {"oids": oids}
-    ):
-        columns[oid].append(
-            Column(name, type_sql, not_null, generated, identity, binary_ok, collatable)
-        )
+    for row in conn.execute(_COLUMNS_SQL, {"oids": oids}):
+        columns[row[0]].append(Column(*row[1:]))
     keys: dict[int, tuple[str, tuple[str, ...]]] = {}
     candidates: dict[int, list[tuple[int, str, tuple[str, ...]]]] = {}
     for oid, is_primary, index_name, cols, all_not_null in conn.execute(_KEYS_SQL, {"oids": oids}):
@@ -186,6 +190,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
                 estimated_rows=estimated,
                 parents=tuple(sorted(parents.get(oid, set()) - {own})),
                 partitioned=partitioned,
+                hash_records=conn.info.server_version >= 140000,
             )
         )
     return result

@@ -71,12 +71,33 @@ def range_predicate(
     return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
 
-def row_hash_sum(columns: Sequence[Column], alias: str | None = None) -> sql.Composable:
-    """Order-independent checksum: the sum of a 64-bit slice of each row's md5, as text."""
-    cols = column_list(columns, alias)
-    return sql.SQL(
-        "coalesce(sum(('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint::numeric), 0)::text"
-    ).format(cols)
+def row_hash_sum(table: TableInfo) -> sql.Composable:
+    """Order-independent checksum of a set of rows: the sum of a 64-bit hash of each row, as text.
+
+    On PostgreSQL 14+ `hash_record_extended` hashes each value with its type's own hash
+    function (about 2x cheaper than hashing the row's text, 4x cheaper than md5), for types
+    where equal hashes mean equal text; other columns are hashed as text under the pinned
+    output settings, and text columns bytewise (COLLATE "C"). Older servers hash the row
+    text with `hashtextextended`. Both functions back hash partitioning, whose stored
+    partitions rely on them staying the same across platforms and major versions. The prefix
+    names the method, so a checksum is never compared with one made another way.
+    """
+    if not table.hash_records:
+        return sql.SQL("'t' || coalesce(sum(hashtextextended(ROW({})::text, 0)), 0)::text").format(
+            column_list(table.copy_columns)
+        )
+    values = []
+    for col in table.copy_columns:
+        ident = sql.Identifier(col.name)
+        if not col.hash_native:
+            values.append(sql.SQL("{}::text").format(ident))
+        elif col.collatable:
+            values.append(sql.SQL('{} COLLATE "C"').format(ident))
+        else:
+            values.append(ident)
+    return sql.SQL("'r' || coalesce(sum(hash_record_extended(ROW({}), 0)), 0)::text").format(
+        sql.SQL(", ").join(values)
+    )
 
 
 def range_checksum_query(
@@ -90,7 +111,7 @@ def range_checksum_query(
         else sql.SQL("NULL::text")
     )
     return sql.SQL("SELECT count(*), {}, {} FROM {} WHERE {}").format(
-        row_hash_sum(table.copy_columns),
+        row_hash_sum(table),
         last_key,
         table_ident(table),
         range_predicate(table, lower, upper, collate_c=collate_c),

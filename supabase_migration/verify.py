@@ -81,6 +81,7 @@ MAX_KEYS_SHOWN = 20
 MAX_FK_KEYS = 10
 
 T = TypeVar("T")
+RangeSums = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]  # (count, checksum) per range
 
 
 @dataclass(frozen=True)
@@ -255,8 +256,13 @@ def row_counts(
     ranges: Sequence[KeyRange] | None = None,
     *,
     collate_c: bool = False,
+    sums: Callable[[], RangeSums] | None = None,
 ) -> CheckOutcome:
-    """Exact count(*) per range on both sides; the total too, when ranges leave gaps."""
+    """Exact count(*) per range on both sides; the total too, when ranges leave gaps.
+
+    `sums` hands over the per-range counts the checksum pass computes anyway, so a full
+    verification reads every row once, not twice.
+    """
     missing = _missing_table(ROW_COUNT, table, source, target)
     if missing:
         return missing
@@ -264,6 +270,8 @@ def row_counts(
     name = table.qualified_name
 
     def run() -> tuple[bool, str, str, dict[str, Any]]:
+        measured = sums() if sums is not None else None
+
         def counts(conn: psycopg.Connection) -> tuple[list[int], int]:
             def count(r: KeyRange) -> sql.Composable:
                 return sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
@@ -271,7 +279,10 @@ def row_counts(
                     sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
                 )
 
-            per_range = [int(row[0]) for row in _per_range(conn, ranges, count)]
+            if measured is not None:
+                per_range = [int(row[0]) for row in measured[0 if conn is source else 1]]
+            else:
+                per_range = [int(row[0]) for row in _per_range(conn, ranges, count)]
             if covers_key_space(ranges):
                 return per_range, sum(per_range)
             with read_snapshot(conn):
@@ -324,10 +335,26 @@ def checksum_query(table: TableInfo, r: KeyRange, *, collate_c: bool = False) ->
     max(key), which does not exist for every key type (uuid) and is not needed here.
     """
     return sql.SQL("SELECT count(*), {} FROM {} WHERE {}").format(
-        sqlbuild.row_hash_sum(table.copy_columns),
+        sqlbuild.row_hash_sum(table),
         sqlbuild.table_ident(table),
         sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
     )
+
+
+def range_sums(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    ranges: Sequence[KeyRange],
+    *,
+    collate_c: bool = False,
+) -> RangeSums:
+    """(count, checksum) of every range, computed on both sides at once."""
+
+    def sums(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
+        return _per_range(conn, ranges, lambda r: checksum_query(table, r, collate_c=collate_c))
+
+    return on_both(sums, source, target)
 
 
 def range_checksums(
@@ -338,6 +365,7 @@ def range_checksums(
     *,
     collate_c: bool = False,
     drill_down: int = DRILL_DOWN_RANGES,
+    sums: Callable[[], RangeSums] | None = None,
 ) -> CheckOutcome:
     """Count and checksum of every range on both sides (the checksum the copy recorded).
 
@@ -352,14 +380,10 @@ def range_checksums(
     name = table.qualified_name
 
     def run() -> tuple[bool, str, str, dict[str, Any]]:
-        def sums(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
-            return _per_range(
-                conn,
-                ranges,
-                lambda r: checksum_query(table, r, collate_c=collate_c),
-            )
-
-        src, tgt = on_both(sums, source, target)
+        if sums is not None:
+            src, tgt = sums()
+        else:
+            src, tgt = range_sums(source, target, table, ranges, collate_c=collate_c)
         bad: list[tuple[KeyRange, tuple[Any, ...], tuple[Any, ...]]] = [
             (r, s, t)
             for r, s, t in zip(ranges, src, tgt, strict=True)
@@ -556,7 +580,7 @@ def sample_rows(
 ) -> CheckOutcome:
     """Compare a seeded random sample of rows column by column (pandas; small data only).
 
-    Keys are picked on the source by `md5(key || seed)`, so a recorded seed reproduces the
+    Keys are picked on the source by a hash of key and seed, so a recorded seed reproduces the
     sample. The rows are read as text under pinned settings on both sides and normalized per
     column type; results name primary keys and column names, never values. Without a key, a
     sample of full-row hashes is looked up on the target and only counts are reported.
@@ -577,13 +601,15 @@ def _sample_by_key(
 
     name = table.qualified_name
     width = len(table.key)
-    pick = sql.SQL("SELECT {} FROM {} ORDER BY md5(ROW({})::text || %s), 1 LIMIT %s").format(
+    pick = sql.SQL(
+        "SELECT {} FROM {} ORDER BY hashtextextended(ROW({})::text, %s), 1 LIMIT %s"
+    ).format(
         _key_texts(table),
         sqlbuild.table_ident(table),
         sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
     )
     with read_snapshot(source):
-        keys = [tuple(row) for row in source.execute(pick, (str(seed), size))]
+        keys = [tuple(row) for row in source.execute(pick, (seed, size))]
     columns = list(table.columns)
     labels = [f"c{i}" for i in range(len(columns))]
     fetch = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
@@ -651,13 +677,18 @@ def _sample_by_hash(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo, size: int, seed: int
 ) -> tuple[bool, str, str, dict[str, Any]]:
     name = table.qualified_name
-    row_hash = sql.SQL("md5(ROW({})::text)").format(sqlbuild.column_list(table.copy_columns))
-    pick = sql.SQL("SELECT h FROM (SELECT {} AS h FROM {}) s ORDER BY md5(h || %s), h LIMIT %s")
+    row_hash = sql.SQL("hashtextextended(ROW({})::text, 0)").format(
+        sqlbuild.column_list(table.copy_columns)
+    )
+    pick = sql.SQL(
+        "SELECT h FROM (SELECT {} AS h FROM {}) s ORDER BY hashtextextended(h::text, %s), h "
+        "LIMIT %s"
+    )
     with read_snapshot(source):
         hashes = [
             r[0]
             for r in source.execute(
-                pick.format(row_hash, sqlbuild.table_ident(table)), (str(seed), size)
+                pick.format(row_hash, sqlbuild.table_ident(table)), (seed, size)
             )
         ]
     count = sql.SQL(
@@ -1098,9 +1129,23 @@ def verify_table(
     """
     src = source if callable(source) else (lambda: source)
     tgt = target if callable(target) else (lambda: target)
+    memo: list[RangeSums] = []
+
+    def sums() -> RangeSums:
+        """Counts and checksums in one pass over the rows, shared by both checks."""
+        if not memo:
+            chosen = list(ranges or whole_table(table))
+            memo.append(range_sums(src(), tgt(), table, chosen, collate_c=collate_c))
+        return memo[0]
+
+    shared = sums if CHECKSUMS in checks else None
     runners: dict[str, Callable[[], CheckOutcome]] = {
-        ROW_COUNT: lambda: row_counts(src(), tgt(), table, ranges, collate_c=collate_c),
-        CHECKSUMS: lambda: range_checksums(src(), tgt(), table, ranges, collate_c=collate_c),
+        ROW_COUNT: lambda: row_counts(
+            src(), tgt(), table, ranges, collate_c=collate_c, sums=shared
+        ),
+        CHECKSUMS: lambda: range_checksums(
+            src(), tgt(), table, ranges, collate_c=collate_c, sums=shared
+        ),
         SAMPLE: lambda: sample_rows(src(), tgt(), table, sample_size, seed),
         INDEXES: lambda: indexes(src(), tgt(), table),
         CONSTRAINTS: lambda: constraints(src(), tgt(), table),

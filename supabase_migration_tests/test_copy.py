@@ -7,7 +7,7 @@ import threading
 import psycopg
 import pytest
 
-from supabase_migration import checkpoints
+from supabase_migration import checkpoints, sqlbuild
 from supabase_migration.catalog import KeyKind, read_tables
 from supabase_migration.connections import connect
 from supabase_migration.conninfo import Endpoint, parse_database_url
@@ -227,3 +227,62 @@ def test_parallel_ranges_of_one_table(pair):
             s.execute("SELECT count(*) FROM items").fetchone()
             == t.execute("SELECT count(*) FROM items").fetchone()
         )
+
+
+SUBTLE = """
+CREATE TYPE triage AS ENUM ('green', 'amber', 'red');
+CREATE TABLE subtle (
+    id integer PRIMARY KEY, n numeric, i interval, j jsonb, f double precision,
+    t text, level triage, levels triage[], at timestamptz, names varchar(20)[]
+);
+"""
+
+
+def _checksum(url: str, table: str) -> tuple[int, str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        info = {t.qualified_name: t for t in read_tables(conn, ["public"])}[table]
+        with conn.transaction():
+            conn.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+            row = conn.execute(sqlbuild.range_checksum_query(info, None, None)).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
+
+
+def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
+    """Values that compare equal but read differently (1.5 / 1.50, 1 day / 24 hours, 0 / -0)
+    are changes; enums hash by label, not by their database-specific OIDs."""
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        # Different enum OIDs on the target than on the source.
+        conn.execute("CREATE TYPE unrelated AS ENUM ('x', 'y', 'z', 'w')")
+        conn.execute(SUBTLE)
+    rows = (
+        "INSERT INTO subtle VALUES (1, 1.5, '1 day', '{\"a\": 1.5}', 0, 'Ab', 'amber', "
+        "'{red,green}', '2024-03-01 12:00+00', '{a,b}'), "
+        "(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+    )
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(SUBTLE)
+        conn.execute(rows)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(rows)
+    original = _checksum(source_db.url, "public.subtle")
+    assert original[1].startswith("r")  # PostgreSQL 15: per-type hashing
+    assert _checksum(target_db.url, "public.subtle") == original
+
+    seen = {original[1]}
+    for change in (
+        "n = 1.50",
+        "i = '24 hours'",
+        "j = '{\"a\": 1.50}'",
+        "f = '-0'",
+        "t = 'AB'",
+        "level = 'red'",
+        "levels = '{green,red}'",
+        "at = '2024-03-01 12:00:00.000001+00'",
+        "names = '{a,c}'",
+    ):
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(f"UPDATE subtle SET {change} WHERE id = 1")
+        checksum = _checksum(source_db.url, "public.subtle")[1]
+        assert checksum not in seen, change
+        seen.add(checksum)
