@@ -203,11 +203,17 @@ def _print_status(tables: dict[str, dict[str, int]], as_json: bool) -> None:
     if not tables:
         print("Nothing planned yet: run `supabase-migrate run` (or `plan`) first.")
         return
+    headers = ["table", "completed", "pending", "failed", "rows"]
     rows = [
         [name, t["completed"], t["pending"], t["failed"], f"{t['rows']:,}"]
         for name, t in sorted(tables.items())
     ]
-    print(markdown_table(["table", "completed", "pending", "failed", "rows"], rows))
+    if any(t.get("indexes_waiting") for t in tables.values()):
+        # Dropped for the first load; built when the table's last range is copied.
+        headers.append("indexes to build")
+        for row, (_, t) in zip(rows, sorted(tables.items()), strict=True):
+            row.append(t.get("indexes_waiting", 0))
+    print(markdown_table(headers, rows))
 
 
 def _finish(summary) -> int:

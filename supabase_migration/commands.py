@@ -30,7 +30,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from . import checkpoints
+from . import checkpoints, deferred
 from . import manifest as manifest_io
 from .assets import (
     EXIT_CODE_METADATA,
@@ -559,7 +559,13 @@ def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threadin
 
 
 def status() -> dict[str, dict[str, int]]:
+    """Partitions by state per table, and indexes still to be built after the load."""
     with connect(target_url(), autocommit=True) as target:
         if not checkpoints.bookkeeping_exists(target):
             return {}
-        return checkpoints.summary(target)
+        tables = checkpoints.summary(target)
+        for waiting in deferred.pending(target):
+            entry = tables.get(waiting.table_name)
+            if entry is not None:
+                entry["indexes_waiting"] = entry.get("indexes_waiting", 0) + 1
+        return tables

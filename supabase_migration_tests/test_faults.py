@@ -159,6 +159,16 @@ def copy_progress(conn: psycopg.Connection, table: str = "public.items") -> tupl
     return int(row[0]), int(row[1])
 
 
+GRP_INDEX = "CREATE INDEX items_grp_idx ON items (grp)"
+
+
+def target_indexes(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        return {
+            r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'items'")
+        }
+
+
 def report_status(workdir: Path) -> str:
     return json.loads((workdir / "migration-report" / "verification_report.json").read_text())[
         "status"
@@ -288,10 +298,12 @@ def test_permanently_failing_partition_then_resume(setup):
     s = setup
     with psycopg.connect(s.source_url, autocommit=True) as conn:
         conn.execute("UPDATE items SET payload = %s WHERE id = 2207", [MARKER])
+        conn.execute(GRP_INDEX)
     # The user made the schema (mode none), with a constraint the source does not have: row
     # 2207, so exactly one range, violates it; PostgreSQL's DETAIL would quote the whole row.
     with psycopg.connect(s.target_url, autocommit=True) as conn:
         conn.execute(SOURCE_SCHEMA)
+        conn.execute(GRP_INDEX)
         conn.execute(
             "ALTER TABLE items ADD CONSTRAINT items_not_reserved CHECK (id <> 2207) NOT VALID"
         )
@@ -310,6 +322,10 @@ def test_permanently_failing_partition_then_resume(setup):
     assert f"public.items partition {key}" in failed.stderr, explain(failed)
     for text in (message, failed.stdout, failed.stderr):
         assert MARKER not in text and "2207" not in text
+    # The secondary index was dropped for the load and waits for the table's last range.
+    assert "items_grp_idx" not in target_indexes(s.target_url)
+    status = cli(["status", "--json"], s.env, s.workdir)
+    assert json.loads(status.stdout)["tables"]["public.items"]["indexes_waiting"] == 1
 
     with psycopg.connect(s.target_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE items DROP CONSTRAINT items_not_reserved")
@@ -318,6 +334,9 @@ def test_permanently_failing_partition_then_resume(setup):
     assert report_status(s.workdir) == "PASS"
     assert all(r[2] == "completed" for r in checkpoint_rows(s.target_admin))
     assert_tables_equal(s.source_url, s.target_url, TABLES)
+    assert "items_grp_idx" in target_indexes(s.target_url)
+    status = cli(["status", "--json"], s.env, s.workdir)
+    assert "indexes_waiting" not in json.loads(status.stdout)["tables"]["public.items"]
 
 
 # -- 4. two `run`s at once -----------------------------------------------------------------
