@@ -18,7 +18,7 @@ from pydantic import Field
 
 from . import checkpoints, deferred
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import is_transient
+from .connections import ServerUnreachable, is_transient
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConfigError, MigrationError, TransientError
 from .manifest import Manifest, ManifestTable
@@ -259,14 +259,20 @@ def copy_partitions(
         except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         run_id = context.run.run_id
+        stopped = False
         for key in keys:
-            if context.retry_number and _done_in_this_run(session, table_name, key, run_id):
-                continue
             try:
+                if context.retry_number and _done_in_this_run(session, table_name, key, run_id):
+                    continue
                 result = session.copy(table, key, options)
             except MigrationError as exc:
                 context.log.error(exc.message)
                 failures.append(exc)
+                if _unreachable(exc):
+                    # Every further range would wait out the same outage; the step's retry
+                    # policy starts over later and skips what this run already completed.
+                    stopped = True
+                    break
                 continue
             yield dg.AssetMaterialization(
                 asset_key=context.asset_key,
@@ -284,11 +290,17 @@ def copy_partitions(
     if failures:
         raise dg.Failure(
             description=(
-                f"{len(failures)} of {len(keys)} ranges of {table_name} failed; "
-                f"first: {failures[0].message}"
+                f"{len(failures)} of {len(keys)} ranges of {table_name} failed"
+                + ("; a database became unreachable, the rest wait for a retry" if stopped else "")
+                + f"; first: {failures[0].message}"
             ),
-            allow_retries=all(isinstance(f, TransientError) for f in failures),
+            allow_retries=all(_unreachable(f) for f in failures),
         )
+
+
+def _unreachable(exc: MigrationError) -> bool:
+    """Lost or refused connections that outlived the per-range retries: worth a later retry."""
+    return isinstance(exc, TransientError | ServerUnreachable)
 
 
 def _done_in_this_run(session: CopySession, table: str, key: str, run_id: str) -> bool:

@@ -235,7 +235,7 @@ def _finish(summary) -> int:
         return EXIT_FAILED
     if summary.failures:
         print(
-            f"{len(summary.failures)} range(s) failed; fix the cause and run "
+            f"{len(summary.failures)} failure(s) stopped the copy; fix the cause and run "
             "`supabase-migrate resume` (or backfill failed partitions in the UI).",
             file=sys.stderr,
         )

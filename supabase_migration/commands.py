@@ -378,7 +378,8 @@ def make_units(table: str, keys: Sequence[str], todo: set[str] | None) -> list[U
 
 def execute_unit(
     defs: dg.Definitions, instance: dg.DagsterInstance, unit: Unit, resync: bool
-) -> bool:
+) -> str | None:
+    """Run one unit; None when it succeeded, else the failed step's one PHI-free sentence."""
     key = table_asset_key(unit.table)
     op_name = defs.get_assets_def(key).op.name
     tags = (
@@ -396,7 +397,7 @@ def execute_unit(
         tags={PID_TAG: str(os.getpid()), COMMAND_TAG: "run", **tags},
         raise_on_error=False,
     )
-    return result.success
+    return None if result.success else _run_failure(result).message
 
 
 def _worker_init() -> None:
@@ -408,7 +409,7 @@ def _worker_init() -> None:
     _quiet_dagster()
 
 
-def _worker_execute(manifest_path: str, unit: Unit, resync: bool) -> bool:
+def _worker_execute(manifest_path: str, unit: Unit, resync: bool) -> str | None:
     defs = build_definitions(manifest_io.read(Path(manifest_path)))
     return execute_unit(defs, dg.DagsterInstance.get(), unit, resync)
 
@@ -458,7 +459,9 @@ def run(
         watcher = threading.Thread(target=_watch, args=(progress, stop), daemon=True)
         watcher.start()
     try:
-        _execute_all(defs, instance, manifest, units, settings.workers, resync=False)
+        unit_failures = _execute_all(
+            defs, instance, manifest, units, settings.workers, resync=False
+        )
     finally:
         stop.set()
         if watcher is not None:
@@ -472,6 +475,10 @@ def run(
             if cp.status == checkpoints.Status.FAILED
         ]
         tables = checkpoints.summary(target)
+    # A step can also fail where no checkpoint row records it (the target was unreachable
+    # when the failure was to be written): its own sentence is then the only explanation.
+    recorded = {f.split(" partition ", 1)[0] for f in failed}
+    failed += [f"{table}: {message}" for table, message in unit_failures if table not in recorded]
     if progress is not None:
         progress(tables)
     summary = RunSummary(tables=tables, failures=failed, duration_s=0.0)
@@ -533,20 +540,25 @@ def _execute_all(
     workers: int,
     *,
     resync: bool,
-) -> None:
+) -> list[tuple[str, str]]:
+    """Run every unit; returns (table, sentence) for each unit that failed."""
     # Biggest tables first, so the longest tail starts early (as pgcopydb does).
     sizes = {t.name: t.estimated_rows or 0 for t in manifest.tables}
     ordered = sorted(units, key=lambda u: -sizes.get(u.table, 0))
+    outcomes: list[tuple[str, str | None]] = []
     if workers <= 1:
         for unit in ordered:
-            execute_unit(defs, instance, unit, resync)
-        return
-    assert manifest.path is not None
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-        futures = [pool.submit(_worker_execute, str(manifest.path), u, resync) for u in ordered]
-        for future in as_completed(futures):
-            future.result()
+            outcomes.append((unit.table, execute_unit(defs, instance, unit, resync)))
+    else:
+        assert manifest.path is not None
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            futures = {
+                pool.submit(_worker_execute, str(manifest.path), u, resync): u for u in ordered
+            }
+            for future in as_completed(futures):
+                outcomes.append((futures[future].table, future.result()))
+    return [(table, message) for table, message in outcomes if message is not None]
 
 
 def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threading.Event) -> None:
