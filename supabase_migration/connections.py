@@ -50,6 +50,7 @@ _TRANSIENT_TEXT = re.compile(
     "|".join(
         [
             r"server closed the connection unexpectedly",
+            r"server conn(ection)? (closed|crashed)",  # PgBouncer, when its server backend died
             r"terminating connection",
             r"connection reset",
             r"broken pipe",

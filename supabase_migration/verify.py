@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from . import checkpoints, sqlbuild
+from . import checkpoints, deferred, sqlbuild
 from .catalog import TableInfo, needs_bytewise_keys, read_tables
 from .conninfo import DatabaseUrl
 from .copy import CopySession
@@ -851,6 +851,17 @@ def indexes(
         )
         severity = ERROR if unique_lost else WARN
         details = {"source_indexes": len(src), "target_indexes": len(tgt), **diff}
+        waiting = [d.index_name for d in deferred.pending(target, [table.qualified_name])]
+        if waiting:
+            details["waiting_to_build"] = waiting
+            return (
+                False,
+                ERROR,
+                f"{table.qualified_name}: {_plural(len(waiting), 'index')} dropped for the first "
+                f"load {'is' if len(waiting) == 1 else 'are'} not built yet ({_shown(waiting)}); "
+                "`supabase-migrate run` builds them once every range is copied.",
+                details,
+            )
         return (
             not failed,
             severity,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from supabase_migration import checkpoints, deferred
+from supabase_migration import checkpoints, deferred, verify
 from supabase_migration.catalog import read_tables
 from supabase_migration.connections import connect
 from supabase_migration.conninfo import parse_database_url
@@ -147,7 +147,13 @@ def test_indexes_are_dropped_for_the_load_and_rebuilt_exactly(pair):
         with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
             admin.execute("DELETE FROM partly_loaded")
         _copy_everything(s, t)
+        # Verification does not pass a table whose indexes are still waiting.
+        parent = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.parent"]
+        outcome = verify.indexes(s, t, parent)
+        assert not outcome.passed and outcome.severity == verify.ERROR
+        assert outcome.details["waiting_to_build"] == chosen["public.parent"]
         built = {name: deferred.rebuild_if_complete(t, name) for name in TABLES}
+        assert verify.indexes(s, t, parent).passed
         assert sorted(built["public.parent"]) == chosen["public.parent"]
         assert built["public.child"] == ["child_parent_idx"]
         assert deferred.pending(t) == []
