@@ -262,7 +262,7 @@ def copy_partitions(
         stopped = False
         for key in keys:
             try:
-                if context.retry_number and _done_in_this_run(session, table_name, key, run_id):
+                if context.retry_number and session.completed_by_run(table_name, key, run_id):
                     continue
                 result = session.copy(table, key, options)
             except MigrationError as exc:
@@ -301,11 +301,6 @@ def copy_partitions(
 def _unreachable(exc: MigrationError) -> bool:
     """Lost or refused connections that outlived the per-range retries: worth a later retry."""
     return isinstance(exc, TransientError | ServerUnreachable)
-
-
-def _done_in_this_run(session: CopySession, table: str, key: str, run_id: str) -> bool:
-    cp = checkpoints.get(session.target, table, key)
-    return cp is not None and cp.status == checkpoints.Status.COMPLETED and cp.run_id == run_id
 
 
 def build_table_asset(manifest: Manifest, entry: ManifestTable) -> dg.AssetsDefinition:
