@@ -26,3 +26,22 @@ def assert_tables_equal(source_url: str, target_url: str, tables: list[str]) -> 
         src, tgt = table_rows(source_url, table), table_rows(target_url, table)
         assert len(src) == len(tgt), f"{table}: {len(src)} source rows vs {len(tgt)} target rows"
         assert src == tgt, f"{table}: contents differ"
+
+
+def index_definitions(url: str, schemas: list[str]) -> dict[tuple[str, str], str]:
+    """(table, index) -> definition for every index in `schemas`."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT schemaname || '.' || tablename, indexname, indexdef FROM pg_indexes "
+            "WHERE schemaname = ANY(%s)",
+            (schemas,),
+        )
+        return {(table, index): definition for table, index, definition in rows}
+
+
+def assert_indexes_equal(source_url: str, target_url: str, schemas: list[str]) -> None:
+    """The same indexes, by name and definition: none left unbuilt after a load."""
+    source, target = index_definitions(source_url, schemas), index_definitions(target_url, schemas)
+    assert source, "the source has no indexes: the comparison would prove nothing"
+    assert sorted(set(source) - set(target)) == [], "indexes missing on the target"
+    assert target == source

@@ -20,7 +20,7 @@ import pytest
 from supabase_migration import example_app
 from supabase_migration.example_app.generate import generate
 
-from .compare import assert_tables_equal
+from .compare import assert_indexes_equal, assert_tables_equal
 from .test_cli import APP_TABLES, cli
 from .test_schema_apply import load_sql_file
 
@@ -125,6 +125,8 @@ def test_sigkill_mid_run_then_run_again_through_the_pooler(source_db, target_db,
         assert after[key] == row, f"{key} was rewritten although it had completed"
     report = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
     assert report["status"] == "PASS"
+    # Indexes dropped for the first load were all built, even for tables the kill interrupted.
+    assert_indexes_equal(source_db.url, target_db.url, ["public"])
 
 
 def _user_tables(url: str) -> list[str]:
@@ -152,6 +154,7 @@ def test_pagila_migrates_equal_in_dump_mode(source_db, target_db, pagila_dir, tm
     tables = _user_tables(source_db.url)
     assert "public.payment" in tables and "public.film" in tables
     assert_tables_equal(source_db.url, target_db.url, tables)
+    assert_indexes_equal(source_db.url, target_db.url, ["public"])
     status = json.loads(cli(["status", "--json"], env, tmp_path).stdout)["tables"]
     assert "public.payment" in status  # the partitioned table is one asset, its parent
     assert not any(name.startswith("public.payment_p") for name in status)
