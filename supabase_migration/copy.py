@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
@@ -69,10 +70,13 @@ def copy_range(
     table: TableInfo,
     partition_key: str,
     options: CopyOptions = CopyOptions(),
+    peer: psycopg.Connection | None = None,
 ) -> RangeResult:
     """Make one range of the target equal to the same range of the source.
 
-    Both connections must be in autocommit mode; transactions are explicit here.
+    Connections must be in autocommit mode; transactions are explicit here. `peer`, a second
+    source connection, lets a range that is copied anyway (never completed, or forced) compute
+    its checksum while the rows stream, in the same snapshot, instead of before.
     """
     name = table.qualified_name
     started = time.monotonic()
@@ -85,9 +89,18 @@ def copy_range(
                 "(or run `supabase-migrate plan`) first."
             )
         key_range = planned.key_range()
-        with _source_snapshot(source):
-            count, checksum, last_key = _source_checksum(source, table, key_range, options)
-            unchanged = not options.force and _matches(planned, count, checksum)
+        overlap = peer is not None and (
+            options.force or planned.status != checkpoints.Status.COMPLETED
+        )
+        with _source_snapshot(source), ThreadPoolExecutor(1) as pool:
+            if overlap:
+                assert peer is not None
+                snapshot = source.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+                pending = pool.submit(_checksum_in, peer, snapshot, table, key_range, options)
+                count, checksum, last_key = -1, "", None
+            else:
+                count, checksum, last_key = _source_checksum(source, table, key_range, options)
+            unchanged = not overlap and not options.force and _matches(planned, count, checksum)
             if unchanged:
                 return RangeResult(
                     name,
@@ -105,6 +118,8 @@ def copy_range(
                 assert locked is not None
                 _set_local(target, options)
                 path, deleted, nbytes = _load(source, target, table, locked, options)
+                if overlap:
+                    count, checksum, last_key = pending.result()
                 duration = time.monotonic() - started
                 checkpoints.mark_completed(
                     target,
@@ -186,6 +201,20 @@ def changed_or_unfinished(
         if not _matches(cp, count, checksum):
             todo.add(cp.partition_key)
     return todo
+
+
+def _checksum_in(
+    peer: psycopg.Connection, snapshot: str, table: TableInfo, key_range, options: CopyOptions
+) -> tuple[int, str, str | None]:
+    """The checksum in another connection that imported the copying transaction's snapshot."""
+    with peer.transaction(force_rollback=True):
+        peer.execute(
+            sql.SQL(
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
+                "SET TRANSACTION SNAPSHOT {}"
+            ).format(sql.Literal(snapshot))
+        )
+        return _source_checksum(peer, table, key_range, options)
 
 
 def _source_checksum(
@@ -333,6 +362,8 @@ class CopySession:
         self.log = log
         self._source: psycopg.Connection | None = None
         self._target: psycopg.Connection | None = None
+        self._peer: psycopg.Connection | None = None
+        self._overlap: bool | None = None
 
     def _fresh(self, conn: psycopg.Connection | None, url: DatabaseUrl) -> psycopg.Connection:
         if conn is None or conn.closed or conn.broken:
@@ -350,6 +381,18 @@ class CopySession:
     def target(self) -> psycopg.Connection:
         self._target = self._fresh(self._target, self.target_url)
         return self._target
+
+    @property
+    def peer(self) -> psycopg.Connection | None:
+        """A second source connection for checksums that overlap the copy; None on a standby,
+        which may not export snapshots on every version."""
+        if self._overlap is None:
+            row = self.source.execute("SELECT pg_is_in_recovery()").fetchone()
+            self._overlap = bool(row is not None and not row[0])
+        if not self._overlap:
+            return None
+        self._peer = self._fresh(self._peer, self.source_url)
+        return self._peer
 
     def completed_by_run(self, table: str, partition_key: str, run_id: str) -> bool:
         """Whether `run_id` already completed this range (a retried step skips it)."""
@@ -372,17 +415,17 @@ class CopySession:
 
     def copy(self, table: TableInfo, partition_key: str, options: CopyOptions) -> RangeResult:
         return retrying(
-            lambda: copy_range(self.source, self.target, table, partition_key, options),
+            lambda: copy_range(self.source, self.target, table, partition_key, options, self.peer),
             attempts=self.attempts,
             what=f"copying partition {partition_key} of {table.qualified_name}",
             log=self.log,
         )
 
     def close(self) -> None:
-        for conn in (self._source, self._target):
+        for conn in (self._source, self._target, self._peer):
             if conn is not None:
                 conn.close()
-        self._source = self._target = None
+        self._source = self._target = self._peer = None
 
     def __enter__(self) -> CopySession:
         return self

@@ -11,7 +11,7 @@ from supabase_migration import checkpoints, sqlbuild
 from supabase_migration.catalog import KeyKind, read_tables
 from supabase_migration.connections import connect
 from supabase_migration.conninfo import Endpoint, parse_database_url
-from supabase_migration.copy import CopyOptions, copy_range, replica_mode_allowed
+from supabase_migration.copy import CopyOptions, CopySession, copy_range, replica_mode_allowed
 from supabase_migration.errors import ConcurrentRunError, CopyError
 from supabase_migration.planning import refresh_plan
 
@@ -286,3 +286,27 @@ def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
         checksum = _checksum(source_db.url, "public.subtle")[1]
         assert checksum not in seen, change
         seen.add(checksum)
+
+
+def test_checksum_computed_beside_the_copy_is_the_snapshot_checksum(pair):
+    """A first load computes its checksum in a second connection while the rows stream; it
+    must equal the checksum a later run computes on its own, or every range would re-sync."""
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with CopySession(src_url, tgt_url) as session:
+        checkpoints.ensure_bookkeeping(session.target)
+        assert session.peer is not None
+        options = CopyOptions(replica_mode=replica_mode_allowed(session.target))
+        first = []
+        for info in read_tables(session.source, ["public"]):
+            refresh_plan(session.source, session.target, info, batch_size=700)
+            for cp in checkpoints.load(session.target, info.qualified_name):
+                first.append(session.copy(info, cp.partition_key, options))
+    assert {r.path for r in first} <= {"copy", "replace"}
+    assert all(r.rows > 0 for r in first if r.table == "public.items")
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+    again = migrate_all(source_db, target_db.url)  # no peer: checksums computed up front
+    assert {r.path for r in again} == {"unchanged"}
+    assert {(r.table, r.partition_key, r.checksum) for r in again} == {
+        (r.table, r.partition_key, r.checksum) for r in first
+    }
