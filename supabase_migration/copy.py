@@ -31,6 +31,7 @@ from .catalog import KeyKind, TableInfo
 from .connections import connect, is_transient, retrying
 from .conninfo import DatabaseUrl
 from .errors import ConcurrentRunError, CopyError, TransientError
+from .ranges import KeyRange, chunks
 from .redaction import describe_pg_error
 
 STAGING_TABLE = "supabase_migration_stage"
@@ -181,6 +182,9 @@ def _matches(planned: checkpoints.Checkpoint, count: int, checksum: str) -> bool
     )
 
 
+RANGES_PER_SNAPSHOT = 200  # bounds how long one read snapshot stays open on the source
+
+
 def changed_or_unfinished(
     source: psycopg.Connection,
     table: TableInfo,
@@ -189,18 +193,52 @@ def changed_or_unfinished(
 ) -> set[str]:
     """Partition keys a catch-up run must copy: not completed, or whose source rows changed.
 
-    The same test `copy_range` makes, done up front so unchanged ranges cost no Dagster run.
+    The same test `copy_range` makes, done up front so unchanged ranges cost no Dagster run;
+    each run of consecutive completed ranges is measured in one pass.
     """
-    todo: set[str] = set()
+    todo = {cp.partition_key for cp in planned if cp.status != checkpoints.Status.COMPLETED}
+    runs: list[list[checkpoints.Checkpoint]] = [[]]
     for cp in planned:
-        if cp.status != checkpoints.Status.COMPLETED:
-            todo.add(cp.partition_key)
-            continue
-        with _source_snapshot(source):
-            count, checksum, _ = _source_checksum(source, table, cp.key_range(), options)
-        if not _matches(cp, count, checksum):
-            todo.add(cp.partition_key)
+        if cp.status == checkpoints.Status.COMPLETED:
+            runs[-1].append(cp)
+        elif runs[-1]:
+            runs.append([])
+    for run in runs:
+        for chunk in chunks(run, RANGES_PER_SNAPSHOT):
+            with _source_snapshot(source):
+                source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+                measured = sums_by_range(
+                    source, table, [cp.key_range() for cp in chunk], collate_c=options.collate_c
+                )
+            todo |= {
+                cp.partition_key
+                for cp, (count, checksum) in zip(chunk, measured, strict=True)
+                if not _matches(cp, count, checksum)
+            }
     return todo
+
+
+def sums_by_range(
+    conn: psycopg.Connection,
+    table: TableInfo,
+    ranges: Sequence[KeyRange],
+    *,
+    collate_c: bool = False,
+) -> list[tuple[int, str]]:
+    """(count, checksum) of each range, in the caller's transaction with text output pinned:
+    one pass over contiguous ranges, else one query per range."""
+    if sqlbuild.can_bucket(table, ranges):
+        query = sqlbuild.bucketed_checksum_query(table, ranges, collate_c=collate_c)
+        found = {int(b): (int(n), str(c)) for b, n, c in conn.execute(query)}
+        empty = (0, sqlbuild.empty_checksum(table))
+        return [found.get(i, empty) for i in range(len(ranges))]
+    out = []
+    for r in ranges:
+        query = sqlbuild.range_checksum_query(table, r.lower, r.upper, collate_c=collate_c)
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        out.append((int(row[0]), str(row[1])))
+    return out
 
 
 def _checksum_in(

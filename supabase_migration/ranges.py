@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 Bound = tuple[str, ...] | None
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,3 +32,8 @@ class KeyRange:
 def partition_key(index: int) -> str:
     """Zero-padded so lexical order is key order in the UI."""
     return f"{index:06d}"
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

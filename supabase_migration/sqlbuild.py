@@ -7,11 +7,12 @@ so one code path serves integer, uuid, text, timestamp and composite keys.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 from psycopg import sql
 
 from .catalog import Column, KeyKind, TableInfo
-from .ranges import Bound
+from .ranges import Bound, KeyRange
 
 # Row text must render the same on source and target for checksums to be comparable, so every
 # transaction that hashes rows pins the settings that change text output.
@@ -71,23 +72,26 @@ def range_predicate(
     return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
 
-def row_hash_sum(table: TableInfo) -> sql.Composable:
-    """Order-independent checksum of a set of rows: the sum of a 64-bit hash of each row, as text.
+def row_hash(
+    table: TableInfo,
+    columns: Sequence[Column] | None = None,
+    seed: sql.Composable | None = None,
+) -> sql.Composable:
+    """A 64-bit hash of each row's `columns` (default: the copied ones), equal on both sides.
 
     On PostgreSQL 14+ `hash_record_extended` hashes each value with its type's own hash
     function (about 2x cheaper than hashing the row's text, 4x cheaper than md5), for types
     where equal hashes mean equal text; other columns are hashed as text under the pinned
     output settings, and text columns bytewise (COLLATE "C"). Older servers hash the row
     text with `hashtextextended`. Both functions back hash partitioning, whose stored
-    partitions rely on them staying the same across platforms and major versions. The prefix
-    names the method, so a checksum is never compared with one made another way.
+    partitions rely on them staying the same across platforms and major versions.
     """
+    columns = table.copy_columns if columns is None else columns
+    seed = sql.Literal(0) if seed is None else seed
     if not table.hash_records:
-        return sql.SQL("'t' || coalesce(sum(hashtextextended(ROW({})::text, 0)), 0)::text").format(
-            column_list(table.copy_columns)
-        )
+        return sql.SQL("hashtextextended(ROW({})::text, {})").format(column_list(columns), seed)
     values = []
-    for col in table.copy_columns:
+    for col in columns:
         ident = sql.Identifier(col.name)
         if not col.hash_native:
             values.append(sql.SQL("{}::text").format(ident))
@@ -95,8 +99,14 @@ def row_hash_sum(table: TableInfo) -> sql.Composable:
             values.append(sql.SQL('{} COLLATE "C"').format(ident))
         else:
             values.append(ident)
-    return sql.SQL("'r' || coalesce(sum(hash_record_extended(ROW({}), 0)), 0)::text").format(
-        sql.SQL(", ").join(values)
+    return sql.SQL("hash_record_extended(ROW({}), {})").format(sql.SQL(", ").join(values), seed)
+
+
+def row_hash_sum(table: TableInfo) -> sql.Composable:
+    """Order-independent checksum of a set of rows: the sum of `row_hash`, as text. The prefix
+    names the method, so a checksum is never compared with one made another way."""
+    return sql.SQL("{} || coalesce(sum({}), 0)::text").format(
+        sql.Literal(empty_checksum(table)[0]), row_hash(table)
     )
 
 
@@ -115,6 +125,47 @@ def range_checksum_query(
         last_key,
         table_ident(table),
         range_predicate(table, lower, upper, collate_c=collate_c),
+    )
+
+
+def empty_checksum(table: TableInfo) -> str:
+    """What `row_hash_sum` gives for no rows."""
+    return ("r" if table.hash_records else "t") + "0"
+
+
+def can_bucket(table: TableInfo, ranges: Sequence[KeyRange]) -> bool:
+    """Whether `bucketed_checksum_query` should measure these ranges in one pass.
+
+    Only single-column uuid or text keys: random uuids do not follow the heap's order, so each
+    range's own scan visits pages all over the table (measured: 30-40% slower than one pass at
+    450k rows). Integer keys usually follow insertion order, and composite keys often lead with
+    a column rows arrive grouped by; their ranges are contiguous scans, cheaper than grouping
+    every row (measured: one pass 0-60% slower). The ranges must be contiguous.
+    """
+    if table.key_kind is not KeyKind.KEYSET or len(table.key) != 1 or len(ranges) < 2:
+        return False
+    return all(a.upper is not None and a.upper == b.lower for a, b in pairwise(ranges))
+
+
+def bucketed_checksum_query(
+    table: TableInfo, ranges: Sequence[KeyRange], *, collate_c: bool = False
+) -> sql.Composed:
+    """count and checksum of each of several contiguous ranges, in one scan of their span.
+
+    `width_bucket` finds each row's range by binary search over the inner bounds (any sortable
+    type). Rows group by bucket `i`, the i-th range; a range without rows has no row in the
+    result.
+    """
+    key = _key_expr(table, None, collate_c)
+    bounds = [_bound_expr(table, r.upper) for r in ranges[:-1]]  # type: ignore[arg-type]
+    return sql.SQL(
+        "SELECT width_bucket({}, ARRAY[{}]), count(*), {} FROM {} WHERE {} GROUP BY 1"
+    ).format(
+        key,
+        sql.SQL(", ").join(bounds),
+        row_hash_sum(table),
+        table_ident(table),
+        range_predicate(table, ranges[0].lower, ranges[-1].upper, collate_c=collate_c),
     )
 
 

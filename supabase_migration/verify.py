@@ -13,8 +13,10 @@ a mismatch the keys and hashes of one range, come back to the client.
 
 from __future__ import annotations
 
+import importlib
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +33,9 @@ from psycopg import sql
 from . import checkpoints, deferred, sqlbuild
 from .catalog import TableInfo, needs_bytewise_keys, read_tables
 from .conninfo import DatabaseUrl
-from .copy import CopySession
+from .copy import CopySession, sums_by_range
 from .manifest import Manifest
-from .ranges import KeyRange
+from .ranges import KeyRange, chunks
 from .redaction import describe_pg_error
 
 if TYPE_CHECKING:
@@ -187,11 +189,6 @@ def key_label(key: Sequence[str], values: Sequence[Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in zip(key, values, strict=True))
 
 
-def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def _plural(n: int, word: str) -> str:
     if n == 1:
         return f"{n} {word}"
@@ -240,7 +237,7 @@ def _per_range(
 ) -> list[tuple[Any, ...]]:
     """One row per range, a bounded number of ranges per snapshot."""
     out: list[tuple[Any, ...]] = []
-    for chunk in _chunks(ranges, RANGES_PER_TRANSACTION):
+    for chunk in chunks(ranges, RANGES_PER_TRANSACTION):
         with read_snapshot(conn):
             for r in chunk:
                 row = conn.execute(query(r)).fetchone()
@@ -352,7 +349,11 @@ def range_sums(
     """(count, checksum) of every range, computed on both sides at once."""
 
     def sums(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
-        return _per_range(conn, ranges, lambda r: checksum_query(table, r, collate_c=collate_c))
+        out: list[tuple[Any, ...]] = []
+        for chunk in chunks(ranges, RANGES_PER_TRANSACTION):
+            with read_snapshot(conn):
+                out += sums_by_range(conn, table, chunk, collate_c=collate_c)
+        return out
 
     return on_both(sums, source, target)
 
@@ -601,12 +602,10 @@ def _sample_by_key(
 
     name = table.qualified_name
     width = len(table.key)
-    pick = sql.SQL(
-        "SELECT {} FROM {} ORDER BY hashtextextended(ROW({})::text, %s), 1 LIMIT %s"
-    ).format(
+    pick = sql.SQL("SELECT {} FROM {} ORDER BY {}, 1 LIMIT %s").format(
         _key_texts(table),
         sqlbuild.table_ident(table),
-        sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
+        sqlbuild.row_hash(table, [table.column(k) for k in table.key], sql.Placeholder()),
     )
     with read_snapshot(source):
         keys = [tuple(row) for row in source.execute(pick, (seed, size))]
@@ -677,12 +676,9 @@ def _sample_by_hash(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo, size: int, seed: int
 ) -> tuple[bool, str, str, dict[str, Any]]:
     name = table.qualified_name
-    row_hash = sql.SQL("hashtextextended(ROW({})::text, 0)").format(
-        sqlbuild.column_list(table.copy_columns)
-    )
+    row_hash = sqlbuild.row_hash(table)
     pick = sql.SQL(
-        "SELECT h FROM (SELECT {} AS h FROM {}) s ORDER BY hashtextextended(h::text, %s), h "
-        "LIMIT %s"
+        "SELECT h FROM (SELECT {} AS h FROM {}) s ORDER BY hashint8extended(h, %s), h LIMIT %s"
     )
     with read_snapshot(source):
         hashes = [
@@ -1193,6 +1189,8 @@ def run_verification(
     from .report import Report  # report renders outcomes, so it imports this module
 
     started = time.monotonic()
+    # The sample check needs pandas (0.5-1 s to import): load it while the databases hash rows.
+    threading.Thread(target=importlib.import_module, args=("pandas",), daemon=True).start()
     seed = secrets.randbelow(2**31) if seed is None else seed
     names = list(tables) if tables else [t.name for t in manifest.tables]
     outcomes: list[CheckOutcome] = []
