@@ -409,6 +409,48 @@ def _worker_init() -> None:
     _quiet_dagster()
 
 
+def _worker_ready() -> None:
+    """A worker's warm-up: open the instance once (its SQLite checks cost about 1.5 s)."""
+    dg.DagsterInstance.get().get_runs(limit=1)
+
+
+class Workers:
+    """Spawned copy workers, started before the schema step when there is copying to do: each
+    spends 2-4 s importing Dagster and opening the instance, which then overlaps the main
+    process's schema and plan run instead of delaying the first copy."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> ProcessPoolExecutor | None:
+        if self.count > 1 and self._pool is None:
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(
+                self.count, mp_context=context, initializer=_worker_init
+            )
+            for _ in range(self.count):
+                self._pool.submit(_worker_ready)
+        return self._pool
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            # Idle workers exit on their own; waiting for them would delay the finishing run.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _copying_ahead() -> bool:
+    """Whether this run will copy: nothing planned yet, or ranges not completed."""
+    with connect(target_url(), autocommit=True) as target:
+        if not checkpoints.bookkeeping_exists(target):
+            return True
+        tables = checkpoints.summary(target)
+    return not tables or any(t["pending"] or t["failed"] for t in tables.values())
+
+
 def _worker_execute(manifest_path: str, unit: Unit, resync: bool) -> str | None:
     defs = build_definitions(manifest_io.read(Path(manifest_path)))
     return execute_unit(defs, dg.DagsterInstance.get(), unit, resync)
@@ -434,39 +476,14 @@ def run(
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
     defs = build_definitions(manifest)
     command = "resume" if resume else "run"
-    _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
-
-    units: list[Unit] = []
-    with (
-        connect(source_url(), autocommit=True) as source,
-        connect(target_url(), autocommit=True) as target,
-    ):
-        names = [t.name for t in manifest.tables]
-        tables = live_tables(source, names)
-        options = CopyOptions(collate_c=needs_bytewise_keys(source, target))
-        for name in names:
-            keys = instance.get_dynamic_partitions(partitions_def_name(name))
-            planned = checkpoints.load(target, name)
-            if resume:
-                todo = {cp.partition_key for cp in planned if cp.status != Status.COMPLETED}
-            else:  # catch-up: unchanged completed ranges need no Dagster run at all
-                todo = changed_or_unfinished(source, tables[name], planned, options)
-            units += make_units(name, keys, todo)
-
-    stop = threading.Event()
-    watcher = None
-    if progress is not None:
-        watcher = threading.Thread(target=_watch, args=(progress, stop), daemon=True)
-        watcher.start()
-    try:
-        unit_failures = _execute_all(
-            defs, instance, manifest, units, settings.workers, resync=False
+    with Workers(settings.workers) as workers:
+        if settings.workers > 1 and _copying_ahead():
+            workers.start()
+        _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
+        units = _units_to_run(manifest, instance, resume)
+        unit_failures = _execute_with_progress(
+            defs, instance, manifest, units, workers.start() if units else None, progress
         )
-    finally:
-        stop.set()
-        if watcher is not None:
-            watcher.join()
-
     with connect(target_url(), autocommit=True) as target:
         failed = [
             f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
@@ -490,6 +507,48 @@ def run(
             summary.report_dir = report_dir().resolve()
     summary.duration_s = time.monotonic() - started
     return summary
+
+
+def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool) -> list[Unit]:
+    """Contiguous spans of ranges to copy: not completed, or (catch-up) changed at the source."""
+    units: list[Unit] = []
+    with (
+        connect(source_url(), autocommit=True) as source,
+        connect(target_url(), autocommit=True) as target,
+    ):
+        names = [t.name for t in manifest.tables]
+        tables = live_tables(source, names)
+        options = CopyOptions(collate_c=needs_bytewise_keys(source, target))
+        for name in names:
+            keys = instance.get_dynamic_partitions(partitions_def_name(name))
+            planned = checkpoints.load(target, name)
+            if resume:
+                todo = {cp.partition_key for cp in planned if cp.status != Status.COMPLETED}
+            else:  # catch-up: unchanged completed ranges need no Dagster run at all
+                todo = changed_or_unfinished(source, tables[name], planned, options)
+            units += make_units(name, keys, todo)
+    return units
+
+
+def _execute_with_progress(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    manifest: Manifest,
+    units: Sequence[Unit],
+    pool: ProcessPoolExecutor | None,
+    progress: Callable[[dict[str, dict[str, int]]], None] | None,
+) -> list[tuple[str, str]]:
+    stop = threading.Event()
+    watcher = None
+    if progress is not None:
+        watcher = threading.Thread(target=_watch, args=(progress, stop), daemon=True)
+        watcher.start()
+    try:
+        return _execute_all(defs, instance, manifest, units, pool, resync=False)
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
 
 
 def _run_report(
@@ -537,27 +596,24 @@ def _execute_all(
     instance: dg.DagsterInstance,
     manifest: Manifest,
     units: Sequence[Unit],
-    workers: int,
+    pool: ProcessPoolExecutor | None,
     *,
     resync: bool,
 ) -> list[tuple[str, str]]:
-    """Run every unit; returns (table, sentence) for each unit that failed."""
+    """Run every unit (in this process without a pool); returns (table, sentence) for each
+    unit that failed."""
     # Biggest tables first, so the longest tail starts early (as pgcopydb does).
     sizes = {t.name: t.estimated_rows or 0 for t in manifest.tables}
     ordered = sorted(units, key=lambda u: -sizes.get(u.table, 0))
     outcomes: list[tuple[str, str | None]] = []
-    if workers <= 1:
+    if pool is None:
         for unit in ordered:
             outcomes.append((unit.table, execute_unit(defs, instance, unit, resync)))
     else:
         assert manifest.path is not None
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-            futures = {
-                pool.submit(_worker_execute, str(manifest.path), u, resync): u for u in ordered
-            }
-            for future in as_completed(futures):
-                outcomes.append((futures[future].table, future.result()))
+        futures = {pool.submit(_worker_execute, str(manifest.path), u, resync): u for u in ordered}
+        for future in as_completed(futures):
+            outcomes.append((futures[future].table, future.result()))
     return [(table, message) for table, message in outcomes if message is not None]
 
 
