@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from itertools import pairwise
+from queue import Queue
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -1193,16 +1194,18 @@ def run_verification(
     threading.Thread(target=importlib.import_module, args=("pandas",), daemon=True).start()
     seed = secrets.randbelow(2**31) if seed is None else seed
     names = list(tables) if tables else [t.name for t in manifest.tables]
-    outcomes: list[CheckOutcome] = []
-    with CopySession(source_url, target_url, log=log) as session:
+    results: dict[str, list[CheckOutcome]] = {}
+    with (
+        CopySession(source_url, target_url, log=log) as first,
+        CopySession(source_url, target_url, log=log) as second,
+    ):
         schemas = sorted({n.split(".", 1)[0] for n in names})
-        with read_snapshot(session.source), read_snapshot(session.target):
-            collate_c = needs_bytewise_keys(session.source, session.target)
-            infos = {t.qualified_name: t for t in read_tables(session.source, schemas)}
+        with read_snapshot(first.source), read_snapshot(first.target):
+            collate_c = needs_bytewise_keys(first.source, first.target)
+            infos = {t.qualified_name: t for t in read_tables(first.source, schemas)}
         for name in names:
-            info = infos.get(name)
-            if info is None:
-                outcomes.append(
+            if name not in infos:
+                results[name] = [
                     CheckOutcome(
                         ROW_COUNT,
                         name,
@@ -1211,20 +1214,38 @@ def run_verification(
                         f"{name} is in the manifest but not in the source; nothing was verified.",
                         {"missing_on": "source"},
                     )
+                ]
+        # Two tables at a time, each with its own connections: while one table's checksums
+        # keep both databases busy, the other's one-sided checks (foreign keys on the target,
+        # the sample's pick on the source) and Python work fill the gaps. Biggest tables first.
+        todo = sorted(
+            (infos[n] for n in names if n in infos), key=lambda t: -(t.estimated_rows or 0)
+        )
+        sessions = Queue[CopySession]()
+        sessions.put(first)
+        sessions.put(second)
+
+        def verify_one(info: TableInfo) -> None:
+            session = sessions.get()
+            try:
+                if log:
+                    log(f"Verifying {info.qualified_name}")
+                results[info.qualified_name] = verify_table(
+                    lambda: session.source,
+                    lambda: session.target,
+                    info,
+                    ranges_from_checkpoints(session.target, info),
+                    sample_size=sample_size,
+                    seed=seed,
+                    collate_c=collate_c,
                 )
-                continue
-            if log:
-                log(f"Verifying {name}")
-            ranges = ranges_from_checkpoints(session.target, info)
-            outcomes += verify_table(
-                lambda: session.source,
-                lambda: session.target,
-                info,
-                ranges,
-                sample_size=sample_size,
-                seed=seed,
-                collate_c=collate_c,
-            )
+            finally:
+                sessions.put(session)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for future in [pool.submit(verify_one, info) for info in todo]:
+                future.result()
+    outcomes = [outcome for name in names for outcome in results.get(name, [])]
     return Report(
         outcomes=tuple(outcomes),
         security_findings=tuple(security_findings),
