@@ -143,9 +143,17 @@ def _recorded(conn: psycopg.Connection, table_name: str) -> list[Deferred]:
     return [Deferred(*row) for row in rows]
 
 
+def _recording(conn: psycopg.Connection) -> bool:
+    """Whether the target has the record (bookkeeping made by an earlier version may not)."""
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{BOOKKEEPING_SCHEMA}.deferred_indexes",)
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def pending(conn: psycopg.Connection, tables: Sequence[str] | None = None) -> list[Deferred]:
     """Every index still waiting to be built (all tables, or the given ones)."""
-    if not checkpoints.bookkeeping_exists(conn):
+    if not _recording(conn):
         return []
     rows = conn.execute(
         sql.SQL(
@@ -202,6 +210,8 @@ def rebuild(conn: psycopg.Connection, table_name: str) -> list[str]:
 
 def rebuild_if_complete(conn: psycopg.Connection, table_name: str) -> list[str]:
     """After a table's ranges all completed: build what was deferred for it."""
-    if not table_complete(conn, table_name) or not _recorded(conn, table_name):
+    if not _recording(conn) or not table_complete(conn, table_name):
+        return []
+    if not _recorded(conn, table_name):
         return []
     return rebuild(conn, table_name)

@@ -190,3 +190,20 @@ def test_a_unique_index_that_cannot_be_built_names_the_index_not_the_value(pair)
         _copy_everything(s, t)  # catch-up: only the changed range is re-synced
         assert len(deferred.rebuild_if_complete(t, "public.parent")) == 3
         assert "parent_email_lower" in _index_names(target_db.url, "parent")
+
+
+def test_a_target_bookkept_before_deferral_existed_reads_as_nothing_waiting(pair):
+    """`status`, verification and a table's last range on a target whose bookkeeping an
+    earlier version made (no deferred_indexes table) see nothing to build, and fail nothing."""
+    source_db, target_db = pair
+    s, t = _connections(source_db, target_db.url)
+    with s, t:
+        checkpoints.ensure_bookkeeping(t)
+        with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
+            admin.execute("DROP TABLE supabase_migration.deferred_indexes")
+        info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.parent"]
+        refresh_plan(s, t, info, batch_size=5000)
+        _copy_everything(s, t)
+        assert deferred.pending(t) == []
+        assert deferred.rebuild_if_complete(t, "public.parent") == []
+        assert verify.indexes(s, t, info).passed
