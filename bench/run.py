@@ -721,9 +721,9 @@ def run_sweep(bed: Bed, args: argparse.Namespace, log: Callable[[str], None]) ->
 
 PROBE_VARIANTS = (
     # label, binary COPY, what of the post-data section exists before the load
-    ("binary COPY into fully indexed tables (what we do)", True, "all"),
+    ("binary COPY into fully indexed tables (what we did)", True, "all"),
     ("text COPY into fully indexed tables", False, "all"),
-    ("binary COPY with primary keys only, rest after", True, "pk"),
+    ("binary COPY with primary keys only, rest after (close to what we do)", True, "pk"),
     ("binary COPY into bare tables, then indexes + FKs (pg_dump order)", True, "none"),
     ("text COPY into bare tables, then indexes + FKs (pg_dump order)", False, "none"),
 )
@@ -738,6 +738,8 @@ def copy_probe(bed: Bed, log: Callable[[str], None]) -> list[dict[str, Any]]:
 
     from supabase_migration import sqlbuild
     from supabase_migration.catalog import read_tables
+    from supabase_migration.copy import CopyOptions, stream_range
+    from supabase_migration.ranges import KeyRange
 
     tool = bed.binaries.tool
     probe_dir = bed.work / "probe"
@@ -795,19 +797,15 @@ def copy_probe(bed: Bed, log: Callable[[str], None]) -> list[dict[str, Any]]:
                 with source.transaction(), target.transaction():
                     target.execute("SET LOCAL session_replication_role = replica")
                     target.execute("SET LOCAL statement_timeout = 0")
-                    out_q = sqlbuild.copy_out_query(table, None, None, binary=binary)
-                    in_q = sqlbuild.copy_in_query(
-                        sqlbuild.table_ident(table), table.copy_columns, binary=binary
+                    nbytes += stream_range(
+                        source,
+                        target,
+                        table,
+                        KeyRange(table.qualified_name, 0, None, None),
+                        sqlbuild.table_ident(table),
+                        binary,
+                        CopyOptions(),
                     )
-                    with (
-                        source.cursor() as scur,
-                        target.cursor() as tcur,
-                        scur.copy(out_q) as copy_out,
-                        tcur.copy(in_q) as copy_in,
-                    ):
-                        for chunk in copy_out:
-                            nbytes += len(chunk)
-                            copy_in.write(chunk)
         return time.monotonic() - t0, nbytes
 
     results: list[dict[str, Any]] = []

@@ -130,20 +130,17 @@ def ensure_bookkeeping(conn: psycopg.Connection) -> None:
     """Create the bookkeeping schema and table if missing (idempotent, one transaction)."""
     with conn.transaction():
         conn.execute(_BOOKKEEPING_LOCK)
-        if conn.execute(
-            "SELECT to_regclass(%s) IS NULL", (f"{BOOKKEEPING_SCHEMA}.migration_checkpoints",)
-        ).fetchone()[0]:  # type: ignore[index]
+        if not bookkeeping_exists(conn):
             conn.execute(BOOKKEEPING_DDL)
-        if conn.execute(
-            "SELECT to_regclass(%s) IS NULL", (f"{BOOKKEEPING_SCHEMA}.deferred_indexes",)
-        ).fetchone()[0]:  # type: ignore[index]
+        if not bookkeeping_exists(conn, "deferred_indexes"):
             conn.execute(DEFERRED_DDL)
         conn.execute(_REVOKE_API_ROLES)
 
 
-def bookkeeping_exists(conn: psycopg.Connection) -> bool:
+def bookkeeping_exists(conn: psycopg.Connection, table: str = "migration_checkpoints") -> bool:
+    """Whether a bookkeeping table exists (an earlier version may not have made every one)."""
     row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{BOOKKEEPING_SCHEMA}.migration_checkpoints",)
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{BOOKKEEPING_SCHEMA}.{table}",)
     ).fetchone()
     return bool(row and row[0])
 

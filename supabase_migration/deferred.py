@@ -14,7 +14,8 @@ partitioned tables and partitions (their indexes are attached to each other).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -71,8 +72,25 @@ WHERE i.indrelid = to_regclass(%(table)s)
 ORDER BY ci.relname
 """
 
-# Serializes deferring and rebuilding one table across workers and concurrent runs.
-_TABLE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.deferred:' || %s))"
+
+@contextmanager
+def _table_transaction(
+    conn: psycopg.Connection, table_name: str, *, lock_timeout: str
+) -> Iterator[None]:
+    """One transaction per table, taken in turns by workers and concurrent runs, with names
+    rendered and resolved fully qualified (search_path pg_catalog) and no statement timeout."""
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "SET LOCAL lock_timeout = {}; SET LOCAL search_path = pg_catalog; "
+                "SET LOCAL statement_timeout = 0"
+            ).format(sql.Literal(lock_timeout))
+        )
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.deferred:' || %s))",
+            (table_name,),
+        )
+        yield
 
 
 @dataclass(frozen=True)
@@ -98,12 +116,7 @@ def defer_for_load(
     name = table.qualified_name
     target = sql.Identifier(table.schema, table.name)
     try:
-        with conn.transaction():
-            conn.execute(
-                "SET LOCAL lock_timeout = '10s'; SET LOCAL search_path = pg_catalog; "
-                "SET LOCAL statement_timeout = 0"
-            )
-            conn.execute(_TABLE_LOCK, (name,))
+        with _table_transaction(conn, name, lock_timeout="10s"):
             already = _recorded(conn, name)
             if already:
                 return [d.index_name for d in already]
@@ -143,17 +156,9 @@ def _recorded(conn: psycopg.Connection, table_name: str) -> list[Deferred]:
     return [Deferred(*row) for row in rows]
 
 
-def _recording(conn: psycopg.Connection) -> bool:
-    """Whether the target has the record (bookkeeping made by an earlier version may not)."""
-    row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{BOOKKEEPING_SCHEMA}.deferred_indexes",)
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def pending(conn: psycopg.Connection, tables: Sequence[str] | None = None) -> list[Deferred]:
     """Every index still waiting to be built (all tables, or the given ones)."""
-    if not _recording(conn):
+    if not checkpoints.bookkeeping_exists(conn, "deferred_indexes"):
         return []
     rows = conn.execute(
         sql.SQL(
@@ -185,12 +190,7 @@ def rebuild(conn: psycopg.Connection, table_name: str) -> list[str]:
     """
     current = ""
     try:
-        with conn.transaction():
-            conn.execute(
-                "SET LOCAL statement_timeout = 0; SET LOCAL search_path = pg_catalog; "
-                "SET LOCAL lock_timeout = 0"
-            )
-            conn.execute(_TABLE_LOCK, (table_name,))
+        with _table_transaction(conn, table_name, lock_timeout="0"):
             recorded = _recorded(conn, table_name)
             for item in recorded:
                 current = f"{item.kind} {item.index_name}"
@@ -210,7 +210,9 @@ def rebuild(conn: psycopg.Connection, table_name: str) -> list[str]:
 
 def rebuild_if_complete(conn: psycopg.Connection, table_name: str) -> list[str]:
     """After a table's ranges all completed: build what was deferred for it."""
-    if not _recording(conn) or not table_complete(conn, table_name):
+    if not checkpoints.bookkeeping_exists(conn, "deferred_indexes"):
+        return []
+    if not table_complete(conn, table_name):
         return []
     if not _recorded(conn, table_name):
         return []

@@ -9,6 +9,9 @@ from typing import TypeVar
 Bound = tuple[str, ...] | None
 T = TypeVar("T")
 
+# Ranges measured in one read snapshot: bounds how long a snapshot stays open on a busy source.
+RANGES_PER_SNAPSHOT = 200
+
 
 @dataclass(frozen=True)
 class KeyRange:

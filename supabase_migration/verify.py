@@ -36,7 +36,7 @@ from .catalog import TableInfo, needs_bytewise_keys, read_tables
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .manifest import Manifest
-from .ranges import KeyRange, chunks
+from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks
 from .redaction import describe_pg_error
 
 if TYPE_CHECKING:
@@ -78,7 +78,6 @@ CHECK_DESCRIPTIONS = {
 DEFAULT_SEVERITY = {name: ERROR for name in CHECK_NAMES} | {INDEXES: WARN}
 
 DEFAULT_SAMPLE_SIZE = 100
-RANGES_PER_TRANSACTION = 200  # bounds how long one verification snapshot stays open
 DRILL_DOWN_RANGES = 5  # mismatched ranges whose rows are compared key by key
 MAX_KEYS_SHOWN = 20
 MAX_FK_KEYS = 10
@@ -238,7 +237,7 @@ def _per_range(
 ) -> list[tuple[Any, ...]]:
     """One row per range, a bounded number of ranges per snapshot."""
     out: list[tuple[Any, ...]] = []
-    for chunk in chunks(ranges, RANGES_PER_TRANSACTION):
+    for chunk in chunks(ranges, RANGES_PER_SNAPSHOT):
         with read_snapshot(conn):
             for r in chunk:
                 row = conn.execute(query(r)).fetchone()
@@ -326,19 +325,6 @@ def row_counts(
     return _timed(ROW_COUNT, table, run)
 
 
-def checksum_query(table: TableInfo, r: KeyRange, *, collate_c: bool = False) -> sql.Composed:
-    """count and checksum of one range: the copy's own `row_hash_sum` over the same predicate.
-
-    Same numbers as `sqlbuild.range_checksum_query` (what the checkpoints record) without its
-    max(key), which does not exist for every key type (uuid) and is not needed here.
-    """
-    return sql.SQL("SELECT count(*), {} FROM {} WHERE {}").format(
-        sqlbuild.row_hash_sum(table),
-        sqlbuild.table_ident(table),
-        sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
-    )
-
-
 def range_sums(
     source: psycopg.Connection,
     target: psycopg.Connection,
@@ -351,7 +337,7 @@ def range_sums(
 
     def sums(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
-        for chunk in chunks(ranges, RANGES_PER_TRANSACTION):
+        for chunk in chunks(ranges, RANGES_PER_SNAPSHOT):
             with read_snapshot(conn):
                 out += sums_by_range(conn, table, chunk, collate_c=collate_c)
         return out
@@ -1264,7 +1250,6 @@ __all__ = [
     "ERROR",
     "WARN",
     "CheckOutcome",
-    "checksum_query",
     "constraints",
     "foreign_keys",
     "indexes",

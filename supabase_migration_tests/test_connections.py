@@ -315,6 +315,7 @@ def server_error(cls: type[psycopg.Error], message: str) -> psycopg.Error:
         (server_error(pg_errors.CannotConnectNow, "the database system is starting up"), True),
         (server_error(pg_errors.TooManyConnections, "sorry, too many clients already"), True),
         (server_error(pg_errors.ProtocolViolation, "server conn crashed?"), True),
+        (server_error(pg_errors.ProtocolViolation, "server connection closed"), True),
         (server_error(pg_errors.ProtocolViolation, "query_wait_timeout"), True),
         (server_error(pg_errors.ProtocolViolation, "no more connections allowed (max_client_conn)"),
          True),

@@ -122,6 +122,19 @@ def finish(process: subprocess.Popen[str], timeout: float = CLI_TIMEOUT):
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+def run_cli_while(
+    background, args: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI while `background` (a thread with a `stop` event) works against it."""
+    process = start_cli(args, env, cwd)
+    background.start()
+    try:
+        return finish(process)
+    finally:
+        background.stop.set()
+        background.join(timeout=30)
+
+
 def explain(done: subprocess.CompletedProcess[str]) -> str:
     out, err = done.stdout[-4000:], done.stderr[-4000:]
     return f"exit {done.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
@@ -269,15 +282,12 @@ def test_terminated_backends_and_pooler_restart_end_verified(
         SUPABASE_DB_ENDPOINT="transaction_pooler",
     )
     saboteur = Saboteur(target_db.admin_url, pooler, total=40)
-    process = start_cli(
-        ["run", "--schema-mode", "dump", "--batch-size", "500", "--no-progress"], env, tmp_path
+    done = run_cli_while(
+        saboteur,
+        ["run", "--schema-mode", "dump", "--batch-size", "500", "--no-progress"],
+        env,
+        tmp_path,
     )
-    saboteur.start()
-    try:
-        done = finish(process)
-    finally:
-        saboteur.stop.set()
-        saboteur.join(timeout=30)
     assert saboteur.error is None, repr(saboteur.error)
     assert saboteur.kills, "no COPY backend was caught mid-copy; the test proved nothing"
     assert saboteur.restarted_at is not None and saboteur.restarted_at < 40, (
@@ -337,6 +347,34 @@ def test_permanently_failing_partition_then_resume(setup):
     assert "items_grp_idx" in target_indexes(s.target_url)
     status = cli(["status", "--json"], s.env, s.workdir)
     assert "indexes_waiting" not in json.loads(status.stdout)["tables"]["public.items"]
+
+
+def test_a_failure_no_checkpoint_can_record_still_reaches_the_cli(setup):
+    """When even the failure cannot be written to the checkpoint row (here a trigger refuses
+    every status change for public.tags; in life, a target that became unreachable), the CLI
+    prints the failed step's own sentence instead of only counting pending ranges."""
+    s = setup
+    with psycopg.connect(s.target_url, autocommit=True) as conn:
+        checkpoints.ensure_bookkeeping(conn)
+    with psycopg.connect(s.target_admin, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION supabase_migration.refuse_tags() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$ BEGIN IF NEW.table_name = 'public.tags' AND NEW.status <> 'pending' THEN "
+            "RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER refuse_tags BEFORE UPDATE ON {CHECKPOINTS} "
+            "FOR EACH ROW EXECUTE FUNCTION supabase_migration.refuse_tags()"
+        )
+        # The copy transaction runs in replica mode, which skips ordinary triggers.
+        conn.execute(f"ALTER TABLE {CHECKPOINTS} ENABLE ALWAYS TRIGGER refuse_tags")
+    done = cli(["run", "--schema-mode", "dump", "--no-progress"], s.env, s.workdir)
+    assert_clean_exit(done, allowed=(1,))
+    tags = [r for r in checkpoint_rows(s.target_admin) if r[0] == "public.tags"]
+    assert tags and all(r[2] == "pending" for r in tags), tags
+    assert "failed: public.tags: " in done.stderr, explain(done)
+    assert "ranges of public.tags failed; first: Copying partition" in done.stderr, explain(done)
+    assert "still pending" not in done.stderr, explain(done)
 
 
 # -- 4. two `run`s at once -----------------------------------------------------------------
@@ -531,17 +569,12 @@ class Mutator(threading.Thread):
 def test_source_changing_during_the_copy_converges(setup):
     s = setup
     mutator = Mutator(s.source_url, s.target_admin)
-    process = start_cli(
+    first = run_cli_while(
+        mutator,
         ["run", "--schema-mode", "dump", "--batch-size", "500", "--no-progress"],
         s.env,
         s.workdir,
     )
-    mutator.start()
-    try:
-        first = finish(process)
-    finally:
-        mutator.stop.set()
-        mutator.join(timeout=30)
     assert mutator.error is None, repr(mutator.error)
     assert mutator.rounds_mid_copy > 0, "the source never changed while ranges were copied"
     # The first pass may end with a failed verification (the source moved on); never a crash.
