@@ -17,14 +17,15 @@ Paths:
 from __future__ import annotations
 
 import contextlib
+import selectors
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import sql
+from psycopg import pq, sql
 
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
@@ -330,25 +331,15 @@ def stream_range(
     )
     in_query = sqlbuild.copy_in_query(into, table.copy_columns, binary=binary)
     nbytes = 0
-    pending = bytearray()
     try:
         with (
-            source.cursor() as scur,
             target.cursor() as tcur,
-            scur.copy(out_query) as copy_out,
+            CopyOutBlocks(source, out_query) as copy_out,
             tcur.copy(in_query) as copy_in,
         ):
-            # COPY OUT yields one row per chunk; handing rows on in blocks of WRITE_BLOCK bytes
-            # cuts the client's CPU by a third and the wall time by 10-25% (measured, 1M rows).
-            for chunk in copy_out:
-                pending += chunk
-                if len(pending) >= WRITE_BLOCK:
-                    nbytes += len(pending)
-                    copy_in.write(pending)
-                    pending = bytearray()
-            if pending:
-                nbytes += len(pending)
-                copy_in.write(pending)
+            for block in copy_out:
+                nbytes += len(block)
+                copy_in.write(block)
     except ValueError:
         # psycopg 3.3's copy_end unpacks exactly one final result; a backend terminated while
         # COPY ends sends two (its error, then FATAL), so the lost connection shows up as
@@ -357,6 +348,103 @@ def stream_range(
             "server closed the connection unexpectedly while COPY was ending"
         ) from None
     return nbytes
+
+
+class CopyOutBlocks:
+    """COPY ... TO STDOUT read straight from libpq, its rows joined into blocks of WRITE_BLOCK.
+
+    libpq hands COPY OUT over one row at a time, and psycopg's `Copy.read()` spends about a
+    microsecond of Python on each (a generator and a wait per row): 3M rows cost seconds of
+    client CPU on a 2-core machine the servers need. Draining libpq's buffer in one loop costs
+    under half (1.05M rows: 1.9 s -> 0.8 s of client CPU for the COPY out and in). On an error,
+    or when the caller stops early, the COPY is cancelled and drained, so the connection is
+    left in its transaction (aborted), ready for ROLLBACK, as psycopg's own Copy leaves it.
+    """
+
+    def __init__(self, conn: psycopg.Connection, query: sql.Composable) -> None:
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._query = query.as_bytes(conn)
+        self._selector = selectors.DefaultSelector()
+        self._finished = False
+
+    def __enter__(self) -> CopyOutBlocks:
+        self._conn.lock.acquire()
+        try:
+            self._pgconn.send_query(self._query)
+            while self._pgconn.flush():  # only a huge query fills the socket's send buffer
+                with selectors.DefaultSelector() as writable:
+                    writable.register(self._pgconn.socket, selectors.EVENT_WRITE)
+                    writable.select()
+            self._selector.register(self._pgconn.socket, selectors.EVENT_READ)
+            result = self._next_result()
+            if result is None or result.status != pq.ExecStatus.COPY_OUT:
+                self._finish(result)
+                raise psycopg.ProgrammingError("the COPY query returned no rows to copy")
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __iter__(self) -> Iterator[bytearray]:
+        get_copy_data = self._pgconn.get_copy_data
+        block = bytearray()
+        while True:
+            size, data = get_copy_data(1)
+            if size > 0:
+                block += data
+                if len(block) >= WRITE_BLOCK:
+                    yield block
+                    block = bytearray()
+            elif size == 0:
+                self._wait_readable()
+                self._pgconn.consume_input()
+            elif size == -1:
+                break
+            else:
+                raise psycopg.OperationalError(self._pgconn.get_error_message())
+        if block:
+            yield block
+        self._finish(self._next_result())
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if not self._finished and self._pgconn.status == pq.ConnStatus.OK:
+                self._cancel()
+        finally:
+            self._release()
+
+    def _wait_readable(self) -> None:
+        self._selector.select()
+
+    def _next_result(self) -> pq.abc.PGresult | None:
+        self._pgconn.consume_input()
+        while self._pgconn.is_busy():
+            self._wait_readable()
+            self._pgconn.consume_input()
+        return self._pgconn.get_result()
+
+    def _finish(self, result: pq.abc.PGresult | None) -> None:
+        """Read every remaining result (libpq needs a None one); raise the first error."""
+        first = result
+        while result is not None:
+            result = self._next_result()
+        self._finished = True
+        if first is not None and first.status == pq.ExecStatus.FATAL_ERROR:
+            raise pg_errors.error_from_result(first, encoding=self._conn.info.encoding)
+
+    def _cancel(self) -> None:
+        """Stop the server's COPY and read to its end; the cancellation error is expected."""
+        with contextlib.suppress(psycopg.Error):
+            self._conn.cancel_safe()
+        with contextlib.suppress(psycopg.Error):
+            while self._pgconn.get_copy_data(0)[0] >= 0:
+                pass
+            self._finish(self._next_result())
+
+    def _release(self) -> None:
+        self._selector.close()
+        self._conn.lock.release()
 
 
 def _record_failure(

@@ -6,13 +6,16 @@ import threading
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from supabase_migration import checkpoints, sqlbuild
 from supabase_migration.catalog import KeyKind, read_tables
 from supabase_migration.connections import connect
 from supabase_migration.conninfo import Endpoint, parse_database_url
 from supabase_migration.copy import (
+    WRITE_BLOCK,
     CopyOptions,
+    CopyOutBlocks,
     CopySession,
     copy_range,
     replica_mode_allowed,
@@ -355,3 +358,37 @@ def test_one_pass_range_sums_equal_range_by_range_sums(pair, collate_c):
             measured = sums_by_range(s, by_uuid, planned)
         assert measured[2] == (0, sqlbuild.empty_checksum(by_uuid))
         assert all(n > 0 for i, (n, _) in enumerate(measured) if i != 2)
+
+
+def test_copy_out_blocks_equal_psycopg_copy_and_leave_the_connection_usable(source_db):
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE wide AS SELECT g AS id, repeat('x', g % 300) AS pad "
+            "FROM generate_series(1, 20000) g"
+        )
+        query = sql.SQL("COPY (SELECT id, pad FROM wide ORDER BY id) TO STDOUT (FORMAT binary)")
+        with conn.cursor() as cur, cur.copy(query) as copy:
+            expected = b"".join(bytes(chunk) for chunk in copy)
+        with CopyOutBlocks(conn, query) as blocks:
+            got = [bytes(block) for block in blocks]
+        assert b"".join(got) == expected
+        assert len(got) > 2 and all(len(block) >= WRITE_BLOCK for block in got[:-1])
+
+        # Stopped early (the target failed): cancelled and drained, in or out of a transaction.
+        conn.execute("BEGIN")
+        with CopyOutBlocks(conn, query) as blocks:
+            next(iter(blocks))
+        conn.execute("ROLLBACK")
+        with CopyOutBlocks(conn, query) as blocks:
+            next(iter(blocks))
+        assert conn.execute("SELECT count(*) FROM wide").fetchone()[0] == 20000
+
+        # The server's error, mid-stream or before COPY starts, is raised as psycopg raises it.
+        failing = sql.SQL("COPY (SELECT 1 / (id - 15000) FROM wide ORDER BY id) TO STDOUT")
+        with pytest.raises(psycopg.errors.DivisionByZero), CopyOutBlocks(conn, failing) as blocks:
+            for _ in blocks:
+                pass
+        missing = sql.SQL("COPY (SELECT * FROM nowhere) TO STDOUT")
+        with pytest.raises(psycopg.errors.UndefinedTable), CopyOutBlocks(conn, missing):
+            pass
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
