@@ -47,6 +47,7 @@ class TableInfo:
     key: tuple[str, ...] = ()
     key_source: str = "none"  # "primary_key", "unique_index" or "none"
     estimated_rows: int | None = None
+    size_bytes: int = 0  # heap and TOAST on the source: how long copying and hashing take
     parents: tuple[str, ...] = field(default=())  # qualified names of FK parent tables
     partitioned: bool = False  # native partitioned parent (children are copied through it)
     hash_records: bool = False  # the source has hash_record_extended (PostgreSQL 14+)
@@ -88,7 +89,11 @@ SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned,
        CASE WHEN c.relkind = 'p' THEN
             (SELECT sum(greatest(ch.reltuples, 0))::bigint FROM pg_inherits i
                JOIN pg_class ch ON ch.oid = i.inhrelid WHERE i.inhparent = c.oid)
-            WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimated_rows
+            WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimated_rows,
+       CASE WHEN c.relkind = 'p' THEN
+            (SELECT coalesce(sum(pg_table_size(i.inhrelid)), 0)::bigint FROM pg_inherits i
+              WHERE i.inhparent = c.oid)
+            ELSE pg_table_size(c.oid) END AS size_bytes
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
@@ -177,7 +182,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
         parents.setdefault(oid, set()).add(f"{parent_schema}.{parent_name}")
 
     result = []
-    for oid, schema, name, partitioned, estimated in tables:
+    for oid, schema, name, partitioned, estimated, size_bytes in tables:
         key_source, key = keys.get(oid, ("none", ()))
         own = f"{schema}.{name}"
         result.append(
@@ -188,6 +193,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
                 key=key,
                 key_source=key_source,
                 estimated_rows=estimated,
+                size_bytes=size_bytes or 0,
                 parents=tuple(sorted(parents.get(oid, set()) - {own})),
                 partitioned=partitioned,
                 hash_records=conn.info.server_version >= 140000,

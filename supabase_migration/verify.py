@@ -1204,9 +1204,7 @@ def run_verification(
         # Two tables at a time, each with its own connections: while one table's checksums
         # keep both databases busy, the other's one-sided checks (foreign keys on the target,
         # the sample's pick on the source) and Python work fill the gaps. Biggest tables first.
-        todo = sorted(
-            (infos[n] for n in names if n in infos), key=lambda t: -(t.estimated_rows or 0)
-        )
+        todo = sorted((infos[n] for n in names if n in infos), key=lambda t: -t.size_bytes)
         sessions = Queue[CopySession]()
         sessions.put(first)
         sessions.put(second)

@@ -112,6 +112,8 @@ def test_catalog_sees_key_kinds(pair):
     assert tables["public.items"].parents == ("public.parents",)
     assert [c.name for c in tables["public.items"].columns if c.generated] == ["label_upper"]
     assert tables["public.parents"].has_identity_always
+    # Work is scheduled biggest first by size on disk: 5,000 wide items outweigh 3,000 uuids.
+    assert tables["public.items"].size_bytes > tables["public.by_uuid"].size_bytes > 0
 
 
 def test_first_load_then_resync_converges(pair):
