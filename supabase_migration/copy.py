@@ -389,13 +389,16 @@ class CopyOutBlocks:
     def __iter__(self) -> Iterator[bytearray]:
         get_copy_data = self._pgconn.get_copy_data
         block = bytearray()
+        filled = 0
         while True:
             size, data = get_copy_data(1)
             if size > 0:
                 block += data
-                if len(block) >= WRITE_BLOCK:
+                filled += size
+                if filled >= WRITE_BLOCK:
                     yield block
                     block = bytearray()
+                    filled = 0
             elif size == 0:
                 self._wait_readable()
                 self._pgconn.consume_input()
