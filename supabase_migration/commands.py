@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import json
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -197,11 +197,20 @@ def dagster_instance() -> dg.DagsterInstance:
         if not config.exists():
             for candidate in (_PACKAGE_DIR / "dagster.yaml", _PACKAGE_DIR.parent / "dagster.yaml"):
                 if candidate.exists():
-                    shutil.copyfile(candidate, config)
+                    config.write_text(_home_config(candidate.read_text(), home_path))
                     break
         instance = dg.DagsterInstance.get()
         instance.get_runs(limit=1)  # storage is created lazily: create it under the lock
         return instance
+
+
+def _home_config(text: str, home: Path) -> str:
+    """Our dagster.yaml for `home`: the event log's directory spelled out, so that tools opening
+    the instance without DAGSTER_HOME set (`DagsterInstance.from_config`) find it too."""
+    return text.replace(_EVENT_LOG_DIR_FROM_ENV, f"base_dir: {json.dumps(str(home.resolve()))}")
+
+
+_EVENT_LOG_DIR_FROM_ENV = "base_dir:\n      env: DAGSTER_HOME"
 
 
 def _quiet_dagster() -> dict:
