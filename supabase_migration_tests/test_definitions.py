@@ -94,3 +94,24 @@ def test_dagster_cli_validates_workspace_with_no_database(tmp_path: Path) -> Non
         timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_worker_builds_its_own_definitions_when_not_forked(tmp_path: Path, monkeypatch) -> None:
+    """Where workers are spawned (not Linux), each reads the manifest and opens the instance
+    once, in its warm-up, and keeps them for every unit it runs."""
+    from supabase_migration import commands
+
+    path = tmp_path / "migration.yaml"
+    manifest_io.write(MANIFEST, path)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setattr(commands, "_parent_definitions", None)
+    monkeypatch.setattr(commands, "_worker_context", None)
+    commands._worker_ready(str(path))
+    assert commands._worker_context is not None
+    defs, instance = commands._worker_context
+    assert defs.get_assets_def(table_asset_key("public.appointments")) is not None
+    commands._worker_ready(str(path))
+    assert commands._worker_context == (defs, instance)
+    instance.dispose()
