@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from supabase_migration.assets import table_asset_key
 from supabase_migration.example_app.generate import generate
 
 from .compare import assert_tables_equal
+from .testbed import cli_env
 
 APP_TABLES = list(example_app.TABLES)
 
@@ -37,13 +37,7 @@ def clinic(source_db, target_db, tmp_path: Path):
     """The example app with data on the source; an empty Supabase-like target."""
     example_app.upgrade_head(source_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
     generate(source_db.url, 6_000)
-    env = {
-        **os.environ,
-        "SOURCE_DATABASE_URL": source_db.url,
-        "SUPABASE_DB_URL": target_db.url,
-        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-        "SUPABASE_MIGRATION_MANIFEST": str(tmp_path / "migration.yaml"),
-    }
+    env = cli_env(source_db.url, target_db.url, tmp_path)
     return source_db, target_db, env, tmp_path
 
 

@@ -23,18 +23,9 @@ from supabase_migration.example_app.generate import generate
 from .compare import assert_indexes_equal, assert_tables_equal
 from .test_cli import APP_TABLES, cli
 from .test_schema_apply import load_sql_file
+from .testbed import cli_env
 
 ROWS = 120_000
-
-
-def _env(source_url: str, target_url: str, tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SOURCE_DATABASE_URL": source_url,
-        "SUPABASE_DB_URL": target_url,
-        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-        "SUPABASE_MIGRATION_MANIFEST": str(tmp_path / "migration.yaml"),
-    }
 
 
 def _checkpoints(url: str) -> list[tuple]:
@@ -80,7 +71,7 @@ def test_sigkill_mid_run_then_run_again_through_the_pooler(source_db, target_db,
     example_app.upgrade_head(source_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
     counts = generate(source_db.url, ROWS)
     assert sum(counts.values()) >= 100_000
-    env = _env(source_db.url, target_db.pooler_url, tmp_path)
+    env = cli_env(source_db.url, target_db.pooler_url, tmp_path)
     args = [
         "run",
         "--schema-mode",
@@ -147,7 +138,7 @@ def _user_tables(url: str) -> list[str]:
 def test_pagila_migrates_equal_in_dump_mode(source_db, target_db, pagila_dir, tmp_path):
     load_sql_file(source_db.url, pagila_dir / "pagila-schema.sql")
     load_sql_file(source_db.url, pagila_dir / "pagila-data.sql")
-    env = _env(source_db.url, target_db.url, tmp_path)
+    env = cli_env(source_db.url, target_db.url, tmp_path)
     done = cli(["run", "--schema-mode", "dump", "--batch-size", "3000"], env, tmp_path, 600)
     assert done.returncode == 0, done.stderr
 

@@ -26,6 +26,7 @@ import pytest
 from supabase_migration import checkpoints
 
 from .compare import assert_tables_equal
+from .testbed import cli_env
 
 TABLES = ["public.items", "public.tags"]
 CLI_TIMEOUT = 240  # seconds; a run that hangs fails the test instead of the suite
@@ -72,17 +73,9 @@ def dagster_home(tmp_path: Path) -> Iterator[Path]:
 def migration_env(
     source_url: str, target_url: str, workdir: Path, dagster_home: Path, pycache: Path, **extra
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env.update(
-        {
-            "SOURCE_DATABASE_URL": source_url,
-            "SUPABASE_DB_URL": target_url,
-            "DAGSTER_HOME": str(dagster_home),
-            "SUPABASE_MIGRATION_MANIFEST": str(workdir / "migration.yaml"),
-            "PYTHONPYCACHEPREFIX": str(pycache),
-        }
-    )
-    env.pop("SUPABASE_MIGRATION_REPORT_DIR", None)
+    """`cli_env` with compiled bytecode kept in `pycache`: every CLI start here is timed."""
+    env = cli_env(source_url, target_url, workdir, dagster_home, PYTHONPYCACHEPREFIX=str(pycache))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(extra)
     return env
 

@@ -24,6 +24,25 @@ from supabase_migration.localpg import (
     service_env,
 )
 
+
+def cli_env(
+    source_url: str, target_url: str, workdir: Path, dagster_home: Path | None = None, **extra: str
+) -> dict[str, str]:
+    """The environment a test runs `supabase-migrate` with: both URLs, and a manifest and a
+    DAGSTER_HOME of its own (default `workdir/dagster_home`); `extra` adds or overrides."""
+    env = {k: v for k, v in os.environ.items() if k != "SUPABASE_MIGRATION_REPORT_DIR"}
+    env.update(
+        {
+            "SOURCE_DATABASE_URL": source_url,
+            "SUPABASE_DB_URL": target_url,
+            "DAGSTER_HOME": str(dagster_home or workdir / "dagster_home"),
+            "SUPABASE_MIGRATION_MANIFEST": str(workdir / "migration.yaml"),
+        }
+    )
+    env.update(extra)
+    return env
+
+
 # The target's `postgres` password: characters that break naive URL building, each of which
 # must be percent-encoded (and '"' for PgBouncer's userlist).
 TARGET_PASSWORD = "Sup@/pa%ss#word:1"
