@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -611,17 +611,21 @@ def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = (
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} is not in {manifest.path}; see its tables list.")
     source, target = source_url(), target_url()
-    report = run_verification(
-        manifest,
-        source,
-        target,
-        sample_size=settings.sample_size,
-        seed=settings.seed,
-        security_findings=report_findings(manifest)(source, target),
-        tables=tables or None,
-    )
-    report.write(directory)
-    record_check_results(dagster_instance(), report, manifest)
+    # Opening the instance costs about a second of Python (lazy imports, SQLite schema checks):
+    # done while the databases hash rows, it is ready when the results are.
+    with ThreadPoolExecutor(1) as opener:
+        instance = opener.submit(dagster_instance)
+        report = run_verification(
+            manifest,
+            source,
+            target,
+            sample_size=settings.sample_size,
+            seed=settings.seed,
+            security_findings=report_findings(manifest)(source, target),
+            tables=tables or None,
+        )
+        report.write(directory)
+        record_check_results(instance.result(), report, manifest)
     return report
 
 
