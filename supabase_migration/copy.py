@@ -366,7 +366,8 @@ class CopyOutBlocks:
         self._pgconn = conn.pgconn
         self._query = query.as_bytes(conn)
         self._selector = selectors.DefaultSelector()
-        self._finished = False
+        self._copy_ended = False  # libpq saw the end of the rows (its state left COPY OUT)
+        self._finished = False  # and every result was read: the connection is idle again
 
     def __enter__(self) -> CopyOutBlocks:
         self._conn.lock.acquire()
@@ -402,10 +403,9 @@ class CopyOutBlocks:
             elif size == 0:
                 self._wait_readable()
                 self._pgconn.consume_input()
-            elif size == -1:
+            else:  # -1; a failure (-2) raises in get_copy_data
+                self._copy_ended = True
                 break
-            else:
-                raise psycopg.OperationalError(self._pgconn.get_error_message())
         if block:
             yield block
         self._finish(self._next_result())
@@ -414,6 +414,10 @@ class CopyOutBlocks:
         try:
             if not self._finished and self._pgconn.status == pq.ConnStatus.OK:
                 self._cancel()
+                if self._pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+                    # Still mid-command after all that: unusable, so closed, and the copy
+                    # session opens a new one instead of failing every later range with it.
+                    self._conn.close()
         finally:
             self._release()
 
@@ -437,12 +441,18 @@ class CopyOutBlocks:
             raise pg_errors.error_from_result(first, encoding=self._conn.info.encoding)
 
     def _cancel(self) -> None:
-        """Stop the server's COPY and read to its end; the cancellation error is expected."""
+        """Stop the server's COPY and read to its end; the cancellation error is expected.
+
+        The caller may stop after the last block, which comes after libpq left COPY OUT: then
+        only the final results are left to read (asking for copy data would fail).
+        """
+        if not self._copy_ended:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.cancel_safe()
+            with contextlib.suppress(psycopg.Error):
+                while self._pgconn.get_copy_data(0)[0] >= 0:
+                    pass
         with contextlib.suppress(psycopg.Error):
-            self._conn.cancel_safe()
-        with contextlib.suppress(psycopg.Error):
-            while self._pgconn.get_copy_data(0)[0] >= 0:
-                pass
             self._finish(self._next_result())
 
     def _release(self) -> None:

@@ -384,6 +384,16 @@ def test_copy_out_blocks_equal_psycopg_copy_and_leave_the_connection_usable(sour
         with CopyOutBlocks(conn, query) as blocks:
             next(iter(blocks))
         assert conn.execute("SELECT count(*) FROM wide").fetchone()[0] == 20000
+        # Stopped at the last block, which comes once libpq has left COPY OUT (the fault tests
+        # found this: the connection was left mid-command and every later range failed).
+        small = sql.SQL("COPY (SELECT id FROM wide WHERE id <= 10) TO STDOUT")
+        conn.execute("BEGIN")
+        with CopyOutBlocks(conn, small) as blocks:
+            assert b"10" in next(iter(blocks))
+        conn.execute("ROLLBACK")
+        with CopyOutBlocks(conn, small) as blocks:
+            next(iter(blocks))
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
 
         # The server's error, mid-stream or before COPY starts, is raised as psycopg raises it.
         failing = sql.SQL("COPY (SELECT 1 / (id - 15000) FROM wide ORDER BY id) TO STDOUT")
