@@ -440,8 +440,8 @@ class Workers:
 
     On Linux they are forked from the CLI once Dagster is imported and the definitions built, so
     a worker is ready in about 0.1 s; spawned (elsewhere), each spends 2-4 s importing Dagster,
-    which then overlaps the schema step instead of delaying the first copy. Forking happens
-    before the CLI starts any thread or holds any connection open.
+    which then overlaps the schema step instead of delaying the first copy. The CLI forks before
+    it starts any thread or holds any connection open; see `start_method`.
     """
 
     def __init__(self, count: int, defs: dg.Definitions, manifest_path: Path | None) -> None:
@@ -453,9 +453,9 @@ class Workers:
     def start(self) -> ProcessPoolExecutor | None:
         if self.count > 1 and self._pool is None:
             global _parent_definitions
-            fork = sys.platform.startswith("linux")
-            _parent_definitions = self.defs if fork else None
-            context = multiprocessing.get_context("fork" if fork else "spawn")
+            method = start_method()
+            _parent_definitions = self.defs if method == "fork" else None
+            context = multiprocessing.get_context(method)
             self._pool = ProcessPoolExecutor(
                 self.count, mp_context=context, initializer=_worker_init
             )
@@ -470,6 +470,14 @@ class Workers:
         if self._pool is not None:
             # Idle workers exit on their own; waiting for them would delay the finishing run.
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def start_method() -> str:
+    """fork where it is safe: on Linux, and only while this process runs no other thread (one
+    could hold a lock, a logging or SQLite one, that the child would then wait on forever)."""
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
 
 
 def _copying_ahead() -> bool:

@@ -381,7 +381,7 @@ class CopyOutBlocks:
             result = self._next_result()
             if result is None or result.status != pq.ExecStatus.COPY_OUT:
                 self._finish(result)
-                raise psycopg.ProgrammingError("the COPY query returned no rows to copy")
+                raise psycopg.ProgrammingError("the query did not start a COPY TO STDOUT")
         except BaseException:
             self._release()
             raise

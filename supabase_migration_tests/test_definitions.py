@@ -115,3 +115,21 @@ def test_worker_builds_its_own_definitions_when_not_forked(tmp_path: Path, monke
     commands._worker_ready(str(path))
     assert commands._worker_context == (defs, instance)
     instance.dispose()
+
+
+def test_workers_are_forked_only_from_a_single_threaded_process() -> None:
+    import sys
+    import threading
+
+    from supabase_migration import commands
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, daemon=True)
+    other.start()
+    try:
+        assert commands.start_method() == "spawn"
+    finally:
+        release.set()
+        other.join()
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        assert commands.start_method() == "fork"
