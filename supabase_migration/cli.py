@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, MigrationError
+from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
 from .redaction import redact_text
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table
-from .resources import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
 from .verify import DEFAULT_SAMPLE_SIZE
 
 # Two copy workers: with both databases on one 2-core machine the 3M-row benchmark's first load
@@ -158,7 +158,7 @@ def _export_connection_settings(args: argparse.Namespace) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from .commands import Settings
+    from .inputs import Settings
     from .manifest import default_path
 
     return Settings(
@@ -261,11 +261,18 @@ def _finish(summary) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from . import commands
-
     _export_connection_settings(args)
+    if args.command == "verify":
+        # Before anything imports Dagster: verify_command loads it beside the checks.
+        from .verify_command import verify
+
+        report = verify(_settings(args), args.report, args.tables)
+        print(report.to_json() if args.json else report.to_markdown())
+        return report.exit_code
+    from . import commands, inputs
+
     if args.command == "init":
-        manifest = commands.init(_settings(args))
+        manifest = inputs.init(_settings(args))
         print(f"Wrote {manifest.path} with {len(manifest.tables)} tables; review it, then `run`.")
         return EXIT_OK
     if args.command == "plan":
@@ -286,10 +293,6 @@ def dispatch(args: argparse.Namespace) -> int:
             log=lambda m: print(m, file=sys.stderr),
         )
         return _finish(summary)
-    if args.command == "verify":
-        report = commands.verify(_settings(args), args.report, args.tables)
-        print(report.to_json() if args.json else report.to_markdown())
-        return report.exit_code
     if args.command == "status":
         _print_status(commands.status(), args.json)
         return EXIT_OK

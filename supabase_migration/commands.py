@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -43,139 +43,32 @@ from .assets import (
     partitions_def_name,
     table_asset_key,
 )
-from .catalog import needs_bytewise_keys, read_tables, user_schemas
+from .catalog import needs_bytewise_keys
 from .checkpoints import Status
-from .checks import REPORT_CHECK, REPORT_KEY, record_check_results
+from .checks import REPORT_CHECK, REPORT_KEY
 from .connections import connect, warn_if_workers_exceed_pool
-from .conninfo import DatabaseUrl, parse_database_url
 from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
+from .inputs import (
+    Settings,
+    check_connections,
+    ensure_manifest,
+    source_url,
+    target_url,
+)
 from .localpg import pid_alive
 from .manifest import Manifest
 from .planning import MAX_PARTITIONS_PER_TABLE, plan_table
 from .preflight import Finding, Severity
-from .report import Report, report_dir
-from .resources import (
-    INSECURE_ENV,
-    SOURCE_URL_ENV,
-    SSLROOTCERT_ENV,
-    TARGET_ENDPOINT_ENV,
-    TARGET_URL_ENV,
-    default_resources,
-)
+from .report import report_dir
+from .resources import default_resources
 from .schema_step import preflight
-from .security import report_findings
 from .security_assets import SECURITY_KEY
-from .verify import DEFAULT_SAMPLE_SIZE, run_verification
 
 PID_TAG = "supabase_migration/pid"
 COMMAND_TAG = "supabase_migration/command"
 _PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a command was asked to do; URLs stay in the environment, never here."""
-
-    manifest_path: Path = field(default_factory=manifest_io.default_path)
-    workers: int = 1
-    batch_size: int | None = None
-    schema_mode: str | None = None
-    alembic_config: str | None = None
-    schemas: tuple[str, ...] = ()
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    verify: bool = True
-    sample_size: int = DEFAULT_SAMPLE_SIZE
-    seed: int | None = None
-
-
-# -- connections -----------------------------------------------------------------------------
-
-
-def _env_url(env: str, label: str, flag: str) -> DatabaseUrl:
-    text = os.environ.get(env)
-    if not text:
-        raise ConfigError(f"No {label} database given: set {env} or pass {flag}.")
-    insecure = os.environ.get(INSECURE_ENV, "").lower() in {"1", "true", "yes"}
-    endpoint = os.environ.get(TARGET_ENDPOINT_ENV) if label == "target" else None
-    from .conninfo import Endpoint
-
-    return parse_database_url(
-        text,
-        label=label,
-        endpoint=Endpoint(endpoint) if endpoint else None,
-        allow_insecure=insecure,
-        sslrootcert=os.environ.get(SSLROOTCERT_ENV) if label == "target" else None,
-    )
-
-
-def source_url() -> DatabaseUrl:
-    return _env_url(SOURCE_URL_ENV, "source", "--source")
-
-
-def target_url() -> DatabaseUrl:
-    return _env_url(TARGET_URL_ENV, "target", "--target")
-
-
-def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
-    """Fail fast with one sentence before any Dagster run starts."""
-    for url in (source_url(), target_url()):
-        with connect(url, autocommit=True):
-            pass
-    if target_url().uses_transaction_pooler:
-        log(
-            "Note: the target is a transaction pooler (port 6543); it works, but a direct or "
-            "session-pooler URL (port 5432) is faster for bulk loads."
-        )
-
-
-# -- manifest ----------------------------------------------------------------------------------
-
-
-def init(settings: Settings) -> Manifest:
-    """Introspect the source and write the manifest."""
-    with connect(source_url(), autocommit=True) as source:
-        schemas = list(settings.schemas) or user_schemas(source)
-        tables = read_tables(source, schemas)
-    previous = manifest_io.read_if_present(settings.manifest_path)
-    base = {
-        "schema_mode": settings.schema_mode or (previous.schema_mode if previous else "dump"),
-        "alembic_config": settings.alembic_config
-        or (previous.alembic_config if previous else None),
-        "batch_size": settings.batch_size
-        or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
-    }
-    if base["schema_mode"] == "alembic" and not base["alembic_config"]:
-        raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
-    result = manifest_io.from_catalog(
-        tables,
-        schemas=schemas,
-        include=settings.include or (previous.include if previous else ()),
-        exclude=settings.exclude or (previous.exclude if previous else ()),
-        **base,
-    )
-    manifest_io.write(result, settings.manifest_path)
-    return manifest_io.read(settings.manifest_path)
-
-
-def ensure_manifest(settings: Settings) -> Manifest:
-    """The manifest, written first if missing or when filters/settings were passed."""
-    existing = manifest_io.read_if_present(settings.manifest_path)
-    if existing is None or settings.include or settings.exclude or settings.schemas:
-        return init(settings)
-    changes: dict[str, object] = {}
-    if settings.batch_size:
-        changes["batch_size"] = settings.batch_size
-    if settings.schema_mode:
-        changes["schema_mode"] = settings.schema_mode
-    if settings.alembic_config:
-        changes["alembic_config"] = settings.alembic_config
-    if changes:
-        existing = existing.with_settings(**changes)
-        manifest_io.write(existing, settings.manifest_path)
-    return existing
 
 
 # -- Dagster instance ------------------------------------------------------------------------
@@ -609,32 +502,6 @@ def _run_report(
         raise MigrationError(_failure_sentence(result))
     evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == REPORT_CHECK]
     return bool(evaluations) and all(e.passed for e in evaluations)
-
-
-def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = ()) -> Report:
-    """Every check, outside any Dagster run; results also land on the assets' checks in the UI."""
-    check_connections()
-    manifest = ensure_manifest(settings)
-    unknown = sorted(set(tables) - {t.name for t in manifest.tables})
-    if unknown:
-        raise ConfigError(f"{', '.join(unknown)} is not in {manifest.path}; see its tables list.")
-    source, target = source_url(), target_url()
-    # Opening the instance costs about a second of Python (lazy imports, SQLite schema checks):
-    # done while the databases hash rows, it is ready when the results are.
-    with ThreadPoolExecutor(1) as opener:
-        instance = opener.submit(dagster_instance)
-        report = run_verification(
-            manifest,
-            source,
-            target,
-            sample_size=settings.sample_size,
-            seed=settings.seed,
-            security_findings=report_findings(manifest)(source, target),
-            tables=tables or None,
-        )
-        report.write(directory)
-        record_check_results(instance.result(), report, manifest)
-    return report
 
 
 def _execute_all(

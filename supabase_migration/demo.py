@@ -39,6 +39,7 @@ from .connections import connect
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
 from .example_app.generate import generate
+from .inputs import SOURCE_URL_ENV, TARGET_URL_ENV
 from .localpg import (
     LocalServer,
     find_binaries,
@@ -48,7 +49,7 @@ from .localpg import (
 )
 from .manifest import MANIFEST_ENV
 from .report import REPORT_DIR_ENV
-from .resources import SOURCE_URL_ENV, TARGET_URL_ENV, default_resources
+from .resources import default_resources
 
 DEMO_DB = "clinic"
 UI_PORT = 3000

@@ -18,13 +18,14 @@ from pydantic import Field
 
 from .connections import connect, retrying
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
-
-SOURCE_URL_ENV = "SOURCE_DATABASE_URL"
-TARGET_URL_ENV = "SUPABASE_DB_URL"
-POOLER_URL_ENV = "SUPABASE_POOLER_URL"
-TARGET_ENDPOINT_ENV = "SUPABASE_DB_ENDPOINT"  # override for self-hosted poolers
-SSLROOTCERT_ENV = "SUPABASE_SSLROOTCERT"
-INSECURE_ENV = "SUPABASE_MIGRATION_ALLOW_INSECURE_SSL"
+from .inputs import (
+    POOLER_URL_ENV,
+    SOURCE_URL_ENV,
+    SSLROOTCERT_ENV,
+    TARGET_ENDPOINT_ENV,
+    TARGET_URL_ENV,
+    insecure_ssl_allowed,
+)
 
 
 class _Database(dg.ConfigurableResource):
@@ -86,7 +87,7 @@ def _optional_env(name: str) -> dg.EnvVar | None:
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources wired to the documented environment variables."""
-    insecure = os.environ.get(INSECURE_ENV, "").lower() in {"1", "true", "yes"}
+    insecure = insecure_ssl_allowed()
     return {
         "source": SourceDatabase(url=dg.EnvVar(SOURCE_URL_ENV), allow_insecure_ssl=insecure),
         "target": TargetDatabase(

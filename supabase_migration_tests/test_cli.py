@@ -117,6 +117,13 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["status"] == "PASS"
     assert (tmp_path / "out" / "verification_report.html").exists()
+    # Dagster, loaded beside the checks, put the results on the assets' checks for the UI.
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        key = dg.AssetCheckKey(table_asset_key("public.patients"), "checksums_match")
+        summary = instance.event_log_storage.get_asset_check_summary_records([key])
+        record = summary[key].last_check_execution_record
+        assert record is not None and record.evaluation is not None
+        assert record.evaluation.passed
 
     with psycopg.connect(source_db.url) as conn:
         phone, patient_id = conn.execute(
@@ -142,6 +149,18 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     assert only.returncode == 0, only.stderr
     unknown = cli(["verify", "--tables", "public.nope"], env, tmp_path)
     assert unknown.returncode == 2 and "public.nope" in unknown.stderr
+
+
+def test_verify_starts_without_importing_dagster():
+    """`verify` hashes rows while Dagster loads in the background: nothing on its path may
+    import Dagster up front (it costs about two seconds of start-up)."""
+    code = (
+        "import sys, supabase_migration.cli, supabase_migration.verify_command; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):

@@ -1,0 +1,132 @@
+"""What a command is given: its settings, the two database URLs and the manifest.
+
+Kept free of Dagster, so that a command which needs Dagster only at its end (`verify`) can
+start on the databases while Dagster is imported beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import manifest as manifest_io
+from .catalog import read_tables, user_schemas
+from .connections import connect
+from .conninfo import DatabaseUrl, Endpoint, parse_database_url
+from .errors import ConfigError
+from .manifest import Manifest
+from .verify import DEFAULT_SAMPLE_SIZE
+
+SOURCE_URL_ENV = "SOURCE_DATABASE_URL"
+TARGET_URL_ENV = "SUPABASE_DB_URL"
+POOLER_URL_ENV = "SUPABASE_POOLER_URL"
+TARGET_ENDPOINT_ENV = "SUPABASE_DB_ENDPOINT"  # override for self-hosted poolers
+SSLROOTCERT_ENV = "SUPABASE_SSLROOTCERT"
+INSECURE_ENV = "SUPABASE_MIGRATION_ALLOW_INSECURE_SSL"
+
+
+def insecure_ssl_allowed() -> bool:
+    return os.environ.get(INSECURE_ENV, "").lower() in {"1", "true", "yes"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a command was asked to do; URLs stay in the environment, never here."""
+
+    manifest_path: Path = field(default_factory=manifest_io.default_path)
+    workers: int = 1
+    batch_size: int | None = None
+    schema_mode: str | None = None
+    alembic_config: str | None = None
+    schemas: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    verify: bool = True
+    sample_size: int = DEFAULT_SAMPLE_SIZE
+    seed: int | None = None
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+def _env_url(env: str, label: str, flag: str) -> DatabaseUrl:
+    text = os.environ.get(env)
+    if not text:
+        raise ConfigError(f"No {label} database given: set {env} or pass {flag}.")
+    endpoint = os.environ.get(TARGET_ENDPOINT_ENV) if label == "target" else None
+    return parse_database_url(
+        text,
+        label=label,
+        endpoint=Endpoint(endpoint) if endpoint else None,
+        allow_insecure=insecure_ssl_allowed(),
+        sslrootcert=os.environ.get(SSLROOTCERT_ENV) if label == "target" else None,
+    )
+
+
+def source_url() -> DatabaseUrl:
+    return _env_url(SOURCE_URL_ENV, "source", "--source")
+
+
+def target_url() -> DatabaseUrl:
+    return _env_url(TARGET_URL_ENV, "target", "--target")
+
+
+def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
+    """Fail fast with one sentence before any Dagster run starts."""
+    for url in (source_url(), target_url()):
+        with connect(url, autocommit=True):
+            pass
+    if target_url().uses_transaction_pooler:
+        log(
+            "Note: the target is a transaction pooler (port 6543); it works, but a direct or "
+            "session-pooler URL (port 5432) is faster for bulk loads."
+        )
+
+
+# -- manifest ----------------------------------------------------------------------------------
+
+
+def init(settings: Settings) -> Manifest:
+    """Introspect the source and write the manifest."""
+    with connect(source_url(), autocommit=True) as source:
+        schemas = list(settings.schemas) or user_schemas(source)
+        tables = read_tables(source, schemas)
+    previous = manifest_io.read_if_present(settings.manifest_path)
+    base = {
+        "schema_mode": settings.schema_mode or (previous.schema_mode if previous else "dump"),
+        "alembic_config": settings.alembic_config
+        or (previous.alembic_config if previous else None),
+        "batch_size": settings.batch_size
+        or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
+    }
+    if base["schema_mode"] == "alembic" and not base["alembic_config"]:
+        raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
+    result = manifest_io.from_catalog(
+        tables,
+        schemas=schemas,
+        include=settings.include or (previous.include if previous else ()),
+        exclude=settings.exclude or (previous.exclude if previous else ()),
+        **base,
+    )
+    manifest_io.write(result, settings.manifest_path)
+    return manifest_io.read(settings.manifest_path)
+
+
+def ensure_manifest(settings: Settings) -> Manifest:
+    """The manifest, written first if missing or when filters/settings were passed."""
+    existing = manifest_io.read_if_present(settings.manifest_path)
+    if existing is None or settings.include or settings.exclude or settings.schemas:
+        return init(settings)
+    changes: dict[str, object] = {}
+    if settings.batch_size:
+        changes["batch_size"] = settings.batch_size
+    if settings.schema_mode:
+        changes["schema_mode"] = settings.schema_mode
+    if settings.alembic_config:
+        changes["alembic_config"] = settings.alembic_config
+    if changes:
+        existing = existing.with_settings(**changes)
+        manifest_io.write(existing, settings.manifest_path)
+    return existing

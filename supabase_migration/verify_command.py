@@ -1,0 +1,54 @@
+"""`supabase-migrate verify`: every check, outside any Dagster run.
+
+Dagster is needed only at the end, to put the results on the assets' checks in the UI. Importing
+it and opening the instance costs about two seconds of Python, so this module does not import
+it: a background thread does, while the databases hash rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .errors import ConfigError
+from .inputs import Settings, check_connections, ensure_manifest, source_url, target_url
+from .manifest import Manifest
+from .report import Report
+from .security import report_findings
+from .verify import run_verification
+
+Recorder = Callable[[Report, Manifest], None]
+
+
+def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = ()) -> Report:
+    """Run the checks, write the report, and record the results on the assets' checks."""
+    check_connections()
+    manifest = ensure_manifest(settings)
+    unknown = sorted(set(tables) - {t.name for t in manifest.tables})
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} is not in {manifest.path}; see its tables list.")
+    source, target = source_url(), target_url()
+    with ThreadPoolExecutor(1) as opener:
+        recorder = opener.submit(dagster_recorder)
+        report = run_verification(
+            manifest,
+            source,
+            target,
+            sample_size=settings.sample_size,
+            seed=settings.seed,
+            security_findings=report_findings(manifest)(source, target),
+            tables=tables or None,
+        )
+        report.write(directory)
+        recorder.result()(report, manifest)
+    return report
+
+
+def dagster_recorder() -> Recorder:
+    """Import Dagster and open the DAGSTER_HOME instance; returns what records a report there."""
+    from .checks import record_check_results
+    from .commands import dagster_instance
+
+    instance = dagster_instance()
+    return lambda report, manifest: record_check_results(instance, report, manifest)
