@@ -460,9 +460,14 @@ def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool
             else:  # catch-up: unchanged completed ranges need no Dagster run at all
                 todo = changed_or_unfinished(source, tables[name], planned, options)
             units += make_units(name, keys, todo)
-    # Biggest tables first, so that the longest tail starts early; size on disk predicts a
-    # table's copy time better than its row count (wide rows, uuid keys).
-    return sorted(units, key=lambda u: -tables[u.table].size_bytes)
+    return biggest_first(units, {name: info.size_bytes for name, info in tables.items()})
+
+
+def biggest_first(units: Sequence[Unit], size_bytes: dict[str, int]) -> list[Unit]:
+    """Units of the biggest tables first, so that the longest tail starts early (workers take
+    them in this order); size on disk predicts a table's copy time better than its row count
+    (wide rows, uuid keys). A table's own units keep their partition order."""
+    return sorted(units, key=lambda u: -size_bytes[u.table])
 
 
 def _execute_with_progress(

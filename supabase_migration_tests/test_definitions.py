@@ -133,3 +133,26 @@ def test_workers_are_forked_only_from_a_single_threaded_process() -> None:
         other.join()
     if sys.platform.startswith("linux") and threading.active_count() == 1:
         assert commands.start_method() == "fork"
+
+
+def test_units_run_biggest_table_first_each_in_partition_order() -> None:
+    """Workers take units in list order: the longest table must not be left for the end."""
+    from supabase_migration.commands import biggest_first, make_units
+
+    keys = [f"{i:06d}" for i in range(120)]
+    units = (
+        make_units("public.small", keys[:3], None)
+        + make_units("public.wide", keys, None)  # fewer rows than `many`, more bytes
+        + make_units("public.many", keys, {k for k in keys if k != "000060"})
+    )
+    sizes = {"public.small": 10, "public.wide": 9_000, "public.many": 5_000}
+    ordered = biggest_first(units, sizes)
+    assert [u.table for u in ordered] == ["public.wide"] * 3 + ["public.many"] * 4 + [
+        "public.small"
+    ]
+    assert [(u.first, u.last) for u in ordered if u.table == "public.many"] == [
+        ("000000", "000049"),
+        ("000050", "000059"),
+        ("000061", "000110"),
+        ("000111", "000119"),
+    ]
