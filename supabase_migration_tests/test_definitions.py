@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +157,44 @@ def test_units_run_biggest_table_first_each_in_partition_order() -> None:
         ("000061", "000110"),
         ("000111", "000119"),
     ]
+
+
+def test_installed_wheel_writes_its_dagster_yaml_into_a_new_home(tmp_path: Path) -> None:
+    """A pip-installed CLI has no repo checkout beside it: the wheel must carry dagster.yaml
+    (one event log, pools, run monitoring) and the example app's Alembic files."""
+    import shutil
+    import zipfile
+
+    from .testbed import require
+
+    uv = shutil.which("uv")
+    require(uv is not None, "uv is needed to build the wheel")
+    repo = Path(__file__).resolve().parent.parent
+    built = subprocess.run(
+        [uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(repo)],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert "supabase_migration/example_app/alembic.ini" in names
+        packaged = archive.read("supabase_migration/dagster.yaml").decode()
+        archive.extractall(tmp_path / "site")
+    assert packaged == (repo / "dagster.yaml").read_text()
+
+    home = tmp_path / "home"
+    site = str(tmp_path / "site")
+    code = (
+        "import supabase_migration.commands as c; "
+        f"assert c.__file__.startswith({site!r}), c.__file__; c.dagster_instance()"
+    )
+    env = {**os.environ, "PYTHONPATH": site, "DAGSTER_HOME": str(home)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    written = (home / "dagster.yaml").read_text()
+    assert "ConsolidatedSqliteEventLogStorage" in written
+    assert f"base_dir: {json.dumps(str(home.resolve()))}" in written
