@@ -200,6 +200,25 @@ def test_clean_migration_passes_through_transaction_pooler(migrated: Migrated) -
     assert report.passed, [o.description for o in report.outcomes if not o.passed]
 
 
+def test_read_snapshot_settings_stay_in_its_transaction(migrated: Migrated) -> None:
+    """Verification's settings are SET LOCAL: a pooled server connection gets none of them."""
+    url = migrated.target_url
+    if migrated.target_pooler is not None:
+        url = parse_database_url(
+            migrated.target_pooler, label="target", endpoint=Endpoint.TRANSACTION_POOLER
+        )
+    show = (
+        "SELECT current_setting('max_parallel_workers_per_gather'), "
+        "current_setting('statement_timeout')"
+    )
+    with connect(url, autocommit=True) as conn:
+        before = conn.execute(show).fetchone()
+        with read_snapshot(conn):
+            assert conn.execute(show).fetchone() == ("0", "0")
+            assert conn.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        assert conn.execute(show).fetchone() == before != ("0", "0")
+
+
 def _range_of(report: Report, table: str, check: str) -> list[str]:
     outcome = report.outcome(table, check)
     assert outcome is not None
