@@ -22,7 +22,7 @@ from .connections import ServerUnreachable, is_transient
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConfigError, MigrationError, TransientError
 from .manifest import Manifest, ManifestTable
-from .planning import MAX_PARTITIONS_PER_TABLE, refresh_plan
+from .planning import MAX_PARTITIONS_PER_TABLE, plan_tables, refresh_plan
 from .redaction import describe_pg_error
 from .report import markdown_table
 from .resources import SourceDatabase, TargetDatabase
@@ -197,6 +197,13 @@ def plan_all(
         checkpoints.ensure_bookkeeping(t)
         bytewise = needs_bytewise_keys(s, t)
         infos = live_tables(s, [m.name for m in chosen])
+        planned = checkpoints.summary(t)
+        first_plans = plan_tables(
+            source.connection,
+            [(infos[m.name], manifest.batch_size_for(m)) for m in chosen if m.name not in planned],
+            max_partitions=MAX_PARTITIONS_PER_TABLE,
+            collate_c=bytewise,
+        )
         for entry in chosen:
             plan = refresh_plan(
                 s,
@@ -205,6 +212,7 @@ def plan_all(
                 batch_size=manifest.batch_size_for(entry),
                 max_partitions=MAX_PARTITIONS_PER_TABLE,
                 collate_c=bytewise,
+                first_plan=first_plans.get(entry.name),
             )
             if plan.completed == 0:
                 waiting = deferred.defer_for_load(t, infos[entry.name], log)

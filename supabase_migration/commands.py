@@ -59,7 +59,7 @@ from .inputs import (
 )
 from .localpg import pid_alive
 from .manifest import Manifest
-from .planning import MAX_PARTITIONS_PER_TABLE, plan_table
+from .planning import MAX_PARTITIONS_PER_TABLE, plan_tables
 from .preflight import Finding, Severity
 from .report import report_dir
 from .resources import default_resources
@@ -210,17 +210,16 @@ def plan(settings: Settings) -> PlanReport:
     ):
         bytewise = needs_bytewise_keys(source, target)
         infos = live_tables(source, [t.name for t in manifest.tables])
-        for entry in manifest.tables:
-            info = infos[entry.name]
-            ranges = plan_table(
-                source,
-                info,
-                batch_size=manifest.batch_size_for(entry),
-                max_partitions=MAX_PARTITIONS_PER_TABLE,
-                collate_c=bytewise,
-            )
-            note = "whole table, replaced atomically" if not info.key else ", ".join(info.key)
-            rows.append((entry.name, str(info.key_kind), len(ranges), note))
+    plans = plan_tables(
+        lambda: connect(source_url(), autocommit=True),
+        [(infos[t.name], manifest.batch_size_for(t)) for t in manifest.tables],
+        max_partitions=MAX_PARTITIONS_PER_TABLE,
+        collate_c=bytewise,
+    )
+    for entry in manifest.tables:
+        info = infos[entry.name]
+        note = "whole table, replaced atomically" if not info.key else ", ".join(info.key)
+        rows.append((entry.name, str(info.key_kind), len(plans[entry.name]), note))
     return PlanReport(findings=findings, tables=rows)
 
 

@@ -9,8 +9,13 @@ its 100k-partition limit, so big tables get bigger ranges instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from queue import Queue
 
 import psycopg
 from psycopg import sql
@@ -22,6 +27,7 @@ from .sqlbuild import Bound, range_predicate, table_ident
 
 DEFAULT_BATCH_SIZE = 50_000
 MAX_PARTITIONS_PER_TABLE = 10_000
+PLAN_CONNECTIONS = 2  # source connections that read several tables' boundaries at once
 
 
 def effective_batch_size(rows: int, batch_size: int, max_partitions: int) -> int:
@@ -48,6 +54,57 @@ def plan_table(
         bounds = _keyset_boundaries(conn, table, batch_size, max_partitions, start, collate_c)
     edges: list[Bound] = [start, *bounds, None]
     return [KeyRange(name, first_index + i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+
+def plan_tables(
+    open_source: Callable[[], AbstractContextManager[psycopg.Connection]],
+    tables: Sequence[tuple[TableInfo, int]],
+    *,
+    max_partitions: int = MAX_PARTITIONS_PER_TABLE,
+    collate_c: bool = False,
+    connections: int = PLAN_CONNECTIONS,
+) -> dict[str, list[KeyRange]]:
+    """Whole-table plans of several (table, batch size) pairs, `connections` tables at a time.
+
+    A keyset plan reads the whole key in order and an integer one counts the rows: seconds on
+    big tables, independent of each other, and the workers wait for all of them before the
+    first copy. Boundaries need no common snapshot (any split covers the table).
+    """
+    # Biggest first, so that the longest read starts first.
+    keyed = sorted(
+        ((t, b) for t, b in tables if t.key_kind is not KeyKind.NONE),
+        key=lambda pair: -pair[0].size_bytes,
+    )
+    plans = {  # no key: one whole-table range, nothing to read
+        t.qualified_name: [KeyRange(t.qualified_name, 0, None, None)]
+        for t, _ in tables
+        if t.key_kind is KeyKind.NONE
+    }
+    if not keyed:
+        return plans
+    with contextlib.ExitStack() as stack:
+        idle: Queue[psycopg.Connection] = Queue()
+        for _ in range(min(connections, len(keyed))):
+            idle.put(stack.enter_context(open_source()))
+
+        def one(item: tuple[TableInfo, int]) -> tuple[str, list[KeyRange]]:
+            table, batch_size = item
+            conn = idle.get()
+            try:
+                ranges = plan_table(
+                    conn,
+                    table,
+                    batch_size=batch_size,
+                    max_partitions=max_partitions,
+                    collate_c=collate_c,
+                )
+                return table.qualified_name, ranges
+            finally:
+                idle.put(conn)
+
+        with ThreadPoolExecutor(idle.qsize()) as pool:
+            plans.update(pool.map(one, keyed))
+    return plans
 
 
 def _integer_boundaries(
@@ -130,23 +187,29 @@ def refresh_plan(
     batch_size: int,
     max_partitions: int = MAX_PARTITIONS_PER_TABLE,
     collate_c: bool = False,
+    first_plan: Sequence[KeyRange] | None = None,
 ) -> TablePlan:
     """Write pending checkpoint rows for `table`, keeping every range already planned.
 
-    A first plan covers the whole table. Later plans keep existing ranges (completed ones stay
-    completed) and only split the open-ended last range when rows added since have made it
-    much larger than a batch, so partition keys stay stable across runs.
+    A first plan covers the whole table (`first_plan` when one was read already, see
+    `plan_tables`). Later plans keep existing ranges (completed ones stay completed) and only
+    split the open-ended last range when rows added since have made it much larger than a
+    batch, so partition keys stay stable across runs.
     """
     name = table.qualified_name
     with target.transaction():
         existing = checkpoints.load(target, name)
         if not existing:
-            ranges = plan_table(
-                source,
-                table,
-                batch_size=batch_size,
-                max_partitions=max_partitions,
-                collate_c=collate_c,
+            ranges = (
+                list(first_plan)
+                if first_plan is not None
+                else plan_table(
+                    source,
+                    table,
+                    batch_size=batch_size,
+                    max_partitions=max_partitions,
+                    collate_c=collate_c,
+                )
             )
             checkpoints.seed_pending(target, ranges)
             new = len(ranges)

@@ -22,7 +22,7 @@ from supabase_migration.copy import (
     sums_by_range,
 )
 from supabase_migration.errors import ConcurrentRunError, CopyError
-from supabase_migration.planning import refresh_plan
+from supabase_migration.planning import plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
 
@@ -149,6 +149,31 @@ def test_forced_resync_writes_nothing_when_equal(pair):
     forced = migrate_all(source_db, target_db.url, force=True)
     assert {r.path for r in forced} <= {"upsert", "replace"}
     assert_tables_equal(source_db.url, target_db.url, TABLES)
+
+
+def test_plans_read_side_by_side_equal_one_table_at_a_time(pair):
+    """plan_tables reads several tables' boundaries on two connections; the ranges must be
+    those plan_table gives each table alone, and refresh_plan must seed exactly them."""
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        infos = read_tables(s, ["public"])
+        alone = {i.qualified_name: plan_table(s, i, batch_size=300) for i in infos}
+        opened = []
+
+        def open_source():
+            opened.append(1)
+            return connect(src_url, autocommit=True)
+
+        together = plan_tables(open_source, [(i, 300) for i in infos])
+        assert together == alone
+        assert len(opened) == 2  # keyless tables need no read; the rest share two connections
+        assert {len(r) for r in together.values()} != {1}  # several tables really were split
+        for info in infos:
+            refresh_plan(s, t, info, batch_size=300, first_plan=together[info.qualified_name])
+            seeded = [cp.key_range() for cp in checkpoints.load(t, info.qualified_name)]
+            assert seeded == together[info.qualified_name]
 
 
 def test_through_transaction_pooler(pair):
