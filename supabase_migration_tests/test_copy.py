@@ -429,3 +429,42 @@ def test_copy_out_blocks_equal_psycopg_copy_and_leave_the_connection_usable(sour
         with pytest.raises(psycopg.errors.UndefinedTable), CopyOutBlocks(conn, missing):
             pass
         assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_copy_out_left_mid_command_closes_its_connection(source_db, monkeypatch):
+    """Should cancelling not end the COPY (a lost cancel request), the connection would be left
+    mid-command: it is closed, so the copy session opens a new one instead of failing every
+    later range with 'another command is already in progress'."""
+    monkeypatch.setattr(CopyOutBlocks, "_cancel", lambda self: None)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE tall AS SELECT g AS id FROM generate_series(1, 300000) g")
+        with CopyOutBlocks(conn, sql.SQL("COPY (SELECT id FROM tall) TO STDOUT")) as blocks:
+            next(iter(blocks))
+        assert conn.closed
+
+
+def test_copy_ending_with_psycopgs_unpack_error_is_retried_as_a_lost_connection(pair, monkeypatch):
+    """psycopg 3.3 reports a backend terminated while COPY ends as "too many values to
+    unpack": the range is retried like any lost connection, and committed once."""
+    source_db, target_db = pair
+    original = psycopg.Copy.__exit__
+    failures = []
+
+    def exit_then_fail_once(self, exc_type, exc, tb):
+        original(self, exc_type, exc, tb)
+        if exc_type is None and not failures:
+            failures.append(1)
+            raise ValueError("too many values to unpack (expected 1)")
+
+    monkeypatch.setattr(psycopg.Copy, "__exit__", exit_then_fail_once)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with CopySession(src_url, tgt_url) as session:
+        checkpoints.ensure_bookkeeping(session.target)
+        info = next(x for x in read_tables(session.source, ["public"]) if x.name == "items")
+        refresh_plan(session.source, session.target, info, batch_size=100_000)
+        result = session.copy(info, "000000", CopyOptions())
+        cp = checkpoints.get(session.target, "public.items", "000000")
+    assert failures and result.rows > 0
+    assert cp.status == "completed" and cp.attempts == 2
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == result.rows
