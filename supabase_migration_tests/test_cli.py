@@ -97,6 +97,9 @@ def test_run_in_alembic_mode_then_rerun_is_a_no_op(clinic):
             for record in records:
                 key_range = str(record.asset_materialization.metadata["key_range"].value)
                 assert ("not shown" not in key_range) == shown, (table, key_range)
+    # No step's raw stdout/stderr is kept in files (dagster.yaml: no compute log capture).
+    home = Path(env["DAGSTER_HOME"])
+    assert not [p for p in home.rglob("*") if p.suffix in (".out", ".err", ".complete")]
 
     # `run` ends with the verification report; it passed and says so in every format.
     report = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
