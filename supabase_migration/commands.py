@@ -81,20 +81,37 @@ def dagster_instance() -> dg.DagsterInstance:
         home = str(Path.cwd() / ".dagster")
         os.environ["DAGSTER_HOME"] = home
     home_path = Path(home)
-    home_path.mkdir(parents=True, exist_ok=True)
-    # Two first runs on a fresh home would both create Dagster's SQLite tables and one would
-    # crash; the file lock makes the second wait for the first to finish creating them.
-    with open(home_path / ".supabase-migration.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        config = home_path / "dagster.yaml"
-        if not config.exists():
-            for candidate in (_PACKAGE_DIR / "dagster.yaml", _PACKAGE_DIR.parent / "dagster.yaml"):
-                if candidate.exists():
-                    config.write_text(_home_config(candidate.read_text(), home_path))
-                    break
-        instance = dg.DagsterInstance.get()
-        instance.get_runs(limit=1)  # storage is created lazily: create it under the lock
-        return instance
+    try:
+        home_path.mkdir(parents=True, exist_ok=True)
+        # Two first runs on a fresh home would both create Dagster's SQLite tables and one
+        # would crash; the file lock makes the second wait for the first to create them.
+        with open(home_path / ".supabase-migration.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            config = home_path / "dagster.yaml"
+            if not config.exists():
+                for candidate in (
+                    _PACKAGE_DIR / "dagster.yaml",
+                    _PACKAGE_DIR.parent / "dagster.yaml",
+                ):
+                    if candidate.exists():
+                        config.write_text(_home_config(candidate.read_text(), home_path))
+                        break
+            instance = dg.DagsterInstance.get()
+            instance.get_runs(limit=1)  # storage is created lazily: create it under the lock
+            return instance
+    except OSError as exc:
+        raise ConfigError(
+            f"DAGSTER_HOME {home} is not a usable directory "
+            f"({exc.strerror or type(exc).__name__}); point DAGSTER_HOME at a directory this "
+            "user can write."
+        ) from None
+    except Exception as exc:  # its dagster.yaml: YAML syntax, unknown keys, a missing class
+        # Not the error's text: a storage URL in dagster.yaml may carry a password.
+        raise ConfigError(
+            f"The Dagster instance in DAGSTER_HOME {home} could not be opened "
+            f"({type(exc).__name__}); check {home_path / 'dagster.yaml'}, or point "
+            "DAGSTER_HOME at a new directory."
+        ) from None
 
 
 def _home_config(text: str, home: Path) -> str:

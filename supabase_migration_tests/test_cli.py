@@ -154,6 +154,27 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     assert unknown.returncode == 2 and "public.nope" in unknown.stderr
 
 
+def test_unusable_dagster_home_is_one_sentence(clinic):
+    """DAGSTER_HOME naming a file, or holding a broken dagster.yaml: exit 2 and one sentence,
+    from `run` before anything is copied and from `verify` (which opens it in the background)."""
+    _, target_db, env, tmp_path = clinic
+    not_a_dir = tmp_path / "home-is-a-file"
+    not_a_dir.write_text("")
+    broken = tmp_path / "broken-home"
+    broken.mkdir()
+    (broken / "dagster.yaml").write_text("event_log_storage: [\n")
+    for home, expected in ((not_a_dir, "not a usable directory"), (broken, "dagster.yaml")):
+        for command in (["run", "--schema-mode", "dump"], ["verify"]):
+            done = cli(command, {**env, "DAGSTER_HOME": str(home)}, tmp_path)
+            assert done.returncode == 2, done.stderr
+            assert expected in done.stderr and str(home) in done.stderr
+            assert "Traceback" not in done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    with psycopg.connect(target_db.url) as conn:
+        exists = conn.execute("SELECT to_regclass('public.patients')").fetchone()[0]
+    assert exists is None  # `run` stopped before its schema step
+
+
 def test_verify_starts_without_importing_dagster():
     """`verify` hashes rows while Dagster loads in the background: nothing on its path may
     import Dagster up front (it costs about two seconds of start-up)."""
