@@ -622,7 +622,9 @@ def run_contenders(
     contender("d", "ours: run (first load)", shown, ours)
 
     def verify(db: str, home: Path) -> Measured:
-        env = _cli_env(bed, db, home)
+        # Verification is run from the migration's own directory, as a user would: (d)'s
+        # manifest and Dagster instance (the results land on its assets' checks).
+        env = _cli_env(bed, db, bed.work / f"{db}_d")
         argv = [*_our_cli(), "verify"]
         return measure("e", [{"name": "verify", "argv": argv}], env=env, cwd=home, work=bed.work)
 
