@@ -375,10 +375,13 @@ class Workers:
     def __enter__(self) -> Workers:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self._pool is not None:
-            # Idle workers exit on their own; waiting for them would delay the finishing run.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # Wait for idle workers to exit (milliseconds): an executor thread left running
+            # at interpreter exit can make Python 3.11 print a "Bad file descriptor" traceback
+            # after the CLI's one sentence. Not on Ctrl-C: running copies die with the CLI.
+            interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+            self._pool.shutdown(wait=not interrupted, cancel_futures=True)
 
 
 def start_method() -> str:

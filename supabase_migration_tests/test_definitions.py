@@ -198,3 +198,21 @@ def test_installed_wheel_writes_its_dagster_yaml_into_a_new_home(tmp_path: Path)
     written = (home / "dagster.yaml").read_text()
     assert "ConsolidatedSqliteEventLogStorage" in written
     assert f"base_dir: {json.dumps(str(home.resolve()))}" in written
+
+
+def test_workers_are_gone_when_a_run_stops_on_an_error(tmp_path: Path, monkeypatch) -> None:
+    """A run that fails after starting its workers (the setup run failed) leaves no worker or
+    executor thread behind for interpreter exit to trip over."""
+    import multiprocessing
+
+    import pytest
+
+    from supabase_migration import commands
+
+    path = tmp_path / "migration.yaml"
+    manifest_io.write(MANIFEST, path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    with pytest.raises(RuntimeError), commands.Workers(2, build_definitions(MANIFEST), path) as w:
+        w.start()
+        raise RuntimeError("the setup run failed")
+    assert multiprocessing.active_children() == []
