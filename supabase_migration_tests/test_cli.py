@@ -14,6 +14,7 @@ import pytest
 from supabase_migration import example_app
 from supabase_migration.assets import table_asset_key
 from supabase_migration.example_app.generate import generate
+from supabase_migration.verify import CHECK_NAMES
 
 from .compare import assert_tables_equal
 from .testbed import cli_env
@@ -120,13 +121,18 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["status"] == "PASS"
     assert (tmp_path / "out" / "verification_report.html").exists()
-    # Dagster, loaded beside the checks, put the results on the assets' checks for the UI.
+    # Dagster, loaded beside the checks, put every table's results on its asset's checks.
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        key = dg.AssetCheckKey(table_asset_key("public.patients"), "checksums_match")
-        summary = instance.event_log_storage.get_asset_check_summary_records([key])
-        record = summary[key].last_check_execution_record
-        assert record is not None and record.evaluation is not None
-        assert record.evaluation.passed
+        keys = [
+            dg.AssetCheckKey(table_asset_key(table), check)
+            for table in APP_TABLES
+            for check in CHECK_NAMES
+        ]
+        summary = instance.event_log_storage.get_asset_check_summary_records(keys)
+        for key in keys:
+            record = summary[key].last_check_execution_record
+            assert record is not None and record.evaluation is not None, key
+            assert record.evaluation.passed, key
 
     with psycopg.connect(source_db.url) as conn:
         phone, patient_id = conn.execute(
