@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from queue import Queue
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo
+from .errors import ConfigError, MigrationError
 from .ranges import KeyRange
+from .redaction import describe_pg_error
 from .sqlbuild import Bound, range_predicate, table_ident
 
 DEFAULT_BATCH_SIZE = 50_000
@@ -99,6 +102,17 @@ def plan_tables(
                     collate_c=collate_c,
                 )
                 return table.qualified_name, ranges
+            except psycopg.Error as exc:
+                # A source role without SELECT on a table is the user's to fix: exit code 2.
+                cls = (
+                    ConfigError
+                    if isinstance(exc, psycopg.errors.InsufficientPrivilege)
+                    else MigrationError
+                )
+                raise cls(
+                    f"Reading the key ranges of {table.qualified_name} on the source failed: "
+                    f"{describe_pg_error(exc)}."
+                ) from None
             finally:
                 idle.put(conn)
 

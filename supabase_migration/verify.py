@@ -128,6 +128,7 @@ def read_snapshot(
     (the foreign-key anti-joins ran as 3-process hash joins) only competed with the other
     table for the same cores: measured at 3M rows on 2 cores, 2.5 s less server CPU and
     `verify` 12.4 s -> 11.1 s (medians of four alternated rounds).
+
     `catalog=True` also pins search_path so pg_get_*def() qualify names the same on both sides.
     Everything is SET LOCAL and rolled back: nothing leaks into a pooled server connection.
     """

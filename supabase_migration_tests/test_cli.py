@@ -181,6 +181,26 @@ def test_unusable_dagster_home_is_one_sentence(clinic):
     assert exists is None  # `run` stopped before its schema step
 
 
+def test_source_role_without_select_on_a_table_is_one_sentence(clinic):
+    """`plan` reads every table's key ranges on its own connections: a table the source role
+    may not read is named in one sentence (exit 2), with neither password nor traceback."""
+    source_db, _, env, tmp_path = clinic
+    password = "Rd-pw-8471"
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE reader LOGIN PASSWORD '{password}'")
+        conn.execute("GRANT USAGE ON SCHEMA public TO reader")
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader")
+        conn.execute("REVOKE SELECT ON patients FROM reader")
+    assert "://postgres@" in source_db.url
+    reader_url = source_db.url.replace("://postgres@", f"://reader:{password}@", 1)
+    done = cli(["plan"], {**env, "SOURCE_DATABASE_URL": reader_url}, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and password not in done.stderr + done.stdout
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error:") and "public.patients" in line
+    assert "insufficient_privilege" in line
+
+
 def test_verify_starts_without_importing_dagster():
     """`verify` hashes rows while Dagster loads in the background: nothing on its path may
     import Dagster up front (it costs about two seconds of start-up)."""
