@@ -35,11 +35,13 @@ from supabase_migration.verify import (
     CHECK_NAMES,
     ERROR,
     WARN,
+    pick_sample_keys,
     range_checksums,
     ranges_from_checkpoints,
     read_snapshot,
     row_counts,
     run_verification,
+    sample_rows,
 )
 
 SCHEMA = """
@@ -482,6 +484,48 @@ def test_other_key_kinds_and_types(source_db, target_db) -> None:
         "public.reading_notes",
     }
     _assert_no_phi(report)
+
+
+PROBED_SCHEMA = """
+CREATE TABLE by_int (id bigint PRIMARY KEY, note text NOT NULL);
+CREATE TABLE by_uuid (id uuid PRIMARY KEY, note text NOT NULL);
+CREATE TABLE small (id bigint PRIMARY KEY, note text NOT NULL);
+INSERT INTO by_int SELECT i * 7, 'note ' || i FROM generate_series(1, 3000) i;
+INSERT INTO by_uuid SELECT md5(i::text)::uuid, 'note ' || i FROM generate_series(1, 3000) i;
+INSERT INTO small SELECT i, 'note ' || i FROM generate_series(1, 100) i;
+ANALYZE;
+"""
+
+
+def test_large_tables_sample_by_index_probes(source_db, target_db) -> None:
+    """Single integer or uuid keys of a large table are picked through the key's index, by the
+    seed: the same seed picks the same keys, keys come from all over the key space, and a
+    changed row among them is caught. A small table still hashes every key."""
+    for url in (source_db.url, target_db.url):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(PROBED_SCHEMA)
+    src_url = parse_database_url(source_db.url, label="source")
+    tgt_url = parse_database_url(target_db.url, label="target")
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        infos = {i.name: i for i in read_tables(s, ["public"])}
+        for name in ("by_int", "by_uuid"):
+            keys, method = pick_sample_keys(s, infos[name], 10, 7)
+            assert method == "key probes"
+            assert len(set(keys)) == 10
+            assert pick_sample_keys(s, infos[name], 10, 7) == (keys, method)
+            assert set(pick_sample_keys(s, infos[name], 10, 8)[0]) != set(keys)
+            outcome = sample_rows(s, t, infos[name], 10, 7)
+            assert outcome.passed and outcome.details["rows_compared"] == 10
+        ids = sorted(int(k[0]) for k in pick_sample_keys(s, infos["by_int"], 10, 7)[0])
+        assert all(i % 7 == 0 for i in ids) and ids[-1] - ids[0] > 7 * 3000 // 2
+        assert pick_sample_keys(s, infos["small"], 10, 7)[1] == "key hash"
+
+        t.execute("UPDATE by_uuid SET note = 'Jane Q. Patient'")
+        changed = sample_rows(s, t, infos["by_uuid"], 10, 7)
+        assert not changed.passed
+        assert changed.details["mismatched_rows"] == 10
+        assert changed.details["mismatched_columns"] == ["note"]
+        assert "Jane" not in changed.description + json.dumps(changed.details)
 
 
 # -- the Dagster layer ----------------------------------------------------------------------
