@@ -167,7 +167,11 @@ class _source_snapshot:
         self.conn = conn
 
     def __enter__(self) -> None:
-        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self.conn.execute(
+            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}").format(
+                sqlbuild.SERIAL_PLANS
+            )
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self.conn.closed:
@@ -247,8 +251,8 @@ def _checksum_in(
         peer.execute(
             sql.SQL(
                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
-                "SET TRANSACTION SNAPSHOT {}"
-            ).format(sql.Literal(snapshot))
+                "SET TRANSACTION SNAPSHOT {}; {}"
+            ).format(sql.Literal(snapshot), sqlbuild.SERIAL_PLANS)
         )
         return _source_checksum(peer, table, key_range, options)
 

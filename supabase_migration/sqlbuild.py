@@ -22,6 +22,10 @@ NORMALIZE_TEXT_OUTPUT = sql.SQL(
     "SET LOCAL bytea_output = 'hex'"
 )
 
+# Copies and verification already keep the servers busy with one query per worker; parallel
+# workers inside those queries only compete with the other workers for the same cores.
+SERIAL_PLANS = sql.SQL("SET LOCAL max_parallel_workers_per_gather = 0")
+
 
 def table_ident(table: TableInfo) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)
@@ -172,10 +176,19 @@ def bucketed_checksum_query(
 def copy_out_query(
     table: TableInfo, lower: Bound, upper: Bound, *, binary: bool, collate_c: bool = False
 ) -> sql.Composed:
-    return sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT {}").format(
+    """Rows in key order: the target's primary key, kept during the load, then takes each
+    range's keys side by side instead of all over the index. Random keys (uuid) inserted in
+    their heap order cost the target about twice the CPU of the same rows in key order."""
+    order = (
+        sql.SQL(" ORDER BY {}").format(column_list([table.column(k) for k in table.key]))
+        if table.key
+        else sql.SQL("")
+    )
+    return sql.SQL("COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT {}").format(
         column_list(table.copy_columns),
         table_ident(table),
         range_predicate(table, lower, upper, collate_c=collate_c),
+        order,
         sql.SQL("(FORMAT binary)") if binary else sql.SQL(""),
     )
 

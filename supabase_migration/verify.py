@@ -137,7 +137,7 @@ def read_snapshot(
     setup = [
         sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
         sql.SQL("SET LOCAL statement_timeout = 0"),
-        sql.SQL("SET LOCAL max_parallel_workers_per_gather = 0"),
+        sqlbuild.SERIAL_PLANS,
         sqlbuild.NORMALIZE_TEXT_OUTPUT,
     ]
     if catalog:

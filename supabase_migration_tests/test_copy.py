@@ -17,6 +17,7 @@ from supabase_migration.copy import (
     CopyOptions,
     CopyOutBlocks,
     CopySession,
+    _source_snapshot,
     copy_range,
     replica_mode_allowed,
     sums_by_range,
@@ -141,6 +142,33 @@ def test_first_load_then_resync_converges(pair):
     assert ("public.parents", "unchanged") not in changed
     assert_tables_equal(source_db.url, target_db.url, TABLES)
     assert sum(r.rows_deleted for r in third if r.table == "public.items") == 1
+
+
+def test_rows_reach_the_target_in_key_order(pair):
+    """Random keys arrive sorted, so the target's primary key takes them side by side (the
+    source's heap holds them in insertion order, which for uuids is random)."""
+    source_db, target_db = pair
+    in_heap_order = (
+        "SELECT array_agg(ROW({0}) ORDER BY ctid) = array_agg(ROW({0}) ORDER BY {0}) FROM {1}"
+    )
+    checks = [("id", "by_uuid"), ("a, b", "composite")]
+    with psycopg.connect(source_db.url) as conn:
+        for key, table in checks:
+            assert conn.execute(in_heap_order.format(key, table)).fetchone() == (False,)
+    migrate_all(source_db, target_db.url)
+    with psycopg.connect(target_db.url) as conn:
+        for key, table in checks:
+            assert conn.execute(in_heap_order.format(key, table)).fetchone() == (True,)
+
+
+def test_source_reads_run_without_parallel_workers_and_leave_the_session_as_it_was(source_db):
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        before = conn.execute("SHOW max_parallel_workers_per_gather").fetchone()
+        assert before != ("0",)
+        with _source_snapshot(conn):
+            assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("0",)
+            assert conn.execute("SHOW transaction_isolation").fetchone() == ("repeatable read",)
+        assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == before
 
 
 def test_forced_resync_writes_nothing_when_equal(pair):
