@@ -184,7 +184,7 @@ def build_table_checks(manifest: Manifest, entry: ManifestTable) -> list[dg.Asse
                     lambda: session.source,
                     lambda: session.target,
                     table,
-                    ranges_from_checkpoints(session.target, table),
+                    lambda: ranges_from_checkpoints(session.target, table),
                     checks=selected,
                     sample_size=config.sample_size,
                     seed=config.seed,

@@ -1168,7 +1168,7 @@ def verify_table(
     source: psycopg.Connection | Callable[[], psycopg.Connection],
     target: psycopg.Connection | Callable[[], psycopg.Connection],
     table: TableInfo,
-    ranges: Sequence[KeyRange] | None = None,
+    ranges: Sequence[KeyRange] | Callable[[], Sequence[KeyRange]] | None = None,
     *,
     checks: Sequence[str] = CHECK_NAMES,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
@@ -1178,26 +1178,33 @@ def verify_table(
     """Run the selected checks on one table; a check that errors fails alone.
 
     Connections may be given as callables returning a live connection, so a connection broken
-    by one check is replaced before the next (see `CopySession`).
+    by one check is replaced before the next (see `CopySession`). So may the ranges: read
+    inside the checks that use them, a failure to read them fails those checks, not the run.
     """
     src = source if callable(source) else (lambda: source)
     tgt = target if callable(target) else (lambda: target)
+    read_ranges = ranges if callable(ranges) else (lambda: ranges)
+    chosen: list[list[KeyRange]] = []
     memo: list[RangeSums] = []
+
+    def key_ranges() -> list[KeyRange]:
+        if not chosen:
+            chosen.append(list(read_ranges() or whole_table(table)))
+        return chosen[0]
 
     def sums() -> RangeSums:
         """Counts and checksums in one pass over the rows, shared by both checks."""
         if not memo:
-            chosen = list(ranges or whole_table(table))
-            memo.append(range_sums(src(), tgt(), table, chosen, collate_c=collate_c))
+            memo.append(range_sums(src(), tgt(), table, key_ranges(), collate_c=collate_c))
         return memo[0]
 
     shared = sums if CHECKSUMS in checks else None
     runners: dict[str, Callable[[], CheckOutcome]] = {
         ROW_COUNT: lambda: row_counts(
-            src(), tgt(), table, ranges, collate_c=collate_c, sums=shared
+            src(), tgt(), table, key_ranges(), collate_c=collate_c, sums=shared
         ),
         CHECKSUMS: lambda: range_checksums(
-            src(), tgt(), table, ranges, collate_c=collate_c, sums=shared
+            src(), tgt(), table, key_ranges(), collate_c=collate_c, sums=shared
         ),
         SAMPLE: lambda: sample_rows(src(), tgt(), table, sample_size, seed),
         INDEXES: lambda: indexes(src(), tgt(), table),
@@ -1277,7 +1284,7 @@ def run_verification(
                     lambda: session.source,
                     lambda: session.target,
                     info,
-                    ranges_from_checkpoints(session.target, info),
+                    lambda: ranges_from_checkpoints(session.target, info),
                     sample_size=sample_size,
                     seed=seed,
                     collate_c=collate_c,

@@ -392,6 +392,25 @@ def test_sequence_left_behind_is_named(migrated: Migrated) -> None:
     assert visits.details["owned"][0]["next_value"] == 1
 
 
+def test_unreadable_checkpoints_fail_the_range_checks_not_the_run(migrated: Migrated) -> None:
+    """The ranges come from the target's checkpoints; if they cannot be read, the checks that
+    need them fail with one sentence each and every other check still runs."""
+    _on_target(
+        migrated,
+        "REVOKE SELECT ON supabase_migration.migration_checkpoints FROM postgres",
+        admin=True,
+    )
+    report = _verify(migrated)
+    failed = _failed(report)
+    assert set(failed) == {
+        (table, check) for table in TABLES for check in ("row_count_matches", "checksums_match")
+    }
+    for outcome in failed.values():
+        assert "could not run: insufficient_privilege" in outcome.description
+    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES)
+    _assert_no_phi(report)
+
+
 def test_missing_target_table_fails_cleanly(migrated: Migrated) -> None:
     _on_target(migrated, "DROP TABLE audit_log")
     report = _verify(migrated)
