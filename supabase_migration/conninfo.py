@@ -20,14 +20,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import psycopg
-import sqlalchemy.engine
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import sqlalchemy.engine
 
 DEFAULT_APPLICATION_NAME = "supabase-migration"
 DEFAULT_PORT = 5432
@@ -232,6 +234,8 @@ class DatabaseUrl:
 
     def sqlalchemy_url(self) -> sqlalchemy.engine.URL:
         """A SQLAlchemy URL for the psycopg (3) driver, with the libpq params as query."""
+        import sqlalchemy.engine  # only engines need it (see connections.make_engine)
+
         query = {"application_name": self.application_name, **self.params}
         return sqlalchemy.engine.URL.create(
             "postgresql+psycopg",
