@@ -577,10 +577,12 @@ def sample_rows(
 ) -> CheckOutcome:
     """Compare a seeded random sample of rows column by column (pandas; small data only).
 
-    Keys are picked on the source by a hash of key and seed, so a recorded seed reproduces the
-    sample. The rows are read as text under pinned settings on both sides and normalized per
-    column type; results name primary keys and column names, never values. Without a key, a
-    sample of full-row hashes is looked up on the target and only counts are reported.
+    Keys are picked on the source from the seed (`pick_sample_keys`: index probes on big tables
+    with an integer or uuid key, else a hash of key and seed), so a recorded seed reproduces the
+    sample over the same rows. The rows are read as text under pinned settings on both sides
+    and normalized per column type; results name primary keys and column names, never values.
+    Without a key, a sample of full-row hashes is looked up on the target and only counts are
+    reported.
     """
     missing = _missing_table(SAMPLE, table, source, target)
     if missing:
