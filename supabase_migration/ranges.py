@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TypeVar
 
 Bound = tuple[str, ...] | None
@@ -35,6 +36,15 @@ class KeyRange:
 def partition_key(index: int) -> str:
     """Zero-padded so lexical order is key order in the UI."""
     return f"{index:06d}"
+
+
+def covers_key_space(ranges: Sequence[KeyRange]) -> bool:
+    """Ranges open at both ends and contiguous: their counts (and checksums) add up to the
+    table's."""
+    ordered = sorted(ranges, key=lambda r: r.index)
+    if not ordered or ordered[0].lower is not None or ordered[-1].upper is not None:
+        return False
+    return all(a.upper == b.lower for a, b in pairwise(ordered))
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from itertools import pairwise
 from queue import Queue
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,7 +37,7 @@ from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .manifest import Manifest
-from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks
+from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space
 from .redaction import describe_pg_error
 
 if TYPE_CHECKING:
@@ -195,14 +194,6 @@ def ranges_from_checkpoints(target: psycopg.Connection, table: TableInfo) -> lis
             return whole_table(table)
         rows = checkpoints.load(target, table.qualified_name)
     return [cp.key_range() for cp in rows] or whole_table(table)
-
-
-def covers_key_space(ranges: Sequence[KeyRange]) -> bool:
-    """Ranges open at both ends and contiguous: their counts add up to the table's."""
-    ordered = sorted(ranges, key=lambda r: r.index)
-    if not ordered or ordered[0].lower is not None or ordered[-1].upper is not None:
-        return False
-    return all(a.upper == b.lower for a, b in pairwise(ordered))
 
 
 def key_label(key: Sequence[str], values: Sequence[Any]) -> str:

@@ -18,9 +18,11 @@ from supabase_migration.copy import (
     CopyOutBlocks,
     CopySession,
     _source_snapshot,
+    changed_or_unfinished,
     copy_range,
     replica_mode_allowed,
     sums_by_range,
+    unchanged_as_a_whole,
 )
 from supabase_migration.errors import ConcurrentRunError, CopyError
 from supabase_migration.planning import plan_table, plan_tables, refresh_plan
@@ -169,6 +171,32 @@ def test_source_reads_run_without_parallel_workers_and_leave_the_session_as_it_w
             assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("0",)
             assert conn.execute("SHOW transaction_isolation").fetchone() == ("repeatable read",)
         assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == before
+
+
+def test_catch_up_reads_an_unchanged_table_in_one_pass(pair):
+    """Recorded range checksums add up to the table's: one pass proves nothing changed, and a
+    change still names exactly its range."""
+    source_db, target_db = pair
+    migrate_all(source_db, target_db.url)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        infos = {i.qualified_name: i for i in read_tables(s, ["public"])}
+        options = CopyOptions()
+        for name in ("public.items", "public.by_uuid", "public.composite"):
+            planned = checkpoints.load(t, name)
+            assert len(planned) > 1
+            assert unchanged_as_a_whole(s, infos[name], planned, options)
+            assert changed_or_unfinished(s, infos[name], planned, options) == set()
+        s.execute("UPDATE items SET label = 'changed' WHERE id = 4000")
+        planned = checkpoints.load(t, "public.items")
+        assert not unchanged_as_a_whole(s, infos["public.items"], planned, options)
+        holding = [
+            cp.partition_key
+            for cp in planned
+            if (cp.lower_bound is None or int(cp.lower_bound[0]) <= 4000)
+            and (cp.upper_bound is None or int(cp.upper_bound[0]) > 4000)
+        ]
+        assert changed_or_unfinished(s, infos["public.items"], planned, options) == set(holding)
 
 
 def test_forced_resync_writes_nothing_when_equal(pair):
