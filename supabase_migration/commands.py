@@ -46,7 +46,7 @@ from .assets import (
 from .catalog import needs_bytewise_keys
 from .checkpoints import Status
 from .checks import REPORT_CHECK, REPORT_KEY
-from .connections import connect, warn_if_workers_exceed_pool
+from .connections import connect, side_by_side, warn_if_workers_exceed_pool
 from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
@@ -471,14 +471,28 @@ def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool
         names = [t.name for t in manifest.tables]
         tables = live_tables(source, names)
         options = CopyOptions(collate_c=needs_bytewise_keys(source, target))
-        for name in names:
-            keys = instance.get_dynamic_partitions(partitions_def_name(name))
-            planned = checkpoints.load(target, name)
-            if resume:
-                todo = {cp.partition_key for cp in planned if cp.status != Status.COMPLETED}
-            else:  # catch-up: unchanged completed ranges need no Dagster run at all
-                todo = changed_or_unfinished(source, tables[name], planned, options)
-            units += make_units(name, keys, todo)
+        planned = {name: checkpoints.load(target, name) for name in names}
+    if resume:
+        todo = {
+            name: {cp.partition_key for cp in cps if cp.status != Status.COMPLETED}
+            for name, cps in planned.items()
+        }
+    else:  # catch-up: unchanged completed ranges need no Dagster run at all
+        # Each table's check reads it whole: two tables at a time, biggest first.
+        order = sorted(names, key=lambda name: -tables[name].size_bytes)
+        todo = dict(
+            side_by_side(
+                lambda: connect(source_url(), autocommit=True),
+                order,
+                lambda conn, name: (
+                    name,
+                    changed_or_unfinished(conn, tables[name], planned[name], options),
+                ),
+            )
+        )
+    for name in names:
+        keys = instance.get_dynamic_partitions(partitions_def_name(name))
+        units += make_units(name, keys, todo[name])
     return biggest_first(units, {name: info.size_bytes for name, info in tables.items()})
 
 

@@ -9,10 +9,14 @@ the connection string) and never with the password.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from queue import Queue
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -26,6 +30,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 # SQLSTATEs after which the same work can simply be tried again.
 TRANSIENT_SQLSTATES = frozenset(
@@ -414,3 +420,34 @@ def make_async_engine(
         hide_parameters=True,
         connect_args=_connect_args(url, connect_timeout),
     )
+
+
+def side_by_side(
+    open_conn: Callable[[], AbstractContextManager[psycopg.Connection]],
+    items: Sequence[Item],
+    work: Callable[[psycopg.Connection, Item], Result],
+    *,
+    connections: int = 2,
+) -> list[Result]:
+    """`work(conn, item)` for every item, `connections` items at a time, each on a connection
+    of its own (opened once, then reused); results in the order of `items`.
+
+    Independent whole-table reads (plans, catch-up checks) then overlap instead of queueing on
+    one connection: the servers have cores to spare while one query runs.
+    """
+    if not items:
+        return []
+    with contextlib.ExitStack() as stack:
+        idle: Queue[psycopg.Connection] = Queue()
+        for _ in range(min(connections, len(items))):
+            idle.put(stack.enter_context(open_conn()))
+
+        def one(item: Item) -> Result:
+            conn = idle.get()
+            try:
+                return work(conn, item)
+            finally:
+                idle.put(conn)
+
+        with ThreadPoolExecutor(idle.qsize()) as pool:
+            return list(pool.map(one, items))

@@ -9,13 +9,10 @@ its 100k-partition limit, so big tables get bigger ranges instead.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from queue import Queue
 
 import psycopg
 import psycopg.errors
@@ -23,6 +20,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo
+from .connections import side_by_side
 from .errors import ConfigError, MigrationError
 from .ranges import KeyRange
 from .redaction import describe_pg_error
@@ -85,39 +83,31 @@ def plan_tables(
     }
     if not keyed:
         return plans
-    with contextlib.ExitStack() as stack:
-        idle: Queue[psycopg.Connection] = Queue()
-        for _ in range(min(connections, len(keyed))):
-            idle.put(stack.enter_context(open_source()))
 
-        def one(item: tuple[TableInfo, int]) -> tuple[str, list[KeyRange]]:
-            table, batch_size = item
-            conn = idle.get()
-            try:
-                ranges = plan_table(
-                    conn,
-                    table,
-                    batch_size=batch_size,
-                    max_partitions=max_partitions,
-                    collate_c=collate_c,
-                )
-                return table.qualified_name, ranges
-            except psycopg.Error as exc:
-                # A source role without SELECT on a table is the user's to fix: exit code 2.
-                cls = (
-                    ConfigError
-                    if isinstance(exc, psycopg.errors.InsufficientPrivilege)
-                    else MigrationError
-                )
-                raise cls(
-                    f"Reading the key ranges of {table.qualified_name} on the source failed: "
-                    f"{describe_pg_error(exc)}."
-                ) from None
-            finally:
-                idle.put(conn)
+    def one(conn: psycopg.Connection, item: tuple[TableInfo, int]) -> tuple[str, list[KeyRange]]:
+        table, batch_size = item
+        try:
+            ranges = plan_table(
+                conn,
+                table,
+                batch_size=batch_size,
+                max_partitions=max_partitions,
+                collate_c=collate_c,
+            )
+            return table.qualified_name, ranges
+        except psycopg.Error as exc:
+            # A source role without SELECT on a table is the user's to fix: exit code 2.
+            cls = (
+                ConfigError
+                if isinstance(exc, psycopg.errors.InsufficientPrivilege)
+                else MigrationError
+            )
+            raise cls(
+                f"Reading the key ranges of {table.qualified_name} on the source failed: "
+                f"{describe_pg_error(exc)}."
+            ) from None
 
-        with ThreadPoolExecutor(idle.qsize()) as pool:
-            plans.update(pool.map(one, keyed))
+    plans.update(side_by_side(open_source, keyed, one, connections=connections))
     return plans
 
 

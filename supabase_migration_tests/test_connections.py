@@ -23,6 +23,7 @@ from supabase_migration.connections import (
     make_async_engine,
     make_engine,
     retrying,
+    side_by_side,
     warn_if_workers_exceed_pool,
 )
 from supabase_migration.conninfo import DatabaseUrl, Endpoint, parse_database_url
@@ -462,3 +463,28 @@ def test_direct_auth_failure_does_not_mention_the_pooler_user():
         psycopg.OperationalError(PREFIX + 'FATAL:  password authentication failed for user "x"'),
     )
     assert "check the password" in str(exc) and "pooler" not in str(exc)
+
+
+def test_side_by_side_overlaps_work_on_reused_connections(source_db):
+    """Five reads, two at a time: two connections, each reused, both busy at once, results
+    in the order asked for."""
+    url = parse_database_url(source_db.url, label="source")
+    opened: list[int] = []
+
+    def open_conn():
+        conn = connect(url, autocommit=True)
+        opened.append(conn.info.backend_pid)
+        return conn
+
+    def work(conn: psycopg.Connection, n: int) -> tuple[int, int, int]:
+        row = conn.execute(
+            "SELECT pg_sleep(0.3), %s::int, pg_backend_pid(), "
+            "(SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(0.3)%%')",
+            (n,),
+        ).fetchone()
+        return row[1], row[2], row[3]
+
+    results = side_by_side(open_conn, [1, 2, 3, 4, 5], work)
+    assert [n for n, _, _ in results] == [1, 2, 3, 4, 5]
+    assert len(opened) == 2 and {pid for _, pid, _ in results} == set(opened)
+    assert max(busy for _, _, busy in results) == 2
