@@ -3,6 +3,7 @@ corrupting the target fails the matching check, naming the key, range or object,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -515,6 +516,10 @@ PROBED_SCHEMA = """
 CREATE TABLE by_int (id bigint PRIMARY KEY, note text NOT NULL);
 CREATE TABLE by_uuid (id uuid PRIMARY KEY, note text NOT NULL);
 CREATE TABLE small (id bigint PRIMARY KEY, note text NOT NULL);
+CREATE TABLE by_pair (a text, b integer, note text NOT NULL, PRIMARY KEY (a, b));
+CREATE TABLE no_key (x integer, note text);
+INSERT INTO by_pair SELECT 'k' || (i % 300), i, 'note ' || i FROM generate_series(1, 3000) i;
+INSERT INTO no_key SELECT i, 'note ' || i FROM generate_series(1, 3000) i;
 INSERT INTO by_int SELECT i * 7, 'note ' || i FROM generate_series(1, 3000) i;
 INSERT INTO by_uuid SELECT md5(i::text)::uuid, 'note ' || i FROM generate_series(1, 3000) i;
 INSERT INTO small SELECT i, 'note ' || i FROM generate_series(1, 100) i;
@@ -544,6 +549,20 @@ def test_large_tables_sample_by_index_probes(source_db, target_db) -> None:
         ids = sorted(int(k[0]) for k in pick_sample_keys(s, infos["by_int"], 10, 7)[0])
         assert all(i % 7 == 0 for i in ids) and ids[-1] - ids[0] > 7 * 3000 // 2
         assert pick_sample_keys(s, infos["small"], 10, 7)[1] == "key hash"
+
+        # Other keys: the smallest key hashes among a seeded row sample of a big table, or
+        # among every row when the draw comes short (here: a row estimate far too high).
+        keys, method = pick_sample_keys(s, infos["by_pair"], 10, 7)
+        assert method == "row sample + key hash" and len(set(keys)) == 10
+        assert pick_sample_keys(s, infos["by_pair"], 10, 7) == (keys, method)
+        outgrown = dataclasses.replace(infos["by_pair"], estimated_rows=10**9)
+        assert pick_sample_keys(s, outgrown, 10, 7)[1] == "key hash"
+        assert len(pick_sample_keys(s, outgrown, 10, 7)[0]) == 10
+        keyless = sample_rows(s, t, infos["no_key"], 10, 7)
+        assert keyless.passed and keyless.details["rows_sampled"] == 10
+        assert "row sample" in keyless.details["method"]
+        t.execute("UPDATE no_key SET note = 'Jane Q. Patient'")
+        assert sample_rows(s, t, infos["no_key"], 10, 7).details["rows_not_found_on_target"] == 10
 
         t.execute("UPDATE by_uuid SET note = 'Jane Q. Patient'")
         changed = sample_rows(s, t, infos["by_uuid"], 10, 7)
