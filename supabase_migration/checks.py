@@ -130,7 +130,9 @@ def check_evaluation(outcome: CheckOutcome) -> dg.AssetCheckEvaluation:
     )
 
 
-def record_check_results(instance: dg.DagsterInstance, report: Report, manifest: Manifest) -> int:
+def record_check_results(
+    instance: dg.DagsterInstance, outcomes: Sequence[CheckOutcome], manifest: Manifest
+) -> int:
     """Show a verification's results on the table assets' checks (runless events).
 
     Lets `verification_report` and `supabase-migrate verify` refresh every table's check status
@@ -138,7 +140,7 @@ def record_check_results(instance: dg.DagsterInstance, report: Report, manifest:
     """
     known = {t.name for t in manifest.tables}
     recorded = 0
-    for outcome in report.outcomes:
+    for outcome in outcomes:
         if outcome.table in known and outcome.name in CHECK_NAMES:
             instance.report_runless_asset_event(check_evaluation(outcome))
             recorded += 1
@@ -264,7 +266,7 @@ def build_report_asset(
             ) from None
         paths = report.write(report_dir())
         if record_table_checks:
-            record_check_results(context.instance, report, manifest)
+            record_check_results(context.instance, report.outcomes, manifest)
         return dg.MaterializeResult(
             metadata=report_metadata(report, paths),
             check_results=[

@@ -1311,8 +1311,12 @@ def run_verification(
     security_findings: Sequence[Any] = (),
     tables: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    on_table: Callable[[Sequence[CheckOutcome]], None] | None = None,
 ) -> Report:
-    """Every check on every manifest table, gathered into one `Report` (the CLI's `verify`)."""
+    """Every check on every manifest table, gathered into one `Report` (the CLI's `verify`).
+
+    `on_table` gets each table's outcomes as soon as its checks are done (from a worker thread).
+    """
     from .report import Report  # report renders outcomes, so it imports this module
 
     started = time.monotonic()
@@ -1354,7 +1358,7 @@ def run_verification(
             try:
                 if log:
                     log(f"Verifying {info.qualified_name}")
-                results[info.qualified_name] = verify_table(
+                outcomes = verify_table(
                     lambda: session.source,
                     lambda: session.target,
                     info,
@@ -1363,6 +1367,9 @@ def run_verification(
                     seed=seed,
                     collate_c=collate_c,
                 )
+                results[info.qualified_name] = outcomes
+                if on_table is not None:
+                    on_table(outcomes)
             finally:
                 sessions.put(session)
 

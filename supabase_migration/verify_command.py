@@ -8,7 +8,7 @@ it: a background thread does, while the databases hash rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import ConfigError
@@ -16,9 +16,9 @@ from .inputs import Settings, check_connections, ensure_manifest, source_url, ta
 from .manifest import Manifest
 from .report import Report
 from .security import report_findings
-from .verify import run_verification
+from .verify import CheckOutcome, run_verification
 
-Recorder = Callable[[Report, Manifest], None]
+Recorder = Callable[[Sequence[CheckOutcome], Manifest], None]
 
 
 def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = ()) -> Report:
@@ -29,8 +29,18 @@ def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = (
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} is not in {manifest.path}; see its tables list.")
     source, target = source_url(), target_url()
-    with ThreadPoolExecutor(1) as opener:
-        recorder = opener.submit(dagster_recorder)
+    # One thread imports Dagster and opens the instance, then records each table's results as
+    # its checks finish (every event is its own SQLite transaction: about 15 ms, 0.7-1 s for
+    # the 49 of the example app, which would otherwise all wait for the end).
+    with ThreadPoolExecutor(1) as dagster:
+        recorder = dagster.submit(dagster_recorder)
+        recorded: set[str] = set()
+        writes: list[Future[None]] = []
+
+        def record(outcomes: Sequence[CheckOutcome]) -> None:
+            recorded.update(o.table for o in outcomes)
+            writes.append(dagster.submit(lambda: recorder.result()(outcomes, manifest)))
+
         report = run_verification(
             manifest,
             source,
@@ -39,9 +49,12 @@ def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = (
             seed=settings.seed,
             security_findings=report_findings(manifest)(source, target),
             tables=tables or None,
+            on_table=record,
         )
+        record([o for o in report.outcomes if o.table not in recorded])
         report.write(directory)
-        recorder.result()(report, manifest)
+        for write in writes:
+            write.result()
     return report
 
 
@@ -51,4 +64,4 @@ def dagster_recorder() -> Recorder:
     from .commands import dagster_instance
 
     instance = dagster_instance()
-    return lambda report, manifest: record_check_results(instance, report, manifest)
+    return lambda outcomes, manifest: record_check_results(instance, outcomes, manifest)
