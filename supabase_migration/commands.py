@@ -488,6 +488,7 @@ def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool
                     name,
                     changed_or_unfinished(conn, tables[name], planned[name], options),
                 ),
+                what=lambda name: f"Checking {name} on the source for changes",
             )
         )
     for name in names:

@@ -427,13 +427,16 @@ def side_by_side(
     items: Sequence[Item],
     work: Callable[[psycopg.Connection, Item], Result],
     *,
+    what: Callable[[Item], str],
     connections: int = 2,
 ) -> list[Result]:
     """`work(conn, item)` for every item, `connections` items at a time, each on a connection
     of its own (opened once, then reused); results in the order of `items`.
 
     Independent whole-table reads (plans, catch-up checks) then overlap instead of queueing on
-    one connection: the servers have cores to spare while one query runs.
+    one connection: the servers have cores to spare while one query runs. A database error
+    becomes one sentence, `what(item)` + " failed: " + the error without values: a missing
+    privilege is the user's to fix (exit code 2), a lost connection is worth a retry.
     """
     if not items:
         return []
@@ -446,6 +449,13 @@ def side_by_side(
             conn = idle.get()
             try:
                 return work(conn, item)
+            except psycopg.Error as exc:
+                cls: type[MigrationError] = MigrationError
+                if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                    cls = ConfigError
+                elif is_transient(exc):
+                    cls = TransientError
+                raise cls(f"{what(item)} failed: {describe_pg_error(exc)}.") from None
             finally:
                 idle.put(conn)
 

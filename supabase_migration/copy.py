@@ -32,7 +32,7 @@ from .catalog import KeyKind, TableInfo
 from .connections import connect, is_transient, retrying
 from .conninfo import DatabaseUrl
 from .errors import ConcurrentRunError, CopyError, TransientError
-from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space
+from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 
 STAGING_TABLE = "supabase_migration_stage"
@@ -248,12 +248,10 @@ def unchanged_as_a_whole(
         sum(cp.records_migrated or 0 for cp in planned),
         prefix + str(sum(int(c[len(prefix) :]) for c in recorded)),
     )
-    query = sqlbuild.range_checksum_query(table, None, None, collate_c=options.collate_c)
+    whole = [whole_range(table.qualified_name)]
     with _source_snapshot(source):
         source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
-        row = source.execute(query).fetchone()
-    assert row is not None
-    return (int(row[0]), str(row[1])) == expected
+        return sums_by_range(source, table, whole, collate_c=options.collate_c)[0] == expected
 
 
 def _is_integer(text: str) -> bool:

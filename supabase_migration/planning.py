@@ -21,9 +21,7 @@ from psycopg import sql
 from . import checkpoints
 from .catalog import KeyKind, TableInfo
 from .connections import side_by_side
-from .errors import ConfigError, MigrationError
-from .ranges import KeyRange
-from .redaction import describe_pg_error
+from .ranges import KeyRange, whole_range
 from .sqlbuild import Bound, range_predicate, table_ident
 
 DEFAULT_BATCH_SIZE = 50_000
@@ -77,37 +75,27 @@ def plan_tables(
         key=lambda pair: -pair[0].size_bytes,
     )
     plans = {  # no key: one whole-table range, nothing to read
-        t.qualified_name: [KeyRange(t.qualified_name, 0, None, None)]
+        t.qualified_name: [whole_range(t.qualified_name)]
         for t, _ in tables
         if t.key_kind is KeyKind.NONE
     }
-    if not keyed:
-        return plans
 
     def one(conn: psycopg.Connection, item: tuple[TableInfo, int]) -> tuple[str, list[KeyRange]]:
         table, batch_size = item
-        try:
-            ranges = plan_table(
-                conn,
-                table,
-                batch_size=batch_size,
-                max_partitions=max_partitions,
-                collate_c=collate_c,
-            )
-            return table.qualified_name, ranges
-        except psycopg.Error as exc:
-            # A source role without SELECT on a table is the user's to fix: exit code 2.
-            cls = (
-                ConfigError
-                if isinstance(exc, psycopg.errors.InsufficientPrivilege)
-                else MigrationError
-            )
-            raise cls(
-                f"Reading the key ranges of {table.qualified_name} on the source failed: "
-                f"{describe_pg_error(exc)}."
-            ) from None
+        ranges = plan_table(
+            conn, table, batch_size=batch_size, max_partitions=max_partitions, collate_c=collate_c
+        )
+        return table.qualified_name, ranges
 
-    plans.update(side_by_side(open_source, keyed, one, connections=connections))
+    plans.update(
+        side_by_side(
+            open_source,
+            keyed,
+            one,
+            what=lambda item: f"Reading the key ranges of {item[0].qualified_name} on the source",
+            connections=connections,
+        )
+    )
     return plans
 
 

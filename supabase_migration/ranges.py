@@ -38,6 +38,11 @@ def partition_key(index: int) -> str:
     return f"{index:06d}"
 
 
+def whole_range(table: str) -> KeyRange:
+    """The one range of a table read whole: a keyless table's plan, a whole-table checksum."""
+    return KeyRange(table, 0, None, None)
+
+
 def covers_key_space(ranges: Sequence[KeyRange]) -> bool:
     """Ranges open at both ends and contiguous: their counts (and checksums) add up to the
     table's."""

@@ -37,7 +37,7 @@ from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .manifest import Manifest
-from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space
+from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def _timed(
 
 
 def whole_table(table: TableInfo) -> list[KeyRange]:
-    return [KeyRange(table.qualified_name, 0, None, None)]
+    return [whole_range(table.qualified_name)]
 
 
 def ranges_from_checkpoints(target: psycopg.Connection, table: TableInfo) -> list[KeyRange]:
@@ -361,11 +361,8 @@ def range_sums(
     if len(ranges) > 1:
 
         def whole(conn: psycopg.Connection) -> tuple[int, str]:
-            query = sqlbuild.range_checksum_query(table, None, None, collate_c=collate_c)
             with read_snapshot(conn):
-                row = conn.execute(query).fetchone()
-            assert row is not None
-            return int(row[0]), str(row[1])
+                return sums_by_range(conn, table, whole_table(table), collate_c=collate_c)[0]
 
         src_whole, tgt_whole = on_both(whole, source, target)
         if src_whole == tgt_whole:
@@ -647,9 +644,11 @@ def pick_sample_keys(
     rows = table.estimated_rows or 0
     with read_snapshot(source):
         if key_type in PROBE_TYPES and rows >= PROBE_ROWS_PER_SAMPLED_ROW * size:
-            return _probe_keys(source, table, key_type, size, seed), "key probes"
+            keys = _probe_keys(source, table, key_type, size, seed)
+            if len(keys) == size:  # else fewer rows than the estimate said: hash them all
+                return keys, "key probes"
         key_hash = sqlbuild.row_hash(table, [table.column(k) for k in table.key], sql.Placeholder())
-        return _pick_by_hash(
+        keys, drawn = _pick_by_hash(
             source,
             table,
             size,
@@ -658,6 +657,7 @@ def pick_sample_keys(
                 _key_texts(table), sqlbuild.table_ident(table), sample, key_hash
             ),
         )
+        return keys, f"key hash over {drawn}"
 
 
 def _pick_by_hash(
@@ -668,7 +668,7 @@ def _pick_by_hash(
     pick: Callable[[sql.Composable], sql.Composed],
 ) -> tuple[list[tuple[Any, ...]], str]:
     """Rows of `pick(row sample)` (params: the sample's, then seed and size), from the first
-    way of drawing rows that yields `size` of them; the method used."""
+    way of drawing rows that yields `size` of them; and which rows were drawn."""
     for sample, params, method in _row_sample(table, size, seed):
         rows = [tuple(row) for row in source.execute(pick(sample), (*params, seed, size))]
         if len(rows) == size or not params:
@@ -683,13 +683,13 @@ def _row_sample(
     seeded `TABLESAMPLE BERNOULLI` of about four rows per row wanted, so only those are hashed
     (lab_results, 420k rows: 0.54 s -> 0.01 s), then every row. The caller falls back to every
     row when a draw comes short (bad luck, or a row estimate the table has outgrown)."""
-    every_row = (sql.SQL(""), [], "key hash")
+    every_row = (sql.SQL(""), [], "every row")
     rows = table.estimated_rows or 0
     if rows < PROBE_ROWS_PER_SAMPLED_ROW * size:
         return [every_row]
     percent = min(100.0, 100.0 * SAMPLED_ROWS_PER_PICK * size / rows)
     sample = sql.SQL(" TABLESAMPLE BERNOULLI (%s) REPEATABLE (%s)")
-    return [(sample, [percent, seed], "row sample + key hash"), every_row]
+    return [(sample, [percent, seed], "a seeded row sample"), every_row]
 
 
 def _probe_keys(
@@ -796,7 +796,7 @@ def _sample_by_hash(
     name = table.qualified_name
     row_hash = sqlbuild.row_hash(table)
     with read_snapshot(source):
-        picked, method = _pick_by_hash(
+        picked, drawn = _pick_by_hash(
             source,
             table,
             size,
@@ -823,7 +823,7 @@ def _sample_by_hash(
         "sample_size": size,
         "rows_sampled": len(hashes),
         "rows_not_found_on_target": not_found,
-        "method": f"full-row hash (no usable key), {method.replace('key hash', 'row hash')}",
+        "method": f"full-row hash over {drawn} (no usable key)",
     }
     text = (
         f"{name} (no key): {len(hashes)} sampled rows (seed {seed}) all found on the target."

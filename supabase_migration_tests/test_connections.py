@@ -484,7 +484,44 @@ def test_side_by_side_overlaps_work_on_reused_connections(source_db):
         ).fetchone()
         return row[1], row[2], row[3]
 
-    results = side_by_side(open_conn, [1, 2, 3, 4, 5], work)
+    results = side_by_side(open_conn, [1, 2, 3, 4, 5], work, what=lambda n: f"Reading {n}")
     assert [n for n, _, _ in results] == [1, 2, 3, 4, 5]
     assert len(opened) == 2 and {pid for _, pid, _ in results} == set(opened)
     assert max(busy for _, _, busy in results) == 2
+
+
+def test_side_by_side_failure_is_one_sentence_naming_the_item(source_db):
+    """A database error in the work becomes one sentence that names the item: a missing
+    privilege is a ConfigError (exit 2), other errors a MigrationError; never a value."""
+    role = f"no_read_{source_db.name}"
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE secret (ssn text)")
+        conn.execute("INSERT INTO secret VALUES ('123-45-6789')")
+        conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    url = parse_database_url(source_db.url, label="source")
+
+    def work(conn: psycopg.Connection, query: str) -> None:
+        conn.execute(f'SET ROLE "{role}"' if "secret" in query else "SELECT 1")
+        try:
+            conn.execute(query)
+        finally:
+            conn.execute("RESET ROLE")
+
+    def run(query: str) -> MigrationError:
+        with pytest.raises(MigrationError) as caught:
+            side_by_side(
+                lambda: connect(url, autocommit=True), [query], work, what=lambda _: "Reading it"
+            )
+        return caught.value
+
+    try:
+        denied = run("SELECT * FROM secret")
+        assert isinstance(denied, ConfigError) and denied.exit_code == 2
+        assert denied.message.startswith("Reading it failed: insufficient_privilege")
+        bad = run("SELECT '123-45-6789'::int")
+        assert type(bad) is MigrationError and bad.message.startswith("Reading it failed: ")
+        for err in (denied, bad):
+            assert "123-45-6789" not in err.message and "\n" not in err.message
+    finally:
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(f'DROP ROLE "{role}"')

@@ -399,6 +399,18 @@ def test_sequence_left_behind_is_named(migrated: Migrated) -> None:
     assert visits.details["owned"][0]["next_value"] == 1
 
 
+def test_each_tables_outcomes_are_handed_over_once_before_the_report(migrated: Migrated) -> None:
+    """`verify` records a table's results in Dagster as soon as its checks finish: the
+    callback gets every table's outcomes exactly once, before the report is built."""
+    handed: list[tuple[str, ...]] = []
+    report = _verify(
+        migrated,
+        on_table=lambda outcomes: handed.append(tuple(sorted({o.table for o in outcomes}))),
+    )
+    assert sorted(handed) == [(table,) for table in sorted(TABLES)]
+    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES)
+
+
 def test_unreadable_checkpoints_fail_the_range_checks_not_the_run(migrated: Migrated) -> None:
     """The ranges come from the target's checkpoints; if they cannot be read, the checks that
     need them fail with one sentence each and every other check still runs."""
@@ -548,19 +560,26 @@ def test_large_tables_sample_by_index_probes(source_db, target_db) -> None:
             assert outcome.passed and outcome.details["rows_compared"] == 10
         ids = sorted(int(k[0]) for k in pick_sample_keys(s, infos["by_int"], 10, 7)[0])
         assert all(i % 7 == 0 for i in ids) and ids[-1] - ids[0] > 7 * 3000 // 2
-        assert pick_sample_keys(s, infos["small"], 10, 7)[1] == "key hash"
+        assert pick_sample_keys(s, infos["small"], 10, 7)[1] == "key hash over every row"
+        # A row estimate the table has outgrown the other way: too few keys to probe, so
+        # every row is hashed (100 rows, 100 wanted).
+        shrunk = dataclasses.replace(infos["small"], estimated_rows=10**9)
+        assert pick_sample_keys(s, shrunk, 100, 7) == (
+            pick_sample_keys(s, infos["small"], 100, 7)[0],
+            "key hash over every row",
+        )
 
         # Other keys: the smallest key hashes among a seeded row sample of a big table, or
         # among every row when the draw comes short (here: a row estimate far too high).
         keys, method = pick_sample_keys(s, infos["by_pair"], 10, 7)
-        assert method == "row sample + key hash" and len(set(keys)) == 10
+        assert method == "key hash over a seeded row sample" and len(set(keys)) == 10
         assert pick_sample_keys(s, infos["by_pair"], 10, 7) == (keys, method)
         outgrown = dataclasses.replace(infos["by_pair"], estimated_rows=10**9)
-        assert pick_sample_keys(s, outgrown, 10, 7)[1] == "key hash"
+        assert pick_sample_keys(s, outgrown, 10, 7)[1] == "key hash over every row"
         assert len(pick_sample_keys(s, outgrown, 10, 7)[0]) == 10
         keyless = sample_rows(s, t, infos["no_key"], 10, 7)
         assert keyless.passed and keyless.details["rows_sampled"] == 10
-        assert "row sample" in keyless.details["method"]
+        assert keyless.details["method"] == "full-row hash over a seeded row sample (no usable key)"
         t.execute("UPDATE no_key SET note = 'Jane Q. Patient'")
         assert sample_rows(s, t, infos["no_key"], 10, 7).details["rows_not_found_on_target"] == 10
 
