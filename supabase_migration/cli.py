@@ -8,6 +8,7 @@ Exit codes: 0 all done, 1 migration/verification failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -339,6 +340,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def console_main() -> int:
+    """The `supabase-migrate` program: `main`, then a quick exit.
+
+    Nothing runs after `main` but the interpreter's teardown, whose last garbage collections
+    walk every object Dagster, SQLAlchemy and the run left behind: 0.3-1 s of one core at the
+    end of every command, measured. Frozen objects are skipped; everything else (atexit,
+    flushing, closing files) happens as usual. Not in `main` itself, which tests call
+    in-process, where frozen garbage would never be freed.
+    """
+    code = main()
+    gc.freeze()
+    return code
+
+
 def _passwords(urls: Sequence[str]) -> list[str]:
     from .conninfo import parse_database_url
 
@@ -356,4 +371,4 @@ def _passwords(urls: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import gc
 import json
 import logging
 import multiprocessing
@@ -368,8 +369,15 @@ class Workers:
             self._pool = ProcessPoolExecutor(
                 self.count, mp_context=context, initializer=_worker_init
             )
-            for _ in range(self.count):
-                self._pool.submit(_worker_ready, self.manifest_path)
+            # Forked workers inherit every object of Dagster and the definitions; frozen, their
+            # garbage collections skip them instead of walking (and copying) them again in each
+            # worker. The pool forks on its first submit; this process then collects as usual.
+            gc.freeze()
+            try:
+                for _ in range(self.count):
+                    self._pool.submit(_worker_ready, self.manifest_path)
+            finally:
+                gc.unfreeze()
         return self._pool
 
     def __enter__(self) -> Workers:

@@ -216,3 +216,49 @@ def test_workers_are_gone_when_a_run_stops_on_an_error(tmp_path: Path, monkeypat
         w.start()
         raise RuntimeError("the setup run failed")
     assert multiprocessing.active_children() == []
+
+
+def _frozen_objects() -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_forked_workers_leave_inherited_objects_to_the_permanent_generation(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Each worker's garbage collections skip what it inherited (Dagster, the definitions)
+    instead of walking and copying it again; the CLI itself collects as before."""
+    import gc
+
+    import pytest
+
+    from supabase_migration import commands
+
+    if commands.start_method() != "fork":
+        pytest.skip("workers are spawned here, not forked: they inherit no objects")
+    path = tmp_path / "migration.yaml"
+    manifest_io.write(MANIFEST, path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert gc.get_freeze_count() == 0
+    with commands.Workers(2, build_definitions(MANIFEST), path) as workers:
+        pool = workers.start()
+        assert pool is not None
+        inherited = pool.submit(_frozen_objects).result(timeout=60)
+    assert inherited > 10_000
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_program_exits_with_its_objects_frozen(monkeypatch) -> None:
+    """`supabase-migrate` returns main's exit code, with every object frozen so that the
+    interpreter's teardown does not walk them (main itself, called by tests, freezes nothing)."""
+    import gc
+
+    from supabase_migration import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 2)
+    try:
+        assert cli.console_main() == 2
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
