@@ -22,7 +22,8 @@ from .connections import ServerUnreachable, is_transient
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConfigError, MigrationError, TransientError
 from .manifest import Manifest, ManifestTable
-from .planning import MAX_PARTITIONS_PER_TABLE, plan_tables, refresh_plan
+from .planning import MAX_PARTITIONS_PER_TABLE, FirstPlansAhead, plan_tables, refresh_plan
+from .ranges import KeyRange
 from .redaction import describe_pg_error
 from .report import markdown_table
 from .resources import SourceDatabase, TargetDatabase
@@ -126,7 +127,10 @@ def build_schema_asset(manifest: Manifest) -> dg.AssetsDefinition:
     return schema
 
 
-def build_plan_asset(manifest: Manifest) -> dg.AssetsDefinition:
+def build_plan_asset(
+    manifest: Manifest, ahead: FirstPlansAhead | None = None
+) -> dg.AssetsDefinition:
+    """`ahead`: first plans the CLI started reading before this asset's run (see planning)."""
     description = (
         "Split every table into key ranges, write pending checkpoints, register partitions."
     )
@@ -144,7 +148,9 @@ def build_plan_asset(manifest: Manifest) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
         try:
-            plans = plan_all(manifest, source, target, context.instance, log=context.log.warning)
+            plans = plan_all(
+                manifest, source, target, context.instance, log=context.log.warning, ahead=ahead
+            )
         except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         rows = [
@@ -185,6 +191,7 @@ def plan_all(
     instance: dg.DagsterInstance,
     tables: Sequence[ManifestTable] | None = None,
     log: Callable[[str], None] | None = None,
+    ahead: FirstPlansAhead | None = None,
 ):
     """Plan every table, then make Dagster know every partition key the checkpoints hold.
 
@@ -198,11 +205,23 @@ def plan_all(
         bytewise = needs_bytewise_keys(s, t)
         infos = live_tables(s, [m.name for m in chosen])
         planned = checkpoints.summary(t)
-        first_plans = plan_tables(
-            source.connection,
-            [(infos[m.name], manifest.batch_size_for(m)) for m in chosen if m.name not in planned],
-            max_partitions=MAX_PARTITIONS_PER_TABLE,
-            collate_c=bytewise,
+        unplanned = [
+            (infos[m.name], manifest.batch_size_for(m)) for m in chosen if m.name not in planned
+        ]
+        first_plans: dict[str, list[KeyRange]] = {}
+        if ahead is not None:
+            url = source.database_url()
+            for info, batch in unplanned:
+                ranges = ahead.take(url, info, batch, bytewise)
+                if ranges is not None:
+                    first_plans[info.qualified_name] = ranges
+        first_plans.update(
+            plan_tables(
+                source.connection,
+                [(i, b) for i, b in unplanned if i.qualified_name not in first_plans],
+                max_partitions=MAX_PARTITIONS_PER_TABLE,
+                collate_c=bytewise,
+            )
         )
         for entry in chosen:
             plan = refresh_plan(

@@ -60,7 +60,7 @@ from .inputs import (
 )
 from .localpg import pid_alive
 from .manifest import Manifest
-from .planning import MAX_PARTITIONS_PER_TABLE, plan_tables
+from .planning import MAX_PARTITIONS_PER_TABLE, FirstPlansAhead, plan_tables
 from .preflight import Finding, Severity
 from .report import report_dir
 from .resources import default_resources
@@ -430,11 +430,20 @@ def run(
     if warning:
         log(warning)
     manifest = ensure_manifest(settings)
-    instance = dagster_instance()
-    released = release_dead_runs(instance)
+    first_plans = FirstPlansAhead(
+        source_url(),
+        target_url(),
+        [(m.name, manifest.batch_size_for(m)) for m in manifest.tables],
+        manifest.schemas,
+    )
+    try:
+        instance = dagster_instance()
+        released = release_dead_runs(instance)
+        defs = build_definitions(manifest, first_plans)
+    finally:
+        first_plans.wait()  # no other thread may run while the workers fork
     if released:
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
-    defs = build_definitions(manifest)
     command = "resume" if resume else "run"
     with Workers(settings.workers, defs, manifest.path) as workers:
         if settings.workers > 1 and _copying_ahead():

@@ -24,6 +24,7 @@ from .assets import (
 )
 from .checks import REPORT_KEY, build_all_table_checks, build_report_asset
 from .manifest import Manifest, read_if_present
+from .planning import FirstPlansAhead
 from .resources import default_resources
 from .security import report_findings
 from .security_assets import SECURITY_KEY, build_security_asset, build_security_checks
@@ -31,12 +32,14 @@ from .security_assets import SECURITY_KEY, build_security_asset, build_security_
 EMPTY_MANIFEST = Manifest(tables=())
 
 
-def build_definitions(manifest: Manifest | None = None) -> dg.Definitions:
+def build_definitions(
+    manifest: Manifest | None = None, first_plans: FirstPlansAhead | None = None
+) -> dg.Definitions:
     manifest = manifest or EMPTY_MANIFEST
     table_assets = [build_table_asset(manifest, t) for t in manifest.tables]
     assets = [
         build_schema_asset(manifest),
-        build_plan_asset(manifest),
+        build_plan_asset(manifest, first_plans),
         *table_assets,
         build_indexes_asset(manifest),
         build_sequences_asset(manifest),

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 
+import dagster as dg
 import psycopg
 import pytest
 from psycopg import sql
 
 from supabase_migration import checkpoints, sqlbuild
-from supabase_migration.catalog import KeyKind, read_tables
+from supabase_migration.catalog import KeyKind, needs_bytewise_keys, read_tables
 from supabase_migration.connections import connect
 from supabase_migration.conninfo import Endpoint, parse_database_url
 from supabase_migration.copy import (
@@ -26,7 +28,7 @@ from supabase_migration.copy import (
     unchanged_as_a_whole,
 )
 from supabase_migration.errors import ConcurrentRunError, CopyError
-from supabase_migration.planning import plan_table, plan_tables, refresh_plan
+from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
 
@@ -237,6 +239,87 @@ def test_plans_read_side_by_side_equal_one_table_at_a_time(pair):
             refresh_plan(s, t, info, batch_size=300, first_plan=together[info.qualified_name])
             seeded = [cp.key_range() for cp in checkpoints.load(t, info.qualified_name)]
             assert seeded == together[info.qualified_name]
+
+
+def test_first_plans_read_ahead_are_the_plans_and_are_taken_once(pair):
+    """What the CLI reads while Dagster starts is what plan_tables would read then, handed
+    over once, and only for the same table, key, batch size and source database."""
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    ahead = FirstPlansAhead(src_url, tgt_url, [(name, 300) for name in TABLES], ["public"])
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        infos = read_tables(s, ["public"])
+        bytewise = needs_bytewise_keys(s, t)
+    expected = plan_tables(
+        lambda: connect(src_url, autocommit=True), [(i, 300) for i in infos], collate_c=bytewise
+    )
+    other_db = dataclasses.replace(src_url, dbname="postgres")
+    by_uuid = next(i for i in infos if i.name == "by_uuid")
+    assert ahead.take(other_db, by_uuid, 300, bytewise) is None
+    assert ahead.take(src_url, by_uuid, 500, bytewise) is None
+    for info in infos:
+        assert ahead.take(src_url, info, 300, bytewise) == expected[info.qualified_name]
+        assert ahead.take(src_url, info, 300, bytewise) is None
+    assert len(expected["public.by_uuid"]) > 1
+
+
+def test_first_plans_ahead_leave_planned_tables_and_failures_to_the_plan(pair):
+    """A table the target has planned already is not read again (a re-run only extends its
+    plan); a source that cannot be read leaves nothing to take, and raises nothing here."""
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        infos = {i.qualified_name: i for i in read_tables(s, ["public"])}
+        refresh_plan(s, t, infos["public.items"], batch_size=300)
+        bytewise = needs_bytewise_keys(s, t)
+    ahead = FirstPlansAhead(src_url, tgt_url, [(name, 300) for name in TABLES], ["public"])
+    assert ahead.take(src_url, infos["public.items"], 300, bytewise) is None
+    assert ahead.take(src_url, infos["public.by_uuid"], 300, bytewise) is not None
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    nowhere = dataclasses.replace(src_url, host="127.0.0.1", port=closed_port)
+    failed = FirstPlansAhead(nowhere, tgt_url, [("public.by_uuid", 300)], ["public"])
+    assert failed.take(nowhere, infos["public.by_uuid"], 300, bytewise) is None
+
+
+def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
+    """plan_all reads on the source only what was not read ahead, and seeds the same ranges."""
+    from supabase_migration import assets
+    from supabase_migration.manifest import from_catalog
+    from supabase_migration.resources import SourceDatabase, TargetDatabase
+
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s:
+        manifest = from_catalog(
+            read_tables(s, ["public"]), schemas=["public"], schema_mode="none", batch_size=300
+        )
+    not_items = [(m.name, 300) for m in manifest.tables if m.name != TABLES[1]]
+    ahead = FirstPlansAhead(src_url, tgt_url, not_items, ["public"])
+    read_here = []
+    real_plan_tables = assets.plan_tables
+
+    def counting(open_source, tables, **kwargs):
+        read_here.extend(t.qualified_name for t, _ in tables)
+        return real_plan_tables(open_source, tables, **kwargs)
+
+    monkeypatch.setattr(assets, "plan_tables", counting)
+    plans = assets.plan_all(
+        manifest,
+        SourceDatabase(url=source_db.url),
+        TargetDatabase(url=target_db.url),
+        dg.DagsterInstance.ephemeral(),
+        ahead=ahead,
+    )
+    assert read_here == [TABLES[1]]
+    assert {p.table: p.ranges for p in plans}["public.by_uuid"] > 1
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        for info in read_tables(s, ["public"]):
+            seeded = [cp.key_range() for cp in checkpoints.load(t, info.qualified_name)]
+            assert seeded == plan_table(s, info, batch_size=300)
 
 
 def test_through_transaction_pooler(pair):
