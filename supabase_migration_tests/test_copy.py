@@ -246,7 +246,10 @@ def test_first_plans_read_ahead_are_the_plans_and_are_taken_once(pair):
     over once, and only for the same table, key, batch size and source database."""
     source_db, target_db = pair
     src_url, tgt_url = _urls(source_db, target_db.url)
+    threads_before = threading.active_count()
     ahead = FirstPlansAhead(src_url, tgt_url, [(name, 300) for name in TABLES], ["public"])
+    ahead.wait()
+    assert threading.active_count() == threads_before  # the CLI forks its workers next
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         infos = read_tables(s, ["public"])
         bytewise = needs_bytewise_keys(s, t)
