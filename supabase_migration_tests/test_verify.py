@@ -699,3 +699,35 @@ def test_keys_are_listed_in_numeric_order() -> None:
     keys = [("10",), ("2",), ("-1",), ("abc",), ("1",)]
     assert sorted(keys, key=key_order) == [("-1",), ("1",), ("2",), ("10",), ("abc",)]
     assert sorted([("1", "b"), ("1", "a"), ("0", "z")], key=key_order)[0] == ("0", "z")
+
+
+def test_verify_pauses_collection_only_while_dagster_loads(
+    migrated: Migrated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder's thread imports Dagster and opens the instance with garbage collection
+    paused, then freezes what that made (the collector would walk it again and again); the
+    command leaves the process as it found it: collection on, nothing frozen."""
+    import gc
+
+    from supabase_migration import verify_command
+    from supabase_migration.inputs import SOURCE_URL_ENV, TARGET_URL_ENV, Settings
+
+    monkeypatch.setenv(SOURCE_URL_ENV, migrated.source_url.conninfo())
+    monkeypatch.setenv(TARGET_URL_ENV, migrated.target_url.conninfo())
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    after_loading = {}
+    real_recorder = verify_command.dagster_recorder
+
+    def watched_recorder():
+        recorder = real_recorder()
+        after_loading.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+        return recorder
+
+    monkeypatch.setattr(verify_command, "dagster_recorder", watched_recorder)
+    assert gc.get_freeze_count() == 0
+    report = verify_command.verify(
+        Settings(manifest_path=tmp_path / "migration.yaml"), tmp_path / "report"
+    )
+    assert report.outcomes and all(o.passed for o in report.outcomes)
+    assert after_loading["enabled"] and after_loading["frozen"] > 10_000
+    assert gc.isenabled() and gc.get_freeze_count() == 0
