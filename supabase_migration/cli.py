@@ -8,7 +8,6 @@ Exit codes: 0 all done, 1 migration/verification failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, MigrationError
 from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
+from .memory import freeze_for_exit
 from .redaction import redact_text
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table
 from .verify import DEFAULT_SAMPLE_SIZE
@@ -350,7 +350,7 @@ def console_main() -> int:
     in-process, where frozen garbage would never be freed.
     """
     code = main()
-    gc.freeze()
+    freeze_for_exit()
     return code
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import gc
 import json
 import logging
 import multiprocessing
@@ -31,7 +30,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from . import checkpoints, deferred
+from . import checkpoints, deferred, memory
 from . import manifest as manifest_io
 from .assets import (
     EXIT_CODE_METADATA,
@@ -369,15 +368,10 @@ class Workers:
             self._pool = ProcessPoolExecutor(
                 self.count, mp_context=context, initializer=_worker_init
             )
-            # Forked workers inherit every object of Dagster and the definitions; frozen, their
-            # garbage collections skip them instead of walking (and copying) them again in each
-            # worker. The pool forks on its first submit; this process then collects as usual.
-            gc.freeze()
-            try:
+            # The pool forks on its first submit (see memory.py).
+            with memory.frozen_while_forking():
                 for _ in range(self.count):
                     self._pool.submit(_worker_ready, self.manifest_path)
-            finally:
-                gc.unfreeze()
         return self._pool
 
     def __enter__(self) -> Workers:

@@ -262,3 +262,33 @@ def test_the_program_exits_with_its_objects_frozen(monkeypatch) -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_long_lived_objects_load_without_collection_and_stay_frozen_until_released() -> None:
+    import gc
+
+    from supabase_migration import memory
+
+    collections = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        with memory.loading_long_lived():
+            assert not gc.isenabled()
+            loaded = [[i] for i in range(100_000)]  # enough allocations to trigger collections
+        assert collections == []
+        assert gc.isenabled() and gc.get_freeze_count() >= len(loaded)
+        with memory.frozen_while_forking():
+            assert gc.get_freeze_count() >= len(loaded)
+        assert gc.get_freeze_count() == 0  # forking leaves the parent collecting as before
+        with memory.loading_long_lived():
+            pass
+        memory.release()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.callbacks.remove(count)
+        memory.release()

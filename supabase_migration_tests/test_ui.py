@@ -15,6 +15,7 @@ Without it the test skips (fails under CI=true).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -278,6 +279,7 @@ def test_ui_shows_failed_partitions_and_backfills_them(
         phase("run with the fault")
         summary = commands.run(demo_instance.settings)
         assert not summary.copied
+        assert gc.isenabled() and gc.get_freeze_count() == 0  # what loading froze is released
         faulty = {f.table: f.ranges for f in demo_instance.faults}
         assert faulty[TABLE] == 2
         failed = [cp for cp in table_checkpoints(TABLE) if cp.status == "failed"]
