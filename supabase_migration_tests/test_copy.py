@@ -176,6 +176,41 @@ def test_source_reads_run_without_parallel_workers_and_leave_the_session_as_it_w
         assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == before
 
 
+def test_the_peer_checksum_reads_the_copy_snapshot_without_parallel_workers(source_db, monkeypatch):
+    """The checksum beside a first load's COPY sees exactly the copying transaction's rows, and
+    plans as serially as the COPY, inside its own transaction only."""
+    from supabase_migration import copy as copy_module
+    from supabase_migration.ranges import whole_range
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 10) g")
+    src_url = parse_database_url(source_db.url, label="source")
+    seen = {}
+    real_checksum = copy_module._source_checksum
+
+    def watched(conn, table, key_range, options):
+        seen["workers"] = conn.execute("SHOW max_parallel_workers_per_gather").fetchone()[0]
+        seen["isolation"] = conn.execute("SHOW transaction_isolation").fetchone()[0]
+        return real_checksum(conn, table, key_range, options)
+
+    monkeypatch.setattr(copy_module, "_source_checksum", watched)
+    with connect(src_url, autocommit=True) as s, connect(src_url, autocommit=True) as peer:
+        info = next(t for t in read_tables(s, ["public"]) if t.name == "t")
+        default_workers = peer.execute("SHOW max_parallel_workers_per_gather").fetchone()[0]
+        assert default_workers != "0"
+        with _source_snapshot(s):
+            snapshot = s.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            with psycopg.connect(source_db.url, autocommit=True) as other:
+                other.execute("INSERT INTO t SELECT g, 'late' FROM generate_series(11, 15) g")
+            count, _, last_key = copy_module._checksum_in(
+                peer, snapshot, info, whole_range(info.qualified_name), CopyOptions()
+            )
+        assert (count, last_key) == (10, "10")
+        assert seen == {"workers": "0", "isolation": "repeatable read"}
+        assert peer.execute("SHOW max_parallel_workers_per_gather").fetchone()[0] == default_workers
+
+
 def test_catch_up_reads_an_unchanged_table_in_one_pass(pair):
     """Recorded range checksums add up to the table's: one pass proves nothing changed, and a
     change still names exactly its range."""
