@@ -349,8 +349,9 @@ class Workers:
 
     On Linux they are forked from the CLI once Dagster is imported and the definitions built, so
     a worker is ready in about 0.1 s; spawned (elsewhere), each spends 2-4 s importing Dagster,
-    which then overlaps the schema step instead of delaying the first copy. The CLI forks before
-    it starts any thread or holds any connection open; see `start_method`.
+    which then overlaps the schema step instead of delaying the first copy. The CLI forks while
+    no other thread runs (the plans read ahead have finished) and no connection is open; see
+    `start_method`.
     """
 
     def __init__(self, count: int, defs: dg.Definitions, manifest_path: Path | None) -> None:
@@ -435,7 +436,7 @@ def run(
         released = release_dead_runs(instance)
         defs = build_definitions(manifest, first_plans)
     finally:
-        first_plans.wait()  # no other thread may run while the workers fork
+        first_plans.finish()  # cancels what is still read: no thread may run at the fork
     if released:
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
     command = "resume" if resume else "run"

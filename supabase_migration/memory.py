@@ -17,26 +17,32 @@ from contextlib import contextmanager
 
 @contextmanager
 def loading_long_lived() -> Iterator[None]:
-    """No collection while the block loads what will live as long as the process; frozen
-    after it. The command that loaded calls `release` when it ends, so that a caller in the
-    same process (a test) goes on as before; the CLI freezes everything again at exit."""
+    """No collection while the block loads what will live as long as the process, then every
+    object alive frozen. Process-wide: collection pauses for every thread meanwhile, and the
+    other threads' objects are frozen too (both are what we want while a command starts). The
+    command that loaded calls `release` when it ends, so that a caller in the same process (a
+    test) goes on as before; the CLI freezes everything again at exit."""
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         gc.freeze()
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 @contextmanager
 def frozen_while_forking() -> Iterator[None]:
-    """Forked children start with everything the parent holds frozen; the parent, once they
-    are forked, collects as before."""
+    """Forked children start with everything the parent holds frozen. The parent then
+    unfreezes, unless something was frozen before (it stays so)."""
+    already_frozen = gc.get_freeze_count() > 0
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not already_frozen:
+            gc.unfreeze()
 
 
 def release() -> None:
@@ -45,5 +51,6 @@ def release() -> None:
 
 
 def freeze_for_exit() -> None:
-    """Nothing runs after this but the interpreter's teardown; its collections skip all."""
+    """Nothing runs after this but the interpreter's teardown, whose collections then skip
+    everything (what is left in reference cycles is not finalized: the process ends)."""
     gc.freeze()

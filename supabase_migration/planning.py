@@ -9,10 +9,11 @@ its 100k-partition limit, so big tables get bigger ranges instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -107,9 +108,11 @@ class FirstPlansAhead:
     Opening the Dagster instance and building the definitions keep one core busy for 1-2 s
     before the setup run, while the source idles; a first plan's reads take 0.5-1 s at 3M rows
     and grow with the tables. The plan asset takes what was read here (`take`) when its inputs
-    are the same, and reads the rest itself. Any failure here is left for the plan asset to
-    meet again and report in its run. Boundaries read a little early are as good as any: a
-    plan's ranges cover the table whatever rows come and go.
+    are the same, and reads the rest itself. `finish` ends the read-ahead when Dagster is
+    ready: reads still running are cancelled, so a big table's long read, an error or Ctrl-C
+    at start-up never holds the CLI back, and no thread runs when the workers fork. Any failure
+    here is left for the plan asset to meet again and report in its run. Boundaries read a
+    little early are as good as any: a plan's ranges cover the table whatever rows come and go.
     """
 
     def __init__(
@@ -121,6 +124,9 @@ class FirstPlansAhead:
     ) -> None:
         self._source_url = source_url
         self._plans: dict[tuple[object, ...], list[KeyRange]] = {}
+        self._stopping = threading.Event()
+        self._reading: set[psycopg.Connection] = set()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._read,
             args=(target_url, list(tables), list(schemas)),
@@ -129,12 +135,24 @@ class FirstPlansAhead:
         )
         self._thread.start()
 
+    @contextmanager
+    def _source_connection(self) -> Iterator[psycopg.Connection]:
+        """A source connection that `finish` can cancel while it reads."""
+        with connect(self._source_url, autocommit=True) as conn:
+            with self._lock:
+                self._reading.add(conn)
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    self._reading.discard(conn)
+
     def _read(
         self, target_url: DatabaseUrl, tables: list[tuple[str, int]], schemas: list[str]
     ) -> None:
         try:
             with (
-                connect(self._source_url, autocommit=True) as source,
+                self._source_connection() as source,
                 connect(target_url, autocommit=True) as target,
             ):
                 planned = (
@@ -145,19 +163,42 @@ class FirstPlansAhead:
                     return
                 collate_c = needs_bytewise_keys(source, target)
                 infos = {t.qualified_name: t for t in read_tables(source, schemas)}
-            wanted = [(infos[name], batch) for name, batch in todo if name in infos]
-            plans = plan_tables(
-                lambda: connect(self._source_url, autocommit=True), wanted, collate_c=collate_c
+            wanted = sorted(  # biggest first, as plan_tables reads them
+                ((infos[name], batch) for name, batch in todo if name in infos),
+                key=lambda pair: -pair[0].size_bytes,
             )
-            self._plans = {
-                _plan_inputs(info, batch, collate_c): plans[info.qualified_name]
-                for info, batch in wanted
-            }
-        except Exception:  # the plan asset reads these again, and reports what fails
-            self._plans = {}
+
+            def one(conn: psycopg.Connection, item: tuple[TableInfo, int]) -> None:
+                info, batch = item
+                if not self._stopping.is_set():
+                    ranges = plan_table(conn, info, batch_size=batch, collate_c=collate_c)
+                    self._plans[_plan_inputs(info, batch, collate_c)] = ranges
+
+            side_by_side(
+                self._source_connection,
+                wanted,
+                one,
+                what=lambda item: f"Reading the key ranges of {item[0].qualified_name} ahead",
+                connections=PLAN_CONNECTIONS,
+            )
+        except Exception:  # what was read is kept; the plan asset reads the rest, and reports
+            return
 
     def wait(self) -> None:
+        """Until every read is done (tests; `take` waits too)."""
         self._thread.join()
+
+    def finish(self) -> None:
+        """Cancel what is still being read, and wait for the thread to end (milliseconds)."""
+        self._stopping.set()
+        while self._thread.is_alive():
+            # Again until the thread ends: a read may start just after a cancel request.
+            with self._lock:
+                reading = list(self._reading)
+            for conn in reading:
+                with contextlib.suppress(Exception):
+                    conn.cancel_safe()
+            self._thread.join(0.05)
 
     def take(
         self, source_url: DatabaseUrl, table: TableInfo, batch_size: int, collate_c: bool

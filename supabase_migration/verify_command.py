@@ -7,7 +7,6 @@ it: a background thread does, while the databases hash rows.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -43,9 +42,7 @@ def _verify_and_record(
     # One thread imports Dagster and opens the instance, then records each table's results as
     # its checks finish (every event is its own SQLite transaction: about 15 ms, 0.7-1 s for
     # the 49 of the example app, which would otherwise all wait for the end).
-    # The security findings (catalog reads on the target) need nothing from the checks.
-    with ThreadPoolExecutor(1) as dagster, ThreadPoolExecutor(1) as security:
-        findings = security.submit(report_findings(manifest), source, target)
+    with ThreadPoolExecutor(1) as dagster:
         recorder = dagster.submit(dagster_recorder)
         recorded: set[str] = set()
         writes: list[Future[None]] = []
@@ -60,10 +57,10 @@ def _verify_and_record(
             target,
             sample_size=settings.sample_size,
             seed=settings.seed,
+            security_findings=report_findings(manifest)(source, target),
             tables=tables or None,
             on_table=record,
         )
-        report = dataclasses.replace(report, security_findings=tuple(findings.result()))
         record([o for o in report.outcomes if o.table not in recorded])
         report.write(directory)
         for write in writes:

@@ -236,7 +236,10 @@ def test_forked_workers_leave_inherited_objects_to_the_permanent_generation(
     from supabase_migration import commands
 
     if commands.start_method() != "fork":
-        pytest.skip("workers are spawned here, not forked: they inherit no objects")
+        reason = "workers are spawned here, not forked: they inherit no objects"
+        if sys.platform.startswith("linux") and os.environ.get("CI") == "true":
+            pytest.fail(reason + " (on Linux another thread is running in the test process)")
+        pytest.skip(reason)
     path = tmp_path / "migration.yaml"
     manifest_io.write(MANIFEST, path)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
@@ -284,11 +287,17 @@ def test_long_lived_objects_load_without_collection_and_stay_frozen_until_releas
         assert gc.isenabled() and gc.get_freeze_count() >= len(loaded)
         with memory.frozen_while_forking():
             assert gc.get_freeze_count() >= len(loaded)
-        assert gc.get_freeze_count() == 0  # forking leaves the parent collecting as before
-        with memory.loading_long_lived():
-            pass
+        assert gc.get_freeze_count() >= len(loaded)  # what was frozen before stays frozen
         memory.release()
         assert gc.get_freeze_count() == 0
+        with memory.frozen_while_forking():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0  # the parent collects as before once forked
+        gc.disable()
+        with memory.loading_long_lived():
+            pass
+        assert not gc.isenabled()  # left as it was found
     finally:
+        gc.enable()
         gc.callbacks.remove(count)
         memory.release()

@@ -729,6 +729,6 @@ def test_verify_pauses_collection_only_while_dagster_loads(
         Settings(manifest_path=tmp_path / "migration.yaml"), tmp_path / "report"
     )
     assert report.outcomes and all(o.passed for o in report.outcomes)
-    assert report.security_findings  # read beside the checks: RLS is off on these tables
+    assert report.security_findings  # RLS is off on these tables
     assert after_loading["enabled"] and after_loading["frozen"] > 10_000
     assert gc.isenabled() and gc.get_freeze_count() == 0
