@@ -65,40 +65,49 @@ def plan_tables(
     max_partitions: int = MAX_PARTITIONS_PER_TABLE,
     collate_c: bool = False,
     connections: int = PLAN_CONNECTIONS,
+    on_plan: Callable[[TableInfo, int, list[KeyRange]], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, list[KeyRange]]:
     """Whole-table plans of several (table, batch size) pairs, `connections` tables at a time.
 
     A keyset plan reads the whole key in order and an integer one counts the rows: seconds on
     big tables, independent of each other, and the workers wait for all of them before the
-    first copy. Boundaries need no common snapshot (any split covers the table).
+    first copy. Boundaries need no common snapshot (any split covers the table). `on_plan`
+    gets each table's plan as soon as it is read; once `stop` is set, tables not yet started
+    are left out (both for `FirstPlansAhead`, whose reads may be cancelled midway).
     """
+    keep = on_plan or (lambda table, batch_size, ranges: None)
+    plans: dict[str, list[KeyRange]] = {}
+    for table, batch_size in tables:
+        if table.key_kind is KeyKind.NONE:  # one whole-table range, nothing to read
+            plans[table.qualified_name] = [whole_range(table.qualified_name)]
+            keep(table, batch_size, plans[table.qualified_name])
     # Biggest first, so that the longest read starts first.
     keyed = sorted(
         ((t, b) for t, b in tables if t.key_kind is not KeyKind.NONE),
         key=lambda pair: -pair[0].size_bytes,
     )
-    plans = {  # no key: one whole-table range, nothing to read
-        t.qualified_name: [whole_range(t.qualified_name)]
-        for t, _ in tables
-        if t.key_kind is KeyKind.NONE
-    }
 
-    def one(conn: psycopg.Connection, item: tuple[TableInfo, int]) -> tuple[str, list[KeyRange]]:
+    def one(
+        conn: psycopg.Connection, item: tuple[TableInfo, int]
+    ) -> tuple[str, list[KeyRange]] | None:
+        if stop is not None and stop.is_set():
+            return None
         table, batch_size = item
         ranges = plan_table(
             conn, table, batch_size=batch_size, max_partitions=max_partitions, collate_c=collate_c
         )
+        keep(table, batch_size, ranges)
         return table.qualified_name, ranges
 
-    plans.update(
-        side_by_side(
-            open_source,
-            keyed,
-            one,
-            what=lambda item: f"Reading the key ranges of {item[0].qualified_name} on the source",
-            connections=connections,
-        )
+    read = side_by_side(
+        open_source,
+        keyed,
+        one,
+        what=lambda item: f"Reading the key ranges of {item[0].qualified_name} on the source",
+        connections=connections,
     )
+    plans.update(r for r in read if r is not None)
     return plans
 
 
@@ -163,23 +172,16 @@ class FirstPlansAhead:
                     return
                 collate_c = needs_bytewise_keys(source, target)
                 infos = {t.qualified_name: t for t in read_tables(source, schemas)}
-            wanted = sorted(  # biggest first, as plan_tables reads them
-                ((infos[name], batch) for name, batch in todo if name in infos),
-                key=lambda pair: -pair[0].size_bytes,
-            )
 
-            def one(conn: psycopg.Connection, item: tuple[TableInfo, int]) -> None:
-                info, batch = item
-                if not self._stopping.is_set():
-                    ranges = plan_table(conn, info, batch_size=batch, collate_c=collate_c)
-                    self._plans[_plan_inputs(info, batch, collate_c)] = ranges
+            def keep(info: TableInfo, batch_size: int, ranges: list[KeyRange]) -> None:
+                self._plans[_plan_inputs(info, batch_size, collate_c)] = ranges
 
-            side_by_side(
+            plan_tables(
                 self._source_connection,
-                wanted,
-                one,
-                what=lambda item: f"Reading the key ranges of {item[0].qualified_name} ahead",
-                connections=PLAN_CONNECTIONS,
+                [(infos[name], batch) for name, batch in todo if name in infos],
+                collate_c=collate_c,
+                on_plan=keep,
+                stop=self._stopping,
             )
         except Exception:  # what was read is kept; the plan asset reads the rest, and reports
             return

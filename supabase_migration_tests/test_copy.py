@@ -384,6 +384,31 @@ def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
             assert seeded == plan_table(s, info, batch_size=300)
 
 
+def test_plans_are_handed_over_as_read_and_none_are_read_once_stopped(pair):
+    source_db, target_db = pair
+    src_url, _ = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s:
+        infos = read_tables(s, ["public"])
+    handed = {}
+    together = plan_tables(
+        lambda: connect(src_url, autocommit=True),
+        [(i, 300) for i in infos],
+        on_plan=lambda info, batch, ranges: handed.update({(info.qualified_name, batch): ranges}),
+    )
+    assert handed == {(name, 300): ranges for name, ranges in together.items()}
+    stopped = threading.Event()
+    stopped.set()
+    handed.clear()
+    left = plan_tables(
+        lambda: connect(src_url, autocommit=True),
+        [(i, 300) for i in infos],
+        on_plan=lambda info, batch, ranges: handed.update({(info.qualified_name, batch): ranges}),
+        stop=stopped,
+    )
+    assert set(left) == {"public.keyless"}  # nothing to read for a keyless table
+    assert set(handed) == {("public.keyless", 300)}
+
+
 def test_through_transaction_pooler(pair):
     source_db, target_db = pair
     migrate_all(source_db, target_db.pooler_url, endpoint=Endpoint.TRANSACTION_POOLER)
