@@ -115,12 +115,12 @@ def dagster_instance() -> dg.DagsterInstance:
 
 
 def _home_config(text: str, home: Path) -> str:
-    """Our dagster.yaml for `home`: the event log's directory spelled out, so that tools opening
+    """Our dagster.yaml for `home`: the storages' directory spelled out, so that tools opening
     the instance without DAGSTER_HOME set (`DagsterInstance.from_config`) find it too."""
-    return text.replace(_EVENT_LOG_DIR_FROM_ENV, f"base_dir: {json.dumps(str(home.resolve()))}")
+    return text.replace(_STORAGE_DIR_FROM_ENV, f"base_dir: {json.dumps(str(home.resolve()))}")
 
 
-_EVENT_LOG_DIR_FROM_ENV = "base_dir:\n      env: DAGSTER_HOME"
+_STORAGE_DIR_FROM_ENV = "base_dir:\n      env: DAGSTER_HOME"
 
 
 def _quiet_dagster() -> dict:

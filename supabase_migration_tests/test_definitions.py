@@ -196,7 +196,7 @@ def test_installed_wheel_writes_its_dagster_yaml_into_a_new_home(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     written = (home / "dagster.yaml").read_text()
-    assert "ConsolidatedSqliteEventLogStorage" in written
+    assert "supabase_migration.dagster_storage" in written
     assert f"base_dir: {json.dumps(str(home.resolve()))}" in written
 
 

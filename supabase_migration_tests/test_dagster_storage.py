@@ -1,0 +1,88 @@
+"""Dagster's SQLite storages as our dagster.yaml configures them: one engine per process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from supabase_migration import commands, dagster_storage
+
+
+def _events(instance: dg.DagsterInstance, key: str) -> int:
+    return len(instance.fetch_materializations(dg.AssetKey(key), limit=1000).records)
+
+
+def test_a_new_home_makes_one_engine_per_storage_for_every_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    real = dagster_storage.create_engine
+
+    def counting(url: str, **kwargs: object):
+        made.append(Path(url).name)
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(dagster_storage, "create_engine", counting)
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = commands.dagster_instance()
+    assert isinstance(instance.run_storage, dagster_storage.RunStorage)
+    assert isinstance(instance.event_log_storage, dagster_storage.EventLogStorage)
+    assert isinstance(instance.schedule_storage, dagster_storage.ScheduleStorage)
+
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["a", "b", "c"]))
+    def numbers() -> None:
+        return None
+
+    for key in ("a", "b", "c"):
+        assert dg.materialize([numbers], instance=instance, partition_key=key).success
+    for n in range(20):
+        instance.report_runless_asset_event(dg.AssetMaterialization("side", partition=str(n)))
+
+    assert _events(instance, "numbers") == 3 and _events(instance, "side") == 20
+    assert len(instance.get_runs()) == 3
+    # Hundreds of storage operations above; Dagster's own classes made an engine for each.
+    counts = Counter(made)
+    assert counts["runs.db"] == 1 and counts["event_log.db"] == 1, counts
+    assert counts["schedules.db"] <= 1, counts
+    assert {p.name for p in home.glob("*.db")} == {"runs.db", "event_log.db", "schedules.db"}
+
+    # Another process (the UI, a second CLI) opening the same home sees all of it.
+    with dg.DagsterInstance.from_config(str(home)) as again:
+        assert _events(again, "side") == 20 and len(again.get_runs()) == 3
+
+
+_inherited: dg.DagsterInstance | None = None
+
+
+def _write_from_forked_child(done: multiprocessing.SimpleQueue) -> None:
+    assert _inherited is not None
+    storage = _inherited.event_log_storage
+    parents = storage._engine_of_process
+    _inherited.report_runless_asset_event(dg.AssetMaterialization("forked"))
+    done.put(storage._engine_of_process is not parents)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
+def test_a_forked_worker_makes_its_own_engine(tmp_path: Path, monkeypatch) -> None:
+    """Our copy workers are forked from the CLI: a child never uses the parent's engine."""
+    global _inherited
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    _inherited = commands.dagster_instance()
+    try:
+        _inherited.report_runless_asset_event(dg.AssetMaterialization("forked"))
+        context = multiprocessing.get_context("fork")
+        done = context.SimpleQueue()
+        child = context.Process(target=_write_from_forked_child, args=(done,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert done.get() is True  # a new engine in the child
+        assert _events(_inherited, "forked") == 2
+    finally:
+        _inherited = None
