@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import sys
 from collections import Counter
 from pathlib import Path
@@ -11,6 +12,8 @@ import dagster as dg
 import pytest
 
 from supabase_migration import commands, dagster_storage
+
+real_connect = sqlite3.dbapi2.connect
 
 
 def _events(instance: dg.DagsterInstance, key: str) -> int:
@@ -28,9 +31,14 @@ def test_a_new_home_makes_one_engine_per_storage_for_every_operation(
         return real(url, **kwargs)
 
     monkeypatch.setattr(dagster_storage, "create_engine", counting)
+    opened: list[object] = []
+    monkeypatch.setattr(  # what SQLAlchemy's SQLite dialect calls
+        sqlite3.dbapi2, "connect", lambda *a, **k: opened.append(a) or real_connect(*a, **k)
+    )
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     instance = commands.dagster_instance()
+    opened.clear()  # creating the files used Dagster's own engines
     assert isinstance(instance.run_storage, dagster_storage.RunStorage)
     assert isinstance(instance.event_log_storage, dagster_storage.EventLogStorage)
     assert isinstance(instance.schedule_storage, dagster_storage.ScheduleStorage)
@@ -50,6 +58,8 @@ def test_a_new_home_makes_one_engine_per_storage_for_every_operation(
     counts = Counter(made)
     assert counts["runs.db"] == 1 and counts["event_log.db"] == 1, counts
     assert counts["schedules.db"] <= 1, counts
+    # ... and a new SQLite connection and its close for each; now a few are kept and reused.
+    assert len(opened) <= 3 * dagster_storage.IDLE_CONNECTIONS, Counter(map(str, opened))
     assert {p.name for p in home.glob("*.db")} == {"runs.db", "event_log.db", "schedules.db"}
 
     # Another process (the UI, a second CLI) opening the same home sees all of it.
@@ -64,25 +74,30 @@ def _write_from_forked_child(done: multiprocessing.SimpleQueue) -> None:
     assert _inherited is not None
     storage = _inherited.event_log_storage
     parents = storage._engine_of_process
+    assert parents is not None
+    inherited_idle = parents[1].pool.checkedin()  # type: ignore[attr-defined]
     _inherited.report_runless_asset_event(dg.AssetMaterialization("forked"))
-    done.put(storage._engine_of_process is not parents)
+    done.put((inherited_idle, storage._engine_of_process is not parents))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
 def test_a_forked_worker_makes_its_own_engine(tmp_path: Path, monkeypatch) -> None:
-    """Our copy workers are forked from the CLI: a child never uses the parent's engine."""
+    """Our copy workers are forked from the CLI: a child inherits no open SQLite connection
+    (SQLite forbids using one across fork) and makes its own engine."""
     global _inherited
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     _inherited = commands.dagster_instance()
     try:
         _inherited.report_runless_asset_event(dg.AssetMaterialization("forked"))
+        engine = _inherited.event_log_storage._engine()  # type: ignore[attr-defined]
+        assert engine.pool.checkedin() >= 1  # an idle connection, kept for the next event
         context = multiprocessing.get_context("fork")
         done = context.SimpleQueue()
         child = context.Process(target=_write_from_forked_child, args=(done,))
         child.start()
         child.join(60)
         assert child.exitcode == 0
-        assert done.get() is True  # a new engine in the child
+        assert done.get() == (0, True)  # nothing open inherited; a new engine in the child
         assert _events(_inherited, "forked") == 2
     finally:
         _inherited = None
