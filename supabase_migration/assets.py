@@ -27,7 +27,7 @@ from .ranges import KeyRange
 from .redaction import describe_pg_error
 from .report import markdown_table
 from .resources import SourceDatabase, TargetDatabase
-from .schema_step import migrate_schema
+from .schema_step import SchemaAhead, migrate_schema
 from .sequences import sync_sequences
 
 # backfill_policy and pool are marked beta/preview; the warnings would bury real output.
@@ -101,7 +101,9 @@ class TableCopyConfig(dg.Config):
     )
 
 
-def build_schema_asset(manifest: Manifest) -> dg.AssetsDefinition:
+def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> dg.AssetsDefinition:
+    """`ahead`: the schema step the CLI started before this asset's run (see schema_step)."""
+
     @dg.asset(
         key=SCHEMA_KEY,
         group_name=GROUP_SETUP,
@@ -115,8 +117,11 @@ def build_schema_asset(manifest: Manifest) -> dg.AssetsDefinition:
     def schema(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
+        source_url, target_url = source.database_url(), target.database_url()
         try:
-            outcome = migrate_schema(manifest, source.database_url(), target.database_url())
+            outcome = ahead.take(source_url, target_url) if ahead else None
+            if outcome is None:
+                outcome = migrate_schema(manifest, source_url, target_url)
         except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         metadata = {k: v for k, v in outcome.result.metadata().items() if v is not None}

@@ -18,13 +18,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import psycopg
+from dagster._core.instance.config import dagster_instance_config
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -63,7 +65,7 @@ from .planning import MAX_PARTITIONS_PER_TABLE, FirstPlansAhead, plan_tables
 from .preflight import Finding, Severity
 from .report import report_dir
 from .resources import default_resources
-from .schema_step import preflight
+from .schema_step import preflight, start_schema_ahead
 from .security_assets import SECURITY_KEY
 
 PID_TAG = "supabase_migration/pid"
@@ -74,44 +76,65 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # -- Dagster instance ------------------------------------------------------------------------
 
 
-def dagster_instance() -> dg.DagsterInstance:
-    """The persistent instance in DAGSTER_HOME (default ./.dagster), so the UI sees CLI runs."""
+def dagster_home() -> Path:
+    """DAGSTER_HOME (default ./.dagster), made and given our dagster.yaml if new. Cheap: `run`
+    checks it before writing anything to the target."""
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         home = str(Path.cwd() / ".dagster")
         os.environ["DAGSTER_HOME"] = home
     home_path = Path(home)
-    try:
-        home_path.mkdir(parents=True, exist_ok=True)
-        # Two first runs on a fresh home would both create Dagster's SQLite tables and one
-        # would crash; the file lock makes the second wait for the first to create them.
-        with open(home_path / ".supabase-migration.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            config = home_path / "dagster.yaml"
-            if not config.exists():
-                for candidate in (
-                    _PACKAGE_DIR / "dagster.yaml",
-                    _PACKAGE_DIR.parent / "dagster.yaml",
-                ):
-                    if candidate.exists():
-                        config.write_text(_home_config(candidate.read_text(), home_path))
-                        break
+    with _home_locked(home_path):
+        config = home_path / "dagster.yaml"
+        if not config.exists():
+            for candidate in (_PACKAGE_DIR / "dagster.yaml", _PACKAGE_DIR.parent / "dagster.yaml"):
+                if candidate.exists():
+                    config.write_text(_home_config(candidate.read_text(), home_path))
+                    break
+    try:  # its YAML and keys (15 ms); a class that cannot be loaded shows when it is opened
+        dagster_instance_config(str(home_path))
+    except Exception as exc:
+        raise _unopenable(home_path, exc) from None
+    return home_path
+
+
+def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
+    """The persistent instance in DAGSTER_HOME, so the UI sees CLI runs."""
+    home = home or dagster_home()
+    # Two first runs on a fresh home would both create Dagster's SQLite tables and one would
+    # crash; the file lock makes the second wait for the first to create them.
+    with _home_locked(home):
+        try:
             instance = dg.DagsterInstance.get()
             instance.get_runs(limit=1)  # storage is created lazily: create it under the lock
             return instance
+        except Exception as exc:  # its dagster.yaml: YAML syntax, unknown keys, a missing class
+            raise _unopenable(home, exc) from None
+
+
+def _unopenable(home: Path, exc: Exception) -> ConfigError:
+    # Not the error's text: a storage URL in dagster.yaml may carry a password.
+    return ConfigError(
+        f"The Dagster instance in DAGSTER_HOME {home} could not be opened "
+        f"({type(exc).__name__}); check {home / 'dagster.yaml'}, or point "
+        "DAGSTER_HOME at a new directory."
+    )
+
+
+@contextmanager
+def _home_locked(home: Path) -> Iterator[None]:
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        lock = open(home / ".supabase-migration.lock", "a")  # noqa: SIM115 (held while yielding)
     except OSError as exc:
         raise ConfigError(
             f"DAGSTER_HOME {home} is not a usable directory "
             f"({exc.strerror or type(exc).__name__}); point DAGSTER_HOME at a directory this "
             "user can write."
         ) from None
-    except Exception as exc:  # its dagster.yaml: YAML syntax, unknown keys, a missing class
-        # Not the error's text: a storage URL in dagster.yaml may carry a password.
-        raise ConfigError(
-            f"The Dagster instance in DAGSTER_HOME {home} could not be opened "
-            f"({type(exc).__name__}); check {home_path / 'dagster.yaml'}, or point "
-            "DAGSTER_HOME at a new directory."
-        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _home_config(text: str, home: Path) -> str:
@@ -425,6 +448,8 @@ def run(
     if warning:
         log(warning)
     manifest = ensure_manifest(settings)
+    home = dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
+    schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(
         source_url(),
         target_url(),
@@ -432,11 +457,13 @@ def run(
         manifest.schemas,
     )
     try:
-        instance = dagster_instance()
+        instance = dagster_instance(home)
         released = release_dead_runs(instance)
-        defs = build_definitions(manifest, first_plans)
-    finally:
-        first_plans.finish()  # cancels what is still read: no thread may run at the fork
+        defs = build_definitions(manifest, first_plans, schema_ahead)
+    finally:  # no thread may run at the fork
+        first_plans.finish()  # cancels what is still read
+        if schema_ahead:
+            schema_ahead.wait()  # the setup run would wait for the schema anyway
     if released:
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
     command = "resume" if resume else "run"

@@ -26,6 +26,7 @@ from .checks import REPORT_KEY, build_all_table_checks, build_report_asset
 from .manifest import Manifest, read_if_present
 from .planning import FirstPlansAhead
 from .resources import default_resources
+from .schema_step import SchemaAhead
 from .security import report_findings
 from .security_assets import SECURITY_KEY, build_security_asset, build_security_checks
 
@@ -33,12 +34,14 @@ EMPTY_MANIFEST = Manifest(tables=())
 
 
 def build_definitions(
-    manifest: Manifest | None = None, first_plans: FirstPlansAhead | None = None
+    manifest: Manifest | None = None,
+    first_plans: FirstPlansAhead | None = None,
+    schema_ahead: SchemaAhead | None = None,
 ) -> dg.Definitions:
     manifest = manifest or EMPTY_MANIFEST
     table_assets = [build_table_asset(manifest, t) for t in manifest.tables]
     assets = [
-        build_schema_asset(manifest),
+        build_schema_asset(manifest, schema_ahead),
         build_plan_asset(manifest, first_plans),
         *table_assets,
         build_indexes_asset(manifest),

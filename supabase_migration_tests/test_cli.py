@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from supabase_migration import example_app
-from supabase_migration.assets import table_asset_key
+from supabase_migration.assets import SCHEMA_KEY, table_asset_key
 from supabase_migration.example_app.generate import generate
 from supabase_migration.verify import CHECK_NAMES
 
@@ -116,6 +116,12 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     )
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "migration-report").exists()
+    # `run` applied the schema while it opened Dagster, and its schema asset reported that
+    # step (had the asset applied it again, it would say nothing changed).
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        (schema,) = instance.fetch_materializations(SCHEMA_KEY, limit=10).records
+        metadata = schema.asset_materialization.metadata
+        assert metadata["changed"].value is True and metadata["objects_created"].value > 0
 
     ok = cli(["verify", "--json", "--seed", "11", "--report", "out"], env, tmp_path)
     assert ok.returncode == 0, ok.stderr

@@ -664,3 +664,34 @@ def test_alembic_mode_needs_a_config(source_db, target_db, tmp_path):
         apply_schema(
             "alembic", source_url=source, target_url=target, alembic_config=tmp_path / "nope.ini"
         )
+
+
+def test_schema_ahead_is_taken_once_for_the_same_databases(source_db, target_db):
+    """`run` starts the schema step while it opens Dagster; the schema asset takes its outcome
+    (or its error) instead of applying the schema again."""
+    from supabase_migration.manifest import Manifest
+    from supabase_migration.schema_step import start_schema_ahead
+
+    execute(source_db.url, SMALL_SCHEMA)
+    source, target = _urls(source_db, target_db.url)
+    manifest = Manifest(tables=(), schemas=("clinic",))
+    ahead = start_schema_ahead(manifest, source, target)
+    assert ahead is not None
+    other = dataclasses.replace(target, dbname="postgres")
+    assert ahead.take(source, other) is None  # waits; another database: not this outcome
+    outcome = ahead.take(source, target)
+    assert outcome is not None and outcome.result.changed
+    assert snapshot(target_db.admin_url, "clinic") == snapshot(source_db.url, "clinic")
+    assert has_schema(target_db.admin_url, "supabase_migration")  # bookkeeping too
+    assert ahead.take(source, target) is None  # once: a later run does the step itself
+
+    # An error ahead is raised by `take`, in the asset's run, as the step would have raised it.
+    execute(source_db.url, "ALTER TABLE clinic.visits ADD COLUMN room text")
+    failing = start_schema_ahead(manifest, source, target)
+    assert failing is not None
+    with pytest.raises(SchemaError, match="source schema changed"):
+        failing.take(source, target)
+
+    # The Alembic mode runs the user's env.py: never in a background thread.
+    alembic = dataclasses.replace(manifest, schema_mode="alembic", alembic_config="alembic.ini")
+    assert start_schema_ahead(alembic, source, target) is None
