@@ -120,11 +120,14 @@ def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> 
         source_url, target_url = source.database_url(), target.database_url()
         try:
             outcome = ahead.take(source_url, target_url) if ahead else None
+            started_before_run = outcome is not None
             if outcome is None:
                 outcome = migrate_schema(manifest, source_url, target_url)
         except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None
         metadata = {k: v for k, v in outcome.result.metadata().items() if v is not None}
+        # The CLI starts the step while it opens Dagster; this run then reports what it did.
+        metadata["started_before_run"] = started_before_run
         metadata["preflight"] = dg.MetadataValue.md(outcome.findings_markdown)
         metadata["findings"] = len(outcome.findings)
         return dg.MaterializeResult(metadata=metadata)

@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -91,16 +92,17 @@ def dagster_home() -> Path:
                 if candidate.exists():
                     config.write_text(_home_config(candidate.read_text(), home_path))
                     break
-    try:  # its YAML and keys (15 ms); a class that cannot be loaded shows when it is opened
+    try:  # its YAML and keys (15 ms); a storage class that cannot be loaded shows only when
+        # the instance is opened, after `run` has started the schema step
         dagster_instance_config(str(home_path))
     except Exception as exc:
         raise _unopenable(home_path, exc) from None
     return home_path
 
 
-def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
+def dagster_instance() -> dg.DagsterInstance:
     """The persistent instance in DAGSTER_HOME, so the UI sees CLI runs."""
-    home = home or dagster_home()
+    home = dagster_home()
     # Two first runs on a fresh home would both create Dagster's SQLite tables and one would
     # crash; the file lock makes the second wait for the first to create them.
     with _home_locked(home):
@@ -125,25 +127,25 @@ def _unopenable(home: Path, exc: Exception) -> ConfigError:
 def _home_locked(home: Path) -> Iterator[None]:
     try:
         home.mkdir(parents=True, exist_ok=True)
-        lock = open(home / ".supabase-migration.lock", "a")  # noqa: SIM115 (held while yielding)
-    except OSError as exc:
+        with open(home / ".supabase-migration.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+    except OSError as exc:  # not a directory, not writable, no locks (NFS), disk full
         raise ConfigError(
             f"DAGSTER_HOME {home} is not a usable directory "
             f"({exc.strerror or type(exc).__name__}); point DAGSTER_HOME at a directory this "
             "user can write."
         ) from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _home_config(text: str, home: Path) -> str:
     """Our dagster.yaml for `home`: the storages' directory spelled out, so that tools opening
     the instance without DAGSTER_HOME set (`DagsterInstance.from_config`) find it too."""
-    return text.replace(_STORAGE_DIR_FROM_ENV, f"base_dir: {json.dumps(str(home.resolve()))}")
+    path = json.dumps(str(home.resolve()))
+    return _FROM_DAGSTER_HOME.sub(lambda m: f"{m.group(1)}: {path}", text)
 
 
-_STORAGE_DIR_FROM_ENV = "base_dir:\n      env: DAGSTER_HOME"
+_FROM_DAGSTER_HOME = re.compile(r"(\w+):\n\s+env: DAGSTER_HOME\b")
 
 
 def _quiet_dagster() -> dict:
@@ -448,7 +450,7 @@ def run(
     if warning:
         log(warning)
     manifest = ensure_manifest(settings)
-    home = dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
+    dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
     schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(
         source_url(),
@@ -457,13 +459,15 @@ def run(
         manifest.schemas,
     )
     try:
-        instance = dagster_instance(home)
+        instance = dagster_instance()
         released = release_dead_runs(instance)
         defs = build_definitions(manifest, first_plans, schema_ahead)
     finally:  # no thread may run at the fork
         first_plans.finish()  # cancels what is still read
-        if schema_ahead:
-            schema_ahead.wait()  # the setup run would wait for the schema anyway
+    if schema_ahead:
+        # Not on an error or Ctrl-C above: the CLI ends then, and the schema step, one
+        # transaction on a daemon thread's connection, is rolled back unless it had committed.
+        schema_ahead.wait()  # the setup run would wait for the schema anyway
     if released:
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
     command = "resume" if resume else "run"

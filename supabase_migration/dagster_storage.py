@@ -3,13 +3,16 @@
 Dagster's SQLite run, schedule and event-log storages make a new SQLAlchemy engine for every
 operation, with `NullPool`: every event a run writes, every status change, every partition it
 plans costs a new engine (its dialect, its first-connect set-up), a new SQLite connection and
-its close, which in WAL mode checkpoints the log into the database when it is the process's
-last connection. About 6.5 ms of CPU per event, and a first load stores several hundred: over
-2 s of our client CPU (docs/benchmark.md). These subclasses keep Dagster's storage code, tables
-and files as they are, and reuse one engine per process and file with a small pool of idle
-connections (never a limit on how many are open at once, as before). Before the process forks
-(our copy workers), idle connections are closed, so a child never inherits an open SQLite
-connection (SQLite forbids using one across fork); the child makes its own engine.
+its close, which in WAL mode also checkpoints the log into the database whenever no other
+connection, of any process, has the file open. About 6.5 ms of CPU per event, and a first load
+stores several hundred: about 2 s of our client CPU (docs/benchmark.md). These subclasses keep
+Dagster's storage code, tables and file layout, and each reuses one engine per process with
+a few idle connections (never a limit on how many are open at once, as before).
+
+SQLite forbids using a connection across `fork`. Before this process forks (the CLI forks its
+copy workers), idle connections are closed, and the child forgets the parent's engines and
+makes its own. A connection another thread has in use at that moment would still be inherited:
+the CLI forks only while it runs no other thread (`commands.start_method`).
 `dagster.yaml` selects these classes.
 """
 
@@ -23,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from dagster import StringSource
 from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
     ConsolidatedSqliteEventLogStorage,
 )
@@ -33,6 +37,9 @@ from sqlalchemy import Connection, Engine, create_engine
 
 # Idle connections kept per engine; more are opened when threads need them, and closed after use.
 IDLE_CONNECTIONS = 3
+
+_creating = threading.Lock()
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # this process's, for closing before fork
 
 
 class _EnginePerProcess:
@@ -66,9 +73,12 @@ class _EnginePerProcess:
         with self._engine().connect() as conn, conn.begin():
             yield conn
 
-
-_creating = threading.Lock()
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+    def dispose(self) -> None:
+        """Closing the instance closes this process's idle connections too."""
+        cached = self._engine_of_process
+        if cached is not None and cached[0] == os.getpid():
+            cached[1].dispose()
+        super().dispose()  # type: ignore[misc]
 
 
 def close_idle_connections() -> None:
@@ -77,19 +87,34 @@ def close_idle_connections() -> None:
         engine.dispose()
 
 
+def _forget_parents_engines() -> None:
+    global _creating
+    _creating = threading.Lock()  # in case another thread held it at the fork
+    _engines.clear()  # never touched, nor closed, here
+
+
 if hasattr(os, "register_at_fork"):
-    # The child forgets the parent's engines: it never touches, nor closes, their connections.
-    os.register_at_fork(before=close_idle_connections, after_in_child=_engines.clear)
+    os.register_at_fork(before=close_idle_connections, after_in_child=_forget_parents_engines)
 atexit.register(close_idle_connections)  # the last close checkpoints the WAL into the database
 
 
-class RunStorage(_EnginePerProcess, SqliteRunStorage):
-    """`SqliteRunStorage` (runs.db in `base_dir`) with one engine per process."""
+class _InDagsterLayout(_EnginePerProcess):
+    """Run and schedule storages configured by DAGSTER_HOME (`dagster_home`), their files where
+    Dagster's defaults put them: history/runs.db and schedules/schedules.db. (Dagster's own
+    `base_dir` cannot be derived from an environment variable in dagster.yaml; and `dagster
+    instance migrate` moves a runs.db it finds one directory above the run storage's.)"""
+
+    _subdirectory: str
 
     @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Any) -> RunStorage:
-        # Dagster's own calls SqliteRunStorage.from_local, which would drop the subclass.
-        return cls.from_local(inst_data=inst_data, **config_value)
+    def config_type(cls) -> dict[str, Any]:
+        return {"dagster_home": StringSource}
+
+    @classmethod
+    def from_config_value(cls, inst_data: Any, config_value: Mapping[str, Any]) -> Any:
+        # Dagster's own calls SqliteRunStorage.from_local by name, which would drop the subclass.
+        base_dir = os.path.join(config_value["dagster_home"], cls._subdirectory)
+        return cls.from_local(inst_data=inst_data, base_dir=base_dir)  # type: ignore[attr-defined]
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -97,17 +122,16 @@ class RunStorage(_EnginePerProcess, SqliteRunStorage):
             yield conn
 
 
-class ScheduleStorage(_EnginePerProcess, SqliteScheduleStorage):
-    """`SqliteScheduleStorage` (schedules.db in `base_dir`) with one engine per process."""
+class RunStorage(_InDagsterLayout, SqliteRunStorage):
+    """`SqliteRunStorage` with one engine per process."""
 
-    @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Any) -> ScheduleStorage:
-        return cls.from_local(inst_data=inst_data, **config_value)
+    _subdirectory = "history"
 
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
-        with self._transaction() as conn:
-            yield conn
+
+class ScheduleStorage(_InDagsterLayout, SqliteScheduleStorage):
+    """`SqliteScheduleStorage` with one engine per process."""
+
+    _subdirectory = "schedules"
 
 
 class EventLogStorage(_EnginePerProcess, ConsolidatedSqliteEventLogStorage):

@@ -76,7 +76,8 @@ class SchemaAhead:
     benchmark's size) then ran alone before any copy could start. The schema asset takes this
     outcome, or raises this error, instead of doing the step again (`take`, once, for the same
     databases), so its run reports it as before. The CLI waits for it before forking its
-    workers: no thread may run then.
+    workers: no thread may run then. Like the plans read ahead, its connections (one to each
+    database) are not counted in Dagster's `supabase_target` pool.
     """
 
     def __init__(self, manifest: Manifest, source_url: DatabaseUrl, target_url: DatabaseUrl):

@@ -117,10 +117,11 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "migration-report").exists()
     # `run` applied the schema while it opened Dagster, and its schema asset reported that
-    # step (had the asset applied it again, it would say nothing changed).
+    # step, once (had the asset applied it again, it would say nothing changed).
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         (schema,) = instance.fetch_materializations(SCHEMA_KEY, limit=10).records
         metadata = schema.asset_materialization.metadata
+        assert metadata["started_before_run"].value is True
         assert metadata["changed"].value is True and metadata["objects_created"].value > 0
 
     ok = cli(["verify", "--json", "--seed", "11", "--report", "out"], env, tmp_path)
@@ -185,6 +186,18 @@ def test_unusable_dagster_home_is_one_sentence(clinic):
     with psycopg.connect(target_db.url) as conn:
         exists = conn.execute("SELECT to_regclass('public.patients')").fetchone()[0]
     assert exists is None  # `run` stopped before its schema step
+
+    # A storage class that cannot be loaded shows only when the instance is opened (the schema
+    # step has started by then): still one sentence.
+    unloadable = tmp_path / "unloadable-home"
+    unloadable.mkdir()
+    (unloadable / "dagster.yaml").write_text(
+        "run_storage:\n  module: no_such_module\n  class: RunStorage\n  config: {}\n"
+    )
+    done = cli(["run", "--schema-mode", "dump"], {**env, "DAGSTER_HOME": str(unloadable)}, tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "dagster.yaml" in line and str(unloadable) in line
 
 
 def test_source_role_without_select_on_a_table_is_one_sentence(clinic):

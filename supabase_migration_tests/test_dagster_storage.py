@@ -60,11 +60,19 @@ def test_a_new_home_makes_one_engine_per_storage_for_every_operation(
     assert counts["schedules.db"] <= 1, counts
     # ... and a new SQLite connection and its close for each; now a few are kept and reused.
     assert len(opened) <= 3 * dagster_storage.IDLE_CONNECTIONS, Counter(map(str, opened))
-    assert {p.name for p in home.glob("*.db")} == {"runs.db", "event_log.db", "schedules.db"}
+    # Files where Dagster's defaults put them.
+    assert {str(p.relative_to(home)) for p in home.rglob("*.db")} == {
+        "history/runs.db",
+        "schedules/schedules.db",
+        "event_log.db",
+    }
 
     # Another process (the UI, a second CLI) opening the same home sees all of it.
     with dg.DagsterInstance.from_config(str(home)) as again:
         assert _events(again, "side") == 20 and len(again.get_runs()) == 3
+        engine = again.event_log_storage._engine()  # type: ignore[attr-defined]
+        assert engine.pool.checkedin() >= 1
+    assert engine.pool.checkedin() == 0  # closing the instance closed its idle connections
 
 
 _inherited: dg.DagsterInstance | None = None
@@ -83,7 +91,8 @@ def _write_from_forked_child(done: multiprocessing.SimpleQueue) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
 def test_a_forked_worker_makes_its_own_engine(tmp_path: Path, monkeypatch) -> None:
     """Our copy workers are forked from the CLI: a child inherits no open SQLite connection
-    (SQLite forbids using one across fork) and makes its own engine."""
+    (SQLite forbids using one across fork) and makes its own engine. (The workers open an
+    instance of their own; this child even uses the one it inherited.)"""
     global _inherited
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     _inherited = commands.dagster_instance()
@@ -96,6 +105,8 @@ def test_a_forked_worker_makes_its_own_engine(tmp_path: Path, monkeypatch) -> No
         child = context.Process(target=_write_from_forked_child, args=(done,))
         child.start()
         child.join(60)
+        if child.is_alive():
+            child.kill()
         assert child.exitcode == 0
         assert done.get() == (0, True)  # nothing open inherited; a new engine in the child
         assert _events(_inherited, "forked") == 2
