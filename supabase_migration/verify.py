@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from queue import Queue
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -1049,8 +1050,12 @@ def _orphans_query(
     columns: Sequence[str],
     ref_columns: Sequence[str],
     match_full: bool,
+    *,
+    with_keys: bool,
 ) -> sql.Composed:
-    """Child rows whose FK has no parent, as the RI triggers would judge them (NULL-aware)."""
+    """Child rows whose FK has no parent, as the RI triggers would judge them (NULL-aware):
+    their count, and with `with_keys` the first child keys too. Counting alone reads only the
+    key columns, so it can be a merge of the two indexes where their pages are all-visible."""
     child_cols = [sql.Identifier("c", col) for col in columns]
     all_set = sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(c) for c in child_cols)
     no_parent = sql.SQL("NOT EXISTS (SELECT 1 FROM {}{} p WHERE {})").format(
@@ -1066,20 +1071,19 @@ def _orphans_query(
         # MATCH FULL also forbids a partly-NULL key.
         any_set = sql.SQL(" OR ").join(sql.SQL("{} IS NOT NULL").format(c) for c in child_cols)
         violation = sql.SQL("({} OR (({}) AND NOT ({})))").format(violation, any_set, all_set)
+    rows = sql.SQL("FROM {only}{child} c WHERE {violation}").format(
+        only=sql.SQL("" if child_partitioned else "ONLY "),
+        child=sqlbuild.table_ident(table),
+        violation=violation,
+    )
+    if not with_keys:
+        return sql.SQL("SELECT count(*) {}").format(rows)
     keys = _key_texts(table, "c") if table.key else sql.SQL("NULL::text")
     order = (
         sql.SQL(", ").join(sql.Identifier("c", k) for k in table.key) if table.key else sql.SQL("1")
     )
-    return sql.SQL(
-        "SELECT count(*) OVER (), {keys} FROM {only}{child} c WHERE {violation} "
-        "ORDER BY {order} LIMIT {limit}"
-    ).format(
-        keys=keys,
-        only=sql.SQL("" if child_partitioned else "ONLY "),
-        child=sqlbuild.table_ident(table),
-        violation=violation,
-        order=order,
-        limit=sql.Literal(MAX_FK_KEYS),
+    return sql.SQL("SELECT count(*) OVER (), {keys} {rows} ORDER BY {order} LIMIT {limit}").format(
+        keys=keys, rows=rows, order=order, limit=sql.Literal(MAX_FK_KEYS)
     )
 
 
@@ -1096,18 +1100,19 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                 _FKS_SQL, (sqlbuild.table_ident(table).as_string(target),)
             ).fetchall()
             for conname, match, child_kind, p_schema, p_name, p_kind, cols, ref_cols in fks:
-                rows = target.execute(
-                    _orphans_query(
-                        table,
-                        child_kind == "p",
-                        sql.Identifier(p_schema, p_name),
-                        p_kind == "p",
-                        cols,
-                        ref_cols,
-                        match == "f",
-                    )
-                ).fetchall()
-                violations = int(rows[0][0]) if rows else 0
+                orphans = partial(
+                    _orphans_query,
+                    table,
+                    child_kind == "p",
+                    sql.Identifier(p_schema, p_name),
+                    p_kind == "p",
+                    cols,
+                    ref_cols,
+                    match == "f",
+                )
+                # Counted first; the keys to show are read only when there are orphans.
+                violations = int(target.execute(orphans(with_keys=False)).fetchone()[0])
+                rows = target.execute(orphans(with_keys=True)).fetchall() if violations else []
                 results.append(
                     {
                         "constraint": conname,
