@@ -329,3 +329,45 @@ def test_tables_left_out_still_get_row_level_security(clinic):
         ).fetchall()
         assert unprotected == []  # lab_results etc. were created by the dump, empty, with RLS
         assert conn.execute("SELECT count(*) FROM lab_results").fetchone() == (0,)
+
+
+def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
+    """Ctrl-C while Dagster opens, with the schema step started ahead held up on the target
+    (another session holds the lock schema steps take): the CLI ends at once with its one
+    line, and the schema step's transaction is rolled back."""
+    import os
+    import signal
+    import time
+
+    _, target_db, env, tmp_path = clinic
+    with psycopg.connect(target_db.url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('supabase_migration.schema'))")
+        run = subprocess.Popen(
+            [sys.executable, "-m", "supabase_migration.cli", "run", "--schema-mode", "dump"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline and run.poll() is None, "never held up"
+                time.sleep(0.05)
+            os.kill(run.pid, signal.SIGINT)
+            interrupted = time.monotonic()
+            _, stderr = run.communicate(timeout=60)
+            took = time.monotonic() - interrupted
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    assert run.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("Interrupted") and "Traceback" not in stderr
+    assert took < 15, f"the CLI waited {took:.1f} s for the schema step"
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.patients')").fetchone()[0] is None
