@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -80,11 +81,9 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 def dagster_home() -> Path:
     """DAGSTER_HOME (default ./.dagster), made and given our dagster.yaml if new. Cheap: `run`
     checks it before writing anything to the target."""
-    home = os.environ.get("DAGSTER_HOME")
-    if not home:
-        home = str(Path.cwd() / ".dagster")
-        os.environ["DAGSTER_HOME"] = home
-    home_path = Path(home)
+    # Dagster wants it absolute; a relative one (or ~) would fail only when the instance opens.
+    home_path = Path(os.environ.get("DAGSTER_HOME") or ".dagster").expanduser().absolute()
+    os.environ["DAGSTER_HOME"] = str(home_path)
     with _home_locked(home_path):
         config = home_path / "dagster.yaml"
         if not config.exists():
@@ -92,9 +91,14 @@ def dagster_home() -> Path:
                 if candidate.exists():
                     config.write_text(_home_config(candidate.read_text(), home_path))
                     break
-    try:  # its YAML and keys (15 ms); a storage class that cannot be loaded shows only when
-        # the instance is opened, after `run` has started the schema step
-        dagster_instance_config(str(home_path))
+    try:  # its YAML, its keys and the storage modules' presence (15 ms); a class or its config
+        # that cannot be loaded shows only when the instance opens, after `run` has started
+        # the schema step
+        config, _ = dagster_instance_config(str(home_path))
+        for entry in config.values():
+            module = entry.get("module") if isinstance(entry, dict) else None
+            if module and importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(module)
     except Exception as exc:
         raise _unopenable(home_path, exc) from None
     return home_path

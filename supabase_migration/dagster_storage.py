@@ -144,3 +144,10 @@ class EventLogStorage(_EnginePerProcess, ConsolidatedSqliteEventLogStorage):
     def _connect(self) -> Iterator[Connection]:
         with self._transaction() as conn:
             yield conn
+
+    def has_table(self, table_name: str) -> bool:
+        # Asked on every dynamic-partition operation and tagged event; Dagster's own makes an
+        # engine each time.
+        engine = self._engine()
+        with engine.connect() as conn:
+            return bool(engine.dialect.has_table(conn, table_name))

@@ -1054,8 +1054,9 @@ def _orphans_query(
     with_keys: bool,
 ) -> sql.Composed:
     """Child rows whose FK has no parent, as the RI triggers would judge them (NULL-aware):
-    their count, and with `with_keys` the first child keys too. Counting alone reads only the
-    key columns, so it can be a merge of the two indexes where their pages are all-visible."""
+    their count, or with `with_keys` the first child keys (the table must have a key). Counting
+    reads only the key columns, so it can be a merge of the two indexes where their pages are
+    all-visible."""
     child_cols = [sql.Identifier("c", col) for col in columns]
     all_set = sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(c) for c in child_cols)
     no_parent = sql.SQL("NOT EXISTS (SELECT 1 FROM {}{} p WHERE {})").format(
@@ -1078,12 +1079,9 @@ def _orphans_query(
     )
     if not with_keys:
         return sql.SQL("SELECT count(*) {}").format(rows)
-    keys = _key_texts(table, "c") if table.key else sql.SQL("NULL::text")
-    order = (
-        sql.SQL(", ").join(sql.Identifier("c", k) for k in table.key) if table.key else sql.SQL("1")
-    )
-    return sql.SQL("SELECT count(*) OVER (), {keys} {rows} ORDER BY {order} LIMIT {limit}").format(
-        keys=keys, rows=rows, order=order, limit=sql.Literal(MAX_FK_KEYS)
+    order = sql.SQL(", ").join(sql.Identifier("c", k) for k in table.key)
+    return sql.SQL("SELECT {keys} {rows} ORDER BY {order} LIMIT {limit}").format(
+        keys=_key_texts(table, "c"), rows=rows, order=order, limit=sql.Literal(MAX_FK_KEYS)
     )
 
 
@@ -1112,16 +1110,15 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                 )
                 # Counted first; the keys to show are read only when there are orphans.
                 violations = int(target.execute(orphans(with_keys=False)).fetchone()[0])
-                rows = target.execute(orphans(with_keys=True)).fetchall() if violations else []
+                shown = violations and table.key
+                rows = target.execute(orphans(with_keys=True)).fetchall() if shown else []
                 results.append(
                     {
                         "constraint": conname,
                         "columns": ", ".join(cols),
                         "references": f"{p_schema}.{p_name}",
                         "violations": violations,
-                        "example_keys": [key_label(table.key, r[1:]) for r in rows]
-                        if table.key
-                        else [],
+                        "example_keys": [key_label(table.key, r) for r in rows],
                     }
                 )
         broken = [r for r in results if r["violations"]]

@@ -187,8 +187,7 @@ def test_unusable_dagster_home_is_one_sentence(clinic):
         exists = conn.execute("SELECT to_regclass('public.patients')").fetchone()[0]
     assert exists is None  # `run` stopped before its schema step
 
-    # A storage class that cannot be loaded shows only when the instance is opened (the schema
-    # step has started by then): still one sentence.
+    # A storage module that is not installed stops `run` before its schema step too.
     unloadable = tmp_path / "unloadable-home"
     unloadable.mkdir()
     (unloadable / "dagster.yaml").write_text(
@@ -198,6 +197,8 @@ def test_unusable_dagster_home_is_one_sentence(clinic):
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "dagster.yaml" in line and str(unloadable) in line
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.patients')").fetchone()[0] is None
 
 
 def test_source_role_without_select_on_a_table_is_one_sentence(clinic):
@@ -353,7 +354,8 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
         try:
             deadline = time.monotonic() + 60
             while not holder.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
+                "AND datname = current_database()"
             ).fetchone()[0]:
                 assert time.monotonic() < deadline and run.poll() is None, "never held up"
                 time.sleep(0.05)
@@ -371,3 +373,52 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
     assert took < 15, f"the CLI waited {took:.1f} s for the schema step"
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regclass('public.patients')").fetchone()[0] is None
+
+
+def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkeypatch):
+    """The error path itself, in-process and deterministic: opening Dagster fails while the
+    schema step started ahead is held up on the target's schema lock; `run` raises at once."""
+    import threading
+
+    from supabase_migration import commands
+    from supabase_migration.errors import ConfigError
+    from supabase_migration.inputs import Settings
+
+    _, target_db, env, tmp_path = clinic
+    for name in ("SOURCE_DATABASE_URL", "SUPABASE_DB_URL", "DAGSTER_HOME"):
+        monkeypatch.setenv(name, env[name])
+    started: list = []
+
+    def start(*args):
+        started.append(commands.start_schema_ahead.__wrapped__(*args))
+        return started[-1]
+
+    start.__wrapped__ = commands.start_schema_ahead  # type: ignore[attr-defined]
+    monkeypatch.setattr(commands, "start_schema_ahead", start)
+
+    def unusable():
+        raise ConfigError("The Dagster instance could not be opened.")
+
+    monkeypatch.setattr(commands, "dagster_instance", unusable)
+    settings = Settings(manifest_path=tmp_path / "migration.yaml", schema_mode="dump")
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            commands.run(settings)
+        except BaseException as exc:
+            raised.append(exc)
+
+    with psycopg.connect(target_db.url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('supabase_migration.schema'))")
+        runner = threading.Thread(target=run)
+        runner.start()
+        runner.join(15)  # a run that waited would still be waiting: the lock is held
+        ended_in_time = not runner.is_alive()
+        (ahead,) = started
+        held_up = ahead._thread.is_alive()
+    runner.join()  # the lock went with its session: whatever waited goes on now
+    ahead.wait()
+    assert ended_in_time, "run waited for the schema step after its start-up failed"
+    assert held_up  # the step was still held up when run ended
+    assert len(raised) == 1 and isinstance(raised[0], ConfigError), raised

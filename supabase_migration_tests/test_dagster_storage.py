@@ -43,10 +43,16 @@ def test_a_new_home_makes_one_engine_per_storage_for_every_operation(
     assert isinstance(instance.event_log_storage, dagster_storage.EventLogStorage)
     assert isinstance(instance.schedule_storage, dagster_storage.ScheduleStorage)
 
-    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["a", "b", "c"]))
-    def numbers() -> None:
-        return None
+    # As our table assets are: dynamic partitions (each operation asks the event log whether
+    # a table exists) and an asset check.
+    ranges = dg.DynamicPartitionsDefinition(name="ranges")
 
+    @dg.asset(partitions_def=ranges, check_specs=[dg.AssetCheckSpec("fine", asset="numbers")])
+    def numbers():
+        yield dg.Output(None)
+        yield dg.AssetCheckResult(passed=True)
+
+    instance.add_dynamic_partitions("ranges", ["a", "b", "c"])
     for key in ("a", "b", "c"):
         assert dg.materialize([numbers], instance=instance, partition_key=key).success
     for n in range(20):

@@ -197,6 +197,7 @@ def test_installed_wheel_writes_its_dagster_yaml_into_a_new_home(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     written = (home / "dagster.yaml").read_text()
     assert "supabase_migration.dagster_storage" in written
+    assert "env: DAGSTER_HOME" not in written  # every storage's directory spelled out
     assert f"base_dir: {json.dumps(str(home.resolve()))}" in written
 
 
@@ -301,3 +302,16 @@ def test_long_lived_objects_load_without_collection_and_stay_frozen_until_releas
         gc.enable()
         gc.callbacks.remove(count)
         memory.release()
+
+
+def test_a_relative_dagster_home_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    """Dagster needs an absolute DAGSTER_HOME; a relative one (or ~) is resolved before
+    anything else, instead of failing when the instance opens."""
+    from supabase_migration import commands
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", "relative-home")
+    instance = commands.dagster_instance()
+    assert os.environ["DAGSTER_HOME"] == str(tmp_path / "relative-home")
+    assert (tmp_path / "relative-home" / "history" / "runs.db").exists()
+    instance.dispose()
