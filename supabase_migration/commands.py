@@ -471,6 +471,7 @@ def run(
     if schema_ahead:
         # Not on an error or Ctrl-C above: the CLI ends then, and the schema step, one
         # transaction on a daemon thread's connection, is rolled back unless it had committed.
+        # (A caller that goes on in the same process, a test, leaves the step to finish.)
         schema_ahead.wait()  # the setup run would wait for the schema anyway
     if released:
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
