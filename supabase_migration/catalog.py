@@ -15,6 +15,10 @@ import psycopg
 # Schemas that belong to PostgreSQL or to Supabase and are never migrated as user data.
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 BOOKKEEPING_SCHEMA = "supabase_migration"
+# The advisory lock (hashtext of this key) that schema steps and the bookkeeping set-up take on
+# the target, so that two runs starting at once take turns: concurrent CREATE ... IF NOT EXISTS
+# of one object fails with a unique violation on the catalog instead of waiting.
+SCHEMA_LOCK_KEY = "supabase_migration.schema"
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
-from .catalog import BOOKKEEPING_SCHEMA
+from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .ranges import KeyRange
 
 CHECKPOINTS = sql.Identifier(BOOKKEEPING_SCHEMA, "migration_checkpoints")
@@ -120,10 +120,9 @@ _FIELDS = sql.SQL(
 )
 
 
-# The schema step's lock key: concurrent CREATE ... IF NOT EXISTS of one schema or table fails
-# with a unique violation on the catalog (and concurrent REVOKEs with "tuple concurrently
-# updated") instead of waiting, so two runs starting at once must take turns here.
-_BOOKKEEPING_LOCK = "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.schema'))"
+# The schema step's lock (see catalog.SCHEMA_LOCK_KEY; concurrent REVOKEs would also fail, with
+# "tuple concurrently updated").
+_BOOKKEEPING_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}'))"
 
 
 def ensure_bookkeeping(conn: psycopg.Connection) -> None:

@@ -116,10 +116,7 @@ class _InDagsterLayout(_EnginePerProcess):
         base_dir = os.path.join(config_value["dagster_home"], cls._subdirectory)
         return cls.from_local(inst_data=inst_data, base_dir=base_dir)  # type: ignore[attr-defined]
 
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
-        with self._transaction() as conn:
-            yield conn
+    connect = _EnginePerProcess._transaction  # Dagster's: a transaction on our engine
 
 
 class RunStorage(_InDagsterLayout, SqliteRunStorage):
@@ -140,10 +137,7 @@ class EventLogStorage(_EnginePerProcess, ConsolidatedSqliteEventLogStorage):
 
     _connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
 
-    @contextmanager
-    def _connect(self) -> Iterator[Connection]:
-        with self._transaction() as conn:
-            yield conn
+    _connect = _EnginePerProcess._transaction  # Dagster's: a transaction on our engine
 
     def has_table(self, table_name: str) -> bool:
         # Asked on every dynamic-partition operation and tagged event; Dagster's own makes an

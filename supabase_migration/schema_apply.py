@@ -45,7 +45,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import BOOKKEEPING_SCHEMA
+from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .connections import connect, is_transient
 from .conninfo import DatabaseUrl
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
@@ -65,8 +65,8 @@ log = logging.getLogger(__name__)
 SCHEMA_APPLIED = "schema_applied"
 EXTENSIONS_SCHEMA = "extensions"
 PG_DUMP_TIMEOUT_S = 3600
-# pg_advisory_xact_lock key: two schema steps never interleave on one target.
-_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.schema'))"
+# Two schema steps never interleave on one target.
+_LOCK_SQL = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}'))"
 
 
 class SchemaMode(StrEnum):

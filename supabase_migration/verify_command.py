@@ -40,8 +40,8 @@ def _verify_and_record(
 ) -> Report:
     source, target = source_url(), target_url()
     # One thread imports Dagster and opens the instance, then records each table's results as
-    # its checks finish (every event is its own SQLite transaction: about 15 ms, 0.7-1 s for
-    # the 49 of the example app, which would otherwise all wait for the end).
+    # its checks finish (every event is its own SQLite transaction: a few milliseconds each,
+    # 49 for the example app, which would otherwise all wait for the end).
     with ThreadPoolExecutor(1) as dagster:
         recorder = dagster.submit(dagster_recorder)
         recorded: set[str] = set()

@@ -13,6 +13,7 @@ import pytest
 
 from supabase_migration import example_app
 from supabase_migration.assets import SCHEMA_KEY, table_asset_key
+from supabase_migration.catalog import SCHEMA_LOCK_KEY
 from supabase_migration.example_app.generate import generate
 from supabase_migration.verify import CHECK_NAMES
 
@@ -342,7 +343,7 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
 
     _, target_db, env, tmp_path = clinic
     with psycopg.connect(target_db.url, autocommit=True) as holder:
-        holder.execute("SELECT pg_advisory_lock(hashtext('supabase_migration.schema'))")
+        holder.execute("SELECT pg_advisory_lock(hashtext(%s))", [SCHEMA_LOCK_KEY])
         run = subprocess.Popen(
             [sys.executable, "-m", "supabase_migration.cli", "run", "--schema-mode", "dump"],
             env=env,
@@ -410,7 +411,7 @@ def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkey
             raised.append(exc)
 
     with psycopg.connect(target_db.url, autocommit=True) as holder:
-        holder.execute("SELECT pg_advisory_lock(hashtext('supabase_migration.schema'))")
+        holder.execute("SELECT pg_advisory_lock(hashtext(%s))", [SCHEMA_LOCK_KEY])
         runner = threading.Thread(target=run)
         runner.start()
         runner.join(15)  # a run that waited would still be waiting: the lock is held

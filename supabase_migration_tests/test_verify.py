@@ -382,6 +382,30 @@ def test_broken_foreign_key_names_constraint_and_child_keys(migrated: Migrated) 
     _assert_no_phi(report)
 
 
+def test_orphans_of_a_keyless_child_are_counted(migrated: Migrated) -> None:
+    """A child table without a key: its orphans are counted, and no row is named (there is no
+    key to name one by, and values are never shown)."""
+    from supabase_migration.verify import foreign_keys
+
+    _on_target(
+        migrated,
+        "CREATE TABLE kid (patient_id bigint REFERENCES patients (id), note text);"
+        "SET session_replication_role = replica;"
+        "INSERT INTO kid VALUES (1, 'fine'), (999998, 'Jane Q. Patient'), (999999, NULL),"
+        " (NULL, 'no parent needed')",
+        admin=True,
+    )
+    with psycopg.connect(migrated.target_admin, autocommit=True) as conn:
+        (info,) = [i for i in read_tables(conn, ["public"]) if i.name == "kid"]
+        assert not info.key
+        outcome = foreign_keys(conn, info)
+    assert not outcome.passed
+    (constraint,) = outcome.details["constraints"]
+    assert constraint["violations"] == 2 and constraint["example_keys"] == []
+    assert "2 orphan row(s)" in outcome.description
+    assert "999998" not in outcome.description and "Jane" not in outcome.description
+
+
 def test_sequence_left_behind_is_named(migrated: Migrated) -> None:
     _on_target(
         migrated,
