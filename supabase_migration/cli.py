@@ -352,7 +352,17 @@ def console_main() -> int:
     try:
         return main()
     finally:
+        _forget_handled_interrupt()
         freeze_for_exit()
+
+
+def _forget_handled_interrupt() -> None:
+    """CPython notes a KeyboardInterrupt that passes through `exec` of a string as unhandled,
+    even when `main` catches it afterwards; Ctrl-C landing while a dataclass or namedtuple
+    is built (Dagster's imports build many) then made `python -m supabase_migration.cli`
+    end by SIGINT instead of with our exit code. Running any string resets that note; a
+    KeyboardInterrupt leaving this function still counts as unhandled, as it should."""
+    exec("pass")
 
 
 def _passwords(urls: Sequence[str]) -> list[str]:

@@ -376,6 +376,25 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
         assert conn.execute("SELECT to_regclass('public.patients')").fetchone()[0] is None
 
 
+def test_ctrl_c_inside_a_string_exec_still_ends_with_exit_code_1(tmp_path):
+    """Ctrl-C landing while a dataclass is built (`exec` of a string, as Dagster's imports do
+    hundreds of times) made `python -m supabase_migration.cli` end by SIGINT after printing
+    its line: CPython had noted the interrupt as unhandled. Deterministic: `status` is
+    replaced, through sitecustomize, by an interrupt raised in an `exec`."""
+    import os
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import supabase_migration.commands as commands\n"
+        "def interrupted():\n"
+        "    exec('raise KeyboardInterrupt')\n"
+        "commands.status = interrupted\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), DAGSTER_HOME=str(tmp_path / "home"))
+    done = cli(["status"], env, tmp_path, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("Interrupted") and "Traceback" not in done.stderr
+
+
 def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkeypatch):
     """The error path itself, in-process and deterministic: opening Dagster fails while the
     schema step started ahead is held up on the target's schema lock; `run` raises at once."""
