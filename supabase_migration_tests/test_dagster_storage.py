@@ -66,6 +66,11 @@ def test_a_new_home_makes_one_engine_per_storage_for_every_operation(
     assert counts["schedules.db"] <= 1, counts
     # ... and a new SQLite connection and its close for each; now a few are kept and reused.
     assert len(opened) <= 3 * dagster_storage.IDLE_CONNECTIONS, Counter(map(str, opened))
+    # Commits do not wait for the disk (WAL, synchronous=NORMAL), in every storage.
+    for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
+        with storage._engine().connect() as conn:  # type: ignore[attr-defined]
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     # Files where Dagster's defaults put them.
     assert {str(p.relative_to(home)) for p in home.rglob("*.db")} == {
         "history/runs.db",
