@@ -104,9 +104,10 @@ def dagster_home() -> Path:
     return home_path
 
 
-def dagster_instance() -> dg.DagsterInstance:
-    """The persistent instance in DAGSTER_HOME, so the UI sees CLI runs."""
-    home = dagster_home()
+def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
+    """The persistent instance in DAGSTER_HOME, so the UI sees CLI runs (`home`: what
+    `dagster_home()` returned, if the caller has it)."""
+    home = home or dagster_home()
     # Two first runs on a fresh home would both create Dagster's SQLite tables and one would
     # crash; the file lock makes the second wait for the first to create them.
     with _home_locked(home):
@@ -454,7 +455,7 @@ def run(
     if warning:
         log(warning)
     manifest = ensure_manifest(settings)
-    dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
+    home = dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
     schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(
         source_url(),
@@ -463,7 +464,7 @@ def run(
         manifest.schemas,
     )
     try:
-        instance = dagster_instance()
+        instance = dagster_instance(home)
         released = release_dead_runs(instance)
         defs = build_definitions(manifest, first_plans, schema_ahead)
     finally:  # no thread may run at the fork

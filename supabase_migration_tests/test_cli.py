@@ -333,6 +333,14 @@ def test_tables_left_out_still_get_row_level_security(clinic):
         assert conn.execute("SELECT count(*) FROM lab_results").fetchone() == (0,)
 
 
+def _waiting_for_a_lock(conn: psycopg.Connection) -> int:
+    """Sessions of this database waiting for an advisory lock (the schema step's)."""
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
+        "AND datname = current_database()"
+    ).fetchone()[0]
+
+
 def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
     """Ctrl-C while Dagster opens, with the schema step started ahead held up on the target
     (another session holds the lock schema steps take): the CLI ends at once with its one
@@ -354,10 +362,7 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
         )
         try:
             deadline = time.monotonic() + 60
-            while not holder.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
-                "AND datname = current_database()"
-            ).fetchone()[0]:
+            while not _waiting_for_a_lock(holder):
                 assert time.monotonic() < deadline and run.poll() is None, "never held up"
                 time.sleep(0.05)
             os.kill(run.pid, signal.SIGINT)
@@ -399,6 +404,7 @@ def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkey
     """The error path itself, in-process and deterministic: opening Dagster fails while the
     schema step started ahead is held up on the target's schema lock; `run` raises at once."""
     import threading
+    import time
 
     from supabase_migration import commands
     from supabase_migration.errors import ConfigError
@@ -416,7 +422,7 @@ def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkey
     start.__wrapped__ = commands.start_schema_ahead  # type: ignore[attr-defined]
     monkeypatch.setattr(commands, "start_schema_ahead", start)
 
-    def unusable():
+    def unusable(home):
         raise ConfigError("The Dagster instance could not be opened.")
 
     monkeypatch.setattr(commands, "dagster_instance", unusable)
@@ -436,9 +442,11 @@ def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkey
         runner.join(15)  # a run that waited would still be waiting: the lock is held
         ended_in_time = not runner.is_alive()
         (ahead,) = started
-        held_up = ahead._thread.is_alive()
+        deadline = time.monotonic() + 30  # the step goes on after run ended, up to the lock
+        while not (held_up := _waiting_for_a_lock(holder)) and time.monotonic() < deadline:
+            time.sleep(0.05)
     runner.join()  # the lock went with its session: whatever waited goes on now
     ahead.wait()
     assert ended_in_time, "run waited for the schema step after its start-up failed"
-    assert held_up  # the step was still held up when run ended
+    assert held_up  # the step went on after run ended, and reached the lock
     assert len(raised) == 1 and isinstance(raised[0], ConfigError), raised
