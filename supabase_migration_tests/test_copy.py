@@ -384,6 +384,63 @@ def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
             assert seeded == plan_table(s, info, batch_size=300)
 
 
+def test_the_plan_writes_several_tables_at_once_then_closes_its_connections(pair):
+    """Each table's plan writes are a dozen round trips to the target, so plan_all runs a few
+    tables at a time, each on a source and target connection of its own: results come back
+    in table order, the connections it opened are closed, and an error in one table is
+    raised once the others have ended."""
+    from supabase_migration import assets
+    from supabase_migration.resources import SourceDatabase, TargetDatabase
+
+    source_db, target_db = pair
+    source, target = SourceDatabase(url=source_db.url), TargetDatabase(url=target_db.url)
+    together = threading.Barrier(assets.PLAN_WRITERS, timeout=30)
+    seen: list[tuple[int, int]] = []
+
+    def backends(pair_: tuple[psycopg.Connection, psycopg.Connection], item: int) -> int:
+        s, t = pair_
+        if item < assets.PLAN_WRITERS:
+            together.wait()  # fails unless PLAN_WRITERS items run at the same time
+        seen.append((s.info.backend_pid, t.info.backend_pid))
+        return item * 10
+
+    def target_sessions(conn: psycopg.Connection) -> int:
+        """Other sessions on the target, once closed ones have left (a backend ends just
+        after its client closes)."""
+        deadline = time.monotonic() + 10
+        while True:
+            count = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+            if count <= 1 or time.monotonic() > deadline:
+                return count
+            time.sleep(0.05)
+
+    with source.connection() as s, target.connection() as t, target.connection() as watcher:
+        items = list(range(7))
+        assert assets._with_connection_pairs((s, t), source, target, items, backends) == [
+            i * 10 for i in items
+        ]
+        assert len(set(seen)) == assets.PLAN_WRITERS  # one pair per writer, reused
+        assert target_sessions(watcher) == 1  # the pair it was given stays open for the caller
+        assert not s.closed and not t.closed
+
+        finished: list[int] = []
+
+        def failing(pair_: tuple[psycopg.Connection, psycopg.Connection], item: int) -> int:
+            if item == 1:
+                pair_[1].execute("SELECT 1 FROM no_such_table")
+            time.sleep(0.2)
+            finished.append(item)
+            return item
+
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            assets._with_connection_pairs((s, t), source, target, [0, 1, 2, 3], failing)
+        assert sorted(finished) == [0, 2, 3]
+        assert target_sessions(watcher) == 1
+
+
 def test_plans_are_handed_over_as_read_and_none_are_read_once_stopped(pair):
     source_db, target_db = pair
     src_url, _ = _urls(source_db, target_db.url)
