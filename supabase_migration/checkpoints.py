@@ -192,16 +192,12 @@ def close_open_range(conn: psycopg.Connection, table: str, key: str, upper: Sequ
     )
 
 
-def lock(conn: psycopg.Connection, table: str, key: str) -> Checkpoint | None:
-    """Lock one partition's row for this transaction; raises LockNotAvailable if held."""
-    with conn.cursor(row_factory=class_row(Checkpoint)) as cur:
-        cur.execute(
-            sql.SQL(
-                "SELECT {} FROM {} WHERE table_name = %s AND partition_key = %s FOR UPDATE NOWAIT"
-            ).format(_FIELDS, CHECKPOINTS),
-            (table, key),
-        )
-        return cur.fetchone()
+def lock_statement(table: str, key: str) -> sql.Composed:
+    """Lock one partition's row for this transaction (LockNotAvailable if held), its values
+    inline so that it can travel with other statements; `Checkpoint(*row)` reads its row."""
+    return sql.SQL(
+        "SELECT {} FROM {} WHERE table_name = {} AND partition_key = {} FOR UPDATE NOWAIT"
+    ).format(_FIELDS, CHECKPOINTS, sql.Literal(table), sql.Literal(key))
 
 
 def get(conn: psycopg.Connection, table: str, key: str) -> Checkpoint | None:
@@ -226,28 +222,31 @@ class Completion:
     run_id: str | None
 
 
-def mark_completed(conn: psycopg.Connection, table: str, key: str, done: Completion) -> None:
-    """Inside the copy transaction: commits together with the data."""
-    conn.execute(
-        sql.SQL(
-            "UPDATE {} SET status = 'completed', records_migrated = %s, rows_deleted = %s, "
-            "row_checksum = %s, last_record_id = %s, copy_path = %s, duration_ms = %s, "
-            "run_id = %s, attempts = attempts + 1, error_message = NULL, "
-            "completed_by = current_user, completed_at = now(), updated_at = now() "
-            "WHERE table_name = %s AND partition_key = %s"
-        ).format(CHECKPOINTS),
-        (
-            done.rows,
-            done.rows_deleted,
-            done.checksum,
-            done.last_record_id,
-            done.copy_path,
-            done.duration_ms,
-            done.run_id,
-            table,
-            key,
-        ),
+def completed_statement(table: str, key: str, done: Completion) -> sql.Composed:
+    """Inside the copy transaction, so that it commits together with the data; its values
+    inline so that it can travel with the COMMIT."""
+    values = (
+        done.rows,
+        done.rows_deleted,
+        done.checksum,
+        done.last_record_id,
+        done.copy_path,
+        done.duration_ms,
+        done.run_id,
+        table,
+        key,
     )
+    return sql.SQL(
+        "UPDATE {} SET status = 'completed', records_migrated = {}, rows_deleted = {}, "
+        "row_checksum = {}, last_record_id = {}, copy_path = {}, duration_ms = {}, "
+        "run_id = {}, attempts = attempts + 1, error_message = NULL, "
+        "completed_by = current_user, completed_at = now(), updated_at = now() "
+        "WHERE table_name = {} AND partition_key = {}"
+    ).format(CHECKPOINTS, *(sql.Literal(v) for v in values))
+
+
+def mark_completed(conn: psycopg.Connection, table: str, key: str, done: Completion) -> None:
+    conn.execute(completed_statement(table, key, done))
 
 
 def mark_failed(
