@@ -159,6 +159,15 @@ def load(conn: psycopg.Connection, table: str | None = None) -> list[Checkpoint]
         return cur.fetchall()
 
 
+def load_by_table(conn: psycopg.Connection, tables: Iterable[str]) -> dict[str, list[Checkpoint]]:
+    """Each table's checkpoint rows (`load`), read in one round trip for all of them."""
+    found: dict[str, list[Checkpoint]] = {name: [] for name in tables}
+    for cp in load(conn):
+        if cp.table_name in found:
+            found[cp.table_name].append(cp)
+    return found
+
+
 def seed_pending(conn: psycopg.Connection, ranges: Iterable[KeyRange]) -> int:
     """Insert `pending` rows for new ranges; existing rows (completed or not) are kept."""
     rows = [

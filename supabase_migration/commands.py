@@ -488,8 +488,8 @@ def run(
     with connect(target_url(), autocommit=True) as target:
         failed = [
             f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
-            for name in (t.name for t in manifest.tables)
-            for cp in checkpoints.load(target, name)
+            for cps in checkpoints.load_by_table(target, (t.name for t in manifest.tables)).values()
+            for cp in cps
             if cp.status == checkpoints.Status.FAILED
         ]
         tables = checkpoints.summary(target)
@@ -520,7 +520,7 @@ def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool
         names = [t.name for t in manifest.tables]
         tables = live_tables(source, names)
         options = CopyOptions(collate_c=needs_bytewise_keys(source, target))
-        planned = {name: checkpoints.load(target, name) for name in names}
+        planned = checkpoints.load_by_table(target, names)
     if resume:
         todo = {
             name: {cp.partition_key for cp in cps if cp.status != Status.COMPLETED}
