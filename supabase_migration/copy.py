@@ -570,8 +570,15 @@ def _record_failure(
 def replica_mode_allowed(target: psycopg.Connection) -> bool:
     """Whether this role may skip FK triggers (superuser, or Supabase's postgres via supautils)."""
     try:
-        with target.transaction(force_rollback=True):
-            target.execute("SET LOCAL session_replication_role = replica")
+        with _rolled_back_on_error(target):  # one round trip, asked once per table run
+            _together(
+                target,
+                [
+                    sql.SQL("BEGIN"),
+                    sql.SQL("SET LOCAL session_replication_role = replica"),
+                    sql.SQL("ROLLBACK"),
+                ],
+            )
         return True
     except psycopg.errors.InsufficientPrivilege:
         return False

@@ -558,8 +558,25 @@ def test_concurrent_copy_of_one_range_fails_cleanly(pair):
 
 
 def test_target_role_may_skip_fk_triggers(target_db):
-    with psycopg.connect(target_db.url, autocommit=True) as conn:
-        assert replica_mode_allowed(conn)
+    """Asked in one round trip; a role that may not is told so, its connection left idle."""
+    import uuid
+
+    plain = f"plain_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{plain}" NOLOGIN; GRANT "{plain}" TO postgres')
+    try:
+        with psycopg.connect(target_db.url, autocommit=True) as conn:
+            assert replica_mode_allowed(conn)
+            conn.execute(f'SET ROLE "{plain}"')
+            assert not replica_mode_allowed(conn)
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert (
+                conn.execute("SELECT current_setting('session_replication_role')").fetchone()[0]
+                == "origin"
+            )
+    finally:
+        with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{plain}"')
 
 
 def test_parallel_ranges_of_one_table(pair):
