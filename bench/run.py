@@ -295,14 +295,18 @@ class Bed:
     generate_s: float = 0.0
     sizes: dict[str, int] = field(default_factory=dict)
     _serial: int = 0
+    far_port: int | None = None  # --target-rtt-ms: the delaying relay in front of the target
 
     def target_url(self, dbname: str, *, with_password: bool = True) -> str:
-        return self.target.url(
+        url = self.target.url(
             user="postgres",
             password=self.password if with_password else None,
             dbname=dbname,
             sslmode="require",
         )
+        if self.far_port is not None:
+            url = url.replace(f"@127.0.0.1:{self.target.port}/", f"@127.0.0.1:{self.far_port}/")
+        return url
 
     def fresh_target(self, label: str) -> str:
         """A new empty Supabase-like database on the target; returns its name."""
@@ -321,6 +325,29 @@ class Bed:
         """Flush both servers' dirty buffers, so a contender does not pay for the previous one."""
         self.source.execute("CHECKPOINT")
         self.target.execute("CHECKPOINT")
+
+
+@contextlib.contextmanager
+def far_target(bed: Bed, rtt_ms: float, log: Callable[[str], None]) -> Iterator[None]:
+    """Every contender reaches the target through bench/latency.py, which adds `rtt_ms` to
+    each round trip (half each way), as a Supabase project in another region would."""
+    if rtt_ms <= 0:
+        yield
+        return
+    relay = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "latency.py"), str(bed.target.port), str(rtt_ms / 2)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        bed.far_port = int(relay.stdout.readline())
+        log(f"Target reached through a relay adding {rtt_ms:g} ms per round trip")
+        yield
+    finally:
+        bed.far_port = None
+        relay.terminate()
+        relay.wait()
 
 
 @contextlib.contextmanager
@@ -1013,6 +1040,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="run everything N times; report the median"
     )
+    parser.add_argument(
+        "--target-rtt-ms",
+        type=float,
+        default=0.0,
+        help="reach the target through a relay adding this many ms per round trip (a remote "
+        "Supabase: 10-80 ms); default 0, loopback",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--measure-helper", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1041,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"Work directory {work}; {env_info['host_cpus']} CPUs, load {env_info['load_average']}")
     started = time.monotonic()
     try:
-        with servers(work, log) as bed:
+        with servers(work, log) as bed, far_target(bed, args.target_rtt_ms, log):
             seed_source(bed, rows_wanted, log)
             warm_up(bed, max([args.workers, *args.sweep_workers]), log)
             total_rows = sum(table_counts(bed.source_url).values())
@@ -1066,7 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 ordered.sort(key=lambda r: r.key)
                 ratio_list = ratios(merged)
-                name = "compare"
+                name = f"compare-rtt{args.target_rtt_ms:g}ms" if args.target_rtt_ms else "compare"
             env_info["load_average_end"] = os.getloadavg()
             env_info["total_s"] = time.monotonic() - started
             env_info["postgres"] = f"{bed.binaries.version} ({bed.binaries.bindir})"
@@ -1106,7 +1140,13 @@ def render(
         "",
         f"PostgreSQL {env_info['postgres']}, {env_info['host_cpus']} CPUs, load average "
         f"{_load(env_info['load_average'])} at start and {_load(env_info['load_average_end'])} "
-        f"at end; workers/jobs = {args.workers if name == 'compare' else args.sweep_workers}.",
+        f"at end; workers/jobs = {args.sweep_workers if name == 'sweep' else args.workers}."
+        + (
+            f" The target is reached through a relay adding {args.target_rtt_ms:g} ms to every "
+            "round trip (bench/latency.py), as a remote Supabase would."
+            if args.target_rtt_ms
+            else ""
+        ),
         "rows/s and MB/s are source rows and source table size (with indexes) over wall time. "
         "CPU s: user+system seconds of the contender's own processes, and of both PostgreSQL "
         "clusters while it ran (less noisy than wall time on a shared machine). "
