@@ -13,13 +13,14 @@ import contextlib
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from queue import Queue
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
+from psycopg import pq, sql
 
 from .conninfo import DatabaseUrl, Endpoint
 from .errors import ConfigError, ConnectionFailed, MigrationError, TransientError
@@ -461,3 +462,37 @@ def side_by_side(
 
         with ThreadPoolExecutor(idle.qsize()) as pool:
             return list(pool.map(one, items))
+
+
+def in_one_round_trip(
+    conn: psycopg.Connection, statements: Sequence[sql.Composable]
+) -> list[tuple]:
+    """Run `statements` in one round trip (one simple query: no parameters, values inline);
+    the first row of each that returns rows, in order.
+
+    A Supabase target is tens of milliseconds away: statements that always go together
+    travel together (a range's BEGIN with its lock and settings, its COMMIT with the
+    checkpoint's update; a verification snapshot's BEGIN with its settings). The server stops
+    at the first error; a transaction begun here then waits for a ROLLBACK.
+    """
+    rows: list[tuple] = []
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("; ").join(statements))
+        while True:
+            if cur.description is not None:
+                rows.append(cur.fetchone())
+            if not cur.nextset():
+                return rows
+
+
+@contextlib.contextmanager
+def rolled_back_on_error(conn: psycopg.Connection) -> Iterator[None]:
+    """A transaction begun with `in_one_round_trip` is rolled back on any error (best effort:
+    a lost connection rolls it back on the server anyway). The connection is autocommit."""
+    try:
+        yield
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise

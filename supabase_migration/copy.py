@@ -29,7 +29,13 @@ from psycopg import pq, sql
 
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
-from .connections import connect, is_transient, retrying
+from .connections import (
+    connect,
+    in_one_round_trip,
+    is_transient,
+    retrying,
+    rolled_back_on_error,
+)
 from .conninfo import DatabaseUrl
 from .errors import ConcurrentRunError, CopyError, TransientError
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
@@ -123,8 +129,8 @@ def copy_range(
                 if planned.completed_at is None and table.key_kind is not KeyKind.NONE
                 else None
             )
-            with _rolled_back_on_error(target):
-                found = _together(
+            with rolled_back_on_error(target):
+                found = in_one_round_trip(
                     target,
                     [
                         sql.SQL("BEGIN"),
@@ -149,7 +155,7 @@ def copy_range(
                     duration_ms=int(duration * 1000),
                     run_id=options.run_id,
                 )
-                _together(
+                in_one_round_trip(
                     target,
                     [
                         checkpoints.completed_statement(name, partition_key, completion),
@@ -334,38 +340,6 @@ def _local_settings(options: CopyOptions) -> list[sql.Composable]:
     if options.replica_mode:
         statements.append(sql.SQL("SET LOCAL session_replication_role = replica"))
     return statements
-
-
-def _together(conn: psycopg.Connection, statements: Sequence[sql.Composable]) -> list[tuple]:
-    """Run `statements` in one round trip (one simple query: no parameters); the first row of
-    each that returns rows, in order.
-
-    A range's transaction used to take eight round trips to the target besides its COPY;
-    against Supabase 30 ms away that was a quarter of a second per range. BEGIN now travels
-    with the lock, the settings and the first-load probe, COMMIT with the checkpoint's update.
-    The server stops at the first error, and the transaction then waits for a ROLLBACK.
-    """
-    rows: list[tuple] = []
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("; ").join(statements))
-        while True:
-            if cur.description is not None:
-                rows.append(cur.fetchone())
-            if not cur.nextset():
-                return rows
-
-
-@contextlib.contextmanager
-def _rolled_back_on_error(conn: psycopg.Connection) -> Iterator[None]:
-    """The transaction that `_together` began is rolled back on any error (best effort: a
-    lost connection rolls it back on the server anyway)."""
-    try:
-        yield
-    except BaseException:
-        if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-        raise
 
 
 def _load(
@@ -570,8 +544,8 @@ def _record_failure(
 def replica_mode_allowed(target: psycopg.Connection) -> bool:
     """Whether this role may skip FK triggers (superuser, or Supabase's postgres via supautils)."""
     try:
-        with _rolled_back_on_error(target):  # one round trip, asked once per table run
-            _together(
+        with rolled_back_on_error(target):  # one round trip, asked once per table run
+            in_one_round_trip(
                 target,
                 [
                     sql.SQL("BEGIN"),

@@ -32,6 +32,7 @@ from supabase_migration.errors import ConcurrentRunError, CopyError
 from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
+from .testbed import round_trips
 
 SCHEMA = """
 CREATE TYPE mood AS ENUM ('calm', 'tense');
@@ -107,17 +108,6 @@ def migrate_all(source_db, target_url: str, *, batch_size=700, endpoint=None, fo
     return results
 
 
-def _requests(trace: bytes) -> list[str]:
-    """What the client waited on the server for, from a libpq protocol trace: each simple
-    query, each extended-protocol Sync, each end of COPY data."""
-    waits = []
-    for line in trace.decode().splitlines():
-        parts = line.split("\t")
-        if parts[0] == "F" and parts[2].strip() in ("Query", "Sync", "CopyDone"):
-            waits.append(parts[2].strip())
-    return waits
-
-
 def test_a_first_load_range_takes_five_round_trips_to_the_target(pair, tmp_path):
     """Against Supabase tens of milliseconds away, round trips add up over hundreds of
     ranges: reading the plan, then BEGIN with the lock, the settings and the first-load
@@ -131,13 +121,8 @@ def test_a_first_load_range_takes_five_round_trips_to_the_target(pair, tmp_path)
         refresh_plan(s, t, info, batch_size=700)
         key = checkpoints.load(t, info.qualified_name)[1].partition_key
         options = CopyOptions(replica_mode=replica_mode_allowed(t))
-        with open(tmp_path / "trace", "w+b") as trace:
-            t.pgconn.trace(trace.fileno())
-            t.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        with round_trips(t, tmp_path) as waits:
             result = copy_range(s, t, info, key, options)
-            t.pgconn.untrace()
-            trace.seek(0)
-            waits = _requests(trace.read())
         assert result.path == "copy" and result.rows == 700
         assert waits == ["Sync", "Query", "Query", "CopyDone", "Query"], waits
         assert t.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

@@ -4,16 +4,19 @@ records, and `require` (skip locally, fail in CI)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import psycopg
 import pytest
 
 from supabase_migration.localpg import (
@@ -231,3 +234,23 @@ class PgBouncer:
                 return True
         except OSError:
             return False
+
+
+@contextlib.contextmanager
+def round_trips(conn: psycopg.Connection, work: Path) -> Iterator[list[str]]:
+    """What the client waited on the server for while the block ran, from libpq's protocol
+    trace: each simple query ("Query"), extended-protocol Sync ("Sync") and end of COPY data
+    ("CopyDone"). Filled in when the block ends."""
+    waits: list[str] = []
+    with open(work / f"trace-{conn.info.backend_pid}", "w+b") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield waits
+        finally:
+            conn.pgconn.untrace()
+            trace.seek(0)
+            for line in trace.read().decode().splitlines():
+                parts = line.split("\t")
+                if parts[0] == "F" and parts[2].strip() in ("Query", "Sync", "CopyDone"):
+                    waits.append(parts[2].strip())
