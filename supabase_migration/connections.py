@@ -496,3 +496,20 @@ def rolled_back_on_error(conn: psycopg.Connection) -> Iterator[None]:
             with contextlib.suppress(psycopg.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+@contextlib.contextmanager
+def transaction_with(
+    conn: psycopg.Connection, first: Sequence[sql.Composable], *, commit: bool = True
+) -> Iterator[list[tuple]]:
+    """A transaction whose `first` statements travel with its BEGIN (their first rows, as
+    `in_one_round_trip`), then COMMIT, or ROLLBACK with `commit=False`; any error rolls it
+    back. On a connection that is not autocommit psycopg begins it, and `first` takes a round
+    trip of its own."""
+    if not conn.autocommit:
+        with conn.transaction(force_rollback=not commit):
+            yield in_one_round_trip(conn, first)
+        return
+    with rolled_back_on_error(conn):
+        yield in_one_round_trip(conn, [sql.SQL("BEGIN"), *first])
+        conn.execute("COMMIT" if commit else "ROLLBACK")

@@ -23,6 +23,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import BOOKKEEPING_SCHEMA, TableInfo
+from .connections import transaction_with
 from .errors import MigrationError
 from .redaction import describe_pg_error
 
@@ -79,17 +80,14 @@ def _table_transaction(
 ) -> Iterator[None]:
     """One transaction per table, taken in turns by workers and concurrent runs, with names
     rendered and resolved fully qualified (search_path pg_catalog) and no statement timeout."""
-    with conn.transaction():
-        conn.execute(
-            sql.SQL(
-                "SET LOCAL lock_timeout = {}; SET LOCAL search_path = pg_catalog; "
-                "SET LOCAL statement_timeout = 0"
-            ).format(sql.Literal(lock_timeout))
-        )
-        conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.deferred:' || %s))",
-            (table_name,),
-        )
+    first = [
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)),
+        sql.SQL("SET LOCAL search_path = pg_catalog; SET LOCAL statement_timeout = 0"),
+        sql.SQL(
+            "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.deferred:' || {}))"
+        ).format(sql.Literal(table_name)),
+    ]
+    with transaction_with(conn, first):  # one round trip for BEGIN, settings and lock
         yield
 
 

@@ -35,7 +35,7 @@ from psycopg import sql
 
 from . import checkpoints, deferred, sqlbuild
 from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
-from .connections import in_one_round_trip, rolled_back_on_error
+from .connections import transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .manifest import Manifest
@@ -155,17 +155,10 @@ def read_snapshot(
     ]
     if catalog:
         setup.append(sql.SQL("SET LOCAL search_path = pg_catalog"))
-    if not conn.autocommit:  # psycopg begins the transaction itself
-        with conn.transaction(force_rollback=True):
-            conn.execute(sql.SQL("; ").join(setup))
-            yield conn
-        return
     # BEGIN with its settings: one round trip instead of two, for each of the hundred or so
     # snapshots a verification takes (a remote target is tens of milliseconds away).
-    with rolled_back_on_error(conn):
-        in_one_round_trip(conn, [sql.SQL("BEGIN"), *setup])
+    with transaction_with(conn, setup, commit=False):
         yield conn
-        conn.execute("ROLLBACK")
 
 
 def on_both(
