@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Conn = TypeVar("Conn")  # a connection, or a (source, target) pair of them
 
 # SQLSTATEs after which the same work can simply be tried again.
 TRANSIENT_SQLSTATES = frozenset(
@@ -424,9 +425,9 @@ def make_async_engine(
 
 
 def side_by_side(
-    open_conn: Callable[[], AbstractContextManager[psycopg.Connection]],
+    open_conn: Callable[[], AbstractContextManager[Conn]],
     items: Sequence[Item],
-    work: Callable[[psycopg.Connection, Item], Result],
+    work: Callable[[Conn, Item], Result],
     *,
     what: Callable[[Item], str],
     connections: int = 2,
@@ -442,7 +443,7 @@ def side_by_side(
     if not items:
         return []
     with contextlib.ExitStack() as stack:
-        idle: Queue[psycopg.Connection] = Queue()
+        idle: Queue[Conn] = Queue()
         for _ in range(min(connections, len(items))):
             idle.put(stack.enter_context(open_conn()))
 

@@ -35,6 +35,7 @@ from .connections import (
     is_transient,
     retrying,
     rolled_back_on_error,
+    transaction_with,
 )
 from .conninfo import DatabaseUrl
 from .errors import ConcurrentRunError, CopyError, TransientError
@@ -139,7 +140,8 @@ def copy_range(
                         *([probe] if probe is not None else []),
                     ],
                 )
-                assert found[0] is not None
+                if found[0] is None:  # the plan was reset meanwhile
+                    raise CopyError(f"{where} left the plan while it was being copied; run again.")
                 locked = checkpoints.Checkpoint(*found[0])
                 occupied = bool(found[1][0]) if probe is not None else None
                 path, deleted, nbytes = _load(source, target, table, locked, options, occupied)
@@ -544,15 +546,9 @@ def _record_failure(
 def replica_mode_allowed(target: psycopg.Connection) -> bool:
     """Whether this role may skip FK triggers (superuser, or Supabase's postgres via supautils)."""
     try:
-        with rolled_back_on_error(target):  # one round trip, asked once per table run
-            in_one_round_trip(
-                target,
-                [
-                    sql.SQL("BEGIN"),
-                    sql.SQL("SET LOCAL session_replication_role = replica"),
-                    sql.SQL("ROLLBACK"),
-                ],
-            )
+        setting = [sql.SQL("SET LOCAL session_replication_role = replica")]
+        with transaction_with(target, setting, commit=False):  # asked once per table run
+            pass
         return True
     except psycopg.errors.InsufficientPrivilege:
         return False

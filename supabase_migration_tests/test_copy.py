@@ -407,61 +407,57 @@ def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
             assert seeded == plan_table(s, info, batch_size=300)
 
 
-def test_the_plan_writes_several_tables_at_once_then_closes_its_connections(pair):
-    """Each table's plan writes are a dozen round trips to the target, so plan_all runs a few
-    tables at a time, each on a source and target connection of its own: results come back
-    in table order, the connections it opened are closed, and an error in one table is
-    raised once the others have ended."""
+def test_the_plan_writes_several_tables_at_once_then_closes_its_connections(pair, monkeypatch):
+    """Each table's plan writes are a dozen round trips to the target, so plan_all writes
+    PLAN_WRITERS tables at a time, each on a target connection of its own, then closes them;
+    a database error in one table is one sentence naming it."""
     from supabase_migration import assets
+    from supabase_migration.errors import MigrationError
+    from supabase_migration.manifest import from_catalog
     from supabase_migration.resources import SourceDatabase, TargetDatabase
 
     source_db, target_db = pair
-    source, target = SourceDatabase(url=source_db.url), TargetDatabase(url=target_db.url)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s:
+        manifest = from_catalog(
+            read_tables(s, ["public"]), schemas=["public"], schema_mode="none", batch_size=300
+        )
     together = threading.Barrier(assets.PLAN_WRITERS, timeout=30)
-    seen: list[tuple[int, int]] = []
+    writers: set[int] = set()
+    real_refresh_plan = assets.refresh_plan
 
-    def backends(pair_: tuple[psycopg.Connection, psycopg.Connection], item: int) -> int:
-        s, t = pair_
-        if item < assets.PLAN_WRITERS:
-            together.wait()  # fails unless PLAN_WRITERS items run at the same time
-        seen.append((s.info.backend_pid, t.info.backend_pid))
-        return item * 10
+    def refresh_plan_together(s, t, info, **kwargs):
+        together.wait()  # broken unless PLAN_WRITERS tables are planned at the same time
+        writers.add(t.info.backend_pid)
+        return real_refresh_plan(s, t, info, **kwargs)
 
-    def target_sessions(conn: psycopg.Connection) -> int:
-        """Other sessions on the target, once closed ones have left (a backend ends just
-        after its client closes)."""
-        deadline = time.monotonic() + 10
-        while True:
-            count = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid()"
-            ).fetchone()[0]
-            if count <= 1 or time.monotonic() > deadline:
-                return count
+    monkeypatch.setattr(assets, "refresh_plan", refresh_plan_together)
+    source, target = SourceDatabase(url=source_db.url), TargetDatabase(url=target_db.url)
+    chosen = manifest.tables[: assets.PLAN_WRITERS]
+    plans = assets.plan_all(manifest, source, target, dg.DagsterInstance.ephemeral(), chosen)
+    assert [p.table for p in plans] == [m.name for m in chosen]
+    assert len(writers) == assets.PLAN_WRITERS
+    with connect(tgt_url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 10  # a backend ends just after its client closes
+        while (others := _other_sessions(watcher)) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert others == 0
 
-    with source.connection() as s, target.connection() as t, target.connection() as watcher:
-        items = list(range(7))
-        assert assets._with_connection_pairs((s, t), source, target, items, backends) == [
-            i * 10 for i in items
-        ]
-        assert len(set(seen)) == assets.PLAN_WRITERS  # one pair per writer, reused
-        assert target_sessions(watcher) == 1  # the pair it was given stays open for the caller
-        assert not s.closed and not t.closed
+    def failing(s, t, info, **kwargs):
+        t.execute("SELECT 1 FROM no_such_table")
 
-        finished: list[int] = []
+    monkeypatch.setattr(assets, "refresh_plan", failing)
+    with pytest.raises(MigrationError) as raised:
+        assets.plan_all(manifest, source, target, dg.DagsterInstance.ephemeral(), chosen[:1])
+    assert raised.value.message.startswith(f"Planning {chosen[0].name} failed: ")
+    assert "\n" not in raised.value.message
 
-        def failing(pair_: tuple[psycopg.Connection, psycopg.Connection], item: int) -> int:
-            if item == 1:
-                pair_[1].execute("SELECT 1 FROM no_such_table")
-            time.sleep(0.2)
-            finished.append(item)
-            return item
 
-        with pytest.raises(psycopg.errors.UndefinedTable):
-            assets._with_connection_pairs((s, t), source, target, [0, 1, 2, 3], failing)
-        assert sorted(finished) == [0, 2, 3]
-        assert target_sessions(watcher) == 1
+def _other_sessions(conn: psycopg.Connection) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()"
+    ).fetchone()[0]
 
 
 def test_plans_are_handed_over_as_read_and_none_are_read_once_stopped(pair):
@@ -543,7 +539,7 @@ def test_concurrent_copy_of_one_range_fails_cleanly(pair):
 
 
 def test_target_role_may_skip_fk_triggers(target_db):
-    """Asked in one round trip; a role that may not is told so, its connection left idle."""
+    """A role that may not is told so, its connection left idle and unchanged."""
     import uuid
 
     plain = f"plain_{uuid.uuid4().hex[:8]}"
