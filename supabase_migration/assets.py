@@ -19,7 +19,7 @@ from pydantic import Field
 
 from . import checkpoints, deferred
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import ServerUnreachable, is_transient, side_by_side
+from .connections import ServerUnreachable, is_transient, retrying, side_by_side
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConfigError, MigrationError, TransientError
 from .manifest import Manifest, ManifestTable
@@ -316,13 +316,21 @@ def copy_partitions(
     failures: list[MigrationError] = []
     source_url, target_url = source.database_url(), target.database_url()
     with CopySession(source_url, target_url, log=context.log.warning) as session:
-        try:
-            table = live_tables(session.source, [table_name])[table_name]
+
+        def prepare() -> tuple[TableInfo, CopyOptions]:
             options = CopyOptions(
                 force=resync,
                 replica_mode=replica_mode_allowed(session.target),
                 collate_c=needs_bytewise_keys(session.source, session.target),
                 run_id=context.run.run_id,
+            )
+            return live_tables(session.source, [table_name])[table_name], options
+
+        try:
+            # Kept connections may have been ended since the last table run: retried here
+            # like a range would be.
+            table, options = retrying(
+                prepare, what=f"reading the catalog of {table_name}", log=context.log.warning
             )
         except (MigrationError, psycopg.Error) as exc:
             raise _failure(exc) from None

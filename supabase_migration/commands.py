@@ -50,7 +50,7 @@ from .assets import (
 from .catalog import needs_bytewise_keys
 from .checkpoints import Status
 from .checks import REPORT_CHECK, REPORT_KEY
-from .connections import connect, side_by_side, warn_if_workers_exceed_pool
+from .connections import borrowed, side_by_side, warn_if_workers_exceed_pool
 from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
@@ -252,13 +252,13 @@ def plan(settings: Settings) -> PlanReport:
     findings = preflight(manifest, source_url(), target_url())
     rows = []
     with (
-        connect(source_url(), autocommit=True) as source,
-        connect(target_url(), autocommit=True) as target,
+        borrowed(source_url()) as source,
+        borrowed(target_url()) as target,
     ):
         bytewise = needs_bytewise_keys(source, target)
         infos = live_tables(source, [t.name for t in manifest.tables])
     plans = plan_tables(
-        lambda: connect(source_url(), autocommit=True),
+        lambda: borrowed(source_url()),
         [(infos[t.name], manifest.batch_size_for(t)) for t in manifest.tables],
         max_partitions=MAX_PARTITIONS_PER_TABLE,
         collate_c=bytewise,
@@ -427,7 +427,7 @@ def start_method() -> str:
 
 def _copying_ahead() -> bool:
     """Whether this run will copy: nothing planned yet, or ranges not completed."""
-    with connect(target_url(), autocommit=True) as target:
+    with borrowed(target_url()) as target:
         if not checkpoints.bookkeeping_exists(target):
             return True
         tables = checkpoints.summary(target)
@@ -485,7 +485,7 @@ def run(
         unit_failures = _execute_with_progress(
             defs, instance, manifest, units, workers.start() if units else None, progress
         )
-    with connect(target_url(), autocommit=True) as target:
+    with borrowed(target_url()) as target:
         failed = [
             f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
             for cps in checkpoints.load_by_table(target, (t.name for t in manifest.tables)).values()
@@ -514,8 +514,8 @@ def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool
     """Contiguous spans of ranges to copy: not completed, or (catch-up) changed at the source."""
     units: list[Unit] = []
     with (
-        connect(source_url(), autocommit=True) as source,
-        connect(target_url(), autocommit=True) as target,
+        borrowed(source_url()) as source,
+        borrowed(target_url()) as target,
     ):
         names = [t.name for t in manifest.tables]
         tables = live_tables(source, names)
@@ -531,7 +531,7 @@ def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool
         order = sorted(names, key=lambda name: -tables[name].size_bytes)
         todo = dict(
             side_by_side(
-                lambda: connect(source_url(), autocommit=True),
+                lambda: borrowed(source_url()),
                 order,
                 lambda conn, name: (
                     name,
@@ -617,7 +617,7 @@ def _execute_all(
 
 def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threading.Event) -> None:
     try:
-        with connect(target_url(), autocommit=True) as target:
+        with borrowed(target_url()) as target:
             while not stop.wait(1.0):
                 progress(checkpoints.summary(target))
     except (MigrationError, psycopg.Error):
@@ -626,7 +626,7 @@ def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threadin
 
 def status() -> dict[str, dict[str, int]]:
     """Partitions by state per table, and indexes still to be built after the load."""
-    with connect(target_url(), autocommit=True) as target:
+    with borrowed(target_url()) as target:
         if not checkpoints.bookkeeping_exists(target):
             return {}
         tables = checkpoints.summary(target)

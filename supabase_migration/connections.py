@@ -9,9 +9,15 @@ the connection string) and never with the password.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
+import multiprocessing.util
+import os
 import random
 import re
+import select
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +144,106 @@ def connect(
         return psycopg.Connection.connect(url.conninfo(), **kwargs)
     except psycopg.OperationalError as exc:
         raise connection_error(url, exc, connect_timeout=connect_timeout) from None
+
+
+# Idle connections kept per database and login for the process's next table run or asset:
+# a CopySession holds two on the source (rows, checksums) and one on the target.
+KEPT_PER_DATABASE = 2
+
+
+class _Kept:
+    """This process's idle connections, by a hash of their conninfo (never the password)."""
+
+    lock = threading.Lock()
+    idle: dict[str, list[psycopg.Connection]] = {}
+    owner_pid: int | None = None  # the process whose exit closes them
+    # A forked child's copies of its parent's connections: closing one would end the parent's
+    # session (libpq sends Terminate on the shared socket), so they are never used or closed.
+    inherited: list[psycopg.Connection] = []
+
+
+def _kept_key(url: DatabaseUrl) -> str:
+    return hashlib.sha256(url.conninfo().encode()).hexdigest()
+
+
+def reused(url: DatabaseUrl, *, connect_timeout: int = 10) -> psycopg.Connection:
+    """An idle autocommit connection this process kept for `url` (see `keep`), else a new one.
+
+    A Supabase target is tens of milliseconds away, and a new connection costs about five
+    round trips (TCP, TLS, SCRAM): a worker running table after table keeps its connections.
+    Everything the tool sets is transaction-local, so a kept session carries nothing over. A
+    kept connection that its server ended (a restart, pg_terminate_backend) has something to
+    read on its socket and is replaced here, without a round trip; one lost silently fails on
+    first use, where callers retry.
+    """
+    key = _kept_key(url)
+    with _Kept.lock:
+        idle = _Kept.idle.get(key, [])
+        while idle:
+            conn = idle.pop()
+            if _idle_and_alive(conn):
+                return conn
+            conn.close()
+    return connect(url, autocommit=True, connect_timeout=connect_timeout)
+
+
+def keep(url: DatabaseUrl, conn: psycopg.Connection) -> None:
+    """Give `conn` back for `reused`; closed instead when it is not idle in autocommit, or
+    KEPT_PER_DATABASE are kept already. Kept connections are closed when the process exits."""
+    key = _kept_key(url)
+    with _Kept.lock:
+        idle = _Kept.idle.setdefault(key, [])
+        if conn.autocommit and len(idle) < KEPT_PER_DATABASE and _idle_and_alive(conn):
+            idle.append(conn)
+            _close_kept_at_exit()
+            return
+    conn.close()
+
+
+@contextlib.contextmanager
+def borrowed(url: DatabaseUrl, *, connect_timeout: int = 10) -> Iterator[psycopg.Connection]:
+    """An autocommit connection from `reused`, given back to `keep` when the block ends."""
+    conn = reused(url, connect_timeout=connect_timeout)
+    try:
+        yield conn
+    finally:
+        keep(url, conn)
+
+
+def close_kept() -> None:
+    """Close every kept connection (at exit, and in tests that stop their servers)."""
+    with _Kept.lock:
+        conns = [conn for idle in _Kept.idle.values() for conn in idle]
+        _Kept.idle.clear()
+    for conn in conns:
+        conn.close()
+
+
+def _idle_and_alive(conn: psycopg.Connection) -> bool:
+    if conn.closed or conn.broken:
+        return False
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        return False
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return not readable  # an idle session has nothing to say but its own end
+
+
+def _close_kept_at_exit() -> None:
+    """Once per process: atexit for the CLI, a multiprocessing finalizer for its workers
+    (which leave through os._exit, skipping atexit)."""
+    if _Kept.owner_pid != os.getpid():
+        _Kept.owner_pid = os.getpid()
+        atexit.register(close_kept)
+        multiprocessing.util.Finalize(None, close_kept, exitpriority=0)
+
+
+def _forget_inherited() -> None:
+    _Kept.lock = threading.Lock()
+    _Kept.inherited += [conn for idle in _Kept.idle.values() for conn in idle]
+    _Kept.idle = {}
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
 
 
 def connection_error(

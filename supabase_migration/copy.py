@@ -30,10 +30,11 @@ from psycopg import pq, sql
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
 from .connections import (
-    connect,
     in_one_round_trip,
     is_transient,
+    keep,
     retrying,
+    reused,
     rolled_back_on_error,
     transaction_with,
 )
@@ -582,7 +583,7 @@ class CopySession:
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
                 conn.close()
-            conn = connect(url, autocommit=True)
+            conn = reused(url)
         return conn
 
     @property
@@ -635,9 +636,14 @@ class CopySession:
         )
 
     def close(self) -> None:
-        for conn in (self._source, self._target, self._peer):
+        """The connections stay open for the process's next table run (`connections.keep`)."""
+        for conn, url in (
+            (self._source, self.source_url),
+            (self._target, self.target_url),
+            (self._peer, self.source_url),
+        ):
             if conn is not None:
-                conn.close()
+                keep(url, conn)
         self._source = self._target = self._peer = None
 
     def __enter__(self) -> CopySession:

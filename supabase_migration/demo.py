@@ -35,7 +35,7 @@ from psycopg import sql
 from . import checkpoints, commands, example_app
 from .assets import SCHEMA_KEY
 from .commands import RunSummary, Settings, run
-from .connections import connect
+from .connections import borrowed
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
 from .example_app.generate import generate
@@ -263,7 +263,7 @@ def install_fault(
 
 def failed_checkpoints() -> list[checkpoints.Checkpoint]:
     """Every failed range, from the checkpoints on the target (the URL comes from the env)."""
-    with connect(commands.target_url(), autocommit=True) as target:
+    with borrowed(commands.target_url()) as target:
         if not checkpoints.bookkeeping_exists(target):
             return []
         return [cp for cp in checkpoints.load(target) if cp.status == checkpoints.Status.FAILED]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import manifest as manifest_io
 from .catalog import read_tables, user_schemas
-from .connections import connect
+from .connections import borrowed
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 from .errors import ConfigError
 from .manifest import Manifest
@@ -76,7 +76,7 @@ def target_url() -> DatabaseUrl:
 def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
     """Fail fast with one sentence before any Dagster run starts."""
     for url in (source_url(), target_url()):
-        with connect(url, autocommit=True):
+        with borrowed(url):
             pass
     if target_url().uses_transaction_pooler:
         log(
@@ -90,7 +90,7 @@ def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
 
 def init(settings: Settings) -> Manifest:
     """Introspect the source and write the manifest."""
-    with connect(source_url(), autocommit=True) as source:
+    with borrowed(source_url()) as source:
         schemas = list(settings.schemas) or user_schemas(source)
         tables = read_tables(source, schemas)
     previous = manifest_io.read_if_present(settings.manifest_path)

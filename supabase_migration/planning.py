@@ -22,7 +22,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import connect, side_by_side
+from .connections import borrowed, side_by_side
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
 from .sqlbuild import Bound, range_predicate, table_ident
@@ -147,7 +147,7 @@ class FirstPlansAhead:
     @contextmanager
     def _source_connection(self) -> Iterator[psycopg.Connection]:
         """A source connection that `finish` can cancel while it reads."""
-        with connect(self._source_url, autocommit=True) as conn:
+        with borrowed(self._source_url) as conn:
             with self._lock:
                 self._reading.add(conn)
             try:
@@ -162,7 +162,7 @@ class FirstPlansAhead:
         try:
             with (
                 self._source_connection() as source,
-                connect(target_url, autocommit=True) as target,
+                borrowed(target_url) as target,
             ):
                 planned = (
                     checkpoints.summary(target) if checkpoints.bookkeeping_exists(target) else {}

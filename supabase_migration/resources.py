@@ -16,7 +16,7 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from .connections import connect, retrying
+from .connections import keep, retrying, reused
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 from .inputs import (
     POOLER_URL_ENV,
@@ -53,16 +53,17 @@ class _Database(dg.ConfigurableResource):
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
-        """An autocommit connection, retried on transient failures, always closed."""
+        """An autocommit connection, retried on transient failures; kept open afterwards for
+        the run's next asset when it is idle (`connections.keep`), else closed."""
         url = self.database_url()
         conn = retrying(
-            lambda: connect(url, autocommit=True, connect_timeout=self.connect_timeout),
+            lambda: reused(url, connect_timeout=self.connect_timeout),
             what=f"connecting to the {url.describe()}",
         )
         try:
             yield conn
         finally:
-            conn.close()
+            keep(url, conn)
 
 
 class SourceDatabase(_Database):

@@ -46,7 +46,7 @@ import psycopg
 from psycopg import sql
 
 from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
-from .connections import connect, is_transient
+from .connections import borrowed, connect, is_transient
 from .conninfo import DatabaseUrl
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
 from .preflight import (
@@ -315,7 +315,7 @@ def _apply_alembic(
     try:
         with _alembic_errors(target_url, secrets), _quiet_logging_config():
             table, table_schema = version_table()
-            with connect(target_url, autocommit=True) as conn:
+            with borrowed(target_url) as conn:
                 # Read on our own connection: an env.py that connects elsewhere cannot fool it.
                 before = _target_revisions(conn, table, table_schema)
                 before_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
@@ -910,7 +910,7 @@ def extension_rewriter(
 def _apply_dump(
     source_url: DatabaseUrl, target_url: DatabaseUrl, schemas: Sequence[str] | None
 ) -> SchemaResult:
-    with connect(source_url, autocommit=True) as source:
+    with borrowed(source_url) as source:
         schemas = list(schemas) if schemas is not None else source_schemas(source)
         source_ext = {
             name: info
@@ -922,7 +922,7 @@ def _apply_dump(
         }
         pg_dump = find_pg_dump(server_major(source))
         raw = run_pg_dump(pg_dump, source_url, schemas)
-        with connect(target_url, autocommit=True) as probe:
+        with borrowed(target_url) as probe:
             settings = {r[0] for r in probe.execute("SELECT name FROM pg_settings")}
             target_ext = installed_extensions(probe)
         dump = filter_dump(split_dump(raw), target_settings=settings, untrusted_languages=untrusted)
@@ -1083,10 +1083,10 @@ WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT {ext_member("pg_cl
 def _check_none(
     source_url: DatabaseUrl, target_url: DatabaseUrl, schemas: Sequence[str] | None
 ) -> SchemaResult:
-    with connect(source_url, autocommit=True) as source:
+    with borrowed(source_url) as source:
         schemas = list(schemas) if schemas is not None else source_schemas(source)
         wanted = {r[0] for r in source.execute(_TABLES_SQL, (schemas,))}
-    with connect(target_url, autocommit=True) as target:
+    with borrowed(target_url) as target:
         present_schemas = {
             r[0]
             for r in target.execute(

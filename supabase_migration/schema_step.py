@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import ensure_bookkeeping
-from .connections import connect
+from .connections import borrowed
 from .conninfo import DatabaseUrl
 from .manifest import Manifest
 from .preflight import Finding, findings_markdown, raise_for_errors, run_preflight
@@ -32,8 +32,8 @@ def preflight(
     manifest: Manifest, source_url: DatabaseUrl, target_url: DatabaseUrl
 ) -> list[Finding]:
     with (
-        connect(source_url, autocommit=True) as source,
-        connect(target_url, autocommit=True) as target,
+        borrowed(source_url) as source,
+        borrowed(target_url) as target,
     ):
         return run_preflight(source, target, schemas=list(manifest.schemas))
 
@@ -51,7 +51,7 @@ def migrate_schema(
         alembic_config=alembic_config,
         schemas=list(manifest.schemas),
     )
-    with connect(target_url, autocommit=True) as target:
+    with borrowed(target_url) as target:
         ensure_bookkeeping(target)
     return SchemaOutcome(result=result, findings=findings)
 

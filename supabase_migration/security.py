@@ -35,7 +35,7 @@ import psycopg.errors
 from psycopg import sql
 
 from .catalog import BOOKKEEPING_SCHEMA
-from .connections import connect, is_transient
+from .connections import borrowed, is_transient
 from .conninfo import DatabaseUrl, is_loopback_host
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
 from .redaction import describe_pg_error
@@ -1085,7 +1085,7 @@ def report_findings(manifest: Any) -> Callable[[DatabaseUrl, DatabaseUrl], list[
     in, findings out; the target's own URL decides whether it is loopback."""
 
     def findings(_source: DatabaseUrl, target: DatabaseUrl) -> list[dict[str, str]]:
-        with connect(target, autocommit=True) as conn:
+        with borrowed(target) as conn:
             return security_findings(conn, manifest, is_loopback=target.is_loopback)
 
     return findings

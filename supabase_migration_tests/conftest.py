@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from supabase_migration.connections import close_kept
 from supabase_migration.localpg import (
     SUPABASE_ADMIN,
     SUPABASE_EXTENSIONS,
@@ -104,6 +105,14 @@ def pooler(target_server: LocalServer) -> Iterator[PgBouncer]:
         yield bouncer
     finally:
         bouncer.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _no_connection_outlives_its_test() -> Iterator[None]:
+    """Connections kept for reuse (connections.keep) would pile up across the suite's
+    databases: close them after each test, as a process's exit does."""
+    yield
+    close_kept()
 
 
 def _database_name(prefix: str, request: pytest.FixtureRequest) -> str:

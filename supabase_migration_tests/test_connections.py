@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
+import select
 import socket
+import time
 
 import psycopg
 import psycopg.errors as pg_errors
@@ -13,10 +16,14 @@ import pytest
 from psycopg.pq import DiagnosticField as F
 from sqlalchemy import text
 
+from supabase_migration import connections
 from supabase_migration.connections import (
+    KEPT_PER_DATABASE,
     ServerUnreachable,
+    borrowed,
     check_encrypted,
     check_session_state_supported,
+    close_kept,
     connect,
     connection_error,
     is_transient,
@@ -443,6 +450,65 @@ def test_retrying_reconnects_after_admin_shutdown(target, target_db):
     assert len(logs) == 1
     assert "admin_shutdown (57P01)" in logs[0] or "connection" in logs[0]
     assert target_db.password not in logs[0]
+
+
+# -- connections kept for the next table run ----------------------------------------------------
+
+
+def _pid(url: DatabaseUrl) -> int:
+    with borrowed(url) as conn:
+        return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+def _wait_readable(conn: psycopg.Connection) -> None:
+    """Until the server's goodbye (FATAL, then end of stream) has reached the socket."""
+    readable: list = []
+    deadline = time.monotonic() + 10
+    while not readable and time.monotonic() < deadline:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0.05)
+
+
+def test_a_kept_connection_is_reused_until_its_server_ends_it(target, target_db):
+    first = _pid(target)
+    assert _pid(target) == first  # no new TLS + SCRAM handshake
+    with borrowed(target) as conn:
+        with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [first])
+        _wait_readable(conn)
+    replaced = _pid(target)  # replaced without a failed statement
+    assert replaced != first
+    assert _pid(target) == replaced
+
+
+def test_only_idle_connections_are_kept_and_only_a_few(target):
+    with borrowed(target) as conn:
+        conn.execute("BEGIN")
+    assert conn.closed  # a transaction left open is not handed to the next caller
+    opened = [connect(target, autocommit=True) for _ in range(KEPT_PER_DATABASE + 1)]
+    for conn in opened:
+        connections.keep(target, conn)
+    assert [conn.closed for conn in opened] == [False] * KEPT_PER_DATABASE + [True]
+    pids = {c.info.backend_pid for c in opened[:KEPT_PER_DATABASE]}
+    with borrowed(target) as a, borrowed(target) as b:
+        assert {a.info.backend_pid, b.info.backend_pid} == pids
+    close_kept()
+    assert all(conn.closed for conn in opened)
+
+
+def test_a_forked_child_leaves_its_parents_kept_connections_alone(target):
+    """Workers are forked from the CLI: a child that used (or closed) the parent's kept
+    connection would break the parent's session, which shares the socket."""
+    parent = _pid(target)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            status = 0 if _pid(target) != parent else 1
+        except BaseException:
+            status = 2
+        os._exit(status)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _pid(target) == parent  # still alive, and still kept
 
 
 # -- pool-size warning -----------------------------------------------------------------------------

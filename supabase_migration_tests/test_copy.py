@@ -407,10 +407,13 @@ def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
             assert seeded == plan_table(s, info, batch_size=300)
 
 
-def test_the_plan_writes_several_tables_at_once_then_closes_its_connections(pair, monkeypatch):
+def test_the_plan_writes_several_tables_at_once_then_keeps_two_connections(pair, monkeypatch):
     """Each table's plan writes are a dozen round trips to the target, so plan_all writes
-    PLAN_WRITERS tables at a time, each on a target connection of its own, then closes them;
-    a database error in one table is one sentence naming it."""
+    PLAN_WRITERS tables at a time, each on a target connection of its own; it keeps
+    KEPT_PER_DATABASE of them for the next step and closes the others. A database error in one
+    table is one sentence naming it."""
+    from supabase_migration.connections import KEPT_PER_DATABASE, close_kept
+
     from supabase_migration import assets
     from supabase_migration.errors import MigrationError
     from supabase_migration.manifest import from_catalog
@@ -437,11 +440,14 @@ def test_the_plan_writes_several_tables_at_once_then_closes_its_connections(pair
     plans = assets.plan_all(manifest, source, target, dg.DagsterInstance.ephemeral(), chosen)
     assert [p.table for p in plans] == [m.name for m in chosen]
     assert len(writers) == assets.PLAN_WRITERS
+    assert KEPT_PER_DATABASE < assets.PLAN_WRITERS
     with connect(tgt_url, autocommit=True) as watcher:
-        deadline = time.monotonic() + 10  # a backend ends just after its client closes
-        while (others := _other_sessions(watcher)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert others == 0
+        for kept in (KEPT_PER_DATABASE, 0):
+            deadline = time.monotonic() + 10  # a backend ends just after its client closes
+            while (others := _other_sessions(watcher)) > kept and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert others == kept
+            close_kept()
 
     def failing(s, t, info, **kwargs):
         t.execute("SELECT 1 FROM no_such_table")
@@ -794,3 +800,62 @@ def test_copy_ending_with_psycopgs_unpack_error_is_retried_as_a_lost_connection(
     assert cp.status == "completed" and cp.attempts == 2
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == result.rows
+
+
+def test_table_runs_share_connections_and_retry_a_start_on_one_lost_silently(
+    pair, monkeypatch
+):
+    """Table runs in one process (a worker's) take the connections the last one kept. One
+    lost without a sign on its socket (a dropped network path) fails the next run's first
+    statement; that is retried at once on a new connection, not left to a step retry."""
+    from supabase_migration import assets, connections
+    from supabase_migration.definitions import build_definitions
+    from supabase_migration.manifest import from_catalog
+    from supabase_migration.resources import SourceDatabase, TargetDatabase
+
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s:
+        manifest = from_catalog(
+            read_tables(s, ["public"]), schemas=["public"], schema_mode="none", batch_size=300
+        )
+    source, target = SourceDatabase(url=source_db.url), TargetDatabase(url=target_db.url)
+    instance = dg.DagsterInstance.ephemeral()
+    assets.plan_all(manifest, source, target, instance)
+    name = TABLES[1]
+    asset = build_definitions(manifest).get_assets_def(assets.table_asset_key(name))
+    with connect(tgt_url, autocommit=True) as t:
+        keys = [cp.partition_key for cp in checkpoints.load(t, name)]
+    assert len(keys) >= 2
+
+    def materialize(key: str) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [asset],
+            instance=instance,
+            resources={"source": source, "target": target},
+            partition_key=key,
+            raise_on_error=False,
+        )
+
+    def backends(url: str) -> set[int]:
+        with psycopg.connect(url, autocommit=True) as admin:
+            rows = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'supabase-migration'"
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    assert materialize(keys[0]).success
+    kept = backends(target_db.admin_url)
+    assert kept
+    assert materialize(keys[1]).success
+    assert backends(target_db.admin_url) == kept  # no new connection for the second run
+
+    with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [sorted(kept)])
+    monkeypatch.setattr(connections, "_idle_and_alive", lambda conn: not conn.closed)
+    result = materialize(keys[0])
+    assert result.success
+    logs = instance.all_logs(result.run_id)
+    assert any("hit a transient error" in (e.user_message or "") for e in logs)
+    assert not any(e.dagster_event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for e in logs)
