@@ -412,9 +412,8 @@ def test_the_plan_writes_several_tables_at_once_then_keeps_two_connections(pair,
     PLAN_WRITERS tables at a time, each on a target connection of its own; it keeps
     KEPT_PER_DATABASE of them for the next step and closes the others. A database error in one
     table is one sentence naming it."""
-    from supabase_migration.connections import KEPT_PER_DATABASE, close_kept
-
     from supabase_migration import assets
+    from supabase_migration.connections import KEPT_PER_DATABASE, close_kept
     from supabase_migration.errors import MigrationError
     from supabase_migration.manifest import from_catalog
     from supabase_migration.resources import SourceDatabase, TargetDatabase
@@ -802,9 +801,7 @@ def test_copy_ending_with_psycopgs_unpack_error_is_retried_as_a_lost_connection(
         assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == result.rows
 
 
-def test_table_runs_share_connections_and_retry_a_start_on_one_lost_silently(
-    pair, monkeypatch
-):
+def test_table_runs_share_connections_and_retry_a_start_on_one_lost_silently(pair, monkeypatch):
     """Table runs in one process (a worker's) take the connections the last one kept. One
     lost without a sign on its socket (a dropped network path) fails the next run's first
     statement; that is retried at once on a new connection, not left to a step retry."""
@@ -852,7 +849,9 @@ def test_table_runs_share_connections_and_retry_a_start_on_one_lost_silently(
     assert backends(target_db.admin_url) == kept  # no new connection for the second run
 
     with psycopg.connect(target_db.admin_url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [sorted(kept)])
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [sorted(kept)]
+        )
     monkeypatch.setattr(connections, "_idle_and_alive", lambda conn: not conn.closed)
     result = materialize(keys[0])
     assert result.success
