@@ -317,19 +317,24 @@ def copy_partitions(
     source_url, target_url = source.database_url(), target.database_url()
     with CopySession(source_url, target_url, log=context.log.warning) as session:
 
-        def prepare() -> tuple[TableInfo, CopyOptions]:
+        def prepare() -> tuple[TableInfo, CopyOptions, dict[str, checkpoints.Checkpoint]]:
             options = CopyOptions(
                 force=resync,
                 replica_mode=replica_mode_allowed(session.target),
                 collate_c=needs_bytewise_keys(session.source, session.target),
                 run_id=context.run.run_id,
             )
-            return live_tables(session.source, [table_name])[table_name], options
+            planned = checkpoints.load(session.target, table_name, keys)
+            return (
+                live_tables(session.source, [table_name])[table_name],
+                options,
+                {cp.partition_key: cp for cp in planned},
+            )
 
         try:
             # Kept connections may have been ended since the last table run: retried here
             # like a range would be.
-            table, options = retrying(
+            table, options, planned = retrying(
                 prepare, what=f"reading the catalog of {table_name}", log=context.log.warning
             )
         except (MigrationError, psycopg.Error) as exc:
@@ -337,10 +342,16 @@ def copy_partitions(
         run_id = context.run.run_id
         stopped = False
         for key in keys:
+            checkpoint = planned.get(key)
+            if (
+                context.retry_number
+                and checkpoint is not None
+                and checkpoint.status == checkpoints.Status.COMPLETED
+                and checkpoint.run_id == run_id
+            ):
+                continue  # an earlier attempt of this step completed it
             try:
-                if context.retry_number and session.completed_by_run(table_name, key, run_id):
-                    continue
-                result = session.copy(table, key, options)
+                result = session.copy(table, key, options, checkpoint)
             except MigrationError as exc:
                 context.log.error(exc.message)
                 failures.append(exc)

@@ -148,14 +148,22 @@ def _bound_json(bound: tuple[str, ...] | None) -> str | None:
     return None if bound is None else json.dumps(list(bound))
 
 
-def load(conn: psycopg.Connection, table: str | None = None) -> list[Checkpoint]:
-    """Checkpoint rows, ordered by table and batch number."""
-    where = sql.SQL("WHERE table_name = %s") if table else sql.SQL("")
+def load(
+    conn: psycopg.Connection, table: str | None = None, keys: Sequence[str] | None = None
+) -> list[Checkpoint]:
+    """Checkpoint rows (of one table, and of some of its partitions), ordered by table and
+    batch number."""
+    where, params = sql.SQL(""), []
+    if table:
+        where, params = sql.SQL("WHERE table_name = %s"), [table]
+        if keys is not None:
+            where += sql.SQL(" AND partition_key = ANY(%s)")
+            params.append(list(keys))
     query = sql.SQL("SELECT {} FROM {} {} ORDER BY table_name, batch_number").format(
         _FIELDS, CHECKPOINTS, where
     )
     with conn.cursor(row_factory=class_row(Checkpoint)) as cur:
-        cur.execute(query, (table,) if table else None)
+        cur.execute(query, params or None)
         return cur.fetchall()
 
 

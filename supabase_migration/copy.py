@@ -81,21 +81,26 @@ def copy_range(
     partition_key: str,
     options: CopyOptions = CopyOptions(),
     peer: psycopg.Connection | None = None,
+    planned: checkpoints.Checkpoint | None = None,
 ) -> RangeResult:
     """Make one range of the target equal to the same range of the source.
 
     Connections must be in autocommit mode; transactions are explicit here. `peer`, a second
     source connection, lets a range that is copied anyway (never completed, or forced) compute
-    its checksum while the rows stream, in the same snapshot, instead of before.
+    its checksum while the rows stream, in the same snapshot, instead of before. `planned`, the
+    range's checkpoint as a table run read it with its others, saves reading it here; it only
+    chooses how to copy, and the row locked for the copy must still have its bounds.
     """
     name = table.qualified_name
     started = time.monotonic()
     where = f"partition {partition_key} of {name}"
+    the_range = f"Partition {partition_key} of {name}"  # where a sentence starts
     try:
-        planned = checkpoints.get(target, name, partition_key)
+        if planned is None:
+            planned = checkpoints.get(target, name, partition_key)
         if planned is None:
             raise CopyError(
-                f"{where} is not in the plan; materialize the migration_plan asset "
+                f"{the_range} is not in the plan; materialize the migration_plan asset "
                 "(or run `supabase-migrate plan`) first."
             )
         key_range = planned.key_range()
@@ -142,8 +147,14 @@ def copy_range(
                     ],
                 )
                 if found[0] is None:  # the plan was reset meanwhile
-                    raise CopyError(f"{where} left the plan while it was being copied; run again.")
+                    raise CopyError(
+                        f"{the_range} left the plan while it was being copied; run again."
+                    )
                 locked = checkpoints.Checkpoint(*found[0])
+                if locked.key_range() != key_range:
+                    raise CopyError(
+                        f"{the_range} was planned anew while it was being copied; run again."
+                    )
                 occupied = bool(found[1][0]) if probe is not None else None
                 path, deleted, nbytes = _load(source, target, table, locked, options, occupied)
                 if overlap:
@@ -178,7 +189,7 @@ def copy_range(
         )
     except pg_errors.LockNotAvailable:
         raise ConcurrentRunError(
-            f"{where} is being copied by another run right now; this run left it untouched."
+            f"{the_range} is being copied by another run right now; this run left it untouched."
         ) from None
     except psycopg.Error as exc:
         message = f"Copying {where} failed: {describe_pg_error(exc)}."
@@ -608,28 +619,17 @@ class CopySession:
         self._peer = self._fresh(self._peer, self.source_url)
         return self._peer
 
-    def completed_by_run(self, table: str, partition_key: str, run_id: str) -> bool:
-        """Whether `run_id` already completed this range (a retried step skips it)."""
-
-        def read() -> bool:
-            cp = checkpoints.get(self.target, table, partition_key)
-            return (
-                cp is not None
-                and cp.status == checkpoints.Status.COMPLETED
-                and (cp.run_id == run_id)
-            )
-
-        try:
-            return retrying(read, attempts=self.attempts, what="reading a checkpoint", log=self.log)
-        except psycopg.Error as exc:
-            raise CopyError(
-                f"Reading the checkpoint of partition {partition_key} of {table} failed: "
-                f"{describe_pg_error(exc)}."
-            ) from None
-
-    def copy(self, table: TableInfo, partition_key: str, options: CopyOptions) -> RangeResult:
+    def copy(
+        self,
+        table: TableInfo,
+        partition_key: str,
+        options: CopyOptions,
+        planned: checkpoints.Checkpoint | None = None,
+    ) -> RangeResult:
         return retrying(
-            lambda: copy_range(self.source, self.target, table, partition_key, options, self.peer),
+            lambda: copy_range(
+                self.source, self.target, table, partition_key, options, self.peer, planned
+            ),
             attempts=self.attempts,
             what=f"copying partition {partition_key} of {table.qualified_name}",
             log=self.log,

@@ -108,26 +108,56 @@ def migrate_all(source_db, target_url: str, *, batch_size=700, endpoint=None, fo
     return results
 
 
-def test_a_first_load_range_takes_five_round_trips_to_the_target(pair, tmp_path):
+def test_a_first_load_range_takes_four_round_trips_to_the_target(pair, tmp_path):
     """Against Supabase tens of milliseconds away, round trips add up over hundreds of
-    ranges: reading the plan, then BEGIN with the lock, the settings and the first-load
-    probe, the COPY (its start and its end), then the checkpoint's update with the COMMIT.
-    It was nine. The rows and the checkpoint still commit together."""
+    ranges: BEGIN with the lock, the settings and the first-load probe, the COPY (its start
+    and its end), then the checkpoint's update with the COMMIT. The plan's row comes with
+    the table run's others (one read for up to PARTITIONS_PER_RUN ranges); without it, a
+    range reads it first. It was nine. The rows and the checkpoint still commit together."""
     source_db, target_db = pair
     src_url, tgt_url = _urls(source_db, target_db.url)
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         checkpoints.ensure_bookkeeping(t)
         info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
         refresh_plan(s, t, info, batch_size=700)
-        key = checkpoints.load(t, info.qualified_name)[1].partition_key
+        first, second = checkpoints.load(t, info.qualified_name)[1:3]
+        assert checkpoints.load(t, info.qualified_name, [second.partition_key]) == [second]
         options = CopyOptions(replica_mode=replica_mode_allowed(t))
         with round_trips(t, tmp_path) as waits:
-            result = copy_range(s, t, info, key, options)
+            result = copy_range(s, t, info, first.partition_key, options, planned=first)
         assert result.path == "copy" and result.rows == 700
+        assert waits == ["Query", "Query", "CopyDone", "Query"], waits
+        with round_trips(t, tmp_path) as waits:
+            copy_range(s, t, info, second.partition_key, options)
         assert waits == ["Sync", "Query", "Query", "CopyDone", "Query"], waits
         assert t.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        done = checkpoints.get(t, info.qualified_name, key)
-        assert done is not None and done.status == "completed" and done.records_migrated == 700
+        for cp in (first, second):
+            done = checkpoints.get(t, info.qualified_name, cp.partition_key)
+            assert done is not None and done.status == "completed"
+            assert done.records_migrated == 700
+
+
+def test_a_range_planned_anew_since_its_table_run_read_it_is_not_copied(pair):
+    """The plan's row a table run read earlier only chooses how to copy; the row locked for
+    the copy decides, and bounds that changed meanwhile stop the range with one sentence."""
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
+        refresh_plan(s, t, info, batch_size=700)
+        cp = checkpoints.load(t, info.qualified_name)[1]
+        stale = dataclasses.replace(cp, upper_bound=[int(cp.upper_bound[0]) + 5])
+        with pytest.raises(CopyError) as raised:
+            copy_range(s, t, info, cp.partition_key, CopyOptions(), planned=stale)
+        assert raised.value.message == (
+            f"Partition {cp.partition_key} of public.items was planned anew while it was "
+            "being copied; run again."
+        )
+        assert t.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert t.execute("SELECT count(*) FROM items").fetchone()[0] == 0
+        after = checkpoints.get(t, info.qualified_name, cp.partition_key)
+        assert after is not None and after.status != "completed"
 
 
 def test_catalog_sees_key_kinds(pair):
