@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from .connections import transaction_with
+
 _SEQUENCES_SQL = """
 SELECT n.nspname, s.relname, tn.nspname, t.relname, a.attname
 FROM pg_class s
@@ -51,36 +53,46 @@ def _positions(conn: psycopg.Connection, schemas: Sequence[str]) -> dict[str, in
     return {name: value for name, value in rows}
 
 
+# Values asked for in one SELECT list (PostgreSQL allows 1664 columns).
+PER_STATEMENT = 500
+
+
 def sync_sequences(
     source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str]
 ) -> list[SequenceSync]:
-    """setval() each target sequence to max(source position, owning column max)."""
+    """setval() each target sequence to max(source position, owning column max).
+
+    Every column's max is read in one statement and every setval sent in one more, so the
+    round trips do not grow with the number of sequences (a remote target is tens of ms away).
+    """
     source_positions = _positions(source, schemas)
     target_positions = _positions(target, schemas)
     results = []
-    with target.transaction():
-        target.execute("SET LOCAL statement_timeout = 0")
-        for seq_schema, seq_name, tab_schema, tab_name, column in target.execute(
-            _SEQUENCES_SQL, (list(schemas),)
-        ).fetchall():
+    with transaction_with(target, [sql.SQL("SET LOCAL statement_timeout = 0")]):
+        found = target.execute(_SEQUENCES_SQL, (list(schemas),)).fetchall()
+        owned = [
+            sql.SQL("(SELECT max({})::bigint FROM {})").format(
+                sql.Identifier(column), sql.Identifier(tab_schema, tab_name)
+            )
+            for _, _, tab_schema, tab_name, column in found
+            if column
+        ]
+        maxes = iter(_select_all(target, owned))
+        moves: list[sql.Composable] = []
+        for seq_schema, seq_name, tab_schema, tab_name, column in found:
             qualified = f"{seq_schema}.{seq_name}"
-            column_max = None
-            if column:
-                row = target.execute(
-                    sql.SQL("SELECT max({})::bigint FROM {}").format(
-                        sql.Identifier(column), sql.Identifier(tab_schema, tab_name)
-                    )
-                ).fetchone()
-                column_max = row[0] if row else None
+            column_max = next(maxes) if column else None
             before = target_positions.get(qualified)
             candidates = [
                 v for v in (source_positions.get(qualified), column_max, before) if v is not None
             ]
             after = max(candidates) if candidates else None
             if after is not None and after != before:
-                target.execute(
-                    "SELECT setval(%s::regclass, %s, true)",
-                    (sql.Identifier(seq_schema, seq_name).as_string(target), after),
+                moves.append(
+                    sql.SQL("setval({}::regclass, {}, true)").format(
+                        sql.Literal(sql.Identifier(seq_schema, seq_name).as_string(target)),
+                        sql.Literal(after),
+                    )
                 )
             results.append(
                 SequenceSync(
@@ -92,4 +104,15 @@ def sync_sequences(
                     after=after,
                 )
             )
+        _select_all(target, moves)
     return results
+
+
+def _select_all(conn: psycopg.Connection, values: Sequence[sql.Composable]) -> list:
+    """`SELECT value, value, ...` in one round trip per PER_STATEMENT values."""
+    row: list = []
+    for start in range(0, len(values), PER_STATEMENT):
+        chunk = values[start : start + PER_STATEMENT]
+        got = conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(chunk))).fetchone()
+        row += list(got or ())
+    return row

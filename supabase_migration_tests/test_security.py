@@ -53,7 +53,13 @@ from supabase_migration.security_assets import (
     build_security_asset,
     build_security_checks,
 )
-from supabase_migration_tests.testbed import TARGET_PASSWORD, SourceDb, TargetDb, require
+from supabase_migration_tests.testbed import (
+    TARGET_PASSWORD,
+    SourceDb,
+    TargetDb,
+    require,
+    round_trips,
+)
 
 # Values that look like PHI: none of them may appear in an error, metadata or the audit trail.
 SSN = "987-65-4321"
@@ -334,8 +340,10 @@ def test_rls_status_flags_exposed_tables_without_rls(
 
 
 def test_configurable_exposed_schemas_and_partitions(
-    target: psycopg.Connection, target_db: TargetDb
+    target: psycopg.Connection, target_db: TargetDb, tmp_path: Path
 ) -> None:
+    """Partitions are protected too (each is reachable over the API), and however many
+    tables there are, they are looked up in one round trip and altered in one more."""
     target.execute(
         """
         CREATE SCHEMA api;
@@ -347,9 +355,13 @@ def test_configurable_exposed_schemas_and_partitions(
             FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
         """
     )
-    actions = enable_rls(
-        target, ["api.visits", "public.patients", "api.gone"], exposed_schemas=("api",)
-    )
+    with round_trips(target, tmp_path) as waits:
+        actions = enable_rls(
+            target, ["api.visits", "public.patients", "api.gone"], exposed_schemas=("api",)
+        )
+    with round_trips(target, tmp_path) as waits_again:  # one table, nothing left to alter
+        enable_rls(target, ["api.visits"], exposed_schemas=("api",))
+    assert len(waits) == len(waits_again) + 1, (waits, waits_again)
     by_subject = {a.subject: a.kind for a in actions}
     assert by_subject["api.visits"] == "enable_rls"
     assert by_subject["api.visits_2024"] == "enable_rls"  # reachable directly over the API

@@ -773,3 +773,32 @@ def test_verify_pauses_collection_only_while_dagster_loads(
     assert report.security_findings  # RLS is off on these tables
     assert after_loading["enabled"] and after_loading["frozen"] > 10_000
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_sequences_are_moved_in_the_same_round_trips_however_many(
+    migrated: Migrated, tmp_path: Path
+) -> None:
+    """Each column's max is read in one statement and every setval sent in one more: the
+    finishing step's round trips to a remote target do not grow with the sequences."""
+    _on_target(
+        migrated,
+        "SELECT setval('patients_id_seq', 1, false); SELECT setval('visits_visit_id_seq', 2)",
+        admin=True,
+    )
+    with (
+        connect(migrated.source_url, autocommit=True) as s,
+        connect(migrated.target_url, autocommit=True) as t,
+    ):
+        max_ids = t.execute(
+            "SELECT (SELECT max(id) FROM patients), (SELECT max(visit_id) FROM visits)"
+        ).fetchone()
+        with round_trips(t, tmp_path) as waits:
+            results = sync_sequences(s, t, ["public"])
+        assert waits == ["Sync", "Query", "Sync", "Query", "Query", "Query"], waits
+        moved = {r.sequence: (r.column_max, r.after) for r in results if r.moved}
+        assert moved == {
+            "public.patients_id_seq": (max_ids[0], max_ids[0]),
+            "public.visits_visit_id_seq": (max_ids[1], max_ids[1]),
+        }
+        assert t.execute("SELECT nextval('patients_id_seq')").fetchone()[0] == max_ids[0] + 1
+    assert not _failed(_verify(migrated))
