@@ -22,7 +22,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import borrowed, side_by_side
+from .connections import borrowed, connect, side_by_side
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
 from .sqlbuild import Bound, range_predicate, table_ident
@@ -146,8 +146,9 @@ class FirstPlansAhead:
 
     @contextmanager
     def _source_connection(self) -> Iterator[psycopg.Connection]:
-        """A source connection that `finish` can cancel while it reads."""
-        with borrowed(self._source_url) as conn:
+        """A source connection that `finish` can cancel while it reads. Not one kept for
+        reuse: a cancel sent just as a read ends could reach the next user's statement."""
+        with connect(self._source_url, autocommit=True) as conn:
             with self._lock:
                 self._reading.add(conn)
             try:

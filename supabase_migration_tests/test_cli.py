@@ -354,7 +354,7 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
         holder.execute("SELECT pg_advisory_lock(hashtext(%s))", [SCHEMA_LOCK_KEY])
         run = subprocess.Popen(
             [sys.executable, "-m", "supabase_migration.cli", "run", "--schema-mode", "dump"],
-            env=env,
+            env={**env, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -367,7 +367,12 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
                 time.sleep(0.05)
             os.kill(run.pid, signal.SIGINT)
             interrupted = time.monotonic()
-            _, stderr = run.communicate(timeout=60)
+            try:
+                _, stderr = run.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                run.send_signal(signal.SIGABRT)
+                _, stacks = run.communicate(timeout=30)
+                pytest.fail(f"the CLI did not end after Ctrl-C; its threads:\n{stacks}")
             took = time.monotonic() - interrupted
         finally:
             if run.poll() is None:
