@@ -12,6 +12,8 @@ from enum import StrEnum
 
 import psycopg
 
+from .connections import remembered
+
 # Schemas that belong to PostgreSQL or to Supabase and are never migrated as user data.
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 BOOKKEEPING_SCHEMA = "supabase_migration"
@@ -207,10 +209,15 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
 
 
 def default_collation(conn: psycopg.Connection) -> str:
-    row = conn.execute(
-        "SELECT datcollate FROM pg_database WHERE datname = current_database()"
-    ).fetchone()
-    return str(row[0]) if row else ""
+    """The database's collation (fixed when it was created), asked once per connection."""
+
+    def ask(conn: psycopg.Connection) -> str:
+        row = conn.execute(
+            "SELECT datcollate FROM pg_database WHERE datname = current_database()"
+        ).fetchone()
+        return str(row[0]) if row else ""
+
+    return remembered(conn, "default_collation", ask)
 
 
 def needs_bytewise_keys(source: psycopg.Connection, target: psycopg.Connection) -> bool:

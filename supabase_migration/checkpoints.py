@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
+from .connections import transaction_with
 from .ranges import KeyRange
 
 CHECKPOINTS = sql.Identifier(BOOKKEEPING_SCHEMA, "migration_checkpoints")
@@ -126,12 +127,19 @@ _BOOKKEEPING_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}')
 
 
 def ensure_bookkeeping(conn: psycopg.Connection) -> None:
-    """Create the bookkeeping schema and table if missing (idempotent, one transaction)."""
-    with conn.transaction():
-        conn.execute(_BOOKKEEPING_LOCK)
-        if not bookkeeping_exists(conn):
+    """Create the bookkeeping schema and table if missing (idempotent, one transaction): three
+    round trips when they exist, as on every run but the first."""
+    tables = [
+        sql.SQL("SELECT to_regclass({}) IS NOT NULL").format(
+            sql.Literal(f"{BOOKKEEPING_SCHEMA}.{table}")
+        )
+        for table in ("migration_checkpoints", "deferred_indexes")
+    ]
+    with transaction_with(conn, [sql.SQL(_BOOKKEEPING_LOCK), *tables]) as found:
+        _, (checkpoints_exist,), (deferred_exist,) = found
+        if not checkpoints_exist:
             conn.execute(BOOKKEEPING_DDL)
-        if not bookkeeping_exists(conn, "deferred_indexes"):
+        if not deferred_exist:
             conn.execute(DEFERRED_DDL)
         conn.execute(_REVOKE_API_ROLES)
 

@@ -19,6 +19,7 @@ import re
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -244,6 +245,19 @@ def _forget_inherited() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_inherited)
+
+
+_facts: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def remembered(conn: psycopg.Connection, fact: str, read: Callable[[psycopg.Connection], T]) -> T:
+    """`read(conn)`, asked once per connection: for what cannot change while a session lasts
+    (its database's collation, what its role may set), which every table run on a kept
+    connection would otherwise ask again, a round trip or two each time."""
+    known = _facts.setdefault(conn, {})
+    if fact not in known:
+        known[fact] = read(conn)
+    return known[fact]
 
 
 def connection_error(

@@ -33,6 +33,7 @@ from .connections import (
     in_one_round_trip,
     is_transient,
     keep,
+    remembered,
     retrying,
     reused,
     rolled_back_on_error,
@@ -556,14 +557,19 @@ def _record_failure(
 
 
 def replica_mode_allowed(target: psycopg.Connection) -> bool:
-    """Whether this role may skip FK triggers (superuser, or Supabase's postgres via supautils)."""
-    try:
-        setting = [sql.SQL("SET LOCAL session_replication_role = replica")]
-        with transaction_with(target, setting, commit=False):  # asked once per table run
-            pass
-        return True
-    except psycopg.errors.InsufficientPrivilege:
-        return False
+    """Whether this role may skip FK triggers (superuser, or Supabase's postgres via supautils);
+    asked once per connection."""
+
+    def ask(conn: psycopg.Connection) -> bool:
+        try:
+            setting = [sql.SQL("SET LOCAL session_replication_role = replica")]
+            with transaction_with(conn, setting, commit=False):
+                pass
+            return True
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+
+    return remembered(target, "replica_mode_allowed", ask)
 
 
 class CopySession:

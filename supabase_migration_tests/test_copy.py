@@ -573,8 +573,9 @@ def test_concurrent_copy_of_one_range_fails_cleanly(pair):
         holder.close()
 
 
-def test_target_role_may_skip_fk_triggers(target_db):
-    """A role that may not is told so, its connection left idle and unchanged."""
+def test_target_role_may_skip_fk_triggers(target_db, tmp_path):
+    """A role that may not is told so, its connection left idle and unchanged. The answer
+    is asked once per connection: a kept connection's next table run does not ask again."""
     import uuid
 
     plain = f"plain_{uuid.uuid4().hex[:8]}"
@@ -583,6 +584,12 @@ def test_target_role_may_skip_fk_triggers(target_db):
     try:
         with psycopg.connect(target_db.url, autocommit=True) as conn:
             assert replica_mode_allowed(conn)
+            with round_trips(conn, tmp_path) as waits:
+                assert replica_mode_allowed(conn)
+                assert needs_bytewise_keys(conn, conn) is False
+                assert needs_bytewise_keys(conn, conn) is False
+            assert waits == ["Query"]  # the collation, once
+        with psycopg.connect(target_db.url, autocommit=True) as conn:
             conn.execute(f'SET ROLE "{plain}"')
             assert not replica_mode_allowed(conn)
             assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
@@ -888,3 +895,15 @@ def test_table_runs_share_connections_and_retry_a_start_on_one_lost_silently(pai
     logs = instance.all_logs(result.run_id)
     assert any("hit a transient error" in (e.user_message or "") for e in logs)
     assert not any(e.dagster_event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for e in logs)
+
+
+def test_bookkeeping_already_there_costs_three_round_trips(target_db, tmp_path):
+    """Every run ensures the bookkeeping tables twice (schema step, plan): once they exist,
+    BEGIN with the lock and both existence checks, the REVOKE, the COMMIT. It was eight."""
+    with psycopg.connect(target_db.url, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)  # creates them
+        assert checkpoints.bookkeeping_exists(t, "deferred_indexes")
+        with round_trips(t, tmp_path) as waits:
+            checkpoints.ensure_bookkeeping(t)
+        assert waits == ["Query", "Query", "Query"], waits
+        assert t.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
