@@ -471,8 +471,18 @@ def test_unreadable_checkpoints_fail_the_range_checks_not_the_run(migrated: Migr
     _assert_no_phi(report)
 
 
-def test_missing_target_table_fails_cleanly(migrated: Migrated) -> None:
+def test_missing_target_table_fails_cleanly(migrated: Migrated, tmp_path: Path) -> None:
+    """Every check asks first whether its table exists: one statement, not a snapshot."""
     _on_target(migrated, "DROP TABLE audit_log")
+    with (
+        connect(migrated.source_url, autocommit=True) as s,
+        connect(migrated.target_url, autocommit=True) as t,
+    ):
+        info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.audit_log"]
+        with round_trips(t, tmp_path) as waits:
+            outcome = row_counts(s, t, info)
+        assert waits == ["Sync"], waits
+        assert not outcome.passed and outcome.details == {"missing_on": "target"}
     report = _verify(migrated)
     failed = {name for (table, name) in _failed(report) if table == "public.audit_log"}
     assert failed == set(CHECK_NAMES)
