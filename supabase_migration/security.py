@@ -582,16 +582,13 @@ def pgaudit_status(
 
 
 def _pgaudit_status(conn: psycopg.Connection, settings_role: str | None) -> AuditStatus:
-    available = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgaudit')"
-    ).fetchone()
-    # Only a preloaded pgaudit defines its settings; an ALTER ROLE ... SET alone does not.
-    loaded = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')"
-    ).fetchone()
-    installed = conn.execute(
-        "SELECT extversion FROM pg_extension WHERE extname = 'pgaudit'"
-    ).fetchone()
+    # In one round trip. Only a preloaded pgaudit defines its settings; an ALTER ROLE ... SET
+    # alone does not.
+    available, loaded, installed = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgaudit'), "
+        "EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log'), "
+        "(SELECT extversion FROM pg_extension WHERE extname = 'pgaudit')"
+    ).fetchone() or (False, False, None)
     role = settings_role or _default_settings_role(conn)
     role_row = conn.execute(
         "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
@@ -620,7 +617,7 @@ def _pgaudit_status(conn: psycopg.Connection, settings_role: str | None) -> Audi
                 if setrole and setdatabase:
                     scope += f" in database {setdatabase}"
                 unsafe.append(f"{name}=on ({scope})")
-    if loaded and loaded[0]:
+    if loaded:
         for name, setting, source in conn.execute(
             "SELECT name, setting, source FROM pg_settings WHERE name = ANY(%s)",
             (list(UNSAFE_AUDIT_SETTINGS),),
@@ -628,9 +625,9 @@ def _pgaudit_status(conn: psycopg.Connection, settings_role: str | None) -> Audi
             if _is_on(setting) and source not in {"user", "database", "database user"}:
                 unsafe.append(f"{name}=on (server {source})")
     return AuditStatus(
-        extension_available=bool(available and available[0]),
-        loaded=bool(loaded and loaded[0]),
-        installed_version=installed[0] if installed else None,
+        extension_available=bool(available),
+        loaded=bool(loaded),
+        installed_version=installed,
         settings_role=role,
         role_settings=role_settings,
         unsafe_settings=tuple(dict.fromkeys(unsafe)),
