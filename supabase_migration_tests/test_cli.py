@@ -370,9 +370,19 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
             try:
                 _, stderr = run.communicate(timeout=60)
             except subprocess.TimeoutExpired:
+                masks = [  # the process's and each thread's pending, blocked and caught signals
+                    line
+                    for status in Path(f"/proc/{run.pid}").glob("task/*/status")
+                    for line in status.read_text().splitlines()
+                    if line.startswith(("Name", "Sig", "ShdPnd"))
+                ]
                 run.send_signal(signal.SIGABRT)
                 _, stacks = run.communicate(timeout=30)
-                pytest.fail(f"the CLI did not end after Ctrl-C; its threads:\n{stacks}")
+                pytest.fail(
+                    "the CLI did not end after Ctrl-C; its signals:\n"
+                    + "\n".join(masks)
+                    + f"\nits threads:\n{stacks}"
+                )
             took = time.monotonic() - interrupted
         finally:
             if run.poll() is None:
