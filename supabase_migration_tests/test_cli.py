@@ -356,6 +356,9 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
             [sys.executable, "-m", "supabase_migration.cli", "run", "--schema-mode", "dump"],
             env={**env, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
             cwd=tmp_path,
+            # As from a terminal: a suite started in the background by a non-interactive
+            # shell (`.ci/run &`) has SIGINT ignored, which the CLI would inherit.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
