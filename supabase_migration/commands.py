@@ -50,7 +50,7 @@ from .assets import (
 from .catalog import needs_bytewise_keys
 from .checkpoints import Status
 from .checks import REPORT_CHECK, REPORT_KEY
-from .connections import borrowed, side_by_side, warn_if_workers_exceed_pool
+from .connections import borrowed, close_kept, side_by_side, warn_if_workers_exceed_pool
 from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
 from .errors import ConfigError, MigrationError
@@ -602,8 +602,14 @@ def _execute_all(
     resync: bool,
 ) -> list[tuple[str, str]]:
     """Run every unit, in the given order (in this process without a pool); returns (table,
-    sentence) for each unit that failed."""
+    sentence) for each unit that failed.
+
+    With worker processes, this one's kept connections are closed first: idle through the
+    copy, they would take places a session pooler (15 clients per user and database on
+    Supabase) or a small instance's max_connections owes the workers."""
     outcomes: list[tuple[str, str | None]] = []
+    if pool is not None:
+        close_kept()
     if pool is None:
         for unit in units:
             outcomes.append((unit.table, execute_unit(defs, instance, unit, resync)))

@@ -511,6 +511,25 @@ def test_a_forked_child_leaves_its_parents_kept_connections_alone(target):
     assert _pid(target) == parent  # still alive, and still kept
 
 
+def test_the_cli_closes_its_kept_connections_before_workers_copy(target, tmp_path):
+    """Idle through the copy, the CLI's own kept connections would take places that a session
+    pooler (15 clients per user and database) owes the workers; units run in this process
+    use them instead."""
+    from concurrent.futures import ProcessPoolExecutor
+    from types import SimpleNamespace
+
+    from supabase_migration import commands
+
+    manifest = SimpleNamespace(path=tmp_path / "migration.yaml")
+    with borrowed(target) as conn:
+        pass
+    commands._execute_all(None, None, manifest, [], None, resync=False)  # type: ignore[arg-type]
+    assert not conn.closed
+    with ProcessPoolExecutor(1) as pool:
+        commands._execute_all(None, None, manifest, [], pool, resync=False)  # type: ignore[arg-type]
+    assert conn.closed
+
+
 # -- pool-size warning -----------------------------------------------------------------------------
 
 
