@@ -23,7 +23,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import BOOKKEEPING_SCHEMA, TableInfo
-from .connections import transaction_with
+from .connections import in_one_round_trip, transaction_with
 from .errors import MigrationError
 from .redaction import describe_pg_error
 
@@ -118,24 +118,31 @@ def defer_for_load(
             already = _recorded(conn, name)
             if already:
                 return [d.index_name for d in already]
-            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target))
-            occupied = conn.execute(
-                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target)
-            ).fetchone()
-            if occupied is None or occupied[0]:
+            (occupied,) = in_one_round_trip(
+                conn,
+                [
+                    sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target),
+                    sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target),
+                ],
+            )
+            if occupied[0]:
                 return []
             candidates = conn.execute(
                 _CANDIDATES, {"table": target.as_string(conn), "key": sorted(table.key)}
             ).fetchall()
-            for index_name, kind, statements, drop in candidates:
+            if candidates:  # recorded, then dropped: two round trips however many there are
+                rows = sql.SQL(", ").join(sql.SQL("(%s, %s, %s, %s)") for _ in candidates)
                 conn.execute(
                     sql.SQL(
-                        "INSERT INTO {} (table_name, index_name, kind, statements) "
-                        "VALUES (%s, %s, %s, %s)"
-                    ).format(DEFERRED),
-                    (name, index_name, kind, statements),
+                        "INSERT INTO {} (table_name, index_name, kind, statements) VALUES {}"
+                    ).format(DEFERRED, rows),
+                    [
+                        v
+                        for index_name, kind, statements, _ in candidates
+                        for v in (name, index_name, kind, statements)
+                    ],
                 )
-                conn.execute(drop)
+                conn.execute(sql.SQL("; ").join(sql.SQL(drop) for *_, drop in candidates))
             return [c[0] for c in candidates]
     except psycopg.Error as exc:
         if log is not None:

@@ -13,6 +13,7 @@ from supabase_migration.copy import CopyOptions, copy_range, replica_mode_allowe
 from supabase_migration.planning import refresh_plan
 
 from .compare import assert_tables_equal
+from .testbed import round_trips
 
 SCHEMA = """
 CREATE TABLE parent (
@@ -207,3 +208,31 @@ def test_a_target_bookkept_before_deferral_existed_reads_as_nothing_waiting(pair
         assert deferred.pending(t) == []
         assert deferred.rebuild_if_complete(t, "public.parent") == []
         assert verify.indexes(s, t, info).passed
+
+
+def test_deferring_takes_the_same_round_trips_however_many_indexes(pair, tmp_path):
+    """BEGIN with the lock, what was recorded, LOCK with the emptiness probe, the candidates,
+    one INSERT recording them all, one round trip of DROPs, COMMIT: three indexes cost what
+    one does, to a target tens of milliseconds away."""
+    source_db, target_db = pair
+    s, t = _connections(source_db, target_db.url)
+    with s, t:
+        checkpoints.ensure_bookkeeping(t)
+        infos = {i.qualified_name: i for i in read_tables(s, ["public"])}
+        waits = {}
+        for name in ("public.parent", "public.child"):
+            with round_trips(t, tmp_path) as waits[name]:
+                dropped = deferred.defer_for_load(t, infos[name])
+            assert dropped
+        assert len(deferred.pending(t, ["public.parent"])) == 3
+        assert waits["public.parent"] == waits["public.child"]
+        assert waits["public.parent"] == [
+            "Query",
+            "Sync",
+            "Query",
+            "Sync",
+            "Sync",
+            "Query",
+            "Query",
+        ]
+    assert _index_names(target_db.url, "parent") == {"parent_pkey"}
