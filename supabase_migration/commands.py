@@ -608,12 +608,11 @@ def _execute_all(
     copy, they would take places a session pooler (15 clients per user and database on
     Supabase) or a small instance's max_connections owes the workers."""
     outcomes: list[tuple[str, str | None]] = []
-    if pool is not None:
-        close_kept()
     if pool is None:
         for unit in units:
             outcomes.append((unit.table, execute_unit(defs, instance, unit, resync)))
     else:
+        close_kept()
         assert manifest.path is not None
         futures = {pool.submit(_worker_execute, str(manifest.path), u, resync): u for u in units}
         for future in as_completed(futures):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import dagster as dg
 import psycopg
@@ -13,7 +15,7 @@ import pytest
 from psycopg import sql
 
 from supabase_migration import checkpoints, sqlbuild
-from supabase_migration.catalog import KeyKind, needs_bytewise_keys, read_tables
+from supabase_migration.catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
 from supabase_migration.connections import connect
 from supabase_migration.conninfo import Endpoint, parse_database_url
 from supabase_migration.copy import (
@@ -108,18 +110,25 @@ def migrate_all(source_db, target_url: str, *, batch_size=700, endpoint=None, fo
     return results
 
 
-def test_a_first_load_range_takes_four_round_trips_to_the_target(pair, tmp_path):
-    """Against Supabase tens of milliseconds away, round trips add up over hundreds of
-    ranges: BEGIN with the lock, the settings and the first-load probe, the COPY (its start
-    and its end), then the checkpoint's update with the COMMIT. The plan's row comes with
-    the table run's others (one read for up to PARTITIONS_PER_RUN ranges); without it, a
-    range reads it first. It was nine. The rows and the checkpoint still commit together."""
+@contextlib.contextmanager
+def _planned_items(pair) -> Iterator[tuple[psycopg.Connection, psycopg.Connection, TableInfo]]:
+    """Source and target connections, and public.items planned in ranges of 700 rows."""
     source_db, target_db = pair
     src_url, tgt_url = _urls(source_db, target_db.url)
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         checkpoints.ensure_bookkeeping(t)
         info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
         refresh_plan(s, t, info, batch_size=700)
+        yield s, t, info
+
+
+def test_a_first_load_range_takes_four_round_trips_to_the_target(pair, tmp_path):
+    """Against Supabase tens of milliseconds away, round trips add up over hundreds of
+    ranges: BEGIN with the lock, the settings and the first-load probe, the COPY (its start
+    and its end), then the checkpoint's update with the COMMIT. The plan's row comes with
+    the table run's others (one read for up to PARTITIONS_PER_RUN ranges); without it, a
+    range reads it first. It was nine. The rows and the checkpoint still commit together."""
+    with _planned_items(pair) as (s, t, info):
         first, second = checkpoints.load(t, info.qualified_name)[1:3]
         assert checkpoints.load(t, info.qualified_name, [second.partition_key]) == [second]
         options = CopyOptions(replica_mode=replica_mode_allowed(t))
@@ -140,12 +149,7 @@ def test_a_first_load_range_takes_four_round_trips_to_the_target(pair, tmp_path)
 def test_a_range_planned_anew_since_its_table_run_read_it_is_not_copied(pair):
     """The plan's row a table run read earlier only chooses how to copy; the row locked for
     the copy decides, and bounds that changed meanwhile stop the range with one sentence."""
-    source_db, target_db = pair
-    src_url, tgt_url = _urls(source_db, target_db.url)
-    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
-        checkpoints.ensure_bookkeeping(t)
-        info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
-        refresh_plan(s, t, info, batch_size=700)
+    with _planned_items(pair) as (s, t, info):
         cp = checkpoints.load(t, info.qualified_name)[1]
         stale = dataclasses.replace(cp, upper_bound=[int(cp.upper_bound[0]) + 5])
         with pytest.raises(CopyError) as raised:
