@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from supabase_migration import checkpoints
+from supabase_migration import sequences as sequences_module
 from supabase_migration.assets import partitions_def_for, table_asset_key
 from supabase_migration.catalog import read_tables
 from supabase_migration.checks import (
@@ -786,7 +787,7 @@ def test_verify_pauses_collection_only_while_dagster_loads(
 
 
 def test_sequences_are_moved_in_the_same_round_trips_however_many(
-    migrated: Migrated, tmp_path: Path
+    migrated: Migrated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each column's max is read in one statement and every setval sent in one more: the
     finishing step's round trips to a remote target do not grow with the sequences."""
@@ -811,4 +812,15 @@ def test_sequences_are_moved_in_the_same_round_trips_however_many(
             "public.visits_visit_id_seq": (max_ids[1], max_ids[1]),
         }
         assert t.execute("SELECT nextval('patients_id_seq')").fetchone()[0] == max_ids[0] + 1
+    assert not _failed(_verify(migrated))
+    # Past PER_STATEMENT values (1664 columns at most), the SELECTs are split, values in order.
+    _on_target(migrated, "SELECT setval('visits_visit_id_seq', 2)", admin=True)
+    monkeypatch.setattr(sequences_module, "PER_STATEMENT", 1)
+    with (
+        connect(migrated.source_url, autocommit=True) as s,
+        connect(migrated.target_url, autocommit=True) as t,
+    ):
+        again = {r.sequence: (r.column_max, r.after) for r in sync_sequences(s, t, ["public"])}
+    assert again["public.visits_visit_id_seq"] == (max_ids[1], max_ids[1])
+    assert again["public.patients_id_seq"][0] == max_ids[0]
     assert not _failed(_verify(migrated))
