@@ -16,11 +16,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psycopg
+
 from . import __version__
+from .connections import is_transient
 from .errors import ConfigError, MigrationError
 from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
 from .memory import freeze_for_exit
-from .redaction import redact_text
+from .redaction import describe_pg_error, redact_text
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table
 from .verify import DEFAULT_SAMPLE_SIZE
 
@@ -332,6 +335,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationError as exc:
         print(f"error: {redact_text(exc.message, _passwords(secrets))}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file the user named (manifest, report directory, policy)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or type(exc).__name__}{where}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except psycopg.Error as exc:
+        # A database error no step translated on its way up: still one sentence, no DETAIL.
+        sentence = describe_pg_error(exc, context="A database request failed")
+        print(f"error: {redact_text(sentence, _passwords(secrets))}.", file=sys.stderr)
+        return EXIT_FAILED if is_transient(exc) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(
             "Interrupted; completed ranges are kept. Run `supabase-migrate resume`.",

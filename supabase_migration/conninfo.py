@@ -107,6 +107,18 @@ class Endpoint(StrEnum):
         """How messages name the endpoint: 'direct', 'session pooler', ..."""
         return _ENDPOINT_NAMES[self]
 
+    @classmethod
+    def named(cls, text: str) -> Endpoint:
+        """An endpoint as a user wrote it (SUPABASE_DB_ENDPOINT, a resource's config). The value
+        is not echoed: someone may have pasted a URL there."""
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise ConfigError(
+                "The target's endpoint (SUPABASE_DB_ENDPOINT) must be one of "
+                f"{', '.join(e.value for e in cls)}."
+            ) from None
+
 
 _ENDPOINT_NAMES = {
     Endpoint.DIRECT: "direct",
@@ -397,6 +409,10 @@ def _parse_url(text: str) -> dict[str, str]:
     authority_end = min(ends, default=len(rest))
     authority, remainder = rest[:authority_end], rest[authority_end:]
     path, _, query = remainder.partition("?")
+    if "@" in query and "@" not in authority:
+        # The user info holds a raw '?' (in the password, surely): what follows it is not a
+        # query, and naming its "settings" would echo part of the password.
+        raise _Malformed("percent-encode a '?' in the password as %3F")
 
     values: dict[str, str] = {}
     userinfo, at, hostport = authority.rpartition("@")

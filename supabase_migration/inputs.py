@@ -21,7 +21,6 @@ from .verify import DEFAULT_SAMPLE_SIZE
 
 SOURCE_URL_ENV = "SOURCE_DATABASE_URL"
 TARGET_URL_ENV = "SUPABASE_DB_URL"
-POOLER_URL_ENV = "SUPABASE_POOLER_URL"
 TARGET_ENDPOINT_ENV = "SUPABASE_DB_ENDPOINT"  # override for self-hosted poolers
 SSLROOTCERT_ENV = "SUPABASE_SSLROOTCERT"
 INSECURE_ENV = "SUPABASE_MIGRATION_ALLOW_INSECURE_SSL"
@@ -59,7 +58,7 @@ def _env_url(env: str, label: str, flag: str) -> DatabaseUrl:
     return parse_database_url(
         text,
         label=label,
-        endpoint=Endpoint(endpoint) if endpoint else None,
+        endpoint=Endpoint.named(endpoint) if endpoint else None,
         allow_insecure=insecure_ssl_allowed(),
         sslrootcert=os.environ.get(SSLROOTCERT_ENV) if label == "target" else None,
     )

@@ -157,6 +157,9 @@ def read(path: Path) -> Manifest:
         raise ConfigError(
             f"No manifest at {path}; run `supabase-migrate init` to write one from the source."
         ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"The manifest {path} cannot be read ({reason}).") from None
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"The manifest {path} is not valid YAML ({exc.__class__.__name__})."
@@ -164,6 +167,12 @@ def read(path: Path) -> Manifest:
     if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
         raise ConfigError(
             f"The manifest {path} has no `tables` mapping; run `supabase-migrate init`."
+        )
+    unqualified = [str(name) for name in doc["tables"] if "." not in str(name)]
+    if unqualified:
+        raise ConfigError(
+            f"The manifest {path} names tables without their schema ({', '.join(unqualified)}); "
+            "write them as schema.table, e.g. public.patients."
         )
     mode = doc.get("schema_mode", "dump")
     if mode not in SCHEMA_MODES:

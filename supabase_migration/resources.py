@@ -1,8 +1,8 @@
 """Dagster resources for the two databases.
 
 URLs come from environment variables through `EnvVar`, so they are resolved at run time, masked
-in the UI and never stored in run config. Everything a user sees from these resources goes
-through `DatabaseUrl.describe()` / `redacted()`.
+in the UI and never stored in run config. A resource's repr and str show `DatabaseUrl.describe()`
+(host, port, database, user), never the URL it was given.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pydantic import Field
 
 from .connections import keep, retrying, reused
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
+from .errors import MigrationError
 from .inputs import (
-    POOLER_URL_ENV,
     SOURCE_URL_ENV,
     SSLROOTCERT_ENV,
     TARGET_ENDPOINT_ENV,
@@ -42,11 +42,21 @@ class _Database(dg.ConfigurableResource):
 
     label: ClassVar[str] = "database"
 
+    def __repr__(self) -> str:
+        """Pydantic's repr would print the resolved URL, password included."""
+        try:
+            where = self.database_url().describe()
+        except MigrationError:
+            where = "a URL that does not parse"
+        return f"{type(self).__name__}({where})"
+
+    __str__ = __repr__
+
     def database_url(self) -> DatabaseUrl:
         return parse_database_url(
             self.url,
             label=self.label,
-            endpoint=Endpoint(self.endpoint) if self.endpoint else None,
+            endpoint=Endpoint.named(self.endpoint) if self.endpoint else None,
             allow_insecure=self.allow_insecure_ssl,
             sslrootcert=self.sslrootcert,
         )
@@ -75,10 +85,6 @@ class SourceDatabase(_Database):
 class TargetDatabase(_Database):
     """The Supabase database receiving the migration (direct or session pooler preferred)."""
 
-    pooler_url: str | None = Field(
-        default=None, description="Optional transaction-pooler URL, for reference and checks."
-    )
-
     label: ClassVar[str] = "target"
 
 
@@ -93,7 +99,6 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "source": SourceDatabase(url=dg.EnvVar(SOURCE_URL_ENV), allow_insecure_ssl=insecure),
         "target": TargetDatabase(
             url=dg.EnvVar(TARGET_URL_ENV),
-            pooler_url=_optional_env(POOLER_URL_ENV),  # type: ignore[arg-type]
             endpoint=_optional_env(TARGET_ENDPOINT_ENV),  # type: ignore[arg-type]
             sslrootcert=_optional_env(SSLROOTCERT_ENV),  # type: ignore[arg-type]
             allow_insecure_ssl=insecure,

@@ -276,18 +276,43 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         ),
         (["run", "--source", "postgresql://nobody@db.invalid.example:5432/app"], "source"),
         (["frobnicate"], "invalid choice"),
+        (["plan", "--manifest", "{tmp}"], "directory"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
     _, target_db, env, tmp_path = clinic
     where = psycopg.conninfo.conninfo_to_dict(target_db.url)
-    args = [a.format(port=where["port"], db=where["dbname"]) for a in args]
+    args = [a.format(port=where["port"], db=where["dbname"], tmp=tmp_path) for a in args]
     done = cli(args, env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.strip().splitlines() if line]
     assert len(lines) == 1, done.stderr
     assert needle in lines[0].lower()
     assert "Traceback" not in done.stderr
+    assert target_db.password not in done.stderr + done.stdout
+
+
+def test_an_unknown_endpoint_setting_is_one_sentence(clinic):
+    _, target_db, env, tmp_path = clinic
+    done = cli(["status"], {**env, "SUPABASE_DB_ENDPOINT": target_db.url}, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: The target's endpoint (SUPABASE_DB_ENDPOINT) must be")
+    assert done.stderr.count("\n") == 1 and target_db.password not in done.stderr
+
+
+def test_a_database_error_no_step_translated_is_still_one_sentence(clinic):
+    """The CLI's last boundary: a refused read it meets untranslated ends as one sentence."""
+    _, target_db, env, tmp_path = clinic
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE SCHEMA supabase_migration; "
+            "CREATE TABLE supabase_migration.migration_checkpoints (table_name text); "
+            "REVOKE ALL ON SCHEMA supabase_migration FROM PUBLIC"
+        )
+    done = cli(["status"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "permission denied" in done.stderr and "42501" in done.stderr
     assert target_db.password not in done.stderr + done.stdout
 
 

@@ -181,6 +181,14 @@ def test_endpoint_accepts_its_string_value():
     assert Endpoint("session_pooler") is Endpoint.SESSION_POOLER
 
 
+def test_endpoint_named_by_a_user_is_one_sentence_without_the_value():
+    assert Endpoint.named(" Transaction_Pooler ") is Endpoint.TRANSACTION_POOLER
+    with pytest.raises(ConfigError) as info:  # a URL pasted into SUPABASE_DB_ENDPOINT
+        Endpoint.named(f"postgresql://u:{SECRET}@example.com/db")
+    assert SECRET not in str(info.value) and "transaction_pooler" in str(info.value)
+    assert info.value.exit_code == 2
+
+
 def test_pooler_needs_the_project_ref_in_the_user():
     with pytest.raises(ConfigError, match=r"postgres\.<project-ref>") as info:
         parse("postgres://postgres:hunter2@aws-0-us-east-1.pooler.supabase.com:6543/postgres")
@@ -297,6 +305,18 @@ def test_malformed_input_is_one_sentence_without_the_password(text):
     assert "\n" not in message
     assert not re.search(r"\.\s+[A-Z]", message), message
     assert info.value.exit_code == 2
+
+
+def test_a_raw_question_mark_in_the_password_is_not_read_as_a_query():
+    """What follows the '?' would have been named as an unknown setting: part of the password."""
+    with pytest.raises(ConfigError, match="%3F") as info:
+        parse("postgresql://u:Tr0ub4dor?xkcdpass=word@example.com/db")
+    assert "xkcdpass" not in str(info.value) and "Tr0ub4dor" not in str(info.value)
+    assert parse("postgresql://u:Tr0ub4dor%3Fxkcdpass=word@example.com/db").password == (
+        "Tr0ub4dor?xkcdpass=word"
+    )
+    # An '@' in a real query value still works when the user info comes first.
+    assert parse("postgresql://u:pw@example.com/db?application_name=a@b").host == "example.com"
 
 
 def test_unknown_option_is_named():

@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from supabase_migration import manifest as manifest_io
 from supabase_migration.assets import PLAN_KEY, SCHEMA_KEY, SEQUENCES_KEY, table_asset_key
 from supabase_migration.definitions import build_definitions, load_definitions
+from supabase_migration.errors import ConfigError
 from supabase_migration.manifest import Manifest, ManifestTable
+from supabase_migration.resources import SourceDatabase, TargetDatabase
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +70,54 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     again = manifest_io.read(path)
     assert again.tables == MANIFEST.tables
     assert "://" not in path.read_text()  # no connection string, so no password
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("tables:\n  patients: {key: [id]}\n", "schema.table"),
+        ("tables: [a, b]\n", "no `tables` mapping"),
+        ("tables: {public.x: {key: 3}}\n", "malformed"),
+    ],
+)
+def test_a_manifest_the_definitions_cannot_use_is_one_sentence(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    path = tmp_path / "migration.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle) as info:
+        manifest_io.read(path)
+    assert info.value.exit_code == 2
+    with pytest.raises(ConfigError, match="cannot be read"):
+        manifest_io.read(tmp_path)  # a directory
+
+
+def test_resources_never_show_their_url_in_repr_or_in_a_run(monkeypatch) -> None:
+    """Once Dagster resolves the EnvVar, pydantic's repr would print the URL, password and all."""
+    secret = "s3cret-Pw"
+    monkeypatch.setenv("LEAK_TEST_URL", f"postgresql://u:{secret}@db.example.com/clinic")
+    lines: list[str] = []
+
+    @dg.asset
+    def shows_its_resources(context, source: SourceDatabase, target: TargetDatabase) -> None:
+        lines.extend([repr(source), str(target), f"{source!r} {target}"])
+        context.log.info(f"{source} {target!r}")
+
+    resources = {
+        "source": SourceDatabase(url=dg.EnvVar("LEAK_TEST_URL")),
+        "target": TargetDatabase(url=f"postgresql://u:{secret}@nowhere.invalid/db?sslmode=x"),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([shows_its_resources], resources=resources, instance=instance)
+    logged = [
+        entry.user_message
+        for entry in instance.all_logs(result.run_id)
+        if "SourceDatabase" in entry.user_message
+    ]
+    assert result.success and logged
+    assert lines[0] == "SourceDatabase(source db.example.com:5432 (self-hosted))"
+    assert lines[1] == "TargetDatabase(a URL that does not parse)"
+    assert not any(secret in text for text in lines + logged)
 
 
 def test_dagster_cli_validates_workspace_with_no_database(tmp_path: Path) -> None:
