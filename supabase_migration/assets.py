@@ -82,8 +82,9 @@ def partitions_def_for(name: str) -> dg.DynamicPartitionsDefinition:
 EXIT_CODE_METADATA = "exit_code"
 
 
-def _failure(exc: MigrationError | psycopg.Error) -> dg.Failure:
-    """The sentence for the UI; the exit code lets the CLI tell bad input (2) from failure (1)."""
+def step_failure(exc: MigrationError | psycopg.Error) -> dg.Failure:
+    """The sentence for the UI; the exit code lets the CLI tell bad input (2) from failure (1).
+    Every asset and check body raises its errors through this."""
     if isinstance(exc, psycopg.Error):  # unexpected here: never its raw text (DETAIL has values)
         return dg.Failure(
             description=describe_pg_error(exc) + ".",
@@ -123,14 +124,14 @@ def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> 
     def schema(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
-        source_url, target_url = source.database_url(), target.database_url()
         try:
+            source_url, target_url = source.database_url(), target.database_url()
             outcome = ahead.take(source_url, target_url) if ahead else None
             started_before_run = outcome is not None
             if outcome is None:
                 outcome = migrate_schema(manifest, source_url, target_url)
         except (MigrationError, psycopg.Error) as exc:
-            raise _failure(exc) from None
+            raise step_failure(exc) from None
         metadata = {k: v for k, v in outcome.result.metadata().items() if v is not None}
         # The CLI starts the step while it opens Dagster; this run then reports what it did.
         metadata["started_before_run"] = started_before_run
@@ -166,7 +167,7 @@ def build_plan_asset(
                 manifest, source, target, context.instance, log=context.log.warning, ahead=ahead
             )
         except (MigrationError, psycopg.Error) as exc:
-            raise _failure(exc) from None
+            raise step_failure(exc) from None
         rows = [
             [p.table, p.key_kind, p.ranges, p.new_ranges, p.completed, p.deferred_indexes, p.note]
             for p in plans
@@ -314,7 +315,10 @@ def copy_partitions(
     materialized, exactly as the checkpoint table records them.
     """
     failures: list[MigrationError] = []
-    source_url, target_url = source.database_url(), target.database_url()
+    try:
+        source_url, target_url = source.database_url(), target.database_url()
+    except MigrationError as exc:
+        raise step_failure(exc) from None
     with CopySession(source_url, target_url, log=context.log.warning) as session:
 
         def prepare() -> tuple[TableInfo, CopyOptions, dict[str, checkpoints.Checkpoint]]:
@@ -338,7 +342,7 @@ def copy_partitions(
                 prepare, what=f"reading the catalog of {table_name}", log=context.log.warning
             )
         except (MigrationError, psycopg.Error) as exc:
-            raise _failure(exc) from None
+            raise step_failure(exc) from None
         run_id = context.run.run_id
         stopped = False
         for key in keys:
@@ -371,7 +375,7 @@ def copy_partitions(
             try:
                 built = deferred.rebuild_if_complete(session.target, table_name)
             except (MigrationError, psycopg.Error) as exc:
-                raise _failure(exc) from None
+                raise step_failure(exc) from None
             if built:
                 context.log.info(f"Built {len(built)} index(es) of {table_name} after its load.")
     if failures:
@@ -457,7 +461,7 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
                     rows += [[table_name, name, "built"] for name in built]
                 waiting = deferred.pending(t, names)
         except (MigrationError, psycopg.Error) as exc:
-            raise _failure(exc) from None
+            raise step_failure(exc) from None
         rows += [[d.table_name, d.index_name, "waiting: table not fully copied"] for d in waiting]
         if waiting:
             context.log.warning(
@@ -495,7 +499,7 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
             with source.connection() as s, target.connection() as t:
                 results = sync_sequences(s, t, manifest.schemas)
         except (MigrationError, psycopg.Error) as exc:
-            raise _failure(exc) from None
+            raise step_failure(exc) from None
         rows = [
             [r.sequence, r.column or "", r.source_value, r.column_max, r.before, r.after]
             for r in results

@@ -26,13 +26,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
+import psycopg
 from pydantic import Field
 
-from .assets import GROUP_SETUP, KINDS, SEQUENCES_KEY, live_tables, table_asset_key
+from .assets import (
+    GROUP_SETUP,
+    KINDS,
+    SEQUENCES_KEY,
+    live_tables,
+    step_failure,
+    table_asset_key,
+)
 from .catalog import needs_bytewise_keys
 from .conninfo import DatabaseUrl
 from .copy import CopySession
-from .errors import MigrationError, TransientError
+from .errors import MigrationError
 from .manifest import Manifest, ManifestTable
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, Report, markdown_table, report_dir
 from .resources import SourceDatabase, TargetDatabase
@@ -192,10 +200,8 @@ def build_table_checks(manifest: Manifest, entry: ManifestTable) -> list[dg.Asse
                     seed=config.seed,
                     collate_c=collate_c,
                 )
-        except MigrationError as exc:
-            raise dg.Failure(
-                description=exc.message, allow_retries=isinstance(exc, TransientError)
-            ) from None
+        except (MigrationError, psycopg.Error) as exc:
+            raise step_failure(exc) from None
         for outcome in outcomes:
             yield check_result(outcome, asset_key)
 
@@ -260,11 +266,12 @@ def build_report_asset(
                 security_findings=findings,
                 log=context.log.info,
             )
+        except (MigrationError, psycopg.Error) as exc:
+            raise step_failure(exc) from None
+        try:
+            paths = report.write(report_dir())
         except MigrationError as exc:
-            raise dg.Failure(
-                description=exc.message, allow_retries=isinstance(exc, TransientError)
-            ) from None
-        paths = report.write(report_dir())
+            raise step_failure(exc) from None
         if record_table_checks:
             record_check_results(context.instance, report.outcomes, manifest)
         return dg.MaterializeResult(

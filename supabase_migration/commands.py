@@ -68,7 +68,8 @@ from .preflight import Finding, Severity
 from .report import report_dir
 from .resources import default_resources
 from .schema_step import preflight, start_schema_ahead
-from .security_assets import SECURITY_KEY
+from .security import read_policy_file
+from .security_assets import SECURITY_KEY, resolve_policy_file
 
 PID_TAG = "supabase_migration/pid"
 COMMAND_TAG = "supabase_migration/command"
@@ -176,10 +177,6 @@ def release_dead_runs(instance: dg.DagsterInstance) -> int:
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         released += 1
     return released
-
-
-def _failure_sentence(result: dg.ExecuteInProcessResult) -> str:
-    return _run_failure(result).message
 
 
 def _run_failure(result: dg.ExecuteInProcessResult) -> MigrationError:
@@ -456,6 +453,9 @@ def run(
         log(warning)
     manifest = ensure_manifest(settings)
     home = dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
+    policy_file = resolve_policy_file(None)  # and so does a policy file the end cannot read
+    if policy_file is not None:
+        read_policy_file(policy_file)
     schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(
         source_url(),
@@ -587,7 +587,7 @@ def _run_report(
         run_config={"ops": {REPORT_KEY.to_python_identifier(): {"config": config}}},
     )
     if not result.success:
-        raise MigrationError(_failure_sentence(result))
+        raise _run_failure(result)
     evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == REPORT_CHECK]
     return bool(evaluations) and all(e.passed for e in evaluations)
 

@@ -632,14 +632,20 @@ class CopySession:
         options: CopyOptions,
         planned: checkpoints.Checkpoint | None = None,
     ) -> RangeResult:
-        return retrying(
-            lambda: copy_range(
-                self.source, self.target, table, partition_key, options, self.peer, planned
-            ),
-            attempts=self.attempts,
-            what=f"copying partition {partition_key} of {table.qualified_name}",
-            log=self.log,
-        )
+        try:
+            return retrying(
+                lambda: copy_range(
+                    self.source, self.target, table, partition_key, options, self.peer, planned
+                ),
+                attempts=self.attempts,
+                what=f"copying partition {partition_key} of {table.qualified_name}",
+                log=self.log,
+            )
+        except psycopg.Error as exc:  # asking the source about itself, before copy_range
+            raise CopyError(
+                f"Copying partition {partition_key} of {table.qualified_name} failed: "
+                f"{describe_pg_error(exc)}."
+            ) from None
 
     def close(self) -> None:
         """The connections stay open for the process's next table run (`connections.keep`)."""

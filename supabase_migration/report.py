@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError
 from .verify import CHECK_NAMES, CHECKSUMS, CONSTRAINTS, ERROR, INDEXES, ROW_COUNT, CheckOutcome
 
 if TYPE_CHECKING:
@@ -309,6 +310,16 @@ class Report:
     def write(self, directory: Path | str | None = None) -> dict[str, Path]:
         """Write HTML, JSON and Markdown files (atomically); returns their paths by format."""
         directory = Path(directory) if directory is not None else report_dir()
+        try:
+            return self._write(directory)
+        except OSError as exc:
+            raise ConfigError(
+                f"The verification report could not be written to {directory} "
+                f"({exc.strerror or type(exc).__name__}); give a writable directory "
+                f"(--report or {REPORT_DIR_ENV}) and verify again."
+            ) from None
+
+    def _write(self, directory: Path) -> dict[str, Path]:
         directory.mkdir(parents=True, exist_ok=True)
         contents = {
             "html": (f"{REPORT_BASENAME}.html", self.to_html()),

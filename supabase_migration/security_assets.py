@@ -17,8 +17,15 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from .assets import GROUP_SETUP, KINDS, SEQUENCES_KEY, TARGET_POOL, table_asset_key
-from .errors import MigrationError, TransientError
+from .assets import (
+    GROUP_SETUP,
+    KINDS,
+    SEQUENCES_KEY,
+    TARGET_POOL,
+    step_failure,
+    table_asset_key,
+)
+from .errors import MigrationError
 from .manifest import Manifest
 from .resources import TargetDatabase
 from .security import (
@@ -50,10 +57,6 @@ class SecurityConfig(dg.Config):
         default=True,
         description="Configure pgaudit object auditing of the migrated tables when available.",
     )
-
-
-def _failure(exc: MigrationError) -> dg.Failure:
-    return dg.Failure(description=exc.message, allow_retries=isinstance(exc, TransientError))
 
 
 def resolve_policy_file(configured: str | None) -> Path | None:
@@ -115,8 +118,8 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
                 audit = configure_pgaudit(conn, tables) if config.pgaudit else None
                 status = rls_status(conn, manifest.exposed_schemas)
                 trail = migration_audit_trail(conn)
-        except MigrationError as exc:
-            raise _failure(exc) from None
+        except (MigrationError, psycopg.Error) as exc:
+            raise step_failure(exc) from None
         if audit is not None and not audit.configured:
             context.log.warning(audit.message)
         for action in actions:
@@ -167,8 +170,8 @@ def build_security_checks(manifest: Manifest) -> list[dg.AssetChecksDefinition]:
         try:
             with target.connection() as conn:
                 status = rls_status(conn, exposed)
-        except MigrationError as exc:
-            raise _failure(exc) from None
+        except (MigrationError, psycopg.Error) as exc:
+            raise step_failure(exc) from None
         missing = [t.name for t in status if not t.rls_enabled]
         metadata: dict[str, dg.RawMetadataValue] = {
             "exposed_tables": len(status),
@@ -205,8 +208,8 @@ def build_security_checks(manifest: Manifest) -> list[dg.AssetChecksDefinition]:
             with target.connection() as conn:
                 enc = session_encryption(conn)
                 others = unencrypted_sessions(conn, url.application_name)
-        except MigrationError as exc:
-            raise _failure(exc) from None
+        except (MigrationError, psycopg.Error) as exc:
+            raise step_failure(exc) from None
         metadata: dict[str, dg.RawMetadataValue] = {
             "target": url.describe(),
             "client_tls": enc.client_tls,

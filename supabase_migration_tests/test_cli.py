@@ -292,12 +292,23 @@ def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
     assert target_db.password not in done.stderr + done.stdout
 
 
-def test_an_unknown_endpoint_setting_is_one_sentence(clinic):
+@pytest.mark.parametrize(
+    ("variable", "value", "sentence"),
+    [
+        # a URL pasted where the endpoint goes: not echoed
+        ("SUPABASE_DB_ENDPOINT", "{url}", "The target's endpoint (SUPABASE_DB_ENDPOINT) must be"),
+        ("SUPABASE_MIGRATION_POLICY_FILE", "{tmp}/nope.sql", "The policy file"),
+    ],
+)
+def test_a_bad_setting_stops_the_run_before_it_writes(clinic, variable, value, sentence):
     _, target_db, env, tmp_path = clinic
-    done = cli(["status"], {**env, "SUPABASE_DB_ENDPOINT": target_db.url}, tmp_path)
+    env = {**env, variable: value.format(url=target_db.url, tmp=tmp_path)}
+    done = cli(["run"], env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: The target's endpoint (SUPABASE_DB_ENDPOINT) must be")
+    assert done.stderr.startswith(f"error: {sentence}"), done.stderr
     assert done.stderr.count("\n") == 1 and target_db.password not in done.stderr
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (None,)
 
 
 def test_a_database_error_no_step_translated_is_still_one_sentence(clinic):
