@@ -44,6 +44,7 @@ from supabase_migration.verify import (
     row_counts,
     run_verification,
     sample_rows,
+    verify_table,
 )
 
 from .testbed import round_trips
@@ -470,6 +471,21 @@ def test_unreadable_checkpoints_fail_the_range_checks_not_the_run(migrated: Migr
         assert "could not run: insufficient_privilege" in outcome.description
     assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES)
     _assert_no_phi(report)
+
+
+def test_a_check_that_cannot_reconnect_fails_alone(migrated: Migrated) -> None:
+    """A connection one check broke is replaced before the next; a replacement that cannot be
+    opened fails that check with the connection's sentence, and the others still report."""
+    gone = parse_database_url(
+        "postgresql://postgres:pw@127.0.0.1:1/postgres?sslmode=require", label="target"
+    )
+    with connect(migrated.source_url, autocommit=True) as source:
+        table = next(t for t in read_tables(source, ["public"]) if t.name == "patients")
+        outcomes = verify_table(source, lambda: connect(gone, autocommit=True), table)
+    assert [o.name for o in outcomes] == list(CHECK_NAMES)
+    for outcome in outcomes:
+        assert not outcome.passed
+        assert "could not run" in outcome.description and "127.0.0.1:1" in outcome.description
 
 
 def test_missing_target_table_fails_cleanly(migrated: Migrated, tmp_path: Path) -> None:
