@@ -285,8 +285,10 @@ PLAN_WRITERS = 3
 
 
 def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
-    """Integer bounds are shown; text/uuid/composite bounds are key values that may be PHI
-    (an SSN, an email), so the event log gets only the partition key for those."""
+    """Integer bounds are shown; text/uuid/composite bounds are key values (an email, an MRN)
+    that the record of a range copied as planned does not need, so it gets only the partition
+    key. Keys are shown where they are needed: verification names the keys of rows that differ
+    (rows are identified by primary key only, never by other values)."""
     bounds = result.bounds if table.key_kind is KeyKind.INTEGER else "(key values not shown)"
     return {
         "path": result.path,

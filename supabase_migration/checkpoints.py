@@ -270,10 +270,6 @@ def completed_statement(table: str, key: str, done: Completion) -> sql.Composed:
     ).format(CHECKPOINTS, *(sql.Literal(v) for v in values))
 
 
-def mark_completed(conn: psycopg.Connection, table: str, key: str, done: Completion) -> None:
-    conn.execute(completed_statement(table, key, done))
-
-
 def mark_failed(
     conn: psycopg.Connection, table: str, key: str, message: str, run_id: str | None
 ) -> None:

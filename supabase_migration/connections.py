@@ -443,16 +443,6 @@ def _capitalized(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def check_session_state_supported(url: DatabaseUrl, needed_for: str) -> None:
-    """Refuse a transaction-pooler URL where SET, temp tables or locks must outlive a statement."""
-    if url.uses_transaction_pooler:
-        raise ConfigError(
-            f"{_capitalized(needed_for)} needs a direct or session connection; the {url.label} "
-            f"URL is the transaction pooler (port {url.port}): use the session pooler on port "
-            "5432 or the direct host."
-        )
-
-
 def warn_if_workers_exceed_pool(url: DatabaseUrl, workers: int, pool_size: int = 15) -> str | None:
     """Supavisor session mode admits at most pool-size clients per user+database."""
     if url.endpoint is Endpoint.SESSION_POOLER and workers > pool_size:
@@ -463,18 +453,6 @@ def warn_if_workers_exceed_pool(url: DatabaseUrl, workers: int, pool_size: int =
             f"--workers {pool_size} or fewer, raise the pool size, or use the direct host."
         )
     return None
-
-
-def check_encrypted(conn: psycopg.Connection) -> bool:
-    """True when our link is TLS and the server reports this backend's session as SSL.
-
-    Behind a pooler pg_stat_ssl describes the pooler's link to the server, not ours, so
-    the client side (libpq's view of this socket) must say so too.
-    """
-    if not conn.pgconn.ssl_in_use:
-        return False
-    row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
-    return bool(row and row[0])
 
 
 def _connect_args(url: DatabaseUrl, connect_timeout: int) -> dict[str, Any]:

@@ -51,7 +51,3 @@ class CopyError(MigrationError):
 
 class ConcurrentRunError(MigrationError):
     """Another run holds the same partition; this one stepped aside without writing."""
-
-
-class VerificationError(MigrationError):
-    """An ERROR-severity check failed."""

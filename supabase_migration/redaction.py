@@ -103,8 +103,11 @@ def describe_pg_error(exc: BaseException, *, context: str = "") -> str:
     if where:
         head += f" on {where}"
 
-    if sqlstate and (sqlstate.startswith("P0") or condition_name(sqlstate) is None):
-        # RAISE in a trigger or function: its words are the author's, and may embed NEW.* values.
+    if (
+        sqlstate and (sqlstate.startswith("P0") or condition_name(sqlstate) is None)
+    ) or diag.source_function == "exec_stmt_raise":
+        # RAISE in a trigger or function, whatever its SQLSTATE: its words are the author's,
+        # and may embed NEW.* values.
         return prefix + f"{head}: message from a trigger or function withheld"
     primary = diag.message_primary or _first_line(str(exc))
     primary = _LIBPQ_PREFIX.sub("", primary.strip())

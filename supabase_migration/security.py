@@ -527,11 +527,6 @@ def session_encryption(conn: psycopg.Connection) -> SessionEncryption:
     )
 
 
-def encryption_status(conn: psycopg.Connection) -> bool | None:
-    """True when both libpq and the server say this session is TLS; None if the server is mute."""
-    return session_encryption(conn).encrypted
-
-
 def unencrypted_sessions(
     conn: psycopg.Connection, application_name: str = DEFAULT_APPLICATION_NAME
 ) -> int:
@@ -836,7 +831,7 @@ def migration_audit_trail(target_conn: psycopg.Connection) -> list[dict[str, Any
 
     From `supabase_migration.migration_checkpoints`; it keeps the latest completion of each
     range (Dagster's event log keeps every run). Partition keys only, never key bounds: a text
-    key can itself be PHI.
+    key is a value (an email, an MRN) that an audit trail of completed work does not need.
     """
     with _translated("Reading the migration audit trail"):
         exists = target_conn.execute(

@@ -114,10 +114,6 @@ class CheckOutcome:
     details: Mapping[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
 
-    @property
-    def blocking_failure(self) -> bool:
-        return not self.passed and self.severity == ERROR
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

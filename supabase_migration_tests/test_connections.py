@@ -21,8 +21,6 @@ from supabase_migration.connections import (
     KEPT_PER_DATABASE,
     ServerUnreachable,
     borrowed,
-    check_encrypted,
-    check_session_state_supported,
     close_kept,
     connect,
     connection_error,
@@ -41,6 +39,7 @@ from supabase_migration.errors import (
     MigrationError,
     TransientError,
 )
+from supabase_migration.security import session_encryption
 
 WRONG_PASSWORD = "Wr0ng-p@ss/w%rd#x:1"
 REF = "abcdefghijklmnopqrst"
@@ -90,7 +89,7 @@ def txn_pooler(target_db) -> DatabaseUrl:
 def test_connects_to_the_target_with_ssl(target):
     with connect(target, autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-        assert check_encrypted(conn) is True
+        assert session_encryption(conn).encrypted is True
         assert conn.execute("SHOW application_name").fetchone() == ("supabase-migration",)
         assert conn.prepare_threshold is None  # never prepared: safe behind any pooler
         assert conn.autocommit
@@ -99,14 +98,15 @@ def test_connects_to_the_target_with_ssl(target):
 def test_source_without_ssl_is_not_encrypted(source_db):
     url = parse_database_url(source_db.url, label="source")
     with connect(url) as conn:
-        assert check_encrypted(conn) is False
+        assert session_encryption(conn).encrypted is False
         assert not conn.autocommit
 
 
 def test_transaction_pooler_works_across_transactions(txn_pooler):
     with connect(txn_pooler) as conn:
         assert conn.prepare_threshold is None
-        assert check_encrypted(conn) is True  # the test bed's PgBouncer requires client TLS
+        # the test bed's PgBouncer requires client TLS
+        assert session_encryption(conn).encrypted is True
         for i in range(12):  # well past psycopg's default prepare threshold of 5
             with conn.transaction():
                 row = conn.execute("SELECT %s::int + 1", [i]).fetchone()
@@ -213,18 +213,6 @@ def test_timeout_when_the_server_never_answers(target):
         with pytest.raises(ServerUnreachable, match="no answer within 2 s") as info:
             connect(url, connect_timeout=2)
     assert_clear(info.value, target.password or "")
-
-
-def test_transaction_pooler_where_session_state_is_needed(txn_pooler, target):
-    with pytest.raises(ConfigError) as info:
-        check_session_state_supported(txn_pooler, "pg_dump schema copy")
-    assert str(info.value) == (
-        f"Pg_dump schema copy needs a direct or session connection; the target URL is the "
-        f"transaction pooler (port {txn_pooler.port}): use the session pooler on port 5432 or the "
-        "direct host."
-    )
-    assert_clear(info.value, txn_pooler.password or "")
-    check_session_state_supported(target, "pg_dump schema copy")
 
 
 def _joiner(url: str) -> str:

@@ -301,6 +301,9 @@ BEGIN
     IF NEW.name = 'Jane Q. Patient' AND NEW.id = 99 THEN
         RAISE EXCEPTION 'patient % with ssn % is blocked', NEW.name, NEW.ssn;
     END IF;
+    IF NEW.id = 98 THEN  -- a standard condition, with the author's words
+        RAISE EXCEPTION 'patient % already booked', NEW.name USING ERRCODE = 'unique_violation';
+    END IF;
     RETURN NEW;
 END $$;
 CREATE TRIGGER shout BEFORE INSERT ON patients FOR EACH ROW EXECUTE FUNCTION shout();
@@ -324,6 +327,8 @@ SERVER_CASES = [
      "foreign_key_violation (23503)", "visits_patient_id_fkey"),
     ("INSERT INTO patients VALUES (99, 'Jane Q. Patient', '123-45-0000', NULL, NULL)",
      "raise_exception (P0001)", "withheld"),
+    ("INSERT INTO patients VALUES (98, 'Jane Q. Patient', '123-45-0001', NULL, NULL)",
+     "unique_violation (23505)", "withheld"),
     ("SELECT 'Jane Q. Patient'::integer", "invalid_text_representation (22P02)", "integer"),
     ("SELECT '123-45-6789 Jane'::jsonb", "invalid_text_representation (22P02)", "json"),
     ("SELECT * FROM patients WHERE name = Jane", "undefined_column (42703)", "does not exist"),

@@ -38,7 +38,6 @@ from supabase_migration.security import (
     compact_partitions,
     configure_pgaudit,
     enable_rls,
-    encryption_status,
     migration_audit_trail,
     pgaudit_status,
     policy_digest,
@@ -423,11 +422,11 @@ def test_encryption_status_from_the_server(target_db: TargetDb, source_db: Sourc
     with _connect(target_db.url) as conn:
         enc = session_encryption(conn)
         assert enc.client_tls and enc.server_ssl is True and enc.protocol
-        assert encryption_status(conn) is True
+        assert session_encryption(conn).encrypted is True
         assert security.connection_is_loopback(conn)
         assert security.unencrypted_sessions(conn) == 0
     with _connect(source_db.url) as conn:  # plain loopback server, no SSL
-        assert encryption_status(conn) is False
+        assert session_encryption(conn).encrypted is False
         findings = security_findings(conn, Manifest(tables=()))
         assert "connection_not_encrypted_loopback" in {f["code"] for f in findings}
         remote = security_findings(conn, Manifest(tables=()), is_loopback=False)
@@ -458,14 +457,15 @@ def test_migration_audit_trail_names_runs_and_ranges_never_bounds(
             checkpoints.mark_failed(target, r.table, r.partition_key, "timeout", run_id)
             continue
         with target.transaction():
-            checkpoints.mark_completed(
-                target,
-                r.table,
-                r.partition_key,
-                checkpoints.Completion(
-                    rows=10, rows_deleted=0, checksum="c", last_record_id=None,
-                    copy_path="binary", duration_ms=5, run_id=run_id,
-                ),
+            target.execute(
+                checkpoints.completed_statement(
+                    r.table,
+                    r.partition_key,
+                    checkpoints.Completion(
+                        rows=10, rows_deleted=0, checksum="c", last_record_id=None,
+                        copy_path="binary", duration_ms=5, run_id=run_id,
+                    ),
+                )
             )  # fmt: skip
     trail = migration_audit_trail(target)
     assert [t["run_id"] for t in trail] == ["run-a", "run-b"]
