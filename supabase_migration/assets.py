@@ -56,6 +56,11 @@ PARTITIONS_PER_RUN = 50
 COPY_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
+# The one-off steps (schema, plan, indexes, sequences, security, report) are each one
+# transaction or idempotent: a transient failure (a restart, a pooler hiccup) is tried again.
+SETUP_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
 
 
 def _safe(part: str) -> str:
@@ -120,6 +125,7 @@ def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> 
             "or none) and the supabase_migration bookkeeping schema."
         ),
         pool=TARGET_POOL,
+        retry_policy=SETUP_RETRY_POLICY,
     )
     def schema(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
@@ -158,6 +164,8 @@ def build_plan_asset(
         group_name=GROUP_SETUP,
         kinds=KINDS,
         description=description,
+        pool=TARGET_POOL,
+        retry_policy=SETUP_RETRY_POLICY,
     )
     def plan(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
@@ -449,6 +457,7 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
             "last range; this catches any left over)."
         ),
         pool=TARGET_POOL,
+        retry_policy=SETUP_RETRY_POLICY,
     )
     def deferred_indexes(
         context: dg.AssetExecutionContext, target: TargetDatabase
@@ -492,6 +501,7 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
             "and past its column's max, so the application's next insert cannot collide."
         ),
         pool=TARGET_POOL,
+        retry_policy=SETUP_RETRY_POLICY,
     )
     def sequences(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase

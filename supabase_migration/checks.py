@@ -33,6 +33,8 @@ from .assets import (
     GROUP_SETUP,
     KINDS,
     SEQUENCES_KEY,
+    SETUP_RETRY_POLICY,
+    TARGET_POOL,
     live_tables,
     step_failure,
     table_asset_key,
@@ -239,6 +241,8 @@ def build_report_asset(
             f"gathered into one PASS/FAIL report; HTML, JSON and Markdown files are written to "
             f"${REPORT_DIR_ENV} (default ./{DEFAULT_REPORT_DIR})."
         ),
+        pool=TARGET_POOL,
+        retry_policy=SETUP_RETRY_POLICY,
         check_specs=[
             dg.AssetCheckSpec(
                 REPORT_CHECK,

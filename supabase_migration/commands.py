@@ -377,8 +377,8 @@ class Workers:
     On Linux they are forked from the CLI once Dagster is imported and the definitions built, so
     a worker is ready in about 0.1 s; spawned (elsewhere), each spends 2-4 s importing Dagster,
     which then overlaps the schema step instead of delaying the first copy. The CLI forks while
-    no other thread runs (the plans read ahead have finished) and no connection is open; see
-    `start_method`.
+    no other thread runs (the plans read ahead have finished); a child leaves the connections
+    it inherits to its parent (`connections._forget_inherited`). See `start_method`.
     """
 
     def __init__(self, count: int, defs: dg.Definitions, manifest_path: Path | None) -> None:

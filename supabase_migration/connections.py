@@ -1,8 +1,9 @@
 """Opening connections, explaining why they fail, and retrying what is worth retrying.
 
-Every connection the tool opens goes through `connect`, so every one of them is named
-`supabase-migration` in pg_stat_activity, avoids server-side prepared statements behind a
-transaction pooler (PgBouncer/Supavisor on port 6543 cannot keep them), and fails with one
+The tool's psycopg connections open through `connect` (SQLAlchemy's, for Alembic and an
+application after cut-over, through `make_engine` with the same settings), so every one of them
+is named `supabase-migration` in pg_stat_activity, never uses server-side prepared statements
+(PgBouncer/Supavisor in transaction mode on port 6543 cannot keep them), and fails with one
 sentence that names the endpoint and what to do, never with libpq's raw text (which may quote
 the connection string) and never with the password.
 """
@@ -153,7 +154,8 @@ KEPT_PER_DATABASE = 2
 
 
 class _Kept:
-    """This process's idle connections, by a hash of their conninfo (never the password)."""
+    """This process's idle connections, keyed by a sha256 of their conninfo, so that the key
+    (which a debugger or a repr could show) never holds the password in clear."""
 
     lock = threading.Lock()
     idle: dict[str, list[psycopg.Connection]] = {}
@@ -499,8 +501,8 @@ def make_async_engine(
 ) -> AsyncEngine:
     """The engine an application uses after cut-over, also through the Supabase pooler.
 
-    On a transaction pooler (port 6543) prepared statements are turned off, as Supabase
-    requires; SET must become SET LOCAL inside each transaction there. Example::
+    Prepared statements are off, as Supabase's transaction pooler (port 6543) requires; SET
+    must become SET LOCAL inside each transaction there. Example::
 
         url = parse_database_url(os.environ["SUPABASE_POOLER_URL"], label="app")
         engine = make_async_engine(url, pool_size=10)

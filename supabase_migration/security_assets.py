@@ -21,6 +21,7 @@ from .assets import (
     GROUP_SETUP,
     KINDS,
     SEQUENCES_KEY,
+    SETUP_RETRY_POLICY,
     TARGET_POOL,
     step_failure,
     table_asset_key,
@@ -99,6 +100,7 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
             "of the migrated tables where the target has pgaudit."
         ),
         pool=TARGET_POOL,
+        retry_policy=SETUP_RETRY_POLICY,
     )
     def security(
         context: dg.AssetExecutionContext, config: SecurityConfig, target: TargetDatabase

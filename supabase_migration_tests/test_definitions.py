@@ -55,6 +55,14 @@ def test_definitions_from_manifest_offline(tmp_path: Path, monkeypatch) -> None:
     assert spec.backfill_policy is not None
     assert {"postgres", "supabase"} <= set(graph.get(appointments).kinds)
     assert graph.get(appointments).group_name == "tables"
+    # Every asset that writes the target holds a pool slot while it runs, and is retried
+    # after a transient failure (its step raises a retryable Failure only then).
+    for key in keys:
+        assets_def = defs.get_assets_def(key)
+        node = assets_def.node_def
+        assert assets_def.descriptions_by_key.get(key), key
+        assert node.pool == "supabase_target", key
+        assert node.retry_policy is not None and node.retry_policy.max_retries >= 2, key
     dg.Definitions.validate_loadable(defs)
 
 
