@@ -49,6 +49,7 @@ from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .connections import borrowed, connect, is_transient
 from .conninfo import DatabaseUrl
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
+from .inputs import SOURCE_URL_ENV, TARGET_URL_ENV
 from .preflight import (
     BUILTIN_EXTENSIONS,
     available_extensions,
@@ -497,10 +498,25 @@ def pg_dump_candidates() -> list[PgDump]:
     return result
 
 
+def _pg_dump_env() -> dict[str, str]:
+    """Not the user's PG* settings, nor the URLs (passwords included) that the CLI keeps in
+    its environment for Dagster's EnvVar: pg_dump gets only what it is given."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PG") and k not in (SOURCE_URL_ENV, TARGET_URL_ENV)
+    }
+
+
 def _pg_dump_major(path: Path) -> int | None:
     try:
         done = subprocess.run(
-            [str(path), "--version"], capture_output=True, text=True, timeout=30, check=False
+            [str(path), "--version"],
+            env=_pg_dump_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
     except OSError:
         return None
@@ -540,8 +556,7 @@ def run_pg_dump(pg_dump: PgDump, source_url: DatabaseUrl, schemas: Sequence[str]
     for schema in schemas:
         # -n takes a pattern: quote the name so it matches exactly that schema.
         argv += ["--schema", '"' + schema.replace('"', '""') + '"']
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env |= source_url.libpq_env()
+    env = _pg_dump_env() | source_url.libpq_env()
     env.setdefault("PGCONNECT_TIMEOUT", "10")
     secrets = [s for s in (source_url.password, source_url.params.get("sslpassword")) if s]
     try:
