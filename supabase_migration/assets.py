@@ -26,6 +26,7 @@ from .manifest import Manifest, ManifestTable
 from .planning import (
     MAX_PARTITIONS_PER_TABLE,
     FirstPlansAhead,
+    TablePlan,
     plan_tables,
     refresh_plan,
 )
@@ -215,7 +216,7 @@ def plan_all(
     tables: Sequence[ManifestTable] | None = None,
     log: Callable[[str], None] | None = None,
     ahead: FirstPlansAhead | None = None,
-):
+) -> list[TablePlan]:
     """Plan every table, then make Dagster know every partition key the checkpoints hold.
 
     A table with nothing copied yet gets its secondary indexes dropped, to be built after its
@@ -248,7 +249,9 @@ def plan_all(
         )
     messages: list[str] = []  # from the writers; logged from this thread once all are done
 
-    def plan_one(pair: tuple[psycopg.Connection, psycopg.Connection], entry: ManifestTable):
+    def plan_one(
+        pair: tuple[psycopg.Connection, psycopg.Connection], entry: ManifestTable
+    ) -> tuple[TablePlan, list[str]]:
         s, t = pair
         plan = refresh_plan(
             s,

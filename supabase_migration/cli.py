@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import psycopg
 
@@ -26,6 +27,10 @@ from .memory import freeze_for_exit
 from .redaction import describe_pg_error, redact_text
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table
 from .verify import DEFAULT_SAMPLE_SIZE
+
+if TYPE_CHECKING:  # imported when a command needs them: `verify` starts without Dagster
+    from .commands import RunSummary
+    from .inputs import Settings
 
 # Two copy workers: with both databases on one 2-core machine the 3M-row benchmark's first load
 # is 5-7 s (about 20%) faster than with one (docs/benchmark.md); remote databases gain more.
@@ -161,7 +166,7 @@ def _export_connection_settings(args: argparse.Namespace) -> None:
         os.environ[REPORT_DIR_ENV] = str(args.report.resolve())
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> Settings:
     from .inputs import Settings
     from .manifest import default_path
 
@@ -183,7 +188,7 @@ def _settings(args: argparse.Namespace):
 class Progress:
     """Rows, rows/s and ETA per table on a terminal; silent when output is not a terminal."""
 
-    def __init__(self, stream=sys.stderr) -> None:
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.started = time.monotonic()
@@ -231,7 +236,7 @@ def _print_status(tables: dict[str, dict[str, int]], as_json: bool) -> None:
     print(markdown_table(headers, rows))
 
 
-def _finish(summary) -> int:
+def _finish(summary: RunSummary) -> int:
     _print_status(summary.tables, as_json=False)
     for failure in summary.failures[:20]:
         print(f"failed: {failure}", file=sys.stderr)

@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -154,7 +155,7 @@ def _home_config(text: str, home: Path) -> str:
 _FROM_DAGSTER_HOME = re.compile(r"(\w+):\n\s+env: DAGSTER_HOME\b")
 
 
-def _quiet_dagster() -> dict:
+def _quiet_dagster() -> dict[str, Any]:
     # The CLI prints each failure as one sentence itself; Dagster's console lines would repeat
     # it with a stack trace. Everything stays in the instance's event log for the UI.
     logging.getLogger("dagster").setLevel(logging.CRITICAL)

@@ -322,7 +322,11 @@ def sums_by_range(
 
 
 def _checksum_in(
-    peer: psycopg.Connection, snapshot: str, table: TableInfo, key_range, options: CopyOptions
+    peer: psycopg.Connection,
+    snapshot: str,
+    table: TableInfo,
+    key_range: KeyRange,
+    options: CopyOptions,
 ) -> tuple[int, str, str | None]:
     """The checksum in another connection that imported the copying transaction's snapshot."""
     with peer.transaction(force_rollback=True):
@@ -336,7 +340,7 @@ def _checksum_in(
 
 
 def _source_checksum(
-    source: psycopg.Connection, table: TableInfo, key_range, options: CopyOptions
+    source: psycopg.Connection, table: TableInfo, key_range: KeyRange, options: CopyOptions
 ) -> tuple[int, str, str | None]:
     source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
     row = source.execute(
@@ -403,7 +407,7 @@ def stream_range(
     source: psycopg.Connection,
     target: psycopg.Connection,
     table: TableInfo,
-    key_range,
+    key_range: KeyRange,
     into: sql.Composable,
     binary: bool,
     options: CopyOptions,

@@ -80,7 +80,9 @@ class SchemaAhead:
     database) are not counted in Dagster's `supabase_target` pool.
     """
 
-    def __init__(self, manifest: Manifest, source_url: DatabaseUrl, target_url: DatabaseUrl):
+    def __init__(
+        self, manifest: Manifest, source_url: DatabaseUrl, target_url: DatabaseUrl
+    ) -> None:
         self._databases = (source_url, target_url)
         self._outcome: SchemaOutcome | None = None
         self._error: Exception | None = None
@@ -93,7 +95,9 @@ class SchemaAhead:
         )
         self._thread.start()
 
-    def _migrate(self, manifest: Manifest, source_url: DatabaseUrl, target_url: DatabaseUrl):
+    def _migrate(
+        self, manifest: Manifest, source_url: DatabaseUrl, target_url: DatabaseUrl
+    ) -> None:
         try:
             self._outcome = migrate_schema(manifest, source_url, target_url)
         except Exception as exc:  # raised again, in the schema asset's run, by `take`
