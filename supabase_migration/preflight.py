@@ -156,6 +156,7 @@ class _Context:
     target_ext: dict[str, tuple[str, str]]
     target_available: dict[str, str | None]
     findings: list[Finding]
+    schema_mode: str = "dump"
 
     def add(self, severity: Severity, code: str, subject: str, message: str) -> None:
         self.findings.append(Finding(severity, code, subject, message))
@@ -175,14 +176,16 @@ def run_preflight(
     target: psycopg.Connection,
     *,
     schemas: Sequence[str] | None = None,
+    schema_mode: str = "dump",
 ) -> list[Finding]:
     """Compare the source's catalog with what the target can take; write nothing anywhere.
 
     `schemas` are the user schemas to migrate (default: every non-system schema of the source).
+    In schema mode `none` the target's tables must already take the source's rows as they are.
     The findings come back sorted: errors first.
     """
     try:
-        return _run_checks(source, target, schemas)
+        return _run_checks(source, target, schemas, schema_mode)
     except psycopg.Error as exc:
         # Read-only, so a lost connection is simply worth another try.
         cls = TransientError if is_transient(exc) else PreflightError
@@ -190,7 +193,10 @@ def run_preflight(
 
 
 def _run_checks(
-    source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str] | None
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    schemas: Sequence[str] | None,
+    schema_mode: str,
 ) -> list[Finding]:
     ctx = _Context(
         source=source,
@@ -200,6 +206,7 @@ def _run_checks(
         target_ext=installed_extensions(target),
         target_available=available_extensions(target),
         findings=[],
+        schema_mode=schema_mode,
     )
     for check in (
         _check_versions,
@@ -217,6 +224,7 @@ def _run_checks(
         _check_materialized_views,
         _check_privileges,
         _check_target_objects,
+        _check_existing_tables,
         _check_audit,
     ):
         check(ctx)
@@ -733,8 +741,121 @@ def _check_target_objects(ctx: _Context) -> None:
             Severity.INFO,
             "target-not-empty",
             f"schema {schema}",
-            f"The target already has {n} table{'s' if n > 1 else ''} in schema {schema}; dump "
-            "mode applies the schema only where it applied it before or nothing is there.",
+            f"The target already has {n} table{'s' if n > 1 else ''} in schema {schema}; "
+            + _WHAT_MODES_DO_WITH_TABLES[ctx.schema_mode],
+        )
+
+
+_WHAT_MODES_DO_WITH_TABLES = {
+    "dump": "dump mode applies the schema only where it applied it before or nothing is there.",
+    "alembic": "alembic mode upgrades them to the head revision.",
+    "none": "schema mode none copies into them as they are.",
+}
+
+# Every table and its columns in order; a table without columns still has one row.
+_TABLE_COLUMNS_SQL = f"""
+SELECT n.nspname || '.' || c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+       a.attgenerated <> '', a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT {ext_member("pg_class", "c.oid")}
+ORDER BY 1, a.attnum
+"""
+
+
+@dataclass(frozen=True)
+class _ColumnShape:
+    type_sql: str
+    generated: bool
+    required: bool  # NOT NULL with no default, identity or generation: a row must bring it
+
+
+def _table_columns(
+    conn: psycopg.Connection, schemas: list[str]
+) -> dict[str, dict[str, _ColumnShape]]:
+    tables: dict[str, dict[str, _ColumnShape]] = {}
+    for table, column, type_sql, generated, required in conn.execute(
+        _TABLE_COLUMNS_SQL, (schemas,)
+    ):
+        columns = tables.setdefault(table, {})
+        if column is not None:
+            columns[column] = _ColumnShape(type_sql, generated, required)
+    return tables
+
+
+_UNBOUNDED_TEXT = ("text", "character varying")
+
+
+def _text_width(type_sql: str) -> int | None:
+    """The length limit of a text or varchar column: None when unbounded, -1 when not text."""
+    if type_sql in _UNBOUNDED_TEXT:
+        return None
+    match = re.fullmatch(r"character varying\((\d+)\)", type_sql)
+    return int(match.group(1)) if match else -1
+
+
+def _check_existing_tables(ctx: _Context) -> None:
+    """Schema mode none copies into the target's tables as they are: every source table must
+    be there with every copied column, of the same type (text and varchar differ only in their
+    limit), and no target-only column may demand a value the source cannot give."""
+    if ctx.schema_mode != "none":
+        return
+    source = _table_columns(ctx.source, ctx.schemas)
+    target = _table_columns(ctx.target, ctx.schemas)
+    for table, columns in source.items():
+        there = target.get(table)
+        if there is None:
+            ctx.add(
+                Severity.ERROR,
+                "missing-table",
+                table,
+                f"Schema mode none copies into existing tables, but {table} is not on the "
+                "target; create it (with your migrations) or use --schema-mode dump or alembic.",
+            )
+            continue
+        for name, src in columns.items():
+            subject = f"{table}.{name}"
+            tgt = there.get(name)
+            if src.generated:
+                continue
+            if tgt is None:
+                ctx.add(
+                    Severity.ERROR,
+                    "missing-column",
+                    subject,
+                    f"Column {subject} is not on the target, which schema mode none copies "
+                    "into as it is; add it or use --schema-mode dump.",
+                )
+            elif tgt.type_sql != src.type_sql:
+                _compare_types(ctx, subject, src.type_sql, tgt.type_sql)
+        for name, tgt in there.items():
+            if tgt.required and name not in columns:
+                ctx.add(
+                    Severity.ERROR,
+                    "required-column",
+                    f"{table}.{name}",
+                    f"Column {table}.{name} on the target is NOT NULL without a default and the "
+                    "source has no such column, so no row could be copied; give it a default.",
+                )
+
+
+def _compare_types(ctx: _Context, subject: str, source_type: str, target_type: str) -> None:
+    src_width, tgt_width = _text_width(source_type), _text_width(target_type)
+    if src_width == -1 or tgt_width == -1:
+        ctx.add(
+            Severity.ERROR,
+            "column-type",
+            subject,
+            f"Column {subject} is {target_type} on the target but {source_type} on the source; "
+            "make them the same (schema mode none copies rows as they are).",
+        )
+    elif tgt_width is not None and (src_width is None or src_width > tgt_width):
+        ctx.add(
+            Severity.WARNING,
+            "narrower-column",
+            subject,
+            f"Column {subject} is {target_type} on the target but {source_type} on the source: "
+            "a longer value will stop its range from copying.",
         )
 
 

@@ -1111,7 +1111,7 @@ def _check_none(
         have = {r[0] for r in target.execute(_TABLES_SQL, (schemas,))}
     absent_schemas = [s for s in schemas if s not in present_schemas]
     if absent_schemas:
-        raise SchemaError(
+        raise ConfigError(
             f"Schema mode none expects the schema to exist on the target, but schema "
             f"{absent_schemas[0]} is missing there; create it (for example with your "
             "migrations) or use --schema-mode dump or alembic."
@@ -1119,7 +1119,7 @@ def _check_none(
     missing = sorted(wanted - have)
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise SchemaError(
+        raise ConfigError(
             f"Schema mode none expects every source table on the target, but {len(missing)} "
             f"{'are' if len(missing) > 1 else 'is'} missing ({shown}); create them or use "
             "--schema-mode dump or alembic."

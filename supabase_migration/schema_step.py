@@ -35,7 +35,9 @@ def preflight(
         borrowed(source_url) as source,
         borrowed(target_url) as target,
     ):
-        return run_preflight(source, target, schemas=list(manifest.schemas))
+        return run_preflight(
+            source, target, schemas=list(manifest.schemas), schema_mode=manifest.schema_mode
+        )
 
 
 def migrate_schema(

@@ -311,6 +311,23 @@ def test_a_bad_setting_stops_the_run_before_it_writes(clinic, variable, value, s
         assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (None,)
 
 
+def test_schema_mode_none_names_a_column_of_another_type_before_copying(clinic):
+    _, target_db, env, tmp_path = clinic
+    example_app.upgrade_head(target_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE patients ALTER COLUMN phone TYPE bigint USING NULL")
+    done = cli(["run", "--schema-mode", "none"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        "error: Preflight stopped the migration before anything was written: Column "
+        "public.patients.phone is bigint on the target but text on the source"
+    ), done.stderr
+    assert done.stderr.count("\n") == 1
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
+        assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (None,)
+
+
 def test_a_database_error_no_step_translated_is_still_one_sentence(clinic):
     """The CLI's last boundary: a refused read it meets untranslated ends as one sentence."""
     _, target_db, env, tmp_path = clinic

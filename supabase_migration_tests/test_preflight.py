@@ -42,12 +42,12 @@ def execute(url: str, statements: str) -> None:
         conn.execute(statements)  # type: ignore[arg-type]
 
 
-def preflight(source_url: str, target_url: str, schemas=None) -> list[Finding]:
+def preflight(source_url: str, target_url: str, schemas=None, mode: str = "dump") -> list[Finding]:
     with (
         psycopg.connect(source_url, autocommit=True) as source,
         psycopg.connect(target_url, autocommit=True) as target,
     ):
-        return run_preflight(source, target, schemas=schemas)
+        return run_preflight(source, target, schemas=schemas, schema_mode=mode)
 
 
 def by_code(findings: list[Finding], code: str) -> list[Finding]:
@@ -162,6 +162,47 @@ def test_listed_schema_missing_on_the_source(source_db, target_db):
     assert [(f.severity, f.subject) for f in by_code(findings, "schema-missing")] == [
         (Severity.ERROR, "schema nope")
     ]
+
+
+def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db, target_db):
+    """Found before anything is written, each named: a missing table or column, another
+    type, a target-only column that demands a value; a narrower varchar only warns."""
+    execute(
+        source_db.url,
+        """
+        CREATE TABLE patients (id int PRIMARY KEY, name text, dob date, note text,
+                               code varchar(20), full_name text GENERATED ALWAYS AS (name) STORED);
+        CREATE TABLE visits (id int PRIMARY KEY);
+        """,
+    )
+    execute(
+        target_db.url,
+        """
+        CREATE TABLE patients (id int PRIMARY KEY, name integer, note varchar(10),
+                               code varchar, tenant int NOT NULL, added timestamptz NOT NULL
+                               DEFAULT now(), full_name text GENERATED ALWAYS AS (note) STORED);
+        """,
+    )
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="none")
+    shown = [f for f in findings if f.severity is not Severity.INFO and f.code != "ssl"]
+    found = {(f.severity, f.code, f.subject) for f in shown}
+    assert found == {
+        (Severity.ERROR, "missing-table", "public.visits"),
+        (Severity.ERROR, "column-type", "public.patients.name"),
+        (Severity.ERROR, "missing-column", "public.patients.dob"),
+        (Severity.ERROR, "required-column", "public.patients.tenant"),
+        (Severity.WARNING, "narrower-column", "public.patients.note"),
+    }
+    (mismatch,) = by_code(findings, "column-type")
+    assert mismatch.message.startswith(
+        "Column public.patients.name is integer on the target but text on the source"
+    )
+    (existing,) = by_code(findings, "target-not-empty")
+    assert "copies into them as they are" in existing.message
+    assert not by_code(preflight(source_db.url, target_db.url, ["public"]), "missing-table")
+    with pytest.raises(PreflightError) as caught:
+        raise_for_errors(findings)
+    assert caught.value.exit_code == 2 and "(and 3 more errors" in str(caught.value)
 
 
 def test_extension_findings_against_a_supabase_like_target(source_db, target_db):
