@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import psycopg
 
@@ -23,9 +23,10 @@ from . import __version__
 from .connections import is_transient
 from .errors import ConfigError, MigrationError
 from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
+from .manifest import MANIFEST_ENV
 from .memory import freeze_for_exit
 from .redaction import describe_pg_error, redact_text
-from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table
+from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table, report_dir
 from .verify import DEFAULT_SAMPLE_SIZE
 
 if TYPE_CHECKING:  # imported when a command needs them: `verify` starts without Dagster
@@ -54,7 +55,12 @@ def _positive(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one sentence with exit code 2."""
+    """argparse that reports usage errors as one sentence with exit code 2, and takes flags
+    only as written: an abbreviation a later flag could make ambiguous would change a script."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{message[0].upper()}{message[1:]} (see `supabase-migrate --help`).")
@@ -77,14 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="permit sslmode disable/allow/prefer for a non-loopback host (not for PHI)",
         )
-        p.add_argument("--manifest", type=Path, help="manifest path (default migration.yaml)")
+        p.add_argument(
+            "--manifest",
+            type=Path,
+            help=f"manifest path (default ${MANIFEST_ENV} or ./migration.yaml)",
+        )
 
     def selection_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--schemas", type=_csv, default=(), help="source schemas (default: all)")
         p.add_argument("--include", type=_csv, default=(), help="schema.table globs to include")
         p.add_argument("--exclude", type=_csv, default=(), help="schema.table globs to exclude")
         p.add_argument("--batch-size", type=_positive, help="rows per key range")
-        p.add_argument("--schema-mode", choices=("alembic", "dump", "none"))
+        p.add_argument(
+            "--schema-mode",
+            choices=("alembic", "dump", "none"),
+            help="how the schema reaches the target: dump (pg_dump --schema-only of the source, "
+            "the default), alembic (upgrade head with --alembic-config), none (the tables are "
+            "there already, with the source's columns)",
+        )
         p.add_argument("--alembic-config", help="path to the application's alembic.ini")
 
     p = sub.add_parser("init", help="introspect the source and write migration.yaml")
@@ -221,7 +237,10 @@ def _print_status(tables: dict[str, dict[str, int]], as_json: bool) -> None:
         print(json.dumps({"tables": tables}, indent=2, sort_keys=True))
         return
     if not tables:
-        print("Nothing planned yet: run `supabase-migrate run` (or `plan`) first.")
+        print(
+            "Nothing planned on the target yet: `supabase-migrate run` plans and copies "
+            "(`plan` only shows what it would do)."
+        )
         return
     headers = ["table", "completed", "pending", "failed", "rows"]
     rows = [
@@ -277,6 +296,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
         report = verify(_settings(args), args.report, args.tables)
         print(report.to_json() if args.json else report.to_markdown())
+        if not report.passed:
+            where = (args.report or report_dir()) / "verification_report.html"
+            print(f"{report.failure_sentence}; see {where}.", file=sys.stderr)
         return report.exit_code
     from . import commands, inputs
 

@@ -100,15 +100,25 @@ def init(settings: Settings) -> Manifest:
         "batch_size": settings.batch_size
         or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
     }
-    if base["schema_mode"] == "alembic" and not base["alembic_config"]:
-        raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
+    if base["schema_mode"] == "alembic":
+        config = base["alembic_config"]
+        if not config:
+            raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
+        if not Path(str(config)).expanduser().is_file():
+            raise ConfigError(f"The Alembic configuration {config} does not exist.")
+    include = settings.include or (previous.include if previous else ())
+    exclude = settings.exclude or (previous.exclude if previous else ())
     result = manifest_io.from_catalog(
-        tables,
-        schemas=schemas,
-        include=settings.include or (previous.include if previous else ()),
-        exclude=settings.exclude or (previous.exclude if previous else ()),
-        **base,
+        tables, schemas=schemas, include=include, exclude=exclude, **base
     )
+    if tables and not result.tables:
+        filters = " ".join(
+            [f"--include {p}" for p in include] + [f"--exclude {p}" for p in exclude]
+        )
+        raise ConfigError(
+            f"None of the source's {len(tables)} tables in {', '.join(schemas)} is left by "
+            f"{filters}; the patterns match schema.table, as in public.* or *.audit_log."
+        )
     manifest_io.write(result, settings.manifest_path)
     return manifest_io.read(settings.manifest_path)
 

@@ -110,6 +110,16 @@ class Report:
         return not self.error_failures and not any(finding_fails(f) for f in self.findings)
 
     @property
+    def failure_sentence(self) -> str:
+        """What failed, in one sentence for a terminal; the report files have the rest."""
+        findings = sum(1 for f in self.findings if finding_fails(f))
+        parts = [f"{len(self.error_failures)} ERROR check(s) failed"] if self.error_failures else []
+        parts += (
+            [f"{findings} security finding(s) of error or critical severity"] if findings else []
+        )
+        return f"Verification FAILED: {' and '.join(parts)}"
+
+    @property
     def status(self) -> str:
         return "PASS" if self.passed else "FAIL"
 

@@ -154,6 +154,9 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
         )
     bad = cli(["verify", "--seed", "11"], env, tmp_path)
     assert bad.returncode == 1, bad.stderr
+    assert bad.stderr.startswith("Verification FAILED: ") and bad.stderr.endswith(
+        "ERROR check(s) failed; see migration-report/verification_report.html.\n"
+    ), bad.stderr
     failed = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
     assert failed["status"] == "FAIL"
     text = bad.stdout + (tmp_path / "migration-report" / "verification_report.html").read_text()
@@ -277,6 +280,8 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         (["run", "--source", "postgresql://nobody@db.invalid.example:5432/app"], "source"),
         (["frobnicate"], "invalid choice"),
         (["plan", "--manifest", "{tmp}"], "directory"),
+        (["plan", "--include", "public.nomatch*"], "public.nomatch*"),
+        (["plan", "--schema-mode", "alembic", "--alembic-config", "{tmp}/no.ini"], "alembic"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
