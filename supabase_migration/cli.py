@@ -355,8 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # that follows is what the user needs to hear about, and it reports itself.
     logging.getLogger("psycopg").setLevel(logging.CRITICAL)
     secrets = [os.environ.get(SOURCE_URL_ENV, ""), os.environ.get(TARGET_URL_ENV, "")]
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         secrets += [getattr(args, "source", None) or "", getattr(args, "target", None) or ""]
         return dispatch(args)
     except MigrationError as exc:
@@ -372,10 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {redact_text(sentence, _passwords(secrets))}.", file=sys.stderr)
         return EXIT_FAILED if is_transient(exc) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(
-            "Interrupted; completed ranges are kept. Run `supabase-migrate resume`.",
-            file=sys.stderr,
-        )
+        if command in ("run", "resume"):
+            said = "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
+        else:
+            said = "Interrupted; nothing this command writes was left half done."
+        print(said, file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -181,8 +181,16 @@ def release_dead_runs(instance: dg.DagsterInstance) -> int:
 
 
 def _run_failure(result: dg.ExecuteInProcessResult) -> MigrationError:
-    """The failed step's own sentence, as the error class its exit code stands for."""
-    for event in result.get_step_failure_events():
+    """The failed step's own sentence, as the error class its exit code stands for; Ctrl-C
+    in a step is Ctrl-C for the CLI too."""
+    failures = result.get_step_failure_events()
+    for event in failures:
+        root = event.step_failure_data.error
+        while root is not None and root.cause is not None:
+            root = root.cause
+        if root is not None and root.cls_name == "DagsterExecutionInterruptedError":
+            raise KeyboardInterrupt
+    for event in failures:
         data = event.step_failure_data
         if data.user_failure_data and data.user_failure_data.description:
             code = data.user_failure_data.metadata.get(EXIT_CODE_METADATA)
@@ -358,7 +366,15 @@ def _worker_init() -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    signal.signal(signal.SIGINT, _leave_quietly)
     _quiet_dagster()
+
+
+def _leave_quietly(signum: int, frame: object) -> None:
+    """Ctrl-C reaches the terminal's whole process group, and the CLI says what happened,
+    once: an idle worker leaves without a traceback of its own. A busy one is inside a Dagster
+    run, whose own handler takes the signal and rolls the range back."""
+    os._exit(1)
 
 
 def _worker_ready(manifest_path: str) -> None:

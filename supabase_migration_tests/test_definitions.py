@@ -260,6 +260,49 @@ def test_installed_wheel_writes_its_dagster_yaml_into_a_new_home(tmp_path: Path)
     assert f"base_dir: {json.dumps(str(home.resolve()))}" in written
 
 
+def test_ctrl_c_inside_a_step_is_ctrl_c_for_the_cli() -> None:
+    """Dagster turns the signal into a step failure; the CLI must still say "Interrupted"."""
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from supabase_migration.commands import _run_failure
+
+    @dg.asset
+    def interrupted() -> None:
+        raise DagsterExecutionInterruptedError()
+
+    result = dg.materialize([interrupted], raise_on_error=False)
+    assert not result.success
+    with pytest.raises(KeyboardInterrupt):
+        _run_failure(result)
+
+
+def test_an_idle_worker_leaves_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C reaches the terminal's whole process group; the CLI says what happened, once."""
+    code = """
+import multiprocessing, os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from supabase_migration.commands import _worker_init
+context = multiprocessing.get_context("fork")
+pool = ProcessPoolExecutor(1, mp_context=context, initializer=_worker_init)
+pid = pool.submit(os.getpid).result()
+os.kill(pid, signal.SIGINT)
+for _ in range(100):
+    time.sleep(0.05)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+print("gone" if not os.path.exists(f"/proc/{pid}/status")
+      or "zombie" in open(f"/proc/{pid}/status").read() else "alive", flush=True)
+os._exit(0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "gone", done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+
+
 def test_workers_are_gone_when_a_run_stops_on_an_error(tmp_path: Path, monkeypatch) -> None:
     """A run that fails after starting its workers (the setup run failed) leaves no worker or
     executor thread behind for interpreter exit to trip over."""
