@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--no-progress", action="store_true", help="no progress display")
         p.add_argument("--no-verify", action="store_true", help="skip the verification report")
+        if name == "run":
+            p.add_argument(
+                "--repair",
+                action="store_true",
+                help="also re-sync the ranges the last verification report found different "
+                "(the target's rows there are made the source's: inserted, updated, deleted)",
+            )
         verify_args(p)
 
     p = sub.add_parser("verify", help="compare target with source; writes the PASS/FAIL report")
@@ -198,6 +205,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         verify=not getattr(args, "no_verify", False),
         sample_size=getattr(args, "sample_size", None) or DEFAULT_SAMPLE_SIZE,
         seed=getattr(args, "seed", None),
+        repair=getattr(args, "repair", False),
     )
 
 

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,7 +66,7 @@ from .localpg import pid_alive
 from .manifest import Manifest
 from .planning import MAX_PARTITIONS_PER_TABLE, FirstPlansAhead, plan_tables
 from .preflight import Finding, Severity
-from .report import report_dir
+from .report import read_ranges_to_repair, report_dir
 from .resources import default_resources
 from .schema_step import preflight, start_schema_ahead
 from .security import read_policy_file
@@ -287,6 +287,7 @@ class Unit:
     first: str
     last: str
     count: int
+    resync: bool = False  # re-sync even ranges whose source is unchanged (`run --repair`)
 
 
 @dataclass
@@ -308,7 +309,9 @@ class RunSummary:
         return self.copied and self.verified is not False
 
 
-def make_units(table: str, keys: Sequence[str], todo: set[str] | None) -> list[Unit]:
+def make_units(
+    table: str, keys: Sequence[str], todo: set[str] | None, *, resync: bool = False
+) -> list[Unit]:
     """Split the table's keys (in partition order) into runs of at most PARTITIONS_PER_RUN,
     keeping only contiguous spans of keys in `todo` (None = every key)."""
     units: list[Unit] = []
@@ -316,7 +319,7 @@ def make_units(table: str, keys: Sequence[str], todo: set[str] | None) -> list[U
 
     def close() -> None:
         if span:
-            units.append(Unit(table, span[0], span[-1], len(span)))
+            units.append(Unit(table, span[0], span[-1], len(span), resync))
             span.clear()
 
     for key in keys:
@@ -330,9 +333,7 @@ def make_units(table: str, keys: Sequence[str], todo: set[str] | None) -> list[U
     return units
 
 
-def execute_unit(
-    defs: dg.Definitions, instance: dg.DagsterInstance, unit: Unit, resync: bool
-) -> str | None:
+def execute_unit(defs: dg.Definitions, instance: dg.DagsterInstance, unit: Unit) -> str | None:
     """Run one unit; None when it succeeded, else the failed step's one PHI-free sentence."""
     key = table_asset_key(unit.table)
     op_name = defs.get_assets_def(key).op.name
@@ -346,7 +347,7 @@ def execute_unit(
         assets,
         instance=instance,
         resources=default_resources(),
-        run_config={**_quiet_dagster(), "ops": {op_name: {"config": {"resync": resync}}}},
+        run_config={**_quiet_dagster(), "ops": {op_name: {"config": {"resync": unit.resync}}}},
         partition_key=unit.first if unit.first == unit.last else None,
         tags={PID_TAG: str(os.getpid()), COMMAND_TAG: "run", **tags},
         raise_on_error=False,
@@ -448,11 +449,11 @@ def _copying_ahead() -> bool:
     return not tables or any(t["pending"] or t["failed"] for t in tables.values())
 
 
-def _worker_execute(manifest_path: str, unit: Unit, resync: bool) -> str | None:
+def _worker_execute(manifest_path: str, unit: Unit) -> str | None:
     _worker_ready(manifest_path)
     assert _worker_context is not None
     defs, instance = _worker_context
-    return execute_unit(defs, instance, unit, resync)
+    return execute_unit(defs, instance, unit)
 
 
 def run(
@@ -473,6 +474,7 @@ def run(
     policy_file = resolve_policy_file(None)  # and so does a policy file the end cannot read
     if policy_file is not None:
         read_policy_file(policy_file)
+    repair = read_ranges_to_repair(report_dir()) if settings.repair else {}
     schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(
         source_url(),
@@ -495,10 +497,10 @@ def run(
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
     command = "resume" if resume else "run"
     with Workers(settings.workers, defs, manifest.path) as workers:
-        if settings.workers > 1 and _copying_ahead():
+        if settings.workers > 1 and (repair or _copying_ahead()):
             workers.start()
         _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
-        units = _units_to_run(manifest, instance, resume)
+        units = _units_to_run(manifest, instance, resume, repair)
         unit_failures = _execute_with_progress(
             defs, instance, manifest, units, workers.start() if units else None, progress
         )
@@ -527,8 +529,14 @@ def run(
     return summary
 
 
-def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool) -> list[Unit]:
-    """Contiguous spans of ranges to copy: not completed, or (catch-up) changed at the source."""
+def _units_to_run(
+    manifest: Manifest,
+    instance: dg.DagsterInstance,
+    resume: bool,
+    repair: Mapping[str, set[str]] | None = None,
+) -> list[Unit]:
+    """Contiguous spans of ranges to copy: not completed, or (catch-up) changed at the source;
+    and those `repair` names, re-synced whatever their source checksum says."""
     units: list[Unit] = []
     with (
         borrowed(source_url()) as source,
@@ -559,7 +567,9 @@ def _units_to_run(manifest: Manifest, instance: dg.DagsterInstance, resume: bool
         )
     for name in names:
         keys = instance.get_dynamic_partitions(partitions_def_name(name))
-        units += make_units(name, keys, todo[name])
+        forced = (repair or {}).get(name, set())
+        units += make_units(name, keys, todo[name] - forced)
+        units += make_units(name, keys, forced, resync=True)
     return biggest_first(units, {name: info.size_bytes for name, info in tables.items()})
 
 
@@ -584,7 +594,7 @@ def _execute_with_progress(
         watcher = threading.Thread(target=_watch, args=(progress, stop), daemon=True)
         watcher.start()
     try:
-        return _execute_all(defs, instance, manifest, units, pool, resync=False)
+        return _execute_all(defs, instance, manifest, units, pool)
     finally:
         stop.set()
         if watcher is not None:
@@ -615,8 +625,6 @@ def _execute_all(
     manifest: Manifest,
     units: Sequence[Unit],
     pool: ProcessPoolExecutor | None,
-    *,
-    resync: bool,
 ) -> list[tuple[str, str]]:
     """Run every unit, in the given order (in this process without a pool); returns (table,
     sentence) for each unit that failed.
@@ -627,11 +635,11 @@ def _execute_all(
     outcomes: list[tuple[str, str | None]] = []
     if pool is None:
         for unit in units:
-            outcomes.append((unit.table, execute_unit(defs, instance, unit, resync)))
+            outcomes.append((unit.table, execute_unit(defs, instance, unit)))
     else:
         close_kept()
         assert manifest.path is not None
-        futures = {pool.submit(_worker_execute, str(manifest.path), u, resync): u for u in units}
+        futures = {pool.submit(_worker_execute, str(manifest.path), u): u for u in units}
         for future in as_completed(futures):
             outcomes.append((futures[future].table, future.result()))
     return [(table, message) for table, message in outcomes if message is not None]

@@ -45,6 +45,7 @@ class Settings:
     verify: bool = True
     sample_size: int = DEFAULT_SAMPLE_SIZE
     seed: int | None = None
+    repair: bool = False  # also re-sync the ranges the last verification report found different
 
 
 # -- connections -----------------------------------------------------------------------------

@@ -46,6 +46,33 @@ def report_dir() -> Path:
     return Path(os.environ.get(REPORT_DIR_ENV) or DEFAULT_REPORT_DIR)
 
 
+def ranges_to_repair(report: Mapping[str, Any]) -> dict[str, set[str]]:
+    """The partitions a report's failed checks name to re-run, by table."""
+    found: dict[str, set[str]] = {}
+    for check in report.get("checks") or ():
+        keys = (check.get("details") or {}).get("partitions_to_rerun") or ()
+        if not check.get("passed", True) and keys:
+            found.setdefault(str(check.get("table")), set()).update(map(str, keys))
+    return found
+
+
+def read_ranges_to_repair(directory: Path) -> dict[str, set[str]]:
+    """`ranges_to_repair` of the report last written to `directory`."""
+    path = directory / f"{REPORT_BASENAME}.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"No verification report at {path} to repair from; run `supabase-migrate verify` "
+            "first (or pass --report with the directory it wrote to)."
+        ) from None
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"The verification report {path} cannot be read; run `supabase-migrate verify` again."
+        ) from None
+    return ranges_to_repair(report)
+
+
 def finding_dict(finding: Any) -> dict[str, Any]:
     """Security findings arrive from another module in whatever shape; render them as dicts."""
     if dataclasses.is_dataclass(finding) and not isinstance(finding, type):
@@ -117,7 +144,12 @@ class Report:
         parts += (
             [f"{findings} security finding(s) of error or critical severity"] if findings else []
         )
-        return f"Verification FAILED: {' and '.join(parts)}"
+        repair = (
+            "; `supabase-migrate run --repair` re-syncs the ranges that differ"
+            if ranges_to_repair(self.to_dict())
+            else ""
+        )
+        return f"Verification FAILED: {' and '.join(parts)}{repair}"
 
     @property
     def status(self) -> str:

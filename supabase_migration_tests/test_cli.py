@@ -155,7 +155,8 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     bad = cli(["verify", "--seed", "11"], env, tmp_path)
     assert bad.returncode == 1, bad.stderr
     assert bad.stderr.startswith("Verification FAILED: ") and bad.stderr.endswith(
-        "ERROR check(s) failed; see migration-report/verification_report.html.\n"
+        "ERROR check(s) failed; `supabase-migrate run --repair` re-syncs the ranges that "
+        "differ; see migration-report/verification_report.html.\n"
     ), bad.stderr
     failed = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
     assert failed["status"] == "FAIL"
@@ -164,6 +165,12 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
     assert str(patient_id) in text  # the row is named by its key...
     assert phone not in text and "555-1212" not in text  # ...never by its values
     assert target_db.password not in bad.stdout + bad.stderr
+
+    # The source did not change, so a plain `run` has nothing to copy; --repair re-syncs the
+    # ranges the report names, and the run's own verification then passes.
+    repaired = cli(["run", "--repair", "--seed", "11"], env, tmp_path)
+    assert repaired.returncode == 0, repaired.stderr
+    assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
 
     only = cli(["verify", "--tables", "public.providers"], env, tmp_path)
     assert only.returncode == 0, only.stderr
@@ -281,6 +288,7 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         (["frobnicate"], "invalid choice"),
         (["plan", "--manifest", "{tmp}"], "directory"),
         (["plan", "--include", "public.nomatch*"], "public.nomatch*"),
+        (["run", "--repair", "--report", "{tmp}/none"], "no verification report"),
         (["plan", "--schema-mode", "alembic", "--alembic-config", "{tmp}/no.ini"], "alembic"),
     ],
 )

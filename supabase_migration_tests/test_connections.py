@@ -511,10 +511,10 @@ def test_the_cli_closes_its_kept_connections_before_workers_copy(target, tmp_pat
     manifest = SimpleNamespace(path=tmp_path / "migration.yaml")
     with borrowed(target) as conn:
         pass
-    commands._execute_all(None, None, manifest, [], None, resync=False)  # type: ignore[arg-type]
+    commands._execute_all(None, None, manifest, [], None)  # type: ignore[arg-type]
     assert not conn.closed
     with ProcessPoolExecutor(1) as pool:
-        commands._execute_all(None, None, manifest, [], pool, resync=False)  # type: ignore[arg-type]
+        commands._execute_all(None, None, manifest, [], pool)  # type: ignore[arg-type]
     assert conn.closed
 
 
