@@ -323,9 +323,17 @@ def connection_error(
     if "no password supplied" in text or "password is required" in text:
         return fail("the server asks for a password and the URL has none; add it to the URL")
     if re.search(r'database "[^"]*" does not exist', text) or "no such database" in text:
+        supabase = (
+            " (on Supabase it is postgres)" if url.is_supabase or url.label == "target" else ""
+        )
         return fail(
             f"database {url.dbname} does not exist; check the database name at the end of the "
-            "URL (on Supabase it is postgres)"
+            f"URL{supabase}"
+        )
+    if "invalid response to ssl negotiation" in text or "expected authentication request" in text:
+        return fail(
+            f"port {url.port} does not answer as PostgreSQL does; check the port (Supabase: 5432 "
+            "direct or session pooler, 6543 transaction pooler)"
         )
     if re.search(r'role "[^"]*" does not exist', text):
         return fail(f"user {url.user} does not exist on that server; check the user in the URL")

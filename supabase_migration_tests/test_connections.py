@@ -8,6 +8,7 @@ import os
 import re
 import select
 import socket
+import threading
 import time
 
 import psycopg
@@ -213,6 +214,34 @@ def test_timeout_when_the_server_never_answers(target):
         with pytest.raises(ServerUnreachable, match="no answer within 2 s") as info:
             connect(url, connect_timeout=2)
     assert_clear(info.value, target.password or "")
+
+
+def test_a_port_that_speaks_http_is_named(target):
+    """libpq's own text ('invalid response to SSL negotiation: H') says nothing to a user."""
+    with socket.socket() as web:
+        web.bind(("127.0.0.1", 0))
+        web.listen(1)
+
+        def answer() -> None:
+            peer, _ = web.accept()
+            with peer:
+                peer.recv(64)
+                peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        url = with_changes(target, port=web.getsockname()[1])
+        with pytest.raises(ConnectionFailed, match="does not answer as PostgreSQL does") as info:
+            connect(url, connect_timeout=5)
+        server.join(5)
+    assert_clear(info.value, target.password or "")
+
+
+def test_a_wrong_source_database_gets_no_supabase_hint(source_db):
+    url = with_changes(parse_database_url(source_db.url, label="source"), dbname="nosuchdb")
+    with pytest.raises(ConnectionFailed, match="database nosuchdb does not exist") as info:
+        connect(url)
+    assert "Supabase" not in str(info.value)
 
 
 def _joiner(url: str) -> str:
