@@ -225,6 +225,7 @@ def _run_checks(
         _check_privileges,
         _check_target_objects,
         _check_existing_tables,
+        _check_target_privileges,
         _check_audit,
     ):
         check(ctx)
@@ -792,6 +793,52 @@ def _text_width(type_sql: str) -> int | None:
         return None
     match = re.fullmatch(r"character varying\((\d+)\)", type_sql)
     return int(match.group(1)) if match else -1
+
+
+def _check_target_privileges(ctx: _Context) -> None:
+    """What the schema step and the bookkeeping need of the target's login role, found here
+    rather than as "permission denied" once the run has started."""
+    user, create_schemas, bookkeeping = ctx.target.execute(
+        "SELECT current_user, has_database_privilege(current_database(), 'CREATE'), "
+        "EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)",
+        (BOOKKEEPING_SCHEMA,),
+    ).fetchone() or ("?", True, True)
+    fix = "grant it, or connect as the project's postgres role"
+
+    def refused(subject: str, what: str) -> None:
+        ctx.add(
+            Severity.ERROR, "target-privilege", subject, f"The target role {user} {what}; {fix}."
+        )
+
+    if not bookkeeping and not create_schemas:
+        refused(
+            "database",
+            f"may not create schemas (CREATE on the database), so the tool's bookkeeping "
+            f"schema {BOOKKEEPING_SCHEMA} cannot be made",
+        )
+    if ctx.schema_mode == "none":
+        for (table,) in ctx.target.execute(
+            f"""
+            SELECT n.nspname || '.' || c.relname FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p')
+              AND NOT {ext_member("pg_class", "c.oid")}
+              AND NOT has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')
+            ORDER BY 1
+            """,
+            (ctx.schemas,),
+        ):
+            refused(table, f"may not read and write {table} (SELECT, INSERT, UPDATE, DELETE)")
+        return
+    for schema, exists, create_tables in ctx.target.execute(
+        "SELECT s.name, n.oid IS NOT NULL, has_schema_privilege(n.oid, 'CREATE') "
+        "FROM unnest(%s::text[]) AS s(name) LEFT JOIN pg_namespace n ON n.nspname = s.name",
+        (ctx.schemas,),
+    ):
+        if exists and not create_tables:
+            refused(f"schema {schema}", f"may not create tables in schema {schema}")
+        elif not exists and not create_schemas:
+            refused(f"schema {schema}", f"may not create schema {schema} (CREATE on the database)")
 
 
 def _check_existing_tables(ctx: _Context) -> None:

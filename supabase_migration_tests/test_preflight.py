@@ -205,6 +205,38 @@ def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db,
     assert caught.value.exit_code == 2 and "(and 3 more errors" in str(caught.value)
 
 
+@pytest.fixture
+def limited_target_url(target_db) -> Iterator[str]:
+    """The target database through a login role that may only connect (roles are
+    cluster-wide: dropped after)."""
+    name = "sm_" + target_db.name[-8:] + "_limited"
+    execute(target_db.admin_url, f"CREATE ROLE {name} LOGIN PASSWORD 'limited-pw'")
+    info = psycopg.conninfo.conninfo_to_dict(target_db.url)
+    yield psycopg.conninfo.make_conninfo(
+        **{**info, "user": name, "password": "limited-pw"}  # type: ignore[arg-type]
+    )
+    execute(target_db.admin_url, f"DROP OWNED BY {name}; DROP ROLE {name}")
+
+
+def test_a_target_role_that_may_not_create_is_found_before_the_run(
+    source_db, target_db, limited_target_url
+):
+    execute(source_db.url, "CREATE SCHEMA clinic; CREATE TABLE clinic.visits (id int PRIMARY KEY)")
+    execute(target_db.url, "CREATE TABLE public.visits (id int PRIMARY KEY)")
+    execute(target_db.admin_url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    dump = preflight(source_db.url, limited_target_url, ["public", "clinic"])
+    subjects = {f.subject: f.message for f in by_code(dump, "target-privilege")}
+    assert set(subjects) == {"database", "schema public", "schema clinic"}, subjects
+    assert "may not create tables in schema public" in subjects["schema public"]
+    assert "bookkeeping schema supabase_migration" in subjects["database"]
+    none = preflight(source_db.url, limited_target_url, ["public"], mode="none")
+    assert [f.subject for f in by_code(none, "target-privilege")] == ["database", "public.visits"]
+    # The project's own role may do all of it.
+    assert not by_code(
+        preflight(source_db.url, target_db.url, ["public", "clinic"]), "target-privilege"
+    )
+
+
 def test_extension_findings_against_a_supabase_like_target(source_db, target_db):
     execute(
         source_db.url,
