@@ -59,8 +59,9 @@ ENV_FILE = "demo.env"
 FAULT_TABLES: dict[str, int] = {"public.appointments": 2, "public.prescriptions": 1}
 FAULT_SCHEMA = "demo_fault"
 FAULT_MESSAGE = "demo fault injected (fail-once)"
-# triggered_action_exception: permanent (never retried), and, unlike RAISE's default P0001,
-# its message is shown by the tool's error redaction. The message carries no row value.
+# triggered_action_exception: permanent (never retried). Like every message a trigger RAISEs,
+# the tool shows its SQLSTATE and table but withholds its words (they could carry NEW.*
+# values); the demo's own output says which ranges it made fail.
 FAULT_SQLSTATE = "09000"
 
 # One function for every faulty table. Arguments: the key column, then pairs of (key value,
