@@ -315,7 +315,7 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"Wrote {manifest.path} with {len(manifest.tables)} tables; review it, then `run`.")
         return EXIT_OK
     if args.command == "plan":
-        report = commands.plan(_settings(args))
+        report = commands.plan(_settings(args), log=lambda m: print(m, file=sys.stderr))
         from .preflight import findings_markdown
 
         print("## Preflight\n")

@@ -252,9 +252,9 @@ class PlanReport:
         return any(f.severity == Severity.ERROR for f in self.findings)
 
 
-def plan(settings: Settings) -> PlanReport:
+def plan(settings: Settings, log: Callable[[str], None] = lambda _: None) -> PlanReport:
     """Preflight plus the ranges each table would get; writes nothing on the target."""
-    manifest = ensure_manifest(settings)
+    manifest = ensure_manifest(settings, log)
     findings = preflight(manifest, source_url(), target_url())
     rows = []
     with (
@@ -469,7 +469,7 @@ def run(
     warning = warn_if_workers_exceed_pool(target_url(), settings.workers)
     if warning:
         log(warning)
-    manifest = ensure_manifest(settings)
+    manifest = ensure_manifest(settings, log)
     home = dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
     policy_file = resolve_policy_file(None)  # and so does a policy file the end cannot read
     if policy_file is not None:

@@ -124,11 +124,18 @@ def init(settings: Settings) -> Manifest:
     return manifest_io.read(settings.manifest_path)
 
 
-def ensure_manifest(settings: Settings) -> Manifest:
-    """The manifest, written first if missing or when filters/settings were passed."""
+def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Manifest:
+    """The manifest, written first if missing or when filters/settings were passed; `log`
+    hears when an existing one (users review and commit it) was changed."""
     existing = manifest_io.read_if_present(settings.manifest_path)
     if existing is None or settings.include or settings.exclude or settings.schemas:
-        return init(settings)
+        written = init(settings)
+        if existing is not None:  # a file users review and commit: say it changed
+            log(
+                f"Rewrote {written.path} from the source's catalog with the schemas and "
+                f"filters given ({len(written.tables)} tables)."
+            )
+        return written
     changes: dict[str, object] = {}
     if settings.batch_size:
         changes["batch_size"] = settings.batch_size
@@ -136,7 +143,10 @@ def ensure_manifest(settings: Settings) -> Manifest:
         changes["schema_mode"] = settings.schema_mode
     if settings.alembic_config:
         changes["alembic_config"] = settings.alembic_config
-    if changes:
-        existing = existing.with_settings(**changes)
+    changed = {k: v for k, v in changes.items() if getattr(existing, k) != v}
+    if changed:
+        existing = existing.with_settings(**changed)
         manifest_io.write(existing, settings.manifest_path)
+        shown = ", ".join(f"{k} {v}" for k, v in changed.items())
+        log(f"Updated {settings.manifest_path}: {shown}.")
     return existing

@@ -372,6 +372,11 @@ def test_init_then_plan_writes_nothing_on_the_target(clinic):
     plan = cli(["plan"], env, tmp_path)
     assert plan.returncode == 0, plan.stderr
     assert "## Ranges" in plan.stdout and "public.patients" in plan.stdout
+    assert plan.stderr == ""  # the manifest as it was: nothing to say
+    # A flag that changes the reviewed manifest says so.
+    again = cli(["plan", "--batch-size", "900", "--schema-mode", "dump"], env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == f"Updated {tmp_path / 'migration.yaml'}: batch_size 900.\n"
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (None,)
         assert conn.execute("SELECT to_regclass('public.patients')").fetchone() == (None,)
