@@ -355,6 +355,24 @@ def test_forked_workers_leave_inherited_objects_to_the_permanent_generation(
     assert gc.get_freeze_count() == 0
 
 
+def test_ctrl_c_while_the_program_imports_the_tool_is_one_sentence(monkeypatch, capsys) -> None:
+    """The executable's entry point imports the CLI inside its own try: Ctrl-C during those
+    imports (about a second) ends with a sentence, not a traceback through an import."""
+    import importlib.abc
+
+    from supabase_migration import program
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, *args: object) -> None:
+            if name == "supabase_migration.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "supabase_migration.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert program.main() == 1
+    assert capsys.readouterr().err == "Interrupted before the command started; nothing was done.\n"
+
+
 def test_the_program_exits_with_its_objects_frozen(monkeypatch) -> None:
     """`supabase-migrate` returns main's exit code, with every object frozen so that the
     interpreter's teardown does not walk them (main itself, called by tests, freezes nothing)."""
