@@ -86,6 +86,30 @@ def partitions_def_for(name: str) -> dg.DynamicPartitionsDefinition:
 
 
 EXIT_CODE_METADATA = "exit_code"
+INTERRUPTED_METADATA = "interrupted"
+_INTERRUPTS = {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}
+
+
+def stop_after_interrupt(context: dg.AssetExecutionContext) -> None:
+    """Dagster retries a step that Ctrl-C (or the UI's terminate) interrupted when the step has
+    a retry policy, as if a machine had gone away; a person who pressed Ctrl-C wants the
+    migration to stop. A retried attempt calls this first and fails for good if an earlier
+    attempt of this run was interrupted."""
+    if not context.retry_number:
+        return
+    retries = context.instance.all_logs(
+        context.run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
+    )
+    for entry in retries:
+        error = entry.dagster_event.event_specific_data.error if entry.dagster_event else None
+        while error is not None:
+            if error.cls_name in _INTERRUPTS:
+                raise dg.Failure(
+                    description="Interrupted (Ctrl-C, or the run was terminated).",
+                    allow_retries=False,
+                    metadata={INTERRUPTED_METADATA: True},
+                )
+            error = error.cause
 
 
 def step_failure(exc: MigrationError | psycopg.Error) -> dg.Failure:
@@ -131,6 +155,7 @@ def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> 
     def schema(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
+        stop_after_interrupt(context)
         try:
             source_url, target_url = source.database_url(), target.database_url()
             outcome = ahead.take(source_url, target_url) if ahead else None
@@ -171,6 +196,7 @@ def build_plan_asset(
     def plan(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
+        stop_after_interrupt(context)
         try:
             plans = plan_all(
                 manifest, source, target, context.instance, log=context.log.warning, ahead=ahead
@@ -327,6 +353,7 @@ def copy_partitions(
     Reporting per range means a run that fails on one range still shows the others as
     materialized, exactly as the checkpoint table records them.
     """
+    stop_after_interrupt(context)
     failures: list[MigrationError] = []
     try:
         source_url, target_url = source.database_url(), target.database_url()
@@ -465,6 +492,7 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
     def deferred_indexes(
         context: dg.AssetExecutionContext, target: TargetDatabase
     ) -> dg.MaterializeResult:
+        stop_after_interrupt(context)
         started = time.monotonic()
         names = [t.name for t in manifest.tables]
         rows: list[list[object]] = []
@@ -509,6 +537,7 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
     def sequences(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
+        stop_after_interrupt(context)
         started = time.monotonic()
         try:
             with source.connection() as s, target.connection() as t:

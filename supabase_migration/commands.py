@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from . import manifest as manifest_io
 from .assets import (
     EXIT_CODE_METADATA,
     INDEXES_KEY,
+    INTERRUPTED_METADATA,
     PARTITIONS_PER_RUN,
     PLAN_KEY,
     SCHEMA_KEY,
@@ -185,7 +187,10 @@ def _run_failure(result: dg.ExecuteInProcessResult) -> MigrationError:
     in a step is Ctrl-C for the CLI too."""
     failures = result.get_step_failure_events()
     for event in failures:
-        root = event.step_failure_data.error
+        data = event.step_failure_data
+        if data.user_failure_data and data.user_failure_data.metadata.get(INTERRUPTED_METADATA):
+            raise KeyboardInterrupt  # a retried attempt that found the step interrupted
+        root = data.error
         while root is not None and root.cause is not None:
             root = root.cause
         if root is not None and root.cls_name == "DagsterExecutionInterruptedError":
@@ -639,9 +644,15 @@ def _execute_all(
     else:
         close_kept()
         assert manifest.path is not None
-        futures = {pool.submit(_worker_execute, str(manifest.path), u): u for u in units}
-        for future in as_completed(futures):
-            outcomes.append((futures[future].table, future.result()))
+        try:
+            futures = {pool.submit(_worker_execute, str(manifest.path), u): u for u in units}
+            for future in as_completed(futures):
+                outcomes.append((futures[future].table, future.result()))
+        except BrokenProcessPool:
+            raise MigrationError(
+                "A copy worker process ended before its tables were copied (Ctrl-C, or the "
+                "system stopped it); completed ranges are kept: run `supabase-migrate resume`."
+            ) from None
     return [(table, message) for table, message in outcomes if message is not None]
 
 

@@ -24,6 +24,7 @@ from .assets import (
     SETUP_RETRY_POLICY,
     TARGET_POOL,
     step_failure,
+    stop_after_interrupt,
     table_asset_key,
 )
 from .errors import MigrationError
@@ -105,6 +106,7 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
     def security(
         context: dg.AssetExecutionContext, config: SecurityConfig, target: TargetDatabase
     ) -> dg.MaterializeResult:
+        stop_after_interrupt(context)
         policy_path = resolve_policy_file(config.policy_file)
         try:
             policy_sql = read_policy_file(policy_path) if policy_path else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -276,6 +277,31 @@ def test_ctrl_c_inside_a_step_is_ctrl_c_for_the_cli() -> None:
         _run_failure(result)
 
 
+def test_ctrl_c_stops_a_step_that_has_a_retry_policy() -> None:
+    """Dagster retries an interrupted step that has a retry policy (every asset of ours has
+    one); the retried attempt finds the interrupt in the run's log and stops for good."""
+    import signal
+    import time
+
+    from supabase_migration.assets import stop_after_interrupt
+    from supabase_migration.commands import _run_failure
+
+    attempts: list[int] = []
+
+    @dg.asset(retry_policy=dg.RetryPolicy(max_retries=2, delay=0.1))
+    def long_step(context) -> None:
+        stop_after_interrupt(context)
+        attempts.append(context.retry_number)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the terminal sends it
+        time.sleep(30)
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([long_step], raise_on_error=False, instance=instance)
+    assert not result.success and attempts == [0]
+    with pytest.raises(KeyboardInterrupt):
+        _run_failure(result)
+
+
 def test_an_idle_worker_leaves_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
     """Ctrl-C reaches the terminal's whole process group; the CLI says what happened, once."""
     code = """
@@ -301,6 +327,28 @@ os._exit(0)
     )
     assert done.stdout.strip() == "gone", done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+
+
+def test_a_worker_pool_broken_by_ctrl_c_is_one_sentence(tmp_path: Path) -> None:
+    """Ctrl-C makes idle workers leave; a run that still hands them units (the parent's own
+    step was between signals) says so in one sentence rather than BrokenProcessPool's trace."""
+    import multiprocessing
+    import signal
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from supabase_migration import commands
+    from supabase_migration.errors import MigrationError
+
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=commands._worker_init) as pool:
+        pid = pool.submit(os.getpid).result()
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        manifest = dataclasses.replace(MANIFEST, path=tmp_path / "migration.yaml")
+        unit = commands.Unit("public.providers", "000000", "000000", 1)
+        with pytest.raises(MigrationError, match="A copy worker process ended"):
+            commands._execute_all(None, None, manifest, [unit], pool)  # type: ignore[arg-type]
 
 
 def test_workers_are_gone_when_a_run_stops_on_an_error(tmp_path: Path, monkeypatch) -> None:
