@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import psycopg
@@ -157,6 +157,7 @@ class _Context:
     target_available: dict[str, str | None]
     findings: list[Finding]
     schema_mode: str = "dump"
+    tables: list[str] | None = None  # the manifest's; None: every table of the schemas
 
     def add(self, severity: Severity, code: str, subject: str, message: str) -> None:
         self.findings.append(Finding(severity, code, subject, message))
@@ -177,6 +178,7 @@ def run_preflight(
     *,
     schemas: Sequence[str] | None = None,
     schema_mode: str = "dump",
+    tables: Sequence[str] | None = None,
 ) -> list[Finding]:
     """Compare the source's catalog with what the target can take; write nothing anywhere.
 
@@ -185,7 +187,7 @@ def run_preflight(
     The findings come back sorted: errors first.
     """
     try:
-        return _run_checks(source, target, schemas, schema_mode)
+        return _run_checks(source, target, schemas, schema_mode, tables)
     except psycopg.Error as exc:
         # Read-only, so a lost connection is simply worth another try.
         cls = TransientError if is_transient(exc) else PreflightError
@@ -197,6 +199,7 @@ def _run_checks(
     target: psycopg.Connection,
     schemas: Sequence[str] | None,
     schema_mode: str,
+    tables: Sequence[str] | None = None,
 ) -> list[Finding]:
     ctx = _Context(
         source=source,
@@ -207,6 +210,7 @@ def _run_checks(
         target_available=available_extensions(target),
         findings=[],
         schema_mode=schema_mode,
+        tables=list(tables) if tables is not None else None,
     )
     for check in (
         _check_versions,
@@ -753,46 +757,50 @@ _WHAT_MODES_DO_WITH_TABLES = {
     "none": "schema mode none copies into them as they are.",
 }
 
-# Every table and its columns in order; a table without columns still has one row.
+# The tables of the schemas (partitions are copied through their parent) and their columns in
+# order; a table without columns still has one row. `writable`: the login role may read and
+# write it (has_table_privilege with a list would be true for any one of them).
 _TABLE_COLUMNS_SQL = f"""
-SELECT n.nspname || '.' || c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
-       a.attgenerated <> '', a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''
+SELECT n.nspname || '.' || c.relname,
+       has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT')
+       AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE'),
+       a.attname, t.typname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
+       a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = '',
+       a.attidentity = 'a'
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT {ext_member("pg_class", "c.oid")}
+LEFT JOIN pg_type t ON t.oid = a.atttypid
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY 1, a.attnum
 """
 
 
 @dataclass(frozen=True)
 class _ColumnShape:
-    type_sql: str
+    type_name: str  # pg_type.typname: the same whichever schema the type is in
+    type_sql: str  # with its modifiers, as format_type shows it
     generated: bool
     required: bool  # NOT NULL with no default, identity or generation: a row must bring it
+    identity_always: bool
 
 
-def _table_columns(
-    conn: psycopg.Connection, schemas: list[str]
-) -> dict[str, dict[str, _ColumnShape]]:
-    tables: dict[str, dict[str, _ColumnShape]] = {}
-    for table, column, type_sql, generated, required in conn.execute(
-        _TABLE_COLUMNS_SQL, (schemas,)
-    ):
-        columns = tables.setdefault(table, {})
+@dataclass
+class _TableShape:
+    writable: bool
+    columns: dict[str, _ColumnShape] = field(default_factory=dict)
+
+
+def _table_shapes(conn: psycopg.Connection, schemas: list[str]) -> dict[str, _TableShape]:
+    tables: dict[str, _TableShape] = {}
+    for table, writable, column, *shape in conn.execute(_TABLE_COLUMNS_SQL, (schemas,)):
+        entry = tables.setdefault(table, _TableShape(bool(writable)))
         if column is not None:
-            columns[column] = _ColumnShape(type_sql, generated, required)
+            entry.columns[column] = _ColumnShape(*shape)
     return tables
 
 
-_UNBOUNDED_TEXT = ("text", "character varying")
-
-
-def _text_width(type_sql: str) -> int | None:
-    """The length limit of a text or varchar column: None when unbounded, -1 when not text."""
-    if type_sql in _UNBOUNDED_TEXT:
-        return None
-    match = re.fullmatch(r"character varying\((\d+)\)", type_sql)
-    return int(match.group(1)) if match else -1
+_TEXT_TYPES = ("text", "varchar")
 
 
 def _check_target_privileges(ctx: _Context) -> None:
@@ -816,19 +824,7 @@ def _check_target_privileges(ctx: _Context) -> None:
             f"may not create schemas (CREATE on the database), so the tool's bookkeeping "
             f"schema {BOOKKEEPING_SCHEMA} cannot be made",
         )
-    if ctx.schema_mode == "none":
-        for (table,) in ctx.target.execute(
-            f"""
-            SELECT n.nspname || '.' || c.relname FROM pg_class c
-            JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p')
-              AND NOT {ext_member("pg_class", "c.oid")}
-              AND NOT has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')
-            ORDER BY 1
-            """,
-            (ctx.schemas,),
-        ):
-            refused(table, f"may not read and write {table} (SELECT, INSERT, UPDATE, DELETE)")
+    if ctx.schema_mode == "none":  # the tables are there: see _check_existing_tables
         return
     for schema, exists, create_tables in ctx.target.execute(
         "SELECT s.name, n.oid IS NOT NULL, has_schema_privilege(n.oid, 'CREATE') "
@@ -842,15 +838,18 @@ def _check_target_privileges(ctx: _Context) -> None:
 
 
 def _check_existing_tables(ctx: _Context) -> None:
-    """Schema mode none copies into the target's tables as they are: every source table must
-    be there with every copied column, of the same type (text and varchar differ only in their
-    limit), and no target-only column may demand a value the source cannot give."""
+    """Schema mode none copies into the target's tables as they are: every table to migrate
+    must be there, writable by the login role, with every copied column of the same type
+    (text and varchar differ only in their limit), and nothing the copy cannot fill."""
     if ctx.schema_mode != "none":
         return
-    source = _table_columns(ctx.source, ctx.schemas)
-    target = _table_columns(ctx.target, ctx.schemas)
-    for table, columns in source.items():
+    source = _table_shapes(ctx.source, ctx.schemas)
+    target = _table_shapes(ctx.target, ctx.schemas)
+    wanted = ctx.tables if ctx.tables is not None else list(source)
+    for table in wanted:
         there = target.get(table)
+        if table not in source:
+            continue  # gone from the source, or a partition: other checks say so
         if there is None:
             ctx.add(
                 Severity.ERROR,
@@ -860,50 +859,95 @@ def _check_existing_tables(ctx: _Context) -> None:
                 "target; create it (with your migrations) or use --schema-mode dump or alembic.",
             )
             continue
-        for name, src in columns.items():
-            subject = f"{table}.{name}"
-            tgt = there.get(name)
-            if src.generated:
-                continue
-            if tgt is None:
-                ctx.add(
-                    Severity.ERROR,
-                    "missing-column",
-                    subject,
-                    f"Column {subject} is not on the target, which schema mode none copies "
-                    "into as it is; add it or use --schema-mode dump.",
-                )
-            elif tgt.type_sql != src.type_sql:
-                _compare_types(ctx, subject, src.type_sql, tgt.type_sql)
-        for name, tgt in there.items():
-            if tgt.required and name not in columns:
-                ctx.add(
-                    Severity.ERROR,
+        if not there.writable:
+            ctx.add(
+                Severity.ERROR,
+                "target-privilege",
+                table,
+                f"The target's login role may not read and write {table} (SELECT, INSERT, "
+                "UPDATE, DELETE); grant them, or connect as the project's postgres role.",
+            )
+        _compare_columns(ctx, table, source[table].columns, there.columns)
+
+
+def _compare_columns(
+    ctx: _Context,
+    table: str,
+    source: dict[str, _ColumnShape],
+    target: dict[str, _ColumnShape],
+) -> None:
+    def error(code: str, name: str, what: str) -> None:
+        ctx.add(Severity.ERROR, code, f"{table}.{name}", f"Column {table}.{name} {what}.")
+
+    for name, src in source.items():
+        tgt = target.get(name)
+        if src.generated:  # not copied: the target computes it, or must not demand it
+            if tgt is not None and tgt.required:
+                error(
                     "required-column",
-                    f"{table}.{name}",
-                    f"Column {table}.{name} on the target is NOT NULL without a default and the "
-                    "source has no such column, so no row could be copied; give it a default.",
+                    name,
+                    "is generated on the source, so no value is copied, but NOT NULL without a "
+                    "default on the target; make it generated there too",
                 )
+        elif tgt is None:
+            error(
+                "missing-column",
+                name,
+                "is not on the target, which schema mode none copies into as it is; add it or "
+                "use --schema-mode dump",
+            )
+        elif tgt.generated:
+            error(
+                "generated-column",
+                name,
+                "is generated on the target but not on the source, so the copied values "
+                "cannot go in; make it a plain column there",
+            )
+        elif tgt.identity_always and not src.identity_always:
+            error(
+                "identity-column",
+                name,
+                "is GENERATED ALWAYS AS IDENTITY on the target but not on the source, so "
+                "re-syncs cannot write it; make it GENERATED BY DEFAULT there",
+            )
+        else:
+            _compare_types(ctx, f"{table}.{name}", src, tgt)
+    for name, tgt in target.items():
+        if tgt.required and name not in source:
+            error(
+                "required-column",
+                name,
+                "on the target is NOT NULL without a default and the source has no such "
+                "column, so no row could be copied; give it a default",
+            )
 
 
-def _compare_types(ctx: _Context, subject: str, source_type: str, target_type: str) -> None:
-    src_width, tgt_width = _text_width(source_type), _text_width(target_type)
-    if src_width == -1 or tgt_width == -1:
+def _compare_types(ctx: _Context, subject: str, src: _ColumnShape, tgt: _ColumnShape) -> None:
+    same_kind = src.type_name == tgt.type_name or (
+        src.type_name in _TEXT_TYPES and tgt.type_name in _TEXT_TYPES
+    )
+    if not same_kind:
         ctx.add(
             Severity.ERROR,
             "column-type",
             subject,
-            f"Column {subject} is {target_type} on the target but {source_type} on the source; "
-            "make them the same (schema mode none copies rows as they are).",
+            f"Column {subject} is {tgt.type_sql} on the target but {src.type_sql} on the "
+            "source; make them the same (schema mode none copies rows as they are).",
         )
-    elif tgt_width is not None and (src_width is None or src_width > tgt_width):
+    elif "(" in tgt.type_sql and _modifiers(tgt.type_sql) != _modifiers(src.type_sql):
         ctx.add(
             Severity.WARNING,
-            "narrower-column",
+            "column-limit",
             subject,
-            f"Column {subject} is {target_type} on the target but {source_type} on the source: "
-            "a longer value will stop its range from copying.",
+            f"Column {subject} is {tgt.type_sql} on the target but {src.type_sql} on the "
+            "source: a value that does not fit stops its range, and a rounded one fails "
+            "verification.",
         )
+
+
+def _modifiers(type_sql: str) -> str:
+    match = re.search(r"\(.*\)", type_sql)
+    return match.group(0) if match else ""
 
 
 def _check_audit(ctx: _Context) -> None:

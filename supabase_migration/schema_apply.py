@@ -109,8 +109,10 @@ def apply_schema(
     target_url: DatabaseUrl,
     alembic_config: Path | None = None,
     schemas: Sequence[str] | None = None,
+    tables: Sequence[str] | None = None,
 ) -> SchemaResult:
-    """Bring the target's schema to the source's, in `mode`; see the module docstring."""
+    """Bring the target's schema to the source's, in `mode`; see the module docstring.
+    `tables`: the ones to migrate (mode none checks that they exist; default: all)."""
     started = time.monotonic()
     try:
         mode = SchemaMode(mode)
@@ -124,7 +126,7 @@ def apply_schema(
         elif mode is SchemaMode.DUMP:
             result = _apply_dump(source_url, target_url, schemas)
         else:
-            result = _check_none(source_url, target_url, schemas)
+            result = _check_none(source_url, target_url, schemas, tables)
     except psycopg.Error as exc:
         # Catalog reads and bookkeeping outside the apply transaction; nothing half-done.
         cls = TransientError if is_transient(exc) else SchemaError
@@ -1089,18 +1091,25 @@ def _failed_entry(exc: psycopg.Error) -> str:
 
 # -- none ----------------------------------------------------------------------------------------
 
+# Partitions are copied through their parent: the target may partition differently.
 _TABLES_SQL = f"""
 SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT {ext_member("pg_class", "c.oid")}
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND NOT {ext_member("pg_class", "c.oid")}
 """
 
 
 def _check_none(
-    source_url: DatabaseUrl, target_url: DatabaseUrl, schemas: Sequence[str] | None
+    source_url: DatabaseUrl,
+    target_url: DatabaseUrl,
+    schemas: Sequence[str] | None,
+    tables: Sequence[str] | None,
 ) -> SchemaResult:
     with borrowed(source_url) as source:
         schemas = list(schemas) if schemas is not None else source_schemas(source)
         wanted = {r[0] for r in source.execute(_TABLES_SQL, (schemas,))}
+    if tables is not None:
+        wanted &= set(tables)
     with borrowed(target_url) as target:
         present_schemas = {
             r[0]

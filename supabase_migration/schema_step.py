@@ -36,7 +36,11 @@ def preflight(
         borrowed(target_url) as target,
     ):
         return run_preflight(
-            source, target, schemas=list(manifest.schemas), schema_mode=manifest.schema_mode
+            source,
+            target,
+            schemas=list(manifest.schemas),
+            schema_mode=manifest.schema_mode,
+            tables=[t.name for t in manifest.tables],
         )
 
 
@@ -52,6 +56,7 @@ def migrate_schema(
         target_url=target_url,
         alembic_config=alembic_config,
         schemas=list(manifest.schemas),
+        tables=[t.name for t in manifest.tables],
     )
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)

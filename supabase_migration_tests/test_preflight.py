@@ -42,12 +42,14 @@ def execute(url: str, statements: str) -> None:
         conn.execute(statements)  # type: ignore[arg-type]
 
 
-def preflight(source_url: str, target_url: str, schemas=None, mode: str = "dump") -> list[Finding]:
+def preflight(
+    source_url: str, target_url: str, schemas=None, mode: str = "dump", tables=None
+) -> list[Finding]:
     with (
         psycopg.connect(source_url, autocommit=True) as source,
         psycopg.connect(target_url, autocommit=True) as target,
     ):
-        return run_preflight(source, target, schemas=schemas, schema_mode=mode)
+        return run_preflight(source, target, schemas=schemas, schema_mode=mode, tables=tables)
 
 
 def by_code(findings: list[Finding], code: str) -> list[Finding]:
@@ -165,33 +167,49 @@ def test_listed_schema_missing_on_the_source(source_db, target_db):
 
 
 def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db, target_db):
-    """Found before anything is written, each named: a missing table or column, another
-    type, a target-only column that demands a value; a narrower varchar only warns."""
+    """Found before anything is written, each named; what is legitimately different is not:
+    a wider limit, a type of the same name in another schema, a partition (copied through its
+    parent), a table the manifest leaves out."""
     execute(
         source_db.url,
         """
+        CREATE SCHEMA src_types; CREATE TYPE src_types.mood AS ENUM ('ok');
         CREATE TABLE patients (id int PRIMARY KEY, name text, dob date, note text,
-                               code varchar(20), full_name text GENERATED ALWAYS AS (name) STORED);
+            code varchar(20), amount numeric(10,2), seen timestamptz, ref int,
+            mood src_types.mood, full_name text GENERATED ALWAYS AS (name) STORED,
+            initials text GENERATED ALWAYS AS (left(name, 1)) STORED);
         CREATE TABLE visits (id int PRIMARY KEY);
+        CREATE TABLE audit (id int PRIMARY KEY);
+        CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+        CREATE TABLE events_2024 PARTITION OF events
+            FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
         """,
     )
     execute(
         target_db.url,
         """
+        CREATE SCHEMA tgt_types; CREATE TYPE tgt_types.mood AS ENUM ('ok');
         CREATE TABLE patients (id int PRIMARY KEY, name integer, note varchar(10),
-                               code varchar, tenant int NOT NULL, added timestamptz NOT NULL
-                               DEFAULT now(), full_name text GENERATED ALWAYS AS (note) STORED);
+            code varchar, amount numeric, ref int GENERATED ALWAYS AS IDENTITY,
+            seen timestamptz GENERATED ALWAYS AS ('2024-01-01 00:00+00') STORED,
+            tenant int NOT NULL, added timestamptz NOT NULL DEFAULT now(),
+            mood tgt_types.mood, full_name text GENERATED ALWAYS AS (note) STORED,
+            initials text NOT NULL);
+        CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
         """,
     )
-    findings = preflight(source_db.url, target_db.url, ["public"], mode="none")
+    tables = ["public.patients", "public.visits", "public.events"]  # not public.audit
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="none", tables=tables)
     shown = [f for f in findings if f.severity is not Severity.INFO and f.code != "ssl"]
-    found = {(f.severity, f.code, f.subject) for f in shown}
-    assert found == {
+    assert {(f.severity, f.code, f.subject) for f in shown} == {
         (Severity.ERROR, "missing-table", "public.visits"),
         (Severity.ERROR, "column-type", "public.patients.name"),
         (Severity.ERROR, "missing-column", "public.patients.dob"),
+        (Severity.ERROR, "generated-column", "public.patients.seen"),
+        (Severity.ERROR, "identity-column", "public.patients.ref"),
         (Severity.ERROR, "required-column", "public.patients.tenant"),
-        (Severity.WARNING, "narrower-column", "public.patients.note"),
+        (Severity.ERROR, "required-column", "public.patients.initials"),
+        (Severity.WARNING, "column-limit", "public.patients.note"),
     }
     (mismatch,) = by_code(findings, "column-type")
     assert mismatch.message.startswith(
@@ -202,7 +220,7 @@ def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db,
     assert not by_code(preflight(source_db.url, target_db.url, ["public"]), "missing-table")
     with pytest.raises(PreflightError) as caught:
         raise_for_errors(findings)
-    assert caught.value.exit_code == 2 and "(and 3 more errors" in str(caught.value)
+    assert caught.value.exit_code == 2 and "(and 6 more errors" in str(caught.value)
 
 
 @pytest.fixture
@@ -221,8 +239,14 @@ def limited_target_url(target_db) -> Iterator[str]:
 def test_a_target_role_that_may_not_create_is_found_before_the_run(
     source_db, target_db, limited_target_url
 ):
-    execute(source_db.url, "CREATE SCHEMA clinic; CREATE TABLE clinic.visits (id int PRIMARY KEY)")
+    execute(
+        source_db.url,
+        "CREATE TABLE public.visits (id int PRIMARY KEY); "
+        "CREATE SCHEMA clinic; CREATE TABLE clinic.rooms (id int PRIMARY KEY)",
+    )
+    role = psycopg.conninfo.conninfo_to_dict(limited_target_url)["user"]
     execute(target_db.url, "CREATE TABLE public.visits (id int PRIMARY KEY)")
+    execute(target_db.url, f"GRANT SELECT ON public.visits TO {role}")  # reading is not enough
     execute(target_db.admin_url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     dump = preflight(source_db.url, limited_target_url, ["public", "clinic"])
     subjects = {f.subject: f.message for f in by_code(dump, "target-privilege")}
@@ -230,7 +254,7 @@ def test_a_target_role_that_may_not_create_is_found_before_the_run(
     assert "may not create tables in schema public" in subjects["schema public"]
     assert "bookkeeping schema supabase_migration" in subjects["database"]
     none = preflight(source_db.url, limited_target_url, ["public"], mode="none")
-    assert [f.subject for f in by_code(none, "target-privilege")] == ["database", "public.visits"]
+    assert {f.subject for f in by_code(none, "target-privilege")} == {"database", "public.visits"}
     # The project's own role may do all of it.
     assert not by_code(
         preflight(source_db.url, target_db.url, ["public", "clinic"]), "target-privilege"

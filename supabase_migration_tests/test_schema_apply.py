@@ -489,6 +489,17 @@ def test_none_mode_checks_the_target_has_the_tables(source_db, target_db):
     with pytest.raises(ConfigError) as caught:
         apply_schema("none", source_url=source, target_url=target, schemas=["clinic"])
     assert "clinic.rooms" in str(caught.value)
+    # A table the manifest leaves out, and a partition (copied through its parent), are not
+    # expected on the target.
+    execute(
+        source_db.url,
+        "CREATE TABLE clinic.log (id int, at date) PARTITION BY RANGE (at); "
+        "CREATE TABLE clinic.log_2024 PARTITION OF clinic.log "
+        "FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')",
+    )
+    execute(target_db.url, "CREATE TABLE clinic.log (id int, at date) PARTITION BY RANGE (at)")
+    chosen = ["clinic.visits", "clinic.log"]
+    apply_schema("none", source_url=source, target_url=target, schemas=["clinic"], tables=chosen)
 
 
 def test_unknown_mode_is_a_config_error(source_db, target_db):
