@@ -57,8 +57,10 @@ PARTITIONS_PER_RUN = 50
 COPY_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
-# The one-off steps (schema, plan, indexes, sequences, security, report) are each one
-# transaction or idempotent: a transient failure (a restart, a pooler hiccup) is tried again.
+# The one-off steps (schema, plan, indexes, sequences, security) are each one transaction or
+# idempotent, and short: a transient failure (a restart, a pooler hiccup) is tried again. So is
+# an unexpected error, at the cost of a few seconds. Not the verification report: it hashes
+# every row, and `verify` is there to run it again.
 SETUP_RETRY_POLICY = dg.RetryPolicy(
     max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )

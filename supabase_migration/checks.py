@@ -33,7 +33,6 @@ from .assets import (
     GROUP_SETUP,
     KINDS,
     SEQUENCES_KEY,
-    SETUP_RETRY_POLICY,
     TARGET_POOL,
     live_tables,
     step_failure,
@@ -242,8 +241,7 @@ def build_report_asset(
             f"gathered into one PASS/FAIL report; HTML, JSON and Markdown files are written to "
             f"${REPORT_DIR_ENV} (default ./{DEFAULT_REPORT_DIR})."
         ),
-        pool=TARGET_POOL,
-        retry_policy=SETUP_RETRY_POLICY,
+        pool=TARGET_POOL,  # no retry policy: a retry would hash every row again
         check_specs=[
             dg.AssetCheckSpec(
                 REPORT_CHECK,

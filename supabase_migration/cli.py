@@ -26,7 +26,13 @@ from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_EN
 from .manifest import MANIFEST_ENV
 from .memory import freeze_for_exit
 from .redaction import describe_pg_error, redact_text
-from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, markdown_table, report_dir
+from .report import (
+    DEFAULT_REPORT_DIR,
+    REPORT_BASENAME,
+    REPORT_DIR_ENV,
+    markdown_table,
+    report_dir,
+)
 from .verify import DEFAULT_SAMPLE_SIZE
 
 if TYPE_CHECKING:  # imported when a command needs them: `verify` starts without Dagster
@@ -305,8 +311,11 @@ def dispatch(args: argparse.Namespace) -> int:
         report = verify(_settings(args), args.report, args.tables)
         print(report.to_json() if args.json else report.to_markdown())
         if not report.passed:
-            where = (args.report or report_dir()) / "verification_report.html"
-            print(f"{report.failure_sentence}; see {where}.", file=sys.stderr)
+            where = (args.report or report_dir()) / f"{REPORT_BASENAME}.html"
+            repair = "supabase-migrate run --repair" + (
+                f" --report {args.report}" if args.report else ""
+            )
+            print(f"{report.failure_sentence(repair)}; see {where}.", file=sys.stderr)
         return report.exit_code
     from . import commands, inputs
 

@@ -68,7 +68,7 @@ from .localpg import pid_alive
 from .manifest import Manifest
 from .planning import MAX_PARTITIONS_PER_TABLE, FirstPlansAhead, plan_tables
 from .preflight import Finding, Severity
-from .report import read_ranges_to_repair, report_dir
+from .report import read_repair, report_dir
 from .resources import default_resources
 from .schema_step import preflight, start_schema_ahead
 from .security import read_policy_file
@@ -479,7 +479,15 @@ def run(
     policy_file = resolve_policy_file(None)  # and so does a policy file the end cannot read
     if policy_file is not None:
         read_policy_file(policy_file)
-    repair = read_ranges_to_repair(report_dir()) if settings.repair else {}
+    repair: dict[str, set[str]] = {}
+    if settings.repair:
+        found = read_repair(report_dir(), target_url().describe())
+        repair = found.ranges
+        count = sum(len(keys) for keys in repair.values())
+        log(f"Repairing {count} range(s) named by {found.report} (of {found.generated_at}).")
+        unknown = sorted(set(repair) - {t.name for t in manifest.tables})
+        if unknown:
+            log(f"Not in the manifest, so not repaired: {', '.join(unknown)}.")
     schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(
         source_url(),
@@ -505,7 +513,7 @@ def run(
         if settings.workers > 1 and (repair or _copying_ahead()):
             workers.start()
         _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
-        units = _units_to_run(manifest, instance, resume, repair)
+        units = _units_to_run(manifest, instance, resume, repair, log)
         unit_failures = _execute_with_progress(
             defs, instance, manifest, units, workers.start() if units else None, progress
         )
@@ -539,6 +547,7 @@ def _units_to_run(
     instance: dg.DagsterInstance,
     resume: bool,
     repair: Mapping[str, set[str]] | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> list[Unit]:
     """Contiguous spans of ranges to copy: not completed, or (catch-up) changed at the source;
     and those `repair` names, re-synced whatever their source checksum says."""
@@ -573,6 +582,9 @@ def _units_to_run(
     for name in names:
         keys = instance.get_dynamic_partitions(partitions_def_name(name))
         forced = (repair or {}).get(name, set())
+        gone = sorted(forced - set(keys))
+        if gone:
+            log(f"{name}: {len(gone)} range(s) to repair are no longer planned ({gone[0]}, ...).")
         units += make_units(name, keys, todo[name] - forced)
         units += make_units(name, keys, forced, resync=True)
     return biggest_first(units, {name: info.size_bytes for name, info in tables.items()})

@@ -56,9 +56,20 @@ def ranges_to_repair(report: Mapping[str, Any]) -> dict[str, set[str]]:
     return found
 
 
-def read_ranges_to_repair(directory: Path) -> dict[str, set[str]]:
-    """`ranges_to_repair` of the report last written to `directory`."""
+@dataclass(frozen=True)
+class Repair:
+    """What `run --repair` re-syncs: the ranges a verification report found different."""
+
+    ranges: dict[str, set[str]]
+    report: Path
+    generated_at: str
+
+
+def read_repair(directory: Path, target: str) -> Repair:
+    """The ranges to repair from the report last written to `directory`, which must be a
+    report on `target` (`DatabaseUrl.describe()`, as reports record it)."""
     path = directory / f"{REPORT_BASENAME}.json"
+    again = "run `supabase-migrate verify` again"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -67,10 +78,15 @@ def read_ranges_to_repair(directory: Path) -> dict[str, set[str]]:
             "first (or pass --report with the directory it wrote to)."
         ) from None
     except (OSError, ValueError):
+        raise ConfigError(f"The verification report {path} cannot be read; {again}.") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"{path} is not a verification report; {again}.")
+    if report.get("target") != target:
         raise ConfigError(
-            f"The verification report {path} cannot be read; run `supabase-migrate verify` again."
-        ) from None
-    return ranges_to_repair(report)
+            f"The verification report {path} is about another target "
+            f"({report.get('target') or 'unknown'}); {again}."
+        )
+    return Repair(ranges_to_repair(report), path, str(report.get("generated_at") or "?"))
 
 
 def finding_dict(finding: Any) -> dict[str, Any]:
@@ -136,16 +152,16 @@ class Report:
         """PASS unless an ERROR check failed or a security finding is error/critical."""
         return not self.error_failures and not any(finding_fails(f) for f in self.findings)
 
-    @property
-    def failure_sentence(self) -> str:
-        """What failed, in one sentence for a terminal; the report files have the rest."""
+    def failure_sentence(self, repair: str = "supabase-migrate run --repair") -> str:
+        """What failed, in one sentence for a terminal; the report files have the rest.
+        `repair`: the command that re-syncs what differs, as the user should type it."""
         findings = sum(1 for f in self.findings if finding_fails(f))
         parts = [f"{len(self.error_failures)} ERROR check(s) failed"] if self.error_failures else []
         parts += (
             [f"{findings} security finding(s) of error or critical severity"] if findings else []
         )
         repair = (
-            "; `supabase-migrate run --repair` re-syncs the ranges that differ"
+            f"; `{repair}` re-syncs the ranges that differ"
             if ranges_to_repair(self.to_dict())
             else ""
         )

@@ -341,6 +341,23 @@ def test_schema_mode_none_names_a_column_of_another_type_before_copying(clinic):
         assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (None,)
 
 
+@pytest.mark.parametrize(
+    ("content", "sentence"),
+    [
+        ('{"target": "target db.elsewhere.example:5432 (direct)", "checks": []}', "another target"),
+        ("[1, 2]", "is not a verification report"),
+        ("{not json", "cannot be read"),
+    ],
+)
+def test_repair_needs_a_report_on_this_target(clinic, content, sentence):
+    *_, env, tmp_path = clinic
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "verification_report.json").write_text(content)
+    done = cli(["run", "--repair", "--report", "old"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert sentence in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
 def test_a_database_error_no_step_translated_is_still_one_sentence(clinic):
     """The CLI's last boundary: a refused read it meets untranslated ends as one sentence."""
     _, target_db, env, tmp_path = clinic
