@@ -19,7 +19,13 @@ from pydantic import Field
 
 from . import checkpoints, deferred
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import ServerUnreachable, is_transient, retrying, side_by_side
+from .connections import (
+    ServerUnreachable,
+    database_error_exit_code,
+    is_transient,
+    retrying,
+    side_by_side,
+)
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConfigError, MigrationError, TransientError
 from .manifest import Manifest, ManifestTable
@@ -116,12 +122,13 @@ def stop_after_interrupt(context: dg.AssetExecutionContext) -> None:
 
 def step_failure(exc: MigrationError | psycopg.Error) -> dg.Failure:
     """The sentence for the UI; the exit code lets the CLI tell bad input (2) from failure (1).
-    Every asset and check body raises its errors through this."""
+    Asset and check bodies raise their errors through this; a table run whose ranges failed
+    builds its own (exit code 1: the failed ranges are listed, and a backfill retries them)."""
     if isinstance(exc, psycopg.Error):  # unexpected here: never its raw text (DETAIL has values)
         return dg.Failure(
             description=describe_pg_error(exc) + ".",
             allow_retries=is_transient(exc),
-            metadata={EXIT_CODE_METADATA: MigrationError.exit_code},
+            metadata={EXIT_CODE_METADATA: database_error_exit_code(exc)},
         )
     return dg.Failure(
         description=exc.message,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import psycopg
 
 from . import __version__
-from .connections import is_transient
+from .connections import database_error_exit_code
 from .errors import ConfigError, MigrationError
 from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
 from .manifest import MANIFEST_ENV
@@ -381,18 +381,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationError as exc:
         print(f"error: {redact_text(exc.message, _passwords(secrets))}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:  # a file the user named (manifest, report directory, policy)
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or type(exc).__name__}{where}.", file=sys.stderr)
+    except OSError as exc:
+        if exc.filename is None:  # not a file the user named: a bug or the system, shown whole
+            raise
+        print(f"error: {exc.strerror or type(exc).__name__} ({exc.filename}).", file=sys.stderr)
         return EXIT_BAD_INPUT
     except psycopg.Error as exc:
         # A database error no step translated on its way up: still one sentence, no DETAIL.
         sentence = describe_pg_error(exc, context="A database request failed")
         print(f"error: {redact_text(sentence, _passwords(secrets))}.", file=sys.stderr)
-        return EXIT_FAILED if is_transient(exc) else EXIT_BAD_INPUT
+        return database_error_exit_code(exc)
     except KeyboardInterrupt:
         if command in ("run", "resume"):
             said = "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
+        elif command == "demo":
+            said = "Interrupted."
         else:
             said = "Interrupted; nothing this command writes was left half done."
         print(said, file=sys.stderr)

@@ -110,6 +110,18 @@ class ServerUnreachable(ConnectionFailed):
     """
 
 
+# SQLSTATE classes that mean the set-up is wrong rather than the run: authorization, access
+# rules (a privilege, a missing table or column), catalog and schema names. Bad input, exit 2.
+_SETUP_CLASSES = ("28", "42", "3D", "3F")
+
+
+def database_error_exit_code(exc: psycopg.Error) -> int:
+    """The exit code for a database error no step translated: 2 for a set-up to fix, else 1."""
+    if is_transient(exc):
+        return 1
+    return 2 if (exc.sqlstate or "")[:2] in _SETUP_CLASSES else 1
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when the same work may succeed if simply tried again."""
     if isinstance(exc, TransientError):

@@ -115,8 +115,8 @@ class Endpoint(StrEnum):
             return cls(text.strip().lower())
         except ValueError:
             raise ConfigError(
-                "The target's endpoint (SUPABASE_DB_ENDPOINT) must be one of "
-                f"{', '.join(e.value for e in cls)}."
+                "An endpoint setting (SUPABASE_DB_ENDPOINT, or a resource's `endpoint`) must be "
+                f"one of {', '.join(e.value for e in cls)}."
             ) from None
 
 
@@ -409,7 +409,7 @@ def _parse_url(text: str) -> dict[str, str]:
     authority_end = min(ends, default=len(rest))
     authority, remainder = rest[:authority_end], rest[authority_end:]
     path, _, query = remainder.partition("?")
-    if "@" in query and "@" not in authority:
+    if "@" in query and "@" not in authority and _looks_like_user_and_password(authority):
         # The user info holds a raw '?' (in the password, surely): what follows it is not a
         # query, and naming its "settings" would echo part of the password.
         raise _Malformed("percent-encode a '?' in the password as %3F")
@@ -434,6 +434,14 @@ def _parse_url(text: str) -> dict[str, str]:
             raise _Malformed("a query parameter has no '=' (write key=value)")
         values[unquote(key)] = unquote(value)  # like libpq, the query wins over the user info
     return values
+
+
+def _looks_like_user_and_password(authority: str) -> bool:
+    """`user:secret` rather than `host`, `host:5432` or `[::1]:5432`."""
+    if authority.startswith("["):
+        return False
+    _, colon, after = authority.rpartition(":")
+    return bool(colon) and not after.isdigit()
 
 
 def _split_hostport(hostport: str) -> tuple[str, str]:

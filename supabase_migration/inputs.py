@@ -101,12 +101,9 @@ def init(settings: Settings) -> Manifest:
         "batch_size": settings.batch_size
         or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
     }
-    if base["schema_mode"] == "alembic":
-        config = base["alembic_config"]
-        if not config:
-            raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
-        if not Path(str(config)).expanduser().is_file():
-            raise ConfigError(f"The Alembic configuration {config} does not exist.")
+    if base["schema_mode"] == "alembic" and not base["alembic_config"]:
+        raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
+    _check_alembic_config(base["alembic_config"])
     include = settings.include or (previous.include if previous else ())
     exclude = settings.exclude or (previous.exclude if previous else ())
     result = manifest_io.from_catalog(
@@ -122,6 +119,11 @@ def init(settings: Settings) -> Manifest:
         )
     manifest_io.write(result, settings.manifest_path)
     return manifest_io.read(settings.manifest_path)
+
+
+def _check_alembic_config(path: object) -> None:
+    if path and not Path(str(path)).expanduser().is_file():
+        raise ConfigError(f"The Alembic configuration {path} does not exist.")
 
 
 def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Manifest:
@@ -142,6 +144,7 @@ def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: N
     if settings.schema_mode:
         changes["schema_mode"] = settings.schema_mode
     if settings.alembic_config:
+        _check_alembic_config(settings.alembic_config)
         changes["alembic_config"] = settings.alembic_config
     changed = {k: v for k, v in changes.items() if getattr(existing, k) != v}
     if changed:

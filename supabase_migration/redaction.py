@@ -105,7 +105,7 @@ def describe_pg_error(exc: BaseException, *, context: str = "") -> str:
 
     if (
         sqlstate and (sqlstate.startswith("P0") or condition_name(sqlstate) is None)
-    ) or diag.source_function == "exec_stmt_raise":
+    ) or _raised_by_code(diag):
         # RAISE in a trigger or function, whatever its SQLSTATE: its words are the author's,
         # and may embed NEW.* values.
         return prefix + f"{head}: message from a trigger or function withheld"
@@ -120,6 +120,20 @@ def describe_pg_error(exc: BaseException, *, context: str = "") -> str:
         primary = primary.split(":", 1)[0]
     primary = _strip_literals(redact_text(primary), identifiers).strip().rstrip(".")
     return prefix + (f"{head}: {primary}" if primary else head)
+
+
+# Where procedural languages report what user code raised: PL/pgSQL's RAISE, plpy.error,
+# Perl's die/elog, Tcl's error/elog, and plv8's.
+_CODE_RAISE_FILES = ("pl_exec.c", "plpy_elog.c", "plpy_plpymodule.c", "plperl.c", "pltcl.c")
+
+
+def _raised_by_code(diag: psycopg.errors.Diagnostic) -> bool:
+    source_file = diag.source_file or ""
+    return (
+        diag.source_function == "exec_stmt_raise"
+        or source_file in _CODE_RAISE_FILES
+        or source_file.startswith("plv8")
+    )
 
 
 def _objects(diag: psycopg.errors.Diagnostic) -> str:

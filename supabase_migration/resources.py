@@ -2,7 +2,7 @@
 
 URLs come from environment variables through `EnvVar`, so they are resolved at run time, masked
 in the UI and never stored in run config. A resource's repr and str show `DatabaseUrl.describe()`
-(host, port, database, user), never the URL it was given.
+(which database, host and port, what kind of endpoint), never the URL it was given.
 """
 
 from __future__ import annotations

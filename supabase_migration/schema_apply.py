@@ -49,7 +49,6 @@ from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .connections import borrowed, connect, is_transient
 from .conninfo import DatabaseUrl
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
-from .inputs import SOURCE_URL_ENV, TARGET_URL_ENV
 from .preflight import (
     BUILTIN_EXTENSIONS,
     available_extensions,
@@ -500,14 +499,14 @@ def pg_dump_candidates() -> list[PgDump]:
     return result
 
 
+# What pg_dump may inherit: where programs and temporary files are, the locale and time zone.
+# Not the user's PG* settings, nor any URL with a password (the CLI keeps the source's and the
+# target's in its environment for Dagster's EnvVar, an application may have more).
+_PG_DUMP_INHERITS = ("PATH", "HOME", "TMPDIR", "TZ", "LANG", "LANGUAGE")
+
+
 def _pg_dump_env() -> dict[str, str]:
-    """Not the user's PG* settings, nor the URLs (passwords included) that the CLI keeps in
-    its environment for Dagster's EnvVar: pg_dump gets only what it is given."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PG") and k not in (SOURCE_URL_ENV, TARGET_URL_ENV)
-    }
+    return {k: v for k, v in os.environ.items() if k in _PG_DUMP_INHERITS or k.startswith("LC_")}
 
 
 def _pg_dump_major(path: Path) -> int | None:

@@ -309,7 +309,7 @@ def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
     ("variable", "value", "sentence"),
     [
         # a URL pasted where the endpoint goes: not echoed
-        ("SUPABASE_DB_ENDPOINT", "{url}", "The target's endpoint (SUPABASE_DB_ENDPOINT) must be"),
+        ("SUPABASE_DB_ENDPOINT", "{url}", "An endpoint setting (SUPABASE_DB_ENDPOINT, or a"),
         ("SUPABASE_MIGRATION_POLICY_FILE", "{tmp}/nope.sql", "The policy file"),
     ],
 )

@@ -315,8 +315,10 @@ def test_a_raw_question_mark_in_the_password_is_not_read_as_a_query():
     assert parse("postgresql://u:Tr0ub4dor%3Fxkcdpass=word@example.com/db").password == (
         "Tr0ub4dor?xkcdpass=word"
     )
-    # An '@' in a real query value still works when the user info comes first.
+    # An '@' in a real query value still works: after user info, or after a host (and port).
     assert parse("postgresql://u:pw@example.com/db?application_name=a@b").host == "example.com"
+    assert parse("postgresql://example.com/db?user=admin@server").user == "admin@server"
+    assert parse("postgresql://example.com:6543?user=admin@server").port == 6543
 
 
 def test_unknown_option_is_named():

@@ -446,12 +446,13 @@ def test_pg_dump_gets_the_password_from_the_environment_only(source_db, target_d
     real_run = subprocess.run
     monkeypatch.setenv("SUPABASE_DB_URL", target_db.url)  # as the CLI exports it
     monkeypatch.setenv("SOURCE_DATABASE_URL", source_db.url)
+    monkeypatch.setenv("SUPABASE_POOLER_URL", target_db.url)  # an application's, say
 
     def spy(argv, *args, **kwargs):
         seen.append([str(a) for a in argv])
         if Path(argv[0]).name == "pg_dump":
             env = kwargs["env"]
-            assert "SUPABASE_DB_URL" not in env and "SOURCE_DATABASE_URL" not in env
+            assert not {"SUPABASE_DB_URL", "SOURCE_DATABASE_URL", "SUPABASE_POOLER_URL"} & set(env)
             assert target_db.password not in " ".join(env.values())
         return real_run(argv, *args, **kwargs)
 
