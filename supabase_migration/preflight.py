@@ -13,9 +13,10 @@ Supabase facts behind the checks (shared/docs/supabase-facts.md in the workspace
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -186,12 +187,18 @@ def run_preflight(
     In schema mode `none` the target's tables must already take the source's rows as they are.
     The findings come back sorted: errors first.
     """
-    try:
+    with _reading_catalogs("Preflight"):
         return _run_checks(source, target, schemas, schema_mode, tables)
+
+
+@contextlib.contextmanager
+def _reading_catalogs(who: str) -> Iterator[None]:
+    try:
+        yield
     except psycopg.Error as exc:
         # Read-only, so a lost connection is simply worth another try.
         cls = TransientError if is_transient(exc) else PreflightError
-        raise cls(f"Preflight could not read the catalogs: {describe_pg_error(exc)}.") from None
+        raise cls(f"{who} could not read the catalogs: {describe_pg_error(exc)}.") from None
 
 
 def _run_checks(
@@ -837,6 +844,31 @@ def _check_target_privileges(ctx: _Context) -> None:
             refused(f"schema {schema}", f"may not create schema {schema} (CREATE on the database)")
 
 
+def table_mismatches(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    *,
+    schemas: Sequence[str],
+    tables: Sequence[str] | None = None,
+) -> list[Finding]:
+    """What keeps the target's tables (made by the user, or by their migrations) from taking
+    the source's rows as they are: the checks of schema mode none, errors first."""
+    ctx = _Context(
+        source=source,
+        target=target,
+        schemas=list(schemas),
+        source_ext={},
+        target_ext={},
+        target_available={},
+        findings=[],
+        schema_mode="none",
+        tables=list(tables) if tables is not None else None,
+    )
+    with _reading_catalogs("Comparing the tables"):
+        _check_existing_tables(ctx)
+    return sorted(ctx.findings, key=lambda f: _ORDER[f.severity])
+
+
 def _check_existing_tables(ctx: _Context) -> None:
     """Schema mode none copies into the target's tables as they are: every table to migrate
     must be there, writable by the login role, with every copied column of the same type
@@ -893,7 +925,7 @@ def _compare_columns(
             error(
                 "missing-column",
                 name,
-                "is not on the target, which schema mode none copies into as it is; add it or "
+                "is not on the target, whose tables the copy takes as they are; add it, or "
                 "use --schema-mode dump",
             )
         elif tgt.generated:
@@ -932,7 +964,7 @@ def _compare_types(ctx: _Context, subject: str, src: _ColumnShape, tgt: _ColumnS
             "column-type",
             subject,
             f"Column {subject} is {tgt.type_sql} on the target but {src.type_sql} on the "
-            "source; make them the same (schema mode none copies rows as they are).",
+            "source; make them the same (the copy moves rows as they are).",
         )
     elif "(" in tgt.type_sql and _modifiers(tgt.type_sql) != _modifiers(src.type_sql):
         ctx.add(
@@ -990,7 +1022,10 @@ def findings_markdown(findings: Sequence[Finding]) -> str:
     return "\n".join(lines)
 
 
-def raise_for_errors(findings: Sequence[Finding]) -> None:
+def raise_for_errors(
+    findings: Sequence[Finding],
+    stopped: str = "Preflight stopped the migration before anything was written",
+) -> None:
     """Stop before any data moves when a finding is an ERROR, in one sentence."""
     errors = [f for f in findings if f.severity is Severity.ERROR]
     if not errors:
@@ -1002,6 +1037,4 @@ def raise_for_errors(findings: Sequence[Finding]) -> None:
         if more
         else ""
     )
-    raise PreflightError(
-        f"Preflight stopped the migration before anything was written: {first}{tail}."
-    )
+    raise PreflightError(f"{stopped}: {first}{tail}.")

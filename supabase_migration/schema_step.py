@@ -14,7 +14,13 @@ from .checkpoints import ensure_bookkeeping
 from .connections import borrowed
 from .conninfo import DatabaseUrl
 from .manifest import Manifest
-from .preflight import Finding, findings_markdown, raise_for_errors, run_preflight
+from .preflight import (
+    Finding,
+    findings_markdown,
+    raise_for_errors,
+    run_preflight,
+    table_mismatches,
+)
 from .schema_apply import SchemaMode, SchemaResult, apply_schema
 
 
@@ -58,6 +64,18 @@ def migrate_schema(
         schemas=list(manifest.schemas),
         tables=[t.name for t in manifest.tables],
     )
+    if SchemaMode(manifest.schema_mode) is SchemaMode.ALEMBIC:
+        # The tables are the migrations', not the source's: a source off head, or changed by
+        # hand, would otherwise fail its first COPY with "incorrect binary data format".
+        with borrowed(source_url) as source, borrowed(target_url) as target:
+            found = table_mismatches(
+                source,
+                target,
+                schemas=list(manifest.schemas),
+                tables=[t.name for t in manifest.tables],
+            )
+        findings += found
+        raise_for_errors(found, "The Alembic upgrade left tables the source's rows do not fit")
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)
     return SchemaOutcome(result=result, findings=findings)

@@ -358,6 +358,27 @@ def test_repair_needs_a_report_on_this_target(clinic, content, sentence):
     assert sentence in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
+def test_alembic_mode_names_a_source_column_the_migrations_do_not_have(clinic):
+    """A source changed by hand (or off head): the upgraded tables would not take its rows."""
+    source_db, target_db, env, tmp_path = clinic
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE patients ALTER COLUMN phone TYPE bigint USING NULL")
+    done = cli(
+        ["run", "--schema-mode", "alembic", "--alembic-config", str(example_app.ALEMBIC_INI)],
+        env,
+        tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: The Alembic upgrade left tables the source's rows do not fit: Column "
+        "public.patients.phone is text on the target but bigint on the source; make them the "
+        "same (the copy moves rows as they are).\n"
+    ), done.stderr
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
+
+
 def test_a_database_error_no_step_translated_is_still_one_sentence(clinic):
     """The CLI's last boundary: a refused read it meets untranslated ends as one sentence."""
     _, target_db, env, tmp_path = clinic
