@@ -450,6 +450,66 @@ def _waiting_for_a_lock(conn: psycopg.Connection) -> int:
     ).fetchone()[0]
 
 
+RUN_IN_SMALL_RANGES = ["--batch-size", "50", "--workers", "2", "--no-progress"]
+
+
+def test_ctrl_c_during_the_copy_is_one_sentence_and_resume_finishes(clinic):
+    """Ctrl-C as a terminal sends it, to the CLI and its copy workers at once, while ranges
+    are being copied: one sentence, no worker's traceback, and `resume` finishes the job."""
+    import os
+    import signal
+    import time
+
+    source_db, target_db, env, tmp_path = clinic
+    run = subprocess.Popen(
+        [sys.executable, "-m", "supabase_migration.cli", "run", *RUN_IN_SMALL_RANGES],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,  # a process group of its own, as a terminal's job has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _completed_ranges(target_db.url) < 3:
+            assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 1, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
+    ), stderr
+    assert _completed_ranges(target_db.url) < _planned_ranges(target_db.url)
+    done = cli(["resume", "--no-progress"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+
+
+def _completed_ranges(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        table = "supabase_migration.migration_checkpoints"
+        if conn.execute("SELECT to_regclass(%s)", [table]).fetchone() == (None,):
+            return 0
+        return conn.execute(f"SELECT count(*) FROM {table} WHERE status = 'completed'").fetchone()[
+            0
+        ]
+
+
+def _planned_ranges(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM supabase_migration.migration_checkpoints"
+        ).fetchone()[0]
+
+
 def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
     """Ctrl-C while Dagster opens, with the schema step started ahead held up on the target
     (another session holds the lock schema steps take): the CLI ends at once with its one
