@@ -101,23 +101,28 @@ _INTERRUPTS = {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}
 def stop_after_interrupt(context: dg.AssetExecutionContext) -> None:
     """Dagster retries a step that Ctrl-C (or the UI's terminate) interrupted when the step has
     a retry policy, as if a machine had gone away; a person who pressed Ctrl-C wants the
-    migration to stop. A retried attempt calls this first and fails for good if an earlier
-    attempt of this run was interrupted."""
+    migration to stop (our runs execute in the CLI's processes or under `dagster dev`, where no
+    machine goes away). A retried attempt calls this first and fails for good when this step's
+    latest attempt was interrupted."""
     if not context.retry_number:
         return
-    retries = context.instance.all_logs(
-        context.run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
-    )
-    for entry in retries:
-        error = entry.dagster_event.event_specific_data.error if entry.dagster_event else None
-        while error is not None:
-            if error.cls_name in _INTERRUPTS:
-                raise dg.Failure(
-                    description="Interrupted (Ctrl-C, or the run was terminated).",
-                    allow_retries=False,
-                    metadata={INTERRUPTED_METADATA: True},
-                )
-            error = error.cause
+    step = str(context.op_execution_context.op_handle)
+    retries = [
+        entry.dagster_event
+        for entry in context.instance.all_logs(
+            context.run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
+        )
+        if entry.dagster_event is not None and entry.dagster_event.step_key == step
+    ]
+    error = retries[-1].event_specific_data.error if retries else None
+    while error is not None:
+        if error.cls_name in _INTERRUPTS:
+            raise dg.Failure(
+                description="Interrupted (Ctrl-C, or the run was terminated).",
+                allow_retries=False,
+                metadata={INTERRUPTED_METADATA: True},
+            )
+        error = error.cause
 
 
 def step_failure(exc: MigrationError | psycopg.Error) -> dg.Failure:

@@ -36,7 +36,6 @@ from .assets import (
     TARGET_POOL,
     live_tables,
     step_failure,
-    stop_after_interrupt,
     table_asset_key,
 )
 from .catalog import needs_bytewise_keys
@@ -256,7 +255,6 @@ def build_report_asset(
         source: SourceDatabase,
         target: TargetDatabase,
     ) -> dg.MaterializeResult:
-        stop_after_interrupt(context)
         try:
             source_url, target_url = source.database_url(), target.database_url()
             findings = security_findings(source_url, target_url) if security_findings else ()

@@ -377,15 +377,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = args.command
         secrets += [getattr(args, "source", None) or "", getattr(args, "target", None) or ""]
-        return dispatch(args)
+        code = dispatch(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return code
     except MigrationError as exc:
         print(f"error: {redact_text(exc.message, _passwords(secrets))}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `status --json | head`: the reader has what it wanted
+        # What is still buffered goes nowhere, quietly, when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except OSError as exc:
-        if exc.filename is None:  # not a file the user named: a bug or the system, shown whole
-            raise
-        print(f"error: {exc.strerror or type(exc).__name__} ({exc.filename}).", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        if exc.filename is not None:  # a file the user named: manifest, report, policy
+            print(f"error: {exc.strerror or type(exc).__name__} ({exc.filename}).", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"error: {exc.strerror or type(exc).__name__}.", file=sys.stderr)  # disk full ...
+        return EXIT_FAILED
     except psycopg.Error as exc:
         # A database error no step translated on its way up: still one sentence, no DETAIL.
         sentence = describe_pg_error(exc, context="A database request failed")

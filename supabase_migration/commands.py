@@ -482,7 +482,7 @@ def run(
         read_policy_file(policy_file)
     repair: dict[str, set[str]] = {}
     if settings.repair:
-        found = read_repair(report_dir(), target_url().describe())
+        found = read_repair(report_dir(), target_url().identity)
         repair = found.ranges
         count = sum(len(keys) for keys in repair.values())
         log(f"Repairing {count} range(s) named by {found.report} (of {found.generated_at}).")
@@ -664,7 +664,8 @@ def _execute_all(
         except BrokenProcessPool:
             raise MigrationError(
                 "A copy worker process ended before its tables were copied (Ctrl-C, or the "
-                "system stopped it); completed ranges are kept: run `supabase-migrate resume`."
+                "system stopped it, out of memory perhaps); completed ranges are kept: run "
+                "`supabase-migrate resume`."
             ) from None
     return [(table, message) for table, message in outcomes if message is not None]
 

@@ -116,10 +116,12 @@ _SETUP_CLASSES = ("28", "42", "3D", "3F")
 
 
 def database_error_exit_code(exc: psycopg.Error) -> int:
-    """The exit code for a database error no step translated: 2 for a set-up to fix, else 1."""
-    if is_transient(exc):
+    """The exit code for a database error no step translated: 2 for a set-up to fix, else 1
+    (a syntax error, 42601, is the tool's own)."""
+    sqlstate = exc.sqlstate or ""
+    if is_transient(exc) or sqlstate == "42601":
         return 1
-    return 2 if (exc.sqlstate or "")[:2] in _SETUP_CLASSES else 1
+    return 2 if sqlstate[:2] in _SETUP_CLASSES else 1
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -228,6 +228,12 @@ class DatabaseUrl:
         """Short human label for messages, e.g. 'target db.abc.supabase.co:5432 (direct)'."""
         return f"{self.label} {self.host_port} ({self.endpoint.display_name})"
 
+    @property
+    def identity(self) -> str:
+        """Which database, as user@host:port/dbname: a pooler's host serves every project of
+        its region, its user (postgres.<ref>) tells them apart. Never the password."""
+        return f"{self.user}@{self.host_port}/{self.dbname}"
+
     def conninfo(self, *, with_password: bool = True, **overrides: Any) -> str:
         """A libpq key=value string; an override of None removes that key."""
         values: dict[str, Any] = {
@@ -409,10 +415,17 @@ def _parse_url(text: str) -> dict[str, str]:
     authority_end = min(ends, default=len(rest))
     authority, remainder = rest[:authority_end], rest[authority_end:]
     path, _, query = remainder.partition("?")
-    if "@" in query and "@" not in authority and _looks_like_user_and_password(authority):
+    if (
+        remainder.startswith("?")  # no /dbname between: the '?' may be inside the user info
+        and "@" in query
+        and "@" not in authority
+        and _may_hold_a_password(authority)
+    ):
         # The user info holds a raw '?' (in the password, surely): what follows it is not a
         # query, and naming its "settings" would echo part of the password.
-        raise _Malformed("percent-encode a '?' in the password as %3F")
+        raise _Malformed(
+            "percent-encode a '?' in the password as %3F (and an '@' in a query value as %40)"
+        )
 
     values: dict[str, str] = {}
     userinfo, at, hostport = authority.rpartition("@")
@@ -436,12 +449,10 @@ def _parse_url(text: str) -> dict[str, str]:
     return values
 
 
-def _looks_like_user_and_password(authority: str) -> bool:
-    """`user:secret` rather than `host`, `host:5432` or `[::1]:5432`."""
-    if authority.startswith("["):
-        return False
-    _, colon, after = authority.rpartition(":")
-    return bool(colon) and not after.isdigit()
+def _may_hold_a_password(authority: str) -> bool:
+    """`user:secret` (even `user:2024`) rather than `host` or `[::1]:5432`. A `host:5432`
+    followed by a query with an '@' is taken for one too: refusing it costs a %40."""
+    return ":" in authority and not authority.startswith("[")
 
 
 def _split_hostport(hostport: str) -> tuple[str, str]:

@@ -771,12 +771,13 @@ _TABLE_COLUMNS_SQL = f"""
 SELECT n.nspname || '.' || c.relname,
        has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT')
        AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE'),
-       a.attname, t.typname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
-       a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = '',
-       a.attidentity = 'a'
+       a.attname, b.typname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
+       a.attnotnull, a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''
+       AND a.attgenerated = '', a.attidentity = 'a'
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 LEFT JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
 WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY 1, a.attnum
@@ -785,9 +786,10 @@ ORDER BY 1, a.attnum
 
 @dataclass(frozen=True)
 class _ColumnShape:
-    type_name: str  # pg_type.typname: the same whichever schema the type is in
+    type_name: str  # its type's (a domain's base type's) name, whichever schema it is in
     type_sql: str  # with its modifiers, as format_type shows it
     generated: bool
+    not_null: bool
     required: bool  # NOT NULL with no default, identity or generation: a row must bring it
     identity_always: bool
 
@@ -807,7 +809,8 @@ def _table_shapes(conn: psycopg.Connection, schemas: list[str]) -> dict[str, _Ta
     return tables
 
 
-_TEXT_TYPES = ("text", "varchar")
+# Binary COPY moves any of these into any other; bpchar pads and citext compares without case.
+_TEXT_TYPES = ("text", "varchar", "bpchar", "citext")
 
 
 def _check_target_privileges(ctx: _Context) -> None:
@@ -887,8 +890,8 @@ def _check_existing_tables(ctx: _Context) -> None:
                 Severity.ERROR,
                 "missing-table",
                 table,
-                f"Schema mode none copies into existing tables, but {table} is not on the "
-                "target; create it (with your migrations) or use --schema-mode dump or alembic.",
+                f"{table} is not on the target, where the copy needs it already (schema mode "
+                "none, or made by your migrations); create it, or use --schema-mode dump.",
             )
             continue
         if not there.writable:
@@ -913,13 +916,13 @@ def _compare_columns(
 
     for name, src in source.items():
         tgt = target.get(name)
-        if src.generated:  # not copied: the target computes it, or must not demand it
-            if tgt is not None and tgt.required:
+        if src.generated:  # not copied: the target must compute it too
+            if tgt is not None and not tgt.generated:
                 error(
-                    "required-column",
+                    "generated-column",
                     name,
-                    "is generated on the source, so no value is copied, but NOT NULL without a "
-                    "default on the target; make it generated there too",
+                    "is generated on the source, so its values are not copied, but a plain "
+                    "column on the target, which would be left empty; make it generated there",
                 )
         elif tgt is None:
             error(
@@ -944,6 +947,14 @@ def _compare_columns(
             )
         else:
             _compare_types(ctx, f"{table}.{name}", src, tgt)
+            if tgt.not_null and not src.not_null:
+                ctx.add(
+                    Severity.WARNING,
+                    "not-null",
+                    f"{table}.{name}",
+                    f"Column {table}.{name} is NOT NULL on the target but not on the source: "
+                    "a NULL there stops its range.",
+                )
     for name, tgt in target.items():
         if tgt.required and name not in source:
             error(
@@ -955,31 +966,42 @@ def _compare_columns(
 
 
 def _compare_types(ctx: _Context, subject: str, src: _ColumnShape, tgt: _ColumnShape) -> None:
-    same_kind = src.type_name == tgt.type_name or (
-        src.type_name in _TEXT_TYPES and tgt.type_name in _TEXT_TYPES
-    )
-    if not same_kind:
+    both = f"Column {subject} is {tgt.type_sql} on the target but {src.type_sql} on the source"
+    texts = src.type_name in _TEXT_TYPES and tgt.type_name in _TEXT_TYPES
+    if src.type_name != tgt.type_name and not texts:
         ctx.add(
             Severity.ERROR,
             "column-type",
             subject,
-            f"Column {subject} is {tgt.type_sql} on the target but {src.type_sql} on the "
-            "source; make them the same (the copy moves rows as they are).",
+            f"{both}; make them the same (the copy moves rows as they are).",
         )
-    elif "(" in tgt.type_sql and _modifiers(tgt.type_sql) != _modifiers(src.type_sql):
+        return
+    if {src.type_name, tgt.type_name} & {"bpchar", "citext"} and src.type_name != tgt.type_name:
+        ctx.add(
+            Severity.WARNING,
+            "column-kind",
+            subject,
+            f"{both}: char pads values and citext ignores case, so the copy may change what "
+            "verification compares, or a unique index may refuse rows.",
+        )
+    source_limits, target_limits = _limits(src.type_sql), _limits(tgt.type_sql)
+    narrower = bool(target_limits) and (
+        not source_limits or any(t < s for t, s in zip(target_limits, source_limits, strict=False))
+    )
+    if narrower:
         ctx.add(
             Severity.WARNING,
             "column-limit",
             subject,
-            f"Column {subject} is {tgt.type_sql} on the target but {src.type_sql} on the "
-            "source: a value that does not fit stops its range, and a rounded one fails "
+            f"{both}: a value that does not fit stops its range, and a rounded one fails "
             "verification.",
         )
 
 
-def _modifiers(type_sql: str) -> str:
-    match = re.search(r"\(.*\)", type_sql)
-    return match.group(0) if match else ""
+def _limits(type_sql: str) -> tuple[int, ...]:
+    """varchar(20) -> (20,), numeric(10,2) -> (10, 2), timestamp(3) ... -> (3,)."""
+    match = re.search(r"\(([\d,\s]+)\)", type_sql)
+    return tuple(int(n) for n in match.group(1).split(",")) if match else ()
 
 
 def _check_audit(ctx: _Context) -> None:

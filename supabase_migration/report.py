@@ -67,7 +67,7 @@ class Repair:
 
 def read_repair(directory: Path, target: str) -> Repair:
     """The ranges to repair from the report last written to `directory`, which must be a
-    report on `target` (`DatabaseUrl.describe()`, as reports record it)."""
+    report on `target` (`DatabaseUrl.identity`, as reports record it)."""
     path = directory / f"{REPORT_BASENAME}.json"
     again = "run `supabase-migrate verify` again"
     try:
@@ -81,10 +81,10 @@ def read_repair(directory: Path, target: str) -> Repair:
         raise ConfigError(f"The verification report {path} cannot be read; {again}.") from None
     if not isinstance(report, dict):
         raise ConfigError(f"{path} is not a verification report; {again}.")
-    if report.get("target") != target:
+    if report.get("target_identity") != target:
         raise ConfigError(
-            f"The verification report {path} is about another target "
-            f"({report.get('target') or 'unknown'}); {again}."
+            f"The verification report {path} is about another target database "
+            f"({report.get('target_identity') or 'unknown'}); {again}."
         )
     return Repair(ranges_to_repair(report), path, str(report.get("generated_at") or "?"))
 
@@ -132,6 +132,7 @@ class Report:
     seed: int | None = None
     source: str = ""
     target: str = ""
+    target_identity: str = ""  # DatabaseUrl.identity: what `run --repair` may trust it for
 
     # --- verdict ------------------------------------------------------------------------------
 
@@ -255,6 +256,7 @@ class Report:
             "sample_seed": self.seed,
             "source": self.source,
             "target": self.target,
+            "target_identity": self.target_identity,
             "summary": {
                 "tables": len(self.tables),
                 "checks": len(self.outcomes),

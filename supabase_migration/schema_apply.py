@@ -499,10 +499,28 @@ def pg_dump_candidates() -> list[PgDump]:
     return result
 
 
-# What pg_dump may inherit: where programs and temporary files are, the locale and time zone.
-# Not the user's PG* settings, nor any URL with a password (the CLI keeps the source's and the
-# target's in its environment for Dagster's EnvVar, an application may have more).
-_PG_DUMP_INHERITS = ("PATH", "HOME", "TMPDIR", "TZ", "LANG", "LANGUAGE")
+# What pg_dump may inherit: where programs, libraries and temporary files are, the locale and
+# time zone, Kerberos and OpenSSL set-up (Windows needs its own two). Not the user's PG*
+# settings, nor any URL with a password (the CLI keeps the source's and the target's in its
+# environment for Dagster's EnvVar; an application may have more).
+_PG_DUMP_INHERITS = (
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "TZ",
+    "LANG",
+    "LANGUAGE",
+    "LD_LIBRARY_PATH",
+    "DYLD_LIBRARY_PATH",
+    "KRB5CCNAME",
+    "KRB5_CONFIG",
+    "KRB5_KTNAME",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "OPENSSL_CONF",
+    "SYSTEMROOT",
+    "APPDATA",
+)
 
 
 def _pg_dump_env() -> dict[str, str]:

@@ -1389,6 +1389,7 @@ def run_verification(
         seed=seed,
         source=source_url.describe(),
         target=target_url.describe(),
+        target_identity=target_url.identity,
     )
 
 

@@ -344,7 +344,7 @@ def test_schema_mode_none_names_a_column_of_another_type_before_copying(clinic):
 @pytest.mark.parametrize(
     ("content", "sentence"),
     [
-        ('{"target": "target db.elsewhere.example:5432 (direct)", "checks": []}', "another target"),
+        ('{"target_identity": "postgres@db.elsewhere.example:5432/postgres"}', "another target"),
         ("[1, 2]", "is not a verification report"),
         ("{not json", "cannot be read"),
     ],
@@ -377,6 +377,24 @@ def test_alembic_mode_names_a_source_column_the_migrations_do_not_have(clinic):
     ), done.stderr
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(clinic):
+    """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
+    *_, env, tmp_path = clinic
+    run = subprocess.Popen(
+        [sys.executable, "-m", "supabase_migration.cli", "status", "--json"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert run.stdout is not None and run.stderr is not None
+    run.stdout.close()
+    stderr = run.stderr.read()
+    assert run.wait(timeout=120) == 1, stderr
+    assert stderr == "", stderr
 
 
 def test_a_database_error_no_step_translated_is_still_one_sentence(clinic):

@@ -311,6 +311,18 @@ def test_connection_error_mapping(url, libpq_text, cls, words):
     assert_clear(exc, url.password or "", "hunter2")
 
 
+def test_exit_codes_of_database_errors():
+    """A set-up to fix is bad input (2); the tool's own syntax error and the rest are 1."""
+    from supabase_migration.connections import database_error_exit_code
+
+    assert database_error_exit_code(pg_errors.InsufficientPrivilege()) == 2
+    assert database_error_exit_code(pg_errors.UndefinedTable()) == 2
+    assert database_error_exit_code(pg_errors.InvalidPassword()) == 2
+    assert database_error_exit_code(pg_errors.SyntaxError()) == 1
+    assert database_error_exit_code(pg_errors.DiskFull()) == 1
+    assert database_error_exit_code(pg_errors.AdminShutdown()) == 1  # transient
+
+
 def test_timeout_exception_class_maps_to_unreachable():
     exc = connection_error(
         SUPABASE_DIRECT,

@@ -289,6 +289,7 @@ def test_ctrl_c_stops_a_step_that_has_a_retry_policy() -> None:
     from supabase_migration.commands import _run_failure
 
     attempts: list[int] = []
+    flaky: list[int] = []
 
     @dg.asset(retry_policy=dg.RetryPolicy(max_retries=2, delay=0.1))
     def long_step(context) -> None:
@@ -297,11 +298,19 @@ def test_ctrl_c_stops_a_step_that_has_a_retry_policy() -> None:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the terminal sends it
         time.sleep(30)
 
+    @dg.asset(retry_policy=dg.RetryPolicy(max_retries=2, delay=0.1))
+    def fails_once(context) -> None:  # retried for its own error: unaffected
+        stop_after_interrupt(context)
+        flaky.append(context.retry_number)
+        if len(flaky) == 1:
+            raise RuntimeError("transient")
+
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([long_step], raise_on_error=False, instance=instance)
     assert not result.success and attempts == [0]
     with pytest.raises(KeyboardInterrupt):
         _run_failure(result)
+    assert dg.materialize([fails_once], instance=instance).success and flaky == [0, 1]
 
 
 def test_an_idle_worker_leaves_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:

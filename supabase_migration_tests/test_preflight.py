@@ -168,16 +168,18 @@ def test_listed_schema_missing_on_the_source(source_db, target_db):
 
 def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db, target_db):
     """Found before anything is written, each named; what is legitimately different is not:
-    a wider limit, a type of the same name in another schema, a partition (copied through its
-    parent), a table the manifest leaves out."""
+    a wider limit, a type of the same name in another schema (arrays of it too), a domain over
+    the same type, a partition (copied through its parent), a table the manifest leaves out."""
     execute(
         source_db.url,
         """
         CREATE SCHEMA src_types; CREATE TYPE src_types.mood AS ENUM ('ok');
+        CREATE DOMAIN src_types.label AS text;
         CREATE TABLE patients (id int PRIMARY KEY, name text, dob date, note text,
             code varchar(20), amount numeric(10,2), seen timestamptz, ref int,
             mood src_types.mood, full_name text GENERATED ALWAYS AS (name) STORED,
-            initials text GENERATED ALWAYS AS (left(name, 1)) STORED);
+            initials text GENERATED ALWAYS AS (left(name, 1)) STORED, tag src_types.label,
+            ward text, phone text, moods src_types.mood[]);
         CREATE TABLE visits (id int PRIMARY KEY);
         CREATE TABLE audit (id int PRIMARY KEY);
         CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
@@ -190,11 +192,12 @@ def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db,
         """
         CREATE SCHEMA tgt_types; CREATE TYPE tgt_types.mood AS ENUM ('ok');
         CREATE TABLE patients (id int PRIMARY KEY, name integer, note varchar(10),
-            code varchar, amount numeric, ref int GENERATED ALWAYS AS IDENTITY,
+            code varchar(50), amount numeric(12,2), ref int GENERATED ALWAYS AS IDENTITY,
             seen timestamptz GENERATED ALWAYS AS ('2024-01-01 00:00+00') STORED,
             tenant int NOT NULL, added timestamptz NOT NULL DEFAULT now(),
             mood tgt_types.mood, full_name text GENERATED ALWAYS AS (note) STORED,
-            initials text NOT NULL);
+            initials text, tag text, ward char(3), phone text NOT NULL,
+            moods tgt_types.mood[]);
         CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
         """,
     )
@@ -208,8 +211,11 @@ def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db,
         (Severity.ERROR, "generated-column", "public.patients.seen"),
         (Severity.ERROR, "identity-column", "public.patients.ref"),
         (Severity.ERROR, "required-column", "public.patients.tenant"),
-        (Severity.ERROR, "required-column", "public.patients.initials"),
+        (Severity.ERROR, "generated-column", "public.patients.initials"),
         (Severity.WARNING, "column-limit", "public.patients.note"),
+        (Severity.WARNING, "column-kind", "public.patients.ward"),
+        (Severity.WARNING, "column-limit", "public.patients.ward"),
+        (Severity.WARNING, "not-null", "public.patients.phone"),
     }
     (mismatch,) = by_code(findings, "column-type")
     assert mismatch.message.startswith(
