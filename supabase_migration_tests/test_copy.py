@@ -164,6 +164,34 @@ def test_a_range_planned_anew_since_its_table_run_read_it_is_not_copied(pair):
         assert after is not None and after.status != "completed"
 
 
+def test_arrays_of_enums_and_domains_copy_in_binary_between_databases(source_db, target_db):
+    """A binary array carries its element type's OID, and an enum's or a domain's differs
+    between the two databases; PostgreSQL takes the rows all the same, so binary COPY stays
+    the default for such columns."""
+    ddl = (
+        "CREATE TYPE mood AS ENUM ('ok', 'sad'); CREATE DOMAIN label AS text CHECK (VALUE <> ''); "
+        "CREATE TABLE moods (id int PRIMARY KEY, m mood[], l label[], one mood, two label)"
+    )
+    oids = []
+    for url, first in ((target_db.url, "CREATE TYPE filler AS ENUM ('x'); "), (source_db.url, "")):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(first + ddl)
+            oids.append(
+                conn.execute("SELECT 'mood'::regtype::oid, 'label'::regtype::oid").fetchone()
+            )
+    assert oids[0] != oids[1]
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO moods SELECT g, ARRAY['ok', 'sad']::mood[], ARRAY['a', 'b']::label[], "
+            "'sad', 'c' FROM generate_series(1, 50) g"
+        )
+        (info,) = read_tables(conn, ["public"])
+    assert info.binary_ok
+    results = migrate_all(source_db, target_db.url)
+    assert [r.path for r in results] == ["copy"] and results[0].rows == 50
+    assert_tables_equal(source_db.url, target_db.url, ["public.moods"])
+
+
 def test_catalog_sees_key_kinds(pair):
     source_db, _ = pair
     with psycopg.connect(source_db.url) as conn:
