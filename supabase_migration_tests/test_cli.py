@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -31,6 +34,24 @@ def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300):
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def cli_from_a_terminal(
+    args: list[str], env: dict[str, str], cwd: Path, *, own_group: bool = False
+) -> subprocess.Popen[str]:
+    """The CLI started as a terminal starts it: SIGINT at its default (a suite started in the
+    background by a non-interactive shell, `.ci/run &`, has it ignored, which the CLI would
+    inherit), and with `own_group` a process group of its own, as a terminal's job has."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "supabase_migration.cli", *args],
+        env=env,
+        cwd=cwd,
+        start_new_session=own_group,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -382,14 +403,7 @@ def test_alembic_mode_names_a_source_column_the_migrations_do_not_have(clinic):
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
-    run = subprocess.Popen(
-        [sys.executable, "-m", "supabase_migration.cli", "status", "--json"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = cli_from_a_terminal(["status", "--json"], env, tmp_path)
     assert run.stdout is not None and run.stderr is not None
     run.stdout.close()
     stderr = run.stderr.read()
@@ -474,21 +488,9 @@ RUN_IN_SMALL_RANGES = ["--batch-size", "50", "--workers", "2", "--no-progress"]
 def test_ctrl_c_during_the_copy_is_one_sentence_and_resume_finishes(clinic):
     """Ctrl-C as a terminal sends it, to the CLI and its copy workers at once, while ranges
     are being copied: one sentence, no worker's traceback, and `resume` finishes the job."""
-    import os
-    import signal
-    import time
 
     source_db, target_db, env, tmp_path = clinic
-    run = subprocess.Popen(
-        [sys.executable, "-m", "supabase_migration.cli", "run", *RUN_IN_SMALL_RANGES],
-        env=env,
-        cwd=tmp_path,
-        start_new_session=True,  # a process group of its own, as a terminal's job has
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = cli_from_a_terminal(["run", *RUN_IN_SMALL_RANGES], env, tmp_path, own_group=True)
     try:
         deadline = time.monotonic() + 120
         while _completed_ranges(target_db.url) < 3:
@@ -532,23 +534,14 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
     """Ctrl-C while Dagster opens, with the schema step started ahead held up on the target
     (another session holds the lock schema steps take): the CLI ends at once with its one
     line, and the schema step's transaction is rolled back."""
-    import os
-    import signal
-    import time
 
     _, target_db, env, tmp_path = clinic
     with psycopg.connect(target_db.url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(hashtext(%s))", [SCHEMA_LOCK_KEY])
-        run = subprocess.Popen(
-            [sys.executable, "-m", "supabase_migration.cli", "run", "--schema-mode", "dump"],
-            env={**env, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
-            cwd=tmp_path,
-            # As from a terminal: a suite started in the background by a non-interactive
-            # shell (`.ci/run &`) has SIGINT ignored, which the CLI would inherit.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        run = cli_from_a_terminal(
+            ["run", "--schema-mode", "dump"],
+            {**env, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
+            tmp_path,
         )
         try:
             deadline = time.monotonic() + 60
@@ -591,7 +584,6 @@ def test_ctrl_c_inside_a_string_exec_still_ends_with_exit_code_1(tmp_path):
     hundreds of times) made `python -m supabase_migration.cli` end by SIGINT after printing
     its line: CPython had noted the interrupt as unhandled. Deterministic: `status` is
     replaced, through sitecustomize, by an interrupt raised in an `exec`."""
-    import os
 
     (tmp_path / "sitecustomize.py").write_text(
         "import supabase_migration.commands as commands\n"
@@ -609,7 +601,6 @@ def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkey
     """The error path itself, in-process and deterministic: opening Dagster fails while the
     schema step started ahead is held up on the target's schema lock; `run` raises at once."""
     import threading
-    import time
 
     from supabase_migration import commands
     from supabase_migration.errors import ConfigError
