@@ -311,6 +311,8 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         (["plan", "--include", "public.nomatch*"], "public.nomatch*"),
         (["run", "--repair", "--report", "{tmp}/none"], "no verification report"),
         (["plan", "--schema-mode", "alembic", "--alembic-config", "{tmp}/no.ini"], "alembic"),
+        (["run", "--worker", "2"], "unrecognized arguments: --worker"),  # not --workers
+        (["verify", "--report", "/proc/no-report-here"], "could not be written"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
@@ -398,6 +400,16 @@ def test_alembic_mode_names_a_source_column_the_migrations_do_not_have(clinic):
     ), done.stderr
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
+
+
+def test_a_missing_alembic_config_is_refused_before_it_changes_the_manifest(clinic):
+    *_, env, tmp_path = clinic
+    assert cli(["init"], env, tmp_path).returncode == 0
+    written = (tmp_path / "migration.yaml").read_text()
+    done = cli(["plan", "--schema-mode", "alembic", "--alembic-config", "no.ini"], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "error: The Alembic configuration no.ini does not exist.\n"
+    assert (tmp_path / "migration.yaml").read_text() == written
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
