@@ -124,6 +124,18 @@ def database_error_exit_code(exc: psycopg.Error) -> int:
     return 2 if sqlstate[:2] in _SETUP_CLASSES else 1
 
 
+def database_error(
+    exc: psycopg.Error, sentence: str, otherwise: type[MigrationError] = MigrationError
+) -> MigrationError:
+    """`sentence` (already PHI-free) as the error a database error amounts to: worth retrying,
+    a set-up to fix (exit 2, as `database_error_exit_code` says), or `otherwise`."""
+    if is_transient(exc):
+        return TransientError(sentence)
+    if database_error_exit_code(exc) == ConfigError.exit_code:
+        return ConfigError(sentence)
+    return otherwise(sentence)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when the same work may succeed if simply tried again."""
     if isinstance(exc, TransientError):

@@ -30,6 +30,7 @@ from psycopg import pq, sql
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
 from .connections import (
+    database_error,
     in_one_round_trip,
     is_transient,
     keep,
@@ -646,10 +647,11 @@ class CopySession:
                 log=self.log,
             )
         except psycopg.Error as exc:  # asking the source about itself, before copy_range
-            raise CopyError(
+            sentence = (
                 f"Copying partition {partition_key} of {table.qualified_name} failed: "
                 f"{describe_pg_error(exc)}."
-            ) from None
+            )
+            raise database_error(exc, sentence, CopyError) from None
 
     def close(self) -> None:
         """The connections stay open for the process's next table run (`connections.keep`)."""

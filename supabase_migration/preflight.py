@@ -23,9 +23,9 @@ from enum import StrEnum
 import psycopg
 
 from .catalog import BOOKKEEPING_SCHEMA, read_tables
-from .connections import is_transient
+from .connections import database_error
 from .conninfo import is_loopback_host
-from .errors import PreflightError, TransientError
+from .errors import PreflightError
 from .redaction import describe_pg_error
 
 
@@ -195,10 +195,9 @@ def run_preflight(
 def _reading_catalogs(who: str) -> Iterator[None]:
     try:
         yield
-    except psycopg.Error as exc:
-        # Read-only, so a lost connection is simply worth another try.
-        cls = TransientError if is_transient(exc) else PreflightError
-        raise cls(f"{who} could not read the catalogs: {describe_pg_error(exc)}.") from None
+    except psycopg.Error as exc:  # read only: a lost connection is simply worth another try
+        sentence = f"{who} could not read the catalogs: {describe_pg_error(exc)}."
+        raise database_error(exc, sentence) from None
 
 
 def _run_checks(

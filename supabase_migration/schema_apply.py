@@ -46,9 +46,9 @@ import psycopg
 from psycopg import sql
 
 from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
-from .connections import borrowed, connect, is_transient
+from .connections import borrowed, connect, database_error
 from .conninfo import DatabaseUrl
-from .errors import ConfigError, MigrationError, SchemaError, TransientError
+from .errors import ConfigError, MigrationError, SchemaError
 from .preflight import (
     BUILTIN_EXTENSIONS,
     available_extensions,
@@ -128,10 +128,8 @@ def apply_schema(
             result = _check_none(source_url, target_url, schemas, tables)
     except psycopg.Error as exc:
         # Catalog reads and bookkeeping outside the apply transaction; nothing half-done.
-        cls = TransientError if is_transient(exc) else SchemaError
-        raise cls(
-            f"The schema step ({mode.value} mode) failed: {describe_pg_error(exc)}."
-        ) from None
+        sentence = f"The schema step ({mode.value} mode) failed: {describe_pg_error(exc)}."
+        raise database_error(exc, sentence, SchemaError) from None
     return SchemaResult(
         mode=result.mode,
         revision=result.revision,

@@ -35,7 +35,7 @@ import psycopg.errors
 from psycopg import sql
 
 from .catalog import BOOKKEEPING_SCHEMA
-from .connections import borrowed, is_transient
+from .connections import borrowed, database_error
 from .conninfo import DatabaseUrl, is_loopback_host
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
 from .redaction import describe_pg_error
@@ -203,9 +203,9 @@ def _lock(conn: psycopg.Connection) -> None:
 def _failure(exc: psycopg.Error, what: str) -> MigrationError:
     """One PHI-free sentence; lock timeouts and lost connections are worth retrying."""
     sentence = f"{what} failed: {describe_pg_error(exc)}."
-    if is_transient(exc) or isinstance(exc, psycopg.errors.LockNotAvailable):
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
         return TransientError(sentence)
-    return SchemaError(sentence)
+    return database_error(exc, sentence, SchemaError)
 
 
 @contextmanager

@@ -313,7 +313,8 @@ def test_connection_error_mapping(url, libpq_text, cls, words):
 
 def test_exit_codes_of_database_errors():
     """A set-up to fix is bad input (2); the tool's own syntax error and the rest are 1."""
-    from supabase_migration.connections import database_error_exit_code
+    from supabase_migration.connections import database_error, database_error_exit_code
+    from supabase_migration.errors import CopyError
 
     assert database_error_exit_code(pg_errors.InsufficientPrivilege()) == 2
     assert database_error_exit_code(pg_errors.UndefinedTable()) == 2
@@ -321,6 +322,10 @@ def test_exit_codes_of_database_errors():
     assert database_error_exit_code(pg_errors.SyntaxError()) == 1
     assert database_error_exit_code(pg_errors.DiskFull()) == 1
     assert database_error_exit_code(pg_errors.AdminShutdown()) == 1  # transient
+    # The errors the steps raise from them carry the same codes.
+    assert type(database_error(pg_errors.InsufficientPrivilege(), "x", CopyError)) is ConfigError
+    assert type(database_error(pg_errors.DiskFull(), "x", CopyError)) is CopyError
+    assert type(database_error(pg_errors.AdminShutdown(), "x", CopyError)) is TransientError
 
 
 def test_timeout_exception_class_maps_to_unreachable():
