@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import dagster as dg
 import psycopg
+from dagster._utils.error import SerializableErrorInfo
 from pydantic import Field
 
 from . import checkpoints, deferred
@@ -114,15 +115,21 @@ def stop_after_interrupt(context: dg.AssetExecutionContext) -> None:
         )
         if entry.dagster_event is not None and entry.dagster_event.step_key == step
     ]
-    error = retries[-1].event_specific_data.error if retries else None
+    if retries and is_interruption(retries[-1].event_specific_data.error):
+        raise dg.Failure(
+            description="Interrupted (Ctrl-C, or the run was terminated).",
+            allow_retries=False,
+            metadata={INTERRUPTED_METADATA: True},
+        )
+
+
+def is_interruption(error: SerializableErrorInfo | None) -> bool:
+    """Whether a step's error, or any error it was raised from, is Ctrl-C (as Dagster saw it)."""
     while error is not None:
         if error.cls_name in _INTERRUPTS:
-            raise dg.Failure(
-                description="Interrupted (Ctrl-C, or the run was terminated).",
-                allow_retries=False,
-                metadata={INTERRUPTED_METADATA: True},
-            )
+            return True
         error = error.cause
+    return False
 
 
 def step_failure(exc: MigrationError | psycopg.Error) -> dg.Failure:

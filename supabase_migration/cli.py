@@ -277,12 +277,12 @@ def _finish(summary: RunSummary) -> int:
         checked = " and verified" if summary.verified else ""
         print(f"Migration complete{checked} in {summary.duration_s:.1f} s.")
         if summary.report_dir:
-            print(f"Verification report: {summary.report_dir / 'verification_report.html'}")
+            print(f"Verification report: {summary.report_dir / (REPORT_BASENAME + '.html')}")
         return EXIT_OK
     if summary.copied:
         print(
             "Every range was copied but verification FAILED; see "
-            f"{summary.report_dir / 'verification_report.html'} for what differs.",
+            f"{summary.report_dir / (REPORT_BASENAME + '.html')} for what differs.",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -389,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except OSError as exc:
         if exc.filename is not None:  # a file the user named: manifest, report, policy
-            print(f"error: {exc.strerror or type(exc).__name__} ({exc.filename}).", file=sys.stderr)
+            sentence = f"{exc.strerror or type(exc).__name__} ({exc.filename})."
+            print(f"error: {redact_text(sentence, _passwords(secrets))}", file=sys.stderr)
             return EXIT_BAD_INPUT
         print(f"error: {exc.strerror or type(exc).__name__}.", file=sys.stderr)  # disk full ...
         return EXIT_FAILED

@@ -46,6 +46,7 @@ from .assets import (
     PLAN_KEY,
     SCHEMA_KEY,
     SEQUENCES_KEY,
+    is_interruption,
     live_tables,
     partitions_def_name,
     table_asset_key,
@@ -188,12 +189,10 @@ def _run_failure(result: dg.ExecuteInProcessResult) -> MigrationError:
     failures = result.get_step_failure_events()
     for event in failures:
         data = event.step_failure_data
-        if data.user_failure_data and data.user_failure_data.metadata.get(INTERRUPTED_METADATA):
-            raise KeyboardInterrupt  # a retried attempt that found the step interrupted
-        root = data.error
-        while root is not None and root.cause is not None:
-            root = root.cause
-        if root is not None and root.cls_name == "DagsterExecutionInterruptedError":
+        retried = data.user_failure_data and data.user_failure_data.metadata.get(
+            INTERRUPTED_METADATA
+        )  # a retried attempt that found the step interrupted
+        if retried or is_interruption(data.error):
             raise KeyboardInterrupt
     for event in failures:
         data = event.step_failure_data

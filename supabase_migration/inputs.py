@@ -103,7 +103,7 @@ def init(settings: Settings) -> Manifest:
     }
     if base["schema_mode"] == "alembic" and not base["alembic_config"]:
         raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
-    _check_alembic_config(base["alembic_config"])
+    check_alembic_config(base["alembic_config"])
     include = settings.include or (previous.include if previous else ())
     exclude = settings.exclude or (previous.exclude if previous else ())
     result = manifest_io.from_catalog(
@@ -121,7 +121,7 @@ def init(settings: Settings) -> Manifest:
     return manifest_io.read(settings.manifest_path)
 
 
-def _check_alembic_config(path: object) -> None:
+def check_alembic_config(path: object) -> None:
     if path and not Path(str(path)).expanduser().is_file():
         raise ConfigError(f"The Alembic configuration {path} does not exist.")
 
@@ -144,7 +144,7 @@ def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: N
     if settings.schema_mode:
         changes["schema_mode"] = settings.schema_mode
     if settings.alembic_config:
-        _check_alembic_config(settings.alembic_config)
+        check_alembic_config(settings.alembic_config)
         changes["alembic_config"] = settings.alembic_config
     changed = {k: v for k, v in changes.items() if getattr(existing, k) != v}
     if changed:

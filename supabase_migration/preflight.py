@@ -1046,16 +1046,20 @@ def findings_markdown(findings: Sequence[Finding]) -> str:
 def raise_for_errors(
     findings: Sequence[Finding],
     stopped: str = "Preflight stopped the migration before anything was written",
+    *,
+    plan_lists_them: bool = True,
 ) -> None:
-    """Stop before any data moves when a finding is an ERROR, in one sentence."""
+    """Stop before any data moves when a finding is an ERROR, in one sentence: the first one,
+    and where the others are (`plan` runs preflight; otherwise their subjects are named)."""
     errors = [f for f in findings if f.severity is Severity.ERROR]
     if not errors:
         return
     first = errors[0].message.rstrip(".")
     more = len(errors) - 1
-    tail = (
-        f" (and {more} more error{'s' if more > 1 else ''}; `supabase-migrate plan` lists them)"
-        if more
-        else ""
+    where = (
+        "`supabase-migrate plan` lists them"
+        if plan_lists_them
+        else ", ".join(f.subject for f in errors[1:])
     )
+    tail = f" (and {more} more error{'s' if more > 1 else ''}: {where})" if more else ""
     raise PreflightError(f"{stopped}: {first}{tail}.")

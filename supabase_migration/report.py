@@ -163,7 +163,7 @@ class Report:
         )
         repair = (
             f"; `{repair}` re-syncs the ranges that differ"
-            if ranges_to_repair(self.to_dict())
+            if any(not o.passed and o.details.get("partitions_to_rerun") for o in self.outcomes)
             else ""
         )
         return f"Verification FAILED: {' and '.join(parts)}{repair}"

@@ -49,6 +49,7 @@ from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .connections import borrowed, connect, database_error
 from .conninfo import DatabaseUrl
 from .errors import ConfigError, MigrationError, SchemaError
+from .inputs import check_alembic_config
 from .preflight import (
     BUILTIN_EXTENSIONS,
     available_extensions,
@@ -379,9 +380,8 @@ def alembic_configuration(path: Path, target_url: DatabaseUrl) -> Any:
     """Load the user's alembic.ini and point it at the target, without touching the file."""
     from alembic.config import Config
 
+    check_alembic_config(path)
     path = path.expanduser()
-    if not path.is_file():
-        raise ConfigError(f"The Alembic configuration {path} does not exist.")
     cfg = Config(str(path))
     # Flask-Migrate's convention, honoured by many env.py files: leave the host's logging alone.
     cfg.attributes["configure_logger"] = False

@@ -75,7 +75,11 @@ def migrate_schema(
                 tables=[t.name for t in manifest.tables],
             )
         findings += found
-        raise_for_errors(found, "The Alembic upgrade left tables the source's rows do not fit")
+        raise_for_errors(
+            found,
+            "The Alembic upgrade left tables the source's rows do not fit",
+            plan_lists_them=False,  # plan compares no tables in this mode: nothing upgraded yet
+        )
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)
     return SchemaOutcome(result=result, findings=findings)
