@@ -1,6 +1,6 @@
 """The `supabase-migrate` executable's entry point.
 
-Light on purpose: Python spends about a second importing the tool (psycopg, pandas, Dagster for
+Light on purpose: Python spends about a second importing the tool (psycopg, Dagster for
 most commands) before `cli.main` can catch anything, and Ctrl-C in that second printed a
 traceback through whichever import it interrupted.
 """

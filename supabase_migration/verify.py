@@ -13,11 +13,9 @@ a mismatch the keys and hashes of one range, come back to the client.
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,8 +41,6 @@ from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, who
 from .redaction import describe_pg_error
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from .report import Report
 
 ERROR = "ERROR"
@@ -556,26 +552,29 @@ def _changed_columns(
 # --- sample ---------------------------------------------------------------------------------
 
 
-def normalize_column(values: pd.Series, type_sql: str) -> pd.Series:
+def normalize_column(values: Sequence[Any], type_sql: str) -> list[Any]:
     """Representation-insensitive form of one column's text values, by column type.
 
     Timestamps compare as UTC instants, numerics without trailing zeros (1.50 = 1.5), JSON with
-    sorted keys and no whitespace; anything else (arrays included) as the server's text.
+    sorted keys and no whitespace; anything else (arrays included) as the server's text. Only
+    values whose text differs get here, so pandas (1.4 CPU-seconds to import) is loaded only
+    when a sample holds such a pair, never in a verification where every sampled row is equal.
     """
-    import pandas as pd
-
     t = type_sql.lower()
     if t.endswith("[]"):
-        return values
+        return list(values)
     if t.startswith("timestamp"):
-        parsed = pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
+        import pandas as pd
+
+        texts = pd.Series(list(values), dtype=object)
+        parsed = pd.to_datetime(texts, utc=True, errors="coerce", format="ISO8601")
         iso = parsed.map(lambda v: None if pd.isna(v) else v.isoformat())
-        return iso.where(parsed.notna(), values)  # 'infinity' and BC dates stay text
+        return list(iso.where(parsed.notna(), texts))  # 'infinity' and BC dates stay text
     if t.startswith(("numeric", "decimal")):
-        return values.map(_norm_numeric)
+        return [_norm_numeric(v) for v in values]
     if t in {"json", "jsonb"}:
-        return values.map(_norm_json)
-    return values
+        return [_norm_json(v) for v in values]
+    return list(values)
 
 
 def _norm_numeric(value: Any) -> Any:
@@ -604,7 +603,7 @@ def sample_rows(
     size: int = DEFAULT_SAMPLE_SIZE,
     seed: int | None = None,
 ) -> CheckOutcome:
-    """Compare a seeded random sample of rows column by column (pandas; small data only).
+    """Compare a seeded random sample of rows column by column.
 
     Keys are picked on the source from the seed (`pick_sample_keys`: index probes on big tables
     with an integer or uuid key, else a hash of key and seed), so a recorded seed reproduces the
@@ -721,13 +720,10 @@ def _probe_keys(
 def _sample_by_key(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo, size: int, seed: int
 ) -> tuple[bool, str, str, dict[str, Any]]:
-    import pandas as pd  # small frames only: never on the bulk copy path
-
     name = table.qualified_name
     width = len(table.key)
     keys, method = pick_sample_keys(source, table, size, seed)
     columns = list(table.columns)
-    labels = [f"c{i}" for i in range(len(columns))]
     fetch = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
         _key_texts(table),
         sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in columns),
@@ -736,26 +732,26 @@ def _sample_by_key(
     )
     params = _key_arrays(keys, width)
 
-    def rows(conn: psycopg.Connection) -> pd.DataFrame:
+    def rows(conn: psycopg.Connection) -> dict[str, tuple[Any, ...]]:
+        """Each sampled row's column texts, by its key's label."""
         with read_snapshot(conn):
             data = conn.execute(fetch, params).fetchall() if keys else []
-        frame = pd.DataFrame(data, columns=[f"k{i}" for i in range(width)] + labels, dtype=object)
-        frame.index = pd.Index(
-            [key_label(table.key, r[:width]) for r in data], dtype=object, name="key"
-        )
-        return frame[labels]
+        return {key_label(table.key, r[:width]): tuple(r[width:]) for r in data}
 
     src, tgt = on_both(rows, source, target)
-    missing_keys = [k for k in src.index if k not in tgt.index]
-    common = src.index.intersection(tgt.index)
-    s, t = src.loc[common], tgt.loc[common]
+    missing_keys = [k for k in src if k not in tgt]
+    common = [k for k in src if k in tgt]
     differing: dict[str, list[str]] = {}
-    for label, col in zip(labels, columns, strict=True):
-        a = normalize_column(s[label], col.type_sql)
-        b = normalize_column(t[label], col.type_sql)
-        unequal = ~((a == b) | (a.isna() & b.isna()))
-        for key in a.index[unequal.to_numpy()]:
-            differing.setdefault(str(key), []).append(col.name)
+    for i, col in enumerate(columns):
+        # Equal text is equal; only the pairs whose text differs are normalized by type.
+        unequal = [k for k in common if src[k][i] != tgt[k][i]]
+        if not unequal:
+            continue
+        a = normalize_column([src[k][i] for k in unequal], col.type_sql)
+        b = normalize_column([tgt[k][i] for k in unequal], col.type_sql)
+        for key, x, y in zip(unequal, a, b, strict=True):
+            if x != y:
+                differing.setdefault(key, []).append(col.name)
     mismatched = [{"key": k, "columns": cols} for k, cols in sorted(differing.items())]
     bad_columns = sorted({c for cols in differing.values() for c in cols})
     passed = not mismatched and not missing_keys
@@ -1323,8 +1319,6 @@ def run_verification(
     from .report import Report  # report renders outcomes, so it imports this module
 
     started = time.monotonic()
-    # The sample check needs pandas (0.5-1 s to import): load it while the databases hash rows.
-    threading.Thread(target=importlib.import_module, args=("pandas",), daemon=True).start()
     seed = secrets.randbelow(2**31) if seed is None else seed
     names = list(tables) if tables else [t.name for t in manifest.tables]
     results: dict[str, list[CheckOutcome]] = {}

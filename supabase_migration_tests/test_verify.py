@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -656,6 +658,62 @@ def test_large_tables_sample_by_index_probes(source_db, target_db) -> None:
         assert changed.details["mismatched_rows"] == 10
         assert changed.details["mismatched_columns"] == ["note"]
         assert "Jane" not in changed.description + json.dumps(changed.details)
+
+
+def test_sample_compares_values_not_their_text(source_db, target_db, tmp_path: Path) -> None:
+    """Equal values written differently (1.50 and 1.5, an instant with and without its zone,
+    JSON keys in another order) pass; a real difference in any of them fails, naming the
+    column. pandas is imported only for the pairs whose text differs: a sample whose rows are
+    all equal never loads it (1.4 CPU-seconds)."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE shown (id int PRIMARY KEY, dose numeric(6,2), seen timestamptz, "
+            "extra json, note text);"
+            "INSERT INTO shown SELECT i, 1.50, '2024-03-01 10:00:00+00', "
+            "'{\"b\": 1, \"a\": [2, 3]}', 'n' FROM generate_series(1, 50) i"
+        )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE shown (id int PRIMARY KEY, dose numeric(6,1), seen timestamp, "
+            "extra jsonb, note text);"
+            "INSERT INTO shown SELECT i, 1.5, '2024-03-01 10:00:00', "
+            "'{\"a\": [2, 3], \"b\": 1}', 'n' FROM generate_series(1, 50) i"
+        )
+    src_url = parse_database_url(source_db.url, label="source")
+    tgt_url = parse_database_url(target_db.url, label="target")
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        info = next(i for i in read_tables(s, ["public"]) if i.name == "shown")
+        same = sample_rows(s, t, info, 20, 3)
+        assert same.passed and same.details["rows_compared"] == 20, same.description
+        t.execute(
+            "UPDATE shown SET dose = 1.6 WHERE id = 1; "
+            "UPDATE shown SET seen = '2024-03-01 11:00:00' WHERE id = 2; "
+            'UPDATE shown SET extra = \'{"a": [2, 3], "b": 2}\' WHERE id = 3'
+        )
+        changed = sample_rows(s, t, info, 50, 3)
+        assert not changed.passed
+        assert {m["key"]: m["columns"] for m in changed.details["mismatches"]} == {
+            "id=1": ["dose"],
+            "id=2": ["seen"],
+            "id=3": ["extra"],
+        }
+    # In a process of its own, equal rows leave pandas unloaded.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        "from supabase_migration.catalog import read_tables\n"
+        "from supabase_migration.connections import connect\n"
+        "from supabase_migration.conninfo import parse_database_url\n"
+        "from supabase_migration.verify import sample_rows\n"
+        "s = connect(parse_database_url(sys.argv[1], label='source'), autocommit=True)\n"
+        "info = next(i for i in read_tables(s, ['public']) if i.name == 'shown')\n"
+        "outcome = sample_rows(s, s, info, 20, 3)\n"
+        "print(outcome.passed, 'pandas' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(probe), source_db.url], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split() == ["True", "False"], done.stderr
 
 
 # -- the Dagster layer ----------------------------------------------------------------------
