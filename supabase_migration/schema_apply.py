@@ -110,9 +110,12 @@ def apply_schema(
     alembic_config: Path | None = None,
     schemas: Sequence[str] | None = None,
     tables: Sequence[str] | None = None,
+    before_commit: Callable[[psycopg.Connection], None] | None = None,
 ) -> SchemaResult:
     """Bring the target's schema to the source's, in `mode`; see the module docstring.
-    `tables`: the ones to migrate (mode none checks that they exist; default: all)."""
+    `tables`: the ones to migrate (mode none checks that they exist; default: all).
+    `before_commit` (mode alembic): called with the upgrade's own connection after the
+    migrations ran, before they commit; whatever it raises rolls them back."""
     started = time.monotonic()
     try:
         mode = SchemaMode(mode)
@@ -122,7 +125,7 @@ def apply_schema(
         ) from None
     try:
         if mode is SchemaMode.ALEMBIC:
-            result = _apply_alembic(target_url, alembic_config, schemas)
+            result = _apply_alembic(target_url, alembic_config, schemas, before_commit)
         elif mode is SchemaMode.DUMP:
             result = _apply_dump(source_url, target_url, schemas)
         else:
@@ -269,7 +272,10 @@ def target_user_schemas(conn: psycopg.Connection) -> list[str]:
 
 
 def _apply_alembic(
-    target_url: DatabaseUrl, alembic_config: Path | None, schemas: Sequence[str] | None
+    target_url: DatabaseUrl,
+    alembic_config: Path | None,
+    schemas: Sequence[str] | None,
+    before_commit: Callable[[psycopg.Connection], None] | None = None,
 ) -> SchemaResult:
     # Imported here: only this mode needs Alembic and SQLAlchemy's engine machinery.
     from alembic import command
@@ -335,6 +341,8 @@ def _apply_alembic(
                     command.upgrade(cfg, "head")
                 finally:
                     cfg.attributes.pop("connection", None)
+                if before_commit is not None:
+                    before_commit(connection.connection.driver_connection)
     finally:
         engine.dispose()
     with connect(target_url) as conn, conn.transaction():

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+import psycopg
 
 from .checkpoints import ensure_bookkeeping
 from .connections import borrowed
@@ -55,31 +58,38 @@ def migrate_schema(
 ) -> SchemaOutcome:
     findings = preflight(manifest, source_url, target_url)
     raise_for_errors(findings)
-    alembic_config = Path(manifest.alembic_config) if manifest.alembic_config else None
+    alembic = SchemaMode(manifest.schema_mode) is SchemaMode.ALEMBIC
+    schemas, tables = list(manifest.schemas), [t.name for t in manifest.tables]
+
+    def fitting(target: psycopg.Connection, stopped: str) -> None:
+        """The tables are the migrations', not the source's: a source off head, or changed by
+        hand, would otherwise fail its first COPY with "incorrect binary data format"."""
+        with borrowed(source_url) as source:
+            found = table_mismatches(source, target, schemas=schemas, tables=tables)
+        findings.extend(found)
+        # `plan` compares no tables in this mode, so the sentence names the other misfits.
+        raise_for_errors(found, stopped, plan_lists_them=False)
+
     result = apply_schema(
         SchemaMode(manifest.schema_mode),
         source_url=source_url,
         target_url=target_url,
-        alembic_config=alembic_config,
-        schemas=list(manifest.schemas),
-        tables=[t.name for t in manifest.tables],
-    )
-    if SchemaMode(manifest.schema_mode) is SchemaMode.ALEMBIC:
-        # The tables are the migrations', not the source's: a source off head, or changed by
-        # hand, would otherwise fail its first COPY with "incorrect binary data format".
-        with borrowed(source_url) as source, borrowed(target_url) as target:
-            found = table_mismatches(
-                source,
-                target,
-                schemas=list(manifest.schemas),
-                tables=[t.name for t in manifest.tables],
-            )
-        findings += found
-        raise_for_errors(
-            found,
-            "The Alembic upgrade left tables the source's rows do not fit",
-            plan_lists_them=False,  # plan compares no tables in this mode: nothing upgraded yet
+        alembic_config=Path(manifest.alembic_config) if manifest.alembic_config else None,
+        schemas=schemas,
+        tables=tables,
+        # Checked inside the upgrade's transaction, so a misfit rolls the upgrade back.
+        before_commit=partial(
+            fitting,
+            stopped="The Alembic upgrade would leave tables the source's rows do not fit, "
+            "so it was rolled back",
         )
+        if alembic
+        else None,
+    )
+    if alembic and not result.changed:  # already at head: nothing ran to check above
+        at_head = "The target's tables, at the Alembic head, do not fit the source's rows"
+        with borrowed(target_url) as target:
+            fitting(target, at_head)
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)
     return SchemaOutcome(result=result, findings=findings)

@@ -382,22 +382,35 @@ def test_repair_needs_a_report_on_this_target(clinic, content, sentence):
 
 
 def test_alembic_mode_names_a_source_column_the_migrations_do_not_have(clinic):
-    """A source changed by hand (or off head): the upgraded tables would not take its rows."""
+    """A source changed by hand (or off head): the upgraded tables would not take its rows, so
+    the upgrade is rolled back before it commits; on a target already at head, the same
+    sentence stops the run before any row is copied."""
     source_db, target_db, env, tmp_path = clinic
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("ALTER TABLE patients ALTER COLUMN phone TYPE bigint USING NULL")
         conn.execute("ALTER TABLE patients ALTER COLUMN allergies TYPE bigint[] USING NULL")
-    done = cli(
-        ["run", "--schema-mode", "alembic", "--alembic-config", str(example_app.ALEMBIC_INI)],
-        env,
-        tmp_path,
-        timeout=120,
+    argv = ["run", "--schema-mode", "alembic", "--alembic-config", str(example_app.ALEMBIC_INI)]
+    misfits = (
+        "Column public.patients.phone is text on the target but bigint on the source; make "
+        "them the same (the copy moves rows as they are) (and 1 more error: "
+        "public.patients.allergies).\n"
     )
+    done = cli(argv, env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
-        "error: The Alembic upgrade left tables the source's rows do not fit: Column "
-        "public.patients.phone is text on the target but bigint on the source; make them the "
-        "same (the copy moves rows as they are) (and 1 more error: public.patients.allergies).\n"
+        "error: The Alembic upgrade would leave tables the source's rows do not fit, so it was "
+        f"rolled back: {misfits}"
+    ), done.stderr
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT to_regclass('public.patients'), to_regclass('public.alembic_version')"
+        ).fetchone() == (None, None)
+
+    example_app.upgrade_head(target_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    done = cli(argv, env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"error: The target's tables, at the Alembic head, do not fit the source's rows: {misfits}"
     ), done.stderr
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
