@@ -21,7 +21,7 @@ import psycopg
 
 from . import __version__
 from .connections import database_error_exit_code
-from .errors import ConfigError, MigrationError
+from .errors import ConfigError, MigrationError, VerificationInterrupted
 from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
 from .manifest import MANIFEST_ENV
 from .memory import freeze_for_exit
@@ -399,8 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sentence = describe_pg_error(exc, context="A database request failed")
         print(f"error: {redact_text(sentence, _passwords(secrets))}.", file=sys.stderr)
         return database_error_exit_code(exc)
-    except KeyboardInterrupt:
-        if command in ("run", "resume"):
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, VerificationInterrupted):
+            said = (
+                "Interrupted while verifying; every range is copied. Run `supabase-migrate verify`."
+            )
+        elif command in ("run", "resume"):
             said = "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
         elif command == "demo":
             said = "Interrupted."

@@ -57,7 +57,7 @@ from .checks import REPORT_CHECK, REPORT_KEY
 from .connections import borrowed, close_kept, side_by_side, warn_if_workers_exceed_pool
 from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
-from .errors import ConfigError, MigrationError
+from .errors import ConfigError, MigrationError, VerificationInterrupted
 from .inputs import (
     Settings,
     check_connections,
@@ -536,7 +536,10 @@ def run(
         _run_setup_assets(defs, [INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY], instance, command)
         if settings.verify:
             log("Verifying every table against the source")
-            summary.verified = _run_report(defs, instance, command, settings)
+            try:
+                summary.verified = _run_report(defs, instance, command, settings)
+            except KeyboardInterrupt:
+                raise VerificationInterrupted from None
             summary.report_dir = report_dir().resolve()
     summary.duration_s = time.monotonic() - started
     return summary

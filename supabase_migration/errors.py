@@ -51,3 +51,8 @@ class CopyError(MigrationError):
 
 class ConcurrentRunError(MigrationError):
     """Another run holds the same partition; this one stepped aside without writing."""
+
+
+class VerificationInterrupted(KeyboardInterrupt):
+    """Ctrl-C while `run` verified: every range was copied, so `verify`, not `resume`, is
+    what finishes the job."""

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import random
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -80,6 +82,7 @@ DEFAULT_SAMPLE_SIZE = 100
 DRILL_DOWN_RANGES = 5  # mismatched ranges whose rows are compared key by key
 MAX_KEYS_SHOWN = 20
 MAX_FK_KEYS = 10
+STOP_WAIT_S = 10.0  # how long a stopping verification keeps cancelling its tables' queries
 
 T = TypeVar("T")
 
@@ -1245,10 +1248,12 @@ def verify_table(
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     seed: int | None = None,
     collate_c: bool = False,
+    stopping: threading.Event | None = None,
 ) -> list[CheckOutcome]:
     """Run the selected checks on one table; a check whose query fails, fails alone. A
     connection that cannot be opened again stops the verification with that sentence: every
-    further check would wait out the same connect timeout.
+    further check would wait out the same connect timeout. Once `stopping` is set, no further
+    check starts (`VerificationStopped`).
 
     Connections may be given as callables returning a live connection, so a connection broken
     by one check is replaced before the next (see `CopySession`). So may the ranges: read
@@ -1289,6 +1294,8 @@ def verify_table(
     for name in CHECK_NAMES:
         if name not in checks:
             continue
+        if stopping is not None and stopping.is_set():
+            raise VerificationStopped(table.qualified_name)
         started = time.monotonic()
         try:
             outcomes.append(runners[name]())
@@ -1297,6 +1304,24 @@ def verify_table(
                 failed_to_run(name, table.qualified_name, exc, time.monotonic() - started)
             )
     return outcomes
+
+
+class VerificationStopped(Exception):
+    """A table's checks left off because the verification as a whole is stopping."""
+
+
+def _cancel_until_done(sessions: Sequence[CopySession], futures: Sequence[Future[None]]) -> None:
+    """Cancel the sessions' running queries until every started table's checks have ended.
+
+    Asked again every few tenths of a second: a cancel reaches only the query running when it
+    arrives, and a check may start its next query (or the next check) just after it. A query
+    cancelled this way fails its check, which no one reads: the verification is stopping."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    while time.monotonic() < deadline:
+        for session in sessions:
+            session.cancel()
+        if futures_wait(futures, timeout=0.2).not_done == set():
+            return
 
 
 def run_verification(
@@ -1363,6 +1388,7 @@ def run_verification(
                     sample_size=sample_size,
                     seed=seed,
                     collate_c=collate_c,
+                    stopping=stopping,
                 )
                 results[info.qualified_name] = outcomes
                 if on_table is not None:
@@ -1370,9 +1396,20 @@ def run_verification(
             finally:
                 sessions.put(session)
 
+        stopping = threading.Event()
         with ThreadPoolExecutor(max_workers=2) as pool:
-            for future in [pool.submit(verify_one, info) for info in todo]:
-                future.result()
+            futures = [pool.submit(verify_one, info) for info in todo]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                # Ctrl-C, or a verification that cannot go on: the other table's queries
+                # would otherwise hold the command until they finish (minutes on a big table).
+                stopping.set()
+                for future in futures:
+                    future.cancel()
+                _cancel_until_done([first, second], futures)
+                raise
     outcomes = [outcome for name in names for outcome in results.get(name, [])]
     return Report(
         outcomes=tuple(outcomes),

@@ -520,7 +520,7 @@ def test_ctrl_c_during_the_copy_is_one_sentence_and_resume_finishes(clinic):
     try:
         deadline = time.monotonic() + 120
         while _completed_ranges(target_db.url) < 3:
-            assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline and run.poll() is None, _output_if_ended(run)
             time.sleep(0.05)
         os.killpg(run.pid, signal.SIGINT)
         _, stderr = run.communicate(timeout=120)
@@ -537,6 +537,89 @@ def test_ctrl_c_during_the_copy_is_one_sentence_and_resume_finishes(clinic):
     done = cli(["resume", "--no-progress"], env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+
+
+def test_ctrl_c_during_the_runs_verification_stops_at_once_and_verify_finishes(clinic):
+    """Ctrl-C while `run` verifies, with a verification query held up on the source: the CLI
+    ends at once (it does not wait for the query), says that every range is copied and that
+    `verify` finishes the job, and `verify` then passes."""
+    source_db, target_db, env, tmp_path = clinic
+    run = cli_from_a_terminal(["run", "--no-progress"], env, tmp_path, own_group=True)
+    holder = psycopg.connect(source_db.url)  # holds alembic_version once it is copied
+    try:
+        deadline = time.monotonic() + 120
+        while not _range_completed(target_db.url, "public.alembic_version"):
+            assert time.monotonic() < deadline and run.poll() is None, _output_if_ended(run)
+            time.sleep(0.02)
+        holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+        _wait_for_a_lock_wait(source_db.url, run, deadline)
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=30)  # the lock is still held
+    finally:
+        holder.close()
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 1, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "Interrupted while verifying; every range is copied. Run `supabase-migrate verify`."
+    ), stderr
+    done = cli(["verify"], env, tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+
+
+def test_ctrl_c_stops_verify_while_its_queries_run(clinic):
+    """Ctrl-C while `verify` waits on a query in one of its worker threads (held up on the
+    target): the CLI ends at once, with its sentence, instead of waiting for the query."""
+    _, target_db, env, tmp_path = clinic
+    assert cli(["run", "--no-verify", "--no-progress"], env, tmp_path).returncode == 0
+    holder = psycopg.connect(target_db.url)
+    holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+    run = cli_from_a_terminal(["verify"], env, tmp_path, own_group=True)
+    try:
+        _wait_for_a_lock_wait(target_db.url, run, time.monotonic() + 120)
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=30)  # the lock is still held
+    finally:
+        holder.close()
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 1, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "Interrupted; nothing this command writes was left half done."
+    ), stderr
+
+
+def _wait_for_a_lock_wait(url: str, run: subprocess.Popen[str], deadline: float) -> None:
+    """Until a session of `run` waits for a lock on the database at `url`."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND pid <> pg_backend_pid()"
+    )
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while watcher.execute(waiting).fetchone() == (0,):
+            assert time.monotonic() < deadline and run.poll() is None, _output_if_ended(run)
+            time.sleep(0.02)
+
+
+def _output_if_ended(run: subprocess.Popen[str]) -> object:
+    """What an ended CLI printed; never waits for one still running (a stalled run would
+    hang the suite instead of failing its test)."""
+    return run.communicate() if run.poll() is not None else "still running"
+
+
+def _range_completed(url: str, table: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        name = "supabase_migration.migration_checkpoints"
+        if conn.execute("SELECT to_regclass(%s)", [name]).fetchone() == (None,):
+            return False
+        return conn.execute(
+            f"SELECT bool_and(status = 'completed') FROM {name} WHERE table_name = %s", [table]
+        ).fetchone() == (True,)
 
 
 def _completed_ranges(url: str) -> int:
