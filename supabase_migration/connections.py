@@ -22,7 +22,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import AbstractContextManager
 from queue import Queue
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -595,8 +596,51 @@ def side_by_side(
             finally:
                 idle.put(conn)
 
+        opened = list(idle.queue)
         with ThreadPoolExecutor(idle.qsize()) as pool:
-            return list(pool.map(one, items))
+            futures = [pool.submit(one, item) for item in items]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:  # Ctrl-C, or one item's error: the others' reads stop too
+                cancel_until_done(futures, lambda: [cancel_query(c) for c in _each(opened)])
+                raise
+
+
+def _each(opened: Sequence[object]) -> Iterator[psycopg.Connection]:
+    """The connections among what `open_conn` gave: one connection, or a tuple of them."""
+    for item in opened:
+        for conn in item if isinstance(item, tuple) else (item,):
+            if isinstance(conn, psycopg.Connection):
+                yield conn
+
+
+CANCEL_TIMEOUT_S = 5.0
+STOP_WAIT_S = 10.0  # how long a stopping command keeps cancelling its threads' queries
+
+
+def cancel_query(conn: psycopg.Connection) -> None:
+    """Cancel the query another thread runs on `conn` now, if any (the request travels on a
+    connection of its own; an idle connection ignores it)."""
+    if not conn.closed:
+        with contextlib.suppress(psycopg.Error):
+            conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
+
+
+def cancel_until_done(futures: Sequence[Future[Any]], cancel: Callable[[], object]) -> None:
+    """Stop threads that run queries, so a stopping command (Ctrl-C, an error) does not wait
+    for them: a whole-table read of a big table takes minutes, and one behind a lock forever.
+
+    Work not started is dropped; `cancel` (cancelling the connections' queries) is repeated
+    every few tenths of a second until every thread has ended, since a cancel reaches only the
+    query running when it arrives and a thread may start its next one just after. Their
+    results are not read: the caller is raising."""
+    for future in futures:
+        future.cancel()
+    deadline = time.monotonic() + STOP_WAIT_S
+    while time.monotonic() < deadline:
+        cancel()
+        if not futures_wait(futures, timeout=0.2).not_done:
+            return
 
 
 def in_one_round_trip(

@@ -30,6 +30,7 @@ from psycopg import pq, sql
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
 from .connections import (
+    cancel_query,
     database_error,
     in_one_round_trip,
     is_transient,
@@ -46,7 +47,6 @@ from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, who
 from .redaction import describe_pg_error
 
 STAGING_TABLE = "supabase_migration_stage"
-CANCEL_TIMEOUT_S = 5.0
 WRITE_BLOCK = 256 * 1024
 
 
@@ -658,9 +658,8 @@ class CopySession:
         """Cancel whatever query another thread runs on these connections now (a cancel
         request travels on a connection of its own; an idle connection ignores it)."""
         for conn in (self._source, self._target, self._peer):
-            if conn is not None and not conn.closed:
-                with contextlib.suppress(psycopg.Error):
-                    conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
+            if conn is not None:
+                cancel_query(conn)
 
     def close(self) -> None:
         """The connections stay open for the process's next table run (`connections.keep`)."""

@@ -20,8 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +34,7 @@ from psycopg import sql
 
 from . import checkpoints, deferred, sqlbuild
 from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
-from .connections import transaction_with
+from .connections import cancel_until_done, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .manifest import Manifest
@@ -82,7 +81,6 @@ DEFAULT_SAMPLE_SIZE = 100
 DRILL_DOWN_RANGES = 5  # mismatched ranges whose rows are compared key by key
 MAX_KEYS_SHOWN = 20
 MAX_FK_KEYS = 10
-STOP_WAIT_S = 10.0  # how long a stopping verification keeps cancelling its tables' queries
 
 T = TypeVar("T")
 
@@ -1310,20 +1308,6 @@ class VerificationStopped(Exception):
     """A table's checks left off because the verification as a whole is stopping."""
 
 
-def _cancel_until_done(sessions: Sequence[CopySession], futures: Sequence[Future[None]]) -> None:
-    """Cancel the sessions' running queries until every started table's checks have ended.
-
-    Asked again every few tenths of a second: a cancel reaches only the query running when it
-    arrives, and a check may start its next query (or the next check) just after it. A query
-    cancelled this way fails its check, which no one reads: the verification is stopping."""
-    deadline = time.monotonic() + STOP_WAIT_S
-    while time.monotonic() < deadline:
-        for session in sessions:
-            session.cancel()
-        if futures_wait(futures, timeout=0.2).not_done == set():
-            return
-
-
 def run_verification(
     manifest: Manifest,
     source_url: DatabaseUrl,
@@ -1405,10 +1389,8 @@ def run_verification(
             except BaseException:
                 # Ctrl-C, or a verification that cannot go on: the other table's queries
                 # would otherwise hold the command until they finish (minutes on a big table).
-                stopping.set()
-                for future in futures:
-                    future.cancel()
-                _cancel_until_done([first, second], futures)
+                stopping.set()  # and no further check starts
+                cancel_until_done(futures, lambda: (first.cancel(), second.cancel()))
                 raise
     outcomes = [outcome for name in names for outcome in results.get(name, [])]
     return Report(

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 import select
+import signal
 import socket
 import threading
 import time
@@ -607,6 +608,46 @@ def test_side_by_side_overlaps_work_on_reused_connections(source_db):
     assert [n for n, _, _ in results] == [1, 2, 3, 4, 5]
     assert len(opened) == 2 and {pid for _, pid, _ in results} == set(opened)
     assert max(busy for _, _, busy in results) == 2
+
+
+def test_ctrl_c_stops_side_by_side_reads_without_waiting_for_them(source_db):
+    """Ctrl-C while two whole-table reads run in side_by_side's threads, both held behind a
+    lock: the interrupt comes through at once, their queries are cancelled, and the items not
+    started never start (before, the command waited for every read to finish)."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE held (n int)")
+    url = parse_database_url(source_db.url, label="source")
+    started: list[int] = []
+
+    def work(conn: psycopg.Connection, n: int) -> None:
+        started.append(n)
+        conn.execute("SELECT count(*) FROM held")
+
+    holder = psycopg.connect(source_db.url)
+    holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+    interrupt = threading.Timer(1.0, os.kill, [os.getpid(), signal.SIGINT])
+    release = threading.Timer(8.0, holder.rollback)  # a regression fails, it does not hang
+    # Python's own Ctrl-C handler: a suite started in the background has SIGINT ignored.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    began = time.monotonic()
+    try:
+        interrupt.start()
+        release.start()
+        with pytest.raises(KeyboardInterrupt):
+            side_by_side(lambda: connect(url, autocommit=True), [1, 2, 3, 4], work, what=str)
+        took = time.monotonic() - began
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT count(*) FROM held'"
+                " AND state = 'active'"
+            ).fetchone()
+    finally:
+        interrupt.cancel()
+        release.cancel()
+        signal.signal(signal.SIGINT, before)
+        holder.close()
+    assert took < 5, took  # the lock was still held: nothing waited for it
+    assert sorted(started) == [1, 2] and waiting == (0,)
 
 
 def test_side_by_side_failure_is_one_sentence_naming_the_item(source_db):
