@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -545,26 +547,18 @@ def test_ctrl_c_during_the_runs_verification_stops_at_once_and_verify_finishes(c
     `verify` finishes the job, and `verify` then passes."""
     source_db, target_db, env, tmp_path = clinic
     run = cli_from_a_terminal(["run", "--no-progress"], env, tmp_path, own_group=True)
-    holder = psycopg.connect(source_db.url)  # holds alembic_version once it is copied
-    try:
+    holder = psycopg.connect(source_db.url)  # holds alembic_version once every range is copied
+    with _cleaned_up(run, holder):
         deadline = time.monotonic() + 120
-        while not _range_completed(target_db.url, "public.alembic_version"):
+        # Not sooner: a table run starting would wait for the lock (reading the catalog).
+        while not _all_ranges_completed(target_db.url):
             assert time.monotonic() < deadline and run.poll() is None, _output_if_ended(run)
             time.sleep(0.02)
         holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
-        _wait_for_a_lock_wait(source_db.url, run, deadline)
-        os.killpg(run.pid, signal.SIGINT)
-        _, stderr = run.communicate(timeout=30)  # the lock is still held
-    finally:
-        holder.close()
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-    assert run.returncode == 1, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == (
+        said = _ctrl_c_once_held(run, source_db.url, deadline)
+    assert said == (
         "Interrupted while verifying; every range is copied. Run `supabase-migrate verify`."
-    ), stderr
+    )
     done = cli(["verify"], env, tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
@@ -578,20 +572,32 @@ def test_ctrl_c_stops_verify_while_its_queries_run(clinic):
     holder = psycopg.connect(target_db.url)
     holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
     run = cli_from_a_terminal(["verify"], env, tmp_path, own_group=True)
+    with _cleaned_up(run, holder):
+        said = _ctrl_c_once_held(run, target_db.url, time.monotonic() + 120)
+    assert said == "Interrupted; nothing this command writes was left half done."
+
+
+@contextlib.contextmanager
+def _cleaned_up(run: subprocess.Popen[str], holder: psycopg.Connection) -> Iterator[None]:
+    """The lock's holder closed and the CLI's process group gone, however the test ends."""
     try:
-        _wait_for_a_lock_wait(target_db.url, run, time.monotonic() + 120)
-        os.killpg(run.pid, signal.SIGINT)
-        _, stderr = run.communicate(timeout=30)  # the lock is still held
+        yield
     finally:
         holder.close()
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
+
+
+def _ctrl_c_once_held(run: subprocess.Popen[str], url: str, deadline: float) -> str:
+    """Ctrl-C to the CLI's process group once one of its sessions waits for a lock at `url`;
+    it must end while the lock is still held, with one sentence and no traceback, returned."""
+    _wait_for_a_lock_wait(url, run, deadline)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=30)
     assert run.returncode == 1, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "Interrupted; nothing this command writes was left half done."
-    ), stderr
+    return stderr.strip().splitlines()[-1]
 
 
 def _wait_for_a_lock_wait(url: str, run: subprocess.Popen[str], deadline: float) -> None:
@@ -612,14 +618,14 @@ def _output_if_ended(run: subprocess.Popen[str]) -> object:
     return run.communicate() if run.poll() is not None else "still running"
 
 
-def _range_completed(url: str, table: str) -> bool:
+def _all_ranges_completed(url: str) -> bool:
     with psycopg.connect(url, autocommit=True) as conn:
         name = "supabase_migration.migration_checkpoints"
         if conn.execute("SELECT to_regclass(%s)", [name]).fetchone() == (None,):
             return False
-        return conn.execute(
-            f"SELECT bool_and(status = 'completed') FROM {name} WHERE table_name = %s", [table]
-        ).fetchone() == (True,)
+        return conn.execute(f"SELECT bool_and(status = 'completed') FROM {name}").fetchone() == (
+            True,
+        )
 
 
 def _completed_ranges(url: str) -> int:
