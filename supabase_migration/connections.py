@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from contextlib import AbstractContextManager
 from queue import Queue
@@ -596,14 +596,9 @@ def side_by_side(
             finally:
                 idle.put(conn)
 
-        opened = list(idle.queue)
+        opened = list(_each(list(idle.queue)))
         with ThreadPoolExecutor(idle.qsize()) as pool:
-            futures = [pool.submit(one, item) for item in items]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:  # Ctrl-C, or one item's error: the others' reads stop too
-                cancel_until_done(futures, lambda: [cancel_query(c) for c in _each(opened)])
-                raise
+            return gather_or_stop([pool.submit(one, item) for item in items], lambda: opened)
 
 
 def _each(opened: Sequence[object]) -> Iterator[psycopg.Connection]:
@@ -614,8 +609,37 @@ def _each(opened: Sequence[object]) -> Iterator[psycopg.Connection]:
                 yield conn
 
 
-CANCEL_TIMEOUT_S = 5.0
+CANCEL_TIMEOUT_S = 2.0
 STOP_WAIT_S = 10.0  # how long a stopping command keeps cancelling its threads' queries
+
+
+def gather_or_stop(
+    futures: Sequence[Future[Result]],
+    connections: Callable[[], Sequence[psycopg.Connection]],
+    on_stop: Callable[[], object] = lambda: None,
+) -> list[Result]:
+    """Every future's result, in order; or, at the first error or Ctrl-C, the error, once
+    the other threads have stopped.
+
+    Their queries (on `connections`) are cancelled until the threads end instead of being
+    waited for: a whole-table read of a big table takes minutes, one behind a lock forever.
+    The connections are then closed, not kept for reuse: a cancel that arrives late would
+    otherwise stop someone else's next statement (a pooler forwards cancels on its own time).
+    `on_stop` runs first (to tell the threads to start nothing new).
+    """
+    try:
+        futures_wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            failed = None if future.cancelled() or not future.done() else future.exception()
+            if failed is not None:
+                raise failed
+        return [future.result() for future in futures]
+    except BaseException:
+        on_stop()
+        if _cancel_until_done(futures, connections):
+            for conn in connections():
+                conn.close()  # no thread uses them any more
+        raise
 
 
 def cancel_query(conn: psycopg.Connection) -> None:
@@ -626,21 +650,24 @@ def cancel_query(conn: psycopg.Connection) -> None:
             conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
 
 
-def cancel_until_done(futures: Sequence[Future[Any]], cancel: Callable[[], object]) -> None:
-    """Stop threads that run queries, so a stopping command (Ctrl-C, an error) does not wait
-    for them: a whole-table read of a big table takes minutes, and one behind a lock forever.
-
-    Work not started is dropped; `cancel` (cancelling the connections' queries) is repeated
-    every few tenths of a second until every thread has ended, since a cancel reaches only the
-    query running when it arrives and a thread may start its next one just after. Their
-    results are not read: the caller is raising."""
+def _cancel_until_done(
+    futures: Sequence[Future[Any]], connections: Callable[[], Sequence[psycopg.Connection]]
+) -> bool:
+    """Drop the work not started, and cancel the connections' queries every few tenths of a
+    second until every thread has ended (a cancel reaches only the query running when it
+    arrives; a thread may start its next one just after); False if some thread outlived
+    STOP_WAIT_S."""
     for future in futures:
         future.cancel()
     deadline = time.monotonic() + STOP_WAIT_S
     while time.monotonic() < deadline:
-        cancel()
+        for conn in connections():
+            if time.monotonic() >= deadline:
+                break
+            cancel_query(conn)
         if not futures_wait(futures, timeout=0.2).not_done:
-            return
+            return True
+    return False
 
 
 def in_one_round_trip(

@@ -30,7 +30,6 @@ from psycopg import pq, sql
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
 from .connections import (
-    cancel_query,
     database_error,
     in_one_round_trip,
     is_transient,
@@ -654,12 +653,9 @@ class CopySession:
             )
             raise database_error(exc, sentence, CopyError) from None
 
-    def cancel(self) -> None:
-        """Cancel whatever query another thread runs on these connections now (a cancel
-        request travels on a connection of its own; an idle connection ignores it)."""
-        for conn in (self._source, self._target, self._peer):
-            if conn is not None:
-                cancel_query(conn)
+    def connections(self) -> list[psycopg.Connection]:
+        """The connections this session has open (none is opened here)."""
+        return [c for c in (self._source, self._target, self._peer) if c is not None]
 
     def close(self) -> None:
         """The connections stay open for the process's next table run (`connections.keep`)."""

@@ -341,8 +341,14 @@ def _apply_alembic(
                     command.upgrade(cfg, "head")
                 finally:
                     cfg.attributes.pop("connection", None)
-                if before_commit is not None:
-                    before_commit(connection.connection.driver_connection)
+                upgraded = connection.connection.driver_connection
+                # Only when the upgrade ran on this connection: one that ran elsewhere (an
+                # env.py with its own URL) is named by the check after the commit instead.
+                if (
+                    before_commit is not None
+                    and _target_revisions(upgraded, table, table_schema) == heads
+                ):
+                    before_commit(upgraded)
     finally:
         engine.dispose()
     with connect(target_url) as conn, conn.transaction():

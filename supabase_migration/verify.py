@@ -34,7 +34,7 @@ from psycopg import sql
 
 from . import checkpoints, deferred, sqlbuild
 from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
-from .connections import cancel_until_done, transaction_with
+from .connections import gather_or_stop, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .manifest import Manifest
@@ -1301,6 +1301,8 @@ def verify_table(
             outcomes.append(
                 failed_to_run(name, table.qualified_name, exc, time.monotonic() - started)
             )
+    if stopping is not None and stopping.is_set():  # a check may have been cancelled
+        raise VerificationStopped(table.qualified_name)
     return outcomes
 
 
@@ -1383,15 +1385,13 @@ def run_verification(
         stopping = threading.Event()
         with ThreadPoolExecutor(max_workers=2) as pool:
             futures = [pool.submit(verify_one, info) for info in todo]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                # Ctrl-C, or a verification that cannot go on: the other table's queries
-                # would otherwise hold the command until they finish (minutes on a big table).
-                stopping.set()  # and no further check starts
-                cancel_until_done(futures, lambda: (first.cancel(), second.cancel()))
-                raise
+            # Ctrl-C, or a verification that cannot go on, stops the other table's queries
+            # instead of waiting for them (minutes on a big table); no further check starts.
+            gather_or_stop(
+                futures,
+                lambda: [*first.connections(), *second.connections()],
+                on_stop=stopping.set,
+            )
     outcomes = [outcome for name in names for outcome in results.get(name, [])]
     return Report(
         outcomes=tuple(outcomes),

@@ -604,7 +604,7 @@ def _wait_for_a_lock_wait(url: str, run: subprocess.Popen[str], deadline: float)
     """Until a session of `run` waits for a lock on the database at `url`."""
     waiting = (
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND pid <> pg_backend_pid()"
+        "AND pid <> pg_backend_pid() AND datname = current_database()"
     )
     with psycopg.connect(url, autocommit=True) as watcher:
         while watcher.execute(waiting).fetchone() == (0,):
