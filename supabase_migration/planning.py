@@ -9,7 +9,6 @@ its 100k-partition limit, so big tables get bigger ranges instead.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +21,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import borrowed, connect, side_by_side
+from .connections import borrowed, cancel_query, connect, side_by_side
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
 from .sqlbuild import Bound, range_predicate, table_ident
@@ -199,8 +198,7 @@ class FirstPlansAhead:
             with self._lock:
                 reading = list(self._reading)
             for conn in reading:
-                with contextlib.suppress(Exception):
-                    conn.cancel_safe()
+                cancel_query(conn)
             self._thread.join(0.05)
 
     def take(

@@ -642,6 +642,12 @@ def test_side_by_side_stops_reads_held_behind_a_lock(source_db, stop):
                 conn.execute("SELECT 1 / 0")
         conn.execute(HELD_READ)
 
+    opened: list[psycopg.Connection] = []
+
+    def opened_here() -> psycopg.Connection:
+        opened.append(connect(url, autocommit=True))
+        return opened[-1]
+
     holder = psycopg.connect(source_db.url)
     holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
     release = threading.Timer(8.0, holder.rollback)  # a regression fails, it does not hang
@@ -653,7 +659,7 @@ def test_side_by_side_stops_reads_held_behind_a_lock(source_db, stop):
         expected = KeyboardInterrupt if stop == "ctrl-c" else MigrationError
         with pytest.raises(expected):
             side_by_side(
-                lambda: connect(url, autocommit=True),
+                opened_here,
                 [1, 2, 3, 4, 5],
                 work,
                 what=str,
@@ -668,6 +674,8 @@ def test_side_by_side_stops_reads_held_behind_a_lock(source_db, stop):
     assert took < 5, took  # the lock was still held: nothing waited for it
     # Item 4 may start on the thread item 3 left before the stop; item 5 never does.
     assert {1, 2, 3} <= set(started) <= {1, 2, 3, 4} and left == 0
+    # Closed, not kept: a cancel arriving late must not reach another statement.
+    assert len(opened) == 3 and all(conn.closed for conn in opened)
 
 
 def test_side_by_side_failure_is_one_sentence_naming_the_item(source_db):

@@ -16,7 +16,7 @@ import pytest
 
 from supabase_migration import schema_apply
 from supabase_migration.conninfo import Endpoint, parse_database_url
-from supabase_migration.errors import ConfigError, SchemaError
+from supabase_migration.errors import ConfigError, PreflightError, SchemaError
 from supabase_migration.localpg import find_binaries
 from supabase_migration.schema_apply import (
     SchemaMode,
@@ -668,10 +668,40 @@ def test_env_py_with_its_own_url_is_caught(source_db, target_db, tmp_path):
     )
     source, target = _urls(source_db, target_db.url)
 
+    checked: list[object] = []  # the check before the commit needs the upgrade on our connection
+
     with pytest.raises(SchemaError) as caught:
-        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+        apply_schema(
+            "alembic",
+            source_url=source,
+            target_url=target,
+            alembic_config=ini,
+            before_commit=checked.append,
+        )
 
     assert "env.py" in str(caught.value) and "config.attributes['connection']" in str(caught.value)
+    assert checked == []
+
+
+def test_a_check_before_the_commit_rolls_the_upgrade_back(source_db, target_db, tmp_path):
+    ini = _alembic_project(
+        tmp_path / "app", COOKBOOK_ENV, [("d1", "CREATE TABLE kept_back (id int)")]
+    )
+    source, target = _urls(source_db, target_db.url)
+
+    def refuse(conn: psycopg.Connection) -> None:
+        assert conn.execute("SELECT to_regclass('kept_back')").fetchone() == ("kept_back",)
+        raise PreflightError("The upgraded tables do not fit.")
+
+    with pytest.raises(PreflightError, match="do not fit"):
+        apply_schema(
+            "alembic",
+            source_url=source,
+            target_url=target,
+            alembic_config=ini,
+            before_commit=refuse,
+        )
+    assert public_tables(target_db.admin_url) == []
 
 
 def test_alembic_mode_needs_a_config(source_db, target_db, tmp_path):

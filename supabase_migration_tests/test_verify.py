@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ from supabase_migration.resources import SourceDatabase, TargetDatabase
 from supabase_migration.sequences import sync_sequences
 from supabase_migration.verify import (
     CHECK_NAMES,
+    CHECKSUMS,
     ERROR,
     WARN,
+    VerificationStopped,
     pick_sample_keys,
     range_checksums,
     ranges_from_checkpoints,
@@ -487,6 +490,32 @@ def test_a_connection_that_cannot_be_reopened_stops_the_verification(migrated: M
         table = next(t for t in read_tables(source, ["public"]) if t.name == "patients")
         with pytest.raises(ConnectionFailed, match=r"127\.0\.0\.1:1"):
             verify_table(source, lambda: connect(gone, autocommit=True), table)
+
+
+def test_a_stopping_verification_starts_no_check_and_keeps_none_it_cut_short(
+    migrated: Migrated,
+) -> None:
+    """Once the verification stops (Ctrl-C, another table's error), a table starts no further
+    check, and the checks it was running (one may have had its query cancelled) are not
+    handed over as results: a cancelled check would read as a failure in the report."""
+    stopping = threading.Event()
+    with (
+        connect(migrated.source_url, autocommit=True) as source,
+        connect(migrated.target_url, autocommit=True) as target,
+    ):
+        table = next(t for t in read_tables(source, ["public"]) if t.name == "patients")
+        assert len(verify_table(source, target, table, stopping=stopping)) == len(CHECK_NAMES)
+
+        def ranges_then_stop() -> list:
+            stopping.set()  # while the checks run
+            return ranges_from_checkpoints(target, table)
+
+        with pytest.raises(VerificationStopped):
+            verify_table(
+                source, target, table, ranges_then_stop, checks=[CHECKSUMS], stopping=stopping
+            )
+        with pytest.raises(VerificationStopped):
+            verify_table(source, target, table, stopping=stopping)
 
 
 def test_missing_target_table_fails_cleanly(migrated: Migrated, tmp_path: Path) -> None:
