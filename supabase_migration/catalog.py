@@ -43,6 +43,7 @@ class Column:
     binary_ok: bool = True  # the type (or its domain base) has binary send/receive
     collatable: bool = False
     hash_native: bool = False  # checksums may hash the value itself, not its text (see sqlbuild)
+    hash_sent: str = ""  # else its binary form, by this base type's send function (see sqlbuild)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
        a.attgenerated <> '' AS generated, a.attidentity::text,
        (b.typsend <> 0 AND b.typreceive <> 0) AS binary_ok,
        b.typcollation <> 0 AS collatable,
-       (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native
+       (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native,
+       CASE WHEN b.oid = ANY(n.sent) THEN b.oid::regtype::text ELSE '' END AS hash_sent
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -123,7 +125,11 @@ JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oi
 -- equal text (unlike numeric 1.5/1.50, interval 1 day/24 hours, jsonb, floats' -0, or enums
 -- and OIDs, which hash by an OID that differs between databases).
 CROSS JOIN (SELECT ARRAY['int2', 'int4', 'int8', 'bool', 'text', 'varchar', 'uuid', 'date',
-                         'timestamp', 'timestamptz', 'bytea']::regtype[]::oid[] AS types) n
+                         'timestamp', 'timestamptz', 'bytea']::regtype[]::oid[] AS types,
+-- Types whose binary form is exactly what their text shows, and cheaper to make: the stored
+-- fields of an interval, a numeric's digits and display scale, a range's flags and bounds.
+                    ARRAY['interval', 'numeric', 'int4range', 'int8range', 'numrange',
+                          'daterange', 'tsrange', 'tstzrange']::regtype[]::oid[] AS sent) n
 WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import select
+import socket
 import threading
 import time
 import weakref
@@ -611,6 +612,7 @@ def _each(opened: Sequence[object]) -> Iterator[psycopg.Connection]:
 
 CANCEL_TIMEOUT_S = 2.0
 STOP_WAIT_S = 10.0  # how long a stopping command keeps cancelling its threads' queries
+SEVERED_WAIT_S = 2.0  # and then waits for threads whose connections it cut
 
 
 def gather_or_stop(
@@ -636,7 +638,9 @@ def gather_or_stop(
         return [future.result() for future in futures]
     except BaseException:
         on_stop()
-        if _cancel_until_done(futures, connections):
+        for future in futures:
+            future.cancel()  # the work not started
+        if stop_queries(lambda t: not futures_wait(futures, timeout=t).not_done, connections):
             for conn in connections():
                 conn.close()  # no thread uses them any more
         raise
@@ -650,24 +654,43 @@ def cancel_query(conn: psycopg.Connection) -> None:
             conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
 
 
-def _cancel_until_done(
-    futures: Sequence[Future[Any]], connections: Callable[[], Sequence[psycopg.Connection]]
+def stop_queries(
+    done: Callable[[float], bool], connections: Callable[[], Sequence[psycopg.Connection]]
 ) -> bool:
-    """Drop the work not started, and cancel the connections' queries every few tenths of a
-    second until every thread has ended (a cancel reaches only the query running when it
-    arrives; a thread may start its next one just after); False if some thread outlived
-    STOP_WAIT_S."""
-    for future in futures:
-        future.cancel()
+    """Cancel the connections' queries every few tenths of a second until `done(timeout)`
+    says the threads using them have ended (a cancel reaches only the query running when it
+    arrives; a thread may start its next one just after).
+
+    A server that stopped answering (a dropped link, a frozen host) ignores cancels as well,
+    and a thread waiting on it would wait until TCP gives up: minutes to hours. After
+    STOP_WAIT_S the connections are cut instead, which ends those waits with an error at
+    once. False if some thread outlived even that."""
     deadline = time.monotonic() + STOP_WAIT_S
     while time.monotonic() < deadline:
         for conn in connections():
             if time.monotonic() >= deadline:
                 break
             cancel_query(conn)
-        if not futures_wait(futures, timeout=0.2).not_done:
+        if done(0.2):
             return True
-    return False
+    for conn in connections():
+        sever(conn)
+    return done(SEVERED_WAIT_S)
+
+
+def sever(conn: psycopg.Connection) -> None:
+    """Shut the connection's socket down under the thread that waits on it: its read or
+    write fails at once. The connection itself is left for its own thread to close (libpq's
+    state is not to be freed under another thread)."""
+    with contextlib.suppress(OSError, psycopg.Error):
+        fd = os.dup(conn.pgconn.socket)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
+        with sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def in_one_round_trip(

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import borrowed, cancel_query, connect, side_by_side
+from .connections import borrowed, connect, side_by_side, stop_queries
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
 from .sqlbuild import Bound, range_predicate, table_ident
@@ -191,15 +191,19 @@ class FirstPlansAhead:
         self._thread.join()
 
     def finish(self) -> None:
-        """Cancel what is still being read, and wait for the thread to end (milliseconds)."""
+        """Cancel what is still being read, and wait for the thread to end (milliseconds;
+        a source that stopped answering has its connections cut, see `stop_queries`)."""
         self._stopping.set()
-        while self._thread.is_alive():
-            # Again until the thread ends: a read may start just after a cancel request.
+
+        def ended(timeout: float) -> bool:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+
+        def reading() -> list[psycopg.Connection]:
             with self._lock:
-                reading = list(self._reading)
-            for conn in reading:
-                cancel_query(conn)
-            self._thread.join(0.05)
+                return list(self._reading)
+
+        stop_queries(ended, reading)
 
     def take(
         self, source_url: DatabaseUrl, table: TableInfo, batch_size: int, collate_c: bool

@@ -43,6 +43,8 @@ from supabase_migration.errors import (
 )
 from supabase_migration.security import session_encryption
 
+from .testbed import GoingSilent
+
 WRONG_PASSWORD = "Wr0ng-p@ss/w%rd#x:1"
 REF = "abcdefghijklmnopqrst"
 
@@ -676,6 +678,53 @@ def test_side_by_side_stops_reads_held_behind_a_lock(source_db, stop):
     assert {1, 2, 3} <= set(started) <= {1, 2, 3, 4} and left == 0
     # Closed, not kept: a cancel arriving late must not reach another statement.
     assert len(opened) == 3 and all(conn.closed for conn in opened)
+
+
+def test_a_stop_cuts_off_reads_from_a_server_that_stopped_answering(source_db, monkeypatch):
+    """An error while side_by_side's reads wait on a server that stopped answering: their
+    cancels go unanswered too, so after STOP_WAIT_S their connections are cut and the error
+    comes through. Before, the stop gave up on the cancels but still waited for the threads,
+    which waited on the silent server until TCP gave up: minutes to hours."""
+    monkeypatch.setattr(connections, "STOP_WAIT_S", 1.0)
+    monkeypatch.setattr(connections, "CANCEL_TIMEOUT_S", 0.5)
+    direct = parse_database_url(source_db.url, label="source")
+    relay = GoingSilent(direct.port)
+    url = with_changes(direct, host="127.0.0.1", port=relay.port)
+    sleeping = (
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+        "AND state = 'active' AND datname = current_database()"
+    )
+
+    def work(conn: psycopg.Connection, n: int) -> None:
+        if n == 3:  # once 1 and 2 wait on the server
+            with psycopg.connect(source_db.url, autocommit=True) as watcher:
+                while watcher.execute(sleeping).fetchone()[0] < 2:
+                    time.sleep(0.02)
+            relay.go_silent()
+            raise MigrationError("Item 3 failed.")
+        conn.execute("SELECT pg_sleep(30)")
+
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            side_by_side(
+                lambda: connect(url, autocommit=True), [1, 2, 3], work, what=str, connections=3
+            )
+        except BaseException as exc:
+            raised.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    began = time.monotonic()
+    try:
+        caller.start()
+        caller.join(20)  # a regression fails here instead of hanging the suite
+        took = time.monotonic() - began
+        assert not caller.is_alive(), "side_by_side still waits for a server that went silent"
+    finally:
+        relay.close()  # ends what still waits on it
+    assert [str(exc) for exc in raised] == ["Item 3 failed."]
+    assert took < 8, took
 
 
 def test_side_by_side_failure_is_one_sentence_naming_the_item(source_db):

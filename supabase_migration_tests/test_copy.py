@@ -34,7 +34,7 @@ from supabase_migration.errors import ConcurrentRunError, CopyError
 from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
-from .testbed import round_trips
+from .testbed import GoingSilent, round_trips
 
 SCHEMA = """
 CREATE TYPE mood AS ENUM ('calm', 'tense');
@@ -432,6 +432,44 @@ def test_finishing_the_read_ahead_cancels_what_is_still_read(pair):
     assert ahead.take(src_url, infos["public.by_uuid"], 300, bytewise) is None
 
 
+def test_finishing_the_read_ahead_cuts_off_a_source_that_stopped_answering(pair, monkeypatch):
+    """A source that goes silent while the read-ahead waits on it answers no cancel either:
+    after STOP_WAIT_S the read's connection is cut and `finish` returns. Before, it sent
+    cancels forever and the CLI never got past its start."""
+    from supabase_migration import connections
+
+    monkeypatch.setattr(connections, "STOP_WAIT_S", 1.0)
+    monkeypatch.setattr(connections, "CANCEL_TIMEOUT_S", 0.5)
+    source_db, target_db = pair
+    direct, tgt_url = _urls(source_db, target_db.url)
+    relay = GoingSilent(direct.port)
+    src_url = dataclasses.replace(direct, host="127.0.0.1", port=relay.port)
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND datname = current_database()"
+    )
+    try:
+        with psycopg.connect(source_db.url) as locker:
+            locker.execute("LOCK TABLE by_uuid IN ACCESS EXCLUSIVE MODE")
+            ahead = FirstPlansAhead(src_url, tgt_url, [(name, 300) for name in TABLES], ["public"])
+            with psycopg.connect(source_db.url, autocommit=True) as watcher:
+                while watcher.execute(waiting).fetchone()[0] < 1:
+                    time.sleep(0.02)
+            relay.go_silent()
+            finishing = threading.Thread(target=ahead.finish, daemon=True)
+            began = time.monotonic()
+            finishing.start()
+            finishing.join(15)  # a regression fails here instead of hanging the suite
+            took = time.monotonic() - began
+            ended = not finishing.is_alive()
+            locker.rollback()
+    finally:
+        relay.close()  # ends what still waits on it
+    finishing.join(30)
+    assert ended, "finish still waits for a source that went silent"
+    assert took < 8, took
+
+
 def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
     """plan_all reads on the source only what was not read ahead, and seeds the same ranges."""
     from supabase_migration import assets
@@ -667,10 +705,13 @@ def test_parallel_ranges_of_one_table(pair):
 
 SUBTLE = """
 CREATE TYPE triage AS ENUM ('green', 'amber', 'red');
+CREATE DOMAIN span AS interval;
 CREATE TABLE subtle (
     id integer PRIMARY KEY, n numeric, i interval, j jsonb, f double precision,
-    t text, level triage, levels triage[], at timestamptz, names varchar(20)[]
+    t text, level triage, levels triage[], at timestamptz, names varchar(20)[],
+    r numrange, d span
 );
+CREATE TABLE plain (id integer PRIMARY KEY, t text);
 """
 
 
@@ -686,15 +727,16 @@ def _checksum(url: str, table: str) -> tuple[int, str]:
 
 def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
     """Values that compare equal but read differently (1.5 / 1.50, 1 day / 24 hours, 0 / -0)
-    are changes; enums hash by label, not by their database-specific OIDs."""
+    are changes, also where intervals, numerics and ranges are hashed in binary form; enums
+    hash by label, not by their database-specific OIDs."""
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         # Different enum OIDs on the target than on the source.
         conn.execute("CREATE TYPE unrelated AS ENUM ('x', 'y', 'z', 'w')")
         conn.execute(SUBTLE)
     rows = (
         "INSERT INTO subtle VALUES (1, 1.5, '1 day', '{\"a\": 1.5}', 0, 'Ab', 'amber', "
-        "'{red,green}', '2024-03-01 12:00+00', '{a,b}'), "
-        "(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+        "'{red,green}', '2024-03-01 12:00+00', '{a,b}', '[1.5,2)', '1 day'), "
+        "(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
     )
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(SUBTLE)
@@ -702,8 +744,10 @@ def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute(rows)
     original = _checksum(source_db.url, "public.subtle")
-    assert original[1].startswith("r")  # PostgreSQL 15: per-type hashing
+    # PostgreSQL 15: per-type hashing, some values in binary form (a method of its own)
+    assert original[1].startswith("s")
     assert _checksum(target_db.url, "public.subtle") == original
+    assert _checksum(source_db.url, "public.plain")[1] == "r0"
 
     seen = {original[1]}
     for change in (
@@ -716,6 +760,15 @@ def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
         "levels = '{green,red}'",
         "at = '2024-03-01 12:00:00.000001+00'",
         "names = '{a,c}'",
+        "n = 1.500",
+        "n = 'NaN'",
+        "i = '1 day 24:00:00'",
+        "i = '2 days'",
+        "i = '1 mon -28 days'",
+        "r = '[1.50,2)'",
+        "r = '(1.5,2)'",
+        "r = 'empty'",
+        "d = '24 hours'",
     ):
         with psycopg.connect(source_db.url, autocommit=True) as conn:
             conn.execute(f"UPDATE subtle SET {change} WHERE id = 1")

@@ -483,6 +483,38 @@ def test_long_lived_objects_load_without_collection_and_stay_frozen_until_releas
         memory.release()
 
 
+_IMPORTS_AS_A_COMMAND = """
+import gc, sys
+from supabase_migration import cli
+assert "dagster" not in sys.modules
+before = gc.get_stats()[2]["collections"]
+code = cli.main(["status"])
+print(code, "dagster" in sys.modules, gc.get_stats()[2]["collections"] - before,
+      gc.get_freeze_count(), gc.isenabled())
+"""
+
+
+def test_a_command_imports_dagster_without_full_collections_and_leaves_nothing_frozen(
+    tmp_path: Path,
+) -> None:
+    """Every copy waits for the CLI's import of Dagster: no full collection walks what it
+    loads again and again meanwhile (two of them before, 0.2 s of the start-up), and the
+    command, here one that stops at once for want of a target, unfreezes it when it ends."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SUPABASE_DB_URL", "DAGSTER_HOME")}
+    env["SOURCE_DATABASE_URL"] = ""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AS_A_COMMAND],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=True,
+    )
+    assert "No target database given" in done.stderr
+    assert done.stdout.split() == ["2", "True", "0", "0", "True"]
+
+
 def test_a_relative_dagster_home_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
     """Dagster needs an absolute DAGSTER_HOME; a relative one (or ~) is resolved before
     anything else, instead of failing when the instance opens."""

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -254,3 +255,46 @@ def round_trips(conn: psycopg.Connection, work: Path) -> Iterator[list[str]]:
                 parts = line.split("\t")
                 if parts[0] == "F" and parts[2].strip() in ("Query", "Sync", "CopyDone"):
                     waits.append(parts[2].strip())
+
+
+class GoingSilent:
+    """A TCP relay to a server, until `go_silent`: from then on nothing is passed on either
+    way, and new connections (a cancel request's) are accepted and never answered, as with
+    a server behind a link that dropped."""
+
+    def __init__(self, port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._server_port = port
+        self._silent = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def go_silent(self) -> None:
+        self._silent.set()
+
+    def close(self) -> None:
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            if self._silent.is_set():
+                continue
+            server = socket.create_connection(("127.0.0.1", self._server_port))
+            self._sockets.append(server)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pass, args=(a, b), daemon=True).start()
+
+    def _pass(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self._silent.is_set():
+                    sink.sendall(data)
+        except OSError:
+            return
