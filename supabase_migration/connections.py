@@ -161,17 +161,10 @@ def connect(
     url: DatabaseUrl, *, autocommit: bool = False, connect_timeout: int = 10
 ) -> psycopg.Connection:
     """Open a connection, or raise ConnectionFailed/TransientError with one clear sentence."""
-    kwargs: dict[str, Any] = {
-        "autocommit": autocommit,
-        "connect_timeout": connect_timeout,
-        "application_name": url.application_name,
-        # No server-side prepared statements, ever: a transaction pooler cannot always be told
-        # from its address (a self-hosted PgBouncer looks like a server), and our few large
-        # statements gain nothing from preparation.
-        "prepare_threshold": None,
-    }
     try:
-        return psycopg.Connection.connect(url.conninfo(), **kwargs)
+        return psycopg.Connection.connect(
+            url.conninfo(), autocommit=autocommit, **_connect_args(url, connect_timeout)
+        )
     except psycopg.OperationalError as exc:
         raise connection_error(url, exc, connect_timeout=connect_timeout) from None
 
@@ -493,13 +486,29 @@ def warn_if_workers_exceed_pool(url: DatabaseUrl, workers: int, pool_size: int =
     return None
 
 
+# A peer that vanished (a dropped link, a dead host) is noticed within a minute while a query
+# waits on it, instead of after the kernel's two idle hours, and the range is retried. The
+# server's kernel answers keepalives however long its query runs, so a long query is never
+# taken for a dead peer. Settings in the user's URL win.
+KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
 def _connect_args(url: DatabaseUrl, connect_timeout: int) -> dict[str, Any]:
-    args: dict[str, Any] = {
+    """What every connection of ours is opened with, beside the URL's own parameters."""
+    return {
         "application_name": url.application_name,
         "connect_timeout": connect_timeout,
-        "prepare_threshold": None,  # as in connect(): safe behind any pooler
+        # No server-side prepared statements, ever: a transaction pooler cannot always be told
+        # from its address (a self-hosted PgBouncer looks like a server), and our few large
+        # statements gain nothing from preparation.
+        "prepare_threshold": None,
+        **{key: value for key, value in KEEPALIVES.items() if key not in url.params},
     }
-    return args
 
 
 def make_engine(
