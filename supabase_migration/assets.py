@@ -7,14 +7,18 @@ retryable only when the cause was transient.
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 import dagster as dg
 import psycopg
+from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._utils.error import SerializableErrorInfo
 from pydantic import Field
 
@@ -99,12 +103,56 @@ INTERRUPTED_METADATA = "interrupted"
 _INTERRUPTS = {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}
 
 
+Body = TypeVar("Body", bound=Callable[..., Any])
+
+
+def interruptible(body: Body) -> Body:
+    """For every asset body of ours: a Ctrl-C (or the UI's terminate) stops the step for good.
+
+    Dagster retries an interrupted step that has a retry policy, as if a machine had gone
+    away; a person who pressed Ctrl-C wants the migration to stop (our runs execute in the
+    CLI's processes or under `dagster dev`, where no machine goes away). A retried attempt
+    fails at once when its step's latest attempt was interrupted: Dagster's record of the
+    error says so, or, when DAGSTER_REDACT_USER_CODE_ERRORS masks that record, the run tag
+    this wrapper sets as the interrupt passes through the body. Dagster reads the body's
+    signature through the wrapper (`functools.wraps`)."""
+
+    if inspect.isgeneratorfunction(body):
+
+        @functools.wraps(body)
+        def steps(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            stop_after_interrupt(context)
+            with _noting_interrupts(context):
+                yield from body(context, *args, **kwargs)
+
+        return cast(Body, steps)
+
+    @functools.wraps(body)
+    def step(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
+        stop_after_interrupt(context)
+        with _noting_interrupts(context):
+            return body(context, *args, **kwargs)
+
+    return cast(Body, step)
+
+
+def _interrupted_tag(context: dg.AssetExecutionContext) -> str:
+    step = re.sub(r"[^A-Za-z0-9_.-]", "_", str(context.op_execution_context.op_handle))
+    return f"supabase_migration/interrupted.{step}"[:255]
+
+
+@contextlib.contextmanager
+def _noting_interrupts(context: dg.AssetExecutionContext) -> Iterator[None]:
+    try:
+        yield
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError):
+        with contextlib.suppress(Exception):  # a second Ctrl-C, a locked SQLite: Dagster's own
+            context.instance.add_run_tags(context.run.run_id, {_interrupted_tag(context): "1"})
+        raise
+
+
 def stop_after_interrupt(context: dg.AssetExecutionContext) -> None:
-    """Dagster retries a step that Ctrl-C (or the UI's terminate) interrupted when the step has
-    a retry policy, as if a machine had gone away; a person who pressed Ctrl-C wants the
-    migration to stop (our runs execute in the CLI's processes or under `dagster dev`, where no
-    machine goes away). A retried attempt calls this first and fails for good when this step's
-    latest attempt was interrupted."""
+    """Fail for good, on a retried attempt, when the step's latest attempt was interrupted."""
     if not context.retry_number:
         return
     step = str(context.op_execution_context.op_handle)
@@ -115,7 +163,9 @@ def stop_after_interrupt(context: dg.AssetExecutionContext) -> None:
         )
         if entry.dagster_event is not None and entry.dagster_event.step_key == step
     ]
-    if retries and is_interruption(retries[-1].event_specific_data.error):
+    run = context.instance.get_run_by_id(context.run.run_id)
+    tagged = run is not None and _interrupted_tag(context) in run.tags
+    if tagged or (retries and is_interruption(retries[-1].event_specific_data.error)):
         raise dg.Failure(
             description="Interrupted (Ctrl-C, or the run was terminated).",
             allow_retries=False,
@@ -173,10 +223,10 @@ def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> 
         pool=TARGET_POOL,
         retry_policy=SETUP_RETRY_POLICY,
     )
+    @interruptible
     def schema(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
-        stop_after_interrupt(context)
         try:
             source_url, target_url = source.database_url(), target.database_url()
             outcome = ahead.take(source_url, target_url) if ahead else None
@@ -214,10 +264,10 @@ def build_plan_asset(
         pool=TARGET_POOL,
         retry_policy=SETUP_RETRY_POLICY,
     )
+    @interruptible
     def plan(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
-        stop_after_interrupt(context)
         try:
             plans = plan_all(
                 manifest, source, target, context.instance, log=context.log.warning, ahead=ahead
@@ -374,7 +424,6 @@ def copy_partitions(
     Reporting per range means a run that fails on one range still shows the others as
     materialized, exactly as the checkpoint table records them.
     """
-    stop_after_interrupt(context)
     failures: list[MigrationError] = []
     try:
         source_url, target_url = source.database_url(), target.database_url()
@@ -483,6 +532,7 @@ def build_table_asset(manifest: Manifest, entry: ManifestTable) -> dg.AssetsDefi
         retry_policy=COPY_RETRY_POLICY,
         pool=TARGET_POOL,
     )
+    @interruptible
     def table_asset(
         context: dg.AssetExecutionContext,
         config: TableCopyConfig,
@@ -510,10 +560,10 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
         pool=TARGET_POOL,
         retry_policy=SETUP_RETRY_POLICY,
     )
+    @interruptible
     def deferred_indexes(
         context: dg.AssetExecutionContext, target: TargetDatabase
     ) -> dg.MaterializeResult:
-        stop_after_interrupt(context)
         started = time.monotonic()
         names = [t.name for t in manifest.tables]
         rows: list[list[object]] = []
@@ -555,10 +605,10 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
         pool=TARGET_POOL,
         retry_policy=SETUP_RETRY_POLICY,
     )
+    @interruptible
     def sequences(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
-        stop_after_interrupt(context)
         started = time.monotonic()
         try:
             with source.connection() as s, target.connection() as t:

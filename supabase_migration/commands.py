@@ -379,7 +379,7 @@ def _leave_quietly(signum: int, frame: object) -> None:
     """Ctrl-C reaches the terminal's whole process group, and the CLI says what happened,
     once: an idle worker leaves without a traceback of its own (it holds no transaction). A
     busy one is inside a Dagster run, whose own handler takes the signal: the range rolls
-    back and the step stops for good (`assets.stop_after_interrupt`)."""
+    back and the step stops for good (`assets.interruptible`)."""
     os._exit(1)
 
 

@@ -23,8 +23,8 @@ from .assets import (
     SEQUENCES_KEY,
     SETUP_RETRY_POLICY,
     TARGET_POOL,
+    interruptible,
     step_failure,
-    stop_after_interrupt,
     table_asset_key,
 )
 from .errors import MigrationError
@@ -103,10 +103,10 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
         pool=TARGET_POOL,
         retry_policy=SETUP_RETRY_POLICY,
     )
+    @interruptible
     def security(
         context: dg.AssetExecutionContext, config: SecurityConfig, target: TargetDatabase
     ) -> dg.MaterializeResult:
-        stop_after_interrupt(context)
         policy_path = resolve_policy_file(config.policy_file)
         try:
             policy_sql = read_policy_file(policy_path) if policy_path else None
