@@ -268,14 +268,21 @@ class GoingSilent:
         self._server_port = port
         self._silent = threading.Event()
         self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
 
     def go_silent(self) -> None:
         self._silent.set()
 
     def close(self) -> None:
+        """Every socket shut down, which wakes the relay's threads (a close alone does not
+        end an accept() or recv() that another thread waits in), and they end."""
         for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+        for thread in self._threads:
+            thread.join(5)
 
     def _accept(self) -> None:
         while True:
@@ -289,7 +296,8 @@ class GoingSilent:
             server = socket.create_connection(("127.0.0.1", self._server_port))
             self._sockets.append(server)
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pass, args=(a, b), daemon=True).start()
+                self._threads.append(threading.Thread(target=self._pass, args=(a, b), daemon=True))
+                self._threads[-1].start()
 
     def _pass(self, source: socket.socket, sink: socket.socket) -> None:
         try:
