@@ -12,6 +12,8 @@ from psycopg.pq import DiagnosticField as F
 from supabase_migration.errors import CopyError
 from supabase_migration.redaction import condition_name, describe_pg_error, redact_text
 
+from .testbed import require
+
 PHI = ["Jane Q. Patient", "123-45-6789", "Jane", "Patient", "1961-02-03", "555-0100", "999"]
 
 
@@ -354,6 +356,56 @@ def test_real_server_errors_never_carry_values(phi_db, sql, head, names):
     assert names in described
     assert_phi_free(described)
     assert not re.search(r"\.\s+[A-Z]", described)
+
+
+# What procedural-language code raises: the author's words, with NEW's values in them. Each is
+# withheld whatever its SQLSTATE (a raise may claim a standard condition).
+PL_RAISES = {
+    "plpython3u": [
+        "plpy.error('ssn %s blocked' % TD['new']['ssn'])",
+        "raise ValueError('ssn %s blocked' % TD['new']['ssn'])",
+        "plpy.error('ssn %s taken' % TD['new']['ssn'], sqlstate='23505')",
+    ],
+    "plperl": [
+        'die "ssn $_TD->{new}{ssn} blocked\\n";',
+        'elog(ERROR, "ssn $_TD->{new}{ssn} blocked");',
+    ],
+    "pltcl": ['error "ssn $NEW(ssn) blocked"', 'elog ERROR "ssn $NEW(ssn) blocked"'],
+}
+PL_PACKAGES = {
+    "plpython3u": "postgresql-plpython3-{}",
+    "plperl": "postgresql-plperl-{}",
+    "pltcl": "postgresql-pltcl-{}",
+}
+
+
+@pytest.mark.parametrize(
+    ("language", "body"),
+    [(language, body) for language, bodies in PL_RAISES.items() for body in bodies],
+)
+def test_procedural_language_raises_are_withheld(source_db, language: str, body: str) -> None:
+    """PL/Python, PL/Perl and PL/Tcl report what user code raised from their own source
+    files; that message is withheld like PL/pgSQL's RAISE."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        available = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = %s", [language]
+        ).fetchone()
+        package = PL_PACKAGES[language].format(conn.info.server_version // 10000)
+        require(available is not None, f"{language} is not installed (Debian: {package})")
+        conn.execute(f"CREATE EXTENSION IF NOT EXISTS {language}")
+        conn.execute("CREATE TABLE booked (id integer, ssn text)")
+        conn.execute(
+            f"CREATE FUNCTION guard() RETURNS trigger LANGUAGE {language} AS $f$\n{body}\n$f$"
+        )
+        conn.execute(
+            "CREATE TRIGGER guard BEFORE INSERT ON booked FOR EACH ROW EXECUTE FUNCTION guard()"
+        )
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("INSERT INTO booked VALUES (1, '123-45-6789')")
+    assert "123-45-6789" in str(info.value)  # the server's own text carries the value
+    described = describe_pg_error(info.value, context="copying public.booked")
+    assert described.endswith("message from a trigger or function withheld"), described
+    assert_phi_free(described)
 
 
 def test_real_copy_error_with_row_in_context(phi_db):
