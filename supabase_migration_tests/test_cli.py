@@ -23,7 +23,7 @@ from supabase_migration.example_app.generate import generate
 from supabase_migration.verify import CHECK_NAMES
 
 from .compare import assert_tables_equal
-from .testbed import cli_env
+from .testbed import cli_env, require
 
 APP_TABLES = list(example_app.TABLES)
 
@@ -437,6 +437,25 @@ def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     stderr = run.stderr.read()
     assert run.wait(timeout=120) == 1, stderr
     assert stderr == "", stderr
+
+
+def test_a_full_disk_for_the_output_is_one_sentence(clinic):
+    """`supabase-migrate status --json > /dev/full`: the write fails with no file name to
+    give (the disk is full, not a file the user named): one sentence, exit code 1."""
+    require(Path("/dev/full").exists(), "/dev/full is Linux's always-full device")
+    *_, env, tmp_path = clinic
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "supabase_migration.cli", "status", "--json"],
+            env=env,
+            cwd=tmp_path,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == "error: No space left on device.\n", done.stderr
 
 
 def test_a_database_error_no_step_translated_is_still_one_sentence(clinic):
