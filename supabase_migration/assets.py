@@ -114,8 +114,10 @@ def interruptible(body: Body) -> Body:
     CLI's processes or under `dagster dev`, where no machine goes away). A retried attempt
     fails at once when its step's latest attempt was interrupted: Dagster's record of the
     error says so, or, when DAGSTER_REDACT_USER_CODE_ERRORS masks that record, the run tag
-    this wrapper sets as the interrupt passes through the body. Dagster reads the body's
-    signature through the wrapper (`functools.wraps`)."""
+    this wrapper sets as the interrupt passes through the body. (An interrupt Dagster raises
+    between two of a table run's ranges, while it records the first, does not pass through
+    the body: with redaction on, that attempt is retried. The CLI's workers end with the CLI
+    anyway.) Dagster reads the body's signature through the wrapper (`functools.wraps`)."""
 
     if inspect.isgeneratorfunction(body):
 
@@ -147,7 +149,8 @@ def _noting_interrupts(context: dg.AssetExecutionContext) -> Iterator[None]:
         yield
     except (KeyboardInterrupt, DagsterExecutionInterruptedError):
         with contextlib.suppress(Exception):  # a second Ctrl-C, a locked SQLite: Dagster's own
-            context.instance.add_run_tags(context.run.run_id, {_interrupted_tag(context): "1"})
+            run_id = context.run.run_id  # as the value: a re-execution copies the tags
+            context.instance.add_run_tags(run_id, {_interrupted_tag(context): run_id})
         raise
 
 
@@ -164,7 +167,7 @@ def stop_after_interrupt(context: dg.AssetExecutionContext) -> None:
         if entry.dagster_event is not None and entry.dagster_event.step_key == step
     ]
     run = context.instance.get_run_by_id(context.run.run_id)
-    tagged = run is not None and _interrupted_tag(context) in run.tags
+    tagged = run is not None and run.tags.get(_interrupted_tag(context)) == run.run_id
     if tagged or (retries and is_interruption(retries[-1].event_specific_data.error)):
         raise dg.Failure(
             description="Interrupted (Ctrl-C, or the run was terminated).",

@@ -117,19 +117,23 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
        (b.typsend <> 0 AND b.typreceive <> 0) AS binary_ok,
        b.typcollation <> 0 AS collatable,
        (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native,
-       CASE WHEN b.oid = ANY(n.sent) THEN b.oid::regtype::text ELSE '' END AS hash_sent
+       CASE WHEN b.oid = ANY(n.sent) THEN b.typname::text ELSE '' END AS hash_sent
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
 -- Types whose hash is a function of exactly what their text shows: equal hash input means
 -- equal text (unlike numeric 1.5/1.50, interval 1 day/24 hours, jsonb, floats' -0, or enums
 -- and OIDs, which hash by an OID that differs between databases).
-CROSS JOIN (SELECT ARRAY['int2', 'int4', 'int8', 'bool', 'text', 'varchar', 'uuid', 'date',
-                         'timestamp', 'timestamptz', 'bytea']::regtype[]::oid[] AS types,
+-- The built-in types by their pg_catalog names: a user's type of the same name is not one.
+CROSS JOIN (SELECT ARRAY['pg_catalog.int2', 'pg_catalog.int4', 'pg_catalog.int8',
+                         'pg_catalog.bool', 'pg_catalog.text', 'pg_catalog.varchar',
+                         'pg_catalog.uuid', 'pg_catalog.date', 'pg_catalog.timestamp',
+                         'pg_catalog.timestamptz', 'pg_catalog.bytea']::regtype[]::oid[] AS types,
 -- Types whose binary form is exactly what their text shows, and cheaper to make: the stored
 -- fields of an interval, a numeric's digits and display scale, a range's flags and bounds.
-                    ARRAY['interval', 'numeric', 'int4range', 'int8range', 'numrange',
-                          'daterange', 'tsrange', 'tstzrange']::regtype[]::oid[] AS sent) n
+                    ARRAY['pg_catalog.interval', 'pg_catalog.numeric', 'pg_catalog.int4range',
+                          'pg_catalog.int8range', 'pg_catalog.numrange', 'pg_catalog.daterange',
+                          'pg_catalog.tsrange', 'pg_catalog.tstzrange']::regtype[]::oid[] AS sent) n
 WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """

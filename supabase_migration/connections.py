@@ -664,7 +664,9 @@ def cancel_query(conn: psycopg.Connection) -> None:
 
 
 def stop_queries(
-    done: Callable[[float], bool], connections: Callable[[], Sequence[psycopg.Connection]]
+    done: Callable[[float], bool],
+    connections: Callable[[], Sequence[psycopg.Connection]],
+    sever_all: Callable[[], object] | None = None,
 ) -> bool:
     """Cancel the connections' queries every few tenths of a second until `done(timeout)`
     says the threads using them have ended (a cancel reaches only the query running when it
@@ -673,7 +675,8 @@ def stop_queries(
     A server that stopped answering (a dropped link, a frozen host) ignores cancels as well,
     and a thread waiting on it would wait until TCP gives up: minutes to hours. After
     STOP_WAIT_S the connections are cut instead, which ends those waits with an error at
-    once. False if some thread outlived even that."""
+    once (`sever_all`, where the threads close connections themselves: under their lock).
+    False if some thread outlived even that."""
     deadline = time.monotonic() + STOP_WAIT_S
     while time.monotonic() < deadline:
         for conn in connections():
@@ -682,8 +685,11 @@ def stop_queries(
             cancel_query(conn)
         if done(0.2):
             return True
-    for conn in connections():
-        sever(conn)
+    if sever_all is not None:
+        sever_all()
+    else:
+        for conn in connections():
+            sever(conn)
     return done(SEVERED_WAIT_S)
 
 

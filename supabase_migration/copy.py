@@ -115,8 +115,10 @@ def copy_range(
                 snapshot = source.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
                 pending = pool.submit(_checksum_in, peer, snapshot, table, key_range, options)
                 count, checksum, last_key = -1, "", None
-            else:
-                count, checksum, last_key = _source_checksum(source, table, key_range, options)
+            else:  # measured as its recorded checksum was (see sqlbuild.hashed_like)
+                count, checksum, last_key = _source_checksum(
+                    source, sqlbuild.hashed_like(table, planned.row_checksum), key_range, options
+                )
             unchanged = not overlap and not options.force and _matches(planned, count, checksum)
             if unchanged:
                 return RangeResult(
@@ -252,15 +254,32 @@ def changed_or_unfinished(
         for chunk in chunks(run, RANGES_PER_SNAPSHOT):
             with _source_snapshot(source):
                 source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
-                measured = sums_by_range(
-                    source, table, [cp.key_range() for cp in chunk], collate_c=options.collate_c
-                )
+                measured = _sums_as_recorded(source, table, chunk, options)
             todo |= {
                 cp.partition_key
                 for cp, (count, checksum) in zip(chunk, measured, strict=True)
                 if not _matches(cp, count, checksum)
             }
     return todo
+
+
+def _sums_as_recorded(
+    source: psycopg.Connection,
+    table: TableInfo,
+    planned: Sequence[checkpoints.Checkpoint],
+    options: CopyOptions,
+) -> list[tuple[int, str]]:
+    """(count, checksum) of each planned range, hashed as its recorded checksum was."""
+    methods: dict[str, list[int]] = {}
+    for i, cp in enumerate(planned):
+        methods.setdefault((cp.row_checksum or "")[:1], []).append(i)
+    measured: dict[int, tuple[int, str]] = {}
+    for indexes in methods.values():
+        like = sqlbuild.hashed_like(table, planned[indexes[0]].row_checksum)
+        ranges = [planned[i].key_range() for i in indexes]
+        sums = sums_by_range(source, like, ranges, collate_c=options.collate_c)
+        measured.update(zip(indexes, sums, strict=True))
+    return [measured[i] for i in range(len(planned))]
 
 
 def unchanged_as_a_whole(
@@ -276,15 +295,16 @@ def unchanged_as_a_whole(
     up to the whole table's; any change makes the sums differ, and the caller then measures
     range by range to find which ranges changed.
     """
-    prefix = sqlbuild.empty_checksum(table)[0]
     recorded = [cp.row_checksum or "" for cp in planned]
+    table = sqlbuild.hashed_like(table, recorded[0] if recorded else None)
+    prefix = sqlbuild.empty_checksum(table)[0]
     if (
         len(planned) < 2
         or not covers_key_space([cp.key_range() for cp in planned])
         or any(cp.records_migrated is None for cp in planned)
         or not all(c.startswith(prefix) and _is_integer(c[len(prefix) :]) for c in recorded)
     ):
-        return False  # made another way, or not at all: compared range by range
+        return False  # made different ways, or not at all: compared range by range
     expected = (
         sum(cp.records_migrated or 0 for cp in planned),
         prefix + str(sum(int(c[len(prefix) :]) for c in recorded)),

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import borrowed, connect, side_by_side, stop_queries
+from .connections import borrowed, connect, sever, side_by_side, stop_queries
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
 from .sqlbuild import Bound, range_predicate, table_ident
@@ -203,7 +203,12 @@ class FirstPlansAhead:
             with self._lock:
                 return list(self._reading)
 
-        stop_queries(ended, reading)
+        def sever_reading() -> None:
+            with self._lock:  # their thread closes them only after it let go of them here
+                for conn in self._reading:
+                    sever(conn)
+
+        stop_queries(ended, reading, sever_reading)
 
     def take(
         self, source_url: DatabaseUrl, table: TableInfo, batch_size: int, collate_c: bool

@@ -6,6 +6,7 @@ so one code path serves integer, uuid, text, timestamp and composite keys.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -144,6 +145,23 @@ def empty_checksum(table: TableInfo) -> str:
     if not table.hash_records:
         return "t0"
     return ("s" if any(c.hash_sent for c in table.copy_columns) else "r") + "0"
+
+
+def hashed_like(table: TableInfo, checksum: str | None) -> TableInfo:
+    """`table` as `checksum` was hashed, by its method letter: a range recorded by an older
+    release ("r": numerics, intervals and ranges as text; "t": the row's text) is measured the
+    same way, so that an upgrade does not read as a change of every such range (a change
+    still does). Any other letter: `table` as it is."""
+    letter = (checksum or "")[:1]
+    if letter == empty_checksum(table)[0]:
+        return table
+    if letter == "r" and table.hash_records:
+        return dataclasses.replace(
+            table, columns=tuple(dataclasses.replace(c, hash_sent="") for c in table.columns)
+        )
+    if letter == "t":
+        return dataclasses.replace(table, hash_records=False)
+    return table
 
 
 # The send function of each type `catalog` marks as hashed in binary form.

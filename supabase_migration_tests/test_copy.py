@@ -329,6 +329,47 @@ def test_catch_up_reads_an_unchanged_table_in_one_pass(pair):
         assert changed_or_unfinished(s, infos["public.items"], planned, options) == set(holding)
 
 
+@pytest.mark.parametrize("letter", ["r", "t"])
+def test_ranges_recorded_by_an_older_release_are_measured_its_way(pair, letter: str):
+    """items' checksums hash its numeric in binary form (method "s"). Ranges an older release
+    recorded ("r": the numeric as text; "t": the row's text, from a PostgreSQL 13 source) are
+    measured the way they were recorded: after an upgrade nothing unchanged is copied again
+    (it all was before), and a change still names exactly its range."""
+    source_db, target_db = pair
+    migrate_all(source_db, target_db.url)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
+        planned = checkpoints.load(t, info.qualified_name)
+        assert len(planned) > 2 and all(cp.row_checksum.startswith("s") for cp in planned)
+        with s.transaction():
+            s.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+            older = sums_by_range(
+                s, sqlbuild.hashed_like(info, letter), [cp.key_range() for cp in planned]
+            )
+        for cp, (_, checksum) in zip(planned, older, strict=True):
+            assert checksum.startswith(letter)
+            t.execute(
+                "UPDATE supabase_migration.migration_checkpoints SET row_checksum = %s "
+                "WHERE table_name = %s AND partition_key = %s",
+                (checksum, cp.table_name, cp.partition_key),
+            )
+        planned = checkpoints.load(t, info.qualified_name)
+        options = CopyOptions(replica_mode=replica_mode_allowed(t))
+        assert unchanged_as_a_whole(s, info, planned, options)
+        assert changed_or_unfinished(s, info, planned, options) == set()
+        assert copy_range(s, t, info, planned[1].partition_key, options).path == "unchanged"
+        s.execute("UPDATE items SET amount = amount + 1 WHERE id = 4000")
+        holding = {
+            cp.partition_key
+            for cp in planned
+            if (cp.lower_bound is None or int(cp.lower_bound[0]) <= 4000)
+            and (cp.upper_bound is None or int(cp.upper_bound[0]) > 4000)
+        }
+        assert not unchanged_as_a_whole(s, info, planned, options)
+        assert changed_or_unfinished(s, info, planned, options) == holding
+
+
 def test_forced_resync_writes_nothing_when_equal(pair):
     source_db, target_db = pair
     migrate_all(source_db, target_db.url)
@@ -468,6 +509,8 @@ def test_finishing_the_read_ahead_cuts_off_a_source_that_stopped_answering(pair,
     finishing.join(30)
     assert ended, "finish still waits for a source that went silent"
     assert took < 8, took
+    ahead._thread.join(30)  # its read ended with the cut: no thread is left for later tests
+    assert not ahead._thread.is_alive()
 
 
 def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
