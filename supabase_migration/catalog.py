@@ -43,7 +43,7 @@ class Column:
     binary_ok: bool = True  # the type (or its domain base) has binary send/receive
     collatable: bool = False
     hash_native: bool = False  # checksums may hash the value itself, not its text (see sqlbuild)
-    hash_sent: str = ""  # else its binary form, by this base type's send function (see sqlbuild)
+    hash_sent: str = ""  # else its binary form: the name of its base type's send function
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,11 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
        (b.typsend <> 0 AND b.typreceive <> 0) AS binary_ok,
        b.typcollation <> 0 AS collatable,
        (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native,
-       CASE WHEN b.oid = ANY(n.sent) THEN b.typname::text ELSE '' END AS hash_sent
+       CASE WHEN b.oid = ANY(n.sent) THEN s.proname::text ELSE '' END AS hash_sent
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN pg_proc s ON s.oid = b.typsend  -- the send function: interval_send, range_send ...
 -- Types whose hash is a function of exactly what their text shows: equal hash input means
 -- equal text (unlike numeric 1.5/1.50, interval 1 day/24 hours, jsonb, floats' -0, or enums
 -- and OIDs, which hash by an OID that differs between databases).

@@ -101,7 +101,7 @@ def row_hash(
     for col in columns:
         ident = sql.Identifier(col.name)
         if col.hash_sent:
-            send = sql.Identifier("pg_catalog", _SEND_FUNCTIONS[col.hash_sent])
+            send = sql.Identifier("pg_catalog", col.hash_sent)
             values.append(sql.SQL("{}({})").format(send, ident))
         elif not col.hash_native:
             values.append(sql.SQL("{}::text").format(ident))
@@ -141,7 +141,7 @@ def range_checksum_query(
 def empty_checksum(table: TableInfo) -> str:
     """What `row_hash_sum` gives for no rows. Its letter names the method: "t" the row's text,
     "r" per-type hashes, "s" per-type hashes with some values in binary form (a checksum
-    recorded another way reads as a change, and that range is copied again once)."""
+    recorded another way is measured that way again: `hashed_like`)."""
     if not table.hash_records:
         return "t0"
     return ("s" if any(c.hash_sent for c in table.copy_columns) else "r") + "0"
@@ -162,15 +162,6 @@ def hashed_like(table: TableInfo, checksum: str | None) -> TableInfo:
     if letter == "t":
         return dataclasses.replace(table, hash_records=False)
     return table
-
-
-# The send function of each type `catalog` marks as hashed in binary form.
-_RANGE_TYPES = ("int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange")
-_SEND_FUNCTIONS = {
-    "interval": "interval_send",
-    "numeric": "numeric_send",
-    **dict.fromkeys(_RANGE_TYPES, "range_send"),
-}
 
 
 def can_bucket(table: TableInfo, ranges: Sequence[KeyRange]) -> bool:

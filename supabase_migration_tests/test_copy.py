@@ -820,6 +820,33 @@ def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
         seen.add(checksum)
 
 
+def test_a_users_types_named_like_built_in_ones_are_not_taken_for_them(source_db):
+    """Domains public.uuid and public.numrange over text, found first on a search_path that
+    puts public before pg_catalog: the real uuid and numrange columns are still hashed as
+    their types allow (natively, in binary form), the domains' as the text they hold."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE DOMAIN public.uuid AS text; CREATE DOMAIN public.numrange AS text; "
+            "CREATE TABLE lookalike (id integer PRIMARY KEY, u pg_catalog.uuid, "
+            "r pg_catalog.numrange, fake_u public.uuid, fake_r public.numrange)"
+        )
+        conn.execute(
+            "INSERT INTO lookalike VALUES (1, gen_random_uuid(), '[1.5,2)', 'x', '[1.5,2)')"
+        )
+    shadowed = psycopg.conninfo.make_conninfo(
+        source_db.url, options="-c search_path=public,pg_catalog"
+    )
+    with psycopg.connect(shadowed, autocommit=True) as conn:
+        info = {t.qualified_name: t for t in read_tables(conn, ["public"])}["public.lookalike"]
+        with conn.transaction():
+            conn.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+            row = conn.execute(sqlbuild.range_checksum_query(info, None, None)).fetchone()
+    columns = {c.name: c for c in info.columns}
+    assert columns["u"].hash_native and columns["r"].hash_sent == "range_send"
+    assert columns["fake_u"].hash_sent == columns["fake_r"].hash_sent == ""
+    assert row is not None and row[0] == 1 and str(row[1]).startswith("s")
+
+
 def test_checksum_computed_beside_the_copy_is_the_snapshot_checksum(pair):
     """A first load computes its checksum in a second connection while the rows stream; it
     must equal the checksum a later run computes on its own, or every range would re-sync."""
