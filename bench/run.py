@@ -1016,8 +1016,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sweep-batches",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[10_000, 50_000, 200_000],
-        help="comma-separated batch sizes (default 10000,50000,200000)",
+        default=[10_000, 100_000, 200_000],
+        help="comma-separated batch sizes (default 10000,100000,200000)",
     )
     parser.add_argument(
         "--sweep-workers",

@@ -26,7 +26,7 @@ from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
 from .sqlbuild import Bound, range_predicate, table_ident
 
-DEFAULT_BATCH_SIZE = 50_000
+DEFAULT_BATCH_SIZE = 100_000
 MAX_PARTITIONS_PER_TABLE = 10_000
 PLAN_CONNECTIONS = 2  # source connections that read several tables' boundaries at once
 
