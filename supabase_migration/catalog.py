@@ -91,7 +91,16 @@ class TableInfo:
         raise KeyError(name)
 
 
-_TABLES_SQL = """
+def ext_member(catalog: str, oid: str) -> str:
+    """SQL predicate: the object belongs to an extension. pg_dump leaves those out, and on
+    Supabase the extension's own role may own them (PostGIS's spatial_ref_sys)."""
+    return (
+        f"EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{catalog}'::regclass "
+        f"AND d.objid = {oid} AND d.deptype = 'e')"
+    )
+
+
+_TABLES_SQL = f"""
 SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned,
        CASE WHEN c.relkind = 'p' THEN
             (SELECT sum(greatest(ch.reltuples, 0))::bigint FROM pg_inherits i
@@ -106,8 +115,7 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
   AND NOT c.relispartition
   AND n.nspname = ANY(%(schemas)s)
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+  AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY n.nspname, c.relname
 """
 

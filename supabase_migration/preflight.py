@@ -22,7 +22,7 @@ from enum import StrEnum
 
 import psycopg
 
-from .catalog import BOOKKEEPING_SCHEMA, read_tables
+from .catalog import BOOKKEEPING_SCHEMA, ext_member, read_tables
 from .connections import database_error
 from .conninfo import is_loopback_host
 from .errors import PreflightError
@@ -94,14 +94,6 @@ def is_reserved_schema(name: str) -> bool:
 
 
 # -- catalog helpers shared with schema_apply -----------------------------------------------------
-
-_EXT_MEMBER = """EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{catalog}'::regclass
-                         AND d.objid = {oid} AND d.deptype = 'e')"""
-
-
-def ext_member(catalog: str, oid: str) -> str:
-    """SQL predicate: the object belongs to an extension (pg_dump leaves those out)."""
-    return _EXT_MEMBER.format(catalog=catalog, oid=oid)
 
 
 def source_schemas(conn: psycopg.Connection) -> list[str]:

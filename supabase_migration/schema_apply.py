@@ -45,7 +45,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
+from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
 from .connections import borrowed, connect, database_error
 from .conninfo import DatabaseUrl
 from .errors import ConfigError, MigrationError, SchemaError
@@ -53,7 +53,6 @@ from .inputs import check_alembic_config
 from .preflight import (
     BUILTIN_EXTENSIONS,
     available_extensions,
-    ext_member,
     installed_extensions,
     is_reserved_schema,
     server_major,

@@ -111,6 +111,7 @@ class TableRls:
     policies: int
     is_partition: bool = False
     api_access: bool | None = None  # anon/authenticated hold a table privilege (None: no roles)
+    extension: str | None = None  # the extension it belongs to (made by it, not migrated)
 
     @property
     def name(self) -> str:
@@ -475,7 +476,9 @@ def _rls_status(target_conn: psycopg.Connection, exposed_schemas: Sequence[str])
         checks = sql.SQL("NULL")
     query = sql.SQL(
         "SELECT n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity, "
-        "(SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid), c.relispartition, ({}) "
+        "(SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid), c.relispartition, ({}), "
+        "(SELECT e.extname FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid "
+        " WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') ORDER BY 1, 2"
     ).format(checks)
@@ -489,6 +492,7 @@ def _rls_status(target_conn: psycopg.Connection, exposed_schemas: Sequence[str])
             policies=int(r[4]),
             is_partition=bool(r[5]),
             api_access=None if r[6] is None else bool(r[6]),
+            extension=r[7],
         )
         for r in rows
     ]
@@ -915,13 +919,29 @@ def audit_trail_markdown(trail: Sequence[dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
+EXTENSION_TABLE = "rls_disabled_extension_table"
+
+
+def unprotected(table: TableRls) -> str:
+    """Why an extension's table in an exposed schema is left without RLS, and what to do."""
+    return (
+        f"Table {table.name} belongs to extension {table.extension}, installed in exposed "
+        f"schema {table.schema}, so the API roles can reach it; it holds no migrated rows and "
+        "is left as it is (RLS could hide the extension's own data from its functions, and "
+        f"postgres may not own it); install {table.extension} in schema extensions to take it "
+        "off the API."
+    )
+
+
 def rls_markdown(status: Sequence[TableRls]) -> str:
     rows = [
         [
             t.name + (" (partition)" if t.is_partition else ""),
             "yes" if t.rls_enabled else "**NO**",
             t.policies,
-            "default deny" if t.rls_enabled and not t.policies else "",
+            "default deny"
+            if t.rls_enabled and not t.policies
+            else (f"extension {t.extension}'s table" if t.extension else ""),
             {True: "yes", False: "no", None: ""}[t.api_access],
         ]
         for t in status
@@ -1003,7 +1023,9 @@ def _security_findings(
 
     migrated = {t.name for t in getattr(manifest, "tables", ())}
     for t in rls_status(conn, exposed):
-        if not t.rls_enabled:
+        if not t.rls_enabled and t.extension:
+            findings.append(_finding("WARN", EXTENSION_TABLE, t.name, unprotected(t)))
+        elif not t.rls_enabled:
             findings.append(
                 _finding(
                     "ERROR",

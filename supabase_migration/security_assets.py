@@ -27,10 +27,12 @@ from .assets import (
     step_failure,
     table_asset_key,
 )
+from .catalog import ext_member
 from .errors import MigrationError
 from .manifest import Manifest
 from .resources import TargetDatabase
 from .security import (
+    EXTENSION_TABLE,
     audit_trail_markdown,
     configure_pgaudit,
     enable_rls,
@@ -41,6 +43,7 @@ from .security import (
     rls_status,
     session_encryption,
     unencrypted_sessions,
+    unprotected,
 )
 
 SECURITY_KEY = dg.AssetKey(["migration", "security"])
@@ -70,7 +73,10 @@ def resolve_policy_file(configured: str | None) -> Path | None:
 def tables_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]:
     """The manifest's tables, plus, when our schema step created the schema (alembic or dump
     mode), every other table it created in those schemas: an excluded table is empty but still
-    exposed over the REST API, so it gets RLS too."""
+    exposed over the REST API, so it gets RLS too. Not an extension's tables (an Alembic
+    migration's CREATE EXTENSION postgis puts spatial_ref_sys in public): the extension made
+    them, `postgres` may not own them, and RLS would hide PostGIS's reference data from its own
+    functions called by the API roles; the findings name them instead."""
     names = [t.name for t in manifest.tables]
     if manifest.schema_mode not in ("alembic", "dump"):
         return names
@@ -78,7 +84,7 @@ def tables_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]
         "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY(%s) "
-        "ORDER BY 1",
+        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
         [list(manifest.schemas)],
     ).fetchall()
     return names + [name for (name,) in created if name not in set(names)]
@@ -176,10 +182,11 @@ def build_security_checks(manifest: Manifest) -> list[dg.AssetChecksDefinition]:
                 status = rls_status(conn, exposed)
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
-        missing = [t.name for t in status if not t.rls_enabled]
+        missing = [t.name for t in status if not t.rls_enabled and not t.extension]
+        extensions = [t for t in status if not t.rls_enabled and t.extension]
         metadata: dict[str, dg.RawMetadataValue] = {
             "exposed_tables": len(status),
-            "without_rls": len(missing),
+            "without_rls": len(missing) + len(extensions),
             "rls": dg.MetadataValue.md(rls_markdown(status)),
         }
         if missing:
@@ -190,6 +197,13 @@ def build_security_checks(manifest: Manifest) -> list[dg.AssetChecksDefinition]:
                     f"rls_disabled_in_public: {len(missing)} exposed table(s) without row level "
                     f"security, readable through the Supabase API: {', '.join(missing)}."
                 ),
+                metadata=metadata,
+            )
+        if extensions:  # not the migration's data, and not for it to alter: a warning
+            return dg.AssetCheckResult(
+                passed=False,
+                severity=dg.AssetCheckSeverity.WARN,
+                description=f"{EXTENSION_TABLE}: " + " ".join(map(unprotected, extensions)),
                 metadata=metadata,
             )
         return dg.AssetCheckResult(

@@ -714,6 +714,48 @@ def test_rls_check_fails_naming_unprotected_tables(
     assert "rls_disabled_in_public" in (rls.description or "")
 
 
+def test_an_extensions_table_in_public_is_named_not_altered(
+    target: psycopg.Connection, target_db: TargetDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Alembic migration's CREATE EXTENSION postgis puts spatial_ref_sys in public, owned on
+    Supabase by the extension's role. The security step made every other table of a schema it
+    created RLS-protected, this one too, and failed: postgres does not own it (and RLS would
+    hide PostGIS's reference data from its functions). Now it is left alone and named by a
+    warning, while the migrated tables still get RLS."""
+    with _admin(target_db) as admin:  # as the extension's script would leave it on Supabase
+        admin.execute(
+            "CREATE TABLE public.spatial_ref_sys (srid int PRIMARY KEY, auth_name text);"
+            f"ALTER TABLE public.spatial_ref_sys OWNER TO {SUPABASE_ADMIN};"
+            "GRANT ALL ON public.spatial_ref_sys TO anon, authenticated;"
+            "ALTER EXTENSION plpgsql ADD TABLE public.spatial_ref_sys"
+        )
+    target.execute("CREATE TABLE public.notes (id int PRIMARY KEY)")  # made by the schema step
+    monkeypatch.setenv("SUPABASE_DB_URL", target_db.url)
+    manifest = Manifest(
+        tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="alembic"
+    )
+    result = dg.materialize(
+        [build_security_asset(manifest), *build_security_checks(manifest)],
+        resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
+        run_config={"ops": {"migration__security": {"config": {"pgaudit": False}}}},
+        raise_on_error=False,
+    )
+    assert result.success, _events_text(result)
+    status = {t.name: t for t in rls_status(target, ("public",))}
+    assert status["public.patients"].rls_enabled and status["public.notes"].rls_enabled
+    assert not status["public.spatial_ref_sys"].rls_enabled
+    assert status["public.spatial_ref_sys"].extension == "plpgsql"
+    rls = {e.check_name: e for e in result.get_asset_check_evaluations()}["rls_enabled"]
+    assert not rls.passed and rls.severity == dg.AssetCheckSeverity.WARN
+    assert (rls.description or "").startswith("rls_disabled_extension_table: ")
+    assert "public.spatial_ref_sys belongs to extension plpgsql" in (rls.description or "")
+    findings = {(f["code"], f["subject"]): f for f in security_findings(target, manifest)}
+    assert findings[("rls_disabled_extension_table", "public.spatial_ref_sys")]["severity"] == (
+        "WARN"
+    )
+    assert not [f for f in findings.values() if f["code"] == "rls_disabled_in_public"]
+
+
 def test_report_findings_adapter(target: psycopg.Connection, target_db: TargetDb) -> None:
     """The shape checks.build_report_asset(security_findings=...) calls: (source, target) URLs."""
     manifest = Manifest(tables=(ManifestTable("public.patients", ("id",), "primary_key"),))
