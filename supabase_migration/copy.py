@@ -196,11 +196,21 @@ def copy_range(
             f"{the_range} is being copied by another run right now; this run left it untouched."
         ) from None
     except psycopg.Error as exc:
-        message = f"Copying {where} failed: {describe_pg_error(exc)}."
+        message = f"Copying {where} failed: {describe_pg_error(exc)}{_remedy(exc)}."
         _record_failure(target, name, partition_key, message, options.run_id)
         if is_transient(exc):
             raise TransientError(message) from None
         raise CopyError(message) from None
+
+
+def _remedy(exc: psycopg.Error) -> str:
+    """What to do about an error whose own words do not say it (appended to the sentence)."""
+    if isinstance(exc, pg_errors.InsufficientPrivilege) and "row-level security" in str(exc):
+        return (
+            " (row level security applies to the source login, which would read only the rows "
+            "its policies show: connect as a superuser, a role with BYPASSRLS or the owner)"
+        )
+    return ""
 
 
 class _source_snapshot:
@@ -211,8 +221,8 @@ class _source_snapshot:
 
     def __enter__(self) -> None:
         self.conn.execute(
-            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}").format(
-                sqlbuild.SERIAL_PLANS
+            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}; {}").format(
+                sqlbuild.SERIAL_PLANS, sqlbuild.EVERY_ROW
             )
         )
 
@@ -354,8 +364,8 @@ def _checksum_in(
         peer.execute(
             sql.SQL(
                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
-                "SET TRANSACTION SNAPSHOT {}; {}"
-            ).format(sql.Literal(snapshot), sqlbuild.SERIAL_PLANS)
+                "SET TRANSACTION SNAPSHOT {}; {}; {}"
+            ).format(sql.Literal(snapshot), sqlbuild.SERIAL_PLANS, sqlbuild.EVERY_ROW)
         )
         return _source_checksum(peer, table, key_range, options)
 
@@ -375,7 +385,8 @@ def _source_checksum(
 
 def _local_settings(options: CopyOptions) -> list[sql.Composable]:
     statements: list[sql.Composable] = [
-        sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(options.statement_timeout))
+        sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(options.statement_timeout)),
+        sqlbuild.EVERY_ROW,  # a FORCEd policy must not hide target rows from the range's upsert
     ]
     if options.replica_mode:
         statements.append(sql.SQL("SET LOCAL session_replication_role = replica"))

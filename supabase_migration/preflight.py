@@ -221,6 +221,7 @@ def _run_checks(
         _check_keys,
         _check_owners,
         _check_policies,
+        _check_source_rls,
         _check_large_objects,
         _check_superuser_objects,
         _check_materialized_views,
@@ -594,6 +595,38 @@ def _check_policies(ctx: _Context) -> None:
                 f"Policy {policy} on {schema}.{table} applies to role {role}, which does not "
                 "exist on the target; create that role there first or the schema step fails.",
             )
+
+
+# Tables whose rows row level security would filter for the source login: on with no BYPASSRLS
+# or superuser, and the login not the owner (or the owner, with FORCE). Partitions are read
+# through their parent, whose policies are the ones that apply.
+_SOURCE_RLS_SQL = f"""
+SELECT n.nspname, c.relname, c.relforcerowsecurity AND pg_has_role(c.relowner, 'USAGE')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND c.relrowsecurity AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+  AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user)
+  AND NOT {ext_member("pg_class", "c.oid")}
+ORDER BY 1, 2
+"""
+
+
+def _check_source_rls(ctx: _Context) -> None:
+    for schema, table, forced in ctx.source.execute(_SOURCE_RLS_SQL, (ctx.schemas,)):
+        name = f"{schema}.{table}"
+        if ctx.tables is not None and name not in ctx.tables:
+            continue
+        ctx.add(
+            Severity.ERROR,
+            "source-rls",
+            name,
+            f"Row level security applies to the source login on {name}"
+            + (" (FORCE ROW LEVEL SECURITY, even for its owner)" if forced else "")
+            + ", so it can read only the rows its policies show and the copy would stop; "
+            "connect as a superuser or a role with BYPASSRLS"
+            + ("" if forced else ", or as the table's owner")
+            + ".",
+        )
 
 
 def _check_large_objects(ctx: _Context) -> None:

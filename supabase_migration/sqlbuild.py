@@ -27,6 +27,12 @@ NORMALIZE_TEXT_OUTPUT = sql.SQL(
 # workers inside those queries only compete with the other workers for the same cores.
 SERIAL_PLANS = sql.SQL("SET LOCAL max_parallel_workers_per_gather = 0")
 
+# Row level security must never filter what is copied or compared: a source role it applies to
+# would copy, and verify, only the rows its policies show, and both sides would agree. With it
+# off, such a query fails instead ("query would be affected by row-level security policy"), as
+# pg_dump's do; preflight names those tables first.
+EVERY_ROW = sql.SQL("SET LOCAL row_security = off")
+
 
 def table_ident(table: TableInfo) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)

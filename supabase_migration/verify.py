@@ -144,6 +144,7 @@ def read_snapshot(
         sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
         sql.SQL("SET LOCAL statement_timeout = 0"),
         sqlbuild.SERIAL_PLANS,
+        sqlbuild.EVERY_ROW,
         sqlbuild.NORMALIZE_TEXT_OUTPUT,
     ]
     if catalog:

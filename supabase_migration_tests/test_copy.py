@@ -1062,3 +1062,69 @@ def test_bookkeeping_already_there_costs_three_round_trips(target_db, tmp_path):
             checkpoints.ensure_bookkeeping(t)
         assert waits == ["Query", "Query", "Query"], waits
         assert t.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_a_source_login_that_row_level_security_filters_stops_the_copy_and_verify(pair):
+    """A source login that row level security applies to (not the owner, no BYPASSRLS) saw only
+    the rows its policies showed: the copy took half of items for the whole table and called
+    it done, and verify, reading the source through the same policies, agreed with a target
+    holding that half. Now the copy stops with one sentence and commits nothing, verify stops
+    too, and preflight names the table before anything is written."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from supabase_migration.preflight import run_preflight
+    from supabase_migration.verify import row_counts
+
+    source_db, target_db = pair
+    role = f"rls_reader_{source_db.name}"[:63]
+    with psycopg.connect(source_db.url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE ROLE {r} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}; "
+                "ALTER TABLE items ENABLE ROW LEVEL SECURITY; "
+                "CREATE POLICY odd_only ON items FOR SELECT TO {r} USING (id % 2 = 1)"
+            ).format(r=sql.Identifier(role))
+        )
+    parts = urlsplit(source_db.url)
+    reader_url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.split('@', 1)[1]}"))
+    try:
+        src_url, tgt_url = _urls(dataclasses.replace(source_db, url=reader_url), target_db.url)
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            findings = run_preflight(s, t, schemas=["public"], tables=["public.items"])
+            (finding,) = [f for f in findings if f.code == "source-rls"]
+            assert finding.subject == "public.items" and finding.severity == "error"
+            assert "BYPASSRLS" in finding.message
+
+            checkpoints.ensure_bookkeeping(t)
+            info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
+            refresh_plan(s, t, info, batch_size=100_000)  # one range: the whole table
+            (cp,) = checkpoints.load(t, "public.items")
+            with pytest.raises(CopyError, match="row-level security") as stopped:
+                copy_range(s, t, info, cp.partition_key, CopyOptions())
+            assert "\n" not in str(stopped.value)
+            assert "a role with BYPASSRLS or the owner" in str(stopped.value)
+            assert t.execute("SELECT count(*) FROM items").fetchone() == (0,)
+            (cp,) = checkpoints.load(t, "public.items")
+            assert cp.status == checkpoints.Status.FAILED
+
+            # What the copy used to leave: the rows the policy showed, and nothing else.
+            columns = "id, parent_id, label, doc, tags, feeling, at, amount"
+            with (
+                psycopg.connect(source_db.url) as admin_source,
+                admin_source.cursor().copy(
+                    f"COPY (SELECT {columns} FROM items WHERE id % 2 = 1) TO STDOUT"
+                ) as rows,
+                t.transaction(),
+            ):
+                t.execute("SET LOCAL session_replication_role = replica")  # no parents there
+                with t.cursor().copy(f"COPY items ({columns}) FROM STDIN") as copy:
+                    for block in rows:
+                        copy.write(block)
+            assert t.execute("SELECT count(*) FROM items").fetchone() == (2500,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+                row_counts(s, t, info)
+    finally:
+        with psycopg.connect(source_db.url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP OWNED BY {r}; DROP ROLE {r}").format(r=sql.Identifier(role))
+            )
