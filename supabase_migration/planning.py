@@ -24,7 +24,7 @@ from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
 from .connections import borrowed, connect, sever, side_by_side, stop_queries
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
-from .sqlbuild import Bound, range_predicate, table_ident
+from .sqlbuild import Bound, range_predicate, rows_of
 
 DEFAULT_BATCH_SIZE = 100_000
 MAX_PARTITIONS_PER_TABLE = 10_000
@@ -241,7 +241,7 @@ def _integer_boundaries(
     key = sql.Identifier(table.key[0])
     row = conn.execute(
         sql.SQL("SELECT min({k}), max({k}), count(*) FROM {t} WHERE {w}").format(
-            k=key, t=table_ident(table), w=range_predicate(table, start, None)
+            k=key, t=rows_of(table), w=range_predicate(table, start, None)
         )
     ).fetchone()
     assert row is not None
@@ -265,7 +265,7 @@ def _keyset_boundaries(
 ) -> list[tuple[str, ...]]:
     where = range_predicate(table, start, None, collate_c=collate_c)
     row = conn.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table_ident(table), where)
+        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(rows_of(table), where)
     ).fetchone()
     rows = row[0] if row else 0
     size = effective_batch_size(rows, batch_size, max_partitions)
@@ -285,7 +285,7 @@ def _keyset_boundaries(
         texts=texts,
         keys=sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
         order=order,
-        t=table_ident(table),
+        t=rows_of(table),
         w=where,
         size=sql.Literal(size),
     )

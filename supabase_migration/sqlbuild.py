@@ -38,6 +38,15 @@ def table_ident(table: TableInfo) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)
 
 
+def rows_of(table: TableInfo) -> sql.Composable:
+    """The table's own rows, where they are read or deleted: ONLY, since a parent by classic
+    inheritance (INHERITS) would also give its children's, which are copied as tables of their
+    own; a partitioned table's rows are its partitions'."""
+    if table.partitioned:
+        return table_ident(table)
+    return sql.SQL("ONLY {}").format(table_ident(table))
+
+
 def column_list(columns: Sequence[Column], prefix: str | None = None) -> sql.Composable:
     if prefix:
         return sql.SQL(", ").join(sql.Identifier(prefix, c.name) for c in columns)
@@ -139,7 +148,7 @@ def range_checksum_query(
     return sql.SQL("SELECT count(*), {}, {} FROM {} WHERE {}").format(
         row_hash_sum(table),
         last_key,
-        table_ident(table),
+        rows_of(table),
         range_predicate(table, lower, upper, collate_c=collate_c),
     )
 
@@ -201,7 +210,7 @@ def bucketed_checksum_query(
         key,
         sql.SQL(", ").join(bounds),
         row_hash_sum(table),
-        table_ident(table),
+        rows_of(table),
         range_predicate(table, ranges[0].lower, ranges[-1].upper, collate_c=collate_c),
     )
 
@@ -219,7 +228,7 @@ def copy_out_query(
     )
     return sql.SQL("COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT {}").format(
         column_list(table.copy_columns),
-        table_ident(table),
+        rows_of(table),
         range_predicate(table, lower, upper, collate_c=collate_c),
         order,
         sql.SQL("(FORMAT binary)") if binary else sql.SQL(""),
@@ -251,7 +260,7 @@ def delete_missing(
     return sql.SQL(
         "DELETE FROM {} AS t WHERE {} AND NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})"
     ).format(
-        table_ident(table),
+        rows_of(table),
         range_predicate(table, lower, upper, alias="t", collate_c=collate_c),
         sql.Identifier(staging),
         match,
@@ -294,7 +303,7 @@ def any_row_in_range(
     table: TableInfo, lower: Bound, upper: Bound, *, collate_c: bool = False
 ) -> sql.Composed:
     return sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(
-        table_ident(table), range_predicate(table, lower, upper, collate_c=collate_c)
+        rows_of(table), range_predicate(table, lower, upper, collate_c=collate_c)
     )
 
 
@@ -302,5 +311,5 @@ def delete_range(
     table: TableInfo, lower: Bound, upper: Bound, *, collate_c: bool = False
 ) -> sql.Composed:
     return sql.SQL("DELETE FROM {} WHERE {}").format(
-        table_ident(table), range_predicate(table, lower, upper, collate_c=collate_c)
+        rows_of(table), range_predicate(table, lower, upper, collate_c=collate_c)
     )

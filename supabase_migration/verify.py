@@ -282,7 +282,7 @@ def row_counts(
         def counts(conn: psycopg.Connection) -> tuple[list[int], int]:
             def count(r: KeyRange) -> sql.Composable:
                 return sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-                    sqlbuild.table_ident(table),
+                    sqlbuild.rows_of(table),
                     sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
                 )
 
@@ -295,7 +295,7 @@ def row_counts(
                 return per_range, sum(per_range)
             with read_snapshot(conn):
                 total = conn.execute(
-                    sql.SQL("SELECT count(*) FROM {}").format(sqlbuild.table_ident(table))
+                    sql.SQL("SELECT count(*) FROM {}").format(sqlbuild.rows_of(table))
                 ).fetchone()
             return per_range, int(total[0]) if total else 0
 
@@ -491,7 +491,7 @@ def _diff_range_rows(
     query = sql.SQL("SELECT {}, md5(ROW({})::text) FROM {} WHERE {}").format(
         _key_texts(table),
         sqlbuild.column_list(table.copy_columns),
-        sqlbuild.table_ident(table),
+        sqlbuild.rows_of(table),
         sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
     )
     width = len(table.key)
@@ -532,7 +532,7 @@ def _changed_columns(
             )
             for c in cols
         ),
-        sqlbuild.table_ident(table),
+        sqlbuild.rows_of(table),
         _keys_filter(table),
     )
     width = len(table.key)
@@ -655,7 +655,7 @@ def pick_sample_keys(
             size,
             seed,
             lambda sample: sql.SQL("SELECT {} FROM {}{} ORDER BY {}, 1 LIMIT %s").format(
-                _key_texts(table), sqlbuild.table_ident(table), sample, key_hash
+                _key_texts(table), sqlbuild.rows_of(table), sample, key_hash
             ),
         )
         return keys, f"key hash over {drawn}"
@@ -700,7 +700,7 @@ def _probe_keys(
     ends = sql.SQL(
         "SELECT (SELECT {k}::text AS low FROM {t} ORDER BY {k} LIMIT 1), "
         "(SELECT {k}::text AS high FROM {t} ORDER BY {k} DESC LIMIT 1)"
-    ).format(k=key, t=sqlbuild.table_ident(table))
+    ).format(k=key, t=sqlbuild.rows_of(table))
     low, high = source.execute(ends).fetchone() or (None, None)
     if low is None or high is None:
         return []
@@ -714,7 +714,7 @@ def _probe_keys(
         "SELECT s.k FROM unnest(%s::text[]) WITH ORDINALITY AS p(v, i) CROSS JOIN LATERAL "
         "(SELECT {k}::text AS k FROM {t} WHERE {k} >= CAST(p.v AS {type}) ORDER BY {k} LIMIT 1) s "
         "ORDER BY p.i"
-    ).format(k=key, t=sqlbuild.table_ident(table), type=sql.SQL(key_type))
+    ).format(k=key, t=sqlbuild.rows_of(table), type=sql.SQL(key_type))
     found = dict.fromkeys(row[0] for row in source.execute(probe, (probes,)))
     return [(k,) for k in list(found)[:size]]
 
@@ -729,7 +729,7 @@ def _sample_by_key(
     fetch = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
         _key_texts(table),
         sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in columns),
-        sqlbuild.table_ident(table),
+        sqlbuild.rows_of(table),
         _keys_filter(table),
     )
     params = _key_arrays(keys, width)
@@ -802,12 +802,12 @@ def _sample_by_hash(
             lambda sample: sql.SQL(
                 "SELECT h FROM (SELECT {} AS h FROM {}{}) s "
                 "ORDER BY hashint8extended(h, %s), h LIMIT %s"
-            ).format(row_hash, sqlbuild.table_ident(table), sample),
+            ).format(row_hash, sqlbuild.rows_of(table), sample),
         )
     hashes = [row[0] for row in picked]
     count = sql.SQL(
         "SELECT h, count(*) FROM (SELECT {} AS h FROM {}) s WHERE h = ANY(%s) GROUP BY h"
-    ).format(row_hash, sqlbuild.table_ident(table))
+    ).format(row_hash, sqlbuild.rows_of(table))
 
     def counts(conn: psycopg.Connection) -> dict[str, int]:
         with read_snapshot(conn):

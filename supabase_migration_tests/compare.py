@@ -11,13 +11,17 @@ _NORMALIZE = (
 
 
 def table_rows(url: str, table: str) -> list[str]:
-    """Every row of `table` as text, sorted: equal lists mean equal tables."""
+    """Every row of `table` as text, sorted: equal lists mean equal tables. A table's own rows
+    only (ONLY), not its inheritance children's; a partitioned table's are its partitions'."""
     schema, name = table.split(".", 1)
+    ident = psycopg.sql.Identifier(schema, name)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(_NORMALIZE)
-        query = psycopg.sql.SQL("SELECT t::text FROM {} AS t").format(
-            psycopg.sql.Identifier(schema, name)
-        )
+        kind = conn.execute(
+            "SELECT relkind FROM pg_class WHERE oid = %s::regclass", (ident.as_string(conn),)
+        ).fetchone()
+        only = "" if kind == ("p",) else "ONLY "
+        query = psycopg.sql.SQL("SELECT t::text FROM " + only + "{} AS t").format(ident)
         return sorted(r[0] for r in conn.execute(query))
 
 
