@@ -222,6 +222,7 @@ def _run_checks(
         _check_owners,
         _check_policies,
         _check_source_rls,
+        _check_table_behaviour,
         _check_large_objects,
         _check_superuser_objects,
         _check_materialized_views,
@@ -627,6 +628,52 @@ def _check_source_rls(ctx: _Context) -> None:
             + ("" if forced else ", or as the table's owner")
             + ".",
         )
+
+
+# Triggers that fire even in the copy's session_replication_role = replica (ENABLE ALWAYS),
+# on the tables that define the target's (the source's, unless schema mode none).
+_ALWAYS_TRIGGERS_SQL = f"""
+SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND NOT t.tgisinternal AND t.tgenabled = 'A'
+  AND NOT {ext_member("pg_class", "c.oid")}
+ORDER BY 1, 2, 3
+"""
+
+_UNLOGGED_SQL = f"""
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND c.relpersistence = 'u'
+  AND NOT {ext_member("pg_class", "c.oid")}
+ORDER BY 1, 2
+"""
+
+
+def _check_table_behaviour(ctx: _Context) -> None:
+    """What a table on the target does to the copied rows, or to them after the copy."""
+    defining = ctx.target if ctx.schema_mode == "none" else ctx.source
+    for schema, table, trigger in defining.execute(_ALWAYS_TRIGGERS_SQL, (ctx.schemas,)):
+        name = f"{schema}.{table}"
+        if ctx.tables is None or name in ctx.tables:
+            ctx.add(
+                Severity.WARNING,
+                "always-trigger",
+                name,
+                f"Trigger {trigger} on {name} is ENABLE ALWAYS, so it fires for every row the "
+                "copy writes (which skips ordinary triggers) and may change or add rows; "
+                "verify names any row it changed. Set it to ENABLE on the target for the "
+                "migration if it should not run then.",
+            )
+    for schema, table in defining.execute(_UNLOGGED_SQL, (ctx.schemas,)):
+        name = f"{schema}.{table}"
+        if ctx.tables is None or name in ctx.tables:
+            ctx.add(
+                Severity.WARNING,
+                "unlogged-table",
+                name,
+                f"Table {name} is UNLOGGED: after a crash of the target it is empty, and its "
+                "rows are in neither Supabase's backups nor point-in-time recovery; for PHI, "
+                f"ALTER TABLE {name} SET LOGGED.",
+            )
 
 
 def _check_large_objects(ctx: _Context) -> None:

@@ -159,6 +159,40 @@ def test_findings_name_what_supabase_cannot_take(source_db, target_db, source_on
     assert caught.value.exit_code == 2
 
 
+def test_tables_that_act_on_the_copied_rows_are_named(source_db, target_db):
+    """An ENABLE ALWAYS trigger fires even under the copy's replica role, and an UNLOGGED table
+    loses its rows on a crash and is not in Supabase's backups: both are warned about, for the
+    tables to migrate only, from the source (what the schema step copies) or, in schema mode
+    none, from the target."""
+    ddl = """
+        CREATE TABLE notes (id int PRIMARY KEY, body text, touched timestamptz);
+        CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN NEW.touched := now(); RETURN NEW; END $$;
+        CREATE TRIGGER notes_touch BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION touch();
+        ALTER TABLE notes ENABLE ALWAYS TRIGGER notes_touch;
+        CREATE TRIGGER notes_ordinary BEFORE UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION touch();
+        CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY);
+        CREATE UNLOGGED TABLE left_out (id int PRIMARY KEY);
+    """
+    execute(source_db.url, ddl)
+    tables = ["public.notes", "public.scratch"]
+    findings = preflight(source_db.url, target_db.url, ["public"], tables=tables)
+    (trigger,) = by_code(findings, "always-trigger")
+    assert (trigger.subject, trigger.severity) == ("public.notes", Severity.WARNING)
+    assert "notes_touch" in trigger.message and "notes_ordinary" not in trigger.message
+    (unlogged,) = by_code(findings, "unlogged-table")
+    assert (unlogged.subject, unlogged.severity) == ("public.scratch", Severity.WARNING)
+    assert "SET LOGGED" in unlogged.message
+
+    # Schema mode none: the target's tables are the ones the rows go into.
+    assert not by_code(
+        preflight(source_db.url, target_db.url, ["public"], "none", tables), "always-trigger"
+    )
+    execute(target_db.url, ddl)
+    findings = preflight(source_db.url, target_db.url, ["public"], "none", tables)
+    assert [f.subject for f in by_code(findings, "always-trigger")] == ["public.notes"]
+
+
 def test_listed_schema_missing_on_the_source(source_db, target_db):
     findings = preflight(source_db.url, target_db.url, ["public", "nope"])
     assert [(f.severity, f.subject) for f in by_code(findings, "schema-missing")] == [
