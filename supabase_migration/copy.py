@@ -221,8 +221,8 @@ class _source_snapshot:
 
     def __enter__(self) -> None:
         self.conn.execute(
-            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}; {}").format(
-                sqlbuild.SERIAL_PLANS, sqlbuild.EVERY_ROW
+            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}; {}; {}").format(
+                sqlbuild.SERIAL_PLANS, sqlbuild.EVERY_ROW, sqlbuild.NO_STATEMENT_TIMEOUT
             )
         )
 
@@ -364,8 +364,13 @@ def _checksum_in(
         peer.execute(
             sql.SQL(
                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
-                "SET TRANSACTION SNAPSHOT {}; {}; {}"
-            ).format(sql.Literal(snapshot), sqlbuild.SERIAL_PLANS, sqlbuild.EVERY_ROW)
+                "SET TRANSACTION SNAPSHOT {}; {}; {}; {}"
+            ).format(
+                sql.Literal(snapshot),
+                sqlbuild.SERIAL_PLANS,
+                sqlbuild.EVERY_ROW,
+                sqlbuild.NO_STATEMENT_TIMEOUT,
+            )
         )
         return _source_checksum(peer, table, key_range, options)
 

@@ -21,10 +21,17 @@ from psycopg import sql
 
 from . import checkpoints
 from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
-from .connections import borrowed, connect, sever, side_by_side, stop_queries
+from .connections import (
+    borrowed,
+    connect,
+    sever,
+    side_by_side,
+    stop_queries,
+    transaction_with,
+)
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
-from .sqlbuild import Bound, range_predicate, rows_of
+from .sqlbuild import EVERY_ROW, NO_STATEMENT_TIMEOUT, Bound, range_predicate, rows_of
 
 DEFAULT_BATCH_SIZE = 100_000
 MAX_PARTITIONS_PER_TABLE = 10_000
@@ -49,10 +56,13 @@ def plan_table(
     name = table.qualified_name
     if table.key_kind is KeyKind.NONE:
         return [KeyRange(name, first_index, None, None)]
-    if table.key_kind is KeyKind.INTEGER:
-        bounds = _integer_boundaries(conn, table, batch_size, max_partitions, start)
-    else:
-        bounds = _keyset_boundaries(conn, table, batch_size, max_partitions, start, collate_c)
+    # A whole-table read: no statement timeout, no policy filtering; the settings travel with
+    # the BEGIN.
+    with transaction_with(conn, [NO_STATEMENT_TIMEOUT, EVERY_ROW], commit=False):
+        if table.key_kind is KeyKind.INTEGER:
+            bounds = _integer_boundaries(conn, table, batch_size, max_partitions, start)
+        else:
+            bounds = _keyset_boundaries(conn, table, batch_size, max_partitions, start, collate_c)
     edges: list[Bound] = [start, *bounds, None]
     return [KeyRange(name, first_index + i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 

@@ -33,6 +33,11 @@ SERIAL_PLANS = sql.SQL("SET LOCAL max_parallel_workers_per_gather = 0")
 # pg_dump's do; preflight names those tables first.
 EVERY_ROW = sql.SQL("SET LOCAL row_security = off")
 
+# A source role's own statement_timeout (production roles often have one) would cancel a
+# whole-table checksum, a plan's boundary read, or a range's COPY waiting on a slow target,
+# again on every retry.
+NO_STATEMENT_TIMEOUT = sql.SQL("SET LOCAL statement_timeout = 0")
+
 
 def table_ident(table: TableInfo) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)

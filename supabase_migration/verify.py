@@ -142,7 +142,7 @@ def read_snapshot(
     """
     setup = [
         sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
-        sql.SQL("SET LOCAL statement_timeout = 0"),
+        sqlbuild.NO_STATEMENT_TIMEOUT,
         sqlbuild.SERIAL_PLANS,
         sqlbuild.EVERY_ROW,
         sqlbuild.NORMALIZE_TEXT_OUTPUT,

@@ -1097,7 +1097,10 @@ def test_a_source_login_that_row_level_security_filters_stops_the_copy_and_verif
 
             checkpoints.ensure_bookkeeping(t)
             info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
-            refresh_plan(s, t, info, batch_size=100_000)  # one range: the whole table
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # it reads keys too
+                refresh_plan(s, t, info, batch_size=100_000)
+            with connect(parse_database_url(source_db.url, label="source")) as admin_source:
+                refresh_plan(admin_source, t, info, batch_size=100_000)  # the whole table
             (cp,) = checkpoints.load(t, "public.items")
             with pytest.raises(CopyError, match="row-level security") as stopped:
                 copy_range(s, t, info, cp.partition_key, CopyOptions())
@@ -1190,3 +1193,46 @@ def test_a_parent_by_inheritance_is_copied_and_compared_without_its_children(sou
         for name in tables:
             outcomes = [check(s, t, infos[name]) for check in (row_counts, range_checksums)]
             assert all(o.passed for o in outcomes) == (name != "public.visits_archive"), outcomes
+
+
+def test_a_source_roles_statement_timeout_cancels_no_read_of_ours(source_db, target_db):
+    """Production roles often carry a statement_timeout. A plan's boundary read, a range's
+    COPY (paced by the target) and its checksum over many rows outlast it, were cancelled, and
+    were cancelled again on every retry. Each of those transactions now lifts it for itself."""
+    ddl = "CREATE TABLE wide (id uuid PRIMARY KEY, pad text NOT NULL)"
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(ddl)
+        conn.execute(
+            "INSERT INTO wide SELECT md5(g::text)::uuid, repeat(md5(g::text), 4) "
+            "FROM generate_series(1, 400000) g"
+        )
+        conn.execute("ANALYZE wide")
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET statement_timeout = '100ms'").format(
+                sql.Identifier(source_db.name)
+            )
+        )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(ddl)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        assert s.execute("SHOW statement_timeout").fetchone() == ("100ms",)
+        checkpoints.ensure_bookkeeping(t)
+        (info,) = read_tables(s, ["public"])
+        refresh_plan(s, t, info, batch_size=300_000)  # a keyset read over every row
+        ranges = checkpoints.load(t, "public.wide")
+        assert len(ranges) == 2
+        for cp in ranges:
+            result = copy_range(s, t, info, cp.partition_key, CopyOptions())
+            assert result.rows > 0
+        assert (
+            changed_or_unfinished(s, info, checkpoints.load(t, "public.wide"), CopyOptions())
+            == set()
+        )
+    with psycopg.connect(source_db.url, autocommit=True) as conn:  # for the comparison's reads
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} RESET statement_timeout").format(
+                sql.Identifier(source_db.name)
+            )
+        )
+    assert_tables_equal(source_db.url, target_db.url, ["public.wide"])
