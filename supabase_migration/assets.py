@@ -243,6 +243,7 @@ def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> 
         metadata["started_before_run"] = started_before_run
         metadata["preflight"] = dg.MetadataValue.md(outcome.findings_markdown)
         metadata["findings"] = len(outcome.findings)
+        metadata["rls_enabled_before_copy"] = len(outcome.protected)
         return dg.MaterializeResult(metadata=metadata)
 
     return schema

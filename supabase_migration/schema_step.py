@@ -1,4 +1,5 @@
-"""The schema step as one call: preflight, then the schema, then our bookkeeping schema.
+"""The schema step as one call: preflight, then the schema, then our bookkeeping schema, then
+row level security on the exposed tables before any row is copied into them.
 
 Preflight runs before anything is written: an ERROR finding stops the migration with nothing
 changed on the target.
@@ -7,7 +8,7 @@ changed on the target.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from .preflight import (
     table_mismatches,
 )
 from .schema_apply import SchemaMode, SchemaResult, apply_schema
+from .security import enable_rls, tables_to_protect
 
 
 @dataclass(frozen=True)
 class SchemaOutcome:
     result: SchemaResult
     findings: list[Finding]
+    protected: list[str] = field(default_factory=list)  # tables given RLS before any copy
 
     @property
     def findings_markdown(self) -> str:
@@ -92,7 +95,14 @@ def migrate_schema(
             fitting(target, at_head)
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)
-    return SchemaOutcome(result=result, findings=findings)
+        # Supabase's default privileges give anon and authenticated every new table in public:
+        # without RLS, the REST API would serve each row from the moment it is copied until
+        # the security step at the end. Default deny now; the policies come at the end.
+        actions = enable_rls(
+            target, tables_to_protect(target, manifest), exposed_schemas=manifest.exposed_schemas
+        )
+    protected = [a.subject for a in actions if a.kind == "enable_rls"]
+    return SchemaOutcome(result=result, findings=findings, protected=protected)
 
 
 def start_schema_ahead(

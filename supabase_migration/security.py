@@ -28,18 +28,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg.errors
 from psycopg import sql
 
-from .catalog import BOOKKEEPING_SCHEMA
+from .catalog import BOOKKEEPING_SCHEMA, ext_member
 from .connections import borrowed, database_error
 from .conninfo import DatabaseUrl, is_loopback_host
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
 from .redaction import describe_pg_error
 from .report import markdown_table
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 API_ROLES = ("anon", "authenticated")
 SERVICE_ROLE = "service_role"
@@ -304,6 +307,26 @@ def check_policy_sql(policy_sql: str) -> str:
             "ROLLBACK); remove it: the tool applies the file in one transaction."
         )
     return digest
+
+
+def tables_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]:
+    """The manifest's tables, plus, when our schema step created the schema (alembic or dump
+    mode), every other table it created in those schemas: an excluded table is empty but still
+    exposed over the REST API, so it gets RLS too. Not an extension's tables (an Alembic
+    migration's CREATE EXTENSION postgis puts spatial_ref_sys in public): the extension made
+    them, `postgres` may not own them, and RLS would hide PostGIS's reference data from its own
+    functions called by the API roles; the findings name them instead."""
+    names = [t.name for t in manifest.tables]
+    if manifest.schema_mode not in ("alembic", "dump"):
+        return names
+    created = conn.execute(
+        "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY(%s) "
+        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
+        [list(manifest.schemas)],
+    ).fetchall()
+    return names + [name for (name,) in created if name not in set(names)]
 
 
 def enable_rls(

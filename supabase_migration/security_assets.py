@@ -27,7 +27,6 @@ from .assets import (
     step_failure,
     table_asset_key,
 )
-from .catalog import ext_member
 from .errors import MigrationError
 from .manifest import Manifest
 from .resources import TargetDatabase
@@ -42,6 +41,7 @@ from .security import (
     rls_markdown,
     rls_status,
     session_encryption,
+    tables_to_protect,
     unencrypted_sessions,
     unprotected,
 )
@@ -68,26 +68,6 @@ def resolve_policy_file(configured: str | None) -> Path | None:
     """The run config's path wins over the environment variable; neither means no policies."""
     chosen = configured or os.environ.get(POLICY_FILE_ENV) or None
     return Path(chosen).expanduser() if chosen else None
-
-
-def tables_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]:
-    """The manifest's tables, plus, when our schema step created the schema (alembic or dump
-    mode), every other table it created in those schemas: an excluded table is empty but still
-    exposed over the REST API, so it gets RLS too. Not an extension's tables (an Alembic
-    migration's CREATE EXTENSION postgis puts spatial_ref_sys in public): the extension made
-    them, `postgres` may not own them, and RLS would hide PostGIS's reference data from its own
-    functions called by the API roles; the findings name them instead."""
-    names = [t.name for t in manifest.tables]
-    if manifest.schema_mode not in ("alembic", "dump"):
-        return names
-    created = conn.execute(
-        "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY(%s) "
-        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
-        [list(manifest.schemas)],
-    ).fetchall()
-    return names + [name for (name,) in created if name not in set(names)]
 
 
 def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:

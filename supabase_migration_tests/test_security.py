@@ -756,6 +756,49 @@ def test_an_extensions_table_in_public_is_named_not_altered(
     assert not [f for f in findings.values() if f["code"] == "rls_disabled_in_public"]
 
 
+def test_rows_are_never_served_by_the_api_before_the_security_step(
+    source_db: SourceDb, target_db: TargetDb
+) -> None:
+    """Supabase's default privileges give anon and authenticated every new table in public, and
+    RLS came only with the security step at the end: from its first range until then, the REST
+    API served every copied row. The schema step now enables RLS (default deny) on every
+    exposed table it made, so the first copied row is already out of the API's reach."""
+    from supabase_migration import checkpoints
+    from supabase_migration.catalog import read_tables
+    from supabase_migration.copy import CopyOptions, copy_range
+    from supabase_migration.planning import refresh_plan
+    from supabase_migration.schema_step import migrate_schema
+
+    with _connect(source_db.url) as conn:
+        conn.execute(PATIENTS_SQL)
+        conn.execute("CREATE TABLE public.visits (id int PRIMARY KEY)")  # left out: made empty
+        conn.execute("CREATE SCHEMA private; CREATE TABLE private.raw (id int PRIMARY KEY)")
+    manifest = Manifest(
+        tables=(ManifestTable("public.patients", ("id",), "primary_key"),),
+        schemas=("public", "private"),
+        schema_mode="dump",
+    )
+    src, tgt = (
+        parse_database_url(u, label=w)
+        for u, w in ((source_db.url, "source"), (target_db.url, "target"))
+    )
+    outcome = migrate_schema(manifest, src, tgt)
+    assert sorted(outcome.protected) == ["public.patients", "public.visits"]
+    with _connect(target_db.url) as t, connect(src, autocommit=True) as s:
+        status = {r.name: r.rls_enabled for r in rls_status(t, ("public", "private"))}
+        assert status == {"public.patients": True, "public.visits": True, "private.raw": False}
+        (info,) = [i for i in read_tables(s, ["public"]) if i.name == "patients"]
+        refresh_plan(s, t, info, batch_size=1000)
+        (cp,) = checkpoints.load(t, "public.patients")
+        copy_range(s, t, info, cp.partition_key, CopyOptions())
+    with _admin(target_db) as admin:
+        assert _count_as(admin, "postgres", "public.patients") == 31
+        assert _count_as(admin, "anon", "public.patients") == 0
+        assert _count_as(admin, "authenticated", "public.patients") == 0
+    again = migrate_schema(manifest, src, tgt)  # a later run: nothing left to protect
+    assert again.protected == []
+
+
 def test_report_findings_adapter(target: psycopg.Connection, target_db: TargetDb) -> None:
     """The shape checks.build_report_asset(security_findings=...) calls: (source, target) URLs."""
     manifest = Manifest(tables=(ManifestTable("public.patients", ("id",), "primary_key"),))
