@@ -563,7 +563,8 @@ def run_contenders(
         log(f"({key}) {label} ...")
         row = _apply(Row(key, label, command, dbname=dbname), build(dbname, home))
         if settled is not None:
-            row.note = f"target settled first (VACUUM (ANALYZE), {settled:.1f} s, unmeasured)"
+            settle = f"target settled first (VACUUM (ANALYZE), {settled:.1f} s, unmeasured)"
+            row.note = "; ".join(n for n in (settle, row.note) if n)
         if key not in "eg":
             _check_copy(bed, dbname, row)
         if key == "d" and row.ok:

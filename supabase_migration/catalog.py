@@ -57,6 +57,7 @@ class TableInfo:
     size_bytes: int = 0  # heap and TOAST on the source: how long copying and hashing take
     parents: tuple[str, ...] = field(default=())  # qualified names of FK parent tables
     partitioned: bool = False  # native partitioned parent (children are copied through it)
+    inherited: bool = False  # a parent by INHERITS: its children are tables of their own
     hash_records: bool = False  # the source has hash_record_extended (PostgreSQL 14+)
 
     @property
@@ -102,6 +103,7 @@ def ext_member(catalog: str, oid: str) -> str:
 
 _TABLES_SQL = f"""
 SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned,
+       c.relkind = 'r' AND c.relhassubclass AS inherited,
        CASE WHEN c.relkind = 'p' THEN
             (SELECT sum(greatest(ch.reltuples, 0))::bigint FROM pg_inherits i
                JOIN pg_class ch ON ch.oid = i.inhrelid WHERE i.inhparent = c.oid)
@@ -207,7 +209,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
         parents.setdefault(oid, set()).add(f"{parent_schema}.{parent_name}")
 
     result = []
-    for oid, schema, name, partitioned, estimated, size_bytes in tables:
+    for oid, schema, name, partitioned, inherited, estimated, size_bytes in tables:
         key_source, key = keys.get(oid, ("none", ()))
         own = f"{schema}.{name}"
         result.append(
@@ -221,6 +223,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
                 size_bytes=size_bytes or 0,
                 parents=tuple(sorted(parents.get(oid, set()) - {own})),
                 partitioned=partitioned,
+                inherited=inherited,
                 hash_records=conn.info.server_version >= 140000,
             )
         )

@@ -207,8 +207,9 @@ def _remedy(exc: psycopg.Error) -> str:
     """What to do about an error whose own words do not say it (appended to the sentence)."""
     if isinstance(exc, pg_errors.InsufficientPrivilege) and "row-level security" in str(exc):
         return (
-            " (row level security applies to the source login, which would read only the rows "
-            "its policies show: connect as a superuser, a role with BYPASSRLS or the owner)"
+            " (row level security applies to this login, which would see only the rows its "
+            "policies show: use a superuser or a role with BYPASSRLS, or the table's owner "
+            "if the table does not FORCE it)"
         )
     return ""
 

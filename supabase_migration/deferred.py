@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from . import checkpoints
+from . import checkpoints, sqlbuild
 from .catalog import BOOKKEEPING_SCHEMA, TableInfo
 from .connections import in_one_round_trip, transaction_with
 from .errors import MigrationError
@@ -83,6 +83,7 @@ def _table_transaction(
     first = [
         sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)),
         sql.SQL("SET LOCAL search_path = pg_catalog; SET LOCAL statement_timeout = 0"),
+        sqlbuild.EVERY_ROW,  # "is it empty?" must not be answered by a policy
         sql.SQL(
             "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.deferred:' || {}))"
         ).format(sql.Literal(table_name)),
@@ -122,7 +123,7 @@ def defer_for_load(
                 conn,
                 [
                     sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target),
-                    sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target),
+                    sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sqlbuild.rows_of(table)),
                 ],
             )
             if occupied[0]:

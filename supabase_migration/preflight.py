@@ -602,7 +602,7 @@ def _check_policies(ctx: _Context) -> None:
 # or superuser, and the login not the owner (or the owner, with FORCE). Partitions are read
 # through their parent, whose policies are the ones that apply.
 _SOURCE_RLS_SQL = f"""
-SELECT n.nspname, c.relname, c.relforcerowsecurity AND pg_has_role(c.relowner, 'USAGE')
+SELECT n.nspname, c.relname, c.relforcerowsecurity
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND c.relrowsecurity AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
@@ -622,7 +622,7 @@ def _check_source_rls(ctx: _Context) -> None:
             "source-rls",
             name,
             f"Row level security applies to the source login on {name}"
-            + (" (FORCE ROW LEVEL SECURITY, even for its owner)" if forced else "")
+            + (" (FORCE ROW LEVEL SECURITY: even for its owner)" if forced else "")
             + ", so it can read only the rows its policies show and the copy would stop; "
             "connect as a superuser or a role with BYPASSRLS"
             + ("" if forced else ", or as the table's owner")
@@ -632,16 +632,21 @@ def _check_source_rls(ctx: _Context) -> None:
 
 # Triggers that fire even in the copy's session_replication_role = replica (ENABLE ALWAYS),
 # on the tables that define the target's (the source's, unless schema mode none).
+# A partition's are named by the table the manifest lists, its root.
 _ALWAYS_TRIGGERS_SQL = f"""
-SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t
-JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = ANY(%s) AND NOT t.tgisinternal AND t.tgenabled = 'A'
-  AND NOT {ext_member("pg_class", "c.oid")}
+SELECT DISTINCT n.nspname, r.relname, t.tgname, t.tgenabled = 'R' FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_class r ON r.oid = coalesce(pg_partition_root(c.oid), c.oid)
+JOIN pg_namespace n ON n.oid = r.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT t.tgisinternal
+  AND t.tgenabled IN ('A', 'R') AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY 1, 2, 3
 """
 
 _UNLOGGED_SQL = f"""
-SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT DISTINCT n.nspname, r.relname FROM pg_class c
+JOIN pg_class r ON r.oid = coalesce(pg_partition_root(c.oid), c.oid)
+JOIN pg_namespace n ON n.oid = r.relnamespace
 WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND c.relpersistence = 'u'
   AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY 1, 2
@@ -651,17 +656,24 @@ ORDER BY 1, 2
 def _check_table_behaviour(ctx: _Context) -> None:
     """What a table on the target does to the copied rows, or to them after the copy."""
     defining = ctx.target if ctx.schema_mode == "none" else ctx.source
-    for schema, table, trigger in defining.execute(_ALWAYS_TRIGGERS_SQL, (ctx.schemas,)):
+    for schema, table, trigger, replica in defining.execute(_ALWAYS_TRIGGERS_SQL, (ctx.schemas,)):
         name = f"{schema}.{table}"
         if ctx.tables is None or name in ctx.tables:
             ctx.add(
                 Severity.WARNING,
                 "always-trigger",
                 name,
-                f"Trigger {trigger} on {name} is ENABLE ALWAYS, so it fires for every row the "
-                "copy writes (which skips ordinary triggers) and may change or add rows; "
-                "verify names any row it changed. Set it to ENABLE on the target for the "
-                "migration if it should not run then.",
+                f"Trigger {trigger} on {name} is "
+                + (
+                    "ENABLE REPLICA: it fires only under session_replication_role = replica, "
+                    "as the copy runs"
+                    if replica
+                    else "ENABLE ALWAYS: it fires even under the copy's session_replication_role"
+                    " = replica, which skips ordinary triggers"
+                )
+                + ", for every row the copy writes, and may change or add rows; verify names "
+                "any row it changed, and ENABLE on the target keeps it from running during the "
+                "migration.",
             )
     for schema, table in defining.execute(_UNLOGGED_SQL, (ctx.schemas,)):
         name = f"{schema}.{table}"

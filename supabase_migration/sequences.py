@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from . import sqlbuild
 from .connections import transaction_with
 
 _SEQUENCES_SQL = """
@@ -68,7 +69,9 @@ def sync_sequences(
     source_positions = _positions(source, schemas)
     target_positions = _positions(target, schemas)
     results = []
-    with transaction_with(target, [sql.SQL("SET LOCAL statement_timeout = 0")]):
+    # max() over a parent by INHERITS includes its children on purpose: they share its
+    # serial default. No policy may hide a row from it.
+    with transaction_with(target, [sqlbuild.NO_STATEMENT_TIMEOUT, sqlbuild.EVERY_ROW]):
         found = target.execute(_SEQUENCES_SQL, (list(schemas),)).fetchall()
         owned = [
             sql.SQL("(SELECT max({})::bigint FROM {})").format(

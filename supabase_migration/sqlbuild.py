@@ -44,12 +44,13 @@ def table_ident(table: TableInfo) -> sql.Identifier:
 
 
 def rows_of(table: TableInfo) -> sql.Composable:
-    """The table's own rows, where they are read or deleted: ONLY, since a parent by classic
-    inheritance (INHERITS) would also give its children's, which are copied as tables of their
-    own; a partitioned table's rows are its partitions'."""
-    if table.partitioned:
-        return table_ident(table)
-    return sql.SQL("ONLY {}").format(table_ident(table))
+    """The table's own rows, where they are read or deleted, on either side: ONLY for a parent
+    by classic inheritance (INHERITS), which would also give its children's, copied as tables
+    of their own. Any other table is named as it is, since the target's may be partitioned
+    where the source's is not (ONLY would then see none of its rows)."""
+    if table.inherited:
+        return sql.SQL("ONLY {}").format(table_ident(table))
+    return table_ident(table)
 
 
 def column_list(columns: Sequence[Column], prefix: str | None = None) -> sql.Composable:

@@ -173,13 +173,25 @@ def test_tables_that_act_on_the_copied_rows_are_named(source_db, target_db):
         CREATE TRIGGER notes_ordinary BEFORE UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION touch();
         CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY);
         CREATE UNLOGGED TABLE left_out (id int PRIMARY KEY);
+        CREATE TABLE events (id int, at date NOT NULL) PARTITION BY RANGE (at);
+        CREATE TABLE events_2024 PARTITION OF events
+            FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+        CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+        CREATE TRIGGER events_replica BEFORE INSERT ON events_2024
+            FOR EACH ROW EXECUTE FUNCTION keep();
+        ALTER TABLE events_2024 ENABLE REPLICA TRIGGER events_replica;
     """
     execute(source_db.url, ddl)
-    tables = ["public.notes", "public.scratch"]
+    tables = ["public.notes", "public.scratch", "public.events"]
     findings = preflight(source_db.url, target_db.url, ["public"], tables=tables)
-    (trigger,) = by_code(findings, "always-trigger")
+    replica, trigger = by_code(findings, "always-trigger")  # sorted by table
     assert (trigger.subject, trigger.severity) == ("public.notes", Severity.WARNING)
     assert "notes_touch" in trigger.message and "notes_ordinary" not in trigger.message
+    assert "ENABLE ALWAYS" in trigger.message
+    # A partition's trigger is named by its root, the table the manifest lists.
+    assert (replica.subject, replica.severity) == ("public.events", Severity.WARNING)
+    assert "events_replica on public.events is ENABLE REPLICA: it fires only" in replica.message
+    assert all(f.message.count(". ") == 0 for f in (trigger, replica))  # one sentence
     (unlogged,) = by_code(findings, "unlogged-table")
     assert (unlogged.subject, unlogged.severity) == ("public.scratch", Severity.WARNING)
     assert "SET LOGGED" in unlogged.message
@@ -190,7 +202,10 @@ def test_tables_that_act_on_the_copied_rows_are_named(source_db, target_db):
     )
     execute(target_db.url, ddl)
     findings = preflight(source_db.url, target_db.url, ["public"], "none", tables)
-    assert [f.subject for f in by_code(findings, "always-trigger")] == ["public.notes"]
+    assert [f.subject for f in by_code(findings, "always-trigger")] == [
+        "public.events",
+        "public.notes",
+    ]
 
 
 def test_listed_schema_missing_on_the_source(source_db, target_db):
