@@ -113,8 +113,8 @@ def apply_schema(
 ) -> SchemaResult:
     """Bring the target's schema to the source's, in `mode`; see the module docstring.
     `tables`: the ones to migrate (mode none checks that they exist; default: all).
-    `before_commit` (mode alembic): called with the upgrade's own connection after the
-    migrations ran, before they commit; whatever it raises rolls them back."""
+    `before_commit` (modes alembic and dump): called with the schema's own connection after
+    the migrations or the dump ran, before they commit; whatever it raises rolls them back."""
     started = time.monotonic()
     try:
         mode = SchemaMode(mode)
@@ -126,7 +126,7 @@ def apply_schema(
         if mode is SchemaMode.ALEMBIC:
             result = _apply_alembic(target_url, alembic_config, schemas, before_commit)
         elif mode is SchemaMode.DUMP:
-            result = _apply_dump(source_url, target_url, schemas)
+            result = _apply_dump(source_url, target_url, schemas, before_commit)
         else:
             result = _check_none(source_url, target_url, schemas, tables)
     except psycopg.Error as exc:
@@ -953,7 +953,10 @@ def extension_rewriter(
 
 
 def _apply_dump(
-    source_url: DatabaseUrl, target_url: DatabaseUrl, schemas: Sequence[str] | None
+    source_url: DatabaseUrl,
+    target_url: DatabaseUrl,
+    schemas: Sequence[str] | None,
+    before_commit: Callable[[psycopg.Connection], None] | None = None,
 ) -> SchemaResult:
     with borrowed(source_url) as source:
         schemas = list(schemas) if schemas is not None else source_schemas(source)
@@ -984,6 +987,8 @@ def _apply_dump(
                 created = _apply_dump_in_transaction(
                     target, target_url, dump, rewrite, schemas, source_ext
                 )
+                if created is not None and before_commit is not None:
+                    before_commit(target)
         except psycopg.Error as exc:
             raise SchemaError(
                 f"The schema could not be applied to the {target_url.describe()}, so nothing "

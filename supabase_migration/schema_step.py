@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import psycopg
@@ -73,6 +72,27 @@ def migrate_schema(
         # `plan` compares no tables in this mode, so the sentence names the other misfits.
         raise_for_errors(found, stopped, plan_lists_them=False)
 
+    protected: list[str] = []
+
+    def protect(target: psycopg.Connection) -> None:
+        """Supabase's default privileges give anon and authenticated every new table in
+        public: without RLS, the REST API would serve each row from the moment it is copied
+        until the security step at the end. Default deny from the start (in the schema's own
+        transaction, when it made tables); the policies come at the end."""
+        actions = enable_rls(
+            target, tables_to_protect(target, manifest), exposed_schemas=manifest.exposed_schemas
+        )
+        protected.extend(a.subject for a in actions if a.kind == "enable_rls")
+
+    def before_commit(target: psycopg.Connection) -> None:
+        if alembic:  # checked inside the upgrade's transaction: a misfit rolls it back
+            fitting(
+                target,
+                "The Alembic upgrade would leave tables the source's rows do not fit, so it "
+                "was rolled back",
+            )
+        protect(target)
+
     result = apply_schema(
         SchemaMode(manifest.schema_mode),
         source_url=source_url,
@@ -80,14 +100,7 @@ def migrate_schema(
         alembic_config=Path(manifest.alembic_config) if manifest.alembic_config else None,
         schemas=schemas,
         tables=tables,
-        # Checked inside the upgrade's transaction, so a misfit rolls the upgrade back.
-        before_commit=partial(
-            fitting,
-            stopped="The Alembic upgrade would leave tables the source's rows do not fit, "
-            "so it was rolled back",
-        )
-        if alembic
-        else None,
+        before_commit=before_commit,
     )
     if alembic and not result.changed:  # already at head: nothing ran to check above
         at_head = "The target's tables, at the Alembic head, do not fit the source's rows"
@@ -95,13 +108,7 @@ def migrate_schema(
             fitting(target, at_head)
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)
-        # Supabase's default privileges give anon and authenticated every new table in public:
-        # without RLS, the REST API would serve each row from the moment it is copied until
-        # the security step at the end. Default deny now; the policies come at the end.
-        actions = enable_rls(
-            target, tables_to_protect(target, manifest), exposed_schemas=manifest.exposed_schemas
-        )
-    protected = [a.subject for a in actions if a.kind == "enable_rls"]
+        protect(target)  # tables made earlier, or by the user (mode none); then bookkeeping
     return SchemaOutcome(result=result, findings=findings, protected=protected)
 
 
