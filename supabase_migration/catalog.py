@@ -59,6 +59,9 @@ class TableInfo:
     partitioned: bool = False  # native partitioned parent (children are copied through it)
     inherited: bool = False  # a parent by INHERITS: its children are tables of their own
     hash_records: bool = False  # the source has hash_record_extended (PostgreSQL 14+)
+    # The source database's text is neither UTF8 nor SQL_ASCII (LATIN1, WIN1252 ...): text is
+    # hashed as its UTF8 bytes on both sides, the target's (UTF8) and the source's converted.
+    transcode: bool = False
 
     @property
     def qualified_name(self) -> str:
@@ -208,6 +211,10 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
     for oid, parent_schema, parent_name in conn.execute(_PARENTS_SQL, {"oids": oids}):
         parents.setdefault(oid, set()).add(f"{parent_schema}.{parent_name}")
 
+    row = conn.execute(
+        "SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = current_database()"
+    ).fetchone()
+    transcode = row is not None and row[0] not in ("UTF8", "SQL_ASCII")
     result = []
     for oid, schema, name, partitioned, inherited, estimated, size_bytes in tables:
         key_source, key = keys.get(oid, ("none", ()))
@@ -225,6 +232,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
                 partitioned=partitioned,
                 inherited=inherited,
                 hash_records=conn.info.server_version >= 140000,
+                transcode=transcode,
             )
         )
     return result

@@ -507,6 +507,10 @@ def _connect_args(url: DatabaseUrl, connect_timeout: int) -> dict[str, Any]:
         # from its address (a self-hosted PgBouncer looks like a server), and our few large
         # statements gain nothing from preparation.
         "prepare_threshold": None,
+        # Rows pass from one server to the other through us: their text must leave the source
+        # in the encoding the target reads it in, whatever either database is encoded in (a
+        # LATIN1 source sent LATIN1 bytes that a UTF8 target refused). The servers convert.
+        "client_encoding": "UTF8",
         **{key: value for key, value in KEEPALIVES.items() if key not in url.params},
     }
 

@@ -117,13 +117,19 @@ def row_hash(
     columns = table.copy_columns if columns is None else columns
     seed = sql.Literal(0) if seed is None else seed
     if not table.hash_records:
-        return sql.SQL("hashtextextended(ROW({})::text, {})").format(column_list(columns), seed)
+        row_text = sql.SQL("ROW({})::text").format(column_list(columns))
+        if table.transcode:  # its UTF8 bytes, spelled out in ASCII by the escape format
+            row_text = sql.SQL("encode(convert_to({}, 'UTF8'), 'escape')").format(row_text)
+        return sql.SQL("hashtextextended({}, {})").format(row_text, seed)
     values = []
     for col in columns:
         ident = sql.Identifier(col.name)
         if col.hash_sent:
             send = sql.Identifier("pg_catalog", col.hash_sent)
             values.append(sql.SQL("{}({})").format(send, ident))
+        elif table.transcode and (col.collatable or not col.hash_native):
+            # As bytea, whose hash is text's over the same bytes: ASCII hashes as before.
+            values.append(sql.SQL("convert_to({}::text, 'UTF8')").format(ident))
         elif not col.hash_native:
             values.append(sql.SQL("{}::text").format(ident))
         elif col.collatable:

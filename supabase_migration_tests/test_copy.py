@@ -1272,3 +1272,57 @@ def test_a_plain_source_table_into_a_partitioned_target_table(source_db, target_
             for check in (row_counts, range_checksums):
                 outcome = check(s, t, info)
                 assert outcome.passed, outcome
+
+
+def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):
+    """A LATIN1 source (older European systems) into Supabase, which is UTF8: text must leave
+    the source converted to the target's encoding, and be hashed the same on both sides."""
+    from supabase_migration.verify import range_checksums, row_counts
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            ).format(sql.Identifier(source_db.name + "_l1"))
+        )
+    latin1_url = source_db.url.replace(f"/{source_db.name}", f"/{source_db.name}_l1", 1)
+    try:
+        ddl = "CREATE TABLE names (id int PRIMARY KEY, name text, initials char(2))"
+        with psycopg.connect(latin1_url, autocommit=True) as conn:
+            conn.execute(ddl)
+            conn.execute(
+                "INSERT INTO names VALUES (1, %s, %s), (2, %s, %s), (3, 'plain', 'pl')",
+                ("Zoë Müller-Çelik", "ZÇ", "François Ñúñez", "FÑ"),
+            )
+        with psycopg.connect(target_db.url, autocommit=True) as conn:
+            conn.execute(ddl)
+        latin1 = dataclasses.replace(source_db, url=latin1_url)
+        migrate_all(latin1, target_db.url)
+        with psycopg.connect(target_db.url) as conn:
+            assert conn.execute("SELECT name FROM names WHERE id = 1").fetchone() == (
+                "Zoë Müller-Çelik",
+            )
+        src_url, tgt_url = _urls(latin1, target_db.url)
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            (info,) = read_tables(s, ["public"])
+            assert info.transcode
+            for check in (row_counts, range_checksums):
+                outcome = check(s, t, info)
+                assert outcome.passed, outcome
+            # As a PostgreSQL 13 source hashes (the row's text): the same on both sides too.
+            as_text = dataclasses.replace(info, hash_records=False)
+            whole = [cp.key_range() for cp in checkpoints.load(t, "public.names")]
+            sums = []
+            for conn in (s, t):
+                with _source_snapshot(conn):
+                    conn.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+                    sums.append(sums_by_range(conn, as_text, whole))
+            assert sums[0] == sums[1] and sums[0][0][0] == 3
+    finally:
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(source_db.name + "_l1")
+                )
+            )
