@@ -31,7 +31,14 @@ from .connections import (
 )
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
-from .sqlbuild import EVERY_ROW, NO_STATEMENT_TIMEOUT, Bound, range_predicate, rows_of
+from .sqlbuild import (
+    EVERY_ROW,
+    NO_STATEMENT_TIMEOUT,
+    NORMALIZE_TEXT_OUTPUT,
+    Bound,
+    range_predicate,
+    rows_of,
+)
 
 DEFAULT_BATCH_SIZE = 100_000
 MAX_PARTITIONS_PER_TABLE = 10_000
@@ -56,9 +63,11 @@ def plan_table(
     name = table.qualified_name
     if table.key_kind is KeyKind.NONE:
         return [KeyRange(name, first_index, None, None)]
-    # A whole-table read: no statement timeout, no policy filtering; the settings travel with
-    # the BEGIN.
-    with transaction_with(conn, [NO_STATEMENT_TIMEOUT, EVERY_ROW], commit=False):
+    # A whole-table read: no statement timeout, no policy filtering, and the bounds' text in
+    # the formats every server parses alike (a date in ISO, not the source's DateStyle); the
+    # settings travel with the BEGIN.
+    settings = [NO_STATEMENT_TIMEOUT, EVERY_ROW, NORMALIZE_TEXT_OUTPUT]
+    with transaction_with(conn, settings, commit=False):
         if table.key_kind is KeyKind.INTEGER:
             bounds = _integer_boundaries(conn, table, batch_size, max_partitions, start)
         else:

@@ -1325,3 +1325,33 @@ def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):
                     sql.Identifier(source_db.name + "_l1")
                 )
             )
+
+
+def test_a_source_datestyle_does_not_move_range_bounds(source_db, target_db):
+    """The plan reads a keyset range's bounds as text, and both servers parse them back. A
+    source whose DateStyle is European ('SQL, DMY': 02/01/2024 is 2 January) handed the
+    target, which reads 02/01/2024 as 1 February, different ranges: a re-sync's deletes then
+    reached rows of other ranges. Bounds are now read in ISO, which every server parses alike."""
+    ddl = "CREATE TABLE daily (day date PRIMARY KEY, v int)"
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(ddl)
+        conn.execute(
+            "INSERT INTO daily SELECT DATE '2020-01-01' + g, g FROM generate_series(0, 1999) g"
+        )
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET DateStyle = 'SQL, DMY'").format(
+                sql.Identifier(source_db.name)
+            )
+        )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(ddl)
+        assert conn.execute("SHOW DateStyle").fetchone() != ("SQL, DMY",)
+    migrate_all(source_db, target_db.url, batch_size=150)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:  # one row gone per range
+        conn.execute("DELETE FROM daily WHERE v % 150 = 7")
+    migrate_all(source_db, target_db.url, batch_size=150)  # every range re-synced
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} RESET DateStyle").format(sql.Identifier(source_db.name))
+        )
+    assert_tables_equal(source_db.url, target_db.url, ["public.daily"])
