@@ -1355,3 +1355,31 @@ def test_a_source_datestyle_does_not_move_range_bounds(source_db, target_db):
             sql.SQL("ALTER DATABASE {} RESET DateStyle").format(sql.Identifier(source_db.name))
         )
     assert_tables_equal(source_db.url, target_db.url, ["public.daily"])
+
+
+def test_composites_of_user_types_copy_in_binary_between_databases(source_db, target_db):
+    """Beside arrays (above): a composite's binary form names each field's type by OID too,
+    and a user-defined type (an enum, a domain, the composite itself) has a different OID in
+    each database; composites of them, and arrays of those, are taken all the same."""
+    ddl = """
+        CREATE TYPE mood AS ENUM ('calm', 'tense');
+        CREATE DOMAIN short_text AS text CHECK (length(VALUE) < 20);
+        CREATE TYPE reading AS (label short_text, feeling mood, value numeric);
+        CREATE TABLE journal (
+            id int PRIMARY KEY, moods mood[], last reading, history reading[], notes short_text[]
+        );
+    """
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TYPE unrelated AS ENUM ('x')")  # the OIDs differ from the source's
+        conn.execute(ddl)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(ddl)
+        conn.execute(
+            "INSERT INTO journal SELECT g, ARRAY['calm', 'tense']::mood[], "
+            "ROW('r' || g, 'tense', g / 3.0)::reading, "
+            "ARRAY[ROW('a', 'calm', 1)::reading, ROW('b', NULL, NULL)::reading], "
+            "ARRAY['n' || g]::short_text[] FROM generate_series(1, 500) g"
+        )
+    results = migrate_all(source_db, target_db.url, batch_size=200)
+    assert {r.path for r in results} == {"copy"} and sum(r.rows for r in results) == 500
+    assert_tables_equal(source_db.url, target_db.url, ["public.journal"])
