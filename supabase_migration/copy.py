@@ -222,8 +222,13 @@ class _source_snapshot:
 
     def __enter__(self) -> None:
         self.conn.execute(
-            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}; {}; {}").format(
-                sqlbuild.SERIAL_PLANS, sqlbuild.EVERY_ROW, sqlbuild.NO_STATEMENT_TIMEOUT
+            # Text output pinned too: checksums hash text, and a COPY in text format (a type
+            # with no binary form) must not carry the source's DateStyle to the target.
+            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}; {}; {}; {}").format(
+                sqlbuild.SERIAL_PLANS,
+                sqlbuild.EVERY_ROW,
+                sqlbuild.NO_STATEMENT_TIMEOUT,
+                sqlbuild.NORMALIZE_TEXT_OUTPUT,
             )
         )
 
@@ -264,7 +269,6 @@ def changed_or_unfinished(
     for run in runs:
         for chunk in chunks(run, RANGES_PER_SNAPSHOT):
             with _source_snapshot(source):
-                source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
                 measured = _sums_as_recorded(source, table, chunk, options)
             todo |= {
                 cp.partition_key
@@ -322,7 +326,6 @@ def unchanged_as_a_whole(
     )
     whole = [whole_range(table.qualified_name)]
     with _source_snapshot(source):
-        source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
         return sums_by_range(source, table, whole, collate_c=options.collate_c)[0] == expected
 
 
@@ -365,12 +368,13 @@ def _checksum_in(
         peer.execute(
             sql.SQL(
                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
-                "SET TRANSACTION SNAPSHOT {}; {}; {}; {}"
+                "SET TRANSACTION SNAPSHOT {}; {}; {}; {}; {}"
             ).format(
                 sql.Literal(snapshot),
                 sqlbuild.SERIAL_PLANS,
                 sqlbuild.EVERY_ROW,
                 sqlbuild.NO_STATEMENT_TIMEOUT,
+                sqlbuild.NORMALIZE_TEXT_OUTPUT,
             )
         )
         return _source_checksum(peer, table, key_range, options)
@@ -379,7 +383,7 @@ def _checksum_in(
 def _source_checksum(
     source: psycopg.Connection, table: TableInfo, key_range: KeyRange, options: CopyOptions
 ) -> tuple[int, str, str | None]:
-    source.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+    """In a transaction whose text output is pinned (`_source_snapshot`, `_checksum_in`)."""
     row = source.execute(
         sqlbuild.range_checksum_query(
             table, key_range.lower, key_range.upper, collate_c=options.collate_c

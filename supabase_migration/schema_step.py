@@ -16,6 +16,7 @@ import psycopg
 from .checkpoints import ensure_bookkeeping
 from .connections import borrowed
 from .conninfo import DatabaseUrl
+from .errors import MigrationError
 from .manifest import Manifest
 from .preflight import (
     Finding,
@@ -91,7 +92,13 @@ def migrate_schema(
                 "The Alembic upgrade would leave tables the source's rows do not fit, so it "
                 "was rolled back",
             )
-        protect(target)
+        try:
+            protect(target)
+        except MigrationError as exc:  # same kind (a lock timeout stays worth a retry)
+            what = "Alembic upgrade" if alembic else "schema"
+            raise type(exc)(
+                f"{exc.message.rstrip('.')}, so the {what} was rolled back with it."
+            ) from None
 
     result = apply_schema(
         SchemaMode(manifest.schema_mode),

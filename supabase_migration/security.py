@@ -34,7 +34,7 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 
-from .catalog import BOOKKEEPING_SCHEMA, ext_member
+from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
 from .connections import borrowed, database_error
 from .conninfo import DatabaseUrl, is_loopback_host
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
@@ -199,9 +199,17 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def _lock(conn: psycopg.Connection) -> None:
-    """Transaction-scoped, so it also works through a transaction pooler."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOCK_KEY,))
-    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+    """Transaction-scoped, so it also works through a transaction pooler. The schema step's
+    lock first, as the schema step takes it (it enables RLS in its own transaction), so the
+    two never wait on each other crosswise; and under it, since both revoke on the
+    bookkeeping schema, and concurrent REVOKEs of one object fail ("tuple concurrently
+    updated"). The timeout covers the waits for both."""
+    conn.execute(
+        sql.SQL(
+            "SET LOCAL lock_timeout = {}; SELECT pg_advisory_xact_lock(hashtext({})); "
+            "SELECT pg_advisory_xact_lock(hashtext({}))"
+        ).format(sql.Literal(LOCK_TIMEOUT), sql.Literal(SCHEMA_LOCK_KEY), sql.Literal(_LOCK_KEY))
+    )
 
 
 def _failure(exc: psycopg.Error, what: str) -> MigrationError:

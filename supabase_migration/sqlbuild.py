@@ -128,7 +128,6 @@ def row_hash(
             send = sql.Identifier("pg_catalog", col.hash_sent)
             values.append(sql.SQL("{}({})").format(send, ident))
         elif table.transcode and (col.collatable or not col.hash_native):
-            # As bytea, whose hash is text's over the same bytes: ASCII hashes as before.
             values.append(sql.SQL("convert_to({}::text, 'UTF8')").format(ident))
         elif not col.hash_native:
             values.append(sql.SQL("{}::text").format(ident))
@@ -137,6 +136,14 @@ def row_hash(
         else:
             values.append(ident)
     return sql.SQL("hash_record_extended(ROW({}), {})").format(sql.SQL(", ").join(values), seed)
+
+
+def text_md5(table: TableInfo, text: sql.Composable) -> sql.Composable:
+    """md5 of a text expression, equal on both sides: over its UTF8 bytes when the source's
+    database is encoded otherwise (md5 hashes the database's own bytes)."""
+    if table.transcode:
+        return sql.SQL("md5(convert_to({}, 'UTF8'))").format(text)
+    return sql.SQL("md5({})").format(text)
 
 
 def row_hash_sum(table: TableInfo) -> sql.Composable:
@@ -167,27 +174,34 @@ def range_checksum_query(
 
 def empty_checksum(table: TableInfo) -> str:
     """What `row_hash_sum` gives for no rows. Its letter names the method: "t" the row's text,
-    "r" per-type hashes, "s" per-type hashes with some values in binary form (a checksum
-    recorded another way is measured that way again: `hashed_like`)."""
+    "r" per-type hashes, "s" per-type hashes with some values in binary form; for a source not
+    encoded in UTF8 (`transcode`), "u" per-type hashes and "v" the row's text, both over UTF8
+    bytes (a checksum recorded another way is measured that way again: `hashed_like`)."""
     if not table.hash_records:
-        return "t0"
+        return ("v" if table.transcode else "t") + "0"
+    if table.transcode:
+        return "u0"
     return ("s" if any(c.hash_sent for c in table.copy_columns) else "r") + "0"
 
 
 def hashed_like(table: TableInfo, checksum: str | None) -> TableInfo:
     """`table` as `checksum` was hashed, by its method letter: a range recorded by an older
-    release ("r": numerics, intervals and ranges as text; "t": the row's text) is measured the
-    same way, so that an upgrade does not read as a change of every such range (a change
-    still does). Any other letter: `table` as it is."""
+    release ("r": numerics, intervals and ranges as text; "s" and "r" also in the source's own
+    encoding; "t": the row's text) is measured the same way, so that an upgrade does not read
+    as a change of every such range (a change still does). Any other letter: `table` as it
+    is."""
     letter = (checksum or "")[:1]
     if letter == empty_checksum(table)[0]:
         return table
+    plain = dataclasses.replace(table, transcode=False)
+    if letter == "s" and table.hash_records:
+        return plain
     if letter == "r" and table.hash_records:
         return dataclasses.replace(
-            table, columns=tuple(dataclasses.replace(c, hash_sent="") for c in table.columns)
+            plain, columns=tuple(dataclasses.replace(c, hash_sent="") for c in table.columns)
         )
     if letter == "t":
-        return dataclasses.replace(table, hash_records=False)
+        return dataclasses.replace(plain, hash_records=False)
     return table
 
 

@@ -488,9 +488,10 @@ def _diff_range_rows(
     collate_c: bool,
 ) -> dict[str, Any]:
     """Keys missing, extra and changed in one range, and which columns changed."""
-    query = sql.SQL("SELECT {}, md5(ROW({})::text) FROM {} WHERE {}").format(
+    row_text = sql.SQL("ROW({})::text").format(sqlbuild.column_list(table.copy_columns))
+    query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
         _key_texts(table),
-        sqlbuild.column_list(table.copy_columns),
+        sqlbuild.text_md5(table, row_text),
         sqlbuild.rows_of(table),
         sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
     )
@@ -527,8 +528,11 @@ def _changed_columns(
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
         _key_texts(table),
         sql.SQL(", ").join(
-            sql.SQL("md5(coalesce({}::text, '<NULL>') || {}::text)").format(
-                sql.Identifier(c.name), sql.Literal(c.name)
+            sqlbuild.text_md5(
+                table,
+                sql.SQL("coalesce({}::text, '<NULL>') || {}::text").format(
+                    sql.Identifier(c.name), sql.Literal(c.name)
+                ),
             )
             for c in cols
         ),

@@ -799,6 +799,36 @@ def test_rows_are_never_served_by_the_api_before_the_security_step(
     assert again.protected == []
 
 
+def test_rls_fails_with_the_schema_it_protects(
+    source_db: SourceDb, target_db: TargetDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RLS is enabled in the schema's own transaction: when that cannot be done (here a
+    security step of another run holds its lock past the timeout), no table is left behind
+    without it, and the sentence says the schema went with it; a lock timeout stays worth a
+    retry."""
+    from supabase_migration.schema_step import migrate_schema
+
+    with _connect(source_db.url) as conn:
+        conn.execute(PATIENTS_SQL)
+    manifest = Manifest(
+        tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="dump"
+    )
+    src = parse_database_url(source_db.url, label="source")
+    tgt = parse_database_url(target_db.url, label="target")
+    monkeypatch.setattr(security, "LOCK_TIMEOUT", "300ms")
+    with _admin(target_db) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('supabase_migration.security'))")
+        with pytest.raises(TransientError) as stopped:
+            migrate_schema(manifest, src, tgt)
+    message = str(stopped.value)
+    assert message.endswith(", so the schema was rolled back with it.")
+    assert "Enabling row level security failed" in message and "\n" not in message
+    with _connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.patients')").fetchone() == (None,)
+    outcome = migrate_schema(manifest, src, tgt)  # the retry
+    assert outcome.protected == ["public.patients"]
+
+
 def test_report_findings_adapter(target: psycopg.Connection, target_db: TargetDb) -> None:
     """The shape checks.build_report_asset(security_findings=...) calls: (source, target) URLs."""
     manifest = Manifest(tables=(ManifestTable("public.patients", ("id",), "primary_key"),))
