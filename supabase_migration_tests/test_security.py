@@ -414,6 +414,22 @@ def test_a_held_lock_is_a_retryable_one_sentence_error(
     enable_rls(target, ["public.patients"], exposed_schemas=("public",))  # lock gone: works
 
 
+def test_the_security_step_waits_for_a_schema_step(
+    target: psycopg.Connection, target_db: TargetDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both revoke on the bookkeeping schema, and two REVOKEs of one object at once fail
+    ("tuple concurrently updated", not retried): the security step takes the schema step's
+    lock first, so it waits for another run's schema step (or its bookkeeping) to end."""
+    from supabase_migration.catalog import SCHEMA_LOCK_KEY
+
+    monkeypatch.setattr(security, "LOCK_TIMEOUT", "200ms")
+    with _admin(target_db) as admin, admin.transaction():
+        admin.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (SCHEMA_LOCK_KEY,))
+        with pytest.raises(TransientError, match="lock_not_available"):
+            enable_rls(target, ["public.patients"], exposed_schemas=("public",))
+    enable_rls(target, ["public.patients"], exposed_schemas=("public",))  # released: works
+
+
 # --------------------------------------------------------------------------------------------
 # Encryption in transit
 
