@@ -854,6 +854,7 @@ _TABLE_COLUMNS_SQL = f"""
 SELECT n.nspname || '.' || c.relname,
        has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT')
        AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE'),
+       c.relkind = 'p', c.relkind = 'r' AND c.relhassubclass,
        a.attname, b.typname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
        a.attnotnull, a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''
        AND a.attgenerated = '', a.attidentity = 'a'
@@ -880,13 +881,18 @@ class _ColumnShape:
 @dataclass
 class _TableShape:
     writable: bool
+    partitioned: bool = False
+    inherited: bool = False  # a parent by INHERITS
     columns: dict[str, _ColumnShape] = field(default_factory=dict)
 
 
 def _table_shapes(conn: psycopg.Connection, schemas: list[str]) -> dict[str, _TableShape]:
     tables: dict[str, _TableShape] = {}
-    for table, writable, column, *shape in conn.execute(_TABLE_COLUMNS_SQL, (schemas,)):
-        entry = tables.setdefault(table, _TableShape(bool(writable)))
+    rows = conn.execute(_TABLE_COLUMNS_SQL, (schemas,))
+    for table, writable, partitioned, inherited, column, *shape in rows:
+        entry = tables.setdefault(
+            table, _TableShape(bool(writable), bool(partitioned), bool(inherited))
+        )
         if column is not None:
             entry.columns[column] = _ColumnShape(*shape)
     return tables
@@ -977,6 +983,16 @@ def _check_existing_tables(ctx: _Context) -> None:
                 "none, or made by your migrations); create it, or use --schema-mode dump.",
             )
             continue
+        if source[table].inherited and there.partitioned:
+            ctx.add(
+                Severity.ERROR,
+                "table-kind",
+                table,
+                f"{table} is a parent by inheritance on the source, whose own rows are copied "
+                "without its children's, but partitioned on the target, where its rows are "
+                "its partitions'; make it a plain table on the target, or copy its children "
+                "into it as rows of its own first.",
+            )
         if not there.writable:
             ctx.add(
                 Severity.ERROR,

@@ -208,6 +208,27 @@ def test_tables_that_act_on_the_copied_rows_are_named(source_db, target_db):
     ]
 
 
+def test_a_parent_by_inheritance_into_a_partitioned_table_is_refused(source_db, target_db):
+    """Schema mode none: a plain source table may be partitioned on the target, but a parent by
+    INHERITS is copied by its own rows (ONLY), which a partitioned target table never has."""
+    execute(
+        source_db.url,
+        "CREATE TABLE visits (id int PRIMARY KEY); CREATE TABLE visits_old () INHERITS (visits);"
+        "CREATE TABLE plain (id int PRIMARY KEY)",
+    )
+    execute(
+        target_db.url,
+        "CREATE TABLE visits (id int PRIMARY KEY) PARTITION BY RANGE (id);"
+        "CREATE TABLE visits_old (id int PRIMARY KEY);"
+        "CREATE TABLE plain (id int PRIMARY KEY) PARTITION BY HASH (id)",
+    )
+    tables = ["public.visits", "public.visits_old", "public.plain"]
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="none", tables=tables)
+    (kind,) = by_code(findings, "table-kind")
+    assert (kind.severity, kind.subject) == (Severity.ERROR, "public.visits")
+    assert kind.message.count(". ") == 0 and "partitioned on the target" in kind.message
+
+
 def test_listed_schema_missing_on_the_source(source_db, target_db):
     findings = preflight(source_db.url, target_db.url, ["public", "nope"])
     assert [(f.severity, f.subject) for f in by_code(findings, "schema-missing")] == [
