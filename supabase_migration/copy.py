@@ -224,11 +224,8 @@ class _source_snapshot:
         self.conn.execute(
             # Text output pinned too: checksums hash text, and a COPY in text format (a type
             # with no binary form) must not carry the source's DateStyle to the target.
-            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}; {}; {}; {}").format(
-                sqlbuild.SERIAL_PLANS,
-                sqlbuild.EVERY_ROW,
-                sqlbuild.NO_STATEMENT_TIMEOUT,
-                sqlbuild.NORMALIZE_TEXT_OUTPUT,
+            sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}").format(
+                sqlbuild.READING_ROWS
             )
         )
 
@@ -368,14 +365,8 @@ def _checksum_in(
         peer.execute(
             sql.SQL(
                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
-                "SET TRANSACTION SNAPSHOT {}; {}; {}; {}; {}"
-            ).format(
-                sql.Literal(snapshot),
-                sqlbuild.SERIAL_PLANS,
-                sqlbuild.EVERY_ROW,
-                sqlbuild.NO_STATEMENT_TIMEOUT,
-                sqlbuild.NORMALIZE_TEXT_OUTPUT,
-            )
+                "SET TRANSACTION SNAPSHOT {}; {}"
+            ).format(sql.Literal(snapshot), sqlbuild.READING_ROWS)
         )
         return _source_checksum(peer, table, key_range, options)
 

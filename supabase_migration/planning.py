@@ -31,14 +31,7 @@ from .connections import (
 )
 from .conninfo import DatabaseUrl
 from .ranges import KeyRange, whole_range
-from .sqlbuild import (
-    EVERY_ROW,
-    NO_STATEMENT_TIMEOUT,
-    NORMALIZE_TEXT_OUTPUT,
-    Bound,
-    range_predicate,
-    rows_of,
-)
+from .sqlbuild import READING_ROWS, Bound, range_predicate, rows_of
 
 DEFAULT_BATCH_SIZE = 100_000
 MAX_PARTITIONS_PER_TABLE = 10_000
@@ -63,11 +56,9 @@ def plan_table(
     name = table.qualified_name
     if table.key_kind is KeyKind.NONE:
         return [KeyRange(name, first_index, None, None)]
-    # A whole-table read: no statement timeout, no policy filtering, and the bounds' text in
-    # the formats every server parses alike (a date in ISO, not the source's DateStyle); the
-    # settings travel with the BEGIN.
-    settings = [NO_STATEMENT_TIMEOUT, EVERY_ROW, NORMALIZE_TEXT_OUTPUT]
-    with transaction_with(conn, settings, commit=False):
+    # A whole-table read, as every read of rows is (the bounds' text then in the formats every
+    # server parses alike: a date in ISO, not the source's DateStyle).
+    with transaction_with(conn, [READING_ROWS], commit=False):
         if table.key_kind is KeyKind.INTEGER:
             bounds = _integer_boundaries(conn, table, batch_size, max_partitions, start)
         else:

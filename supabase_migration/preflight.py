@@ -155,6 +155,10 @@ class _Context:
     def add(self, severity: Severity, code: str, subject: str, message: str) -> None:
         self.findings.append(Finding(severity, code, subject, message))
 
+    def migrates(self, table: str) -> bool:
+        """Whether `table` (schema.name) is one to migrate."""
+        return self.tables is None or table in self.tables
+
     def missing_extensions(self) -> set[str]:
         return {
             name
@@ -615,7 +619,7 @@ ORDER BY 1, 2
 def _check_source_rls(ctx: _Context) -> None:
     for schema, table, forced in ctx.source.execute(_SOURCE_RLS_SQL, (ctx.schemas,)):
         name = f"{schema}.{table}"
-        if ctx.tables is not None and name not in ctx.tables:
+        if not ctx.migrates(name):
             continue
         ctx.add(
             Severity.ERROR,
@@ -658,7 +662,7 @@ def _check_table_behaviour(ctx: _Context) -> None:
     defining = ctx.target if ctx.schema_mode == "none" else ctx.source
     for schema, table, trigger, replica in defining.execute(_ALWAYS_TRIGGERS_SQL, (ctx.schemas,)):
         name = f"{schema}.{table}"
-        if ctx.tables is None or name in ctx.tables:
+        if ctx.migrates(name):
             ctx.add(
                 Severity.WARNING,
                 "always-trigger",
@@ -677,7 +681,7 @@ def _check_table_behaviour(ctx: _Context) -> None:
             )
     for schema, table in defining.execute(_UNLOGGED_SQL, (ctx.schemas,)):
         name = f"{schema}.{table}"
-        if ctx.tables is None or name in ctx.tables:
+        if ctx.migrates(name):
             ctx.add(
                 Severity.WARNING,
                 "unlogged-table",

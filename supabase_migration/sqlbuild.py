@@ -38,6 +38,12 @@ EVERY_ROW = sql.SQL("SET LOCAL row_security = off")
 # again on every retry.
 NO_STATEMENT_TIMEOUT = sql.SQL("SET LOCAL statement_timeout = 0")
 
+# What every transaction that reads a table's rows sets, right after its BEGIN: the copy's
+# source snapshot and its checksum peer, verification's snapshots, the plan's boundary reads.
+READING_ROWS = sql.SQL("; ").join(
+    [SERIAL_PLANS, EVERY_ROW, NO_STATEMENT_TIMEOUT, NORMALIZE_TEXT_OUTPUT]
+)
+
 
 def table_ident(table: TableInfo) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)

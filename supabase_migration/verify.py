@@ -142,10 +142,7 @@ def read_snapshot(
     """
     setup = [
         sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
-        sqlbuild.NO_STATEMENT_TIMEOUT,
-        sqlbuild.SERIAL_PLANS,
-        sqlbuild.EVERY_ROW,
-        sqlbuild.NORMALIZE_TEXT_OUTPUT,
+        sqlbuild.READING_ROWS,
     ]
     if catalog:
         setup.append(sql.SQL("SET LOCAL search_path = pg_catalog"))

@@ -127,7 +127,8 @@ def test_a_first_load_range_takes_four_round_trips_to_the_target(pair, tmp_path)
     ranges: BEGIN with the lock, the settings and the first-load probe, the COPY (its start
     and its end), then the checkpoint's update with the COMMIT. The plan's row comes with
     the table run's others (one read for up to PARTITIONS_PER_RUN ranges); without it, a
-    range reads it first. It was nine. The rows and the checkpoint still commit together."""
+    range reads it first. It was nine. The rows and the checkpoint still commit together.
+    The source's settings (text output included) travel with its BEGIN too."""
     with _planned_items(pair) as (s, t, info):
         first, second = checkpoints.load(t, info.qualified_name)[1:3]
         assert checkpoints.load(t, info.qualified_name, [second.partition_key]) == [second]
@@ -136,9 +137,11 @@ def test_a_first_load_range_takes_four_round_trips_to_the_target(pair, tmp_path)
             result = copy_range(s, t, info, first.partition_key, options, planned=first)
         assert result.path == "copy" and result.rows == 700
         assert waits == ["Query", "Query", "CopyDone", "Query"], waits
-        with round_trips(t, tmp_path) as waits:
+        with round_trips(t, tmp_path) as waits, round_trips(s, tmp_path) as source_waits:
             copy_range(s, t, info, second.partition_key, options)
         assert waits == ["Sync", "Query", "Query", "CopyDone", "Query"], waits
+        # The source: BEGIN with every setting, the checksum, the COPY, ROLLBACK (it was five).
+        assert source_waits == ["Query"] * 4, source_waits
         assert t.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         for cp in (first, second):
             done = checkpoints.get(t, info.qualified_name, cp.partition_key)
@@ -1083,7 +1086,12 @@ def test_a_source_login_that_row_level_security_filters_stops_the_copy_and_verif
             sql.SQL(
                 "CREATE ROLE {r} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}; "
                 "ALTER TABLE items ENABLE ROW LEVEL SECURITY; "
-                "CREATE POLICY odd_only ON items FOR SELECT TO {r} USING (id % 2 = 1)"
+                "CREATE POLICY odd_only ON items FOR SELECT TO {r} USING (id % 2 = 1); "
+                # Its own tables: RLS spares their owner, unless the table FORCEs it.
+                "CREATE TABLE mine (id int PRIMARY KEY); CREATE TABLE forced (id int PRIMARY KEY);"
+                "ALTER TABLE mine OWNER TO {r}; ALTER TABLE forced OWNER TO {r}; "
+                "ALTER TABLE mine ENABLE ROW LEVEL SECURITY; "
+                "ALTER TABLE forced ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY"
             ).format(r=sql.Identifier(role))
         )
     parts = urlsplit(source_db.url)
@@ -1091,10 +1099,15 @@ def test_a_source_login_that_row_level_security_filters_stops_the_copy_and_verif
     try:
         src_url, tgt_url = _urls(dataclasses.replace(source_db, url=reader_url), target_db.url)
         with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
-            findings = run_preflight(s, t, schemas=["public"], tables=["public.items"])
-            (finding,) = [f for f in findings if f.code == "source-rls"]
+            named = ["public.items", "public.mine", "public.forced"]
+            findings = run_preflight(s, t, schemas=["public"], tables=named)
+            forced, finding = [f for f in findings if f.code == "source-rls"]  # by name
             assert finding.subject == "public.items" and finding.severity == "error"
-            assert "BYPASSRLS" in finding.message
+            assert finding.message.endswith("a role with BYPASSRLS, or as the table's owner.")
+            assert forced.subject == "public.forced" and "FORCE ROW LEVEL SECURITY" in (
+                forced.message
+            )
+            assert "owner." not in forced.message  # its owner is the login already
 
             checkpoints.ensure_bookkeeping(t)
             info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
