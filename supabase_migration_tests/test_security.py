@@ -815,6 +815,29 @@ def test_rows_are_never_served_by_the_api_before_the_security_step(
     assert again.protected == []
 
 
+def test_schema_mode_none_protects_the_users_tables_it_copies_into(
+    source_db: SourceDb, target_db: TargetDb
+) -> None:
+    """In schema mode none the user made the tables: the step protects the manifest's before
+    any row goes in, and leaves the others as they are (the check names them)."""
+    from supabase_migration.schema_step import migrate_schema
+
+    with _connect(source_db.url) as conn:
+        conn.execute(PATIENTS_SQL)
+    with _connect(target_db.url) as conn:
+        conn.execute(PATIENTS_SQL.split("INSERT", 1)[0])
+        conn.execute("CREATE TABLE public.staff_notes (id int PRIMARY KEY)")
+    manifest = Manifest(
+        tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="none"
+    )
+    src = parse_database_url(source_db.url, label="source")
+    tgt = parse_database_url(target_db.url, label="target")
+    assert migrate_schema(manifest, src, tgt).protected == ["public.patients"]
+    with _connect(target_db.url) as conn:
+        status = {r.name: r.rls_enabled for r in rls_status(conn, ("public",))}
+    assert status == {"public.patients": True, "public.staff_notes": False}
+
+
 def test_rls_fails_with_the_schema_it_protects(
     source_db: SourceDb, target_db: TargetDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
