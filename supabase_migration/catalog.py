@@ -21,6 +21,8 @@ BOOKKEEPING_SCHEMA = "supabase_migration"
 # the target, so that two runs starting at once take turns: concurrent CREATE ... IF NOT EXISTS
 # of one object fails with a unique violation on the catalog instead of waiting.
 SCHEMA_LOCK_KEY = "supabase_migration.schema"
+# Supabase's roles for the REST API's callers; on plain PostgreSQL they may not exist.
+API_ROLES = ("anon", "authenticated")
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 

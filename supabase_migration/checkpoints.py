@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
-from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
+from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .connections import transaction_with
 from .ranges import KeyRange
 
@@ -67,20 +67,6 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.deferred_indexes (
 REVOKE ALL ON {BOOKKEEPING_SCHEMA}.deferred_indexes FROM PUBLIC;
 """
 
-# Supabase's API roles must never see bookkeeping; on plain PostgreSQL they may not exist.
-_REVOKE_API_ROLES = f"""
-DO $$
-DECLARE r text;
-BEGIN
-  FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-      EXECUTE format('REVOKE ALL ON SCHEMA {BOOKKEEPING_SCHEMA} FROM %I', r);
-      EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA {BOOKKEEPING_SCHEMA} FROM %I', r);
-    END IF;
-  END LOOP;
-END $$;
-"""
-
 
 class Status(StrEnum):
     PENDING = "pending"
@@ -126,6 +112,26 @@ _FIELDS = sql.SQL(
 _BOOKKEEPING_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}'))"
 
 
+# PUBLIC and the API roles that exist may not even look up names in the bookkeeping schema: its
+# rows name tables, ranges and errors, and Supabase's default privileges would give anon and
+# authenticated every new table. One statement, so it travels with others; run it under the
+# schema lock (concurrent REVOKEs fail with "tuple concurrently updated").
+REVOKE_BOOKKEEPING = sql.SQL(
+    """DO $$
+DECLARE grantees text;
+BEGIN
+  SELECT string_agg(g, ', ') INTO grantees FROM (
+    SELECT 'PUBLIC' AS g
+    UNION ALL SELECT quote_ident(rolname) FROM pg_roles WHERE rolname = ANY({roles})
+  ) AS w;
+  EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM ' || grantees, {schema});
+  EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM ' || grantees, {schema});
+  EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM ' || grantees, {schema});
+  EXECUTE format('REVOKE ALL ON SCHEMA %I FROM ' || grantees, {schema});
+END $$"""
+).format(roles=sql.Literal(list(API_ROLES)), schema=sql.Literal(BOOKKEEPING_SCHEMA))
+
+
 def ensure_bookkeeping(conn: psycopg.Connection) -> None:
     """Create the bookkeeping schema and table if missing (idempotent, one transaction): three
     round trips when they exist, as on every run but the first."""
@@ -141,7 +147,7 @@ def ensure_bookkeeping(conn: psycopg.Connection) -> None:
             conn.execute(BOOKKEEPING_DDL)
         if not deferred_exist:
             conn.execute(DEFERRED_DDL)
-        conn.execute(_REVOKE_API_ROLES)
+        conn.execute(REVOKE_BOOKKEEPING)
 
 
 def bookkeeping_exists(conn: psycopg.Connection, table: str = "migration_checkpoints") -> bool:

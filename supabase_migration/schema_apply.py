@@ -46,6 +46,7 @@ import psycopg
 from psycopg import sql
 
 from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
+from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, connect, database_error
 from .conninfo import DatabaseUrl
 from .errors import ConfigError, MigrationError, SchemaError
@@ -160,22 +161,12 @@ CREATE TABLE IF NOT EXISTS {table} (
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 REVOKE ALL ON {table} FROM PUBLIC;
-DO $$
-DECLARE r text;
-BEGIN
-  FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-      EXECUTE format('REVOKE ALL ON SCHEMA %I FROM %I', {schema_text}, r);
-      EXECUTE format('REVOKE ALL ON %I.%I FROM %I', {schema_text}, {table_text}, r);
-    END IF;
-  END LOOP;
-END $$;
+{revoke};
 """
 ).format(
     schema=sql.Identifier(BOOKKEEPING_SCHEMA),
     table=sql.Identifier(BOOKKEEPING_SCHEMA, SCHEMA_APPLIED),
-    schema_text=sql.Literal(BOOKKEEPING_SCHEMA),
-    table_text=sql.Literal(SCHEMA_APPLIED),
+    revoke=REVOKE_BOOKKEEPING,
 )
 
 

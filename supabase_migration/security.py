@@ -34,7 +34,8 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 
-from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
+from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
+from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, database_error
 from .conninfo import DatabaseUrl, is_loopback_host
 from .errors import ConfigError, MigrationError, SchemaError, TransientError
@@ -44,7 +45,6 @@ from .report import markdown_table
 if TYPE_CHECKING:
     from .manifest import Manifest
 
-API_ROLES = ("anon", "authenticated")
 SERVICE_ROLE = "service_role"
 AUDITOR_ROLE = "supabase_migration_auditor"
 AUDIT_SETTINGS_ROLE = "postgres"
@@ -419,14 +419,7 @@ def _revoke_bookkeeping(conn: psycopg.Connection) -> list[SecurityAction]:
     roles = _existing_roles(conn, API_ROLES)
     if not (exists and exists[0]) or not roles:
         return []
-    schema = sql.Identifier(BOOKKEEPING_SCHEMA)
-    grantees = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(r) for r in roles)])
-    revokes = [
-        sql.SQL("REVOKE ALL ON ALL {} IN SCHEMA {} FROM {}").format(sql.SQL(what), schema, grantees)
-        for what in ("TABLES", "SEQUENCES", "FUNCTIONS")
-    ]
-    revokes.append(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(schema, grantees))
-    conn.execute(sql.SQL("; ").join(revokes))
+    conn.execute(REVOKE_BOOKKEEPING)
     return [
         SecurityAction(
             "revoke_bookkeeping", BOOKKEEPING_SCHEMA, f"no privileges for {', '.join(roles)}"

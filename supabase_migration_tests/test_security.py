@@ -376,27 +376,40 @@ def test_configurable_exposed_schemas_and_partitions(
 def test_bookkeeping_schema_is_closed_to_the_api_roles(
     target: psycopg.Connection, target_db: TargetDb
 ) -> None:
+    """Both the bookkeeping set-up (every run) and the security step close it again, with the
+    one REVOKE statement they share."""
     checkpoints.ensure_bookkeeping(target)
+    manifest = Manifest(tables=(ManifestTable("public.patients", ("id",), "primary_key"),))
+    closers = {
+        "bookkeeping set-up": lambda: checkpoints.ensure_bookkeeping(target),
+        "security step": lambda: enable_rls(
+            target, ["public.patients"], exposed_schemas=("public",)
+        ),
+    }
     with _admin(target_db) as admin:
-        # Someone (or a careless grant script) opens it up.
-        admin.execute(
-            "GRANT USAGE ON SCHEMA supabase_migration TO anon, authenticated;"
-            "GRANT SELECT ON ALL TABLES IN SCHEMA supabase_migration TO anon, authenticated"
-        )
-        manifest = Manifest(tables=(ManifestTable("public.patients", ("id",), "primary_key"),))
-        assert "bookkeeping_exposed" in {f["code"] for f in security_findings(target, manifest)}
-        enable_rls(target, ["public.patients"], exposed_schemas=("public",))
-        for role in ("anon", "authenticated"):
-            row = admin.execute(
-                "SELECT has_schema_privilege(%s, 'supabase_migration', 'USAGE'), "
-                "has_table_privilege(%s, 'supabase_migration.migration_checkpoints', 'SELECT')",
-                (role, role),
-            ).fetchone()
-            assert row == (False, False)
-        with pytest.raises(psycopg.errors.InsufficientPrivilege), admin.transaction():
-            admin.execute("SET LOCAL ROLE anon")
-            admin.execute("SELECT * FROM supabase_migration.migration_checkpoints")
-    assert security.bookkeeping_exposed_to(target) == []
+        for closer, close in closers.items():
+            # Someone (or a careless grant script) opens it up.
+            admin.execute(
+                "GRANT USAGE ON SCHEMA supabase_migration TO PUBLIC, anon, authenticated;"
+                "GRANT SELECT ON ALL TABLES IN SCHEMA supabase_migration TO anon, authenticated;"
+                "GRANT SELECT ON ALL SEQUENCES IN SCHEMA supabase_migration TO PUBLIC"
+            )
+            codes = {f["code"] for f in security_findings(target, manifest)}
+            assert "bookkeeping_exposed" in codes, closer
+            close()
+            for role in ("anon", "authenticated"):
+                row = admin.execute(
+                    "SELECT has_schema_privilege(%s, 'supabase_migration', 'USAGE'), "
+                    "has_table_privilege(%s, 'supabase_migration.migration_checkpoints', 'SELECT'),"
+                    "has_sequence_privilege(%s, 'supabase_migration.migration_checkpoints_id_seq',"
+                    " 'SELECT')",
+                    (role, role, role),
+                ).fetchone()
+                assert row == (False, False, False), (closer, role)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), admin.transaction():
+                admin.execute("SET LOCAL ROLE anon")
+                admin.execute("SELECT * FROM supabase_migration.migration_checkpoints")
+            assert security.bookkeeping_exposed_to(target) == [], closer
 
 
 def test_a_held_lock_is_a_retryable_one_sentence_error(
