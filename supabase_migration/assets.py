@@ -138,6 +138,23 @@ def interruptible(body: Body) -> Body:
     return cast(Body, step)
 
 
+def setup_asset(**asset_args: Any) -> Callable[[Body], dg.AssetsDefinition]:
+    """`dg.asset` for the one-off steps (schema, plan, indexes, sequences, security): in the
+    migration group, on the target's pool, retried by SETUP_RETRY_POLICY, stopped for good by
+    Ctrl-C (`interruptible`)."""
+
+    def decorate(body: Body) -> dg.AssetsDefinition:
+        return dg.asset(
+            group_name=GROUP_SETUP,
+            kinds=KINDS,
+            pool=TARGET_POOL,
+            retry_policy=SETUP_RETRY_POLICY,
+            **asset_args,
+        )(interruptible(body))
+
+    return decorate
+
+
 def _interrupted_tag(context: dg.AssetExecutionContext) -> str:
     step = re.sub(r"[^A-Za-z0-9_.-]", "_", str(context.op_execution_context.op_handle))
     return f"supabase_migration/interrupted.{step}"[:255]
@@ -215,18 +232,13 @@ class TableCopyConfig(dg.Config):
 def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> dg.AssetsDefinition:
     """`ahead`: the schema step the CLI started before this asset's run (see schema_step)."""
 
-    @dg.asset(
+    @setup_asset(
         key=SCHEMA_KEY,
-        group_name=GROUP_SETUP,
-        kinds=KINDS,
         description=(
             "Preflight, then the schema on the target (Alembic upgrade head, pg_dump schema copy, "
             "or none) and the supabase_migration bookkeeping schema."
         ),
-        pool=TARGET_POOL,
-        retry_policy=SETUP_RETRY_POLICY,
     )
-    @interruptible
     def schema(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
@@ -259,16 +271,11 @@ def build_plan_asset(
     if not manifest.tables:
         description += " No tables yet: run `supabase-migrate init` to write migration.yaml."
 
-    @dg.asset(
+    @setup_asset(
         key=PLAN_KEY,
         deps=[SCHEMA_KEY],
-        group_name=GROUP_SETUP,
-        kinds=KINDS,
         description=description,
-        pool=TARGET_POOL,
-        retry_policy=SETUP_RETRY_POLICY,
     )
-    @interruptible
     def plan(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
@@ -551,20 +558,15 @@ def build_table_asset(manifest: Manifest, entry: ManifestTable) -> dg.AssetsDefi
 
 
 def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
-    @dg.asset(
+    @setup_asset(
         key=INDEXES_KEY,
         deps=[table_asset_key(t.name) for t in manifest.tables] or [PLAN_KEY],
-        group_name=GROUP_SETUP,
-        kinds=KINDS,
         description=(
             "Secondary indexes and unique constraints dropped for a table's first load, built "
             "once every range of the table is copied (a table usually builds its own after its "
             "last range; this catches any left over)."
         ),
-        pool=TARGET_POOL,
-        retry_policy=SETUP_RETRY_POLICY,
     )
-    @interruptible
     def deferred_indexes(
         context: dg.AssetExecutionContext, target: TargetDatabase
     ) -> dg.MaterializeResult:
@@ -597,19 +599,14 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
 
 
 def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
-    @dg.asset(
+    @setup_asset(
         key=SEQUENCES_KEY,
         deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY],
-        group_name=GROUP_SETUP,
-        kinds=KINDS,
         description=(
             "Every sequence and identity on the target moved to at least the source's position "
             "and past its column's max, so the application's next insert cannot collide."
         ),
-        pool=TARGET_POOL,
-        retry_policy=SETUP_RETRY_POLICY,
     )
-    @interruptible
     def sequences(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:

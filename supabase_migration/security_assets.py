@@ -18,12 +18,8 @@ import psycopg
 from pydantic import Field
 
 from .assets import (
-    GROUP_SETUP,
-    KINDS,
     SEQUENCES_KEY,
-    SETUP_RETRY_POLICY,
-    TARGET_POOL,
-    interruptible,
+    setup_asset,
     step_failure,
     table_asset_key,
 )
@@ -75,21 +71,16 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
     tables = [t.name for t in manifest.tables]
     exposed = ", ".join(manifest.exposed_schemas)
 
-    @dg.asset(
+    @setup_asset(
         key=SECURITY_KEY,
         deps=deps,
-        group_name=GROUP_SETUP,
-        kinds=KINDS,
         description=(
             f"Row level security on every migrated table in the exposed schemas ({exposed}): "
             "default deny for anon/authenticated unless policies are supplied, service_role "
             "unaffected; bookkeeping schema closed to the API roles; pgaudit object auditing "
             "of the migrated tables where the target has pgaudit."
         ),
-        pool=TARGET_POOL,
-        retry_policy=SETUP_RETRY_POLICY,
     )
-    @interruptible
     def security(
         context: dg.AssetExecutionContext, config: SecurityConfig, target: TargetDatabase
     ) -> dg.MaterializeResult:
