@@ -7,6 +7,8 @@ to do, and never carries a password or a row value. Boundaries (CLI, Dagster ass
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class MigrationError(Exception):
     """Base class: a failure the user can act on, described in one PHI-free sentence."""
@@ -56,3 +58,17 @@ class ConcurrentRunError(MigrationError):
 class VerificationInterrupted(KeyboardInterrupt):
     """Ctrl-C while `run` verified: every range was copied, so `verify`, not `resume`, is
     what finishes the job."""
+
+
+def read_user_text(path: Path, what: str, missing: str) -> str:
+    """The UTF-8 text of a file the user gave us, or a ConfigError naming the file and never
+    its content: `missing` when it does not exist, else "`what` `path` cannot be read (why)."."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} cannot be read (not UTF-8 text).") from None
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise ConfigError(f"{what} {path} cannot be read ({reason}).") from None

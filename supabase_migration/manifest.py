@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .catalog import TableInfo
-from .errors import ConfigError
+from .errors import ConfigError, read_user_text
 from .planning import DEFAULT_BATCH_SIZE
 
 MANIFEST_ENV = "SUPABASE_MIGRATION_MANIFEST"
@@ -151,15 +151,10 @@ def write(manifest: Manifest, path: Path) -> None:
 
 
 def read(path: Path) -> Manifest:
+    missing = f"No manifest at {path}; run `supabase-migrate init` to write one from the source."
+    text = read_user_text(path, "The manifest", missing)
     try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"No manifest at {path}; run `supabase-migrate init` to write one from the source."
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-        raise ConfigError(f"The manifest {path} cannot be read ({reason}).") from None
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"The manifest {path} is not valid YAML ({exc.__class__.__name__})."

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, read_user_text
 from .verify import CHECK_NAMES, CHECKSUMS, CONSTRAINTS, ERROR, INDEXES, ROW_COUNT, CheckOutcome
 
 REPORT_DIR_ENV = "SUPABASE_MIGRATION_REPORT_DIR"
@@ -67,15 +67,15 @@ def read_repair(directory: Path, target: str) -> Repair:
     report on `target` (`DatabaseUrl.identity`, as reports record it)."""
     path = directory / f"{REPORT_BASENAME}.json"
     again = "run `supabase-migrate verify` again"
+    missing = (
+        f"No verification report at {path} to repair from; run `supabase-migrate verify` "
+        "first (or pass --report with the directory it wrote to)."
+    )
+    text = read_user_text(path, "The verification report", missing)
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"No verification report at {path} to repair from; run `supabase-migrate verify` "
-            "first (or pass --report with the directory it wrote to)."
-        ) from None
-    except (OSError, ValueError):
-        raise ConfigError(f"The verification report {path} cannot be read; {again}.") from None
+        report = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"The verification report {path} is not JSON; {again}.") from None
     if not isinstance(report, dict):
         raise ConfigError(f"{path} is not a verification report; {again}.")
     if report.get("target_identity") != target:

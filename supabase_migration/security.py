@@ -38,7 +38,7 @@ from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
 from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, database_error
 from .conninfo import DatabaseUrl, is_loopback_host
-from .errors import ConfigError, MigrationError, SchemaError, TransientError
+from .errors import ConfigError, MigrationError, SchemaError, TransientError, read_user_text
 from .redaction import describe_pg_error
 from .report import markdown_table
 
@@ -284,16 +284,7 @@ def _relations(conn: psycopg.Connection, names: Sequence[str]) -> dict[str, list
 def read_policy_file(path: str | Path) -> str:
     """The policy SQL in `path`, or a ConfigError naming the file (never its content)."""
     file = Path(path).expanduser()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"The policy file {file} does not exist.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"The policy file {file} is not UTF-8 text.") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"The policy file {file} could not be read ({exc.__class__.__name__})."
-        ) from None
+    text = read_user_text(file, "The policy file", f"The policy file {file} does not exist.")
     if not text.strip():
         raise ConfigError(f"The policy file {file} is empty.")
     return text

@@ -371,7 +371,7 @@ def test_schema_mode_none_names_a_column_of_another_type_before_copying(clinic):
     [
         ('{"target_identity": "postgres@db.elsewhere.example:5432/postgres"}', "another target"),
         ("[1, 2]", "is not a verification report"),
-        ("{not json", "cannot be read"),
+        ("{not json", "is not JSON"),
     ],
 )
 def test_repair_needs_a_report_on_this_target(clinic, content, sentence):

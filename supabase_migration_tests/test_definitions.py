@@ -534,3 +534,37 @@ def test_a_relative_dagster_home_is_made_absolute(tmp_path: Path, monkeypatch) -
     assert os.environ["DAGSTER_HOME"] == str(tmp_path / "relative-home")
     assert (tmp_path / "relative-home" / "history" / "runs.db").exists()
     instance.dispose()
+
+
+@pytest.mark.parametrize("reader", ["manifest", "policy file", "verification report"])
+def test_every_file_a_user_gives_fails_alike_and_never_shows_its_content(
+    tmp_path: Path, reader: str
+) -> None:
+    """The manifest, the policy SQL and the verification report to repair from: missing, not
+    UTF-8, or not a file, each is one sentence naming the file (exit code 2), not its bytes."""
+    from supabase_migration.report import REPORT_BASENAME, read_repair
+    from supabase_migration.security import read_policy_file
+
+    def read(path: Path) -> object:
+        if reader == "manifest":
+            return manifest_io.read(path)
+        if reader == "policy file":
+            return read_policy_file(path)
+        return read_repair(path.parent, "postgres@db.example:5432/postgres")
+
+    name = f"{REPORT_BASENAME}.json" if reader == "verification report" else "input"
+    missing, binary, folder = (tmp_path / d / name for d in ("missing", "binary", "folder"))
+    binary.parent.mkdir()
+    binary.write_bytes(b"\xff\xfe SSN 123-45-6789")
+    folder.mkdir(parents=True)
+    for path, needle in (
+        (missing, "does not exist" if reader == "policy file" else "No "),
+        (binary, "cannot be read (not UTF-8 text)"),
+        (folder, "cannot be read (Is a directory)"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            read(path)
+        message = info.value.message
+        assert needle in message and str(path) in message, message
+        assert "123-45-6789" not in message and message.count(". ") == 0, message
+        assert info.value.exit_code == 2
