@@ -489,12 +489,16 @@ def warn_if_workers_exceed_pool(url: DatabaseUrl, workers: int, pool_size: int =
 # A peer that vanished (a dropped link, a dead host) is noticed within a minute while a query
 # waits on it, instead of after the kernel's two idle hours, and the range is retried. The
 # server's kernel answers keepalives however long its query runs, so a long query is never
-# taken for a dead peer. Settings in the user's URL win.
+# taken for a dead peer. Keepalives are not sent while data we sent is unacknowledged (a COPY
+# to the target): there TCP_USER_TIMEOUT closes the connection once data has waited a minute
+# unacknowledged, or the peer's window has stayed shut that long, instead of after about 15
+# minutes of the kernel's retransmissions. Settings in the user's URL win.
 KEEPALIVES = {
     "keepalives": "1",
     "keepalives_idle": "30",
     "keepalives_interval": "10",
     "keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # milliseconds; it also bounds the keepalives, to the same minute
 }
 
 
