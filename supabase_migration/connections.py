@@ -75,6 +75,8 @@ _TRANSIENT_TEXT = re.compile(
             r"ssl syscall error",
             r"ssl connection has been closed unexpectedly",
             r"eof detected",
+            r"unexpected eof",  # OpenSSL 3: the peer's TCP connection ended without TLS's close
+            r"connection timed out",  # tcp_user_timeout or keepalives gave up on the peer
             r"could not receive data from server",
             r"could not send data to server",
             r"consuming input failed",

@@ -405,6 +405,11 @@ def server_error(cls: type[psycopg.Error], message: str) -> psycopg.Error:
                                   "unexpectedly"), True),
         (psycopg.OperationalError("the connection is closed"), True),
         (psycopg.OperationalError("SSL SYSCALL error: EOF detected"), True),
+        (psycopg.OperationalError("sending copy data failed: SSL error: unexpected eof while "
+                                  "reading"), True),
+        (psycopg.OperationalError("could not receive data from server: Connection timed out"),
+         True),
+        (psycopg.OperationalError("SSL SYSCALL error: Connection timed out"), True),
         (psycopg.OperationalError("(EDBHANDLEREXITED) MaxClientsInSessionMode"), True),
         (psycopg.OperationalError("password authentication failed"), False),
         (server_error(pg_errors.UniqueViolation, "duplicate key value"), False),

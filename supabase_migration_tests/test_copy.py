@@ -517,6 +517,71 @@ def test_finishing_the_read_ahead_cuts_off_a_source_that_stopped_answering(pair,
     assert not ahead._thread.is_alive()
 
 
+def test_a_target_that_vanishes_mid_copy_fails_the_range_in_seconds(pair):
+    """While COPY data is being sent no keepalive goes out, and a target that vanished left
+    the copy to the kernel's retransmissions (about 15 minutes), or, when the peer's window
+    stayed shut, forever. tcp_user_timeout (a minute by default; 2 s in this URL, which wins)
+    ends it: the range fails as transient, to be retried, and commits nothing."""
+    from supabase_migration.errors import TransientError
+
+    source_db, target_db = pair
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL)")
+        # About 16 MB of COPY data, far more than the relay and both sockets' buffers hold.
+        conn.execute(
+            "INSERT INTO wide SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 60000) g"
+        )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL)")
+    src_url, direct = _urls(source_db, target_db.url)
+    relay = GoingSilent(direct.port, deaf_after=2_000_000)
+    tgt_url = dataclasses.replace(
+        direct,
+        host="127.0.0.1",
+        port=relay.port,
+        params={**direct.params, "tcp_user_timeout": "2000"},
+    )
+    with connect(src_url, autocommit=True) as s, connect(direct, autocommit=True) as t:
+        checkpoints.ensure_bookkeeping(t)
+        info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.wide"]
+        refresh_plan(s, t, info, batch_size=100_000)
+        (planned,) = checkpoints.load(t, "public.wide")
+    raised: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+                copy_range(s, t, info, planned.partition_key, CopyOptions())
+        except BaseException as exc:
+            raised.append(exc)
+
+    copying = threading.Thread(target=copy, daemon=True)
+    began = time.monotonic()
+    try:
+        copying.start()
+        copying.join(30)  # a regression fails here instead of hanging the suite
+        took = time.monotonic() - began
+        assert not copying.is_alive(), "the copy still waits on a target that vanished"
+    finally:
+        relay.close()  # the target's backend sees the end and rolls back
+    assert took < 15, took
+    assert len(raised) == 1 and isinstance(raised[0], TransientError), raised
+    assert str(raised[0]).startswith("Copying partition 000000 of public.wide failed: "), raised
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        for _ in range(100):  # the backend's rollback once it sees the relay close
+            if not conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%' OR query LIKE 'COPY%wide%'"
+            ).fetchone()[0]:
+                break
+            time.sleep(0.1)
+        assert conn.execute("SELECT count(*) FROM wide").fetchone() == (0,)
+        status = conn.execute(
+            "SELECT status FROM supabase_migration.migration_checkpoints"
+        ).fetchone()
+        assert status != ("completed",), status
+
+
 def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
     """plan_all reads on the source only what was not read ahead, and seeds the same ranges."""
     from supabase_migration import assets

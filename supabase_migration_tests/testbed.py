@@ -260,13 +260,22 @@ def round_trips(conn: psycopg.Connection, work: Path) -> Iterator[list[str]]:
 class GoingSilent:
     """A TCP relay to a server, until `go_silent`: from then on nothing is passed on either
     way, and new connections (a cancel request's) are accepted and never answered, as with
-    a server behind a link that dropped."""
+    a server behind a link that dropped.
 
-    def __init__(self, port: int) -> None:
+    `deaf_after`: go silent by itself once that many bytes came from the client, and stop
+    reading them too, with a small receive buffer: the client's window shuts and what it sends
+    waits unacknowledged, as when a peer vanishes in the middle of a COPY to it."""
+
+    def __init__(self, port: int, *, deaf_after: int | None = None) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
+        if deaf_after is not None:  # accepted sockets inherit it: no autotuning to megabytes
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         self.port = self._listener.getsockname()[1]
         self._server_port = port
+        self._deaf_after = deaf_after
+        self._from_clients = 0
         self._silent = threading.Event()
+        self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
@@ -277,6 +286,7 @@ class GoingSilent:
     def close(self) -> None:
         """Every socket shut down, which wakes the relay's threads (a close alone does not
         end an accept() or recv() that another thread waits in), and they end."""
+        self._closed.set()
         for sock in [self._listener, *self._sockets]:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -295,13 +305,21 @@ class GoingSilent:
                 continue
             server = socket.create_connection(("127.0.0.1", self._server_port))
             self._sockets.append(server)
-            for a, b in ((client, server), (server, client)):
-                self._threads.append(threading.Thread(target=self._pass, args=(a, b), daemon=True))
+            for a, b, up in ((client, server, True), (server, client, False)):
+                self._threads.append(
+                    threading.Thread(target=self._pass, args=(a, b, up), daemon=True)
+                )
                 self._threads[-1].start()
 
-    def _pass(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pass(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
+                if from_client and self._deaf_after is not None:
+                    self._from_clients += len(data)
+                    if self._from_clients > self._deaf_after:
+                        self._silent.set()
+                        self._closed.wait()  # reads nothing more until closed
+                        return
                 if not self._silent.is_set():
                     sink.sendall(data)
         except OSError:
