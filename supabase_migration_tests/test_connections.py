@@ -43,7 +43,7 @@ from supabase_migration.errors import (
 )
 from supabase_migration.security import session_encryption
 
-from .testbed import GoingSilent
+from .testbed import GoingSilent, within
 
 WRONG_PASSWORD = "Wr0ng-p@ss/w%rd#x:1"
 REF = "abcdefghijklmnopqrst"
@@ -745,23 +745,14 @@ def test_a_stop_cuts_off_reads_from_a_server_that_stopped_answering(source_db, m
             raise MigrationError("Item 3 failed.")
         conn.execute("SELECT pg_sleep(30)")
 
-    raised: list[BaseException] = []
-
     def call() -> None:
-        try:
-            side_by_side(
-                lambda: connect(url, autocommit=True), [1, 2, 3], work, what=str, connections=3
-            )
-        except BaseException as exc:
-            raised.append(exc)
+        side_by_side(
+            lambda: connect(url, autocommit=True), [1, 2, 3], work, what=str, connections=3
+        )
 
-    caller = threading.Thread(target=call, daemon=True)
-    began = time.monotonic()
     try:
-        caller.start()
-        caller.join(20)  # a regression fails here instead of hanging the suite
-        took = time.monotonic() - began
-        assert not caller.is_alive(), "side_by_side still waits for a server that went silent"
+        ended, took, raised = within(20, call)
+        assert ended, "side_by_side still waits for a server that went silent"
     finally:
         relay.close()  # ends what still waits on it
     assert [str(exc) for exc in raised] == ["Item 3 failed."]

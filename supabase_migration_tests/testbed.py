@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -255,6 +255,24 @@ def round_trips(conn: psycopg.Connection, work: Path) -> Iterator[list[str]]:
                 parts = line.split("\t")
                 if parts[0] == "F" and parts[2].strip() in ("Query", "Sync", "CopyDone"):
                     waits.append(parts[2].strip())
+
+
+def within(seconds: float, work: Callable[[], object]) -> tuple[bool, float, list[BaseException]]:
+    """Run `work` on a daemon thread for at most `seconds`: whether it ended, how long it
+    took, and what it raised. A regression that hangs then fails its test, not the suite."""
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    began = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), time.monotonic() - began, raised
 
 
 class GoingSilent:
