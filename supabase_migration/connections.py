@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from contextlib import AbstractContextManager
@@ -76,7 +76,6 @@ _TRANSIENT_TEXT = re.compile(
             r"ssl connection has been closed unexpectedly",
             r"eof detected",
             r"unexpected eof",  # OpenSSL 3: the peer's TCP connection ended without TLS's close
-            r"connection timed out",  # tcp_user_timeout or keepalives gave up on the peer
             r"could not receive data from server",
             r"could not send data to server",
             r"consuming input failed",
@@ -504,6 +503,23 @@ KEEPALIVES = {
 }
 
 
+def _keepalive_args(params: Mapping[str, str]) -> dict[str, str]:
+    """KEEPALIVES under the URL's own settings. The kernel lets tcp_user_timeout decide when
+    unanswered keepalives end a connection, so when the URL tunes keepalives and not it, it
+    becomes their idle time plus all their probes: the URL's keepalives keep their meaning."""
+    args = {key: value for key, value in KEEPALIVES.items() if key not in params}
+    if "tcp_user_timeout" in args and any(k.startswith("keepalives_") for k in params):
+        merged = {**KEEPALIVES, **params}
+        try:
+            seconds = int(merged["keepalives_idle"]) + int(merged["keepalives_interval"]) * int(
+                merged["keepalives_count"]
+            )
+        except ValueError:  # libpq refuses the URL with its own words
+            return args
+        args["tcp_user_timeout"] = str(seconds * 1000)
+    return args
+
+
 def _connect_args(url: DatabaseUrl, connect_timeout: int) -> dict[str, Any]:
     """What every connection of ours is opened with, beside the URL's own parameters."""
     return {
@@ -517,7 +533,7 @@ def _connect_args(url: DatabaseUrl, connect_timeout: int) -> dict[str, Any]:
         # in the encoding the target reads it in, whatever either database is encoded in (a
         # LATIN1 source sent LATIN1 bytes that a UTF8 target refused). The servers convert.
         "client_encoding": "UTF8",
-        **{key: value for key, value in KEEPALIVES.items() if key not in url.params},
+        **_keepalive_args(url.params),
     }
 
 

@@ -198,6 +198,15 @@ def test_every_connection_notices_a_vanished_server_within_a_minute(target, txn_
     )
     with connect(own) as conn:
         assert _keepalive(conn) == (1, 5, 10, 3, 0)
+    # Keepalives tuned in the URL keep their meaning: the kernel would otherwise end them at
+    # tcp_user_timeout's minute, not after their own 5 + 2 x 4 seconds.
+    tuned = with_changes(
+        target,
+        params={**target.params, "keepalives_idle": "5", "keepalives_interval": "2",
+                "keepalives_count": "4"},
+    )  # fmt: skip
+    with connect(tuned) as conn:
+        assert _keepalive(conn) == (1, 5, 2, 4, 13000)
 
 
 def test_wrong_password(target, target_db):
@@ -410,6 +419,8 @@ def server_error(cls: type[psycopg.Error], message: str) -> psycopg.Error:
         (psycopg.OperationalError("could not receive data from server: Connection timed out"),
          True),
         (psycopg.OperationalError("SSL SYSCALL error: Connection timed out"), True),
+        (psycopg.OperationalError('connection to server at "10.1.2.3", port 5432 failed: '
+                                  "Connection timed out"), False),  # unreachable: not a blip
         (psycopg.OperationalError("(EDBHANDLEREXITED) MaxClientsInSessionMode"), True),
         (psycopg.OperationalError("password authentication failed"), False),
         (server_error(pg_errors.UniqueViolation, "duplicate key value"), False),
