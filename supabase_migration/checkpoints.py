@@ -112,22 +112,42 @@ _FIELDS = sql.SQL(
 _BOOKKEEPING_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}'))"
 
 
-# PUBLIC and the API roles that exist may not even look up names in the bookkeeping schema: its
-# rows name tables, ranges and errors, and Supabase's default privileges would give anon and
-# authenticated every new table. One statement, so it travels with others; run it under the
-# schema lock (concurrent REVOKEs fail with "tuple concurrently updated").
+# PUBLIC and the API roles may not even look up names in the bookkeeping schema: its rows name
+# tables, ranges and errors, and Supabase's default privileges would give anon and
+# authenticated every new table. Only what grants them something is revoked (so a run that
+# finds nothing to do rewrites no catalog row), and only what this login owns (another login
+# with rights on the tables may run too; REVOKE would refuse it). One statement, so it can
+# travel with others; run it under the schema lock (concurrent REVOKEs of one object fail with
+# "tuple concurrently updated").
 REVOKE_BOOKKEEPING = sql.SQL(
     """DO $$
-DECLARE grantees text;
+DECLARE
+  api oid[] := ARRAY(SELECT oid FROM pg_roles WHERE rolname = ANY({roles}));
+  grantees text := concat_ws(', ', VARIADIC ARRAY['PUBLIC'] || ARRAY(
+    SELECT quote_ident(rolname::text) FROM pg_roles WHERE oid = ANY(api) ORDER BY rolname));
+  granted record;
 BEGIN
-  SELECT string_agg(g, ', ') INTO grantees FROM (
-    SELECT 'PUBLIC' AS g
-    UNION ALL SELECT quote_ident(rolname) FROM pg_roles WHERE rolname = ANY({roles})
-  ) AS w;
-  EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM ' || grantees, {schema});
-  EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM ' || grantees, {schema});
-  EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM ' || grantees, {schema});
-  EXECUTE format('REVOKE ALL ON SCHEMA %I FROM ' || grantees, {schema});
+  FOR granted IN
+    SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind,
+           c.oid::regclass::text AS name
+    FROM pg_class c
+    WHERE c.relnamespace = to_regnamespace({schema}) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+      AND pg_has_role(c.relowner, 'USAGE')
+      AND EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = 0 OR a.grantee = ANY(api))
+    UNION ALL
+    SELECT 'FUNCTION', p.oid::regprocedure::text
+    FROM pg_proc p
+    WHERE p.pronamespace = to_regnamespace({schema}) AND pg_has_role(p.proowner, 'USAGE')
+      AND EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                  WHERE a.grantee = 0 OR a.grantee = ANY(api))
+    UNION ALL
+    SELECT 'SCHEMA', quote_ident(n.nspname::text)
+    FROM pg_namespace n
+    WHERE n.nspname = {schema} AND pg_has_role(n.nspowner, 'USAGE')
+      AND EXISTS (SELECT 1 FROM aclexplode(n.nspacl) a WHERE a.grantee = 0 OR a.grantee = ANY(api))
+  LOOP
+    EXECUTE format('REVOKE ALL ON %s %s FROM %s', granted.kind, granted.name, grantees);
+  END LOOP;
 END $$"""
 ).format(roles=sql.Literal(list(API_ROLES)), schema=sql.Literal(BOOKKEEPING_SCHEMA))
 

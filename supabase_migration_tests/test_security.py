@@ -412,6 +412,41 @@ def test_bookkeeping_schema_is_closed_to_the_api_roles(
             assert security.bookkeeping_exposed_to(target) == [], closer
 
 
+def test_the_bookkeeping_revoke_touches_only_what_it_must_and_may(
+    target: psycopg.Connection, target_db: TargetDb
+) -> None:
+    """Every run ensures the bookkeeping twice; with nothing granted to PUBLIC or the API
+    roles it rewrites no catalog row. A second login with rights on the bookkeeping tables but
+    owning none of them runs it too: REVOKE on what it does not own would refuse it ("permission
+    denied for sequence")."""
+    checkpoints.ensure_bookkeeping(target)
+    rows = (
+        "SELECT c.relname::text, c.xmin::text FROM pg_class c "
+        "WHERE c.relnamespace = 'supabase_migration'::regnamespace UNION ALL "
+        "SELECT n.nspname::text, n.xmin::text FROM pg_namespace n "
+        "WHERE n.nspname = 'supabase_migration' ORDER BY 1"
+    )
+    before = target.execute(rows).fetchall()
+    checkpoints.ensure_bookkeeping(target)
+    assert target.execute(rows).fetchall() == before
+    name = "sm_" + target_db.name[-8:] + "_colleague"
+    with _admin(target_db) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'colleague-pw'")
+        try:
+            target.execute(
+                f"GRANT USAGE ON SCHEMA supabase_migration TO {name}; "
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA supabase_migration "
+                f"TO {name}"
+            )
+            info = psycopg.conninfo.conninfo_to_dict(target_db.url)
+            colleague = {**info, "user": name, "password": "colleague-pw"}
+            with psycopg.connect(**colleague, autocommit=True) as conn:  # type: ignore[arg-type]
+                checkpoints.ensure_bookkeeping(conn)
+                assert security.bookkeeping_exposed_to(conn) == []
+        finally:
+            admin.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
+
+
 def test_a_held_lock_is_a_retryable_one_sentence_error(
     target: psycopg.Connection, target_db: TargetDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
