@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -60,6 +61,25 @@ class CopyOptions:
 
 
 @dataclass(frozen=True)
+class OpenTransaction:
+    """A range's transaction on the target: its backend and when it began, which together name
+    that transaction and no other (a pooler may later give the backend to someone else)."""
+
+    pid: int
+    began: datetime
+
+
+class TargetLost(TransientError):
+    """The target connection was lost in the middle of a range. Its transaction may live on at
+    the server, holding the range's checkpoint lock, until the server notices (hours, without
+    keepalives): the next attempt ends it first (`end_lost_transaction`)."""
+
+    def __init__(self, message: str, transaction: OpenTransaction) -> None:
+        super().__init__(message)
+        self.transaction = transaction
+
+
+@dataclass(frozen=True)
 class RangeResult:
     table: str
     partition_key: str
@@ -95,6 +115,7 @@ def copy_range(
     """
     name = table.qualified_name
     started = time.monotonic()
+    opened: OpenTransaction | None = None
     where = f"partition {partition_key} of {name}"
     the_range = f"Partition {partition_key} of {name}"  # where a sentence starts
     try:
@@ -148,8 +169,10 @@ def copy_range(
                         checkpoints.lock_statement(name, partition_key),
                         *_local_settings(options),
                         *([probe] if probe is not None else []),
+                        sql.SQL("SELECT pg_backend_pid(), now()"),
                     ],
                 )
+                opened = OpenTransaction(*found[-1])
                 if found[0] is None:  # the plan was reset meanwhile
                     raise CopyError(
                         f"{the_range} left the plan while it was being copied; run again."
@@ -199,8 +222,23 @@ def copy_range(
         message = f"Copying {where} failed: {describe_pg_error(exc)}{_remedy(exc)}."
         _record_failure(target, name, partition_key, message, options.run_id)
         if is_transient(exc):
+            if opened is not None and target.broken:
+                raise TargetLost(message, opened) from None
             raise TransientError(message) from None
         raise CopyError(message) from None
+
+
+def end_lost_transaction(target: psycopg.Connection, lost: OpenTransaction) -> None:
+    """End a range's transaction whose connection was lost (see `TargetLost`), if it still runs,
+    and wait for it to be gone, so that its checkpoint lock does not make the next attempt read
+    as a concurrent run. Only that transaction: same backend, same start. Best effort."""
+    wait = sql.SQL(", 5000" if target.info.server_version >= 140000 else "")  # ms; 13: none
+    query = sql.SQL(
+        "SELECT pg_terminate_backend(pid{}) FROM pg_stat_activity "
+        "WHERE pid = %s AND xact_start = %s"
+    ).format(wait)
+    with contextlib.suppress(psycopg.Error):
+        target.execute(query, (lost.pid, lost.began))
 
 
 def _remedy(exc: psycopg.Error) -> str:
@@ -632,6 +670,7 @@ class CopySession:
         self._target: psycopg.Connection | None = None
         self._peer: psycopg.Connection | None = None
         self._overlap: bool | None = None
+        self._lost: OpenTransaction | None = None
 
     def _fresh(self, conn: psycopg.Connection | None, url: DatabaseUrl) -> psycopg.Connection:
         if conn is None or conn.closed or conn.broken:
@@ -669,11 +708,22 @@ class CopySession:
         options: CopyOptions,
         planned: checkpoints.Checkpoint | None = None,
     ) -> RangeResult:
+
+        def attempt() -> RangeResult:
+            if self._lost is not None:
+                end_lost_transaction(self.target, self._lost)
+                self._lost = None
+            try:
+                return copy_range(
+                    self.source, self.target, table, partition_key, options, self.peer, planned
+                )
+            except TargetLost as exc:
+                self._lost = exc.transaction
+                raise
+
         try:
             return retrying(
-                lambda: copy_range(
-                    self.source, self.target, table, partition_key, options, self.peer, planned
-                ),
+                attempt,
                 attempts=self.attempts,
                 what=f"copying partition {partition_key} of {table.qualified_name}",
                 log=self.log,

@@ -280,9 +280,10 @@ class GoingSilent:
     way, and new connections (a cancel request's) are accepted and never answered, as with
     a server behind a link that dropped.
 
-    `deaf_after`: go silent by itself once that many bytes came from the client, and stop
-    reading them too, with a small receive buffer: the client's window shuts and what it sends
-    waits unacknowledged, as when a peer vanishes in the middle of a COPY to it."""
+    `deaf_after`: once one connection's client has sent that many bytes, stop reading from it
+    (the first such connection only; it keeps its server connection open, and the others pass
+    on as before). With a small receive buffer the client's window shuts and what it sends
+    waits, as when a peer vanishes in the middle of a COPY to it."""
 
     def __init__(self, port: int, *, deaf_after: int | None = None) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -291,7 +292,7 @@ class GoingSilent:
         self.port = self._listener.getsockname()[1]
         self._server_port = port
         self._deaf_after = deaf_after
-        self._from_clients = 0
+        self.deafened = threading.Event()
         self._silent = threading.Event()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
@@ -330,14 +331,19 @@ class GoingSilent:
                 self._threads[-1].start()
 
     def _pass(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        passed = 0
         try:
             while data := source.recv(65536):
-                if from_client and self._deaf_after is not None:
-                    self._from_clients += len(data)
-                    if self._from_clients > self._deaf_after:
-                        self._silent.set()
-                        self._closed.wait()  # reads nothing more until closed
-                        return
+                passed += len(data)
+                if (
+                    from_client
+                    and self._deaf_after is not None
+                    and passed > self._deaf_after
+                    and not self.deafened.is_set()
+                ):
+                    self.deafened.set()
+                    self._closed.wait()  # reads nothing more from this client until closed
+                    return
                 if not self._silent.is_set():
                     sink.sendall(data)
         except OSError:
