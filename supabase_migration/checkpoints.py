@@ -153,7 +153,7 @@ END $$"""
 
 
 def ensure_bookkeeping(conn: psycopg.Connection) -> None:
-    """Create the bookkeeping schema and table if missing (idempotent, one transaction): three
+    """Create the bookkeeping schema and table if missing (idempotent, one transaction): two
     round trips when they exist, as on every run but the first."""
     tables = [
         sql.SQL("SELECT to_regclass({}) IS NOT NULL").format(
@@ -161,13 +161,14 @@ def ensure_bookkeeping(conn: psycopg.Connection) -> None:
         )
         for table in ("migration_checkpoints", "deferred_indexes")
     ]
-    with transaction_with(conn, [sql.SQL(_BOOKKEEPING_LOCK), *tables]) as found:
+    with transaction_with(conn, [sql.SQL(_BOOKKEEPING_LOCK), *tables, REVOKE_BOOKKEEPING]) as found:
         _, (checkpoints_exist,), (deferred_exist,) = found
         if not checkpoints_exist:
             conn.execute(BOOKKEEPING_DDL)
         if not deferred_exist:
             conn.execute(DEFERRED_DDL)
-        conn.execute(REVOKE_BOOKKEEPING)
+        if not (checkpoints_exist and deferred_exist):  # default privileges may grant new ones
+            conn.execute(REVOKE_BOOKKEEPING)
 
 
 def bookkeeping_exists(conn: psycopg.Connection, table: str = "migration_checkpoints") -> bool:
