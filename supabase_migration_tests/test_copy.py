@@ -520,13 +520,15 @@ def test_finishing_the_read_ahead_cuts_off_a_source_that_stopped_answering(pair,
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="tcp_user_timeout is Linux's")
-def test_a_target_lost_mid_copy_is_noticed_in_seconds_and_the_retry_completes(pair):
+@pytest.mark.parametrize("via", ["direct", "transaction pooler"])
+def test_a_target_lost_mid_copy_is_noticed_in_seconds_and_the_retry_completes(pair, via):
     """While COPY data is being sent no keepalive goes out: a target lost mid-COPY was left to
     the kernel's retransmissions (about 15 minutes), or, with its window shut, forever.
     tcp_user_timeout (a minute by default; 2 s in this URL, which wins) ends the attempt as
     transient (OpenSSL 3's "unexpected eof" once read as permanent). The lost transaction lives
-    on at the server with the range's lock (no RST reaches it), so the retry ends it first:
-    before, the retry met the lock and called it another run's."""
+    on at the server with the range's lock (no RST reaches it; behind PgBouncer, which still
+    holds our side), so the retry ends it first: before, the retry met the lock and called it
+    another run's."""
     source_db, target_db = pair
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL)")
@@ -537,6 +539,8 @@ def test_a_target_lost_mid_copy_is_noticed_in_seconds_and_the_retry_completes(pa
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL)")
     src_url, direct = _urls(source_db, target_db.url)
+    if via == "transaction pooler":
+        _, direct = _urls(source_db, target_db.pooler_url, Endpoint.TRANSACTION_POOLER)
     relay = GoingSilent(direct.port, deaf_after=2_000_000)
     tgt_url = dataclasses.replace(
         direct,
