@@ -42,7 +42,7 @@ from .connections import (
     transaction_with,
 )
 from .conninfo import DatabaseUrl
-from .errors import ConcurrentRunError, CopyError, TransientError
+from .errors import ConcurrentRunError, CopyError, MigrationError, TransientError
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 
@@ -228,17 +228,21 @@ def copy_range(
         raise CopyError(message) from None
 
 
-def end_lost_transaction(target: psycopg.Connection, lost: OpenTransaction) -> None:
+def end_lost_transaction(target: psycopg.Connection, lost: OpenTransaction) -> bool:
     """End a range's transaction whose connection was lost (see `TargetLost`), if it still runs,
     and wait for it to be gone, so that its checkpoint lock does not make the next attempt read
-    as a concurrent run. Only that transaction: same backend, same start. Best effort."""
+    as a concurrent run. Only that transaction: same backend, same start. Whether the target
+    could be asked (it may still be out of reach)."""
     wait = sql.SQL(", 5000" if target.info.server_version >= 140000 else "")  # ms; 13: none
     query = sql.SQL(
         "SELECT pg_terminate_backend(pid{}) FROM pg_stat_activity "
         "WHERE pid = %s AND xact_start = %s"
     ).format(wait)
-    with contextlib.suppress(psycopg.Error):
+    try:
         target.execute(query, (lost.pid, lost.began))
+    except psycopg.Error:
+        return False
+    return True
 
 
 def _remedy(exc: psycopg.Error) -> str:
@@ -710,15 +714,17 @@ class CopySession:
     ) -> RangeResult:
 
         def attempt() -> RangeResult:
-            if self._lost is not None:
-                end_lost_transaction(self.target, self._lost)
-                self._lost = None
+            if self._lost is not None:  # still there, if the target was out of reach then
+                self._end_lost()
             try:
                 return copy_range(
                     self.source, self.target, table, partition_key, options, self.peer, planned
                 )
             except TargetLost as exc:
+                # At once, not just before a retry: the last attempt's failure may be retried
+                # by Dagster in another process, which would meet the lock.
                 self._lost = exc.transaction
+                self._end_lost()
                 raise
 
         try:
@@ -734,6 +740,13 @@ class CopySession:
                 f"{describe_pg_error(exc)}."
             )
             raise database_error(exc, sentence, CopyError) from None
+
+    def _end_lost(self) -> None:
+        """`end_lost_transaction` on a new target connection; kept for later when it fails."""
+        assert self._lost is not None
+        with contextlib.suppress(MigrationError):  # out of reach: the next attempt tries again
+            if end_lost_transaction(self.target, self._lost):
+                self._lost = None
 
     def connections(self) -> list[psycopg.Connection]:
         """The connections this session has open (none is opened here)."""

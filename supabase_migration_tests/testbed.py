@@ -280,9 +280,9 @@ class GoingSilent:
     way, and new connections (a cancel request's) are accepted and never answered, as with
     a server behind a link that dropped.
 
-    `deaf_after`: once one connection's client has sent that many bytes, stop reading from it
-    (the first such connection only; it keeps its server connection open, and the others pass
-    on as before). With a small receive buffer the client's window shuts and what it sends
+    `deaf_after`: the next connection accepted stops being read once its client has sent that
+    many bytes (it keeps its server connection open; the others pass on as before; `rearm`
+    for another). With a small receive buffer the client's window shuts and what it sends
     waits, as when a peer vanishes in the middle of a COPY to it."""
 
     def __init__(self, port: int, *, deaf_after: int | None = None) -> None:
@@ -292,6 +292,7 @@ class GoingSilent:
         self.port = self._listener.getsockname()[1]
         self._server_port = port
         self._deaf_after = deaf_after
+        self._armed = deaf_after is not None
         self.deafened = threading.Event()
         self._silent = threading.Event()
         self._closed = threading.Event()
@@ -301,6 +302,11 @@ class GoingSilent:
 
     def go_silent(self) -> None:
         self._silent.set()
+
+    def rearm(self) -> None:
+        """Make the next connection accepted go deaf too (see `deaf_after`)."""
+        self.deafened.clear()
+        self._armed = True
 
     def close(self) -> None:
         """Every socket shut down, which wakes the relay's threads (a close alone does not
@@ -324,23 +330,19 @@ class GoingSilent:
                 continue
             server = socket.create_connection(("127.0.0.1", self._server_port))
             self._sockets.append(server)
-            for a, b, up in ((client, server, True), (server, client, False)):
+            deaf_after, self._armed = (self._deaf_after if self._armed else None), False
+            for a, b, limit in ((client, server, deaf_after), (server, client, None)):
                 self._threads.append(
-                    threading.Thread(target=self._pass, args=(a, b, up), daemon=True)
+                    threading.Thread(target=self._pass, args=(a, b, limit), daemon=True)
                 )
                 self._threads[-1].start()
 
-    def _pass(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+    def _pass(self, source: socket.socket, sink: socket.socket, deaf_after: int | None) -> None:
         passed = 0
         try:
             while data := source.recv(65536):
                 passed += len(data)
-                if (
-                    from_client
-                    and self._deaf_after is not None
-                    and passed > self._deaf_after
-                    and not self.deafened.is_set()
-                ):
+                if deaf_after is not None and passed > deaf_after:
                     self.deafened.set()
                     self._closed.wait()  # reads nothing more from this client until closed
                     return
