@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import selectors
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from psycopg import pq, sql
 from . import checkpoints, sqlbuild
 from .catalog import KeyKind, TableInfo
 from .connections import (
+    connect,
     database_error,
     in_one_round_trip,
     is_transient,
@@ -71,8 +73,9 @@ class OpenTransaction:
 
 class TargetLost(TransientError):
     """The target connection was lost in the middle of a range. Its transaction may live on at
-    the server, holding the range's checkpoint lock, until the server notices (hours, without
-    keepalives): the next attempt ends it first (`end_lost_transaction`)."""
+    the server, holding the range's checkpoint lock, until the server notices (a minute with
+    the keepalives each range sets; never behind a pooler, which holds our side): it is ended
+    from a new connection (`end_lost_transaction`) before the range is tried again."""
 
     def __init__(self, message: str, transaction: OpenTransaction) -> None:
         super().__init__(message)
@@ -221,28 +224,38 @@ def copy_range(
     except psycopg.Error as exc:
         message = f"Copying {where} failed: {describe_pg_error(exc)}{_remedy(exc)}."
         _record_failure(target, name, partition_key, message, options.run_id)
+        if opened is not None and target.broken:  # lost, whatever words the loss came in
+            raise TargetLost(message, opened) from None
         if is_transient(exc):
-            if opened is not None and target.broken:
-                raise TargetLost(message, opened) from None
             raise TransientError(message) from None
         raise CopyError(message) from None
 
 
-def end_lost_transaction(target: psycopg.Connection, lost: OpenTransaction) -> bool:
-    """End a range's transaction whose connection was lost (see `TargetLost`), if it still runs,
-    and wait for it to be gone, so that its checkpoint lock does not make the next attempt read
-    as a concurrent run. Only that transaction: same backend, same start. Whether the target
-    could be asked (it may still be out of reach)."""
-    wait = sql.SQL(", 5000" if target.info.server_version >= 140000 else "")  # ms; 13: none
-    query = sql.SQL(
-        "SELECT pg_terminate_backend(pid{}) FROM pg_stat_activity "
-        "WHERE pid = %s AND xact_start = %s"
-    ).format(wait)
+_STILL_THERE = sql.SQL(
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND xact_start = %s"
+)
+END_WAIT_S = 5.0
+
+
+def end_lost_transaction(target: psycopg.Connection, lost: OpenTransaction) -> bool | None:
+    """End a range's transaction whose connection was lost (see `TargetLost`): only that one,
+    by its backend and start (a pooler may have given the backend to another client since).
+    True when it was ended, None when it had ended already, False when it still runs after
+    END_WAIT_S or the target could not be asked: its lock would make the range's next attempt
+    read as another run's."""
+    ended = None
+    deadline = time.monotonic() + END_WAIT_S
     try:
-        target.execute(query, (lost.pid, lost.began))
-    except psycopg.Error:
-        return False
-    return True
+        while target.execute(_STILL_THERE, (lost.pid, lost.began)).fetchone() is not None:
+            ended = True  # signalled (again: harmless) until it is gone
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+    except psycopg.Error as exc:
+        if target.broken or is_transient(exc):
+            return False
+        return None  # not ours to end (no right to signal it): the lock will say so
+    return ended
 
 
 def _remedy(exc: psycopg.Error) -> str:
@@ -426,10 +439,20 @@ def _source_checksum(
     return int(row[0]), str(row[1]), row[2]
 
 
+# The target's side of a range's connection probes us as ours probes it (connections.KEEPALIVES):
+# when we vanish, the server ends the range's transaction, and its lock, within a minute,
+# whichever process or machine tries the range next. (Behind a pooler it probes the pooler.)
+SERVER_KEEPALIVES = sql.SQL(
+    "SET LOCAL tcp_keepalives_idle = 30; SET LOCAL tcp_keepalives_interval = 10; "
+    "SET LOCAL tcp_keepalives_count = 3"
+)
+
+
 def _local_settings(options: CopyOptions) -> list[sql.Composable]:
     statements: list[sql.Composable] = [
         sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(options.statement_timeout)),
         sqlbuild.EVERY_ROW,  # a FORCEd policy must not hide target rows from the range's upsert
+        SERVER_KEEPALIVES,
     ]
     if options.replica_mode:
         statements.append(sql.SQL("SET LOCAL session_replication_role = replica"))
@@ -651,6 +674,13 @@ def replica_mode_allowed(target: psycopg.Connection) -> bool:
     return remembered(target, "replica_mode_allowed", ask)
 
 
+# Transactions of ranges whose target connection was lost and that could not be ended yet, by
+# target and range: any session of this process ends them before copying again (the CLI's
+# Dagster retries a step in the same process, in a new session).
+_UNENDED: dict[tuple[str, str, str], OpenTransaction] = {}
+_UNENDED_LOCK = threading.Lock()
+
+
 class CopySession:
     """A source and a target connection that survive transient failures.
 
@@ -674,7 +704,6 @@ class CopySession:
         self._target: psycopg.Connection | None = None
         self._peer: psycopg.Connection | None = None
         self._overlap: bool | None = None
-        self._lost: OpenTransaction | None = None
 
     def _fresh(self, conn: psycopg.Connection | None, url: DatabaseUrl) -> psycopg.Connection:
         if conn is None or conn.closed or conn.broken:
@@ -713,18 +742,23 @@ class CopySession:
         planned: checkpoints.Checkpoint | None = None,
     ) -> RangeResult:
 
+        this = (self.target_url.identity, table.qualified_name, partition_key)
+
         def attempt() -> RangeResult:
-            if self._lost is not None:  # still there, if the target was out of reach then
-                self._end_lost()
+            if self._end_unended() and this in _UNENDED:
+                raise TransientError(
+                    f"Partition {partition_key} of {table.qualified_name} still has a "
+                    "transaction at the target from a lost connection; waiting for it to end."
+                )
             try:
                 return copy_range(
                     self.source, self.target, table, partition_key, options, self.peer, planned
                 )
             except TargetLost as exc:
-                # At once, not just before a retry: the last attempt's failure may be retried
-                # by Dagster in another process, which would meet the lock.
-                self._lost = exc.transaction
-                self._end_lost()
+                # At once, not only before a retry: this may have been the step's last attempt.
+                with _UNENDED_LOCK:
+                    _UNENDED[this] = exc.transaction
+                self._end_unended()
                 raise
 
         try:
@@ -741,12 +775,30 @@ class CopySession:
             )
             raise database_error(exc, sentence, CopyError) from None
 
-    def _end_lost(self) -> None:
-        """`end_lost_transaction` on a new target connection; kept for later when it fails."""
-        assert self._lost is not None
-        with contextlib.suppress(MigrationError):  # out of reach: the next attempt tries again
-            if end_lost_transaction(self.target, self._lost):
-                self._lost = None
+    def _end_unended(self) -> bool:
+        """End this target's lost transactions (`_UNENDED`) on a new connection, not a kept
+        one, which may itself have died silently. Whether any was left to end."""
+        with _UNENDED_LOCK:
+            mine = {k: t for k, t in _UNENDED.items() if k[0] == self.target_url.identity}
+        if not mine:
+            return False
+        try:
+            conn = connect(self.target_url, autocommit=True, connect_timeout=5)
+        except MigrationError:  # still out of reach: the next attempt tries again
+            return True
+        with conn:
+            for (_, table, key), lost in mine.items():
+                ended = end_lost_transaction(conn, lost)
+                if ended is False:
+                    continue
+                with _UNENDED_LOCK:
+                    _UNENDED.pop((self.target_url.identity, table, key), None)
+                if ended and self.log is not None:
+                    self.log(
+                        f"Ended the transaction that partition {key} of {table} had left at "
+                        f"the target when its connection was lost (backend {lost.pid})."
+                    )
+        return True
 
     def connections(self) -> list[psycopg.Connection]:
         """The connections this session has open (none is opened here)."""

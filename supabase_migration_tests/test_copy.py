@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import dagster as dg
 import psycopg
@@ -18,7 +19,7 @@ from psycopg import sql
 from supabase_migration import checkpoints, sqlbuild
 from supabase_migration.catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
 from supabase_migration.connections import close_kept, connect
-from supabase_migration.conninfo import Endpoint, parse_database_url
+from supabase_migration.conninfo import DatabaseUrl, Endpoint, parse_database_url
 from supabase_migration.copy import (
     WRITE_BLOCK,
     CopyOptions,
@@ -519,27 +520,45 @@ def test_finishing_the_read_ahead_cuts_off_a_source_that_stopped_answering(pair,
     assert not ahead._thread.is_alive()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="tcp_user_timeout is Linux's")
-@pytest.mark.parametrize("via", ["direct", "transaction pooler"])
-def test_a_target_lost_mid_copy_is_noticed_in_seconds_and_the_retry_completes(pair, via):
-    """While COPY data is being sent no keepalive goes out: a target lost mid-COPY was left to
-    the kernel's retransmissions (about 15 minutes), or, with its window shut, forever.
-    tcp_user_timeout (a minute by default; 2 s in this URL, which wins) ends the attempt as
-    transient (OpenSSL 3's "unexpected eof" once read as permanent). The lost transaction lives
-    on at the server with the range's lock (no RST reaches it; behind PgBouncer, which still
-    holds our side), so the retry ends it first: before, the retry met the lock and called it
-    another run's."""
+@dataclass
+class LostMidCopy:
+    """public.wide (about 16 MB of COPY data, far more than the relay's and both sockets'
+    buffers hold) planned as one range, and a target URL through a relay whose next connection
+    stops reading after 2 MB, with tcp_user_timeout at 2 s (the URL's value wins)."""
+
+    source: DatabaseUrl
+    target: DatabaseUrl  # through the relay
+    direct: DatabaseUrl  # the same target without it
+    relay: GoingSilent
+    info: TableInfo
+    key: str
+    done: list[RangeResult] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    def copy(self, attempts: int) -> None:
+        with CopySession(self.source, self.target, attempts=attempts, log=self.log.append) as s:
+            self.done.append(s.copy(self.info, self.key, CopyOptions()))
+
+    def in_a_new_process(self, attempts: int) -> tuple[bool, float, list[BaseException]]:
+        """As Dagster's retry of the step: a new session, no connection of the last reused."""
+        close_kept()
+        return within(60, lambda: self.copy(attempts))
+
+
+@pytest.fixture(params=["direct", "transaction pooler"])
+def lost_mid_copy(pair, request) -> Iterator[LostMidCopy]:
+    if sys.platform != "linux":
+        pytest.skip("tcp_user_timeout is Linux's")
     source_db, target_db = pair
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL)")
-        # About 16 MB of COPY data, far more than the relay's and both sockets' buffers hold.
         conn.execute(
             "INSERT INTO wide SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 60000) g"
         )
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL)")
     src_url, direct = _urls(source_db, target_db.url)
-    if via == "transaction pooler":
+    if request.param == "transaction pooler":
         _, direct = _urls(source_db, target_db.pooler_url, Endpoint.TRANSACTION_POOLER)
     relay = GoingSilent(direct.port, deaf_after=2_000_000)
     tgt_url = dataclasses.replace(
@@ -553,46 +572,77 @@ def test_a_target_lost_mid_copy_is_noticed_in_seconds_and_the_retry_completes(pa
         info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.wide"]
         refresh_plan(s, t, info, batch_size=100_000)
         (planned,) = checkpoints.load(t, "public.wide")
-    done: list[RangeResult] = []
-    retried: list[str] = []
-
-    def copy(attempts: int) -> None:
-        with CopySession(src_url, tgt_url, attempts=attempts, log=retried.append) as session:
-            done.append(session.copy(info, planned.partition_key, CopyOptions()))
-
     try:
-        # Two attempts in one step: the second finds the range free and copies it.
-        ended, took, raised = within(60, lambda: copy(2))
-        assert ended, "the copy still waits on a target that was lost"
-        assert relay.deafened.is_set()
-        assert not raised, raised
-        assert len(retried) == 1 and "unexpected eof" in retried[0], retried
-        assert took < 30, took
-        assert done[0].path == "copy" and done[0].rows == 60_000, done
-        # A step's only attempt fails; Dagster's retry of the step, in another process, finds
-        # the range free too: the lost transaction was ended as the attempt failed.
-        with psycopg.connect(target_db.url, autocommit=True) as conn:
-            conn.execute(
-                "TRUNCATE wide; UPDATE supabase_migration.migration_checkpoints SET "
-                "status = 'pending', completed_at = NULL, row_checksum = NULL"
-            )
-        close_kept()  # a new process: no connection of the first step's is reused
-        relay.rearm()
-        ended, took, raised = within(60, lambda: copy(1))
-        assert ended and took < 30 and len(raised) == 1, (ended, took, raised)
-        assert isinstance(raised[0], TransientError) and "unexpected eof" in str(raised[0])
-        close_kept()
-        ended, _, raised = within(60, lambda: copy(1))
-        assert ended and not raised, raised
+        yield LostMidCopy(src_url, tgt_url, direct, relay, info, planned.partition_key)
     finally:
         relay.close()
-    assert done[-1].path == "copy" and done[-1].rows == 60_000, done
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM wide").fetchone() == (60_000,)
         status = conn.execute(
             "SELECT status FROM supabase_migration.migration_checkpoints"
         ).fetchone()
         assert status == ("completed",), status
+
+
+def test_a_target_lost_mid_copy_is_noticed_in_seconds_and_the_retry_completes(lost_mid_copy):
+    """While COPY data is being sent no keepalive goes out: a target lost mid-COPY was left to
+    the kernel's retransmissions (about 15 minutes), or, with its window shut, forever.
+    tcp_user_timeout ends the attempt, as transient (OpenSSL 3's "unexpected eof" once read as
+    permanent). The lost transaction lives on at the server with the range's lock (no RST
+    reaches it; behind PgBouncer, which still holds our side), so it is ended as the attempt
+    fails: before, the retry met the lock and called it another run's. Only that transaction:
+    another of the same login, idle in its own, lives on."""
+    lost = lost_mid_copy
+    with connect(lost.direct, autocommit=True) as bystander:
+        bystander.execute("BEGIN")
+        bystander.execute("SELECT txid_current()")  # a transaction of its own, on no table
+        # Two attempts in one step: the second finds the range free and copies it.
+        ended, took, raised = within(60, lambda: lost.copy(2))
+        assert ended, "the copy still waits on a target that was lost"
+        assert lost.relay.deafened.is_set() and not raised, raised
+        assert took < 30, took
+        assert len(lost.log) == 2, lost.log  # the ending, and the retry's notice
+        assert lost.log[0].startswith("Ended the transaction that partition 000000 of"), lost.log
+        assert lost.done[0].path == "copy" and lost.done[0].rows == 60_000, lost.done
+        # A step's only attempt fails; Dagster's retry of the step finds the range free too.
+        with psycopg.connect(lost.direct.conninfo(), autocommit=True) as conn:
+            conn.execute(
+                "TRUNCATE wide; UPDATE supabase_migration.migration_checkpoints SET "
+                "status = 'pending', completed_at = NULL, row_checksum = NULL"
+            )
+        lost.relay.rearm()
+        ended, took, raised = lost.in_a_new_process(1)
+        assert ended and took < 30, (ended, took)
+        assert len(raised) == 1 and isinstance(raised[0], TransientError), raised
+        ended, _, raised = lost.in_a_new_process(1)
+        assert ended and not raised, raised
+        assert lost.done[-1].path == "copy" and lost.done[-1].rows == 60_000, lost.done
+        bystander.execute("COMMIT")  # its transaction was never touched
+
+
+def test_a_lost_transaction_not_ended_yet_holds_its_range_back(lost_mid_copy, monkeypatch):
+    """When the target cannot be asked to end the lost transaction as the attempt fails (it is
+    still out of reach), the range is not tried while that transaction may hold its lock, in
+    this session or the next one in this process; once ended, it is copied. Before, the
+    attempt went ahead, met the lock, and stopped for good as another run's."""
+    import supabase_migration.copy as copy_module
+
+    lost = lost_mid_copy
+    real = copy_module.end_lost_transaction
+    calls = []
+
+    def out_of_reach_twice(conn: psycopg.Connection, transaction: object) -> bool | None:
+        calls.append(transaction)
+        return False if len(calls) <= 2 else real(conn, transaction)
+
+    monkeypatch.setattr(copy_module, "end_lost_transaction", out_of_reach_twice)
+    ended, _, raised = lost.in_a_new_process(1)  # fails; its ending fails too (call 1)
+    assert ended and len(raised) == 1 and isinstance(raised[0], TransientError), raised
+    ended, _, raised = lost.in_a_new_process(2)  # held back once (call 2), then ended and copied
+    assert ended and not raised, raised
+    assert len(calls) == 3, calls
+    assert any("still has a transaction at the target" in line for line in lost.log), lost.log
+    assert lost.done[-1].path == "copy" and lost.done[-1].rows == 60_000, lost.done
 
 
 def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
