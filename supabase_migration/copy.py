@@ -439,20 +439,11 @@ def _source_checksum(
     return int(row[0]), str(row[1]), row[2]
 
 
-# The target's side of a range's connection probes us as ours probes it (connections.KEEPALIVES):
-# when we vanish, the server ends the range's transaction, and its lock, within a minute,
-# whichever process or machine tries the range next. (Behind a pooler it probes the pooler.)
-SERVER_KEEPALIVES = sql.SQL(
-    "SET LOCAL tcp_keepalives_idle = 30; SET LOCAL tcp_keepalives_interval = 10; "
-    "SET LOCAL tcp_keepalives_count = 3"
-)
-
-
 def _local_settings(options: CopyOptions) -> list[sql.Composable]:
     statements: list[sql.Composable] = [
         sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(options.statement_timeout)),
         sqlbuild.EVERY_ROW,  # a FORCEd policy must not hide target rows from the range's upsert
-        SERVER_KEEPALIVES,
+        sqlbuild.SERVER_KEEPALIVES,  # the server ends a lost range's lock by itself
     ]
     if options.replica_mode:
         statements.append(sql.SQL("SET LOCAL session_replication_role = replica"))

@@ -38,10 +38,20 @@ EVERY_ROW = sql.SQL("SET LOCAL row_security = off")
 # again on every retry.
 NO_STATEMENT_TIMEOUT = sql.SQL("SET LOCAL statement_timeout = 0")
 
+# The server's side of our connection probes us as ours probes it (connections.KEEPALIVES):
+# when a link to us drops, the server ends our transaction within a minute, not after the
+# kernel's two hours, with what it holds: a range's checkpoint lock on the target; a snapshot
+# and table locks on the source, which would hold back its vacuum and the application's DDL.
+# (Behind a pooler it probes the pooler.)
+SERVER_KEEPALIVES = sql.SQL(
+    "SET LOCAL tcp_keepalives_idle = 30; SET LOCAL tcp_keepalives_interval = 10; "
+    "SET LOCAL tcp_keepalives_count = 3"
+)
+
 # What every transaction that reads a table's rows sets, right after its BEGIN: the copy's
 # source snapshot and its checksum peer, verification's snapshots, the plan's boundary reads.
 READING_ROWS = sql.SQL("; ").join(
-    [SERIAL_PLANS, EVERY_ROW, NO_STATEMENT_TIMEOUT, NORMALIZE_TEXT_OUTPUT]
+    [SERIAL_PLANS, EVERY_ROW, NO_STATEMENT_TIMEOUT, NORMALIZE_TEXT_OUTPUT, SERVER_KEEPALIVES]
 )
 
 

@@ -645,6 +645,31 @@ def test_a_lost_transaction_not_ended_yet_holds_its_range_back(lost_mid_copy, mo
     assert lost.done[-1].path == "copy" and lost.done[-1].rows == 60_000, lost.done
 
 
+def test_reading_and_range_transactions_have_the_server_probe_us(pair):
+    """A link to us that drops leaves our transaction to the server's keepalives: its kernel's
+    two hours, holding a snapshot and table locks on the source (the application's DDL waits)
+    or a range's checkpoint lock on the target. Every reading transaction and every range's
+    transaction sets a minute; after them the server's own settings are back."""
+    from supabase_migration.copy import _local_settings
+
+    source_db, target_db = pair
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    probes = (
+        "SELECT current_setting('tcp_keepalives_idle'), "
+        "current_setting('tcp_keepalives_interval'), current_setting('tcp_keepalives_count')"
+    )
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        default = s.execute(probes).fetchone()
+        assert default != ("30", "10", "3"), default  # over TCP, the kernel's own
+        with _source_snapshot(s):
+            assert s.execute(probes).fetchone() == ("30", "10", "3")
+        assert s.execute(probes).fetchone() == default
+        with t.transaction():
+            for statement in _local_settings(CopyOptions(replica_mode=False)):
+                t.execute(statement)
+            assert t.execute(probes).fetchone() == ("30", "10", "3")
+
+
 def test_the_plan_asset_takes_the_plans_read_ahead(pair, monkeypatch):
     """plan_all reads on the source only what was not read ahead, and seeds the same ranges."""
     from supabase_migration import assets
