@@ -159,6 +159,14 @@ class _Context:
         """Whether `table` (schema.name) is one to migrate."""
         return self.tables is None or table in self.tables
 
+    def migrated(self, conn: psycopg.Connection, query: str) -> Iterator[tuple[str, tuple]]:
+        """(schema.name, the other columns) of each row of `query`, which takes the schemas
+        and leads with schema and table, whose table is one to migrate."""
+        for schema, table, *rest in conn.execute(query, (self.schemas,)):
+            name = f"{schema}.{table}"
+            if self.migrates(name):
+                yield name, tuple(rest)
+
     def missing_extensions(self) -> set[str]:
         return {
             name
@@ -617,10 +625,7 @@ ORDER BY 1, 2
 
 
 def _check_source_rls(ctx: _Context) -> None:
-    for schema, table, forced in ctx.source.execute(_SOURCE_RLS_SQL, (ctx.schemas,)):
-        name = f"{schema}.{table}"
-        if not ctx.migrates(name):
-            continue
+    for name, (forced,) in ctx.migrated(ctx.source, _SOURCE_RLS_SQL):
         ctx.add(
             Severity.ERROR,
             "source-rls",
@@ -660,36 +665,32 @@ ORDER BY 1, 2
 def _check_table_behaviour(ctx: _Context) -> None:
     """What a table on the target does to the copied rows, or to them after the copy."""
     defining = ctx.target if ctx.schema_mode == "none" else ctx.source
-    for schema, table, trigger, replica in defining.execute(_ALWAYS_TRIGGERS_SQL, (ctx.schemas,)):
-        name = f"{schema}.{table}"
-        if ctx.migrates(name):
-            ctx.add(
-                Severity.WARNING,
-                "always-trigger",
-                name,
-                f"Trigger {trigger} on {name} is "
-                + (
-                    "ENABLE REPLICA: it fires only under session_replication_role = replica, "
-                    "as the copy runs"
-                    if replica
-                    else "ENABLE ALWAYS: it fires even under the copy's session_replication_role"
-                    " = replica, which skips ordinary triggers"
-                )
-                + ", for every row the copy writes, and may change or add rows; verify names "
-                "any row it changed, and ENABLE on the target keeps it from running during the "
-                "migration.",
+    for name, (trigger, replica) in ctx.migrated(defining, _ALWAYS_TRIGGERS_SQL):
+        ctx.add(
+            Severity.WARNING,
+            "always-trigger",
+            name,
+            f"Trigger {trigger} on {name} is "
+            + (
+                "ENABLE REPLICA: it fires only under session_replication_role = replica, "
+                "as the copy runs"
+                if replica
+                else "ENABLE ALWAYS: it fires even under the copy's session_replication_role"
+                " = replica, which skips ordinary triggers"
             )
-    for schema, table in defining.execute(_UNLOGGED_SQL, (ctx.schemas,)):
-        name = f"{schema}.{table}"
-        if ctx.migrates(name):
-            ctx.add(
-                Severity.WARNING,
-                "unlogged-table",
-                name,
-                f"Table {name} is UNLOGGED: after a crash of the target it is empty, and its "
-                "rows are in neither Supabase's backups nor point-in-time recovery; for PHI, "
-                f"ALTER TABLE {name} SET LOGGED.",
-            )
+            + ", for every row the copy writes, and may change or add rows; verify names "
+            "any row it changed, and ENABLE on the target keeps it from running during the "
+            "migration.",
+        )
+    for name, _ in ctx.migrated(defining, _UNLOGGED_SQL):
+        ctx.add(
+            Severity.WARNING,
+            "unlogged-table",
+            name,
+            f"Table {name} is UNLOGGED: after a crash of the target it is empty, and its "
+            "rows are in neither Supabase's backups nor point-in-time recovery; for PHI, "
+            f"ALTER TABLE {name} SET LOGGED.",
+        )
 
 
 def _check_large_objects(ctx: _Context) -> None:
