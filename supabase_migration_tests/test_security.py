@@ -93,6 +93,18 @@ def _admin(target_db: TargetDb) -> psycopg.Connection:
     return psycopg.connect(target_db.admin_url, autocommit=True)
 
 
+def _materialize_security(
+    manifest: Manifest, config: dict[str, object] | None = None
+) -> dg.ExecuteInProcessResult:
+    """The security asset and its checks, on the target in SUPABASE_DB_URL (set it first)."""
+    return dg.materialize(
+        [build_security_asset(manifest), *build_security_checks(manifest)],
+        resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
+        run_config={"ops": {"migration__security": {"config": config or {}}}},
+        raise_on_error=False,
+    )
+
+
 def _count_as(admin: psycopg.Connection, role: str, table: str, sub: str | None = None) -> int:
     with admin.transaction():
         admin.execute(f"SET LOCAL ROLE {role}")
@@ -731,10 +743,7 @@ def test_security_asset_and_checks_keep_credentials_and_phi_out(
     monkeypatch.setenv("SUPABASE_DB_URL", target_db.url)
     monkeypatch.setenv(POLICY_FILE_ENV, str(policy))
     manifest = Manifest(tables=(ManifestTable("public.patients", ("id",), "primary_key"),))
-    result = dg.materialize(
-        [build_security_asset(manifest), *build_security_checks(manifest)],
-        resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
-    )
+    result = _materialize_security(manifest)
     assert result.success
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert checks["rls_enabled"].passed
@@ -764,12 +773,7 @@ def test_rls_check_fails_naming_unprotected_tables(
     manifest = Manifest(
         tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="none"
     )
-    result = dg.materialize(
-        [build_security_asset(manifest), *build_security_checks(manifest)],
-        resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
-        run_config={"ops": {"migration__security": {"config": {"pgaudit": False}}}},
-        raise_on_error=False,
-    )
+    result = _materialize_security(manifest, {"pgaudit": False})
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     rls = checks["rls_enabled"]
     assert not rls.passed and rls.severity == dg.AssetCheckSeverity.ERROR
@@ -798,12 +802,7 @@ def test_an_extensions_table_in_public_is_named_not_altered(
     manifest = Manifest(
         tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="alembic"
     )
-    result = dg.materialize(
-        [build_security_asset(manifest), *build_security_checks(manifest)],
-        resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
-        run_config={"ops": {"migration__security": {"config": {"pgaudit": False}}}},
-        raise_on_error=False,
-    )
+    result = _materialize_security(manifest, {"pgaudit": False})
     assert result.success, _events_text(result)
     status = {t.name: t for t in rls_status(target, ("public",))}
     assert status["public.patients"].rls_enabled and status["public.notes"].rls_enabled
@@ -966,11 +965,7 @@ def test_connection_check_warns_for_plain_loopback(
     """The embedded demo's target has no SSL: a warning, not an error, on loopback only."""
     monkeypatch.setenv("SUPABASE_DB_URL", source_db.url)
     manifest = Manifest(tables=())
-    result = dg.materialize(
-        [build_security_asset(manifest), *build_security_checks(manifest)],
-        resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
-        raise_on_error=False,
-    )
+    result = _materialize_security(manifest)
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     enc = checks["connection_encrypted"]
     assert not enc.passed and enc.severity == dg.AssetCheckSeverity.WARN
