@@ -732,14 +732,15 @@ class CopySession:
         options: CopyOptions,
         planned: checkpoints.Checkpoint | None = None,
     ) -> RangeResult:
-
         this = (self.target_url.identity, table.qualified_name, partition_key)
 
         def attempt() -> RangeResult:
             if self._end_unended() and this in _UNENDED:
                 raise TransientError(
-                    f"Partition {partition_key} of {table.qualified_name} still has a "
-                    "transaction at the target from a lost connection; waiting for it to end."
+                    f"Partition {partition_key} of {table.qualified_name} was not copied: the "
+                    f"transaction of an earlier attempt (backend {_UNENDED[this].pid}), whose "
+                    "connection was lost, may still hold it at the target, and the target "
+                    "could not be asked to end it; it is tried again once that has ended."
                 )
             try:
                 return copy_range(
