@@ -620,6 +620,22 @@ def test_a_target_lost_mid_copy_is_noticed_in_seconds_and_the_retry_completes(lo
         bystander.execute("COMMIT")  # its transaction was never touched
 
 
+def test_a_connection_lost_in_words_we_do_not_know_is_still_a_lost_one(lost_mid_copy, monkeypatch):
+    """A range whose target connection broke is lost whatever the error's words (a TLS "bad
+    record mac" is in no list): it is retried once its transaction is ended. Before, an
+    unknown message made it a permanent failure that left the transaction and its lock."""
+    import re
+
+    from supabase_migration import connections
+
+    monkeypatch.setattr(connections, "_TRANSIENT_TEXT", re.compile("(?!)"))  # knows no words
+    lost = lost_mid_copy
+    ended, _, raised = within(60, lambda: lost.copy(2))
+    assert ended and not raised, raised
+    assert lost.relay.deafened.is_set()
+    assert lost.done[-1].path == "copy" and lost.done[-1].rows == 60_000, lost.done
+
+
 def test_a_lost_transaction_not_ended_yet_holds_its_range_back(lost_mid_copy, monkeypatch):
     """When the target cannot be asked to end the lost transaction as the attempt fails (it is
     still out of reach), the range is not tried while that transaction may hold its lock, in
