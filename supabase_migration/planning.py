@@ -30,8 +30,17 @@ from .connections import (
     transaction_with,
 )
 from .conninfo import DatabaseUrl
+from .errors import MigrationError
 from .ranges import KeyRange, whole_range
-from .sqlbuild import READING_ROWS, Bound, range_predicate, rows_of
+from .sqlbuild import (
+    NORMALIZE_TEXT_OUTPUT,
+    READING_ROWS,
+    Bound,
+    key_order,
+    misordered_bounds,
+    range_predicate,
+    rows_of,
+)
 
 DEFAULT_BATCH_SIZE = 100_000
 MAX_PARTITIONS_PER_TABLE = 10_000
@@ -281,12 +290,7 @@ def _keyset_boundaries(
     size = effective_batch_size(rows, batch_size, max_partitions)
     if rows <= size:
         return []
-    order = sql.SQL(", ").join(
-        sql.SQL('{} COLLATE "C"').format(sql.Identifier(k))
-        if collate_c and table.column(k).collatable
-        else sql.Identifier(k)
-        for k in table.key
-    )
+    order = sql.SQL(", ").join(key_order(table, collate_c=collate_c))
     texts = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
     query = sql.SQL(
         "SELECT {texts} FROM (SELECT {keys}, row_number() OVER (ORDER BY {order}) AS rn "
@@ -300,6 +304,43 @@ def _keyset_boundaries(
         size=sql.Literal(size),
     )
     return [tuple(r) for r in conn.execute(query)]
+
+
+def _check_bounds_ascend(
+    source: psycopg.Connection,
+    table: TableInfo,
+    planned: Sequence[checkpoints.Checkpoint],
+    collate_c: bool,
+) -> None:
+    """A plan's bounds must ascend as keys are compared now. One made by an earlier release
+    may not: one that compared a WIN1252 source's text keys in its own bytes, or read dates
+    in the source's DateStyle. Rows between two such bounds belong to no range, and would
+    never be copied."""
+    inner = [cp for cp in planned if cp.lower_bound is not None and cp.upper_bound is not None]
+    if table.key_kind is not KeyKind.KEYSET or not inner:
+        return
+    width = len(table.key)
+    arrays: list[list[object]] = [list(range(len(inner)))]
+    arrays += [[cp.lower_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
+    arrays += [[cp.upper_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
+    try:
+        with transaction_with(source, [NORMALIZE_TEXT_OUTPUT], commit=False):
+            query = misordered_bounds(table, collate_c=collate_c)
+            row = source.execute(query, arrays).fetchone()
+    except psycopg.errors.DataError:  # its error would quote the bound, a key value
+        problem = "has range bounds this release reads otherwise"
+    else:
+        if row is None or row[0] is None:
+            return
+        problem = (
+            f"has a range, {inner[row[0]].partition_key}, that ends below where it starts "
+            "as keys are compared now"
+        )
+    raise MigrationError(
+        f"{table.qualified_name}: its plan, made by an earlier release, {problem}; delete the "
+        "table's rows from supabase_migration.migration_checkpoints and run again to plan it "
+        "anew."
+    )
 
 
 @dataclass(frozen=True)
@@ -348,6 +389,7 @@ def refresh_plan(
             checkpoints.seed_pending(target, ranges)
             new = len(ranges)
         else:
+            _check_bounds_ascend(source, table, existing, collate_c)
             last = existing[-1].key_range()
             new = 0
             if table.key_kind is not KeyKind.NONE and last.upper is None:

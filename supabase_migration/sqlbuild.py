@@ -75,23 +75,82 @@ def column_list(columns: Sequence[Column], prefix: str | None = None) -> sql.Com
     return sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
 
 
+def key_order(
+    table: TableInfo, alias: str | None = None, collate_c: bool = False
+) -> list[sql.Composable]:
+    """Each key column as ranges compare it, in the same order on both servers: bytewise
+    under `collate_c` (`catalog.needs_bytewise_keys`); as UTF8 bytes for a source not encoded
+    in UTF8 (`transcode`), whose own bytes order text otherwise than the target's do
+    (WIN1252 puts '€' before 'é', UTF8 after it)."""
+    return [
+        _comparable(
+            table.column(name),
+            sql.Identifier(alias, name) if alias else sql.Identifier(name),
+            table.transcode,
+            collate_c,
+        )
+        for name in table.key
+    ]
+
+
+def _comparable(
+    column: Column, value: sql.Composable, transcode: bool, collate_c: bool
+) -> sql.Composable:
+    if not column.collatable:
+        return value
+    if transcode:
+        return sql.SQL("convert_to({}::text, 'UTF8')").format(value)
+    if collate_c:
+        return sql.SQL('{} COLLATE "C"').format(value)
+    return value
+
+
 def _key_expr(table: TableInfo, alias: str | None, collate_c: bool) -> sql.Composable:
-    parts = []
-    for name in table.key:
-        ident = sql.Identifier(alias, name) if alias else sql.Identifier(name)
-        if collate_c and table.column(name).collatable:
-            parts.append(sql.SQL('{} COLLATE "C"').format(ident))
-        else:
-            parts.append(ident)
-    return sql.SQL("({})").format(sql.SQL(", ").join(parts))
+    return sql.SQL("({})").format(sql.SQL(", ").join(key_order(table, alias, collate_c)))
 
 
 def _bound_expr(table: TableInfo, values: Sequence[str]) -> sql.Composable:
-    casts = [
-        sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(table.column(k).type_sql))
+    bounds = [
+        _comparable(
+            table.column(k),
+            sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(table.column(k).type_sql)),
+            table.transcode,
+            collate_c=False,  # the key's COLLATE "C" decides the comparison
+        )
         for k, v in zip(table.key, values, strict=True)
     ]
-    return sql.SQL("({})").format(sql.SQL(", ").join(casts))
+    return sql.SQL("({})").format(sql.SQL(", ").join(bounds))
+
+
+def misordered_bounds(table: TableInfo, *, collate_c: bool = False) -> sql.Composed:
+    """The first of several ranges whose lower bound is not below its upper one, as keys are
+    compared now (`key_order`). Parameters: the ranges' indexes, then each key column's lower
+    bounds, then each one's upper bounds, as text arrays."""
+    width = len(table.key)
+    names = [f"l{j}" for j in range(width)] + [f"h{j}" for j in range(width)]
+
+    def side(prefix: str, collate: bool) -> sql.Composable:
+        bounds = [
+            _comparable(
+                table.column(k),
+                sql.SQL("CAST({} AS {})").format(
+                    sql.Identifier("u", f"{prefix}{j}"), sql.SQL(table.column(k).type_sql)
+                ),
+                table.transcode,
+                collate,
+            )
+            for j, k in enumerate(table.key)
+        ]
+        return sql.SQL("({})").format(sql.SQL(", ").join(bounds))
+
+    return sql.SQL(
+        "SELECT min(u.i) FROM unnest(%s::int[], {}) AS u(i, {}) WHERE NOT ({} < {})"
+    ).format(
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in names),
+        sql.SQL(", ").join(sql.Identifier(n) for n in names),
+        side("l", collate_c),
+        side("h", False),
+    )
 
 
 def range_predicate(

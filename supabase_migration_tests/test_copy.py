@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -33,7 +34,12 @@ from supabase_migration.copy import (
     sums_by_range,
     unchanged_as_a_whole,
 )
-from supabase_migration.errors import ConcurrentRunError, CopyError, TransientError
+from supabase_migration.errors import (
+    ConcurrentRunError,
+    CopyError,
+    MigrationError,
+    TransientError,
+)
 from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
@@ -1459,20 +1465,33 @@ def test_a_plain_source_table_into_a_partitioned_target_table(source_db, target_
                 assert outcome.passed, outcome
 
 
+@contextlib.contextmanager
+def _source_encoded(source_db, encoding: str) -> Iterator[Any]:
+    """A database beside `source_db` in `encoding` (collation C), as a source of its own."""
+    name = f"{source_db.name}_{encoding.lower()}"
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C'"
+            ).format(sql.Identifier(name), sql.Literal(encoding))
+        )
+    try:
+        url = source_db.url.replace(f"/{source_db.name}", f"/{name}", 1)
+        yield dataclasses.replace(source_db, url=url)
+    finally:
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
 def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):
     """A LATIN1 source (older European systems) into Supabase, which is UTF8: text must leave
     the source converted to the target's encoding, and be hashed the same on both sides."""
     from supabase_migration.verify import verify_table
 
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL(
-                "CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' "
-                "LC_COLLATE 'C' LC_CTYPE 'C'"
-            ).format(sql.Identifier(source_db.name + "_l1"))
-        )
-    latin1_url = source_db.url.replace(f"/{source_db.name}", f"/{source_db.name}_l1", 1)
-    try:
+    with _source_encoded(source_db, "LATIN1") as latin1:
+        latin1_url = latin1.url
         ddl = "CREATE TABLE names (id int PRIMARY KEY, name text, initials char(2), tags text[])"
         with psycopg.connect(latin1_url, autocommit=True) as conn:
             conn.execute(ddl)
@@ -1483,7 +1502,6 @@ def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):
             )
         with psycopg.connect(target_db.url, autocommit=True) as conn:
             conn.execute(ddl)
-        latin1 = dataclasses.replace(source_db, url=latin1_url)
         migrate_all(latin1, target_db.url)
         with psycopg.connect(target_db.url) as conn:
             assert conn.execute("SELECT name FROM names WHERE id = 1").fetchone() == (
@@ -1524,13 +1542,69 @@ def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):
             (checksums,) = verify_table(s, t, info, checks=["checksums_match"])
             (mismatch,) = checksums.details["mismatches"]
             assert mismatch["changed"] == [{"key": "id=3", "columns": ["initials"]}]
-    finally:
-        with psycopg.connect(source_db.url, autocommit=True) as conn:
+
+
+def _refused_plan(
+    source: psycopg.Connection, target: psycopg.Connection, info: TableInfo, batch_size: int
+) -> str:
+    """The sentence a run stops with when the table's kept plan cannot serve (nothing copied)."""
+    with pytest.raises(MigrationError) as stopped:
+        refresh_plan(source, target, info, batch_size=batch_size)
+    return str(stopped.value)
+
+
+def test_a_win1252_source_splits_text_keys_as_the_target_orders_them(source_db, target_db):
+    """WIN1252 (Windows systems) puts '€' (byte 0x80) before 'é' (0xE9); in UTF8, the
+    target's encoding, '€' (E2 82 AC) sorts after 'é' (C3 A9). Ranges whose bounds were
+    compared in each server's own bytes held different rows on the two sides, and a range's
+    copy deleted target rows of its neighbours as "gone from the source". Text keys of a
+    source not in UTF8 are now compared as their UTF8 bytes on both sides."""
+    from supabase_migration.verify import verify_table
+
+    with _source_encoded(source_db, "WIN1252") as win1252:
+        ddl = "CREATE TABLE codes (code text PRIMARY KEY, n int)"
+        with psycopg.connect(win1252.url, autocommit=True) as conn:
+            conn.execute(ddl)
             conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(source_db.name + "_l1")
-                )
+                "INSERT INTO codes SELECT 'a' || c || lpad(g::text, 3, '0'), g "
+                "FROM unnest(ARRAY['€', 'é', 'z']) c, generate_series(1, 150) g"
             )
+        with psycopg.connect(target_db.url, autocommit=True) as conn:
+            conn.execute(ddl)
+        migrate_all(win1252, target_db.url, batch_size=100)
+        assert_tables_equal(win1252.url, target_db.url, ["public.codes"])
+        with psycopg.connect(win1252.url, autocommit=True) as conn:  # every range changes
+            conn.execute(
+                "DELETE FROM codes WHERE n % 100 = 7; UPDATE codes SET n = -n WHERE n = 60"
+            )
+        migrate_all(win1252, target_db.url, batch_size=100)
+        assert_tables_equal(win1252.url, target_db.url, ["public.codes"])
+        src_url, tgt_url = _urls(win1252, target_db.url)
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            (info,) = read_tables(s, ["public"])
+            planned = checkpoints.load(t, "public.codes")
+            # In UTF8 order 'az…' < 'aé…' < 'a€…', 100 keys a range, less the rows deleted
+            assert [cp.records_migrated for cp in planned] == [99, 98, 99, 99, 49]
+            assert planned[3].lower_bound == ["a€001"]
+            for bytewise in (False, True):  # the catch-up's one pass over every range agrees
+                options = CopyOptions(collate_c=bytewise)
+                assert changed_or_unfinished(s, info, planned, options) == set()
+            for outcome in verify_table(s, t, info):
+                assert outcome.passed, outcome
+            s.execute("UPDATE codes SET n = 0 WHERE code IN ('a€120', 'az001')")
+            changed = {planned[0].partition_key, planned[4].partition_key}
+            assert changed_or_unfinished(s, info, planned, CopyOptions()) == changed
+            # A plan an earlier release made in the source's own bytes ('a€…' < 'aé…'): its
+            # ranges would leave rows out, so a run stops before copying any of them.
+            t.execute("DELETE FROM supabase_migration.migration_checkpoints")
+            older = dataclasses.replace(info, transcode=False)
+            refresh_plan(s, t, older, batch_size=100)
+            assert _refused_plan(s, t, info, batch_size=100) == (
+                "public.codes: its plan, made by an earlier release, has a range, 000002, that "
+                "ends below where it starts as keys are compared now; delete the table's rows "
+                "from supabase_migration.migration_checkpoints and run again to plan it anew."
+            )
+            refresh_plan(s, t, older, batch_size=100)  # as that release compared, they ascend
 
 
 def test_a_source_datestyle_does_not_move_range_bounds(source_db, target_db):
@@ -1571,6 +1645,20 @@ def test_a_source_datestyle_does_not_move_range_bounds(source_db, target_db):
         refresh_plan(s, t, info, batch_size=150)
         for cp in checkpoints.load(t, "public.daily"):
             copy_range(s, t, info, cp.partition_key, CopyOptions(binary=False), peer=peer)
+        # A plan an earlier release read in the source's DateStyle: stopped, never a date's
+        # text in the sentence (a key may be a birth date).
+        t.execute(
+            "UPDATE supabase_migration.migration_checkpoints SET "
+            "lower_bound = CASE WHEN lower_bound IS NOT NULL THEN jsonb_build_array("
+            "to_char((lower_bound->>0)::date, 'DD/MM/YYYY')) END, "
+            "upper_bound = CASE WHEN upper_bound IS NOT NULL THEN jsonb_build_array("
+            "to_char((upper_bound->>0)::date, 'DD/MM/YYYY')) END"
+        )
+        assert _refused_plan(s, t, info, batch_size=150) == (
+            "public.daily: its plan, made by an earlier release, has range bounds this release "
+            "reads otherwise; delete the table's rows from "
+            "supabase_migration.migration_checkpoints and run again to plan it anew."
+        )
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
             sql.SQL("ALTER DATABASE {} RESET DateStyle").format(sql.Identifier(source_db.name))
