@@ -444,6 +444,7 @@ def _local_settings(options: CopyOptions) -> list[sql.Composable]:
         sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(options.statement_timeout)),
         sqlbuild.EVERY_ROW,  # a FORCEd policy must not hide target rows from the range's upsert
         sqlbuild.SERVER_KEEPALIVES,  # the server ends a lost range's lock by itself
+        sqlbuild.PLAIN_MONEY,  # how the source wrote it, for a COPY in text format
     ]
     if options.replica_mode:
         statements.append(sql.SQL("SET LOCAL session_replication_role = replica"))

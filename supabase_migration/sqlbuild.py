@@ -15,13 +15,18 @@ from psycopg import sql
 from .catalog import Column, KeyKind, TableInfo
 from .ranges import Bound, KeyRange
 
+# `money` is written and read in the database's lc_monetary: '1.234,50 €' in de_DE, which a
+# server in C or en_US refuses, and hashes otherwise than '$1,234.50'. C reads and writes it
+# alike everywhere (the stored amount, in hundredths, is never converted).
+PLAIN_MONEY = sql.SQL("SET LOCAL lc_monetary = 'C'")
+
 # Row text must render the same on source and target for checksums to be comparable, so every
 # transaction that hashes rows pins the settings that change text output.
 NORMALIZE_TEXT_OUTPUT = sql.SQL(
     "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
     "SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; "
-    "SET LOCAL bytea_output = 'hex'"
-)
+    "SET LOCAL bytea_output = 'hex'; {}"
+).format(PLAIN_MONEY)
 
 # Copies and verification already keep the servers busy with one query per worker; parallel
 # workers inside those queries only compete with the other workers for the same cores.

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import dagster as dg
@@ -40,10 +44,11 @@ from supabase_migration.errors import (
     MigrationError,
     TransientError,
 )
+from supabase_migration.localpg import LocalServer, private_tempdir
 from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
-from .testbed import GoingSilent, round_trips, within
+from .testbed import GoingSilent, require, round_trips, within
 
 SCHEMA = """
 CREATE TYPE mood AS ENUM ('calm', 'tense');
@@ -1605,6 +1610,100 @@ def test_a_win1252_source_splits_text_keys_as_the_target_orders_them(source_db, 
                 "from supabase_migration.migration_checkpoints and run again to plan it anew."
             )
             refresh_plan(s, t, older, batch_size=100)  # as that release compared, they ascend
+
+
+@pytest.fixture(scope="module")
+def german_server(pg_binaries) -> Iterator[LocalServer]:
+    """A cluster that knows the de_DE.UTF-8 locale, compiled into a private directory (this
+    machine's glibc may have only C): money is '1.234,50 €' in its lc_monetary."""
+    localedef = shutil.which("localedef")
+    locales = private_tempdir("smloc-")
+    built = localedef is not None and (
+        subprocess.run(
+            [localedef, "-i", "de_DE", "-f", "UTF-8", str(locales / "de_DE.UTF-8")],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    require(built, "localedef cannot build de_DE.UTF-8: install the Debian package locales.")
+    server = LocalServer(pg_binaries, private_tempdir("smde-") / "data")
+    before = os.environ.get("LOCPATH")
+    os.environ["LOCPATH"] = str(locales)  # the server's processes inherit it
+    try:
+        server.init()
+        server.start()
+    finally:
+        if before is None:
+            del os.environ["LOCPATH"]
+        else:
+            os.environ["LOCPATH"] = before
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(locales, ignore_errors=True)
+
+
+def _amounts(url: str) -> dict[int, Any]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return dict(conn.execute("SELECT id, amount::numeric FROM fees").fetchall())
+
+
+def test_money_keeps_its_amount_whatever_the_servers_lc_monetary(
+    german_server, source_db, target_db
+):
+    """money is text in the database's lc_monetary: a German source wrote '1.234,50 €', which
+    a target in C refused in a COPY in text format and hashed otherwise, so the range never
+    verified; a German target refused '$1,234.50'. Both sides now use C for it."""
+    from supabase_migration.verify import verify_table
+
+    ddl = "CREATE TABLE fees (id int PRIMARY KEY, amount money, kind int[])"
+    rows = "INSERT INTO fees VALUES (1, 1234.5), (2, -0.99), (3, 1000000), (4, NULL)"
+    german_server.create_database("money")
+    german_server.execute("ALTER DATABASE money SET lc_monetary = 'de_DE.UTF-8'")
+    german_url = german_server.url(dbname="money")
+    german = dataclasses.replace(source_db, url=german_url)
+    try:
+        for url, statements in ((german_url, [ddl, rows]), (target_db.url, [ddl])):
+            with psycopg.connect(url, autocommit=True) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+        with psycopg.connect(german_url) as conn:  # the source really writes German money
+            assert conn.execute("SELECT 1234.5::money::text").fetchone() == ("1.234,50 €",)
+        expected = {1: Decimal("1234.50"), 2: Decimal("-0.99"), 3: Decimal("1000000.00"), 4: None}
+
+        migrate_all(german, target_db.url)  # binary COPY, then the checksums
+        assert _amounts(target_db.url) == expected
+        src_url, tgt_url = _urls(german, target_db.url)
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            (info,) = read_tables(s, ["public"])
+            for outcome in verify_table(s, t, info):
+                assert outcome.passed, outcome
+            planned = checkpoints.load(t, "public.fees")
+            assert changed_or_unfinished(s, info, planned, CopyOptions()) == set()
+            t.execute("TRUNCATE fees; DELETE FROM supabase_migration.migration_checkpoints")
+            refresh_plan(s, t, info, batch_size=700)
+            (cp,) = checkpoints.load(t, "public.fees")
+            copy_range(s, t, info, cp.partition_key, CopyOptions(binary=False))
+        assert _amounts(target_db.url) == expected
+
+        # The other way round: a German target reads the source's text.
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(ddl)
+            conn.execute(rows)
+        with psycopg.connect(german_url, autocommit=True) as conn:
+            conn.execute("TRUNCATE fees")
+        plain = parse_database_url(source_db.url, label="source")
+        into_german = parse_database_url(german_url, label="target")
+        with connect(plain, autocommit=True) as s, connect(into_german, autocommit=True) as t:
+            checkpoints.ensure_bookkeeping(t)
+            (info,) = read_tables(s, ["public"])
+            refresh_plan(s, t, info, batch_size=700)
+            (cp,) = checkpoints.load(t, "public.fees")
+            copy_range(s, t, info, cp.partition_key, CopyOptions(binary=False))
+        assert _amounts(german_url) == expected
+    finally:
+        german_server.drop_database("money")
 
 
 def test_a_source_datestyle_does_not_move_range_bounds(source_db, target_db):
