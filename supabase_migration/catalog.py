@@ -240,22 +240,61 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
     return result
 
 
-def default_collation(conn: psycopg.Connection) -> str:
-    """The database's collation (fixed when it was created), asked once per connection."""
+@dataclass(frozen=True)
+class Collation:
+    """A database's default collation: who orders its text (`provider`: c libc, i ICU, b
+    builtin), under which locale, and the version of those rules where the server knows it
+    (glibc's, ICU's). Two databases order text alike when all three are equal."""
 
-    def ask(conn: psycopg.Connection) -> str:
-        row = conn.execute(
-            "SELECT datcollate FROM pg_database WHERE datname = current_database()"
-        ).fetchone()
-        return str(row[0]) if row else ""
+    provider: str
+    locale: str
+    version: str | None
+
+    @property
+    def by_code_point(self) -> bool:
+        """C, POSIX and the C.* locales order by bytes (code points), in every release: the
+        server keeps no version of their rules."""
+        return self.provider == "c" and (
+            self.locale in ("C", "POSIX") or self.locale.startswith("C.")
+        )
+
+    def orders_alike(self, other: Collation) -> bool:
+        return self == other and (self.by_code_point or bool(self.version))
+
+
+def default_collation(conn: psycopg.Connection) -> Collation:
+    """The database's collation (fixed when it was created) and the version of its rules
+    now, asked once per connection."""
+
+    def ask(conn: psycopg.Connection) -> Collation:
+        if conn.info.server_version >= 150000:  # ICU (or builtin) defaults; versions per database
+            query = (
+                "SELECT d.datlocprovider::text, CASE WHEN d.datlocprovider = 'c' THEN "
+                "d.datcollate ELSE coalesce(to_jsonb(d) ->> 'daticulocale', "
+                "to_jsonb(d) ->> 'datlocale', '') END, "
+                "pg_database_collation_actual_version(d.oid) "
+                "FROM pg_database d WHERE d.datname = current_database()"
+            )
+        else:  # libc only: its version is glibc's, the same for every libc collation
+            query = (
+                "SELECT 'c', d.datcollate, (SELECT pg_collation_actual_version(c.oid) "
+                "FROM pg_collation c WHERE c.collprovider = 'c' AND c.collcollate NOT IN "
+                "('C', 'POSIX') AND c.collcollate NOT LIKE 'C.%' LIMIT 1) "
+                "FROM pg_database d WHERE d.datname = current_database()"
+            )
+        row = conn.execute(query).fetchone()
+        return Collation(str(row[0]), str(row[1]), row[2]) if row else Collation("", "", None)
 
     return remembered(conn, "default_collation", ask)
 
 
 def needs_bytewise_keys(source: psycopg.Connection, target: psycopg.Connection) -> bool:
-    """Text keys sort differently under different collations; then ranges compare bytewise.
+    """Whether ranges must compare text keys bytewise (COLLATE "C"), since the two databases
+    may order text otherwise: different collations, or the same one by other rules (glibc
+    2.28 reordered en_US.UTF-8; an old source's glibc against Supabase's), or rules whose
+    version neither server knows.
 
     Otherwise a row could fall in one range on the source and another on the target, and a
-    range re-sync would delete rows that belong to its neighbour.
+    range's copy would delete rows that belong to its neighbour.
     """
-    return default_collation(source) != default_collation(target)
+    return not default_collation(source).orders_alike(default_collation(target))

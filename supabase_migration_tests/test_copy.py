@@ -22,7 +22,14 @@ import pytest
 from psycopg import sql
 
 from supabase_migration import checkpoints, sqlbuild
-from supabase_migration.catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
+from supabase_migration.catalog import (
+    Collation,
+    KeyKind,
+    TableInfo,
+    default_collation,
+    needs_bytewise_keys,
+    read_tables,
+)
 from supabase_migration.connections import close_kept, connect
 from supabase_migration.conninfo import DatabaseUrl, Endpoint, parse_database_url
 from supabase_migration.copy import (
@@ -116,9 +123,10 @@ def migrate_all(source_db, target_url: str, *, batch_size=700, endpoint=None, fo
     results = []
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         checkpoints.ensure_bookkeeping(t)
-        options = CopyOptions(force=force, replica_mode=replica_mode_allowed(t))
+        bytewise = needs_bytewise_keys(s, t)
+        options = CopyOptions(force=force, replica_mode=replica_mode_allowed(t), collate_c=bytewise)
         for info in read_tables(s, ["public"]):
-            refresh_plan(s, t, info, batch_size=batch_size)
+            refresh_plan(s, t, info, batch_size=batch_size, collate_c=bytewise)
             for cp in checkpoints.load(t, info.qualified_name):
                 results.append(copy_range(s, t, info, cp.partition_key, options))
     return results
@@ -1473,12 +1481,20 @@ def test_a_plain_source_table_into_a_partitioned_target_table(source_db, target_
 @contextlib.contextmanager
 def _source_encoded(source_db, encoding: str) -> Iterator[Any]:
     """A database beside `source_db` in `encoding` (collation C), as a source of its own."""
-    name = f"{source_db.name}_{encoding.lower()}"
+    options = sql.SQL("ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C'").format(sql.Literal(encoding))
+    with _source_beside(source_db, encoding.lower(), options) as other:
+        yield other
+
+
+@contextlib.contextmanager
+def _source_beside(source_db, suffix: str, options: sql.Composable) -> Iterator[Any]:
+    """A database beside `source_db`, made from template0 with `options`, as a source."""
+    name = f"{source_db.name}_{suffix}"
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
-            sql.SQL(
-                "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C'"
-            ).format(sql.Identifier(name), sql.Literal(encoding))
+            sql.SQL("CREATE DATABASE {} TEMPLATE template0 {}").format(
+                sql.Identifier(name), options
+            )
         )
     try:
         url = source_db.url.replace(f"/{source_db.name}", f"/{name}", 1)
@@ -1558,6 +1574,67 @@ def _refused_plan(
     return str(stopped.value)
 
 
+def test_a_source_ordering_text_by_icu_splits_text_keys_bytewise(source_db, target_db):
+    """An ICU source database (PostgreSQL 15+: 'a' < 'B' < 'c') and a target in C.UTF-8
+    ('B' < 'a' < 'c') had the same datcollate, so ranges compared keys in each server's own
+    order and a first load deleted a neighbour's rows. The provider and the version of its
+    rules now count too: such keys are compared bytewise."""
+    with psycopg.connect(source_db.url) as conn:
+        icu_known = conn.info.server_version >= 150000 and conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_collation WHERE collprovider = 'i')"
+        ).fetchone() == (True,)
+    require(icu_known, "This PostgreSQL has no ICU default collations (15+, built with ICU).")
+    icu = sql.SQL("ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
+    with _source_beside(source_db, "icu", icu) as by_icu:
+        src_url, tgt_url = _urls(by_icu, target_db.url)
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            assert s.execute("SELECT 'a' < 'B'").fetchone() == (True,)
+            assert t.execute("SELECT 'a' < 'B'").fetchone() == (False,)
+            mine, theirs = default_collation(s), default_collation(t)
+            assert (mine.provider, mine.locale, bool(mine.version)) == ("i", "en-US", True)
+            assert (theirs.provider, theirs.locale) == ("c", "C.UTF-8")
+            assert needs_bytewise_keys(s, t)
+        _copy_codes_twice(by_icu, target_db, ["a", "B", "c"])
+
+
+def _copy_codes_twice(source, target_db, prefixes: list[str]) -> None:
+    """Table `codes`, 150 text keys after each of `prefixes`, copied in ranges of 100; then
+    again after a row of every range is deleted at the source. Equal on both sides each time."""
+    ddl = "CREATE TABLE codes (code text PRIMARY KEY, n int)"
+    fill = sql.SQL(
+        "INSERT INTO codes SELECT c || lpad(g::text, 3, '0'), g "
+        "FROM unnest({}::text[]) c, generate_series(1, 150) g"
+    ).format(sql.Literal(prefixes))
+    for url, statements in ((source.url, [ddl, fill]), (target_db.url, [ddl])):
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+    migrate_all(source, target_db.url, batch_size=100)
+    assert_tables_equal(source.url, target_db.url, ["public.codes"])
+    with psycopg.connect(source.url, autocommit=True) as conn:  # every range changes
+        conn.execute("DELETE FROM codes WHERE n % 100 = 7; UPDATE codes SET n = -n WHERE n = 60")
+    migrate_all(source, target_db.url, batch_size=100)
+    assert_tables_equal(source.url, target_db.url, ["public.codes"])
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "alike"),
+    [
+        (("c", "C.UTF-8", None), ("c", "C.UTF-8", None), True),  # code points, never versioned
+        (("c", "POSIX", None), ("c", "POSIX", None), True),
+        (("c", "en_US.UTF-8", "2.36"), ("c", "en_US.UTF-8", "2.36"), True),
+        (("i", "en-US", "153.120"), ("i", "en-US", "153.120"), True),
+        # glibc 2.28 reordered en_US.UTF-8: an old source's against a newer target's
+        (("c", "en_US.UTF-8", "2.27"), ("c", "en_US.UTF-8", "2.35"), False),
+        (("c", "en_US.UTF-8", None), ("c", "en_US.UTF-8", None), False),  # rules unknown
+        (("i", "en-US", "153.120"), ("c", "C.UTF-8", None), False),
+        (("c", "C", None), ("c", "C.UTF-8", None), False),  # as before: different names
+    ],
+)
+def test_collations_order_alike_only_by_the_same_known_rules(source, target, alike):
+    assert Collation(*source).orders_alike(Collation(*target)) is alike
+
+
 def test_a_win1252_source_splits_text_keys_as_the_target_orders_them(source_db, target_db):
     """WIN1252 (Windows systems) puts '€' (byte 0x80) before 'é' (0xE9); in UTF8, the
     target's encoding, '€' (E2 82 AC) sorts after 'é' (C3 A9). Ranges whose bounds were
@@ -1567,23 +1644,7 @@ def test_a_win1252_source_splits_text_keys_as_the_target_orders_them(source_db, 
     from supabase_migration.verify import verify_table
 
     with _source_encoded(source_db, "WIN1252") as win1252:
-        ddl = "CREATE TABLE codes (code text PRIMARY KEY, n int)"
-        with psycopg.connect(win1252.url, autocommit=True) as conn:
-            conn.execute(ddl)
-            conn.execute(
-                "INSERT INTO codes SELECT 'a' || c || lpad(g::text, 3, '0'), g "
-                "FROM unnest(ARRAY['€', 'é', 'z']) c, generate_series(1, 150) g"
-            )
-        with psycopg.connect(target_db.url, autocommit=True) as conn:
-            conn.execute(ddl)
-        migrate_all(win1252, target_db.url, batch_size=100)
-        assert_tables_equal(win1252.url, target_db.url, ["public.codes"])
-        with psycopg.connect(win1252.url, autocommit=True) as conn:  # every range changes
-            conn.execute(
-                "DELETE FROM codes WHERE n % 100 = 7; UPDATE codes SET n = -n WHERE n = 60"
-            )
-        migrate_all(win1252, target_db.url, batch_size=100)
-        assert_tables_equal(win1252.url, target_db.url, ["public.codes"])
+        _copy_codes_twice(win1252, target_db, ["a€", "aé", "az"])
         src_url, tgt_url = _urls(win1252, target_db.url)
         with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
             (info,) = read_tables(s, ["public"])
