@@ -36,6 +36,7 @@ from .sqlbuild import (
     NORMALIZE_TEXT_OUTPUT,
     READING_ROWS,
     Bound,
+    compared_as_stored,
     key_order,
     misordered_bounds,
     range_predicate,
@@ -44,6 +45,11 @@ from .sqlbuild import (
 
 DEFAULT_BATCH_SIZE = 100_000
 MAX_PARTITIONS_PER_TABLE = 10_000
+# A table whose key leads with a column compared bytewise (text keys of databases that order
+# text otherwise, see catalog.needs_bytewise_keys) has every range read scan the whole table:
+# its key's index orders it otherwise. At most this many ranges keep those scans to a fraction
+# of the copy's own work, bigger ranges instead of more of them.
+MAX_PARTITIONS_SCANNED = 16
 PLAN_CONNECTIONS = 2  # source connections that read several tables' boundaries at once
 
 
@@ -65,6 +71,8 @@ def plan_table(
     name = table.qualified_name
     if table.key_kind is KeyKind.NONE:
         return [KeyRange(name, first_index, None, None)]
+    if not compared_as_stored(table.column(table.key[0]), table, collate_c):
+        max_partitions = min(max_partitions, MAX_PARTITIONS_SCANNED)
     # A whole-table read, as every read of rows is (the bounds' text then in the formats every
     # server parses alike: a date in ISO, not the source's DateStyle).
     with transaction_with(conn, [READING_ROWS], commit=False):

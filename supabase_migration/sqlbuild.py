@@ -98,6 +98,12 @@ def key_order(
     ]
 
 
+def compared_as_stored(column: Column, table: TableInfo, collate_c: bool) -> bool:
+    """Whether ranges compare this key column as the key's index orders it (so that index
+    can find a range's rows), not bytewise nor as UTF8 bytes."""
+    return not column.collatable or not (table.transcode or collate_c)
+
+
 def _comparable(
     column: Column, value: sql.Composable, transcode: bool, collate_c: bool
 ) -> sql.Composable:

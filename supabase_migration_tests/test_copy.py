@@ -118,12 +118,17 @@ def _urls(source_db, target_url: str, endpoint: Endpoint | None = None):
     )
 
 
-def migrate_all(source_db, target_url: str, *, batch_size=700, endpoint=None, force=False):
+def migrate_all(
+    source_db, target_url: str, *, batch_size=700, endpoint=None, force=False, bytewise=None
+):
+    """Plan and copy every table as the pipeline does (`bytewise`: as the servers' collations
+    require, unless given)."""
     src_url, tgt_url = _urls(source_db, target_url, endpoint)
     results = []
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         checkpoints.ensure_bookkeeping(t)
-        bytewise = needs_bytewise_keys(s, t)
+        if bytewise is None:
+            bytewise = needs_bytewise_keys(s, t)
         options = CopyOptions(force=force, replica_mode=replica_mode_allowed(t), collate_c=bytewise)
         for info in read_tables(s, ["public"]):
             refresh_plan(s, t, info, batch_size=batch_size, collate_c=bytewise)
@@ -1595,6 +1600,44 @@ def test_a_source_ordering_text_by_icu_splits_text_keys_bytewise(source_db, targ
             assert (theirs.provider, theirs.locale) == ("c", "C.UTF-8")
             assert needs_bytewise_keys(s, t)
         _copy_codes_twice(by_icu, target_db, ["a", "B", "c"])
+
+
+def test_bytewise_keys_keep_reads_of_a_range_off_whole_table_scans(source_db, target_db):
+    """Compared bytewise, a text key column cannot use the key's index, so a key led by text
+    had every range's read scan the whole table: quadratic in its size. Such a table gets at
+    most 16 ranges. A key led by a uuid (or integer) still finds a range through its index:
+    PostgreSQL bounds the leading column from the row comparison by itself."""
+    ddl = (
+        "CREATE TABLE results (patient uuid, code text, n int, PRIMARY KEY (patient, code));"
+        "CREATE TABLE by_mrn (mrn text PRIMARY KEY, n int)"
+    )
+    for url in (source_db.url, target_db.url):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(ddl)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO results SELECT md5((g / 4)::text)::uuid, 'c' || g % 4, g "
+            "FROM generate_series(1, 20000) g;"
+            "INSERT INTO by_mrn SELECT 'M' || g, g FROM generate_series(1, 3000) g;"
+            "ANALYZE results; ANALYZE by_mrn"
+        )
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        infos = {i.name: i for i in read_tables(s, ["public"])}
+        results, by_mrn = infos["results"], infos["by_mrn"]
+        ranges = plan_table(s, results, batch_size=2000, collate_c=True)
+        middle = ranges[len(ranges) // 2]
+        rows = sql.SQL("SELECT * FROM results WHERE {}").format(
+            sqlbuild.range_predicate(results, middle.lower, middle.upper, collate_c=True)
+        )
+        for conn in (s, t):
+            plan = "\n".join(r[0] for r in conn.execute(sql.SQL("EXPLAIN {}").format(rows)))
+            assert "results_pkey" in plan and "Seq Scan" not in plan, plan
+        assert len(plan_table(s, by_mrn, batch_size=100, collate_c=False)) == 30
+        assert len(plan_table(s, by_mrn, batch_size=100, collate_c=True)) == 16
+    # and every row lands in its range on both sides
+    migrate_all(source_db, target_db.url, batch_size=2000, bytewise=True)
+    assert_tables_equal(source_db.url, target_db.url, ["public.results", "public.by_mrn"])
 
 
 def _copy_codes_twice(source, target_db, prefixes: list[str]) -> None:
