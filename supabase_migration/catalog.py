@@ -46,6 +46,9 @@ class Column:
     collatable: bool = False
     hash_native: bool = False  # checksums may hash the value itself, not its text (see sqlbuild)
     hash_sent: str = ""  # else its binary form: the name of its base type's send function
+    # A collation of its own (not the database's, nor C/POSIX): each server orders it by its
+    # own copy of that collation's rules, which may differ (glibc, ICU versions).
+    own_collation: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class TableInfo:
     # The source database's text is neither UTF8 nor SQL_ASCII (LATIN1, WIN1252 ...): text is
     # hashed as its UTF8 bytes on both sides, the target's (UTF8) and the source's converted.
     transcode: bool = False
+    # ... and its text keys compared as their UTF8 bytes (sqlbuild.key_order). Set with
+    # `transcode`, but kept when a checksum is measured as an older release hashed it
+    # (sqlbuild.hashed_like): which range a row is in must not change with how it is hashed.
+    utf8_keys: bool = False
 
     @property
     def qualified_name(self) -> str:
@@ -132,11 +139,14 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
        (b.typsend <> 0 AND b.typreceive <> 0) AS binary_ok,
        b.typcollation <> 0 AS collatable,
        (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native,
-       CASE WHEN b.oid = ANY(n.sent) THEN s.proname::text ELSE '' END AS hash_sent
+       CASE WHEN b.oid = ANY(n.sent) THEN s.proname::text ELSE '' END AS hash_sent,
+       coalesce(NOT (co.collnamespace = 'pg_catalog'::regnamespace
+                     AND co.collname IN ('default', 'C', 'POSIX')), false) AS own_collation
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
 LEFT JOIN pg_proc s ON s.oid = b.typsend  -- the send function: interval_send, range_send ...
+LEFT JOIN pg_collation co ON co.oid = a.attcollation
 -- Types whose hash is a function of exactly what their text shows: equal hash input means
 -- equal text (unlike numeric 1.5/1.50, interval 1 day/24 hours, jsonb, floats' -0, or enums
 -- and OIDs, which hash by an OID that differs between databases).
@@ -235,6 +245,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
                 inherited=inherited,
                 hash_records=conn.info.server_version >= 140000,
                 transcode=transcode,
+                utf8_keys=transcode,
             )
         )
     return result
@@ -243,47 +254,61 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
 @dataclass(frozen=True)
 class Collation:
     """A database's default collation: who orders its text (`provider`: c libc, i ICU, b
-    builtin), under which locale, and the version of those rules where the server knows it
-    (glibc's, ICU's). Two databases order text alike when all three are equal."""
+    builtin), under which locale (with ICU's own rules, if any), the version of those rules
+    where the server knows it (ICU's; glibc's for a libc locale other than C.*), and the
+    server's glibc version, read from any libc locale it knows (None if it knows none)."""
 
     provider: str
     locale: str
     version: str | None
-
-    @property
-    def by_code_point(self) -> bool:
-        """C, POSIX and the C.* locales order by bytes (code points), in every release: the
-        server keeps no version of their rules."""
-        return self.provider == "c" and (
-            self.locale in ("C", "POSIX") or self.locale.startswith("C.")
-        )
+    libc_version: str | None = None
 
     def orders_alike(self, other: Collation) -> bool:
-        return self == other and (self.by_code_point or bool(self.version))
+        """Whether both order text alike: the same rules, in the same version.
+
+        C and POSIX order by bytes, in every release. C.* (C.UTF-8) orders by code point, but
+        glibc's older ones ordered characters beyond U+FFFF otherwise: alike unless the two
+        glibc versions are known and differ. Any other locale needs a known, equal version.
+        """
+        if (self.provider, self.locale) != (other.provider, other.locale):
+            return False
+        if self.provider == "c" and self.locale in ("C", "POSIX"):
+            return True
+        if self.provider == "c" and self.locale.startswith("C."):
+            mine, theirs = self.libc_version, other.libc_version
+            return mine is None or theirs is None or mine == theirs
+        return self.version is not None and self.version == other.version
+
+
+# The server's glibc version, as one of its libc locales reports it (all share glibc's; on
+# other C libraries the database's own locale is preferred).
+_LIBC_VERSION = """(SELECT pg_collation_actual_version(c.oid) FROM pg_collation c
+  WHERE c.collprovider = 'c' AND c.collcollate NOT IN ('C', 'POSIX')
+    AND c.collcollate NOT LIKE 'C.%' ORDER BY c.collcollate = d.datcollate DESC LIMIT 1)"""
 
 
 def default_collation(conn: psycopg.Connection) -> Collation:
-    """The database's collation (fixed when it was created) and the version of its rules
+    """The database's collation (fixed when it was created) and the versions of its rules
     now, asked once per connection."""
 
     def ask(conn: psycopg.Connection) -> Collation:
         if conn.info.server_version >= 150000:  # ICU (or builtin) defaults; versions per database
             query = (
                 "SELECT d.datlocprovider::text, CASE WHEN d.datlocprovider = 'c' THEN "
-                "d.datcollate ELSE coalesce(to_jsonb(d) ->> 'daticulocale', "
-                "to_jsonb(d) ->> 'datlocale', '') END, "
-                "pg_database_collation_actual_version(d.oid) "
+                "d.datcollate ELSE concat_ws(' ', coalesce(to_jsonb(d) ->> 'daticulocale', "
+                "to_jsonb(d) ->> 'datlocale', ''), md5(to_jsonb(d) ->> 'daticurules')) END, "
+                f"pg_database_collation_actual_version(d.oid), {_LIBC_VERSION} "
                 "FROM pg_database d WHERE d.datname = current_database()"
             )
-        else:  # libc only: its version is glibc's, the same for every libc collation
+        else:  # libc only
             query = (
-                "SELECT 'c', d.datcollate, (SELECT pg_collation_actual_version(c.oid) "
-                "FROM pg_collation c WHERE c.collprovider = 'c' AND c.collcollate NOT IN "
-                "('C', 'POSIX') AND c.collcollate NOT LIKE 'C.%' LIMIT 1) "
+                f"SELECT 'c', d.datcollate, {_LIBC_VERSION}, {_LIBC_VERSION} "
                 "FROM pg_database d WHERE d.datname = current_database()"
             )
         row = conn.execute(query).fetchone()
-        return Collation(str(row[0]), str(row[1]), row[2]) if row else Collation("", "", None)
+        if row is None:
+            return Collation("", "", None)
+        return Collation(str(row[0]), str(row[1]), row[2], row[3])
 
     return remembered(conn, "default_collation", ask)
 

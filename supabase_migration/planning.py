@@ -320,34 +320,40 @@ def _check_bounds_ascend(
     planned: Sequence[checkpoints.Checkpoint],
     collate_c: bool,
 ) -> None:
-    """A plan's bounds must ascend as keys are compared now. One made by an earlier release
-    may not: one that compared a WIN1252 source's text keys in its own bytes, or read dates
-    in the source's DateStyle. Rows between two such bounds belong to no range, and would
-    never be copied."""
-    inner = [cp for cp in planned if cp.lower_bound is not None and cp.upper_bound is not None]
-    if table.key_kind is not KeyKind.KEYSET or not inner:
+    """A plan's bounds must ascend as keys are compared now. One made when they were compared
+    otherwise may not: by an earlier release (a WIN1252 source's text keys in its own bytes,
+    dates read in the source's DateStyle), or before a server's collation changed. Rows
+    between two such bounds belong to no range, and would never be copied."""
+    edged = [cp for cp in planned if cp.lower_bound is not None or cp.upper_bound is not None]
+    if table.key_kind is not KeyKind.KEYSET or not edged:
         return
     width = len(table.key)
-    arrays: list[list[object]] = [list(range(len(inner)))]
-    arrays += [[cp.lower_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
-    arrays += [[cp.upper_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
-    try:
-        with transaction_with(source, [NORMALIZE_TEXT_OUTPUT], commit=False):
-            query = misordered_bounds(table, collate_c=collate_c)
-            row = source.execute(query, arrays).fetchone()
-    except psycopg.errors.DataError:  # its error would quote the bound, a key value
-        problem = "has range bounds this release reads otherwise"
+    inner = [cp for cp in edged if cp.lower_bound is not None and cp.upper_bound is not None]
+    if any(len(b) != width for cp in edged for b in (cp.lower_bound, cp.upper_bound) if b):
+        problem = f"has range bounds of another key than {', '.join(table.key)}"
     else:
-        if row is None or row[0] is None:
+        if not inner:
             return
-        problem = (
-            f"has a range, {inner[row[0]].partition_key}, that ends below where it starts "
-            "as keys are compared now"
-        )
+        arrays: list[list[object]] = [list(range(len(inner)))]
+        arrays += [[cp.lower_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
+        arrays += [[cp.upper_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
+        try:
+            with transaction_with(source, [NORMALIZE_TEXT_OUTPUT], commit=False):
+                query = misordered_bounds(table, collate_c=collate_c)
+                row = source.execute(query, arrays).fetchone()
+        except psycopg.errors.DataError:  # its error would quote the bound, a key value
+            problem = "has range bounds that no longer read as its key's values"
+        else:
+            if row is None or row[0] is None:
+                return
+            problem = (
+                f"has a range, {inner[row[0]].partition_key}, that ends below where it starts "
+                "as keys are compared now"
+            )
     raise MigrationError(
-        f"{table.qualified_name}: its plan, made by an earlier release, {problem}; delete the "
-        "table's rows from supabase_migration.migration_checkpoints and run again to plan it "
-        "anew."
+        f"{table.qualified_name}: its plan, made when keys were compared otherwise (an earlier "
+        f"release, another collation), {problem}; delete the table's rows from "
+        "supabase_migration.migration_checkpoints and run again to plan it anew."
     )
 
 

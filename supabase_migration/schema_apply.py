@@ -579,6 +579,9 @@ def run_pg_dump(pg_dump: PgDump, source_url: DatabaseUrl, schemas: Sequence[str]
         argv += ["--schema", '"' + schema.replace('"', '""') + '"']
     env = _pg_dump_env() | source_url.libpq_env()
     env.setdefault("PGCONNECT_TIMEOUT", "10")
+    # money literals (a DEFAULT, a CHECK) as C writes them, '$1,234.50', which the target
+    # reads, not in the source's lc_monetary ('1.234,50 €'); see sqlbuild.PLAIN_MONEY
+    env["PGOPTIONS"] = " ".join(filter(None, [env.get("PGOPTIONS"), "-c lc_monetary=C"]))
     secrets = [s for s in (source_url.password, source_url.params.get("sslpassword")) if s]
     try:
         done = subprocess.run(

@@ -6,8 +6,10 @@ cheaper than a cluster) which are dropped afterwards.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from supabase_migration.localpg import (
     find_binaries,
     make_supabase_like,
     prepare_supabase_database,
+    private_tempdir,
 )
 from supabase_migration_tests.testbed import (
     TARGET_PASSWORD,
@@ -163,3 +166,35 @@ def pagila_dir() -> Path:
         f"The pagila fixture is not at {PAGILA_DIR}.",
     )
     return PAGILA_DIR
+
+
+@pytest.fixture(scope="session")
+def german_server(pg_binaries: PgBinaries) -> Iterator[LocalServer]:
+    """A cluster that knows the de_DE.UTF-8 locale, compiled into a private directory (this
+    machine's glibc may have only C): money is '1.234,50 €' in its lc_monetary."""
+    localedef = shutil.which("localedef")
+    locales = private_tempdir("smloc-")
+    built = localedef is not None and (
+        subprocess.run(
+            [localedef, "-i", "de_DE", "-f", "UTF-8", str(locales / "de_DE.UTF-8")],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    require(built, "localedef cannot build de_DE.UTF-8: install the Debian package locales.")
+    server = LocalServer(pg_binaries, private_tempdir("smde-") / "data")
+    before = os.environ.get("LOCPATH")
+    os.environ["LOCPATH"] = str(locales)  # the server's processes inherit it
+    try:
+        server.init()
+        server.start()
+    finally:
+        if before is None:
+            del os.environ["LOCPATH"]
+        else:
+            os.environ["LOCPATH"] = before
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(locales, ignore_errors=True)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -51,7 +48,6 @@ from supabase_migration.errors import (
     MigrationError,
     TransientError,
 )
-from supabase_migration.localpg import LocalServer, private_tempdir
 from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
@@ -1579,16 +1575,83 @@ def _refused_plan(
     return str(stopped.value)
 
 
+def _made_on_both(source_url: str, target_url: str, ddl: str, fill: str | sql.Composable) -> None:
+    """`ddl` run on both servers, then `fill` on the source only."""
+    for url, statements in ((source_url, [ddl, fill]), (target_url, [ddl])):
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+
+def _require_icu(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        icu_known = conn.info.server_version >= 150000 and conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_collation WHERE collprovider = 'i')"
+        ).fetchone() == (True,)
+    require(icu_known, "This PostgreSQL has no ICU collations (15+, built with ICU).")
+
+
+def test_a_key_column_with_its_own_collation_is_compared_bytewise(source_db, target_db):
+    """Both databases in C.UTF-8, but the key column has a collation of its own, which each
+    server orders by its own copy of the rules (glibc's, ICU's: versions may differ). Here
+    one name, upper case first on the source and lower case first on the target: ranges
+    split keys otherwise on each side, and a range's copy deleted a neighbour's row."""
+    _require_icu(source_db.url)
+    for url, first in ((source_db.url, "upper"), (target_db.url, "lower")):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE COLLATION ord (provider = icu, locale = {})").format(
+                    sql.Literal(f"en-US-u-kf-{first}")
+                )
+            )
+            conn.execute("CREATE TABLE codes (code text COLLATE ord PRIMARY KEY, n int)")
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO codes SELECT c || lpad(g::text, 3, '0'), g "
+            "FROM unnest(ARRAY['a', 'A', 'b', 'B']) c, generate_series(1, 150) g"
+        )
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        assert not needs_bytewise_keys(s, t)
+        (info,) = read_tables(s, ["public"])
+        assert info.columns[0].own_collation and not info.columns[1].own_collation
+    migrate_all(source_db, target_db.url, batch_size=100)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE codes SET n = -n WHERE code = 'A060'")
+    migrate_all(source_db, target_db.url, batch_size=100)
+    assert_tables_equal(source_db.url, target_db.url, ["public.codes"])
+
+
+def test_an_array_key_is_measured_range_by_range(source_db, target_db):
+    """One pass over a table cannot bucket array keys (ARRAY[bounds] is two-dimensional):
+    the catch-up's check of a text[]-keyed table failed. It measures each range instead."""
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE tags (k text[] PRIMARY KEY, n int)",
+        "INSERT INTO tags SELECT ARRAY['t', g::text], g FROM generate_series(1, 300) g",
+    )
+    migrate_all(source_db, target_db.url, batch_size=100)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        (info,) = read_tables(s, ["public"])
+        planned = checkpoints.load(t, "public.tags")
+        assert len(planned) == 3
+        assert changed_or_unfinished(s, info, planned, CopyOptions()) == set()
+        s.execute("UPDATE tags SET n = -1 WHERE n = 150")
+        changed = changed_or_unfinished(s, info, planned, CopyOptions())
+        assert len(changed) == 1
+        (key,) = changed
+        copy_range(s, t, info, key, CopyOptions())
+    assert_tables_equal(source_db.url, target_db.url, ["public.tags"])
+
+
 def test_a_source_ordering_text_by_icu_splits_text_keys_bytewise(source_db, target_db):
     """An ICU source database (PostgreSQL 15+: 'a' < 'B' < 'c') and a target in C.UTF-8
     ('B' < 'a' < 'c') had the same datcollate, so ranges compared keys in each server's own
     order and a first load deleted a neighbour's rows. The provider and the version of its
     rules now count too: such keys are compared bytewise."""
-    with psycopg.connect(source_db.url) as conn:
-        icu_known = conn.info.server_version >= 150000 and conn.execute(
-            "SELECT EXISTS (SELECT FROM pg_collation WHERE collprovider = 'i')"
-        ).fetchone() == (True,)
-    require(icu_known, "This PostgreSQL has no ICU default collations (15+, built with ICU).")
+    _require_icu(source_db.url)
     icu = sql.SQL("ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
     with _source_beside(source_db, "icu", icu) as by_icu:
         src_url, tgt_url = _urls(by_icu, target_db.url)
@@ -1607,20 +1670,16 @@ def test_bytewise_keys_keep_reads_of_a_range_off_whole_table_scans(source_db, ta
     had every range's read scan the whole table: quadratic in its size. Such a table gets at
     most 16 ranges. A key led by a uuid (or integer) still finds a range through its index:
     PostgreSQL bounds the leading column from the row comparison by itself."""
-    ddl = (
+    _made_on_both(
+        source_db.url,
+        target_db.url,
         "CREATE TABLE results (patient uuid, code text, n int, PRIMARY KEY (patient, code));"
-        "CREATE TABLE by_mrn (mrn text PRIMARY KEY, n int)"
+        "CREATE TABLE by_mrn (mrn text PRIMARY KEY, n int)",
+        "INSERT INTO results SELECT md5((g / 4)::text)::uuid, 'c' || g % 4, g "
+        "FROM generate_series(1, 20000) g;"
+        "INSERT INTO by_mrn SELECT 'M' || g, g FROM generate_series(1, 3000) g;"
+        "ANALYZE results; ANALYZE by_mrn",
     )
-    for url in (source_db.url, target_db.url):
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(ddl)
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO results SELECT md5((g / 4)::text)::uuid, 'c' || g % 4, g "
-            "FROM generate_series(1, 20000) g;"
-            "INSERT INTO by_mrn SELECT 'M' || g, g FROM generate_series(1, 3000) g;"
-            "ANALYZE results; ANALYZE by_mrn"
-        )
     src_url, tgt_url = _urls(source_db, target_db.url)
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         infos = {i.name: i for i in read_tables(s, ["public"])}
@@ -1648,10 +1707,7 @@ def _copy_codes_twice(source, target_db, prefixes: list[str]) -> None:
         "INSERT INTO codes SELECT c || lpad(g::text, 3, '0'), g "
         "FROM unnest({}::text[]) c, generate_series(1, 150) g"
     ).format(sql.Literal(prefixes))
-    for url, statements in ((source.url, [ddl, fill]), (target_db.url, [ddl])):
-        with psycopg.connect(url, autocommit=True) as conn:
-            for statement in statements:
-                conn.execute(statement)
+    _made_on_both(source.url, target_db.url, ddl, fill)
     migrate_all(source, target_db.url, batch_size=100)
     assert_tables_equal(source.url, target_db.url, ["public.codes"])
     with psycopg.connect(source.url, autocommit=True) as conn:  # every range changes
@@ -1672,6 +1728,10 @@ def _copy_codes_twice(source, target_db, prefixes: list[str]) -> None:
         (("c", "en_US.UTF-8", None), ("c", "en_US.UTF-8", None), False),  # rules unknown
         (("i", "en-US", "153.120"), ("c", "C.UTF-8", None), False),
         (("c", "C", None), ("c", "C.UTF-8", None), False),  # as before: different names
+        # glibc's older C.UTF-8 ordered characters beyond U+FFFF otherwise
+        (("c", "C.UTF-8", None, "2.31"), ("c", "C.UTF-8", None, "2.36"), False),
+        (("c", "C.UTF-8", None, "2.36"), ("c", "C.UTF-8", None, "2.36"), True),
+        (("c", "C.UTF-8", None, None), ("c", "C.UTF-8", None, "2.36"), True),  # unknown: trust
     ],
 )
 def test_collations_order_alike_only_by_the_same_known_rules(source, target, alike):
@@ -1706,46 +1766,15 @@ def test_a_win1252_source_splits_text_keys_as_the_target_orders_them(source_db, 
             # A plan an earlier release made in the source's own bytes ('a€…' < 'aé…'): its
             # ranges would leave rows out, so a run stops before copying any of them.
             t.execute("DELETE FROM supabase_migration.migration_checkpoints")
-            older = dataclasses.replace(info, transcode=False)
+            older = dataclasses.replace(info, transcode=False, utf8_keys=False)
             refresh_plan(s, t, older, batch_size=100)
             assert _refused_plan(s, t, info, batch_size=100) == (
-                "public.codes: its plan, made by an earlier release, has a range, 000002, that "
-                "ends below where it starts as keys are compared now; delete the table's rows "
-                "from supabase_migration.migration_checkpoints and run again to plan it anew."
+                "public.codes: its plan, made when keys were compared otherwise (an earlier "
+                "release, another collation), has a range, 000002, that ends below where it "
+                "starts as keys are compared now; delete the table's rows from "
+                "supabase_migration.migration_checkpoints and run again to plan it anew."
             )
             refresh_plan(s, t, older, batch_size=100)  # as that release compared, they ascend
-
-
-@pytest.fixture(scope="module")
-def german_server(pg_binaries) -> Iterator[LocalServer]:
-    """A cluster that knows the de_DE.UTF-8 locale, compiled into a private directory (this
-    machine's glibc may have only C): money is '1.234,50 €' in its lc_monetary."""
-    localedef = shutil.which("localedef")
-    locales = private_tempdir("smloc-")
-    built = localedef is not None and (
-        subprocess.run(
-            [localedef, "-i", "de_DE", "-f", "UTF-8", str(locales / "de_DE.UTF-8")],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-    require(built, "localedef cannot build de_DE.UTF-8: install the Debian package locales.")
-    server = LocalServer(pg_binaries, private_tempdir("smde-") / "data")
-    before = os.environ.get("LOCPATH")
-    os.environ["LOCPATH"] = str(locales)  # the server's processes inherit it
-    try:
-        server.init()
-        server.start()
-    finally:
-        if before is None:
-            del os.environ["LOCPATH"]
-        else:
-            os.environ["LOCPATH"] = before
-    try:
-        yield server
-    finally:
-        server.cleanup()
-        shutil.rmtree(locales, ignore_errors=True)
 
 
 def _amounts(url: str) -> dict[int, Any]:
@@ -1810,6 +1839,38 @@ def test_money_keeps_its_amount_whatever_the_servers_lc_monetary(
         german_server.drop_database("money")
 
 
+def test_a_range_recorded_by_an_older_release_keeps_its_rows_when_measured(source_db, target_db):
+    """A WIN1252 source's ranges recorded by an older release (its checksums hashed the
+    source's own bytes, letter r) are measured as recorded. Measuring them also compared the
+    keys in the source's own bytes, so a changed row of one range marked another as changed,
+    and the catch-up copied that one and missed the change."""
+    with _source_encoded(source_db, "WIN1252") as win1252:
+        _made_on_both(
+            win1252.url,
+            target_db.url,
+            "CREATE TABLE codes (code text PRIMARY KEY, n int)",
+            "INSERT INTO codes SELECT c || lpad(g::text, 3, '0'), g "
+            "FROM unnest(ARRAY['az', 'a€', 'aé']) c, generate_series(1, 150) g",
+        )
+        src_url, tgt_url = _urls(win1252, target_db.url)
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            checkpoints.ensure_bookkeeping(t)
+            (info,) = read_tables(s, ["public"])
+            older = dataclasses.replace(info, transcode=False, utf8_keys=False)
+            refresh_plan(s, t, older, batch_size=300)
+            for cp in reversed(checkpoints.load(t, "public.codes")):
+                copy_range(s, t, older, cp.partition_key, CopyOptions())
+            planned = checkpoints.load(t, "public.codes")
+            assert {(cp.row_checksum or "")[:1] for cp in planned} == {"r"}
+            refresh_plan(s, t, info, batch_size=300)  # this release keeps the plan
+            assert changed_or_unfinished(s, info, planned, CopyOptions()) == set()
+            s.execute("UPDATE codes SET n = -999 WHERE code = 'a€010'")
+            for key in sorted(changed_or_unfinished(s, info, planned, CopyOptions())):
+                copy_range(s, t, info, key, CopyOptions())
+            assert t.execute("SELECT n FROM codes WHERE code = 'a€010'").fetchone() == (-999,)
+        assert_tables_equal(win1252.url, target_db.url, ["public.codes"])
+
+
 def test_a_source_datestyle_does_not_move_range_bounds(source_db, target_db):
     """The plan reads a keyset range's bounds as text, and both servers parse them back. A
     source whose DateStyle is European ('SQL, DMY': 02/01/2024 is 2 January) handed the
@@ -1857,11 +1918,19 @@ def test_a_source_datestyle_does_not_move_range_bounds(source_db, target_db):
             "upper_bound = CASE WHEN upper_bound IS NOT NULL THEN jsonb_build_array("
             "to_char((upper_bound->>0)::date, 'DD/MM/YYYY')) END"
         )
-        assert _refused_plan(s, t, info, batch_size=150) == (
-            "public.daily: its plan, made by an earlier release, has range bounds this release "
-            "reads otherwise; delete the table's rows from "
-            "supabase_migration.migration_checkpoints and run again to plan it anew."
+        refused = _refused_plan(s, t, info, batch_size=150)
+        assert refused == (
+            "public.daily: its plan, made when keys were compared otherwise (an earlier "
+            "release, another collation), has range bounds that no longer read as its key's "
+            "values; delete the table's rows from supabase_migration.migration_checkpoints and "
+            "run again to plan it anew."
         )
+        t.execute(  # a key of other columns since
+            "UPDATE supabase_migration.migration_checkpoints SET "
+            "lower_bound = lower_bound || '[\"x\"]', upper_bound = upper_bound || '[\"x\"]'"
+        )
+        refused = _refused_plan(s, t, info, batch_size=150)
+        assert "has range bounds of another key than day;" in refused
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
             sql.SQL("ALTER DATABASE {} RESET DateStyle").format(sql.Identifier(source_db.name))

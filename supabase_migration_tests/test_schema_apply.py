@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import subprocess
 import textwrap
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
@@ -743,3 +744,28 @@ def test_schema_ahead_is_taken_once_for_the_same_databases(source_db, target_db)
     # The Alembic mode runs the user's env.py: never in a background thread.
     alembic = dataclasses.replace(manifest, schema_mode="alembic", alembic_config="alembic.ini")
     assert start_schema_ahead(alembic, source, target) is None
+
+
+def test_money_literals_of_a_german_source_reach_the_target(german_server, target_db):
+    """pg_dump wrote a money DEFAULT or CHECK in the source's lc_monetary, '1.234,50 €', which
+    the target refused, so the schema step failed. It now writes them as C does."""
+    german_server.create_database("money_schema")
+    try:
+        german_server.execute("ALTER DATABASE money_schema SET lc_monetary = 'de_DE.UTF-8'")
+        german_server.execute(
+            "CREATE TABLE fees (id int PRIMARY KEY, "
+            "amount money DEFAULT '1.234,50' CHECK (amount < '1.000.000'::money))",
+            dbname="money_schema",
+        )
+        source = parse_database_url(german_server.url(dbname="money_schema"), label="source")
+        target = parse_database_url(target_db.url, label="target")
+        apply_schema("dump", source_url=source, target_url=target, schemas=["public"])
+        with psycopg.connect(target_db.url, autocommit=True) as conn:
+            conn.execute("INSERT INTO fees (id) VALUES (1)")
+            assert conn.execute("SELECT amount::numeric FROM fees").fetchone() == (
+                Decimal("1234.50"),
+            )
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("INSERT INTO fees VALUES (2, 1000001)")
+    finally:
+        german_server.drop_database("money_schema")
