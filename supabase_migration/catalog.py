@@ -46,9 +46,12 @@ class Column:
     collatable: bool = False
     hash_native: bool = False  # checksums may hash the value itself, not its text (see sqlbuild)
     hash_sent: str = ""  # else its binary form: the name of its base type's send function
-    # A collation of its own (not the database's, nor C/POSIX): each server orders it by its
-    # own copy of that collation's rules, which may differ (glibc, ICU versions).
+    # A collation of its own (not the database's, nor one of bytes): each server orders it by
+    # its own copy of that collation's rules, which may differ (glibc, ICU versions).
     own_collation: bool = False
+    # A collation of bytes (C, POSIX, ucs_basic, the builtin pg_c_utf8): ordered alike by every
+    # server whatever its database's collation, in UTF8.
+    bytes_collation: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,11 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
        (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native,
        CASE WHEN b.oid = ANY(n.sent) THEN s.proname::text ELSE '' END AS hash_sent,
        coalesce(NOT (co.collnamespace = 'pg_catalog'::regnamespace
-                     AND co.collname IN ('default', 'C', 'POSIX')), false) AS own_collation
+                     AND co.collname IN ('default', 'C', 'POSIX', 'ucs_basic', 'pg_c_utf8')),
+                false) AS own_collation,
+       coalesce(co.collnamespace = 'pg_catalog'::regnamespace
+                AND co.collname IN ('C', 'POSIX', 'ucs_basic', 'pg_c_utf8'), false)
+         AS bytes_collation
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

@@ -407,6 +407,8 @@ def refresh_plan(
             last = existing[-1].key_range()
             new = 0
             if table.key_kind is not KeyKind.NONE and last.upper is None:
+                if not compared_as_stored(table.column(table.key[0]), table, collate_c):
+                    max_partitions = min(max_partitions, MAX_PARTITIONS_SCANNED)
                 grown = plan_table(
                     source,
                     table,

@@ -560,8 +560,15 @@ def find_pg_dump(source_major: int) -> PgDump:
     return min(usable, key=lambda c: c.major)
 
 
-def run_pg_dump(pg_dump: PgDump, source_url: DatabaseUrl, schemas: Sequence[str]) -> str:
-    """The source's schema as SQL; the password travels in PGPASSWORD, never on argv."""
+def _writes_plain_money(lc_monetary: str) -> bool:
+    return lc_monetary in ("C", "POSIX") or lc_monetary.startswith("C.")
+
+
+def run_pg_dump(
+    pg_dump: PgDump, source_url: DatabaseUrl, schemas: Sequence[str], *, plain_money: bool = True
+) -> str:
+    """The source's schema as SQL; the password travels in PGPASSWORD, never on argv.
+    `plain_money`: the source writes money as C does already (else pg_dump is asked to)."""
     argv = [
         str(pg_dump.path),
         "--schema-only",
@@ -579,9 +586,11 @@ def run_pg_dump(pg_dump: PgDump, source_url: DatabaseUrl, schemas: Sequence[str]
         argv += ["--schema", '"' + schema.replace('"', '""') + '"']
     env = _pg_dump_env() | source_url.libpq_env()
     env.setdefault("PGCONNECT_TIMEOUT", "10")
-    # money literals (a DEFAULT, a CHECK) as C writes them, '$1,234.50', which the target
-    # reads, not in the source's lc_monetary ('1.234,50 €'); see sqlbuild.PLAIN_MONEY
-    env["PGOPTIONS"] = " ".join(filter(None, [env.get("PGOPTIONS"), "-c lc_monetary=C"]))
+    if not plain_money:
+        # money literals (a DEFAULT, a CHECK) as C writes them, '$1,234.50', which the target
+        # reads, not in the source's lc_monetary ('1.234,50 €'); see sqlbuild.PLAIN_MONEY.
+        # Only then: a pooler in front of the source may refuse the `options` it travels in.
+        env["PGOPTIONS"] = " ".join(filter(None, [env.get("PGOPTIONS"), "-c lc_monetary=C"]))
     secrets = [s for s in (source_url.password, source_url.params.get("sslpassword")) if s]
     try:
         done = subprocess.run(
@@ -963,7 +972,9 @@ def _apply_dump(
             r[0] for r in source.execute("SELECT lanname FROM pg_language WHERE NOT lanpltrusted")
         }
         pg_dump = find_pg_dump(server_major(source))
-        raw = run_pg_dump(pg_dump, source_url, schemas)
+        monetary = source.execute("SELECT current_setting('lc_monetary')").fetchone()
+        plain_money = monetary is None or _writes_plain_money(str(monetary[0]))
+        raw = run_pg_dump(pg_dump, source_url, schemas, plain_money=plain_money)
         with borrowed(target_url) as probe:
             settings = {r[0] for r in probe.execute("SELECT name FROM pg_settings")}
             target_ext = installed_extensions(probe)

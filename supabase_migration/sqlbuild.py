@@ -102,7 +102,11 @@ def key_order(
 def compared_as_stored(column: Column, table: TableInfo, collate_c: bool) -> bool:
     """Whether ranges compare this key column as the key's index orders it (so that index
     can find a range's rows), not bytewise nor as UTF8 bytes."""
-    return not column.collatable or not (table.utf8_keys or collate_c or column.own_collation)
+    if not column.collatable:
+        return True
+    if table.utf8_keys:  # even a column in C: its bytes are the source's encoding's
+        return False
+    return column.bytes_collation or not (collate_c or column.own_collation)
 
 
 def _comparable(
@@ -143,7 +147,10 @@ def misordered_bounds(table: TableInfo, *, collate_c: bool = False) -> sql.Compo
         bounds = [
             _comparable(
                 table,
-                table.column(k),
+                # a bound alone has the database's collation, not the column's own bytes one
+                dataclasses.replace(table.column(k), bytes_collation=False, own_collation=True)
+                if table.column(k).bytes_collation
+                else table.column(k),
                 sql.SQL("CAST({} AS {})").format(
                     sql.Identifier("u", f"{prefix}{j}"), sql.SQL(table.column(k).type_sql)
                 ),

@@ -1664,6 +1664,20 @@ def test_a_source_ordering_text_by_icu_splits_text_keys_bytewise(source_db, targ
             assert (theirs.provider, theirs.locale) == ("c", "C.UTF-8")
             assert needs_bytewise_keys(s, t)
         _copy_codes_twice(by_icu, target_db, ["a", "B", "c"])
+        # A key in C is ordered by its bytes on the ICU source too: its kept plan ascends.
+        _made_on_both(
+            by_icu.url,
+            target_db.url,
+            'CREATE TABLE in_c (code text COLLATE "C" PRIMARY KEY)',
+            "INSERT INTO in_c SELECT c || g FROM unnest(ARRAY['a', 'B']) c, "
+            "generate_series(100, 399) g",
+        )
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            info = next(i for i in read_tables(s, ["public"]) if i.name == "in_c")
+            assert info.columns[0].bytes_collation and not info.columns[0].own_collation
+            for _ in range(2):  # the second keeps the plan and checks its bounds
+                refresh_plan(s, t, info, batch_size=100, collate_c=True)
+            assert len(checkpoints.load(t, "public.in_c")) == 6
 
 
 def test_bytewise_keys_keep_reads_of_a_range_off_whole_table_scans(source_db, target_db):
@@ -1675,10 +1689,12 @@ def test_bytewise_keys_keep_reads_of_a_range_off_whole_table_scans(source_db, ta
         source_db.url,
         target_db.url,
         "CREATE TABLE results (patient uuid, code text, n int, PRIMARY KEY (patient, code));"
-        "CREATE TABLE by_mrn (mrn text PRIMARY KEY, n int)",
+        "CREATE TABLE by_mrn (mrn text PRIMARY KEY, n int);"
+        'CREATE TABLE by_code (code text COLLATE "C" PRIMARY KEY)',
         "INSERT INTO results SELECT md5((g / 4)::text)::uuid, 'c' || g % 4, g "
         "FROM generate_series(1, 20000) g;"
         "INSERT INTO by_mrn SELECT 'M' || g, g FROM generate_series(1, 3000) g;"
+        "INSERT INTO by_code SELECT 'M' || g FROM generate_series(1, 3000) g;"
         "ANALYZE results; ANALYZE by_mrn",
     )
     src_url, tgt_url = _urls(source_db, target_db.url)
@@ -1695,9 +1711,20 @@ def test_bytewise_keys_keep_reads_of_a_range_off_whole_table_scans(source_db, ta
             assert "results_pkey" in plan and "Seq Scan" not in plan, plan
         assert len(plan_table(s, by_mrn, batch_size=100, collate_c=False)) == 30
         assert len(plan_table(s, by_mrn, batch_size=100, collate_c=True)) == 16
+        # a key in C already is compared as it is stored, bytewise on every server
+        assert len(plan_table(s, infos["by_code"], batch_size=100, collate_c=True)) == 30
+        # a table that grows keeps to the limit: its last, open range grows instead
+        checkpoints.ensure_bookkeeping(t)
+        refresh_plan(s, t, by_mrn, batch_size=100, collate_c=True)
+        s.execute("INSERT INTO by_mrn SELECT 'N' || g, g FROM generate_series(1, 3000) g")
+        refresh_plan(s, t, by_mrn, batch_size=100, collate_c=True)
+        assert len(checkpoints.load(t, "public.by_mrn")) == 16
+    with connect(tgt_url, autocommit=True) as t:
+        t.execute("DELETE FROM supabase_migration.migration_checkpoints")
     # and every row lands in its range on both sides
     migrate_all(source_db, target_db.url, batch_size=2000, bytewise=True)
-    assert_tables_equal(source_db.url, target_db.url, ["public.results", "public.by_mrn"])
+    tables = ["public.results", "public.by_mrn", "public.by_code"]
+    assert_tables_equal(source_db.url, target_db.url, tables)
 
 
 def _copy_codes_twice(source, target_db, prefixes: list[str]) -> None:
@@ -1740,7 +1767,8 @@ def test_a_builtin_collation_of_postgresql_17_is_read(source_db):
             psycopg.connect(server.url(dbname="postgres")) as plain,
             psycopg.connect(source_db.url) as older,
         ):
-            assert default_collation(newer) == Collation("b", "C.UTF-8", "1", None)
+            builtin = default_collation(newer)
+            assert (builtin.provider, builtin.locale, builtin.version) == ("b", "C.UTF-8", "1")
             assert (default_collation(plain).provider, default_collation(plain).locale) == (
                 "c",
                 "C.UTF-8",

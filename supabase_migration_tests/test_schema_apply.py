@@ -30,6 +30,8 @@ from supabase_migration.schema_apply import (
     split_dump,
 )
 
+from .testbed import PgBouncer, find_pgbouncer, require
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 
@@ -769,3 +771,30 @@ def test_money_literals_of_a_german_source_reach_the_target(german_server, targe
                 conn.execute("INSERT INTO fees VALUES (2, 1000001)")
     finally:
         german_server.drop_database("money_schema")
+
+
+def test_the_schema_dump_passes_a_pooler_that_refuses_options(source_server, source_db, target_db):
+    """A source behind a PgBouncer that knows no `options` startup parameter (its default):
+    pg_dump is asked for money in C only when the source writes it otherwise, so such a
+    pooler still lets the schema through."""
+    require(find_pgbouncer() is not None, "pgbouncer is not installed (apt install pgbouncer).")
+    execute(source_db.url, "CREATE TABLE fees (id int PRIMARY KEY, amount money DEFAULT '1.5')")
+    bouncer = PgBouncer(
+        target_port=source_server.port,
+        password="any",  # the source trusts loopback logins
+        cert=None,
+        key=None,
+        pool_mode="session",
+        ignore_startup_parameters="extra_float_digits",
+    )
+    try:
+        bouncer.start()
+        url = f"postgresql://postgres:any@127.0.0.1:{bouncer.port}/{source_db.name}"
+        source = parse_database_url(url, label="source")
+        target = parse_database_url(target_db.url, label="target")
+        apply_schema("dump", source_url=source, target_url=target, schemas=["public"])
+    finally:
+        bouncer.cleanup()
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO fees (id) VALUES (1)")
+        assert conn.execute("SELECT amount::numeric FROM fees").fetchone() == (Decimal("1.50"),)

@@ -114,12 +114,15 @@ class PgBouncer:
         *,
         target_port: int,
         password: str,
-        cert: Path,
-        key: Path,
+        cert: Path | None,
+        key: Path | None,
         user: str = "postgres",
         port: int | None = None,
         executable: Path | None = None,
+        pool_mode: str = "transaction",
+        ignore_startup_parameters: str = "extra_float_digits,options,statement_timeout",
     ) -> None:
+        """`cert`/`key` None: no TLS on either side (in front of a plain source)."""
         found = executable or find_pgbouncer()
         if found is None:
             raise FileNotFoundError("pgbouncer is not installed")
@@ -131,15 +134,27 @@ class PgBouncer:
         self.directory = private_tempdir("smpgb-")
         self.log_path = self.directory / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None
-        self._write_files(cert, key)
+        self._write_files(cert, key, pool_mode, ignore_startup_parameters)
         atexit.register(self.cleanup)
 
-    def _write_files(self, cert: Path, key: Path) -> None:
+    def _write_files(
+        self, cert: Path | None, key: Path | None, pool_mode: str, ignore: str
+    ) -> None:
         """Config, userlist and a copy of the certificate the service user can read."""
-        own_cert, own_key = self.directory / "server.crt", self.directory / "server.key"
-        shutil.copyfile(cert, own_cert)
-        shutil.copyfile(key, own_key)
-        own_key.chmod(0o600)
+        tls: dict[str, str] = {}
+        files = []
+        if cert is not None and key is not None:
+            own_cert, own_key = self.directory / "server.crt", self.directory / "server.key"
+            shutil.copyfile(cert, own_cert)
+            shutil.copyfile(key, own_key)
+            own_key.chmod(0o600)
+            files = [own_cert, own_key]
+            tls = {
+                "client_tls_sslmode": "require",
+                "client_tls_cert_file": str(own_cert),
+                "client_tls_key_file": str(own_key),
+                "server_tls_sslmode": "require",
+            }
         userlist = self.directory / "userlist.txt"
         userlist.write_text(f"{_userlist_quote(self.user)} {_userlist_quote(self.password)}\n")
         userlist.chmod(0o600)
@@ -147,17 +162,14 @@ class PgBouncer:
             "listen_addr": "127.0.0.1",
             "listen_port": str(self.port),
             "unix_socket_dir": "",
-            "pool_mode": "transaction",
+            "pool_mode": pool_mode,
             "max_client_conn": "200",
             "default_pool_size": "20",
             "auth_type": "scram-sha-256",
             "auth_file": str(userlist),
             # psycopg/SQLAlchemy send these; PgBouncer refuses unknown startup parameters.
-            "ignore_startup_parameters": "extra_float_digits,options,statement_timeout",
-            "client_tls_sslmode": "require",
-            "client_tls_cert_file": str(own_cert),
-            "client_tls_key_file": str(own_key),
-            "server_tls_sslmode": "require",
+            "ignore_startup_parameters": ignore,
+            **tls,
             # Fault tests restart the server: reconnect quickly instead of after 15 s.
             "server_login_retry": "1",
         }
@@ -165,7 +177,7 @@ class PgBouncer:
         lines = ["[databases]", f"* = host=127.0.0.1 port={self.target_port}", "", "[pgbouncer]"]
         lines += [f"{key} = {value}" for key, value in settings.items()]
         ini.write_text("\n".join(lines) + "\n")
-        for path in (own_cert, own_key, userlist, ini):
+        for path in (*files, userlist, ini):
             hand_over(path)
 
     @property
