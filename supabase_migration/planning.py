@@ -298,6 +298,19 @@ def _keyset_boundaries(
     size = effective_batch_size(rows, batch_size, max_partitions)
     if rows <= size:
         return []
+    return every_nth_key(conn, table, size, start, None, collate_c)
+
+
+def every_nth_key(
+    conn: psycopg.Connection,
+    table: TableInfo,
+    size: int,
+    lower: Bound,
+    upper: Bound,
+    collate_c: bool,
+) -> list[tuple[str, ...]]:
+    """The keys that start each run of `size` rows between `lower` and `upper`, the first
+    run's excepted, as text (read where text output is pinned: `READING_ROWS`)."""
     order = sql.SQL(", ").join(key_order(table, collate_c=collate_c))
     texts = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
     query = sql.SQL(
@@ -308,7 +321,7 @@ def _keyset_boundaries(
         keys=sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
         order=order,
         t=rows_of(table),
-        w=where,
+        w=range_predicate(table, lower, upper, collate_c=collate_c),
         size=sql.Literal(size),
     )
     return [tuple(r) for r in conn.execute(query)]

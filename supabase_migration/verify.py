@@ -38,6 +38,7 @@ from .connections import gather_or_stop, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .manifest import Manifest
+from .planning import every_nth_key
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 
@@ -80,6 +81,8 @@ DEFAULT_SEVERITY = {name: ERROR for name in CHECK_NAMES} | {INDEXES: WARN}
 DEFAULT_SAMPLE_SIZE = 100
 DRILL_DOWN_RANGES = 5  # mismatched ranges whose rows are compared key by key
 MAX_KEYS_SHOWN = 20
+# Rows a mismatched range's key-by-key comparison holds in memory per side at once.
+DRILL_ROWS = 200_000
 MAX_FK_KEYS = 10
 
 T = TypeVar("T")
@@ -363,6 +366,19 @@ def range_sums(
         if src_whole == tgt_whole:
             return RangeSums(src_whole[0], tgt_whole[0])
 
+    src, tgt = _sums_on_both(source, target, table, ranges, collate_c)
+    return RangeSums(sum(n for n, _ in src), sum(n for n, _ in tgt), src, tgt)
+
+
+def _sums_on_both(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    ranges: Sequence[KeyRange],
+    collate_c: bool,
+) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(count, checksum) of each range on each side, a snapshot per chunk of ranges."""
+
     def sums(conn: psycopg.Connection) -> list[tuple[int, str]]:
         out: list[tuple[int, str]] = []
         for chunk in chunks(ranges, RANGES_PER_SNAPSHOT):
@@ -370,8 +386,7 @@ def range_sums(
                 out += sums_by_range(conn, table, chunk, collate_c=collate_c)
         return out
 
-    src, tgt = on_both(sums, source, target)
-    return RangeSums(sum(n for n, _ in src), sum(n for n, _ in tgt), src, tgt)
+    return on_both(sums, source, target)
 
 
 def range_checksums(
@@ -419,7 +434,8 @@ def range_checksums(
                 "target_rows": int(t[0]),
             }
             if i < drill_down and table.key:
-                diff = _diff_range_rows(source, target, table, r, collate_c)
+                rows = max(int(s[0]), int(t[0]))
+                diff = _diff_range_rows(source, target, table, r, collate_c, rows)
                 entry.update(diff)
                 changed_keys += diff["missing_on_target"] + diff["extra_on_target"]
                 changed_keys += [c["key"] for c in diff["changed"]]
@@ -483,8 +499,12 @@ def _diff_range_rows(
     table: TableInfo,
     r: KeyRange,
     collate_c: bool,
+    rows: int = 0,
 ) -> dict[str, Any]:
-    """Keys missing, extra and changed in one range, and which columns changed."""
+    """Keys missing, extra and changed in one range, and which columns changed. A range of
+    more than `DRILL_ROWS` rows (`rows`, the larger side's count) is compared part by part."""
+    if rows > DRILL_ROWS:
+        return _diff_in_parts(source, target, table, r, collate_c)
     row_text = sql.SQL("ROW({})::text").format(sqlbuild.column_list(table.copy_columns))
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
         _key_texts(table),
@@ -512,6 +532,42 @@ def _diff_range_rows(
         "changed": [{"key": key_label(table.key, k), "columns": columns.get(k, [])} for k in shown],
         "changed_count": len(changed),
     }
+
+
+def _diff_in_parts(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    r: KeyRange,
+    collate_c: bool,
+) -> dict[str, Any]:
+    """A big range (a table whose key is compared bytewise has few, big ranges) split on the
+    source into parts of about DRILL_ROWS rows, each part measured on both sides, and only the
+    parts that differ compared key by key: memory is bounded by a part, not by the range."""
+    with read_snapshot(source):
+        edges = [r.lower, *every_nth_key(source, table, DRILL_ROWS, r.lower, r.upper, collate_c)]
+    parts = [
+        KeyRange(r.table, r.index, low, high)
+        for low, high in zip(edges, [*edges[1:], r.upper], strict=True)
+    ]
+    merged: dict[str, Any] = {
+        "missing_on_target": [],
+        "missing_count": 0,
+        "extra_on_target": [],
+        "extra_count": 0,
+        "changed": [],
+        "changed_count": 0,
+    }
+    measured = _sums_on_both(source, target, table, parts, collate_c)
+    for part, mine, theirs in zip(parts, *measured, strict=True):
+        if mine == theirs:
+            continue
+        diff = _diff_range_rows(source, target, table, part, collate_c)
+        for listed in ("missing_on_target", "extra_on_target", "changed"):
+            merged[listed] = (merged[listed] + diff[listed])[:MAX_KEYS_SHOWN]
+        for counted in ("missing_count", "extra_count", "changed_count"):
+            merged[counted] += diff[counted]
+    return merged
 
 
 def _changed_columns(

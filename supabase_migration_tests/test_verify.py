@@ -3,6 +3,7 @@ corrupting the target fails the matching check, naming the key, range or object,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,6 +35,7 @@ from supabase_migration.copy import CopyOptions, copy_range, replica_mode_allowe
 from supabase_migration.errors import ConnectionFailed
 from supabase_migration.manifest import from_catalog
 from supabase_migration.planning import refresh_plan
+from supabase_migration.ranges import whole_range
 from supabase_migration.report import Report
 from supabase_migration.resources import SourceDatabase, TargetDatabase
 from supabase_migration.sequences import sync_sequences
@@ -112,15 +114,22 @@ class Migrated:
     manifest: object
 
 
+@contextlib.contextmanager
+def _connected(source_db, target_db) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+    """Our own connections to both databases, as the product opens them."""
+    src = parse_database_url(source_db.url, label="source")
+    tgt = parse_database_url(target_db.url, label="target")
+    with connect(src, autocommit=True) as s, connect(tgt, autocommit=True) as t:
+        yield s, t
+
+
 def _migrate(source_db, target_db) -> Migrated:
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(SCHEMA)
         conn.execute(SEED)
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute(SCHEMA)
-    src_url = parse_database_url(source_db.url, label="source")
-    tgt_url = parse_database_url(target_db.url, label="target")
-    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+    with _connected(source_db, target_db) as (s, t):
         checkpoints.ensure_bookkeeping(t)
         options = CopyOptions(replica_mode=replica_mode_allowed(t))
         infos = read_tables(s, ["public"])
@@ -130,6 +139,8 @@ def _migrate(source_db, target_db) -> Migrated:
                 copy_range(s, t, info, cp.partition_key, options)
         sync_sequences(s, t, ["public"])
     manifest = from_catalog(infos, schemas=["public"])
+    src_url = parse_database_url(source_db.url, label="source")
+    tgt_url = parse_database_url(target_db.url, label="target")
     return Migrated(src_url, tgt_url, target_db.admin_url, target_db._pooler_url, manifest)
 
 
@@ -644,9 +655,7 @@ def test_large_tables_sample_by_index_probes(source_db, target_db) -> None:
     for url in (source_db.url, target_db.url):
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(PROBED_SCHEMA)
-    src_url = parse_database_url(source_db.url, label="source")
-    tgt_url = parse_database_url(target_db.url, label="target")
-    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+    with _connected(source_db, target_db) as (s, t):
         infos = {i.name: i for i in read_tables(s, ["public"])}
         for name in ("by_int", "by_uuid"):
             keys, method = pick_sample_keys(s, infos[name], 10, 7)
@@ -708,9 +717,7 @@ def test_sample_compares_values_not_their_text(source_db, target_db, tmp_path: P
             "INSERT INTO shown SELECT i, 1.5, '2024-03-01 10:00:00', "
             "'{\"a\": [2, 3], \"b\": 1}', 'n' FROM generate_series(1, 50) i"
         )
-    src_url = parse_database_url(source_db.url, label="source")
-    tgt_url = parse_database_url(target_db.url, label="target")
-    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+    with _connected(source_db, target_db) as (s, t):
         info = next(i for i in read_tables(s, ["public"]) if i.name == "shown")
         same = sample_rows(s, t, info, 20, 3)
         assert same.passed and same.details["rows_compared"] == 20, same.description
@@ -828,9 +835,7 @@ def test_full_checksum_costs_a_fraction_of_the_copy(source_db, target_db) -> Non
         )
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute(ddl)
-    src_url = parse_database_url(source_db.url, label="source")
-    tgt_url = parse_database_url(target_db.url, label="target")
-    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+    with _connected(source_db, target_db) as (s, t):
         checkpoints.ensure_bookkeeping(t)
         (info,) = read_tables(s, ["public"])
         refresh_plan(s, t, info, batch_size=25_000)
@@ -926,3 +931,50 @@ def test_sequences_are_moved_in_the_same_round_trips_however_many(
     assert again["public.visits_visit_id_seq"] == (max_ids[1], max_ids[1])
     assert again["public.patients_id_seq"][0] == max_ids[0]
     assert not _failed(_verify(migrated))
+
+
+def test_a_big_mismatched_range_is_compared_part_by_part(source_db, target_db, monkeypatch):
+    """A table whose key is compared bytewise gets few, big ranges. A mismatched one was
+    compared key by key whole, every key and row hash of it in memory on both sides. Ranges
+    of more than DRILL_ROWS rows are now split on the source, the parts measured on both
+    sides, and only the parts that differ compared key by key; the keys named are the same."""
+    from supabase_migration import verify
+
+    for url in (source_db.url, target_db.url):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE codes (code text PRIMARY KEY, n int);"
+                "INSERT INTO codes SELECT 'k' || lpad(g::text, 4, '0'), g "
+                "FROM generate_series(1, 5000) g"
+            )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(
+            "DELETE FROM codes WHERE code IN ('k0007', 'k2500', 'k4999');"
+            "UPDATE codes SET n = -n WHERE code IN ('k1234', 'k1235');"
+            "INSERT INTO codes VALUES ('k9999', 0)"
+        )
+    with _connected(source_db, target_db) as (s, t):
+        (info,) = read_tables(s, ["public"])
+        whole = [whole_range("public.codes")]
+        at_once = range_checksums(s, t, info, whole).details["mismatches"][0]
+        compared: list[tuple] = []
+        unsplit = verify._diff_range_rows
+
+        def spy(source, target, table, r, collate_c, rows=0):
+            compared.append((r.lower, r.upper, rows))
+            return unsplit(source, target, table, r, collate_c, rows)
+
+        monkeypatch.setattr(verify, "_diff_range_rows", spy)
+        monkeypatch.setattr(verify, "DRILL_ROWS", 1000)
+        in_parts = range_checksums(s, t, info, whole).details["mismatches"][0]
+    assert in_parts == at_once
+    assert at_once["missing_on_target"] == ["code=k0007", "code=k2500", "code=k4999"]
+    assert at_once["extra_on_target"] == ["code=k9999"] and at_once["changed_count"] == 2
+    # the whole range, then the four of its five parts of 1000 rows that differ
+    assert compared[0] == (None, None, 5000)
+    assert [(low, high) for low, high, _ in compared[1:]] == [
+        (None, ("k1001",)),
+        (("k1001",), ("k2001",)),
+        (("k2001",), ("k3001",)),
+        (("k4001",), None),
+    ]  # not k3001-k4000, equal on both sides
