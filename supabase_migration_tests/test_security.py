@@ -408,7 +408,11 @@ def test_bookkeeping_schema_is_closed_to_the_api_roles(
             )
             codes = {f["code"] for f in security_findings(target, manifest)}
             assert "bookkeeping_exposed" in codes, closer
-            close()
+            done = close()
+            if closer == "security step":  # and says so, naming the roles
+                assert [(a.subject, a.detail) for a in done if a.kind == "revoke_bookkeeping"] == [
+                    ("supabase_migration", "no privileges for anon, authenticated")
+                ]
             for role in ("anon", "authenticated"):
                 row = admin.execute(
                     "SELECT has_schema_privilege(%s, 'supabase_migration', 'USAGE'), "
