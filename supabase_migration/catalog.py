@@ -294,25 +294,29 @@ _LIBC_VERSION = """(SELECT pg_collation_actual_version(c.oid) FROM pg_collation 
     AND c.collcollate NOT LIKE 'C.%' ORDER BY c.collcollate = d.datcollate DESC LIMIT 1)"""
 
 
+def _collation_query(server_version: int) -> str:
+    """(provider, locale, version of its rules, glibc's version) of the current database."""
+    if server_version >= 150000:  # ICU (or builtin) defaults; versions per database
+        return (
+            "SELECT d.datlocprovider::text, CASE WHEN d.datlocprovider = 'c' THEN "
+            "d.datcollate ELSE concat_ws(' ', coalesce(to_jsonb(d) ->> 'daticulocale', "
+            "to_jsonb(d) ->> 'datlocale', ''), md5(to_jsonb(d) ->> 'daticurules')) END, "
+            f"pg_database_collation_actual_version(d.oid), {_LIBC_VERSION} "
+            "FROM pg_database d WHERE d.datname = current_database()"
+        )
+    return (  # libc only: its rules' version is glibc's
+        "SELECT 'c', d.datcollate, libc.version, libc.version FROM pg_database d, "
+        f"LATERAL (SELECT {_LIBC_VERSION} AS version) libc "
+        "WHERE d.datname = current_database()"
+    )
+
+
 def default_collation(conn: psycopg.Connection) -> Collation:
     """The database's collation (fixed when it was created) and the versions of its rules
     now, asked once per connection."""
 
     def ask(conn: psycopg.Connection) -> Collation:
-        if conn.info.server_version >= 150000:  # ICU (or builtin) defaults; versions per database
-            query = (
-                "SELECT d.datlocprovider::text, CASE WHEN d.datlocprovider = 'c' THEN "
-                "d.datcollate ELSE concat_ws(' ', coalesce(to_jsonb(d) ->> 'daticulocale', "
-                "to_jsonb(d) ->> 'datlocale', ''), md5(to_jsonb(d) ->> 'daticurules')) END, "
-                f"pg_database_collation_actual_version(d.oid), {_LIBC_VERSION} "
-                "FROM pg_database d WHERE d.datname = current_database()"
-            )
-        else:  # libc only
-            query = (
-                f"SELECT 'c', d.datcollate, {_LIBC_VERSION}, {_LIBC_VERSION} "
-                "FROM pg_database d WHERE d.datname = current_database()"
-            )
-        row = conn.execute(query).fetchone()
+        row = conn.execute(_collation_query(conn.info.server_version)).fetchone()
         if row is None:
             return Collation("", "", None)
         return Collation(str(row[0]), str(row[1]), row[2], row[3])

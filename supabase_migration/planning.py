@@ -53,6 +53,14 @@ MAX_PARTITIONS_SCANNED = 16
 PLAN_CONNECTIONS = 2  # source connections that read several tables' boundaries at once
 
 
+def _partition_limit(table: TableInfo, max_partitions: int, collate_c: bool) -> int:
+    """`max_partitions`, or MAX_PARTITIONS_SCANNED for a key led by a column compared otherwise
+    than its index orders it (every read of a range then scans the table)."""
+    if compared_as_stored(table.column(table.key[0]), table, collate_c):
+        return max_partitions
+    return min(max_partitions, MAX_PARTITIONS_SCANNED)
+
+
 def effective_batch_size(rows: int, batch_size: int, max_partitions: int) -> int:
     return max(batch_size, math.ceil(rows / max_partitions)) if rows else batch_size
 
@@ -71,8 +79,7 @@ def plan_table(
     name = table.qualified_name
     if table.key_kind is KeyKind.NONE:
         return [KeyRange(name, first_index, None, None)]
-    if not compared_as_stored(table.column(table.key[0]), table, collate_c):
-        max_partitions = min(max_partitions, MAX_PARTITIONS_SCANNED)
+    max_partitions = _partition_limit(table, max_partitions, collate_c)
     # A whole-table read, as every read of rows is (the bounds' text then in the formats every
     # server parses alike: a date in ISO, not the source's DateStyle).
     with transaction_with(conn, [READING_ROWS], commit=False):
@@ -337,36 +344,44 @@ def _check_bounds_ascend(
     otherwise may not: by an earlier release (a WIN1252 source's text keys in its own bytes,
     dates read in the source's DateStyle), or before a server's collation changed. Rows
     between two such bounds belong to no range, and would never be copied."""
-    edged = [cp for cp in planned if cp.lower_bound is not None or cp.upper_bound is not None]
-    if table.key_kind is not KeyKind.KEYSET or not edged:
+    if table.key_kind is not KeyKind.KEYSET:
         return
-    width = len(table.key)
-    inner = [cp for cp in edged if cp.lower_bound is not None and cp.upper_bound is not None]
-    if any(len(b) != width for cp in edged for b in (cp.lower_bound, cp.upper_bound) if b):
-        problem = f"has range bounds of another key than {', '.join(table.key)}"
+    bounds = [b for cp in planned for b in (cp.lower_bound, cp.upper_bound) if b is not None]
+    if any(len(b) != len(table.key) for b in bounds):
+        problem: str | None = f"has range bounds of another key than {', '.join(table.key)}"
     else:
-        if not inner:
-            return
-        arrays: list[list[object]] = [list(range(len(inner)))]
-        arrays += [[cp.lower_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
-        arrays += [[cp.upper_bound[j] for cp in inner] for j in range(width)]  # type: ignore[index]
-        try:
-            with transaction_with(source, [NORMALIZE_TEXT_OUTPUT], commit=False):
-                query = misordered_bounds(table, collate_c=collate_c)
-                row = source.execute(query, arrays).fetchone()
-        except psycopg.errors.DataError:  # its error would quote the bound, a key value
-            problem = "has range bounds that no longer read as its key's values"
-        else:
-            if row is None or row[0] is None:
-                return
-            problem = (
-                f"has a range, {inner[row[0]].partition_key}, that ends below where it starts "
-                "as keys are compared now"
-            )
-    raise MigrationError(
-        f"{table.qualified_name}: its plan, made when keys were compared otherwise (an earlier "
-        f"release, another collation), {problem}; delete the table's rows from "
-        "supabase_migration.migration_checkpoints and run again to plan it anew."
+        problem = _misordered(source, table, planned, collate_c)
+    if problem is not None:
+        raise MigrationError(
+            f"{table.qualified_name}: its plan, made when keys were compared otherwise (an "
+            f"earlier release, another collation), {problem}; delete the table's rows from "
+            "supabase_migration.migration_checkpoints and run again to plan it anew."
+        )
+
+
+def _misordered(
+    source: psycopg.Connection,
+    table: TableInfo,
+    planned: Sequence[checkpoints.Checkpoint],
+    collate_c: bool,
+) -> str | None:
+    """What is wrong with the plan's inner ranges' bounds, if anything (one round trip)."""
+    inner = [cp for cp in planned if cp.lower_bound is not None and cp.upper_bound is not None]
+    if not inner:
+        return None
+    arrays: list[list[object]] = [list(range(len(inner)))]
+    for side in ("lower_bound", "upper_bound"):
+        arrays += [[getattr(cp, side)[j] for cp in inner] for j in range(len(table.key))]
+    try:
+        with transaction_with(source, [NORMALIZE_TEXT_OUTPUT], commit=False):
+            row = source.execute(misordered_bounds(table, collate_c=collate_c), arrays).fetchone()
+    except psycopg.errors.DataError:  # its error would quote the bound, a key value
+        return "has range bounds that no longer read as its key's values"
+    if row is None or row[0] is None:
+        return None
+    return (
+        f"has a range, {inner[row[0]].partition_key}, that ends below where it starts as keys "
+        "are compared now"
     )
 
 
@@ -420,8 +435,7 @@ def refresh_plan(
             last = existing[-1].key_range()
             new = 0
             if table.key_kind is not KeyKind.NONE and last.upper is None:
-                if not compared_as_stored(table.column(table.key[0]), table, collate_c):
-                    max_partitions = min(max_partitions, MAX_PARTITIONS_SCANNED)
+                max_partitions = _partition_limit(table, max_partitions, collate_c)
                 grown = plan_table(
                     source,
                     table,

@@ -404,14 +404,11 @@ def _enable_one(
 
 def _revoke_bookkeeping(conn: psycopg.Connection) -> list[SecurityAction]:
     """The API roles may not even look up names in the bookkeeping schema."""
-    row = conn.execute(  # one round trip: is there a schema, and which roles to name
-        "SELECT to_regnamespace(%s) IS NOT NULL, "
-        "ARRAY(SELECT rolname::text FROM pg_roles WHERE rolname = ANY(%s))",
-        (BOOKKEEPING_SCHEMA, list(API_ROLES)),
+    exists = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (BOOKKEEPING_SCHEMA,)
     ).fetchone()
-    found = set(row[1]) if row else set()
-    roles = [name for name in API_ROLES if name in found]
-    if not (row and row[0]) or not roles:
+    roles = _existing_roles(conn, API_ROLES)
+    if not (exists and exists[0]) or not roles:
         return []
     conn.execute(REVOKE_BOOKKEEPING)
     return [

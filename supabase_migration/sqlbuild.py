@@ -115,8 +115,33 @@ def _comparable(
     if compared_as_stored(column, table, collate_c):
         return value
     if table.utf8_keys:
-        return sql.SQL("convert_to({}::text, 'UTF8')").format(value)
+        return _as_utf8(value)
     return sql.SQL('{} COLLATE "C"').format(value)
+
+
+def _as_utf8(value: sql.Composable) -> sql.Composable:
+    return sql.SQL("convert_to({}::text, 'UTF8')").format(value)
+
+
+def _bound(
+    table: TableInfo,
+    column: Column,
+    value: sql.Composable,
+    *,
+    alone: bool = False,
+    collate_c: bool = False,
+) -> sql.Composable:
+    """A range bound (text cast to the key column's type) as `key_order` compares its column.
+    Beside its column, the column's side decides the comparison's collation; `alone` (two
+    bounds compared) it needs its own COLLATE "C" where the column is compared bytewise."""
+    cast = sql.SQL("CAST({} AS {})").format(value, sql.SQL(column.type_sql))
+    if not column.collatable:
+        return cast
+    if table.utf8_keys:
+        return _as_utf8(cast)
+    if alone and (column.bytes_collation or not compared_as_stored(column, table, collate_c)):
+        return sql.SQL('{} COLLATE "C"').format(cast)
+    return cast
 
 
 def _key_expr(table: TableInfo, alias: str | None, collate_c: bool) -> sql.Composable:
@@ -125,12 +150,7 @@ def _key_expr(table: TableInfo, alias: str | None, collate_c: bool) -> sql.Compo
 
 def _bound_expr(table: TableInfo, values: Sequence[str]) -> sql.Composable:
     bounds = [
-        _comparable(
-            table,
-            dataclasses.replace(table.column(k), own_collation=False),
-            sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(table.column(k).type_sql)),
-            collate_c=False,  # the key's COLLATE "C" decides the comparison
-        )
+        _bound(table, table.column(k), sql.Literal(v))
         for k, v in zip(table.key, values, strict=True)
     ]
     return sql.SQL("({})").format(sql.SQL(", ").join(bounds))
@@ -145,16 +165,12 @@ def misordered_bounds(table: TableInfo, *, collate_c: bool = False) -> sql.Compo
 
     def side(prefix: str) -> sql.Composable:
         bounds = [
-            _comparable(
+            _bound(
                 table,
-                # a bound alone has the database's collation, not the column's own bytes one
-                dataclasses.replace(table.column(k), bytes_collation=False, own_collation=True)
-                if table.column(k).bytes_collation
-                else table.column(k),
-                sql.SQL("CAST({} AS {})").format(
-                    sql.Identifier("u", f"{prefix}{j}"), sql.SQL(table.column(k).type_sql)
-                ),
-                collate_c,
+                table.column(k),
+                sql.Identifier("u", f"{prefix}{j}"),
+                alone=True,
+                collate_c=collate_c,
             )
             for j, k in enumerate(table.key)
         ]

@@ -1744,6 +1744,32 @@ def _copy_codes_twice(source, target_db, prefixes: list[str]) -> None:
     assert_tables_equal(source.url, target_db.url, ["public.codes"])
 
 
+def test_a_glibc_locale_reports_its_version_on_every_server_version(german_server):
+    """A database in a glibc locale (de_DE.UTF-8, compiled for this cluster) has its rules'
+    version read, and glibc's, by the query for PostgreSQL 15+ and by the one for 13/14
+    (run here on 15: its catalog has what 13/14 have), alike."""
+    from supabase_migration.catalog import _collation_query
+
+    german_server.execute(
+        "CREATE DATABASE german_order TEMPLATE template0 ENCODING 'UTF8' LOCALE 'de_DE.UTF-8'"
+    )
+    try:
+        with psycopg.connect(german_server.url(dbname="german_order")) as conn:
+            conn.execute(
+                "CREATE COLLATION IF NOT EXISTS german (locale = 'de_DE.UTF-8')"
+            )  # glibc speaks through it
+            newer = conn.execute(_collation_query(150000)).fetchone()
+            older = conn.execute(_collation_query(140000)).fetchone()
+            collation = default_collation(conn)
+        assert newer is not None and older is not None
+        assert newer[:2] == older[:2] == ("c", "de_DE.UTF-8")
+        assert newer[2] and newer[2] == older[2] == newer[3] == older[3]  # glibc's, e.g. 2.36
+        assert collation.orders_alike(Collation("c", "de_DE.UTF-8", newer[2], newer[3]))
+        assert not collation.orders_alike(Collation("c", "de_DE.UTF-8", "2.27", "2.27"))
+    finally:
+        german_server.drop_database("german_order")
+
+
 def test_a_builtin_collation_of_postgresql_17_is_read(source_db):
     """PostgreSQL 17 names a database's own locale `datlocale` and adds the builtin provider;
     the embedded build (a dev dependency, PostgreSQL 18) has one. A builtin C.UTF-8 is not
