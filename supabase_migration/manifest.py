@@ -22,6 +22,7 @@ from .planning import DEFAULT_BATCH_SIZE
 MANIFEST_ENV = "SUPABASE_MIGRATION_MANIFEST"
 DEFAULT_MANIFEST = "migration.yaml"
 SCHEMA_MODES = ("alembic", "dump", "none")
+MANIFEST_VERSION = 1
 
 _HEADER = """\
 # supabase-migration manifest: what `supabase-migrate run` and the Dagster assets migrate.
@@ -120,7 +121,7 @@ def default_path() -> Path:
 
 def write(manifest: Manifest, path: Path) -> None:
     doc = {
-        "version": 1,
+        "version": MANIFEST_VERSION,
         "schemas": list(manifest.schemas),
         "schema_mode": manifest.schema_mode,
         "alembic_config": manifest.alembic_config,
@@ -172,34 +173,79 @@ def read(path: Path) -> Manifest:
     mode = doc.get("schema_mode", "dump")
     if mode not in SCHEMA_MODES:
         raise ConfigError(f"The manifest's schema_mode must be one of {', '.join(SCHEMA_MODES)}.")
-    try:
-        tables = tuple(
-            ManifestTable(
-                name=name,
-                key=tuple(spec.get("key") or ()),
-                key_source=spec.get("key_source", "none"),
-                estimated_rows=spec.get("estimated_rows"),
-                batch_size=spec.get("batch_size"),
-                parents=tuple(spec.get("parents") or ()),
-                partitioned=bool(spec.get("partitioned", False)),
-            )
-            for name, spec in doc["tables"].items()
-        )
-        return Manifest(
-            tables=tables,
-            schemas=tuple(doc.get("schemas") or ("public",)),
-            schema_mode=mode,
-            alembic_config=doc.get("alembic_config"),
-            batch_size=int(doc.get("batch_size") or DEFAULT_BATCH_SIZE),
-            include=tuple(doc.get("include") or ()),
-            exclude=tuple(doc.get("exclude") or ()),
-            exposed_schemas=tuple(doc.get("exposed_schemas") or ("public",)),
-            path=path,
-        )
-    except (AttributeError, TypeError, ValueError):
+    if doc.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
         raise ConfigError(
-            f"The manifest {path} is malformed; run `supabase-migrate init` again."
-        ) from None
+            f"The manifest {path} is version {doc['version']}, and this release reads version "
+            f"{MANIFEST_VERSION}; run `supabase-migrate init` to write it again."
+        )
+    fields = _Fields(path)
+    tables = []
+    for name, spec in doc["tables"].items():
+        spec = fields.mapping(name, spec)
+        tables.append(
+            ManifestTable(
+                name=str(name),
+                key=fields.names(spec, "key", (), name),
+                key_source=str(spec.get("key_source", "none")),
+                estimated_rows=fields.count(spec, "estimated_rows", name, positive=False),
+                batch_size=fields.count(spec, "batch_size", name),
+                parents=fields.names(spec, "parents", (), name),
+                partitioned=spec.get("partitioned", False) is True,
+            )
+        )
+    alembic_config = doc.get("alembic_config")
+    if alembic_config is not None and not isinstance(alembic_config, str):
+        raise ConfigError(f"The manifest {path}: alembic_config must be a path to an alembic.ini.")
+    return Manifest(
+        tables=tuple(tables),
+        schemas=fields.names(doc, "schemas", ("public",)),
+        schema_mode=mode,
+        alembic_config=alembic_config,
+        batch_size=fields.count(doc, "batch_size") or DEFAULT_BATCH_SIZE,
+        include=fields.names(doc, "include", ()),
+        exclude=fields.names(doc, "exclude", ()),
+        exposed_schemas=fields.names(doc, "exposed_schemas", ("public",)),
+        path=path,
+    )
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """Reads a manifest's fields, each of the type it must have, or one sentence naming it.
+
+    A list written as one string (`exposed_schemas: public`) must not be read as its letters:
+    the schemas given row level security would then be none."""
+
+    path: Path
+
+    def _refuse(self, what: str, table: str | None, must: str) -> ConfigError:
+        where = f"{table}'s {what}" if table else what
+        return ConfigError(f"The manifest {self.path}: {where} must be {must}.")
+
+    def mapping(self, table: str, spec: object) -> dict[str, object]:
+        if not isinstance(spec, dict):
+            raise self._refuse("entry", table, "a mapping, like `{key: [id]}`")
+        return spec
+
+    def names(
+        self, doc: dict, what: str, default: tuple[str, ...], table: str | None = None
+    ) -> tuple[str, ...]:
+        value = doc.get(what)
+        if value is None or value == []:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self._refuse(what, table, "a list of names, one `- name` a line or `[a, b]`")
+        return tuple(value)
+
+    def count(
+        self, doc: dict, what: str, table: str | None = None, *, positive: bool = True
+    ) -> int | None:
+        value = doc.get(what)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or (positive and value < 1):
+            raise self._refuse(what, table, "a whole number" + (" above 0" if positive else ""))
+        return value
 
 
 def read_if_present(path: Path | None = None) -> Manifest | None:

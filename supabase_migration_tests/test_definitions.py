@@ -88,7 +88,19 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     [
         ("tables:\n  patients: {key: [id]}\n", "schema.table"),
         ("tables: [a, b]\n", "no `tables` mapping"),
-        ("tables: {public.x: {key: 3}}\n", "malformed"),
+        ("tables: {public.x: {key: 3}}\n", "public.x's key must be a list of names"),
+        # one string is not read as its letters: exposed_schemas p, u, b... would leave every
+        # table of public without row level security
+        ("exposed_schemas: public\ntables: {}\n", "exposed_schemas must be a list of names"),
+        ("schemas: public\ntables: {}\n", "schemas must be a list of names"),
+        ("include: public.*\ntables: {}\n", "include must be a list of names"),
+        ("tables: {public.x: {parents: public.y}}\n", "public.x's parents must be a list"),
+        ("tables: {public.x: {batch_size: abc}}\n", "public.x's batch_size must be a whole"),
+        ("batch_size: -5\ntables: {}\n", "batch_size must be a whole number above 0"),
+        ("batch_size: 0\ntables: {}\n", "batch_size must be a whole number above 0"),
+        ("tables: {public.x: [id]}\n", "public.x's entry must be a mapping"),
+        ("version: 2\ntables: {}\n", "is version 2, and this release reads version 1"),
+        ("alembic_config: [a]\ntables: {}\n", "alembic_config must be a path"),
     ],
 )
 def test_a_manifest_the_definitions_cannot_use_is_one_sentence(
