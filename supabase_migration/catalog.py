@@ -209,6 +209,19 @@ def user_schemas(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
+def missing_schemas(conn: psycopg.Connection, schemas: Sequence[str]) -> list[str]:
+    """Those of `schemas` the connected database does not have, in the order given."""
+    if not schemas:
+        return []
+    existing = {
+        r[0]
+        for r in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (list(schemas),)
+        )
+    }
+    return [s for s in schemas if s not in existing]
+
+
 def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableInfo]:
     """Describe every ordinary and partitioned (root) table in `schemas`."""
     tables = conn.execute(_TABLES_SQL, {"schemas": list(schemas)}).fetchall()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import manifest as manifest_io
-from .catalog import read_tables, user_schemas
+from .catalog import missing_schemas, read_tables, user_schemas
 from .connections import borrowed
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 from .errors import ConfigError
@@ -90,10 +90,17 @@ def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
 
 def init(settings: Settings) -> Manifest:
     """Introspect the source and write the manifest."""
+    previous = manifest_io.read_if_present(settings.manifest_path)
     with borrowed(source_url()) as source:
+        missing = missing_schemas(source, settings.schemas)
+        if missing:  # refused before the reviewed manifest is replaced by an empty one
+            raise ConfigError(
+                f"The source has no schema {', '.join(missing)}; check the names given to "
+                "--schemas (its schemas with tables: "
+                f"{', '.join(user_schemas(source)) or 'none'})."
+            )
         schemas = list(settings.schemas) or user_schemas(source)
         tables = read_tables(source, schemas)
-    previous = manifest_io.read_if_present(settings.manifest_path)
     base = {
         "schema_mode": settings.schema_mode or (previous.schema_mode if previous else "dump"),
         "alembic_config": settings.alembic_config
@@ -106,8 +113,18 @@ def init(settings: Settings) -> Manifest:
     check_alembic_config(base["alembic_config"])
     include = settings.include or (previous.include if previous else ())
     exclude = settings.exclude or (previous.exclude if previous else ())
+    # What only the manifest holds is kept: the schemas given row level security, and each
+    # table's own batch size.
     result = manifest_io.from_catalog(
-        tables, schemas=schemas, include=include, exclude=exclude, **base
+        tables,
+        schemas=schemas,
+        include=include,
+        exclude=exclude,
+        batch_sizes={t.name: t.batch_size for t in previous.tables if t.batch_size}
+        if previous
+        else None,
+        exposed_schemas=previous.exposed_schemas if previous else ("public",),
+        **base,
     )
     if tables and not result.tables:
         filters = " ".join(

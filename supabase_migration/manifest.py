@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,8 +91,12 @@ def from_catalog(
     schemas: Sequence[str],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    batch_sizes: Mapping[str, int] | None = None,
     **settings: object,
 ) -> Manifest:
+    """The manifest of `tables` left by the filters; `batch_sizes` are per-table overrides
+    kept from the manifest this one replaces."""
+    batch_sizes = batch_sizes or {}
     chosen = [t for t in tables if selected(t.qualified_name, include, exclude)]
     names = {t.qualified_name for t in chosen}
     entries = tuple(
@@ -101,6 +105,7 @@ def from_catalog(
             key=t.key,
             key_source=t.key_source,
             estimated_rows=t.estimated_rows,
+            batch_size=batch_sizes.get(t.qualified_name),
             parents=tuple(p for p in t.parents if p in names),
             partitioned=t.partitioned,
         )

@@ -22,7 +22,7 @@ from enum import StrEnum
 
 import psycopg
 
-from .catalog import BOOKKEEPING_SCHEMA, ext_member, read_tables
+from .catalog import BOOKKEEPING_SCHEMA, ext_member, missing_schemas, read_tables
 from .connections import database_error
 from .conninfo import is_loopback_host
 from .errors import PreflightError
@@ -319,14 +319,9 @@ def _check_encoding(ctx: _Context) -> None:
 
 
 def _check_schemas(ctx: _Context) -> None:
-    existing = {
-        r[0]
-        for r in ctx.source.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (ctx.schemas,)
-        )
-    }
+    missing = missing_schemas(ctx.source, ctx.schemas)
     for schema in ctx.schemas:
-        if schema not in existing:
+        if schema in missing:
             ctx.add(
                 Severity.ERROR,
                 "schema-missing",

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 import pytest
+import yaml
 
 from supabase_migration import example_app
 from supabase_migration.assets import SCHEMA_KEY, table_asset_key
@@ -426,6 +427,50 @@ def test_a_missing_alembic_config_is_refused_before_it_changes_the_manifest(clin
     assert done.returncode == 2, done.stderr
     assert done.stderr == "error: The Alembic configuration no.ini does not exist.\n"
     assert (tmp_path / "migration.yaml").read_text() == written
+
+
+def test_filters_rewrite_the_manifest_keeping_its_exposed_schemas_and_batch_sizes(clinic):
+    """--include/--exclude/--schemas write the manifest again from the catalog; what only the
+    manifest holds stays: an extra exposed schema (else its tables would get no row level
+    security) and a table's own batch size. A schema name the source lacks is refused before
+    the reviewed manifest is replaced by an empty one."""
+    source_db, target_db, env, tmp_path = clinic
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE SCHEMA api; CREATE TABLE api.contacts (id int PRIMARY KEY, label text); "
+            "INSERT INTO api.contacts SELECT g, 'c' || g FROM generate_series(1, 50) g"
+        )
+    assert cli(["init", "--schemas", "public,api"], env, tmp_path).returncode == 0
+    path = tmp_path / "migration.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["exposed_schemas"] = ["public", "api"]
+    doc["tables"]["public.appointments"]["batch_size"] = 250
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    done = cli(["plan", "--schemas", "public,nosuchschema"], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: The source has no schema nosuchschema; check the names given to --schemas (its "
+        "schemas with tables: api, public).\n"
+    )
+    assert yaml.safe_load(path.read_text()) == doc
+
+    done = cli(["run", "--exclude", "public.alembic_version"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    rewritten = yaml.safe_load(path.read_text())
+    assert rewritten["exposed_schemas"] == ["public", "api"]
+    assert rewritten["tables"]["public.appointments"]["batch_size"] == 250
+    assert "public.alembic_version" not in rewritten["tables"]
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'api.contacts'::regclass"
+        ).fetchone() == (True,)
+        ranges = conn.execute(
+            "SELECT count(*) FROM supabase_migration.migration_checkpoints "
+            "WHERE table_name = 'public.appointments'"
+        ).fetchone()[0]
+        rows = conn.execute("SELECT count(*) FROM public.appointments").fetchone()[0]
+    assert ranges >= rows // 250, (ranges, rows)
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
