@@ -6,6 +6,7 @@ start on the databases while Dagster is imported beside it.
 
 from __future__ import annotations
 
+import configparser
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from . import manifest as manifest_io
 from .catalog import missing_schemas, read_tables, user_schemas
 from .connections import borrowed
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
-from .errors import ConfigError
+from .errors import ConfigError, read_user_text
 from .manifest import Manifest
 from .verify import DEFAULT_SAMPLE_SIZE
 
@@ -139,8 +140,42 @@ def init(settings: Settings) -> Manifest:
 
 
 def check_alembic_config(path: object) -> None:
-    if path and not Path(str(path)).expanduser().is_file():
-        raise ConfigError(f"The Alembic configuration {path} does not exist.")
+    """The alembic.ini must exist and parse. A parse error is reported by line number only:
+    its text would quote the line, and an alembic.ini's lines hold database URLs."""
+    if not path:
+        return
+    file = Path(str(path)).expanduser()
+    missing = f"The Alembic configuration {path} does not exist."
+    if not file.is_file():
+        raise ConfigError(missing)
+    text = read_user_text(file, "The Alembic configuration", missing)
+    parser = configparser.ConfigParser(defaults={"here": str(file.parent.absolute())})
+    try:
+        parser.read_string(text, source=str(file))
+        for section in parser.sections():  # interpolation fails on reading, not parsing
+            for option in parser.options(section):
+                if option != "sqlalchemy.url":  # replaced by the target's URL
+                    parser.get(section, option)
+    except configparser.Error as exc:
+        raise ConfigError(
+            f"The Alembic configuration {path} is not a valid ini file "
+            f"({_parse_problem(exc)}); fix it as `alembic` itself would need."
+        ) from None
+
+
+def _parse_problem(exc: configparser.Error) -> str:
+    """What is wrong and where, without the line's text."""
+    if isinstance(exc, configparser.InterpolationError):
+        return f"a '%' it cannot interpolate in [{exc.section}] {exc.option}; write it as '%%'"
+    what = {
+        configparser.MissingSectionHeaderError: "a line before any [section] header",
+        configparser.ParsingError: "a line it cannot parse",
+        configparser.DuplicateSectionError: "a section given twice",
+        configparser.DuplicateOptionError: "an option given twice",
+    }.get(type(exc), exc.__class__.__name__)
+    lines = [n for n, _ in getattr(exc, "errors", [])] or [getattr(exc, "lineno", None)]
+    at = ", ".join(str(n) for n in lines if n is not None)
+    return f"{what}, line {at}" if at else what
 
 
 def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Manifest:

@@ -473,6 +473,36 @@ def test_filters_rewrite_the_manifest_keeping_its_exposed_schemas_and_batch_size
     assert ranges >= rows // 250, (ranges, rows)
 
 
+def test_a_malformed_alembic_config_is_one_sentence_that_never_quotes_it(clinic):
+    """configparser's errors quote the line, and an alembic.ini's first line is often a URL
+    with its password: named by line number only, in the output and in Dagster's records."""
+    *_, env, tmp_path = clinic
+    secret = "TopSecretPw123"
+    ini = tmp_path / "bad.ini"
+    ini.write_text(
+        f"sqlalchemy.url = postgresql://app:{secret}@db.example/clinic\n"
+        f"[alembic]\nscript_location = {example_app.ALEMBIC_INI.parent / 'migrations'}\n"
+    )
+    sentence = (
+        f"error: The Alembic configuration {ini} is not a valid ini file (a line before any "
+        "[section] header, line 1); fix it as `alembic` itself would need.\n"
+    )
+    for command in ("plan", "run"):
+        argv = [command, "--schema-mode", "alembic", "--alembic-config", str(ini)]
+        done = cli(argv, env, tmp_path, timeout=120)
+        assert (done.returncode, done.stderr) == (2, sentence), done.stderr
+        assert secret not in done.stdout
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == [ini], leaked
+
+    # a '%' configparser cannot interpolate: found before the run, not by Alembic mid-step
+    ini.write_text(ini.read_text().replace("sqlalchemy.url", "# sqlalchemy.url", 1))
+    ini.write_text(ini.read_text() + "file_template = %%(rev)s_%slug\n")
+    done = cli(["run", "--schema-mode", "alembic", "--alembic-config", str(ini)], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "(a '%' it cannot interpolate in [alembic] file_template;" in done.stderr
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
