@@ -1024,7 +1024,7 @@ def _apply_dump_in_transaction(
         digest, applied_at = previous
         if digest == dump.digest:
             raise psycopg.Rollback()  # a no-op, and provably so: nothing is committed
-        raise SchemaError(
+        raise ConfigError(  # the user must choose what to do: bad input, exit code 2
             f"The source schema changed since dump mode applied it to the target on "
             f"{applied_at:%Y-%m-%d %H:%M %Z} (hash {str(digest)[:12]}, now {dump.digest[:12]}); "
             "this tool does not diff schemas: apply the change on the target yourself (for "
@@ -1034,7 +1034,7 @@ def _apply_dump_in_transaction(
     existing = _existing_objects(conn, schemas)
     if existing:
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
-        raise SchemaError(
+        raise ConfigError(  # the wrong target, or the wrong mode: exit code 2
             f"The target already has {len(existing)} object{'s' if len(existing) > 1 else ''} "
             f"in the migrated schemas ({shown}) that this tool did not create; if you made the "
             "schema yourself, rerun with --schema-mode none, otherwise drop them and run again."

@@ -503,6 +503,28 @@ def test_a_malformed_alembic_config_is_one_sentence_that_never_quotes_it(clinic)
     assert "(a '%' it cannot interpolate in [alembic] file_template;" in done.stderr
 
 
+def test_a_target_schema_this_tool_did_not_make_stops_with_exit_code_2(clinic):
+    """Both ask the user to choose (the wrong target, the wrong mode, or a schema change to
+    apply by hand): bad input, exit code 2, and nothing written."""
+    source_db, target_db, env, tmp_path = clinic
+    example_app.upgrade_head(target_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    done = cli(["run", "--schema-mode", "dump"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: The target already has 1"), done.stderr
+    assert "rerun with --schema-mode none" in done.stderr and done.stderr.count("\n") == 1
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        conn.execute("GRANT ALL ON SCHEMA public TO postgres")
+
+    assert cli(["run", "--schema-mode", "dump"], env, tmp_path, timeout=300).returncode == 0
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE patients ADD COLUMN nickname text")
+    done = cli(["run"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: The source schema changed since dump mode"), done.stderr
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
