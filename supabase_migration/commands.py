@@ -471,6 +471,8 @@ def run(
     """Schema, plan, every range that is not done (or changed), then sequences."""
     started = time.monotonic()
     check_connections(log)
+    if resume:
+        _refuse_nothing_to_resume()
     warning = warn_if_workers_exceed_pool(target_url(), settings.workers)
     if warning:
         log(warning)
@@ -543,6 +545,18 @@ def run(
             summary.report_dir = report_dir().resolve()
     summary.duration_s = time.monotonic() - started
     return summary
+
+
+def _refuse_nothing_to_resume() -> None:
+    """`resume` goes on with a run; on a target no run has planned it would be a first run,
+    perhaps into the wrong project."""
+    with borrowed(target_url()) as target:
+        planned = checkpoints.bookkeeping_exists(target) and checkpoints.summary(target)
+    if not planned:
+        raise ConfigError(
+            "Nothing to resume: no run has planned this target yet; start with "
+            "`supabase-migrate run`, or check that SUPABASE_DB_URL names the right database."
+        )
 
 
 def _units_to_run(

@@ -11,7 +11,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from psycopg import sql
+
 from . import memory
+from .connections import borrowed
 from .errors import ConfigError
 from .inputs import Settings, check_connections, ensure_manifest, source_url, target_url
 from .manifest import Manifest
@@ -29,10 +32,29 @@ def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = (
     unknown = sorted(set(tables) - {t.name for t in manifest.tables})
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} is not in {manifest.path}; see its tables list.")
+    _refuse_a_target_without_them(list(tables) or [t.name for t in manifest.tables])
     try:
         return _verify_and_record(manifest, settings, directory, tables)
     finally:
         memory.release()  # what the Dagster thread froze (see dagster_recorder)
+
+
+def _refuse_a_target_without_them(names: Sequence[str]) -> None:
+    """A target with none of the tables is no migration to verify (not yet run, or the wrong
+    project): one sentence, not a report of every check failing."""
+    if not names:
+        return
+    with borrowed(target_url()) as target:
+        idents = [sql.Identifier(*name.split(".", 1)).as_string(target) for name in names]
+        found = target.execute(
+            "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (idents,)
+        ).fetchone()
+    if found is not None and found[0] == 0:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigError(
+            f"The target has none of the {len(names)} tables to verify ({shown}); run "
+            "`supabase-migrate run` first, or check that SUPABASE_DB_URL names its database."
+        )
 
 
 def _verify_and_record(

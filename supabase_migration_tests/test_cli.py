@@ -525,6 +525,31 @@ def test_a_target_schema_this_tool_did_not_make_stops_with_exit_code_2(clinic):
     assert done.stderr.startswith("error: The source schema changed since dump mode"), done.stderr
 
 
+def test_verify_and_resume_before_any_run_say_so_in_one_sentence(clinic):
+    """Not a report of every check failing, nor a first run started by `resume` (perhaps
+    into the wrong project): one sentence each, exit code 2, nothing written on the target."""
+    _, target_db, env, tmp_path = clinic
+    done = cli(["verify"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: The target has none of the 7 tables to verify (public.alembic_version, "
+        "public.appointments, public.lab_results, ...); run `supabase-migrate run` first, or "
+        "check that SUPABASE_DB_URL names its database.\n"
+    )
+    assert not (tmp_path / "migration-report").exists()
+    done = cli(["resume"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: Nothing to resume: no run has planned this target yet; start with "
+        "`supabase-migrate run`, or check that SUPABASE_DB_URL names the right database.\n"
+    )
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT to_regclass('public.patients'), "
+            "to_regnamespace('supabase_migration') IS NOT NULL"
+        ).fetchone() == (None, False)
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
