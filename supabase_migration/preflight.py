@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import psycopg
+from psycopg import sql
 
+from . import checkpoints
 from .catalog import BOOKKEEPING_SCHEMA, ext_member, missing_schemas, read_tables
 from .connections import database_error
 from .conninfo import is_loopback_host
@@ -241,6 +243,7 @@ def _run_checks(
         _check_privileges,
         _check_target_objects,
         _check_existing_tables,
+        _check_rows_not_copied_here,
         _check_target_privileges,
         _check_audit,
     ):
@@ -1002,6 +1005,42 @@ def _check_existing_tables(ctx: _Context) -> None:
                 "UPDATE, DELETE); grant them, or connect as the project's postgres role.",
             )
         _compare_columns(ctx, table, source[table].columns, there.columns)
+
+
+def _check_rows_not_copied_here(ctx: _Context) -> None:
+    """A table's first copy makes it equal to the source, deleting the rows the source lacks.
+    Rows in the tables of a target this tool has never copied into were put there by someone
+    else (the app, another tool, or this is the wrong project): refused, not silently deleted.
+    Once a run has planned the target, its tables are trusted: a table whose checkpoint rows
+    were deleted to plan it anew holds the rows copied before. Alembic's version table is left
+    out: its row is the schema's revision, put there by the migrations that made the tables."""
+    if checkpoints.bookkeeping_exists(ctx.target) and checkpoints.summary(ctx.target):
+        return
+    shapes = _table_shapes(ctx.target, ctx.schemas)
+    candidates = [
+        name
+        for name, shape in shapes.items()
+        if ctx.migrates(name) and shape.writable and list(shape.columns) != ["version_num"]
+    ]
+    if not candidates:
+        return
+    probes = [
+        sql.SQL("SELECT {} WHERE EXISTS (SELECT 1 FROM {}{})").format(
+            sql.Literal(name),
+            sql.SQL("" if shapes[name].partitioned else "ONLY "),
+            sql.Identifier(*name.split(".", 1)),
+        )
+        for name in candidates
+    ]
+    for (table,) in ctx.target.execute(sql.SQL(" UNION ALL ").join(probes)):
+        ctx.add(
+            Severity.ERROR,
+            "target-rows",
+            table,
+            f"{table} on the target already holds rows this tool did not copy, and its first "
+            "copy would delete those the source lacks; empty it on the target (TRUNCATE) if "
+            "that is what you want, or check that SUPABASE_DB_URL names the right project.",
+        )
 
 
 def _compare_columns(
