@@ -533,7 +533,20 @@ def _check_columns(ctx: _Context) -> None:
 
 
 def _check_keys(ctx: _Context) -> None:
+    """Keys that make ranges, and foreign keys whose parent is left behind: the copied rows
+    would break them on the target, and verification could never pass."""
     for table in read_tables(ctx.source, ctx.schemas):
+        name = table.qualified_name
+        for parent in table.parents if ctx.migrates(name) else ():
+            if not ctx.migrates(parent):
+                ctx.add(
+                    Severity.ERROR,
+                    "parent-left-out",
+                    name,
+                    f"{name} has a foreign key to {parent}, which is not migrated, so its "
+                    f"copied rows would break it on the target; migrate {parent} too, or leave "
+                    f"{name} out as well.",
+                )
         if table.key_source == "none":
             ctx.add(
                 Severity.WARNING,

@@ -582,6 +582,26 @@ def test_rows_on_the_target_this_tool_did_not_copy_are_refused_not_deleted(clini
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
 
 
+def test_a_foreign_key_parent_left_out_stops_the_run_before_any_row(clinic):
+    """Its children's rows would break their foreign keys on the target and verification
+    could never pass: an error of preflight, not orphans found after the copy."""
+    _, target_db, env, tmp_path = clinic
+    done = cli(["run", "--exclude", "public.patients"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        "error: Preflight stopped the migration before anything was written: "
+        "public.appointments has a foreign key to public.patients, which is not migrated, so "
+        "its copied rows would break it on the target; migrate public.patients too, or leave "
+        "public.appointments out as well (and "
+    ), done.stderr
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('public.appointments')").fetchone() == (None,)
+    left_out = "public.patients,public.appointments,public.prescriptions,public.lab_results"
+    done = cli(["plan", "--exclude", left_out], env, tmp_path, timeout=120)
+    assert done.returncode == 0, done.stdout
+    assert "parent-left-out" not in done.stdout, done.stdout
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
