@@ -152,10 +152,13 @@ def check_alembic_config(path: object) -> None:
     parser = configparser.ConfigParser(defaults={"here": str(file.parent.absolute())})
     try:
         parser.read_string(text, source=str(file))
-        for section in parser.sections():  # interpolation fails on reading, not parsing
-            for option in parser.options(section):
-                if option != "sqlalchemy.url":  # replaced by the target's URL
-                    parser.get(section, option)
+        # Interpolation fails on reading, not parsing: Alembic reads its own section so (the
+        # logging sections' `%(levelname)s` are read raw, by logging), and sqlalchemy.url is
+        # replaced by the target's URL.
+        if parser.has_section("alembic"):
+            for option in parser.options("alembic"):
+                if option != "sqlalchemy.url":
+                    parser.get("alembic", option)
     except configparser.Error as exc:
         raise ConfigError(
             f"The Alembic configuration {path} is not a valid ini file "
