@@ -17,6 +17,9 @@ from .connections import remembered
 # Schemas that belong to PostgreSQL or to Supabase and are never migrated as user data.
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 BOOKKEEPING_SCHEMA = "supabase_migration"
+# The oldest source whose catalogs we read (generated columns came in 12) and whose floats
+# print as the shortest exact text, as the target's do (11 printed 15 digits and rounded).
+OLDEST_SOURCE = 12
 # The advisory lock (hashtext of this key) that schema steps and the bookkeeping set-up take on
 # the target, so that two runs starting at once take turns: concurrent CREATE ... IF NOT EXISTS
 # of one object fails with a unique violation on the catalog instead of waiting.
@@ -207,6 +210,18 @@ def user_schemas(conn: psycopg.Connection) -> list[str]:
         {"skip": [*SYSTEM_SCHEMAS, BOOKKEEPING_SCHEMA]},
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def too_old_a_source(conn: psycopg.Connection) -> str | None:
+    """The sentence refusing a source older than OLDEST_SOURCE, or None."""
+    major = conn.info.server_version // 10000
+    if major >= OLDEST_SOURCE:
+        return None
+    return (
+        f"The source runs PostgreSQL {major}, and this tool reads sources of PostgreSQL "
+        f"{OLDEST_SOURCE} or newer; upgrade it first (pg_upgrade, or pg_dump into a newer "
+        "server), then migrate from that."
+    )
 
 
 def missing_schemas(conn: psycopg.Connection, schemas: Sequence[str]) -> list[str]:

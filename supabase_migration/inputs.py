@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
+
 from . import manifest as manifest_io
-from .catalog import missing_schemas, read_tables, user_schemas
+from .catalog import missing_schemas, read_tables, too_old_a_source, user_schemas
 from .connections import borrowed
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 from .errors import ConfigError, read_user_text
@@ -76,14 +78,21 @@ def target_url() -> DatabaseUrl:
 
 def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
     """Fail fast with one sentence before any Dagster run starts."""
-    for url in (source_url(), target_url()):
-        with borrowed(url):
-            pass
+    with borrowed(source_url()) as source:
+        refuse_too_old_a_source(source)
+    with borrowed(target_url()):
+        pass
     if target_url().uses_transaction_pooler:
         log(
             "Note: the target is a transaction pooler (port 6543); it works, but a direct or "
             "session-pooler URL (port 5432) is faster for bulk loads."
         )
+
+
+def refuse_too_old_a_source(source: psycopg.Connection) -> None:
+    sentence = too_old_a_source(source)
+    if sentence:
+        raise ConfigError(sentence)
 
 
 # -- manifest ----------------------------------------------------------------------------------
@@ -93,6 +102,7 @@ def init(settings: Settings) -> Manifest:
     """Introspect the source and write the manifest."""
     previous = manifest_io.read_if_present(settings.manifest_path)
     with borrowed(source_url()) as source:
+        refuse_too_old_a_source(source)
         missing = missing_schemas(source, settings.schemas)
         if missing:  # refused before the reviewed manifest is replaced by an empty one
             raise ConfigError(

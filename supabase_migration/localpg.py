@@ -117,7 +117,7 @@ def _system_binaries() -> PgBinaries | None:
                 f"{BINDIR_ENV}={override} does not hold PostgreSQL server programs "
                 "(initdb, pg_ctl, postgres); point it at a bin directory or unset it."
             )
-        return _describe(bindir, "system")
+        return describe_binaries(bindir, "system")
     candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config:
@@ -130,7 +130,7 @@ def _system_binaries() -> PgBinaries | None:
     )
     for bindir in candidates:
         if _is_server_bindir(bindir):
-            return _describe(bindir, "system")
+            return describe_binaries(bindir, "system")
     return None
 
 
@@ -143,7 +143,7 @@ def _embedded_binaries() -> PgBinaries | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     package = Path(next(iter(spec.submodule_search_locations)))
-    found = [_describe(b, "embedded") for b in package.glob("pginstall*/bin")]
+    found = [describe_binaries(b, "embedded") for b in package.glob("pginstall*/bin")]
     found = [b for b in found if _is_server_bindir(b.bindir)]
     return max(found, key=lambda b: b.version, default=None)
 
@@ -159,7 +159,7 @@ def _version_in_path(path: Path) -> float:
         return 0.0
 
 
-def _describe(bindir: Path, origin: str) -> PgBinaries:
+def describe_binaries(bindir: Path, origin: str = "system") -> PgBinaries:
     version = 0
     postgres = bindir / "postgres"
     if postgres.is_file():  # `postgres --version` is answered before the root check

@@ -24,7 +24,13 @@ import psycopg
 from psycopg import sql
 
 from . import checkpoints
-from .catalog import BOOKKEEPING_SCHEMA, ext_member, missing_schemas, read_tables
+from .catalog import (
+    BOOKKEEPING_SCHEMA,
+    ext_member,
+    missing_schemas,
+    read_tables,
+    too_old_a_source,
+)
 from .connections import database_error
 from .conninfo import is_loopback_host
 from .errors import PreflightError
@@ -193,6 +199,9 @@ def run_preflight(
     In schema mode `none` the target's tables must already take the source's rows as they are.
     The findings come back sorted: errors first.
     """
+    too_old = too_old_a_source(source)
+    if too_old:  # the other checks' queries would fail on its catalogs
+        return [Finding(Severity.ERROR, "source-version", "source", too_old)]
     with _reading_catalogs("Preflight"):
         return _run_checks(source, target, schemas, schema_mode, tables)
 

@@ -211,13 +211,17 @@ def test_unusable_dagster_home_is_one_sentence(clinic):
     broken = tmp_path / "broken-home"
     broken.mkdir()
     (broken / "dagster.yaml").write_text("event_log_storage: [\n")
-    for home, expected in ((not_a_dir, "not a usable directory"), (broken, "dagster.yaml")):
-        for command in (["run", "--schema-mode", "dump"], ["verify"]):
+    unusable = ((not_a_dir, "not a usable directory"), (broken, "dagster.yaml"))
+
+    def refused(command: list[str]) -> None:
+        for home, expected in unusable:
             done = cli(command, {**env, "DAGSTER_HOME": str(home)}, tmp_path)
             assert done.returncode == 2, done.stderr
             assert expected in done.stderr and str(home) in done.stderr
             assert "Traceback" not in done.stderr
             assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+    refused(["run", "--schema-mode", "dump"])
     with psycopg.connect(target_db.url) as conn:
         exists = conn.execute("SELECT to_regclass('public.patients')").fetchone()[0]
     assert exists is None  # `run` stopped before its schema step
@@ -234,6 +238,10 @@ def test_unusable_dagster_home_is_one_sentence(clinic):
     assert "dagster.yaml" in line and str(unloadable) in line
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regclass('public.patients')").fetchone()[0] is None
+
+    # `verify` opens the home in the background, on a target that has the tables
+    assert cli(["run", "--no-verify"], env, tmp_path).returncode == 0
+    refused(["verify"])
 
 
 def test_source_role_without_select_on_a_table_is_one_sentence(clinic):

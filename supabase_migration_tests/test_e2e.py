@@ -6,18 +6,21 @@ Equality is judged by `compare`, which shares no code with the product's own che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from supabase_migration import example_app
+from supabase_migration.catalog import default_collation
 from supabase_migration.example_app.generate import generate
 from supabase_migration.localpg import (
     SUPABASE_ADMIN,
@@ -28,6 +31,7 @@ from supabase_migration.localpg import (
     private_tempdir,
 )
 
+from . import old_postgres
 from .compare import assert_indexes_equal, assert_tables_equal
 from .test_cli import APP_TABLES, cli
 from .test_schema_apply import load_sql_file
@@ -197,3 +201,76 @@ def test_pagila_migrates_into_a_newer_postgresql_and_verifies(source_db, pagila_
             assert conn.info.server_version // 10000 == binaries.version
     finally:
         server.cleanup()
+
+
+@contextlib.contextmanager
+def _old_source(major: int) -> Iterator[str]:
+    """A source database on an older PostgreSQL (see old_postgres); its URL."""
+    binaries = old_postgres.binaries(major)
+    require(
+        binaries is not None,
+        f"PostgreSQL {major} is not fetched: run `{old_postgres.FETCH_COMMAND}`.",
+    )
+    assert binaries is not None
+    server = LocalServer(binaries, private_tempdir(f"smpg{major}-") / "data")
+    try:
+        server.init()
+        server.start()
+        server.create_database("old")
+        yield server.url(dbname="old")
+    finally:
+        server.cleanup()
+
+
+def test_a_postgresql_13_source_is_copied_and_verified(target_db, tmp_path):
+    """Before PostgreSQL 14 rows are hashed as their text (no hash_record_extended), and the
+    collation's version is glibc's: the example app with floats, through the pooler, copied
+    and verified against a 15 target, every row hashed alike on both versions."""
+    with _old_source(13) as source:
+        example_app.upgrade_head(source.replace("postgresql://", "postgresql+psycopg://", 1))
+        generate(source, 20_000, seed=3)
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE readings (id bigint PRIMARY KEY, value float8, ratio real); "
+                "INSERT INTO readings SELECT g, g / 3.0, g / 7.0 FROM generate_series(1, 3000) g; "
+                "INSERT INTO readings VALUES (-1, 'NaN', '-Infinity'), (-2, '-0', 1e-38)"
+            )
+        env = cli_env(source, target_db.url, tmp_path)
+        done = cli(["run", "--batch-size", "2000"], env, tmp_path, 600)
+        assert done.returncode == 0, done.stderr
+        assert "Migration complete and verified" in done.stdout
+        assert_tables_equal(source, target_db.url, [*APP_TABLES, "public.readings"])
+        with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+            methods = conn.execute(
+                "SELECT DISTINCT left(row_checksum, 1) "
+                "FROM supabase_migration.migration_checkpoints WHERE row_checksum IS NOT NULL"
+            ).fetchall()
+        assert methods == [("t",)]  # the row's text: the pre-14 method
+        with psycopg.connect(source, autocommit=True) as conn:
+            collation = default_collation(conn)
+        # the 13/14 query (libc only); glibc's version is known only where the machine has a
+        # libc locale besides C's
+        assert (collation.provider, collation.locale) == ("c", "C.UTF-8"), collation
+        done = cli(["verify"], env, tmp_path, 600)
+        assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_a_postgresql_11_source_is_refused_in_one_sentence(target_db, tmp_path):
+    """Its catalogs lack what we read (generated columns) and its floats print otherwise:
+    one sentence, exit code 2, before anything is written."""
+    with _old_source(11) as source:
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, v float8)")
+        env = cli_env(source, target_db.url, tmp_path)
+        sentence = (
+            "error: The source runs PostgreSQL 11, and this tool reads sources of PostgreSQL 12 "
+            "or newer; upgrade it first (pg_upgrade, or pg_dump into a newer server), then "
+            "migrate from that.\n"
+        )
+        for command in ("init", "plan", "run", "verify"):
+            done = cli([command], env, tmp_path, 120)
+            assert (done.returncode, done.stderr) == (2, sentence), (command, done.stderr)
+        with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+            assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (
+                None,
+            )
