@@ -30,6 +30,7 @@ from supabase_migration.localpg import (
     prepare_supabase_database,
     private_tempdir,
 )
+from supabase_migration.preflight import run_preflight
 
 from . import old_postgres
 from .compare import assert_indexes_equal, assert_tables_equal
@@ -274,3 +275,7 @@ def test_a_postgresql_11_source_is_refused_in_one_sentence(target_db, tmp_path):
             assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (
                 None,
             )
+        # the schema asset's preflight, as the UI runs it, says the same
+        with psycopg.connect(source) as src, psycopg.connect(target_db.url) as tgt:
+            (finding,) = run_preflight(src, tgt)
+        assert (finding.code, f"error: {finding.message}\n") == ("source-version", sentence)
