@@ -26,7 +26,7 @@ from .preflight import (
     table_mismatches,
 )
 from .schema_apply import SchemaMode, SchemaResult, apply_schema
-from .security import enable_rls, tables_to_protect
+from .security import enable_rls, tables_to_protect, views_to_protect
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,10 @@ def migrate_schema(
         until the security step at the end. Default deny from the start (in the schema's own
         transaction, when it made tables); the policies come at the end."""
         actions = enable_rls(
-            target, tables_to_protect(target, manifest), exposed_schemas=manifest.exposed_schemas
+            target,
+            tables_to_protect(target, manifest),
+            exposed_schemas=manifest.exposed_schemas,
+            views=views_to_protect(target, manifest),
         )
         protected.extend(a.subject for a in actions if a.kind == "enable_rls")
 

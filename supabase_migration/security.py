@@ -328,16 +328,47 @@ def tables_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]
     return names + [name for (name,) in created if name not in set(names)]
 
 
+# Views that give rows past row level security: materialized ones, and those that read their
+# tables as their owner (not security_invoker, PostgreSQL 15+).
+_PAST_RLS = (
+    "(c.relkind = 'm' OR c.relkind = 'v' AND NOT EXISTS (SELECT 1 FROM "
+    "pg_options_to_table(c.reloptions) o WHERE o.option_name = 'security_invoker' AND "
+    "o.option_value IN ('true', 'on', '1', 'yes')))"
+)
+
+
+def views_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]:
+    """The views and materialized views our schema step created (alembic or dump mode) in the
+    migrated schemas that give rows past row level security: a view that reads its tables as
+    its owner (not security_invoker), and a materialized view, which has none. Supabase's
+    default privileges would give the API roles every row through them. In schema mode none
+    they are the user's, and the findings name them."""
+    if manifest.schema_mode not in ("alembic", "dump"):
+        return []
+    rows = conn.execute(
+        "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE {_PAST_RLS} AND n.nspname = ANY(%s) "
+        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
+        [list(manifest.schemas)],
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
 def enable_rls(
     target_conn: psycopg.Connection,
     tables: Sequence[str],
     *,
     exposed_schemas: Sequence[str] = ("public",),
+    views: Sequence[str] = (),
     policy_sql: str | None = None,
     policy_source: str | None = None,
     run_id: str | None = None,
 ) -> list[SecurityAction]:
     """Enable RLS on every migrated table (and partition) in an exposed schema; idempotent.
+    The API roles lose every privilege on `views` in an exposed schema (see views_to_protect);
+    grant them back in the policy SQL where a view is meant to be public, or make the view
+    security_invoker.
 
     Without policies that is default deny for `anon` and `authenticated`; `service_role`
     (BYPASSRLS on Supabase) and the table owner are unaffected, and RLS is never FORCEd.
@@ -361,6 +392,9 @@ def enable_rls(
                 needed, alters = _enable_one(name, relations.get(name), exposed)
                 actions += needed
                 statements += alters
+            shut, revokes = _shut_views(target_conn, views, exposed)
+            actions += shut
+            statements += revokes
             if statements:  # in one round trip: a remote target is tens of ms away
                 target_conn.execute(sql.SQL("; ").join(statements))
             actions += _revoke_bookkeeping(target_conn)
@@ -400,6 +434,23 @@ def _enable_one(
         )
         actions.append(SecurityAction("enable_rls", qualified, suffix.strip()))
     return actions, statements
+
+
+def _shut_views(
+    conn: psycopg.Connection, views: Sequence[str], exposed: tuple[str, ...]
+) -> tuple[list[SecurityAction], list[sql.Composable]]:
+    """REVOKEs of the API roles' privileges on the views in exposed schemas."""
+    shown = [v for v in views if _split(v)[0] in exposed]
+    roles = _existing_roles(conn, API_ROLES) if shown else []
+    if not roles:
+        return [], []
+    grantees = sql.SQL(", ").join(sql.Identifier(r) for r in roles)
+    statements = [
+        sql.SQL("REVOKE ALL ON TABLE {} FROM {}").format(sql.Identifier(*_split(v)), grantees)
+        for v in shown
+    ]
+    detail = f"no privileges for {', '.join(roles)}"
+    return [SecurityAction("revoke_view", v, detail) for v in shown], statements
 
 
 def _revoke_bookkeeping(conn: psycopg.Connection) -> list[SecurityAction]:
@@ -511,6 +562,26 @@ def _rls_status(target_conn: psycopg.Connection, exposed_schemas: Sequence[str])
         )
         for r in rows
     ]
+
+
+def views_open_to_api(
+    conn: psycopg.Connection, exposed_schemas: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """(name, relkind, the API roles that may use it) of each view in an exposed schema that
+    hands them rows past row level security: a materialized view, or a view that is not
+    security_invoker, on which an API role holds a privilege (its own, or PUBLIC's)."""
+    roles = _existing_roles(conn, API_ROLES)
+    if not roles:
+        return []
+    rows = conn.execute(
+        "SELECT format('%%s.%%s', n.nspname, c.relname), c.relkind, "
+        "array_to_string(array(SELECT r FROM unnest(%s::text[]) r WHERE has_table_privilege("
+        "r, c.oid, 'SELECT, INSERT, UPDATE, DELETE')), ', ') "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE {_PAST_RLS} AND n.nspname = ANY(%s) ORDER BY 1",
+        (roles, list(exposed_schemas)),
+    ).fetchall()
+    return [(name, kind, who) for name, kind, who in rows if who]
 
 
 def bookkeeping_exposed_to(target_conn: psycopg.Connection) -> list[str]:
@@ -1062,6 +1133,21 @@ def _security_findings(
                 )
             )
 
+    for name, kind, roles in views_open_to_api(conn, exposed):
+        why = (
+            "a materialized view has no row level security"
+            if kind == "m"
+            else "a view reads its tables as its owner, past their row level security"
+        )
+        findings.append(
+            _finding(
+                "ERROR",
+                "view_exposed",
+                name,
+                f"{roles} can read {name} over the API, and {why}; REVOKE ALL ON {name} FROM "
+                "anon, authenticated" + (", or make it security_invoker." if kind == "v" else "."),
+            )
+        )
     for role in bookkeeping_exposed_to(conn):
         findings.append(
             _finding(

@@ -866,6 +866,63 @@ def test_rows_are_never_served_by_the_api_before_the_security_step(
     assert again.protected == []
 
 
+def test_views_do_not_hand_the_api_roles_the_rows_rls_withholds(
+    source_db: SourceDb, target_db: TargetDb
+) -> None:
+    """A view reads its tables as its owner (postgres, who owns them too), past their row
+    level security, and a materialized view has none: with Supabase's default privileges anon
+    read, and wrote, every patient through them. The schema step takes the API roles'
+    privileges on the views it made; the findings name any view still open to them, and a
+    security_invoker view, which RLS governs, is not one."""
+    from supabase_migration.schema_step import migrate_schema
+
+    with _connect(source_db.url) as conn:
+        conn.execute(PATIENTS_SQL)
+        conn.execute(
+            "CREATE VIEW public.patient_summary AS SELECT id, full_name FROM public.patients; "
+            "CREATE MATERIALIZED VIEW public.patient_count AS SELECT count(*) FROM patients; "
+            "CREATE VIEW public.own_patients WITH (security_invoker = true) AS "
+            "SELECT id FROM public.patients"
+        )
+    manifest = Manifest(
+        tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="dump"
+    )
+    src = parse_database_url(source_db.url, label="source")
+    tgt = parse_database_url(target_db.url, label="target")
+    migrate_schema(manifest, src, tgt)
+    with _connect(target_db.url) as conn:
+        conn.execute(PATIENTS_SQL.split(";", 1)[1])  # the rows, as the copy brings them
+        conn.execute("REFRESH MATERIALIZED VIEW public.patient_count")
+        assert security_findings_of(conn, manifest, "view_exposed") == []
+    with _admin(target_db) as admin:
+        for view in ("public.patient_summary", "public.patient_count"):
+            for role in ("anon", "authenticated"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    _count_as(admin, role, view)
+        assert _count_as(admin, "anon", "public.own_patients") == 0  # RLS: default deny
+        assert _count_as(admin, "postgres", "public.patient_summary") == 31
+
+        # a view opened to the API again (by hand, or made so in schema mode none) is named
+        admin.execute("GRANT SELECT ON public.patient_summary, public.patient_count TO anon")
+    with _connect(target_db.url) as conn:
+        named = security_findings_of(conn, manifest, "view_exposed")
+    assert [(f["subject"], f["severity"]) for f in named] == [
+        ("public.patient_count", "ERROR"),
+        ("public.patient_summary", "ERROR"),
+    ]
+    assert named[1]["message"] == (
+        "anon can read public.patient_summary over the API, and a view reads its tables as its "
+        "owner, past their row level security; REVOKE ALL ON public.patient_summary FROM anon, "
+        "authenticated, or make it security_invoker."
+    )
+
+
+def security_findings_of(
+    conn: psycopg.Connection, manifest: Manifest, code: str
+) -> list[dict[str, str]]:
+    return [f for f in security.security_findings(conn, manifest) if f["code"] == code]
+
+
 def test_schema_mode_none_protects_the_users_tables_it_copies_into(
     source_db: SourceDb, target_db: TargetDb
 ) -> None:
