@@ -319,13 +319,17 @@ def every_nth_key(
     """The keys that start each run of `size` rows between `lower` and `upper`, the first
     run's excepted, as text (read where text output is pinned: `READING_ROWS`)."""
     order = sql.SQL(", ").join(key_order(table, collate_c=collate_c))
-    texts = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
+    # The subquery's columns are named here, k0, k1... and n: a key column may be called rn.
+    names = [sql.Identifier(f"k{i}") for i in range(len(table.key))]
     query = sql.SQL(
-        "SELECT {texts} FROM (SELECT {keys}, row_number() OVER (ORDER BY {order}) AS rn "
-        "FROM {t} WHERE {w}) s WHERE rn > 1 AND rn % {size} = 1 ORDER BY rn"
+        "SELECT {texts} FROM (SELECT {keys}, row_number() OVER (ORDER BY {order}) AS n "
+        "FROM {t} WHERE {w}) s WHERE n > 1 AND n % {size} = 1 ORDER BY n"
     ).format(
-        texts=texts,
-        keys=sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
+        texts=sql.SQL(", ").join(sql.SQL("{}::text").format(name) for name in names),
+        keys=sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(sql.Identifier(k), name)
+            for k, name in zip(table.key, names, strict=True)
+        ),
         order=order,
         t=rows_of(table),
         w=range_predicate(table, lower, upper, collate_c=collate_c),

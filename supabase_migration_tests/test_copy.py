@@ -431,6 +431,22 @@ def test_plans_read_side_by_side_equal_one_table_at_a_time(pair):
             assert seeded == together[info.qualified_name]
 
 
+def test_key_columns_named_like_the_plans_own_columns_are_planned(source_db):
+    """The plan numbers a range's keys in a subquery: a key column called rn (a line number)
+    made its row number ambiguous, and the whole run stopped at planning."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE line_item (rn int, k0 int, n int, PRIMARY KEY (rn, k0, n)); "
+            "INSERT INTO line_item SELECT g / 100, g % 100, g % 7 FROM generate_series(0, 2999) g"
+        )
+    with connect(parse_database_url(source_db.url, label="source"), autocommit=True) as s:
+        (info,) = [i for i in read_tables(s, ["public"]) if i.name == "line_item"]
+        ranges = plan_table(s, info, batch_size=1000)
+    keys = sorted((g // 100, g % 100, g % 7) for g in range(3000))
+    expected = [tuple(str(v) for v in keys[i]) for i in (1000, 2000)]
+    assert [r.lower for r in ranges[1:]] == expected
+
+
 def test_first_plans_read_ahead_are_the_plans_and_are_taken_once(pair):
     """What the CLI reads while Dagster starts is what plan_tables would read then, handed
     over once, and only for the same table, key, batch size and source database."""
