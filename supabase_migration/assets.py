@@ -604,7 +604,7 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
         deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY],
         description=(
             "Every sequence and identity on the target moved to at least the source's position "
-            "and past its column's max, so the application's next insert cannot collide."
+            "and past its column's values, so the application's next insert cannot collide."
         ),
     )
     def sequences(
@@ -616,8 +616,21 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
                 results = sync_sequences(s, t, manifest.schemas)
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
+        for r in results:
+            if r.exhausted:
+                context.log.warning(
+                    f"{r.column}'s values reach past the bounds of {r.sequence}, which cannot "
+                    "pass them; it keeps the source's position."
+                )
         rows = [
-            [r.sequence, r.column or "", r.source_value, r.column_max, r.before, r.after]
+            [
+                r.sequence,
+                r.column or "",
+                r.source_next,
+                f"{r.column_next} (past the sequence's bound)" if r.exhausted else r.column_next,
+                r.before,
+                r.after,
+            ]
             for r in results
         ]
         return dg.MaterializeResult(
@@ -627,7 +640,15 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
                 "duration_s": round(time.monotonic() - started, 3),
                 "sequences_table": dg.MetadataValue.md(
                     markdown_table(
-                        ["sequence", "column", "source", "column max", "before", "after"], rows
+                        [
+                            "sequence",
+                            "column",
+                            "source's next",
+                            "next past the column",
+                            "next before",
+                            "next after",
+                        ],
+                        rows,
                     )
                 ),
             }
