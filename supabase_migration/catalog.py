@@ -175,6 +175,8 @@ ORDER BY a.attrelid, a.attnum
 """
 
 # Unique, valid, non-partial, non-expression indexes with their columns in index order.
+# Unique indexes that can key ranges. Not a DEFERRABLE one: ON CONFLICT, which upserts a
+# range's rows, cannot use it as its arbiter.
 _KEYS_SQL = """
 SELECT i.indrelid, i.indisprimary, ci.relname,
        array_agg(a.attname ORDER BY k.ord) AS columns,
@@ -183,7 +185,7 @@ FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-WHERE i.indrelid = ANY(%(oids)s) AND i.indisunique AND i.indisvalid
+WHERE i.indrelid = ANY(%(oids)s) AND i.indisunique AND i.indisvalid AND i.indimmediate
   AND i.indpred IS NULL AND i.indexprs IS NULL
 GROUP BY i.indrelid, i.indexrelid, i.indisprimary, ci.relname
 """
