@@ -1086,7 +1086,8 @@ SELECT c.conname, c.confmatchtype::text, cr.relkind::text, pn.nspname, pc.relnam
           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum),
        (SELECT array_agg(a.attname ORDER BY k.ord)
           FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum)
+          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum),
+       c.convalidated
 FROM pg_constraint c
 JOIN pg_class cr ON cr.oid = c.conrelid
 JOIN pg_class pc ON pc.oid = c.confrelid
@@ -1151,7 +1152,7 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
             fks = target.execute(
                 _FKS_SQL, (sqlbuild.table_ident(table).as_string(target),)
             ).fetchall()
-            for conname, match, child_kind, p_schema, p_name, p_kind, cols, ref_cols in fks:
+            for conname, match, child_kind, p_schema, p_name, p_kind, cols, ref, valid in fks:
                 orphans = partial(
                     _orphans_query,
                     table,
@@ -1159,7 +1160,7 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                     sql.Identifier(p_schema, p_name),
                     p_kind == "p",
                     cols,
-                    ref_cols,
+                    ref,
                     match == "f",
                 )
                 # Counted first; the keys to show are read only when there are orphans.
@@ -1173,15 +1174,25 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                         "references": f"{p_schema}.{p_name}",
                         "violations": violations,
                         "example_keys": [key_label(table.key, r) for r in rows],
+                        "validated": valid,
                     }
                 )
-        broken = [r for r in results if r["violations"]]
+        # A NOT VALID foreign key vouches for new rows only: the source's own orphans, copied
+        # as they are, do not break it (the row checks prove them the source's).
+        broken = [r for r in results if r["violations"] and r["validated"]]
         details = {"foreign_keys": len(results), "violated": len(broken), "constraints": results}
         name = table.qualified_name
+        tolerated = [r for r in results if r["violations"] and not r["validated"]]
         if not broken:
             text = (
                 f"{name}: {_plural(len(results), 'foreign key')} checked, none violated on the "
-                "target."
+                "target"
+                + "".join(
+                    f"; {r['constraint']} is NOT VALID, and its {r['violations']} orphan row(s) "
+                    "are the source's, as it allows"
+                    for r in tolerated
+                )
+                + "."
                 if results
                 else f"{name}: no foreign keys."
             )

@@ -411,6 +411,7 @@ def test_broken_foreign_key_names_constraint_and_child_keys(migrated: Migrated) 
             "references": "public.patients",
             "violations": 2,
             "example_keys": ["visit_id=17", "visit_id=18"],
+            "validated": True,
         }
     ]
     assert "visits_patient_id_fkey" in outcome.description
@@ -438,6 +439,23 @@ def test_orphans_of_a_keyless_child_are_counted(migrated: Migrated) -> None:
     assert not outcome.passed
     (constraint,) = outcome.details["constraints"]
     assert constraint["violations"] == 2 and constraint["example_keys"] == []
+
+    # A NOT VALID foreign key vouches for new rows only: the orphans a source kept under it,
+    # copied as they are, pass (the row checks prove them the source's)
+    _on_target(
+        migrated,
+        "ALTER TABLE kid DROP CONSTRAINT kid_patient_id_fkey;"
+        "ALTER TABLE kid ADD CONSTRAINT kid_patient_fk FOREIGN KEY (patient_id) "
+        "REFERENCES patients (id) NOT VALID",
+        admin=True,
+    )
+    with psycopg.connect(migrated.target_admin, autocommit=True) as conn:
+        outcome = foreign_keys(conn, info)
+    assert outcome.passed, outcome.description
+    assert outcome.description == (
+        "public.kid: 1 foreign key checked, none violated on the target; kid_patient_fk is NOT "
+        "VALID, and its 2 orphan row(s) are the source's, as it allows."
+    )
     assert "2 orphan row(s)" in outcome.description
     assert "999998" not in outcome.description and "Jane" not in outcome.description
 
