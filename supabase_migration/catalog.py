@@ -55,6 +55,9 @@ class Column:
     # A collation of bytes (C, POSIX, ucs_basic, the builtin pg_c_utf8): ordered alike by every
     # server whatever its database's collation, in UTF8.
     bytes_collation: bool = False
+    # xml (or an array of it): copied as its stored text, in text COPY. Its output functions,
+    # text and binary alike, drop an XML declaration (<?xml version="1.0"?>) the value keeps.
+    xml_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,8 @@ ORDER BY n.nspname, c.relname
 _COLUMNS_SQL = """
 SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
        a.attgenerated <> '' AS generated, a.attidentity::text,
-       (b.typsend <> 0 AND b.typreceive <> 0) AS binary_ok,
+       (b.typsend <> 0 AND b.typreceive <> 0
+        AND 'pg_catalog.xml'::regtype NOT IN (b.oid, b.typelem)) AS binary_ok,
        b.typcollation <> 0 AS collatable,
        (b.oid = ANY(n.types) OR (b.typcategory = 'A' AND b.typelem = ANY(n.types))) AS hash_native,
        CASE WHEN b.oid = ANY(n.sent) THEN s.proname::text ELSE '' END AS hash_sent,
@@ -151,7 +155,8 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
                 false) AS own_collation,
        coalesce(co.collnamespace = 'pg_catalog'::regnamespace
                 AND co.collname IN ('C', 'POSIX', 'ucs_basic', 'pg_c_utf8'), false)
-         AS bytes_collation
+         AS bytes_collation,
+       'pg_catalog.xml'::regtype IN (b.oid, b.typelem) AS xml_text
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

@@ -363,11 +363,25 @@ def copy_out_query(
         else sql.SQL("")
     )
     return sql.SQL("COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT {}").format(
-        column_list(table.copy_columns),
+        _copied_values(table.copy_columns),
         rows_of(table),
         range_predicate(table, lower, upper, collate_c=collate_c),
         order,
         sql.SQL("(FORMAT binary)") if binary else sql.SQL(""),
+    )
+
+
+def _copied_values(columns: Sequence[Column]) -> sql.Composable:
+    """The values a COPY out sends: the columns, xml as its stored text (see Column.xml_text)."""
+    return sql.SQL(", ").join(
+        sql.SQL("{}::{} AS {}").format(
+            sql.Identifier(c.name),
+            sql.SQL("text[]" if c.type_sql.endswith("[]") else "text"),
+            sql.Identifier(c.name),
+        )
+        if c.xml_text
+        else sql.Identifier(c.name)
+        for c in columns
     )
 
 

@@ -634,6 +634,30 @@ def test_a_deferrable_primary_key_is_not_the_key_of_ranges(source_db, target_db,
     assert status["public.bed"]["completed"] > 1  # ranges of its unique code
 
 
+def test_xml_keeps_its_declaration_and_verifies(source_db, target_db, tmp_path):
+    """xml's output functions, text and binary, drop a declaration the value keeps (HL7 CDA
+    documents carry one): the copy lost it, and verification, which hashes the stored text,
+    failed for good, `--repair` included. xml now travels as its stored text."""
+    declared = '<?xml version="1.0" encoding="UTF-8"?><ClinicalDocument>é</ClinicalDocument>'
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE DOMAIN cda AS xml; "
+            "CREATE TABLE doc (id int PRIMARY KEY, x xml, d cda, xs xml[], note text)"
+        )
+        conn.execute(
+            "INSERT INTO doc SELECT g, %s::xml, %s::xml, ARRAY[%s::xml, '<a/>'], 'n' "
+            "FROM generate_series(1, 300) g",
+            (declared, declared, declared),
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT DISTINCT x::text, d::text, (xs[1])::text FROM doc"
+        ).fetchall() == [(declared, declared, declared)]
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
