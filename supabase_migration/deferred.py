@@ -1,4 +1,5 @@
-"""Build secondary indexes and unique constraints after a table's first load, not during it.
+"""Build secondary indexes and unique constraints after a table's first load, not during it,
+and add NOT VALID check constraints back after it (they would refuse the source's old rows).
 
 Keeping every B-tree up to date row by row while COPY inserts costs more than building it once
 over the loaded table: at 3M rows of the example app, loading with only the primary keys in place
@@ -31,6 +32,9 @@ DEFERRED = sql.Identifier(BOOKKEEPING_SCHEMA, "deferred_indexes")
 
 # One row per dropped index or unique constraint: the statements that recreate it exactly
 # (definition, comment, CLUSTER ON), rendered by the target itself with every name qualified.
+# And each NOT VALID check constraint: the source kept rows it was added over without checking
+# them, which the copy's inserts would be checked against; added again after the load, NOT
+# VALID, it checks new rows only, as on the source (pg_dump adds it after the data too).
 _CANDIDATES = """
 SELECT ci.relname,
        CASE WHEN con.oid IS NULL THEN 'index' ELSE 'unique constraint' END,
@@ -70,7 +74,22 @@ WHERE i.indrelid = to_regclass(%(table)s)
     SELECT array_agg(a.attname::text ORDER BY a.attname::text)
     FROM unnest(i.indkey) AS k(attnum)
     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum))
-ORDER BY ci.relname
+UNION ALL
+SELECT con.conname, 'NOT VALID check constraint',
+       array_remove(ARRAY[
+         format('ALTER TABLE %%I.%%I ADD CONSTRAINT %%I %%s', n.nspname, t.relname,
+                con.conname, pg_get_constraintdef(con.oid)),
+         CASE WHEN obj_description(con.oid, 'pg_constraint') IS NOT NULL
+              THEN format('COMMENT ON CONSTRAINT %%I ON %%I.%%I IS %%L', con.conname,
+                          n.nspname, t.relname, obj_description(con.oid, 'pg_constraint')) END
+       ], NULL),
+       format('ALTER TABLE %%I.%%I DROP CONSTRAINT %%I', n.nspname, t.relname, con.conname)
+FROM pg_constraint con
+JOIN pg_class t ON t.oid = con.conrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+WHERE con.conrelid = to_regclass(%(table)s) AND con.contype = 'c' AND NOT con.convalidated
+  AND con.conislocal AND con.coninhcount = 0 AND t.relkind = 'r' AND NOT t.relispartition
+ORDER BY 1
 """
 
 

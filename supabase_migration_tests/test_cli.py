@@ -658,6 +658,32 @@ def test_xml_keeps_its_declaration_and_verifies(source_db, target_db, tmp_path):
         ).fetchall() == [(declared, declared, declared)]
 
 
+def test_a_not_valid_check_the_source_rows_break_is_added_after_the_load(
+    source_db, target_db, tmp_path
+):
+    """A CHECK added NOT VALID over old rows that break it: the schema came before the data,
+    so the copy's inserts were checked and the table stayed empty. It is dropped for the load
+    and added back, NOT VALID, after it, as pg_dump does; it still refuses new bad rows."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE legacy (id int PRIMARY KEY, age int); "
+            "INSERT INTO legacy SELECT g, g - 5 FROM generate_series(1, 500) g; "
+            "ALTER TABLE legacy ADD CONSTRAINT age_pos CHECK (age >= 0) NOT VALID; "
+            "COMMENT ON CONSTRAINT age_pos ON legacy IS 'from 2019 on'"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    assert_tables_equal(source_db.url, target_db.url, ["public.legacy"])
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT convalidated, obj_description(oid, 'pg_constraint') FROM pg_constraint "
+            "WHERE conname = 'age_pos'"
+        ).fetchall() == [(False, "from 2019 on")]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("INSERT INTO legacy VALUES (1000, -1)")
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
