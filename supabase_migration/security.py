@@ -584,6 +584,26 @@ def views_open_to_api(
     return [(name, kind, who) for name, kind, who in rows if who]
 
 
+def definer_functions_open_to_api(
+    conn: psycopg.Connection, exposed_schemas: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(signature, the API roles that may call it) of each SECURITY DEFINER function in an
+    exposed schema that they may execute (PUBLIC may, by default), extensions' excepted."""
+    roles = _existing_roles(conn, API_ROLES)
+    if not roles:
+        return []
+    rows = conn.execute(
+        "SELECT format('%%I.%%I(%%s)', n.nspname, p.proname, "
+        "pg_get_function_identity_arguments(p.oid)), array_to_string(array(SELECT r FROM "
+        "unnest(%s::text[]) r WHERE has_function_privilege(r, p.oid, 'EXECUTE')), ', ') "
+        "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE p.prosecdef AND p.prokind IN ('f', 'p') AND n.nspname = ANY(%s) "
+        f"AND NOT {ext_member('pg_proc', 'p.oid')} ORDER BY 1",
+        (roles, list(exposed_schemas)),
+    ).fetchall()
+    return [(name, who) for name, who in rows if who]
+
+
 def bookkeeping_exposed_to(target_conn: psycopg.Connection) -> list[str]:
     """API roles that can use the bookkeeping schema (must be empty)."""
     exposed = []
@@ -1146,6 +1166,18 @@ def _security_findings(
                 name,
                 f"{roles} can read {name} over the API, and {why}; REVOKE ALL ON {name} FROM "
                 "anon, authenticated" + (", or make it security_invoker." if kind == "v" else "."),
+            )
+        )
+    for name, roles in definer_functions_open_to_api(conn, exposed):
+        findings.append(
+            _finding(
+                "WARN",
+                "definer_function_exposed",
+                name,
+                f"{roles} can call {name} over the API (/rpc), and it runs as its owner, past "
+                "row level security; if it returns or changes rows they may not see, REVOKE "
+                f"EXECUTE ON FUNCTION {name} FROM PUBLIC, anon, authenticated (grant back the "
+                "app's roles), or move it to a schema that is not exposed.",
             )
         )
     for role in bookkeeping_exposed_to(conn):

@@ -910,6 +910,16 @@ def test_views_do_not_hand_the_api_roles_the_rows_rls_withholds(
         ("public.patient_count", "ERROR"),
         ("public.patient_summary", "ERROR"),
     ]
+    # a SECURITY DEFINER function in public is callable over /rpc by every role (PUBLIC may
+    # execute it), and reads as its owner: named, as a warning (it may be meant as an API)
+    with _connect(target_db.url) as conn:
+        conn.execute(
+            "CREATE FUNCTION public.patient_name(p bigint) RETURNS text LANGUAGE sql "
+            "SECURITY DEFINER AS 'SELECT full_name FROM public.patients WHERE id = p'"
+        )
+        (definer,) = security_findings_of(conn, manifest, "definer_function_exposed")
+    assert (definer["subject"], definer["severity"]) == ("public.patient_name(p bigint)", "WARN")
+    assert definer["message"].startswith("anon, authenticated can call public.patient_name(")
     assert named[1]["message"] == (
         "anon can read public.patient_summary over the API, and a view reads its tables as its "
         "owner, past their row level security; REVOKE ALL ON public.patient_summary FROM anon, "
