@@ -242,6 +242,10 @@ def test_unusable_dagster_home_is_one_sentence(clinic):
     # `verify` opens the home in the background, on a target that has the tables
     assert cli(["run", "--no-verify"], env, tmp_path).returncode == 0
     refused(["verify"])
+    # and a report directory that cannot be written is one sentence too
+    done = cli(["verify", "--report", "/proc/no-report-here"], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "could not be written" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_source_role_without_select_on_a_table_is_one_sentence(clinic):
@@ -323,7 +327,7 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         (["run", "--repair", "--report", "{tmp}/none"], "no verification report"),
         (["plan", "--schema-mode", "alembic", "--alembic-config", "{tmp}/no.ini"], "alembic"),
         (["run", "--worker", "2"], "unrecognized arguments: --worker"),  # not --workers
-        (["verify", "--report", "/proc/no-report-here"], "could not be written"),
+        (["verify", "--tables", "public.nope"], "public.nope is not in"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):

@@ -252,7 +252,7 @@ def test_changed_source_schema_is_refused(source_db, target_db):
     before = snapshot(target_db.admin_url, "clinic")
     execute(source_db.url, "ALTER TABLE clinic.visits ADD COLUMN room text")
 
-    with pytest.raises(SchemaError) as caught:
+    with pytest.raises(ConfigError) as caught:  # the user must choose: bad input, exit 2
         apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
 
     message = str(caught.value)
@@ -265,7 +265,7 @@ def test_objects_the_tool_did_not_create_are_refused(source_db, target_db):
     execute(target_db.url, "CREATE SCHEMA clinic; CREATE TABLE clinic.visits (id int)")
     source, target = _urls(source_db, target_db.url)
 
-    with pytest.raises(SchemaError) as caught:
+    with pytest.raises(ConfigError) as caught:
         apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
 
     assert "clinic.visits" in str(caught.value)
@@ -740,7 +740,7 @@ def test_schema_ahead_is_taken_once_for_the_same_databases(source_db, target_db)
     execute(source_db.url, "ALTER TABLE clinic.visits ADD COLUMN room text")
     failing = start_schema_ahead(manifest, source, target)
     assert failing is not None
-    with pytest.raises(SchemaError, match="source schema changed"):
+    with pytest.raises(ConfigError, match="source schema changed"):
         failing.take(source, target)
 
     # The Alembic mode runs the user's env.py: never in a background thread.
