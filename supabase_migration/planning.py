@@ -61,6 +61,11 @@ def _partition_limit(table: TableInfo, max_partitions: int, collate_c: bool) -> 
     return min(max_partitions, MAX_PARTITIONS_SCANNED)
 
 
+# Integer keys spread over more than this many times their count are split by rows, not by
+# arithmetic: a serial key (1, 2, 3... with gaps from rollbacks and deletes) stays arithmetic.
+SPARSE_KEYS = 16
+
+
 def effective_batch_size(rows: int, batch_size: int, max_partitions: int) -> int:
     return max(batch_size, math.ceil(rows / max_partitions)) if rows else batch_size
 
@@ -284,6 +289,10 @@ def _integer_boundaries(
         return []
     span = high - low + 1
     size = effective_batch_size(rows, batch_size, max_partitions)
+    if span > SPARSE_KEYS * rows and rows > size:
+        # Keys far apart (a sentinel id of 10^15, random ids): equal widths would leave one
+        # range with nearly every row. Ranges of `size` rows, read from the key's index.
+        return every_nth_key(conn, table, size, start, None, collate_c=False)
     width = max(1, math.ceil(size * span / rows))
     width = max(width, math.ceil(span / max_partitions))
     return [(str(b),) for b in range(low + width, high + 1, width)]

@@ -447,6 +447,39 @@ def test_key_columns_named_like_the_plans_own_columns_are_planned(source_db):
     assert [r.lower for r in ranges[1:]] == expected
 
 
+def test_integer_keys_far_apart_are_split_by_rows(source_db):
+    """Equal widths of a key with a sentinel id of 10^15 put every row but one in the first
+    range: no resumability inside the table, one huge transaction. Keys spread over more than
+    SPARSE_KEYS times their count are split into ranges of batch-size rows instead."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE sparse (id bigint PRIMARY KEY); "
+            "INSERT INTO sparse SELECT generate_series(1, 3000); "
+            "INSERT INTO sparse VALUES (1000000000000000); "
+            "CREATE TABLE dense (id bigint PRIMARY KEY); "
+            "INSERT INTO dense SELECT g * 3 FROM generate_series(1, 3000) g"
+        )
+    with connect(parse_database_url(source_db.url, label="source"), autocommit=True) as s:
+        infos = {i.name: i for i in read_tables(s, ["public"])}
+        sparse = plan_table(s, infos["sparse"], batch_size=1000)
+        dense = plan_table(s, infos["dense"], batch_size=1000)
+        counts = [
+            s.execute(
+                "SELECT count(*) FROM sparse WHERE (%s::bigint IS NULL OR id >= %s::bigint) "
+                "AND (%s::bigint IS NULL OR id < %s::bigint)",
+                [
+                    r.lower and r.lower[0],
+                    r.lower and r.lower[0],
+                    r.upper and r.upper[0],
+                    r.upper and r.upper[0],
+                ],
+            ).fetchone()[0]
+            for r in sparse
+        ]
+    assert counts == [1000, 1000, 1000, 1]
+    assert [r.lower for r in dense] == [None, ("3003",), ("6003",)]  # arithmetic, as before
+
+
 def test_first_plans_read_ahead_are_the_plans_and_are_taken_once(pair):
     """What the CLI reads while Dagster starts is what plan_tables would read then, handed
     over once, and only for the same table, key, batch size and source database."""
