@@ -89,6 +89,7 @@ JOIN pg_class t ON t.oid = con.conrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
 WHERE con.conrelid = to_regclass(%(table)s) AND con.contype = 'c' AND NOT con.convalidated
   AND con.conislocal AND con.coninhcount = 0 AND t.relkind = 'r' AND NOT t.relispartition
+  AND NOT t.relhassubclass  -- dropped and added on a parent, it is its children's too
 ORDER BY 1
 """
 

@@ -438,14 +438,27 @@ def upsert_from_staging(table: TableInfo, staging: str) -> sql.Composed:
         )
     else:
         action = sql.SQL("DO NOTHING")
-    return sql.SQL("INSERT INTO {} AS t ({}) {}SELECT {} FROM {} ON CONFLICT ({}) {}").format(
-        table_ident(table),
-        column_list(cols),
-        overriding,
-        column_list(cols),
-        sql.Identifier(staging),
-        key,
-        action,
+    # Only rows that are new or changed are proposed: INSERT checks a proposed row's CHECK
+    # constraints before it finds the conflict, and an unchanged row the source kept under a
+    # NOT VALID one would fail it (a changed or new row passed it on the source).
+    same_row = sql.SQL(" AND ").join(
+        sql.SQL("o.{k} = s.{k}").format(k=sql.Identifier(k)) for k in table.key
+    )
+    return sql.SQL(
+        "INSERT INTO {t} AS t ({cols}) {overriding}SELECT {s_cols} FROM {staging} AS s "
+        "WHERE NOT EXISTS (SELECT 1 FROM {t} AS o WHERE {same_row} "
+        "AND ROW({o_cols})::text IS NOT DISTINCT FROM ROW({s_cols})::text) "
+        "ON CONFLICT ({key}) {action}"
+    ).format(
+        t=table_ident(table),
+        cols=column_list(cols),
+        overriding=overriding,
+        s_cols=column_list(cols, "s"),
+        staging=sql.Identifier(staging),
+        same_row=same_row,
+        o_cols=column_list(cols, "o"),
+        key=key,
+        action=action,
     )
 
 

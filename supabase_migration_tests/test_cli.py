@@ -687,6 +687,14 @@ def test_a_not_valid_check_the_source_rows_break_is_added_after_the_load(
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("INSERT INTO legacy VALUES (1000, -1)")
 
+    # a catch-up copies the changed range again: its unchanged old rows, which the check would
+    # refuse, are not proposed again, only the changed row (which passed it on the source)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE legacy SET age = 99 WHERE id = 2")
+    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    assert_tables_equal(source_db.url, target_db.url, ["public.legacy"])
+
 
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
