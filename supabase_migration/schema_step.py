@@ -75,16 +75,17 @@ def migrate_schema(
 
     protected: list[str] = []
 
-    def protect(target: psycopg.Connection) -> None:
+    def protect(target: psycopg.Connection, *, made_now: bool = False) -> None:
         """Supabase's default privileges give anon and authenticated every new table in
         public: without RLS, the REST API would serve each row from the moment it is copied
         until the security step at the end. Default deny from the start (in the schema's own
-        transaction, when it made tables); the policies come at the end."""
+        transaction, when it made tables); the policies come at the end. The views it made
+        are closed to them there too, once: a view the user opens again stays open."""
         actions = enable_rls(
             target,
             tables_to_protect(target, manifest),
             exposed_schemas=manifest.exposed_schemas,
-            views=views_to_protect(target, manifest),
+            views=views_to_protect(target, manifest) if made_now else (),
         )
         protected.extend(a.subject for a in actions if a.kind == "enable_rls")
 
@@ -96,7 +97,7 @@ def migrate_schema(
                 "was rolled back",
             )
         try:
-            protect(target)
+            protect(target, made_now=True)
         except MigrationError as exc:  # same kind (a lock timeout stays worth a retry)
             what = "Alembic upgrade" if alembic else "schema"
             raise type(exc)(

@@ -578,7 +578,8 @@ def views_open_to_api(
         "array_to_string(array(SELECT r FROM unnest(%s::text[]) r WHERE has_table_privilege("
         "r, c.oid, 'SELECT, INSERT, UPDATE, DELETE')), ', ') "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE {_PAST_RLS} AND n.nspname = ANY(%s) ORDER BY 1",
+        f"WHERE {_PAST_RLS} AND n.nspname = ANY(%s) "
+        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
         (roles, list(exposed_schemas)),
     ).fetchall()
     return [(name, kind, who) for name, kind, who in rows if who]
@@ -597,7 +598,8 @@ def definer_functions_open_to_api(
         "pg_get_function_identity_arguments(p.oid)), array_to_string(array(SELECT r FROM "
         "unnest(%s::text[]) r WHERE has_function_privilege(r, p.oid, 'EXECUTE')), ', ') "
         "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE p.prosecdef AND p.prokind IN ('f', 'p') AND n.nspname = ANY(%s) "
+        "WHERE p.prosecdef AND p.prokind = 'f' AND p.prorettype <> 'trigger'::regtype "
+        "AND n.nspname = ANY(%s) "
         f"AND NOT {ext_member('pg_proc', 'p.oid')} ORDER BY 1",
         (roles, list(exposed_schemas)),
     ).fetchall()
@@ -1164,8 +1166,9 @@ def _security_findings(
                 "ERROR",
                 "view_exposed",
                 name,
-                f"{roles} can read {name} over the API, and {why}; REVOKE ALL ON {name} FROM "
-                "anon, authenticated" + (", or make it security_invoker." if kind == "v" else "."),
+                f"{roles} can use {name} over the API, and {why}; REVOKE ALL ON {name} FROM "
+                "PUBLIC, anon, authenticated (grant back the app's own roles)"
+                + (", or make it security_invoker." if kind == "v" else "."),
             )
         )
     for name, roles in definer_functions_open_to_api(conn, exposed):

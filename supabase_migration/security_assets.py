@@ -40,7 +40,6 @@ from .security import (
     tables_to_protect,
     unencrypted_sessions,
     unprotected,
-    views_to_protect,
 )
 
 SECURITY_KEY = dg.AssetKey(["migration", "security"])
@@ -93,7 +92,6 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
                     conn,
                     tables_to_protect(conn, manifest),
                     exposed_schemas=manifest.exposed_schemas,
-                    views=views_to_protect(conn, manifest),
                     policy_sql=policy_sql,
                     policy_source=policy_path.name if policy_path else None,
                     run_id=context.run.run_id,

@@ -921,10 +921,26 @@ def test_views_do_not_hand_the_api_roles_the_rows_rls_withholds(
     assert (definer["subject"], definer["severity"]) == ("public.patient_name(p bigint)", "WARN")
     assert definer["message"].startswith("anon, authenticated can call public.patient_name(")
     assert named[1]["message"] == (
-        "anon can read public.patient_summary over the API, and a view reads its tables as its "
-        "owner, past their row level security; REVOKE ALL ON public.patient_summary FROM anon, "
-        "authenticated, or make it security_invoker."
+        "anon can use public.patient_summary over the API, and a view reads its tables as its "
+        "owner, past their row level security; REVOKE ALL ON public.patient_summary FROM "
+        "PUBLIC, anon, authenticated (grant back the app's own roles), or make it "
+        "security_invoker."
     )
+
+    # the user makes the view one RLS governs and opens it to the API: a later run's schema
+    # step leaves it open (it closes only the views it makes), and nothing is named
+    with _admin(target_db) as admin:
+        admin.execute(
+            "ALTER VIEW public.patient_summary SET (security_invoker = true); "
+            "TRUNCATE public.patients"  # rows no run copied would stop its preflight
+        )
+    migrate_schema(manifest, src, tgt)
+    with _admin(target_db) as admin:
+        assert _count_as(admin, "anon", "public.patient_summary") == 0  # RLS: default deny
+        assert _count_as(admin, "anon", "public.patient_count") == 1  # the user's choice
+    with _connect(target_db.url) as conn:
+        named = security_findings_of(conn, manifest, "view_exposed")
+    assert [f["subject"] for f in named] == ["public.patient_count"]  # named, not undone
 
 
 def security_findings_of(
