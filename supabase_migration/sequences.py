@@ -35,12 +35,16 @@ WHERE s.relkind = 'S' AND n.nspname = ANY(%s)
 ORDER BY 1, 2
 """
 
-# The source's sequences its login may read (others are left to the column's values).
-_READABLE_SQL = """
-SELECT n.nspname, s.relname, q.seqincrement FROM pg_class s
+# The source's sequences: those its login may SELECT are read from the sequence itself; with
+# USAGE only, pg_sequences shows last_value once it was used (NULL while is_called is off).
+_SOURCE_SQL = """
+SELECT n.nspname, s.relname, q.seqincrement, has_table_privilege(s.oid, 'SELECT'),
+       p.last_value::numeric + q.seqincrement
+FROM pg_class s
 JOIN pg_namespace n ON n.oid = s.relnamespace
 JOIN pg_sequence q ON q.seqrelid = s.oid
-WHERE s.relkind = 'S' AND n.nspname = ANY(%s) AND has_table_privilege(s.oid, 'SELECT')
+JOIN pg_sequences p ON p.schemaname = n.nspname AND p.sequencename = s.relname
+WHERE s.relkind = 'S' AND n.nspname = ANY(%s)
 """
 
 
@@ -64,21 +68,27 @@ class SequenceSync:
 
 
 def _state(increment: int) -> sql.Composable:
-    """The value a sequence hands out next, read from the sequence relation itself."""
-    return sql.SQL("last_value + CASE WHEN is_called THEN {} ELSE 0 END").format(
+    """The value a sequence hands out next, read from the sequence relation itself (numeric:
+    past a bigint's end at its maximum)."""
+    return sql.SQL("last_value::numeric + CASE WHEN is_called THEN {} ELSE 0 END").format(
         sql.Literal(increment)
     )
 
 
 def _next_values(conn: psycopg.Connection, schemas: Sequence[str]) -> dict[str, int]:
-    """The value each readable sequence of the source hands out next."""
-    readable = conn.execute(_READABLE_SQL, (list(schemas),)).fetchall()
+    """The value each sequence of the source hands out next, where its login may see it."""
+    found = conn.execute(_SOURCE_SQL, (list(schemas),)).fetchall()
+    readable = [(schema, name, inc) for schema, name, inc, select, _ in found if select]
     reads = [
         sql.SQL("(SELECT {} FROM {})").format(_state(inc), sql.Identifier(schema, name))
         for schema, name, inc in readable
     ]
-    values = _select_all(conn, reads)
-    return {f"{schema}.{name}": v for (schema, name, _), v in zip(readable, values, strict=True)}
+    values = dict(zip(readable, _select_all(conn, reads), strict=True))
+    positions = {
+        f"{schema}.{name}": values.get((schema, name, inc), shown)
+        for schema, name, inc, _, shown in found
+    }
+    return {name: int(v) for name, v in positions.items() if v is not None}
 
 
 # Values asked for in one SELECT list (PostgreSQL allows 1664 columns).
@@ -120,12 +130,14 @@ def sync_sequences(
         moves: list[sql.Composable] = []
         for seq_schema, seq_name, tab_schema, tab_name, column, inc, low, high in found:
             qualified = f"{seq_schema}.{seq_name}"
-            before = next(values)
+            before = int(next(values))
             extreme = next(values) if column else None
             column_next = None if extreme is None else int(extreme) + inc
-            # Past its bound, the column's values cannot be passed: the source's position,
+            # Past its far bound, the column's values cannot be passed: the source's position,
             # which the source's inserts live with, is kept, and the result says so.
-            beyond = column_next is not None and not low <= column_next <= high
+            beyond = column_next is not None and (
+                column_next > high if inc > 0 else column_next < low
+            )
             candidates = [
                 v
                 for v in (source_next.get(qualified), None if beyond else column_next)

@@ -994,6 +994,26 @@ def test_sequences_restarted_descending_or_bounded_hand_out_no_used_value(source
             "SELECT nextval('invoice_no'), nextval('down_seq'), nextval('small_id_seq')"
         ).fetchone() == (70000, -101, 2)
 
+    # A source login with USAGE only on the sequences (not SELECT) sees the position of a used
+    # one in pg_sequences; one at bigint's end does not overflow the step.
+    role = f"seq_user_{source_db.name[-8:]}"
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE SEQUENCE used_no; SELECT nextval('used_no') FROM generate_series(1, 5); "
+            "CREATE SEQUENCE maxed; SELECT setval('maxed', 9223372036854775807); "
+            f"CREATE ROLE {role} LOGIN; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("CREATE SEQUENCE used_no; CREATE SEQUENCE maxed")
+    try:
+        as_user = parse_database_url(source_db.url.replace("postgres@", f"{role}@"), label="s")
+        with connect(as_user, autocommit=True) as s, connect(tgt, autocommit=True) as t:
+            results = {r.sequence: r for r in sync_sequences(s, t, ["public"])}
+        assert (results["public.used_no"].source_next, results["public.used_no"].after) == (6, 6)
+    finally:
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
 
 def test_a_big_mismatched_range_is_compared_part_by_part(source_db, target_db, monkeypatch):
     """A table whose key is compared bytewise gets few, big ranges. A mismatched one was
