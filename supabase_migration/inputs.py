@@ -110,7 +110,11 @@ def init(settings: Settings) -> Manifest:
                 "--schemas (its schemas with tables: "
                 f"{', '.join(user_schemas(source)) or 'none'})."
             )
-        schemas = list(settings.schemas) or user_schemas(source)
+        schemas = (
+            list(settings.schemas)
+            or (list(previous.schemas) if previous else [])
+            or user_schemas(source)
+        )
         tables = read_tables(source, schemas)
     base = {
         "schema_mode": settings.schema_mode or (previous.schema_mode if previous else "dump"),

@@ -544,10 +544,14 @@ def _check_columns(ctx: _Context) -> None:
 def _check_keys(ctx: _Context) -> None:
     """Keys that make ranges, and foreign keys whose parent is left behind: the copied rows
     would break them on the target, and verification could never pass."""
-    for table in read_tables(ctx.source, ctx.schemas):
+    tables = read_tables(ctx.source, ctx.schemas)
+    # Only parents the user could migrate: a table of another schema, or an extension's
+    # (PostGIS's spatial_ref_sys), is the target's to have.
+    known = {t.qualified_name for t in tables}
+    for table in tables:
         name = table.qualified_name
         for parent in table.parents if ctx.migrates(name) else ():
-            if not ctx.migrates(parent):
+            if parent in known and not ctx.migrates(parent):
                 ctx.add(
                     Severity.ERROR,
                     "parent-left-out",

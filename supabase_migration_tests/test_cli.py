@@ -450,7 +450,8 @@ def test_filters_rewrite_the_manifest_keeping_its_exposed_schemas_and_batch_size
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
             "CREATE SCHEMA api; CREATE TABLE api.contacts (id int PRIMARY KEY, label text); "
-            "INSERT INTO api.contacts SELECT g, 'c' || g FROM generate_series(1, 50) g"
+            "INSERT INTO api.contacts SELECT g, 'c' || g FROM generate_series(1, 50) g; "
+            "CREATE SCHEMA scratch; CREATE TABLE scratch.notes (id int PRIMARY KEY)"
         )
     assert cli(["init", "--schemas", "public,api"], env, tmp_path).returncode == 0
     path = tmp_path / "migration.yaml"
@@ -463,13 +464,14 @@ def test_filters_rewrite_the_manifest_keeping_its_exposed_schemas_and_batch_size
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
         "error: The source has no schema nosuchschema; check the names given to --schemas (its "
-        "schemas with tables: api, public).\n"
+        "schemas with tables: api, public, scratch).\n"
     )
     assert yaml.safe_load(path.read_text()) == doc
 
     done = cli(["run", "--exclude", "public.alembic_version"], env, tmp_path)
     assert done.returncode == 0, done.stderr
     rewritten = yaml.safe_load(path.read_text())
+    assert rewritten["schemas"] == ["public", "api"]  # not scratch, which was not chosen
     assert rewritten["exposed_schemas"] == ["public", "api"]
     assert rewritten["tables"]["public.appointments"]["batch_size"] == 250
     assert "public.alembic_version" not in rewritten["tables"]
@@ -597,7 +599,7 @@ def test_rows_on_the_target_this_tool_did_not_copy_are_refused_not_deleted(clini
 def test_a_foreign_key_parent_left_out_stops_the_run_before_any_row(clinic):
     """Its children's rows would break their foreign keys on the target and verification
     could never pass: an error of preflight, not orphans found after the copy."""
-    _, target_db, env, tmp_path = clinic
+    source_db, target_db, env, tmp_path = clinic
     done = cli(["run", "--exclude", "public.patients"], env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(
@@ -611,6 +613,15 @@ def test_a_foreign_key_parent_left_out_stops_the_run_before_any_row(clinic):
     left_out = "public.patients,public.appointments,public.prescriptions,public.lab_results"
     done = cli(["plan", "--exclude", left_out], env, tmp_path, timeout=120)
     assert done.returncode == 0, done.stdout
+    assert "parent-left-out" not in done.stdout, done.stdout
+
+    # a parent in a schema not migrated is the target's to have: not this check's
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE SCHEMA ref; CREATE TABLE ref.codes (code text PRIMARY KEY); "
+            "CREATE TABLE public.coded (id int PRIMARY KEY, code text REFERENCES ref.codes)"
+        )
+    done = cli(["plan", "--schemas", "public"], env, tmp_path, timeout=120)
     assert "parent-left-out" not in done.stdout, done.stdout
 
 
