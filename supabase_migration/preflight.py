@@ -26,15 +26,17 @@ from psycopg import sql
 from . import checkpoints
 from .catalog import (
     BOOKKEEPING_SCHEMA,
+    TableInfo,
     ext_member,
     missing_schemas,
     read_tables,
     too_old_a_source,
 )
-from .connections import database_error
+from .connections import database_error, transaction_with
 from .conninfo import is_loopback_host
 from .errors import PreflightError
 from .redaction import describe_pg_error
+from .sqlbuild import NORMALIZE_TEXT_OUTPUT
 
 
 class Severity(StrEnum):
@@ -1058,15 +1060,61 @@ def _check_rows_not_copied_here(ctx: _Context) -> None:
         )
         for name in candidates
     ]
-    for (table,) in ctx.target.execute(sql.SQL(" UNION ALL ").join(probes)):
+    occupied = [r[0] for r in ctx.target.execute(sql.SQL(" UNION ALL ").join(probes))]
+    if not occupied:
+        return
+    infos = {t.qualified_name: t for t in read_tables(ctx.source, ctx.schemas)}
+    for table in occupied:
+        info = infos.get(table)
+        if info is not None and not _keys_the_source_lacks(ctx, info):
+            continue  # rows the source has too (lookup rows its migrations seeded): kept
         ctx.add(
             Severity.ERROR,
             "target-rows",
             table,
             f"{table} on the target already holds rows this tool did not copy, and its first "
-            "copy would delete those the source lacks; empty it on the target (TRUNCATE) if "
-            "that is what you want, or check that SUPABASE_DB_URL names the right project.",
+            "copy would delete those the source lacks; empty it on the target if that is what "
+            "you want, or check that SUPABASE_DB_URL names the right project.",
         )
+
+
+# Target rows of a table this tool has not copied into, compared key by key with the source's
+# when there are at most this many; more are refused without looking.
+ROWS_COMPARED = 10_000
+
+
+def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
+    """Whether the target's rows of `table` include a key the source lacks (or too many rows
+    to tell, or no key to tell by)."""
+    if not table.key:
+        return True
+    ident = sql.Identifier(table.schema, table.name)
+    texts = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
+    with transaction_with(ctx.target, [NORMALIZE_TEXT_OUTPUT], commit=False):
+        keys = ctx.target.execute(
+            sql.SQL("SELECT {} FROM {} LIMIT {}").format(
+                texts, ident, sql.Literal(ROWS_COMPARED + 1)
+            )
+        ).fetchall()
+    if len(keys) > ROWS_COMPARED:
+        return True
+    if not keys:
+        return False
+    given = sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in table.key)
+    names = [sql.Identifier(f"k{i}") for i in range(len(table.key))]
+    match = sql.SQL(" AND ").join(
+        sql.SQL("s.{} = CAST(k.{} AS {})").format(
+            sql.Identifier(k), name, sql.SQL(table.column(k).type_sql)
+        )
+        for k, name in zip(table.key, names, strict=True)
+    )
+    query = sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM unnest({}) AS k({}) "
+        "WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {}))"
+    ).format(given, sql.SQL(", ").join(names), ident, match)
+    with transaction_with(ctx.source, [NORMALIZE_TEXT_OUTPUT], commit=False):
+        row = ctx.source.execute(query, [list(column) for column in zip(*keys, strict=True)])
+        return bool(row.fetchone()[0])
 
 
 def _compare_columns(

@@ -567,30 +567,40 @@ def test_verify_and_resume_before_any_run_say_so_in_one_sentence(clinic):
 def test_rows_on_the_target_this_tool_did_not_copy_are_refused_not_deleted(clinic):
     """Schema mode none into tables someone made and filled: a table's first copy would
     delete the rows the source lacks, so they stop the run (exit 2) before anything is
-    written, until the user empties the table. Alembic's version table, which the same
-    migrations filled with the same head, is not such a table."""
+    written, until the user empties the table. Rows whose keys the source has too (lookup rows
+    the same migrations seeded, Alembic's version) are not refused: nothing would be lost."""
     source_db, target_db, env, tmp_path = clinic
     example_app.upgrade_head(target_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        seeded = conn.execute("SELECT * FROM providers ORDER BY provider_id LIMIT 2").fetchall()
+    # the source's own rows, as its migrations could seed them
+    with psycopg.connect(target_db.url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO providers OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s, %s, %s)",
+            seeded,
+        )
+    plan = cli(["plan", "--schema-mode", "none"], env, tmp_path, timeout=120)
+    assert plan.returncode == 0 and "target-rows" not in plan.stdout, plan.stdout
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO providers (npi, full_name, specialty) "
-            "VALUES ('9999999999', 'Kept Here', 'pediatrics')"
+            "INSERT INTO providers (provider_id, npi, full_name, specialty) OVERRIDING "
+            "SYSTEM VALUE VALUES (999999, '9999999999', 'Kept Here', 'pediatrics')"
         )
     done = cli(["run", "--schema-mode", "none"], env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
         "error: Preflight stopped the migration before anything was written: public.providers "
         "on the target already holds rows this tool did not copy, and its first copy would "
-        "delete those the source lacks; empty it on the target (TRUNCATE) if that is what you "
-        "want, or check that SUPABASE_DB_URL names the right project.\n"
+        "delete those the source lacks; empty it on the target if that is what you want, or "
+        "check that SUPABASE_DB_URL names the right project.\n"
     ), done.stderr
     plan = cli(["plan"], env, tmp_path, timeout=120)
     assert "| target-rows | public.providers |" in plan.stdout
     assert "| target-rows | public.alembic_version |" not in plan.stdout
     with psycopg.connect(target_db.url, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM providers").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM providers").fetchone() == (3,)
         assert conn.execute("SELECT to_regnamespace('supabase_migration')").fetchone() == (None,)
-        conn.execute("TRUNCATE providers CASCADE")
+        conn.execute("DELETE FROM providers WHERE npi = '9999999999'")
     done = cli(["run"], env, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
