@@ -72,6 +72,8 @@ class TableInfo:
     parents: tuple[str, ...] = field(default=())  # qualified names of FK parent tables
     partitioned: bool = False  # native partitioned parent (children are copied through it)
     inherited: bool = False  # a parent by INHERITS: its children are tables of their own
+    # CHECK constraints the source added NOT VALID: its rows need not pass them (deferred.py)
+    not_valid_checks: tuple[str, ...] = ()
     hash_records: bool = False  # the source has hash_record_extended (PostgreSQL 14+)
     # The source database's text is neither UTF8 nor SQL_ASCII (LATIN1, WIN1252 ...): text is
     # hashed as its UTF8 bytes on both sides, the target's (UTF8) and the source's converted.
@@ -132,7 +134,9 @@ SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned,
        CASE WHEN c.relkind = 'p' THEN
             (SELECT coalesce(sum(pg_table_size(i.inhrelid)), 0)::bigint FROM pg_inherits i
               WHERE i.inhparent = c.oid)
-            ELSE pg_table_size(c.oid) END AS size_bytes
+            ELSE pg_table_size(c.oid) END AS size_bytes,
+       ARRAY(SELECT k.conname::text FROM pg_constraint k WHERE k.conrelid = c.oid
+             AND k.contype = 'c' AND NOT k.convalidated ORDER BY 1) AS not_valid_checks
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
@@ -270,7 +274,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
     ).fetchone()
     transcode = row is not None and row[0] not in ("UTF8", "SQL_ASCII")
     result = []
-    for oid, schema, name, partitioned, inherited, estimated, size_bytes in tables:
+    for oid, schema, name, partitioned, inherited, estimated, size_bytes, unchecked in tables:
         key_source, key = keys.get(oid, ("none", ()))
         own = f"{schema}.{name}"
         result.append(
@@ -285,6 +289,7 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
                 parents=tuple(sorted(parents.get(oid, set()) - {own})),
                 partitioned=partitioned,
                 inherited=inherited,
+                not_valid_checks=tuple(unchecked),
                 hash_records=conn.info.server_version >= 140000,
                 transcode=transcode,
                 utf8_keys=transcode,

@@ -32,9 +32,10 @@ DEFERRED = sql.Identifier(BOOKKEEPING_SCHEMA, "deferred_indexes")
 
 # One row per dropped index or unique constraint: the statements that recreate it exactly
 # (definition, comment, CLUSTER ON), rendered by the target itself with every name qualified.
-# And each NOT VALID check constraint: the source kept rows it was added over without checking
-# them, which the copy's inserts would be checked against; added again after the load, NOT
-# VALID, it checks new rows only, as on the source (pg_dump adds it after the data too).
+# And each NOT VALID check constraint the source has too: the source kept rows it was added over
+# without checking them, which the copy's inserts would be checked against; added again after
+# the load, NOT VALID, it checks new rows only, as on the source (pg_dump adds it after the
+# data too). One the target has alone is the user's, and checks the copied rows.
 _CANDIDATES = """
 SELECT ci.relname,
        CASE WHEN con.oid IS NULL THEN 'index' ELSE 'unique constraint' END,
@@ -88,6 +89,7 @@ FROM pg_constraint con
 JOIN pg_class t ON t.oid = con.conrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
 WHERE con.conrelid = to_regclass(%(table)s) AND con.contype = 'c' AND NOT con.convalidated
+  AND con.conname = ANY(%(not_valid)s::text[])  -- the source's: a target's own stays
   AND con.conislocal AND con.coninhcount = 0 AND t.relkind = 'r' AND NOT t.relispartition
   AND NOT t.relhassubclass  -- dropped and added on a parent, it is its children's too
 ORDER BY 1
@@ -149,7 +151,12 @@ def defer_for_load(
             if occupied[0]:
                 return []
             candidates = conn.execute(
-                _CANDIDATES, {"table": target.as_string(conn), "key": sorted(table.key)}
+                _CANDIDATES,
+                {
+                    "table": target.as_string(conn),
+                    "key": sorted(table.key),
+                    "not_valid": list(table.not_valid_checks),
+                },
             ).fetchall()
             if candidates:  # recorded, then dropped: two round trips however many there are
                 rows = sql.SQL(", ").join(sql.SQL("(%s, %s, %s, %s)") for _ in candidates)
