@@ -55,9 +55,10 @@ class Column:
     # A collation of bytes (C, POSIX, ucs_basic, the builtin pg_c_utf8): ordered alike by every
     # server whatever its database's collation, in UTF8.
     bytes_collation: bool = False
-    # xml (or an array of it): copied as its stored text, in text COPY. Its output functions,
-    # text and binary alike, drop an XML declaration (<?xml version="1.0"?>) the value keeps.
-    xml_text: bool = False
+    # "xml" or "xml[]" (also through a domain): copied as its stored text, in text COPY. Its
+    # output functions, text and binary alike, drop an XML declaration (<?xml version="1.0"?>)
+    # the value keeps.
+    xml_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
        coalesce(co.collnamespace = 'pg_catalog'::regnamespace
                 AND co.collname IN ('C', 'POSIX', 'ucs_basic', 'pg_c_utf8'), false)
          AS bytes_collation,
-       'pg_catalog.xml'::regtype IN (b.oid, b.typelem) AS xml_text
+       CASE 'pg_catalog.xml'::regtype WHEN b.oid THEN 'xml' WHEN b.typelem THEN 'xml[]'
+            ELSE '' END AS xml_text
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

@@ -373,11 +373,10 @@ def copy_out_query(
 
 def _copied_values(columns: Sequence[Column]) -> sql.Composable:
     """The values a COPY out sends: the columns, xml as its stored text (see Column.xml_text)."""
+    casts = {"xml": "pg_catalog.text", "xml[]": "pg_catalog.xml[]::pg_catalog.text[]"}
     return sql.SQL(", ").join(
         sql.SQL("{}::{} AS {}").format(
-            sql.Identifier(c.name),
-            sql.SQL("text[]" if c.type_sql.endswith("[]") else "text"),
-            sql.Identifier(c.name),
+            sql.Identifier(c.name), sql.SQL(casts[c.xml_text]), sql.Identifier(c.name)
         )
         if c.xml_text
         else sql.Identifier(c.name)

@@ -666,21 +666,21 @@ def test_xml_keeps_its_declaration_and_verifies(source_db, target_db, tmp_path):
     declared = '<?xml version="1.0" encoding="UTF-8"?><ClinicalDocument>é</ClinicalDocument>'
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
-            "CREATE DOMAIN cda AS xml; "
-            "CREATE TABLE doc (id int PRIMARY KEY, x xml, d cda, xs xml[], note text)"
+            "CREATE DOMAIN cda AS xml; CREATE DOMAIN cdas AS xml[]; "
+            "CREATE TABLE doc (id int PRIMARY KEY, x xml, d cda, xs xml[], ds cdas, note text)"
         )
         conn.execute(
-            "INSERT INTO doc SELECT g, %s::xml, %s::xml, ARRAY[%s::xml, '<a/>'], 'n' "
-            "FROM generate_series(1, 300) g",
-            (declared, declared, declared),
+            "INSERT INTO doc SELECT g, %s::xml, %s::xml, ARRAY[%s::xml, '<a/>'], "
+            "ARRAY[%s::xml], 'n' FROM generate_series(1, 300) g",
+            (declared, declared, declared, declared),
         )
     env = cli_env(source_db.url, target_db.url, tmp_path)
     done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute(
-            "SELECT DISTINCT x::text, d::text, (xs[1])::text FROM doc"
-        ).fetchall() == [(declared, declared, declared)]
+            "SELECT DISTINCT x::text, d::text, (xs[1])::text, (ds[1])::text FROM doc"
+        ).fetchall() == [(declared, declared, declared, declared)]
 
 
 def test_a_not_valid_check_the_source_rows_break_is_added_after_the_load(
