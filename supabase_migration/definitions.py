@@ -23,7 +23,7 @@ from .assets import (
     build_table_asset,
 )
 from .checks import REPORT_KEY, build_all_table_checks, build_report_asset
-from .manifest import Manifest, read_if_present
+from .manifest import Manifest, OtherManifestVersion, read_if_present
 from .planning import FirstPlansAhead
 from .resources import default_resources
 from .schema_step import SchemaAhead
@@ -80,7 +80,12 @@ def build_definitions(
 
 
 def load_definitions(path: Path | None = None) -> dg.Definitions:
-    return build_definitions(read_if_present(path))
+    """The definitions of the manifest; of none when another release wrote it (the plan
+    asset then says to run `supabase-migrate init`, which writes it anew)."""
+    try:
+        return build_definitions(read_if_present(path))
+    except OtherManifestVersion:
+        return build_definitions(None)
 
 
 defs = load_definitions()

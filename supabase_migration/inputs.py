@@ -100,7 +100,10 @@ def refuse_too_old_a_source(source: psycopg.Connection) -> None:
 
 def init(settings: Settings) -> Manifest:
     """Introspect the source and write the manifest."""
-    previous = manifest_io.read_if_present(settings.manifest_path)
+    try:
+        previous = manifest_io.read_if_present(settings.manifest_path)
+    except manifest_io.OtherManifestVersion:
+        previous = None  # its settings are not this release's to carry over
     with borrowed(source_url()) as source:
         refuse_too_old_a_source(source)
         missing = missing_schemas(source, settings.schemas)

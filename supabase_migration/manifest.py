@@ -156,6 +156,10 @@ def write(manifest: Manifest, path: Path) -> None:
     os.replace(tmp.name, path)
 
 
+class OtherManifestVersion(ConfigError):
+    """A manifest another release wrote: `init` writes it anew, other commands refuse it."""
+
+
 def read(path: Path) -> Manifest:
     missing = f"No manifest at {path}; run `supabase-migrate init` to write one from the source."
     text = read_user_text(path, "The manifest", missing)
@@ -179,7 +183,7 @@ def read(path: Path) -> Manifest:
     if mode not in SCHEMA_MODES:
         raise ConfigError(f"The manifest's schema_mode must be one of {', '.join(SCHEMA_MODES)}.")
     if doc.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
-        raise ConfigError(
+        raise OtherManifestVersion(
             f"The manifest {path} is version {doc['version']}, and this release reads version "
             f"{MANIFEST_VERSION}; run `supabase-migrate init` to write it again."
         )

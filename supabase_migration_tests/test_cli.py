@@ -717,6 +717,16 @@ def test_a_not_valid_check_the_source_rows_break_is_added_after_the_load(
     assert_tables_equal(source_db.url, target_db.url, ["public.legacy"])
 
 
+def test_a_manifest_of_another_version_is_written_anew_by_init(clinic):
+    """Other commands refuse it and say to run init, which must then not refuse it too."""
+    *_, env, tmp_path = clinic
+    (tmp_path / "migration.yaml").write_text("version: 2\ntables: {}\n")
+    done = cli(["plan"], env, tmp_path)
+    assert done.returncode == 2 and "run `supabase-migrate init`" in done.stderr, done.stderr
+    assert cli(["init"], env, tmp_path).returncode == 0
+    assert yaml.safe_load((tmp_path / "migration.yaml").read_text())["version"] == 1
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(clinic):
     """`supabase-migrate status --json | head -c0`: the pipe closes before the output."""
     *_, env, tmp_path = clinic
