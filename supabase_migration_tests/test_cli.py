@@ -635,6 +635,12 @@ def test_a_foreign_key_parent_left_out_stops_the_run_before_any_row(clinic):
     assert "parent-left-out" not in done.stdout, done.stdout
 
 
+def _run_in_ranges(env: dict[str, str], tmp_path: Path) -> None:
+    """`run` in ranges of 100 rows, which must succeed."""
+    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+
+
 def test_a_deferrable_primary_key_is_not_the_key_of_ranges(source_db, target_db, tmp_path):
     """ON CONFLICT cannot use a deferrable unique index as its arbiter: a table keyed by one
     copied once, then every catch-up of a change failed. Such a table is keyed by an immediate
@@ -647,13 +653,11 @@ def test_a_deferrable_primary_key_is_not_the_key_of_ranges(source_db, target_db,
             "INSERT INTO bed SELECT g, 'b' || g FROM generate_series(1, 500) g"
         )
     env = cli_env(source_db.url, target_db.url, tmp_path)
-    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
+    _run_in_ranges(env, tmp_path)
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("UPDATE slot SET v = 'changed' WHERE id = 7")
         conn.execute("UPDATE bed SET id = id + 1000 WHERE id = 9")
-    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
+    _run_in_ranges(env, tmp_path)
     assert_tables_equal(source_db.url, target_db.url, ["public.slot", "public.bed"])
     status = json.loads(cli(["status", "--json"], env, tmp_path).stdout)["tables"]
     assert status["public.bed"]["completed"] > 1  # ranges of its unique code
@@ -675,8 +679,7 @@ def test_xml_keeps_its_declaration_and_verifies(source_db, target_db, tmp_path):
             (declared, declared, declared, declared),
         )
     env = cli_env(source_db.url, target_db.url, tmp_path)
-    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    _run_in_ranges(env, tmp_path)
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute(
             "SELECT DISTINCT x::text, d::text, (xs[1])::text, (ds[1])::text FROM doc"
@@ -697,8 +700,7 @@ def test_a_not_valid_check_the_source_rows_break_is_added_after_the_load(
             "COMMENT ON CONSTRAINT age_pos ON legacy IS 'from 2019 on'"
         )
     env = cli_env(source_db.url, target_db.url, tmp_path)
-    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    _run_in_ranges(env, tmp_path)
     assert_tables_equal(source_db.url, target_db.url, ["public.legacy"])
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute(
@@ -712,8 +714,7 @@ def test_a_not_valid_check_the_source_rows_break_is_added_after_the_load(
     # refuse, are not proposed again, only the changed row (which passed it on the source)
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("UPDATE legacy SET age = 99 WHERE id = 2")
-    done = cli(["run", "--batch-size", "100"], env, tmp_path, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    _run_in_ranges(env, tmp_path)
     assert_tables_equal(source_db.url, target_db.url, ["public.legacy"])
 
 
