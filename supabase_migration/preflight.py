@@ -1112,9 +1112,12 @@ def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
         "SELECT EXISTS (SELECT 1 FROM unnest({}) AS k({}) "
         "WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {}))"
     ).format(given, sql.SQL(", ").join(names), ident, match)
-    with transaction_with(ctx.source, [NORMALIZE_TEXT_OUTPUT], commit=False):
-        row = ctx.source.execute(query, [list(column) for column in zip(*keys, strict=True)])
-        return bool(row.fetchone()[0])
+    try:
+        with transaction_with(ctx.source, [NORMALIZE_TEXT_OUTPUT], commit=False):
+            row = ctx.source.execute(query, [list(column) for column in zip(*keys, strict=True)])
+            return bool(row.fetchone()[0])
+    except psycopg.errors.DataError:  # a key the source's type cannot even hold (its error
+        return True  # would quote it): the source lacks it
 
 
 def _compare_columns(

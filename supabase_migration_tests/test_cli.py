@@ -606,6 +606,25 @@ def test_rows_on_the_target_this_tool_did_not_copy_are_refused_not_deleted(clini
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
 
 
+def test_a_target_key_the_source_type_cannot_hold_is_refused_unquoted(
+    source_db, target_db, tmp_path
+):
+    """A key on the target that the source's type cannot even read (an enum label only the
+    target has): its rows would be deleted, and the source's error would quote the value."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TYPE ward AS ENUM ('north'); CREATE TABLE bed (w ward PRIMARY KEY)")
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TYPE ward AS ENUM ('north', 'secret-ward'); "
+            "CREATE TABLE bed (w ward PRIMARY KEY); INSERT INTO bed VALUES ('secret-ward')"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli(["plan", "--schema-mode", "none"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "| target-rows | public.bed |" in done.stdout
+    assert "secret-ward" not in done.stdout + done.stderr
+
+
 def test_a_foreign_key_parent_left_out_stops_the_run_before_any_row(clinic):
     """Its children's rows would break their foreign keys on the target and verification
     could never pass: an error of preflight, not orphans found after the copy."""
