@@ -488,7 +488,11 @@ def _load(
     deleted = target.execute(
         sqlbuild.delete_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c)
     ).rowcount
-    target.execute(sqlbuild.upsert_from_staging(table, STAGING_TABLE))
+    target.execute(
+        sqlbuild.upsert_from_staging(
+            table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
+        )
+    )
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
     return "upsert", max(deleted, 0), nbytes
 

@@ -98,8 +98,9 @@ def refuse_too_old_a_source(source: psycopg.Connection) -> None:
 # -- manifest ----------------------------------------------------------------------------------
 
 
-def init(settings: Settings) -> Manifest:
-    """Introspect the source and write the manifest."""
+def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
+    """Introspect the source and write the manifest: of the schemas given, else (`keep_schemas`,
+    a rewrite for new filters) the manifest's, else every schema of the source."""
     try:
         previous = manifest_io.read_if_present(settings.manifest_path)
     except manifest_io.OtherManifestVersion:
@@ -115,7 +116,7 @@ def init(settings: Settings) -> Manifest:
             )
         schemas = (
             list(settings.schemas)
-            or (list(previous.schemas) if previous else [])
+            or (list(previous.schemas) if previous and keep_schemas else [])
             or user_schemas(source)
         )
         tables = read_tables(source, schemas)
@@ -203,7 +204,7 @@ def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: N
     hears when an existing one (users review and commit it) was changed."""
     existing = manifest_io.read_if_present(settings.manifest_path)
     if existing is None or settings.include or settings.exclude or settings.schemas:
-        written = init(settings)
+        written = init(settings, keep_schemas=True)
         if existing is not None:  # a file users review and commit: say it changed
             log(
                 f"Rewrote {written.path} from the source's catalog with the schemas and "

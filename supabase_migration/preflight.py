@@ -36,7 +36,7 @@ from .connections import database_error, transaction_with
 from .conninfo import is_loopback_host
 from .errors import PreflightError
 from .redaction import describe_pg_error
-from .sqlbuild import NORMALIZE_TEXT_OUTPUT
+from .sqlbuild import NORMALIZE_TEXT_OUTPUT, READING_ROWS, rows_of
 
 
 class Severity(StrEnum):
@@ -1088,12 +1088,12 @@ def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
     to tell, or no key to tell by)."""
     if not table.key:
         return True
-    ident = sql.Identifier(table.schema, table.name)
+    rows = rows_of(table)  # a parent's own rows by inheritance, as the copy deletes them
     texts = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
     with transaction_with(ctx.target, [NORMALIZE_TEXT_OUTPUT], commit=False):
         keys = ctx.target.execute(
             sql.SQL("SELECT {} FROM {} LIMIT {}").format(
-                texts, ident, sql.Literal(ROWS_COMPARED + 1)
+                texts, rows, sql.Literal(ROWS_COMPARED + 1)
             )
         ).fetchall()
     if len(keys) > ROWS_COMPARED:
@@ -1111,13 +1111,13 @@ def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
     query = sql.SQL(
         "SELECT EXISTS (SELECT 1 FROM unnest({}) AS k({}) "
         "WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {}))"
-    ).format(given, sql.SQL(", ").join(names), ident, match)
+    ).format(given, sql.SQL(", ").join(names), rows, match)
     try:
-        with transaction_with(ctx.source, [NORMALIZE_TEXT_OUTPUT], commit=False):
+        with transaction_with(ctx.source, [READING_ROWS], commit=False):
             row = ctx.source.execute(query, [list(column) for column in zip(*keys, strict=True)])
             return bool(row.fetchone()[0])
-    except psycopg.errors.DataError:  # a key the source's type cannot even hold (its error
-        return True  # would quote it): the source lacks it
+    except psycopg.Error:  # a key the source's type cannot even hold (its error would quote
+        return True  # it), a table it may not read: not shown to be the source's
 
 
 def _compare_columns(

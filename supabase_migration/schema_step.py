@@ -62,6 +62,10 @@ def migrate_schema(
     findings = preflight(manifest, source_url, target_url)
     raise_for_errors(findings)
     alembic = SchemaMode(manifest.schema_mode) is SchemaMode.ALEMBIC
+    # The views the step closes to the API roles are those it makes now: one an earlier run
+    # made, and the user opened again, stays as the user left it.
+    with borrowed(target_url) as target:
+        views_before = set(views_to_protect(target, manifest))
     schemas, tables = list(manifest.schemas), [t.name for t in manifest.tables]
 
     def fitting(target: psycopg.Connection, stopped: str) -> None:
@@ -79,13 +83,15 @@ def migrate_schema(
         """Supabase's default privileges give anon and authenticated every new table in
         public: without RLS, the REST API would serve each row from the moment it is copied
         until the security step at the end. Default deny from the start (in the schema's own
-        transaction, when it made tables); the policies come at the end. The views it made
-        are closed to them there too, once: a view the user opens again stays open."""
+        transaction, when it made tables); the policies come at the end. The views it makes
+        are closed to them there too."""
         actions = enable_rls(
             target,
             tables_to_protect(target, manifest),
             exposed_schemas=manifest.exposed_schemas,
-            views=views_to_protect(target, manifest) if made_now else (),
+            views=[v for v in views_to_protect(target, manifest) if v not in views_before]
+            if made_now
+            else (),
         )
         protected.extend(a.subject for a in actions if a.kind == "enable_rls")
 

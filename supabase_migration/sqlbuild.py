@@ -416,7 +416,9 @@ def delete_missing(
     )
 
 
-def upsert_from_staging(table: TableInfo, staging: str) -> sql.Composed:
+def upsert_from_staging(
+    table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
+) -> sql.Composed:
     """Insert new rows and update changed ones; rows whose text is identical are not touched."""
     cols = table.copy_columns
     overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if table.has_identity_always else sql.SQL("")
@@ -439,13 +441,15 @@ def upsert_from_staging(table: TableInfo, staging: str) -> sql.Composed:
         action = sql.SQL("DO NOTHING")
     # Only rows that are new or changed are proposed: INSERT checks a proposed row's CHECK
     # constraints before it finds the conflict, and an unchanged row the source kept under a
-    # NOT VALID one would fail it (a changed or new row passed it on the source).
+    # NOT VALID one would fail it (a changed or new row passed it on the source). Looked up in
+    # the range's own rows (ONLY those of a parent by inheritance): unbounded, the planner
+    # hashed the whole target table for each range of 100,000 rows.
     same_row = sql.SQL(" AND ").join(
         sql.SQL("o.{k} = s.{k}").format(k=sql.Identifier(k)) for k in table.key
     )
     return sql.SQL(
         "INSERT INTO {t} AS t ({cols}) {overriding}SELECT {s_cols} FROM {staging} AS s "
-        "WHERE NOT EXISTS (SELECT 1 FROM {t} AS o WHERE {same_row} "
+        "WHERE NOT EXISTS (SELECT 1 FROM {rows} AS o WHERE {in_range} AND {same_row} "
         "AND ROW({o_cols})::text IS NOT DISTINCT FROM ROW({s_cols})::text) "
         "ON CONFLICT ({key}) {action}"
     ).format(
@@ -454,6 +458,8 @@ def upsert_from_staging(table: TableInfo, staging: str) -> sql.Composed:
         overriding=overriding,
         s_cols=column_list(cols, "s"),
         staging=sql.Identifier(staging),
+        rows=rows_of(table),
+        in_range=range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
         same_row=same_row,
         o_cols=column_list(cols, "o"),
         key=key,
