@@ -185,9 +185,9 @@ WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """
 
-# Unique, valid, non-partial, non-expression indexes with their columns in index order.
-# Unique indexes that can key ranges. Not a DEFERRABLE one: ON CONFLICT, which upserts a
-# range's rows, cannot use it as its arbiter.
+# The unique indexes that can key ranges, with their columns in index order: valid, not partial,
+# not on expressions, and not DEFERRABLE (ON CONFLICT, which upserts a range's rows, cannot use
+# one as its arbiter).
 _KEYS_SQL = """
 SELECT i.indrelid, i.indisprimary, ci.relname,
        array_agg(a.attname ORDER BY k.ord) AS columns,

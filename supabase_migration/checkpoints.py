@@ -179,6 +179,15 @@ def bookkeeping_exists(conn: psycopg.Connection, table: str = "migration_checkpo
     return bool(row and row[0])
 
 
+def planned_anything(conn: psycopg.Connection) -> bool:
+    """Whether any run has planned this target (it has checkpoint rows)."""
+    if not bookkeeping_exists(conn):
+        return False
+    return conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(CHECKPOINTS)).fetchone()[
+        0
+    ]
+
+
 def _bound_json(bound: tuple[str, ...] | None) -> str | None:
     return None if bound is None else json.dumps(list(bound))
 

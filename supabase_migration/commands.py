@@ -551,7 +551,7 @@ def _refuse_nothing_to_resume() -> None:
     """`resume` goes on with a run; on a target no run has planned it would be a first run,
     perhaps into the wrong project."""
     with borrowed(target_url()) as target:
-        planned = checkpoints.bookkeeping_exists(target) and checkpoints.summary(target)
+        planned = checkpoints.planned_anything(target)
     if not planned:
         raise ConfigError(
             "Nothing to resume: no run has planned this target yet; start with "

@@ -79,7 +79,7 @@ def target_url() -> DatabaseUrl:
 def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
     """Fail fast with one sentence before any Dagster run starts."""
     with borrowed(source_url()) as source:
-        refuse_too_old_a_source(source)
+        _refuse_too_old_a_source(source)
     with borrowed(target_url()):
         pass
     if target_url().uses_transaction_pooler:
@@ -89,7 +89,8 @@ def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
         )
 
 
-def refuse_too_old_a_source(source: psycopg.Connection) -> None:
+def _refuse_too_old_a_source(source: psycopg.Connection) -> None:
+    """Before any catalog of it is read: an older source lacks columns we read."""
     sentence = too_old_a_source(source)
     if sentence:
         raise ConfigError(sentence)
@@ -106,7 +107,7 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
     except manifest_io.OtherManifestVersion:
         previous = None  # its settings are not this release's to carry over
     with borrowed(source_url()) as source:
-        refuse_too_old_a_source(source)
+        _refuse_too_old_a_source(source)
         missing = missing_schemas(source, settings.schemas)
         if missing:  # refused before the reviewed manifest is replaced by an empty one
             raise ConfigError(

@@ -1042,7 +1042,7 @@ def _check_rows_not_copied_here(ctx: _Context) -> None:
     Once a run has planned the target, its tables are trusted: a table whose checkpoint rows
     were deleted to plan it anew holds the rows copied before. Alembic's version table is left
     out: its row is the schema's revision, put there by the migrations that made the tables."""
-    if checkpoints.bookkeeping_exists(ctx.target) and checkpoints.summary(ctx.target):
+    if checkpoints.planned_anything(ctx.target):
         return
     shapes = _table_shapes(ctx.target, ctx.schemas)
     candidates = [

@@ -403,16 +403,21 @@ def delete_missing(
     table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
 ) -> sql.Composed:
     """Delete target rows in the range whose key the source no longer has."""
-    match = sql.SQL(" AND ").join(
-        sql.SQL("s.{k} = t.{k}").format(k=sql.Identifier(k)) for k in table.key
-    )
     return sql.SQL(
         "DELETE FROM {} AS t WHERE {} AND NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})"
     ).format(
         rows_of(table),
         range_predicate(table, lower, upper, alias="t", collate_c=collate_c),
         sql.Identifier(staging),
-        match,
+        _same_key(table, "s", "t"),
+    )
+
+
+def _same_key(table: TableInfo, left: str, right: str) -> sql.Composable:
+    """`left`'s row has `right`'s key (two aliases of the table's rows)."""
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k))
+        for k in table.key
     )
 
 
@@ -444,9 +449,6 @@ def upsert_from_staging(
     # NOT VALID one would fail it (a changed or new row passed it on the source). Looked up in
     # the range's own rows (ONLY those of a parent by inheritance): unbounded, the planner
     # hashed the whole target table for each range of 100,000 rows.
-    same_row = sql.SQL(" AND ").join(
-        sql.SQL("o.{k} = s.{k}").format(k=sql.Identifier(k)) for k in table.key
-    )
     return sql.SQL(
         "INSERT INTO {t} AS t ({cols}) {overriding}SELECT {s_cols} FROM {staging} AS s "
         "WHERE NOT EXISTS (SELECT 1 FROM {rows} AS o WHERE {in_range} AND {same_row} "
@@ -460,7 +462,7 @@ def upsert_from_staging(
         staging=sql.Identifier(staging),
         rows=rows_of(table),
         in_range=range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
-        same_row=same_row,
+        same_row=_same_key(table, "o", "s"),
         o_cols=column_list(cols, "o"),
         key=key,
         action=action,

@@ -204,7 +204,8 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}es" if word.endswith(("x", "s")) else f"{n} {word}s"
 
 
-def _shown(items: Sequence[str], limit: int = 10) -> str:
+def listed(items: Sequence[str], limit: int = 10) -> str:
+    """The first `limit` items, and how many more."""
     head = ", ".join(items[:limit])
     return head + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
@@ -333,7 +334,7 @@ def row_counts(
             text = (
                 f"{name}: {src_total} source rows vs {tgt_total} target rows; "
                 f"{len(mismatched)} of {len(ranges)} ranges differ"
-                + (f" ({_shown(details['partitions_to_rerun'])})" if mismatched else "")
+                + (f" ({listed(details['partitions_to_rerun'])})" if mismatched else "")
                 + ("; rows also differ outside the planned ranges" if outside else "")
                 + "."
             )
@@ -454,8 +455,8 @@ def range_checksums(
         else:
             text = (
                 f"{name}: {len(bad)} of {len(ranges)} ranges have different checksums "
-                f"(re-run partitions {_shown(keys)})"
-                + (f"; rows differ at {_shown(changed_keys, 5)}" if changed_keys else "")
+                f"(re-run partitions {listed(keys)})"
+                + (f"; rows differ at {listed(changed_keys, 5)}" if changed_keys else "")
                 + "."
             )
         return not bad, ERROR, text, details
@@ -834,12 +835,12 @@ def _sample_by_key(
             parts.append(
                 f"{len(mismatched)} of {len(keys)} sampled rows (seed {seed}) differ in "
                 f"column(s) {', '.join(bad_columns)} "
-                f"(e.g. {_shown([m['key'] for m in mismatched], 5)})"
+                f"(e.g. {listed([m['key'] for m in mismatched], 5)})"
             )
         if missing_keys:
             parts.append(
                 f"{len(missing_keys)} of {len(keys)} sampled rows (seed {seed}) are missing on "
-                f"the target ({_shown(missing_keys, 5)})"
+                f"the target ({listed(missing_keys, 5)})"
             )
         text = f"{name}: " + "; ".join(parts) + "."
     return passed, ERROR, text, details
@@ -1029,7 +1030,7 @@ def indexes(
                 False,
                 ERROR,
                 f"{table.qualified_name}: {_plural(len(waiting), 'index')} dropped for the first "
-                f"load {'is' if len(waiting) == 1 else 'are'} not built yet ({_shown(waiting)}); "
+                f"load {'is' if len(waiting) == 1 else 'are'} not built yet ({listed(waiting)}); "
                 "`supabase-migrate run` builds them once every range is copied.",
                 details,
             )
@@ -1201,7 +1202,7 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                 f"{name}: "
                 + "; ".join(
                     f"{r['constraint']} has {r['violations']} orphan row(s)"
-                    + (f" ({_shown(r['example_keys'], 5)})" if r["example_keys"] else "")
+                    + (f" ({listed(r['example_keys'], 5)})" if r["example_keys"] else "")
                     for r in broken
                 )
                 + "."

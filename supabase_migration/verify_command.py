@@ -20,7 +20,7 @@ from .inputs import Settings, check_connections, ensure_manifest, source_url, ta
 from .manifest import Manifest
 from .report import Report
 from .security import report_findings
-from .verify import CheckOutcome, run_verification
+from .verify import CheckOutcome, listed, run_verification
 
 Recorder = Callable[[Sequence[CheckOutcome], Manifest], None]
 
@@ -50,9 +50,8 @@ def _refuse_a_target_without_them(names: Sequence[str]) -> None:
             "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (idents,)
         ).fetchone()
     if found is not None and found[0] == 0:
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ConfigError(
-            f"The target has none of the {len(names)} tables to verify ({shown}); run "
+            f"The target has none of the {len(names)} tables to verify ({listed(names, 3)}); run "
             "`supabase-migrate run` first, or check that SUPABASE_DB_URL names its database."
         )
 

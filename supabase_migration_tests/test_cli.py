@@ -485,6 +485,9 @@ def test_filters_rewrite_the_manifest_keeping_its_exposed_schemas_and_batch_size
         ).fetchone()[0]
         rows = conn.execute("SELECT count(*) FROM public.appointments").fetchone()[0]
     assert ranges >= rows // 250, (ranges, rows)
+    # `init` itself writes the manifest from every schema of the source again
+    assert cli(["init"], env, tmp_path).returncode == 0
+    assert yaml.safe_load(path.read_text())["schemas"] == ["api", "public", "scratch"]
 
 
 def test_a_malformed_alembic_config_is_one_sentence_that_never_quotes_it(clinic):
@@ -547,7 +550,7 @@ def test_verify_and_resume_before_any_run_say_so_in_one_sentence(clinic):
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
         "error: The target has none of the 7 tables to verify (public.alembic_version, "
-        "public.appointments, public.lab_results, ...); run `supabase-migrate run` first, or "
+        "public.appointments, public.lab_results and 4 more); run `supabase-migrate run` first, or "
         "check that SUPABASE_DB_URL names its database.\n"
     )
     assert not (tmp_path / "migration-report").exists()
@@ -562,6 +565,13 @@ def test_verify_and_resume_before_any_run_say_so_in_one_sentence(clinic):
             "SELECT to_regclass('public.patients'), "
             "to_regnamespace('supabase_migration') IS NOT NULL"
         ).fetchone() == (None, False)
+
+
+# A provider the source does not have: the target's own row.
+NOT_THE_SOURCES = (
+    "INSERT INTO providers (provider_id, npi, full_name, specialty) OVERRIDING SYSTEM VALUE "
+    "VALUES (999999, '9999999999', 'Kept Here', 'pediatrics')"
+)
 
 
 def test_rows_on_the_target_this_tool_did_not_copy_are_refused_not_deleted(clinic):
@@ -582,10 +592,7 @@ def test_rows_on_the_target_this_tool_did_not_copy_are_refused_not_deleted(clini
     plan = cli(["plan", "--schema-mode", "none"], env, tmp_path, timeout=120)
     assert plan.returncode == 0 and "target-rows" not in plan.stdout, plan.stdout
     with psycopg.connect(target_db.url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO providers (provider_id, npi, full_name, specialty) OVERRIDING "
-            "SYSTEM VALUE VALUES (999999, '9999999999', 'Kept Here', 'pediatrics')"
-        )
+        conn.execute(NOT_THE_SOURCES)
     done = cli(["run", "--schema-mode", "none"], env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
@@ -604,6 +611,11 @@ def test_rows_on_the_target_this_tool_did_not_copy_are_refused_not_deleted(clini
     done = cli(["run"], env, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+    # once a run has planned the target its tables are trusted (their rows are ours)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(NOT_THE_SOURCES)
+    plan = cli(["plan"], env, tmp_path, timeout=120)
+    assert plan.returncode == 0 and "target-rows" not in plan.stdout, plan.stdout
 
 
 def test_a_target_key_the_source_type_cannot_hold_is_refused_unquoted(
@@ -660,22 +672,31 @@ def _run_in_ranges(env: dict[str, str], tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr
 
 
+def _copied_then_caught_up(source_db, target_db, tmp_path: Path, tables: str, change: str):
+    """`tables` made on the source and run, then `change` made there and run again."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(tables)
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    _run_in_ranges(env, tmp_path)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(change)
+    _run_in_ranges(env, tmp_path)
+    return env
+
+
 def test_a_parents_row_equal_to_a_childs_is_still_copied(source_db, target_db, tmp_path):
     """A parent by inheritance and a child holding an equal row (a history child): the
     catch-up's lookup of unchanged rows must read the parent's own rows only, or the parent's
     new row is taken as there already and never copied."""
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE par (id int PRIMARY KEY, v text); "
-            "CREATE TABLE chi () INHERITS (par); "
-            "INSERT INTO par SELECT g, 'v' || g FROM generate_series(1, 300) g WHERE g <> 7; "
-            "INSERT INTO chi VALUES (7, 'v7')"
-        )
-    env = cli_env(source_db.url, target_db.url, tmp_path)
-    _run_in_ranges(env, tmp_path)
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute("INSERT INTO par VALUES (7, 'v7')")
-    _run_in_ranges(env, tmp_path)
+    _copied_then_caught_up(
+        source_db,
+        target_db,
+        tmp_path,
+        "CREATE TABLE par (id int PRIMARY KEY, v text); CREATE TABLE chi () INHERITS (par); "
+        "INSERT INTO par SELECT g, 'v' || g FROM generate_series(1, 300) g WHERE g <> 7; "
+        "INSERT INTO chi VALUES (7, 'v7')",
+        "INSERT INTO par VALUES (7, 'v7')",
+    )
     assert_tables_equal(source_db.url, target_db.url, ["public.par", "public.chi"])
 
 
@@ -683,19 +704,16 @@ def test_a_deferrable_primary_key_is_not_the_key_of_ranges(source_db, target_db,
     """ON CONFLICT cannot use a deferrable unique index as its arbiter: a table keyed by one
     copied once, then every catch-up of a change failed. Such a table is keyed by an immediate
     unique index when it has one, else copied whole."""
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE slot (id int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE, v text); "
-            "CREATE TABLE bed (id int PRIMARY KEY DEFERRABLE, code text NOT NULL UNIQUE); "
-            "INSERT INTO slot SELECT g, 's' || g FROM generate_series(1, 500) g; "
-            "INSERT INTO bed SELECT g, 'b' || g FROM generate_series(1, 500) g"
-        )
-    env = cli_env(source_db.url, target_db.url, tmp_path)
-    _run_in_ranges(env, tmp_path)
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute("UPDATE slot SET v = 'changed' WHERE id = 7")
-        conn.execute("UPDATE bed SET id = id + 1000 WHERE id = 9")
-    _run_in_ranges(env, tmp_path)
+    env = _copied_then_caught_up(
+        source_db,
+        target_db,
+        tmp_path,
+        "CREATE TABLE slot (id int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE, v text); "
+        "CREATE TABLE bed (id int PRIMARY KEY DEFERRABLE, code text NOT NULL UNIQUE); "
+        "INSERT INTO slot SELECT g, 's' || g FROM generate_series(1, 500) g; "
+        "INSERT INTO bed SELECT g, 'b' || g FROM generate_series(1, 500) g",
+        "UPDATE slot SET v = 'changed' WHERE id = 7; UPDATE bed SET id = id + 1000 WHERE id = 9",
+    )
     assert_tables_equal(source_db.url, target_db.url, ["public.slot", "public.bed"])
     status = json.loads(cli(["status", "--json"], env, tmp_path).stdout)["tables"]
     assert status["public.bed"]["completed"] > 1  # ranges of its unique code

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from supabase_migration import preflight as preflight_module
 from supabase_migration.conninfo import parse_database_url
 from supabase_migration.errors import PreflightError
 from supabase_migration.localpg import (
@@ -234,6 +235,25 @@ def test_listed_schema_missing_on_the_source(source_db, target_db):
     assert [(f.severity, f.subject) for f in by_code(findings, "schema-missing")] == [
         (Severity.ERROR, "schema nope")
     ]
+
+
+def test_target_rows_are_compared_up_to_a_limit_and_refused_past_it(
+    source_db, target_db, monkeypatch
+):
+    """Rows already on a target no run has planned: compared key by key with the source's up
+    to ROWS_COMPARED (rows the source has too pass, however many there are below it); past it,
+    refused without looking; a keyless table is refused too (no key to tell by)."""
+    tables = (
+        "CREATE TABLE codes (code text PRIMARY KEY); CREATE TABLE notes (note text); "
+        "INSERT INTO codes SELECT 'c' || g FROM generate_series(1, 5) g; "
+    )
+    execute(source_db.url, tables + "INSERT INTO notes VALUES ('n')")
+    execute(target_db.url, tables + "INSERT INTO notes VALUES ('n')")
+    found = by_code(preflight(source_db.url, target_db.url, ["public"], "none"), "target-rows")
+    assert [f.subject for f in found] == ["public.notes"]
+    monkeypatch.setattr(preflight_module, "ROWS_COMPARED", 4)
+    found = by_code(preflight(source_db.url, target_db.url, ["public"], "none"), "target-rows")
+    assert [f.subject for f in found] == ["public.codes", "public.notes"]
 
 
 def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db, target_db):
