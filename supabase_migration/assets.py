@@ -409,10 +409,12 @@ def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
     key. Keys are shown where they are needed: verification names the keys of rows that differ
     (rows are identified by primary key only, never by other values)."""
     bounds = result.bounds if table.key_kind is KeyKind.INTEGER else "(key values not shown)"
+    aside = {"rows_taken_aside": result.rows_taken_aside} if result.rows_taken_aside else {}
     return {
         "path": result.path,
         "rows": result.rows,
         "rows_deleted": result.rows_deleted,
+        **aside,
         "bytes": result.bytes,
         "duration_s": round(result.duration_s, 3),
         "key_range": bounds,
@@ -486,6 +488,12 @@ def copy_partitions(
                     stopped = True
                     break
                 continue
+            if result.rows_taken_aside:
+                context.log.info(
+                    f"Partition {key} of {table_name}: {result.rows_taken_aside} rows of other "
+                    "ranges held unique values this range's rows now have; they were re-synced "
+                    "from the same snapshot in its transaction."
+                )
             yield dg.AssetMaterialization(
                 asset_key=context.asset_key,
                 partition=key,

@@ -185,20 +185,35 @@ WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """
 
-# The unique indexes that can key ranges, with their columns in index order: valid, not partial,
-# not on expressions, and not DEFERRABLE (ON CONFLICT, which upserts a range's rows, cannot use
-# one as its arbiter).
-_KEYS_SQL = """
-SELECT i.indrelid, i.indisprimary, ci.relname,
-       array_agg(a.attname ORDER BY k.ord) AS columns,
-       bool_and(a.attnotnull) AS all_not_null
+# A unique index's key columns (a), in index order: not its INCLUDE columns, which it stores
+# but does not compare (ON CONFLICT names the key columns only). Only plain columns: the
+# queries take indexes with no expressions and no predicate.
+_UNIQUE_INDEX_COLUMNS = """
 FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-WHERE i.indrelid = ANY(%(oids)s) AND i.indisunique AND i.indisvalid AND i.indimmediate
-  AND i.indpred IS NULL AND i.indexprs IS NULL
+WHERE i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
+"""
+
+# The unique indexes that can key ranges: valid, and not DEFERRABLE (ON CONFLICT, which
+# upserts a range's rows, cannot use one as its arbiter).
+_KEYS_SQL = f"""
+SELECT i.indrelid, i.indisprimary, ci.relname,
+       array_agg(a.attname ORDER BY k.ord) AS columns,
+       bool_and(a.attnotnull) AS all_not_null
+{_UNIQUE_INDEX_COLUMNS}
+  AND i.indrelid = ANY(%(oids)s) AND i.indisvalid AND i.indimmediate
 GROUP BY i.indrelid, i.indexrelid, i.indisprimary, ci.relname
+"""
+
+# One unique index, by the name a unique violation gives (a constraint's is its index's).
+_UNIQUE_INDEX_SQL = f"""
+SELECT array_agg(a.attname ORDER BY k.ord), {{nulls_not_distinct}}
+{_UNIQUE_INDEX_COLUMNS}
+  AND ci.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = %(schema)s)
+  AND ci.relname = %(name)s
+GROUP BY i.indexrelid
 """
 
 # Foreign keys declared on the table itself (clones on partitions have conparentid <> 0);
@@ -298,6 +313,22 @@ def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableI
             )
         )
     return result
+
+
+@dataclass(frozen=True)
+class UniqueIndex:
+    columns: tuple[str, ...]
+    nulls_not_distinct: bool = False  # PostgreSQL 15+: NULLs collide with each other too
+
+
+def unique_index(conn: psycopg.Connection, schema: str, name: str) -> UniqueIndex | None:
+    """The unique index `schema.name` on plain columns; None for one on expressions or with a
+    predicate (which rows collide is then not a match of columns), or none of that name."""
+    nulls = "i.indnullsnotdistinct" if conn.info.server_version >= 150000 else "false"
+    row = conn.execute(
+        _UNIQUE_INDEX_SQL.format(nulls_not_distinct=nulls), {"schema": schema, "name": name}
+    ).fetchone()
+    return None if row is None else UniqueIndex(tuple(row[0]), bool(row[1]))
 
 
 @dataclass(frozen=True)

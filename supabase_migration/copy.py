@@ -17,6 +17,7 @@ Paths:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import selectors
 import threading
 import time
@@ -30,7 +31,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq, sql
 
 from . import checkpoints, sqlbuild
-from .catalog import KeyKind, TableInfo
+from .catalog import KeyKind, TableInfo, unique_index
 from .connections import (
     connect,
     database_error,
@@ -93,6 +94,9 @@ class RangeResult:
     duration_s: float
     checksum: str
     bounds: str
+    # Rows of other ranges that held a unique value this range's rows now have, re-synced
+    # with it (see `_upsert_taking_aside`).
+    rows_taken_aside: int = 0
 
     @property
     def changed(self) -> bool:
@@ -186,7 +190,9 @@ def copy_range(
                         f"{the_range} was planned anew while it was being copied; run again."
                     )
                 occupied = bool(found[1][0]) if probe is not None else None
-                path, deleted, nbytes = _load(source, target, table, locked, options, occupied)
+                path, deleted, nbytes, aside = _load(
+                    source, target, table, locked, options, occupied
+                )
                 if overlap:
                     count, checksum, last_key = pending.result()
                 duration = time.monotonic() - started
@@ -216,6 +222,7 @@ def copy_range(
             duration,
             checksum,
             key_range.describe(),
+            aside,
         )
     except pg_errors.LockNotAvailable:
         raise ConcurrentRunError(
@@ -458,9 +465,10 @@ def _load(
     cp: checkpoints.Checkpoint,
     options: CopyOptions,
     occupied: bool | None = None,
-) -> tuple[str, int, int]:
-    """Move the rows; returns (path, rows deleted, bytes streamed). `occupied`: whether the
-    target already has rows in the range, if the caller asked already."""
+) -> tuple[str, int, int, int]:
+    """Move the rows; returns (path, rows deleted, bytes streamed, rows of other ranges taken
+    aside). `occupied`: whether the target already has rows in the range, if the caller asked
+    already."""
     key_range = cp.key_range()
     lower, upper = key_range.lower, key_range.upper
     binary = table.binary_ok if options.binary is None else options.binary
@@ -469,7 +477,7 @@ def _load(
         nbytes = stream_range(
             source, target, table, key_range, sqlbuild.table_ident(table), binary, options
         )
-        return "replace", max(deleted, 0), nbytes
+        return "replace", max(deleted, 0), nbytes, 0
     if cp.completed_at is None:
         if occupied is None:
             row = target.execute(
@@ -480,7 +488,7 @@ def _load(
             nbytes = stream_range(
                 source, target, table, key_range, sqlbuild.table_ident(table), binary, options
             )
-            return "copy", 0, nbytes
+            return "copy", 0, nbytes, 0
     target.execute(sqlbuild.create_staging(table, STAGING_TABLE))
     nbytes = stream_range(
         source, target, table, key_range, sql.Identifier(STAGING_TABLE), binary, options
@@ -488,13 +496,66 @@ def _load(
     deleted = target.execute(
         sqlbuild.delete_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c)
     ).rowcount
-    target.execute(
-        sqlbuild.upsert_from_staging(
-            table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
-        )
+    upsert = sqlbuild.upsert_from_staging(
+        table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
     )
+    if options.replica_mode:
+        aside = _upsert_taking_aside(source, target, table, upsert, binary)
+    else:
+        target.execute(upsert)
+        aside = 0
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
-    return "upsert", max(deleted, 0), nbytes
+    return "upsert", max(deleted, 0), nbytes, aside
+
+
+# Rounds of taking rows aside one range's upsert may need: each resolves one unique index's
+# collisions, or the new ones the rows taken from other ranges bring (a chain of moves).
+TAKING_ASIDE_ROUNDS = 8
+_BEFORE_UPSERT = sql.Identifier("supabase_migration_upsert")
+KEYS_PER_READ = 1000
+
+
+def _upsert_taking_aside(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    upsert: sql.Composable,
+    binary: bool,
+) -> int:
+    """The range's upsert, where unique values moved between rows (two patients' MRNs
+    swapped, a deleted patient's MRN given to a new one) since the range was copied. Updating
+    row by row, it would collide with a row still holding a value: a swap in any order. The
+    rows holding the values are deleted, and those of other ranges read from the source in
+    this range's snapshot into staging, so the upsert puts every one back as the source has
+    it, all in the range's transaction. Returns how many rows of other ranges were taken.
+
+    Only with FK triggers skipped (replica mode): otherwise a deleted row's cascade would
+    take its children. A value the source itself holds twice (a unique index the target has
+    alone) still fails, by the index's name."""
+    aside = 0
+    for rounds in itertools.count():
+        try:
+            in_one_round_trip(target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_UPSERT), upsert])
+            return aside
+        except pg_errors.UniqueViolation as exc:
+            target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_UPSERT))
+            index = unique_index(
+                target, exc.diag.schema_name or table.schema, exc.diag.constraint_name or ""
+            )
+            if rounds == TAKING_ASIDE_ROUNDS or index is None or index.columns == table.key:
+                raise
+            target.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)  # keys as text, read as the source's
+            holders = target.execute(
+                sqlbuild.take_aside_holders(table, STAGING_TABLE, index)
+            ).fetchall()
+            if not holders:  # the staged rows collide among themselves
+                raise
+            elsewhere = [row[:-1] for row in holders if not row[-1]]
+            for keys in chunks(elsewhere, KEYS_PER_READ):
+                out_query = sqlbuild.copy_out_keys(table, keys, binary=binary)
+                _stream(source, target, out_query, sql.Identifier(STAGING_TABLE), table, binary)
+            aside += len(elsewhere)
+    raise AssertionError("unreachable")
 
 
 def stream_range(
@@ -513,6 +574,17 @@ def stream_range(
     out_query = sqlbuild.copy_out_query(
         table, key_range.lower, key_range.upper, binary=binary, collate_c=options.collate_c
     )
+    return _stream(source, target, out_query, into, table, binary)
+
+
+def _stream(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    out_query: sql.Composable,
+    into: sql.Composable,
+    table: TableInfo,
+    binary: bool,
+) -> int:
     in_query = sqlbuild.copy_in_query(into, table.copy_columns, binary=binary)
     nbytes = 0
     try:

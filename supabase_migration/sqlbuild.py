@@ -12,7 +12,7 @@ from itertools import pairwise
 
 from psycopg import sql
 
-from .catalog import Column, KeyKind, TableInfo
+from .catalog import Column, KeyKind, TableInfo, UniqueIndex
 from .ranges import Bound, KeyRange
 
 # `money` is written and read in the database's lc_monetary: '1.234,50 €' in de_DE, which a
@@ -357,6 +357,29 @@ def copy_out_query(
     """Rows in key order: the target's primary key, kept during the load, then takes each
     range's keys side by side instead of all over the index. Random keys (uuid) inserted in
     their heap order cost the target about twice the CPU of the same rows in key order."""
+    return _copy_out(table, range_predicate(table, lower, upper, collate_c=collate_c), binary)
+
+
+def copy_out_keys(table: TableInfo, keys: Sequence[Sequence[str]], *, binary: bool) -> sql.Composed:
+    """The rows of these keys (each as text, column by column), as `copy_out_query` sends a
+    range's: the rows a range's upsert takes aside from other ranges (`take_aside_holders`)."""
+    listed = sql.SQL(", ").join(
+        sql.SQL("({})").format(
+            sql.SQL(", ").join(
+                sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(table.column(k).type_sql))
+                for k, v in zip(table.key, values, strict=True)
+            )
+        )
+        for values in keys
+    )
+    return _copy_out(
+        table,
+        sql.SQL("({}) IN ({})").format(column_list([table.column(k) for k in table.key]), listed),
+        binary,
+    )
+
+
+def _copy_out(table: TableInfo, where: sql.Composable, binary: bool) -> sql.Composed:
     order = (
         sql.SQL(" ORDER BY {}").format(column_list([table.column(k) for k in table.key]))
         if table.key
@@ -365,7 +388,7 @@ def copy_out_query(
     return sql.SQL("COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT {}").format(
         _copied_values(table.copy_columns),
         rows_of(table),
-        range_predicate(table, lower, upper, collate_c=collate_c),
+        where,
         order,
         sql.SQL("(FORMAT binary)") if binary else sql.SQL(""),
     )
@@ -466,6 +489,32 @@ def upsert_from_staging(
         o_cols=column_list(cols, "o"),
         key=key,
         action=action,
+    )
+
+
+def take_aside_holders(table: TableInfo, staging: str, index: UniqueIndex) -> sql.Composed:
+    """Delete the target's rows that hold a value of `index` a staged row of another key now
+    has: a unique value that moved between rows, which the upsert, updating row by row, would
+    collide with. Returns each one's key as text and whether a staged row has that key (then
+    the upsert puts it back as the source has it; else it is a row of another range)."""
+    matches = sql.SQL(" AND ").join(
+        sql.SQL("{} IS NOT DISTINCT FROM {}" if index.nulls_not_distinct else "{} = {}").format(
+            sql.Identifier("t", c), sql.Identifier("s", c)
+        )
+        for c in index.columns
+    )
+    return sql.SQL(
+        "DELETE FROM {rows} AS t USING {staging} AS s WHERE {matches} AND NOT ({same}) "
+        "RETURNING {keys}, EXISTS (SELECT FROM {staging} AS k WHERE {staged})"
+    ).format(
+        rows=rows_of(table),
+        staging=sql.Identifier(staging),
+        matches=matches,
+        same=_same_key(table, "t", "s"),
+        keys=sql.SQL(", ").join(
+            sql.SQL("{}::text").format(sql.Identifier("t", k)) for k in table.key
+        ),
+        staged=_same_key(table, "k", "t"),
     )
 
 

@@ -700,6 +700,22 @@ def test_a_parents_row_equal_to_a_childs_is_still_copied(source_db, target_db, t
     assert_tables_equal(source_db.url, target_db.url, ["public.par", "public.chi"])
 
 
+def test_unique_values_swapped_across_ranges_are_caught_up(source_db, target_db, tmp_path):
+    """Two patients' MRNs swapped, in different ranges of 100: the first range's upsert would
+    collide with the other range's row; it takes that row aside and re-syncs it, and `run`
+    verifies the result."""
+    _copied_then_caught_up(
+        source_db,
+        target_db,
+        tmp_path,
+        "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
+        "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 500) g",
+        "UPDATE pat SET mrn = 'free' WHERE id = 5; UPDATE pat SET mrn = 'M5' WHERE id = 450; "
+        "UPDATE pat SET mrn = 'M450' WHERE id = 5",
+    )
+    assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
+
+
 def test_a_deferrable_primary_key_is_not_the_key_of_ranges(source_db, target_db, tmp_path):
     """ON CONFLICT cannot use a deferrable unique index as its arbiter: a table keyed by one
     copied once, then every catch-up of a change failed. Such a table is keyed by an immediate

@@ -116,17 +116,26 @@ def _urls(source_db, target_url: str, endpoint: Endpoint | None = None):
 
 
 def migrate_all(
-    source_db, target_url: str, *, batch_size=700, endpoint=None, force=False, bytewise=None
+    source_db,
+    target_url: str,
+    *,
+    batch_size=700,
+    endpoint=None,
+    force=False,
+    bytewise=None,
+    replica_mode=None,
 ):
     """Plan and copy every table as the pipeline does (`bytewise`: as the servers' collations
-    require, unless given)."""
+    require, unless given; `replica_mode`: as the target's role allows, unless given)."""
     src_url, tgt_url = _urls(source_db, target_url, endpoint)
     results = []
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         checkpoints.ensure_bookkeeping(t)
         if bytewise is None:
             bytewise = needs_bytewise_keys(s, t)
-        options = CopyOptions(force=force, replica_mode=replica_mode_allowed(t), collate_c=bytewise)
+        if replica_mode is None:
+            replica_mode = replica_mode_allowed(t)
+        options = CopyOptions(force=force, replica_mode=replica_mode, collate_c=bytewise)
         for info in read_tables(s, ["public"]):
             refresh_plan(s, t, info, batch_size=batch_size, collate_c=bytewise)
             for cp in checkpoints.load(t, info.qualified_name):
@@ -260,6 +269,124 @@ def test_first_load_then_resync_converges(pair):
     assert ("public.parents", "unchanged") not in changed
     assert_tables_equal(source_db.url, target_db.url, TABLES)
     assert sum(r.rows_deleted for r in third if r.table == "public.items") == 1
+
+
+CLINIC = """
+CREATE TABLE patients (id integer PRIMARY KEY, mrn text NOT NULL UNIQUE, name text,
+                       badge integer, UNIQUE NULLS NOT DISTINCT (badge));
+CREATE TABLE visits (id integer PRIMARY KEY,
+                     patient_id integer NOT NULL REFERENCES patients ON DELETE CASCADE);
+"""
+
+
+def _clinic(source_db, target_db) -> None:
+    """patients with two unique columns besides the key (one NULLS NOT DISTINCT), and a visit
+    each that a cascade would delete with its patient."""
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        CLINIC,
+        "INSERT INTO patients SELECT g, 'M' || g, 'p' || g, g FROM generate_series(1, 1000) g;"
+        "UPDATE patients SET badge = NULL WHERE id = 7;"
+        "INSERT INTO visits SELECT g, g FROM generate_series(1, 1000) g",
+    )
+
+
+def _swap(conn: psycopg.Connection, column: str, first: int, second: int) -> None:
+    """Swap two rows' values of a unique column, as an application would (through a free one)."""
+    column_ident = sql.Identifier(column)
+    values = conn.execute(
+        sql.SQL(
+            "SELECT {c} FROM patients WHERE id = %s UNION ALL SELECT {c} FROM patients "
+            "WHERE id = %s"
+        ).format(c=column_ident),
+        (first, second),
+    ).fetchall()
+    for key, value in ((first, None), (second, values[0][0]), (first, values[1][0])):
+        placeholder = f"tmp-{key}" if column == "mrn" else -key
+        conn.execute(
+            sql.SQL("UPDATE patients SET {} = %s WHERE id = %s").format(column_ident),
+            (placeholder if value is None else value, key),
+        )
+
+
+def test_unique_values_that_moved_between_rows_are_caught_up(source_db, target_db):
+    """Two patients' MRNs swapped, within a range and across ranges, three in a cycle, a
+    deleted patient's MRN given to another: an upsert updates row by row, so each of these
+    collides with a row still holding the value on the target. The rows holding them are
+    taken aside and re-synced from the same snapshot, rows of other ranges included; FK
+    triggers are skipped, so no visit is deleted by its cascade."""
+    _clinic(source_db, target_db)
+    tables = ["public.patients", "public.visits"]
+    migrate_all(source_db, target_db.url, batch_size=300)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        _swap(conn, "mrn", 10, 20)  # one range
+        _swap(conn, "mrn", 50, 900)  # two ranges
+        _swap(conn, "badge", 7, 8)  # NULL, NULLS NOT DISTINCT: 8's NULL collides with 7's
+        _swap(conn, "mrn", 100, 200)
+        _swap(conn, "mrn", 200, 700)  # 100 -> 200's, 200 -> 700's, 700 -> 100's
+        conn.execute(
+            "DELETE FROM visits WHERE patient_id = 950; DELETE FROM patients WHERE id = 950;"
+            "UPDATE patients SET mrn = 'M950' WHERE id = 30;"
+            "INSERT INTO patients VALUES (1001, 'M1001', 'new', 1001);"
+            "INSERT INTO visits VALUES (1001, 1001)"
+        )
+    # Through the transaction pooler: the savepoints live in the range's transaction.
+    pooled = {"endpoint": Endpoint.TRANSACTION_POOLER, "batch_size": 300}
+    again = migrate_all(source_db, target_db.pooler_url, **pooled)
+    assert_tables_equal(source_db.url, target_db.url, tables)
+    moved = {r.partition_key: r.rows_taken_aside for r in again if r.table == "public.patients"}
+    # The first range takes 900 (M900, now 50's), 700 (M700, now 200's) and 950 (deleted on
+    # the source, its M950 now 30's) from the last two ranges; those then have nothing to do.
+    assert moved == {"000000": 3, "000001": 0, "000002": 0, "000003": 0}, moved
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        # The ranges holding rows moved aside are re-synced too: nothing is left to catch up.
+        assert {r.path for r in migrate_all(source_db, target_db.pooler_url, **pooled)} == {
+            "unchanged"
+        }
+        assert conn.execute("SELECT count(*) FROM visits").fetchone() == (1000,)
+
+
+def test_unique_values_that_moved_fail_by_name_where_fk_triggers_run(source_db, target_db):
+    """Without replica mode a deleted row's children would go with it by their cascade: the
+    range fails as before, naming the constraint, and none of it is applied."""
+    _clinic(source_db, target_db)
+    migrate_all(source_db, target_db.url, batch_size=300)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        _swap(conn, "mrn", 50, 900)
+    with pytest.raises(CopyError) as stopped:
+        migrate_all(source_db, target_db.url, batch_size=300, replica_mode=False)
+    assert "unique_violation" in str(stopped.value) and "patients_mrn_key" in str(stopped.value)
+    assert "M50" not in str(stopped.value) and "M900" not in str(stopped.value)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT mrn FROM patients WHERE id IN (50, 900) ORDER BY id"
+        ).fetchall() == [
+            ("M50",),
+            ("M900",),
+        ]
+        assert conn.execute("SELECT count(*) FROM visits").fetchone() == (1000,)
+
+
+def test_a_primary_key_with_included_columns_keys_the_table_by_its_key_columns(
+    source_db, target_db
+):
+    """INCLUDE columns are stored in the index but are no part of its key: ON CONFLICT names
+    the key columns only."""
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE covered (id integer, v text, PRIMARY KEY (id) INCLUDE (v))",
+        "INSERT INTO covered SELECT g, 'v' || g FROM generate_series(1, 500) g",
+    )
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        info = next(t for t in read_tables(conn, ["public"]) if t.name == "covered")
+    assert info.key == ("id",)
+    migrate_all(source_db, target_db.url, batch_size=200)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE covered SET v = 'changed' WHERE id = 3")
+    migrate_all(source_db, target_db.url, batch_size=200)
+    assert_tables_equal(source_db.url, target_db.url, ["public.covered"])
 
 
 def test_rows_reach_the_target_in_key_order(pair):
