@@ -59,6 +59,9 @@ class Column:
     # output functions, text and binary alike, drop an XML declaration (<?xml version="1.0"?>)
     # the value keeps.
     xml_text: str = ""
+    # An array hashed natively (`hash_native`): by its elements alone, which `{1,2,3,4}`,
+    # `{{1,2},{3,4}}` and `[0:3]={1,2,3,4}` share; its shape is hashed beside (sqlbuild.row_hash).
+    native_array: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,8 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
                 AND co.collname IN ('C', 'POSIX', 'ucs_basic', 'pg_c_utf8'), false)
          AS bytes_collation,
        CASE 'pg_catalog.xml'::regtype WHEN b.oid THEN 'xml' WHEN b.typelem THEN 'xml[]'
-            ELSE '' END AS xml_text
+            ELSE '' END AS xml_text,
+       b.typcategory = 'A' AND b.typelem = ANY(n.types) AS native_array
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

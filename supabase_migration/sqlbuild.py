@@ -243,7 +243,25 @@ def row_hash(
             values.append(sql.SQL('{} COLLATE "C"').format(ident))
         else:
             values.append(ident)
+    arrays = [(i, sql.Identifier(c.name)) for i, c in enumerate(columns) if c.native_array]
+    if arrays:
+        seed = sql.SQL("{}::bigint # {}").format(seed, _array_shapes(arrays))
     return sql.SQL("hash_record_extended(ROW({}), {})").format(sql.SQL(", ").join(values), seed)
+
+
+def _array_shapes(arrays: Sequence[tuple[int, sql.Identifier]]) -> sql.Composable:
+    """A hash of the shapes of a row's natively hashed arrays that are not one dimension from
+    1 (`{{1,2},{3,4}}`, `[0:1]={1,2}`), else 0: the seed of a row with only plain arrays, so a
+    checksum recorded before shapes counted still matches where none has another shape."""
+    odd = [
+        sql.SQL("array_ndims({a}) > 1 OR array_lower({a}, 1) <> 1").format(a=a) for _, a in arrays
+    ]
+    shapes = sql.SQL(", ").join(
+        sql.SQL("{} || array_dims({})").format(sql.Literal(f"{i}:"), a) for i, a in arrays
+    )
+    return sql.SQL("CASE WHEN {} THEN hashtextextended(concat_ws(' ', {}), 0) ELSE 0 END").format(
+        sql.SQL(" OR ").join(odd), shapes
+    )
 
 
 def text_md5(table: TableInfo, text: sql.Composable) -> sql.Composable:

@@ -1142,7 +1142,8 @@ def _checksum(url: str, table: str) -> tuple[int, str]:
 def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
     """Values that compare equal but read differently (1.5 / 1.50, 1 day / 24 hours, 0 / -0)
     are changes, also where intervals, numerics and ranges are hashed in binary form; enums
-    hash by label, not by their database-specific OIDs."""
+    hash by label, not by their database-specific OIDs; an array's dimensions and lower bounds
+    count as its elements do."""
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         # Different enum OIDs on the target than on the source.
         conn.execute("CREATE TYPE unrelated AS ENUM ('x', 'y', 'z', 'w')")
@@ -1183,12 +1184,55 @@ def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
         "r = '(1.5,2)'",
         "r = 'empty'",
         "d = '24 hours'",
+        # The same elements in other dimensions or from another lower bound: element hashes
+        # alone (hash_array_extended) would not tell these apart.
+        "names = '[0:1]={a,c}'",
+        "names = '{{a},{c}}'",
+        "names = '{{a,c}}'",
+        "levels = '[5:6]={green,red}'",
     ):
         with psycopg.connect(source_db.url, autocommit=True) as conn:
             conn.execute(f"UPDATE subtle SET {change} WHERE id = 1")
         checksum = _checksum(source_db.url, "public.subtle")[1]
         assert checksum not in seen, change
         seen.add(checksum)
+
+
+def test_arrays_of_other_shapes_copy_and_compare_and_plain_ones_hash_as_before(
+    source_db, target_db
+):
+    """Arrays of several dimensions or lower bounds other than 1 are copied as they are and
+    measured equal on both sides; a table whose arrays are all plain hashes exactly as before
+    shapes counted (`hash_record_extended` of the row), so ranges recorded by an earlier
+    release are not all read as changed."""
+    from supabase_migration.verify import range_checksums
+
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE shaped (id int PRIMARY KEY, a int[], labels text[]);"
+        "CREATE TABLE flat (id int PRIMARY KEY, a int[], labels text[])",
+        "INSERT INTO shaped VALUES (1, '{{1,2},{3,4}}', '[0:1]={x,y}'), (2, '{1,2}', '{}'),"
+        "(3, NULL, '{{a}}'), (4, '[-2:-1]={5,6}', NULL);"
+        "INSERT INTO flat SELECT g, ARRAY[g, g + 1], ARRAY['v' || g] FROM generate_series(1, 50) g;"
+        "INSERT INTO flat VALUES (51, '{}', NULL)",
+    )
+    migrate_all(source_db, target_db.url)
+    assert_tables_equal(source_db.url, target_db.url, ["public.shaped", "public.flat"])
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        shaped = {i.name: i for i in read_tables(s, ["public"])}
+        for info in shaped.values():
+            assert range_checksums(s, t, info).passed, info.name
+        # The same elements in one dimension on the target: verification sees it.
+        t.execute("UPDATE shaped SET a = '{1,2,3,4}' WHERE id = 1")
+        assert not range_checksums(s, t, shaped["shaped"]).passed
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        before = conn.execute(
+            "SELECT 'r' || coalesce(sum(hash_record_extended(ROW(id, a, labels COLLATE \"C\"), 0)),"
+            " 0) FROM flat"
+        ).fetchone()[0]
+    assert _checksum(source_db.url, "public.flat") == (51, before)
 
 
 def test_a_users_types_named_like_built_in_ones_are_not_taken_for_them(source_db):
