@@ -73,8 +73,9 @@ WHERE i.indrelid = to_regclass(%(table)s)
     WHERE f.contype = 'f' AND (f.conindid = i.indexrelid OR f.conindid = con.conindid))
   AND NOT (i.indisunique AND i.indexprs IS NULL AND i.indpred IS NULL AND %(key)s::text[] = (
     SELECT array_agg(a.attname::text ORDER BY a.attname::text)
-    FROM unnest(i.indkey) AS k(attnum)
-    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum))
+    FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE k.ord <= i.indnkeyatts))  -- its key columns, not its INCLUDE ones
 UNION ALL
 SELECT con.conname, 'NOT VALID check constraint',
        array_remove(ARRAY[

@@ -37,6 +37,8 @@ CREATE UNIQUE INDEX keyed_code ON keyed_by_unique (code);
 CREATE INDEX keyed_v ON keyed_by_unique (v);
 CREATE TABLE partly_loaded (id integer PRIMARY KEY, v integer);
 CREATE INDEX partly_v ON partly_loaded (v);
+CREATE TABLE keyed_covering (code text NOT NULL, v integer);
+CREATE UNIQUE INDEX keyed_cover ON keyed_covering (code) INCLUDE (v);
 """
 
 SEED = """
@@ -46,6 +48,7 @@ INSERT INTO referenced SELECT g, 't' || g FROM generate_series(1, 10) g;
 INSERT INTO child SELECT g, 't' || (1 + g % 10), 1 + g % 3000 FROM generate_series(1, 4000) g;
 INSERT INTO keyed_by_unique SELECT 'k' || g, g % 7 FROM generate_series(1, 1500) g;
 INSERT INTO partly_loaded SELECT g, g FROM generate_series(1, 100) g;
+INSERT INTO keyed_covering SELECT 'k' || g, g FROM generate_series(1, 300) g;
 """
 
 TABLES = [
@@ -54,6 +57,7 @@ TABLES = [
     "public.child",
     "public.keyed_by_unique",
     "public.partly_loaded",
+    "public.keyed_covering",
 ]
 
 # Everything that must come back exactly: definition, comment, clustering, constraint text.
@@ -132,6 +136,8 @@ def test_indexes_are_dropped_for_the_load_and_rebuilt_exactly(pair):
             "public.keyed_by_unique": ["keyed_v"],
             # the target table already has rows
             "public.partly_loaded": [],
+            # keyed by its unique index's key column; the INCLUDE column is no part of it
+            "public.keyed_covering": [],
         }
         assert _index_names(target_db.url, "parent") == {"parent_pkey"}
         assert _index_names(target_db.url, "keyed_by_unique") == {"keyed_code"}
