@@ -79,6 +79,9 @@ class TableInfo:
     # CHECK constraints the source added NOT VALID: its rows need not pass them (deferred.py)
     not_valid_checks: tuple[str, ...] = ()
     hash_records: bool = False  # the source has hash_record_extended (PostgreSQL 14+)
+    # Each row's hash mixed before the sum (sqlbuild.row_hash_sum); False only to measure a
+    # range as a release before the mix recorded it (sqlbuild.hashed_like).
+    mixed_rows: bool = True
     # The source database's text is neither UTF8 nor SQL_ASCII (LATIN1, WIN1252 ...): text is
     # hashed as its UTF8 bytes on both sides, the target's (UTF8) and the source's converted.
     transcode: bool = False

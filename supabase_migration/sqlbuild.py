@@ -273,10 +273,18 @@ def text_md5(table: TableInfo, text: sql.Composable) -> sql.Composable:
 
 
 def row_hash_sum(table: TableInfo) -> sql.Composable:
-    """Order-independent checksum of a set of rows: the sum of `row_hash`, as text. The prefix
-    names the method, so a checksum is never compared with one made another way."""
+    """Order-independent checksum of a set of rows: the sum of each row's hash, as text. The
+    prefix names the method, so a checksum is never compared with one made another way.
+
+    `hash_record_extended` combines its values' hashes linearly (31 * h + h'), so the sum of
+    its results over rows is a sum over columns of each column's values: it would not change
+    when two rows swap a column's values (two patients' diagnoses). Each row's hash is mixed
+    first (`hashint8extended`, not linear), as the row text's hash already is."""
+    hashed = row_hash(table)
+    if table.hash_records and table.mixed_rows:
+        hashed = sql.SQL("hashint8extended({}, 0)").format(hashed)
     return sql.SQL("{} || coalesce(sum({}), 0)::text").format(
-        sql.Literal(empty_checksum(table)[0]), row_hash(table)
+        sql.Literal(empty_checksum(table)[0]), hashed
     )
 
 
@@ -302,12 +310,16 @@ def empty_checksum(table: TableInfo) -> str:
     """What `row_hash_sum` gives for no rows. Its letter names the method: "t" the row's text,
     "r" per-type hashes, "s" per-type hashes with some values in binary form; for a source not
     encoded in UTF8 (`transcode`), "u" per-type hashes and "v" the row's text, both over UTF8
-    bytes (a checksum recorded another way is measured that way again: `hashed_like`)."""
+    bytes. Per-type hashes are mixed row by row since this release: "R", "S" and "U"; the
+    lower-case letters were recorded before (a checksum recorded another way is measured that
+    way again: `hashed_like`)."""
     if not table.hash_records:
         return ("v" if table.transcode else "t") + "0"
     if table.transcode:
-        return "u0"
-    return ("s" if any(c.hash_sent for c in table.copy_columns) else "r") + "0"
+        letter = "u"
+    else:
+        letter = "s" if any(c.hash_sent for c in table.copy_columns) else "r"
+    return (letter.upper() if table.mixed_rows else letter) + "0"
 
 
 def hashed_like(table: TableInfo, checksum: str | None) -> TableInfo:
@@ -319,16 +331,19 @@ def hashed_like(table: TableInfo, checksum: str | None) -> TableInfo:
     letter = (checksum or "")[:1]
     if letter == empty_checksum(table)[0]:
         return table
+    if letter in ("t", "v"):  # the row's text, of a source upgraded to 14+ since
+        return dataclasses.replace(table, transcode=letter == "v", hash_records=False)
+    if letter not in ("r", "s", "u", "R", "S", "U") or not table.hash_records:
+        return table
+    table = dataclasses.replace(table, mixed_rows=letter.isupper())
+    if letter in ("u", "U"):
+        return table
     plain = dataclasses.replace(table, transcode=False)
-    if letter == "s" and table.hash_records:
+    if letter in ("s", "S"):
         return plain
-    if letter == "r" and table.hash_records:
-        return dataclasses.replace(
-            plain, columns=tuple(dataclasses.replace(c, hash_sent="") for c in table.columns)
-        )
-    if letter == "t":
-        return dataclasses.replace(plain, hash_records=False)
-    return table
+    return dataclasses.replace(
+        plain, columns=tuple(dataclasses.replace(c, hash_sent="") for c in table.columns)
+    )
 
 
 def can_bucket(table: TableInfo, ranges: Sequence[KeyRange]) -> bool:

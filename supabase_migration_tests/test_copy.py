@@ -484,10 +484,11 @@ def test_catch_up_reads_an_unchanged_table_in_one_pass(pair):
         assert changed_or_unfinished(s, infos["public.items"], planned, options) == set(holding)
 
 
-@pytest.mark.parametrize("letter", ["r", "t"])
+@pytest.mark.parametrize("letter", ["r", "s", "t"])
 def test_ranges_recorded_by_an_older_release_are_measured_its_way(pair, letter: str):
-    """items' checksums hash its numeric in binary form (method "s"). Ranges an older release
-    recorded ("r": the numeric as text; "t": the row's text, from a PostgreSQL 13 source) are
+    """items' checksums hash its numeric in binary form, each row's hash mixed (method "S").
+    Ranges an older release recorded ("s": rows not mixed; "r": the numeric as text, rows not
+    mixed; "t": the row's text, from a PostgreSQL 13 source) are
     measured the way they were recorded: after an upgrade nothing unchanged is copied again
     (it all was before), and a change still names exactly its range."""
     source_db, target_db = pair
@@ -496,7 +497,7 @@ def test_ranges_recorded_by_an_older_release_are_measured_its_way(pair, letter: 
     with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
         info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
         planned = checkpoints.load(t, info.qualified_name)
-        assert len(planned) > 2 and all(cp.row_checksum.startswith("s") for cp in planned)
+        assert len(planned) > 2 and all(cp.row_checksum.startswith("S") for cp in planned)
         with s.transaction():
             s.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
             older = sums_by_range(
@@ -523,6 +524,35 @@ def test_ranges_recorded_by_an_older_release_are_measured_its_way(pair, letter: 
         }
         assert not unchanged_as_a_whole(s, info, planned, options)
         assert changed_or_unfinished(s, info, planned, options) == holding
+
+
+def test_values_swapped_between_rows_of_one_range_are_a_change(pair):
+    """Two rows of one range swap a column's values (two patients' diagnoses): the range's
+    count and the multiset of each column's values are the same, so a checksum that adds up
+    column hashes would not change. A catch-up copies the range, and verification tells a
+    target with the values swapped back apart."""
+    from supabase_migration.verify import range_checksums
+
+    source_db, target_db = pair
+    migrate_all(source_db, target_db.url)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE items SET label = CASE id WHEN 10 THEN 'label 20' ELSE 'label 10' END "
+            "WHERE id IN (10, 20)"
+        )
+    again = migrate_all(source_db, target_db.url)
+    assert [r.path for r in again if r.table == "public.items" and r.changed] == ["upsert"]
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        items = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
+        assert range_checksums(s, t, items).passed
+        t.execute(
+            "UPDATE items SET amount = CASE id WHEN 10 THEN (SELECT amount FROM items "
+            "WHERE id = 20) ELSE (SELECT amount FROM items WHERE id = 10) END "
+            "WHERE id IN (10, 20)"
+        )
+        assert not range_checksums(s, t, items).passed
 
 
 def test_forced_resync_writes_nothing_when_equal(pair):
@@ -1160,9 +1190,9 @@ def test_row_checksum_sees_every_change_the_text_shows(source_db, target_db):
         conn.execute(rows)
     original = _checksum(source_db.url, "public.subtle")
     # PostgreSQL 15: per-type hashing, some values in binary form (a method of its own)
-    assert original[1].startswith("s")
+    assert original[1].startswith("S")
     assert _checksum(target_db.url, "public.subtle") == original
-    assert _checksum(source_db.url, "public.plain")[1] == "r0"
+    assert _checksum(source_db.url, "public.plain")[1] == "R0"
 
     seen = {original[1]}
     for change in (
@@ -1202,9 +1232,9 @@ def test_arrays_of_other_shapes_copy_and_compare_and_plain_ones_hash_as_before(
     source_db, target_db
 ):
     """Arrays of several dimensions or lower bounds other than 1 are copied as they are and
-    measured equal on both sides; a table whose arrays are all plain hashes exactly as before
-    shapes counted (`hash_record_extended` of the row), so ranges recorded by an earlier
-    release are not all read as changed."""
+    measured equal on both sides; a range of plain arrays recorded before shapes counted (and
+    before rows were mixed: `hash_record_extended` of the row, letter r) is measured as it was
+    recorded and still matches, so such ranges are not all read as changed."""
     from supabase_migration.verify import range_checksums
 
     _made_on_both(
@@ -1232,7 +1262,11 @@ def test_arrays_of_other_shapes_copy_and_compare_and_plain_ones_hash_as_before(
             "SELECT 'r' || coalesce(sum(hash_record_extended(ROW(id, a, labels COLLATE \"C\"), 0)),"
             " 0) FROM flat"
         ).fetchone()[0]
-    assert _checksum(source_db.url, "public.flat") == (51, before)
+        flat = {t.name: t for t in read_tables(conn, ["public"])}["flat"]
+        with conn.transaction():
+            conn.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)
+            query = sqlbuild.range_checksum_query(sqlbuild.hashed_like(flat, before), None, None)
+            assert conn.execute(query).fetchone()[:2] == (51, before)
 
 
 def test_a_users_types_named_like_built_in_ones_are_not_taken_for_them(source_db):
@@ -1259,7 +1293,7 @@ def test_a_users_types_named_like_built_in_ones_are_not_taken_for_them(source_db
     columns = {c.name: c for c in info.columns}
     assert columns["u"].hash_native and columns["r"].hash_sent == "range_send"
     assert columns["fake_u"].hash_sent == columns["fake_r"].hash_sent == ""
-    assert row is not None and row[0] == 1 and str(row[1]).startswith("s")
+    assert row is not None and row[0] == 1 and str(row[1]).startswith("S")
 
 
 def test_checksum_computed_beside_the_copy_is_the_snapshot_checksum(pair):
@@ -1767,10 +1801,12 @@ def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):
             # A range recorded by an older release, in the source's own encoding (letter r:
             # the name has no accent but its text array hashes another way), is measured so.
             (cp,) = checkpoints.load(t, "public.names")
-            assert cp.row_checksum is not None and cp.row_checksum[0] == "u"
+            assert cp.row_checksum is not None and cp.row_checksum[0] == "U"
             with _source_snapshot(s):
                 ((_, older),) = sums_by_range(
-                    s, dataclasses.replace(info, transcode=False), [cp.key_range()]
+                    s,
+                    dataclasses.replace(info, transcode=False, mixed_rows=False),
+                    [cp.key_range()],
                 )
             assert older[0] == "r" and older[1:] != cp.row_checksum[1:]
             t.execute(
@@ -2165,7 +2201,7 @@ def test_a_range_recorded_by_an_older_release_keeps_its_rows_when_measured(sourc
         with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
             checkpoints.ensure_bookkeeping(t)
             (info,) = read_tables(s, ["public"])
-            older = dataclasses.replace(info, transcode=False, utf8_keys=False)
+            older = dataclasses.replace(info, transcode=False, utf8_keys=False, mixed_rows=False)
             refresh_plan(s, t, older, batch_size=300)
             for cp in reversed(checkpoints.load(t, "public.codes")):
                 copy_range(s, t, older, cp.partition_key, CopyOptions())
