@@ -409,7 +409,14 @@ def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
     key. Keys are shown where they are needed: verification names the keys of rows that differ
     (rows are identified by primary key only, never by other values)."""
     bounds = result.bounds if table.key_kind is KeyKind.INTEGER else "(key values not shown)"
-    aside = {"rows_taken_aside": result.rows_taken_aside} if result.rows_taken_aside else {}
+    aside = (
+        {
+            "rows_taken_aside": result.rows_taken_aside,
+            "partitions_to_copy_again": ", ".join(result.ranges_copied_again),
+        }
+        if result.rows_taken_aside
+        else {}
+    )
     return {
         "path": result.path,
         "rows": result.rows,
@@ -492,7 +499,8 @@ def copy_partitions(
                 context.log.info(
                     f"Partition {key} of {table_name}: {result.rows_taken_aside} rows of other "
                     "ranges held unique values this range's rows now have; they were re-synced "
-                    "from the same snapshot in its transaction."
+                    "from the same snapshot in its transaction, and their partitions "
+                    f"({', '.join(result.ranges_copied_again)}) are copied again by the next run."
                 )
             yield dg.AssetMaterialization(
                 asset_key=context.asset_key,

@@ -306,6 +306,19 @@ def completed_statement(table: str, key: str, done: Completion) -> sql.Composed:
     ).format(CHECKPOINTS, *(sql.Literal(v) for v in values))
 
 
+def mark_to_copy_again(conn: psycopg.Connection, table: str, keys: Sequence[str]) -> None:
+    """In the caller's transaction: these partitions' rows on the target changed without
+    them, so their recorded checksums no longer vouch for them; the next run copies them."""
+    if keys:
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET status = 'pending', row_checksum = NULL, updated_at = now() "
+                "WHERE table_name = %s AND partition_key = ANY(%s)"
+            ).format(CHECKPOINTS),
+            (table, list(keys)),
+        )
+
+
 def mark_failed(
     conn: psycopg.Connection, table: str, key: str, message: str, run_id: str | None
 ) -> None:

@@ -95,8 +95,9 @@ class RangeResult:
     checksum: str
     bounds: str
     # Rows of other ranges that held a unique value this range's rows now have, re-synced
-    # with it (see `_upsert_taking_aside`).
+    # with it, and those ranges, marked to be copied again (see `_upsert_taking_aside`).
     rows_taken_aside: int = 0
+    ranges_copied_again: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -190,18 +191,16 @@ def copy_range(
                         f"{the_range} was planned anew while it was being copied; run again."
                     )
                 occupied = bool(found[1][0]) if probe is not None else None
-                path, deleted, nbytes, aside = _load(
-                    source, target, table, locked, options, occupied
-                )
+                loaded = _load(source, target, table, locked, options, occupied)
                 if overlap:
                     count, checksum, last_key = pending.result()
                 duration = time.monotonic() - started
                 completion = checkpoints.Completion(
                     rows=count,
-                    rows_deleted=deleted,
+                    rows_deleted=loaded.deleted,
                     checksum=checksum,
                     last_record_id=last_key,
-                    copy_path=path,
+                    copy_path=loaded.path,
                     duration_ms=int(duration * 1000),
                     run_id=options.run_id,
                 )
@@ -215,14 +214,15 @@ def copy_range(
         return RangeResult(
             name,
             partition_key,
-            path,
+            loaded.path,
             count,
-            deleted,
-            nbytes,
+            loaded.deleted,
+            loaded.bytes,
             duration,
             checksum,
             key_range.describe(),
-            aside,
+            loaded.taken_aside,
+            loaded.copied_again,
         )
     except pg_errors.LockNotAvailable:
         raise ConcurrentRunError(
@@ -458,6 +458,15 @@ def _local_settings(options: CopyOptions) -> list[sql.Composable]:
     return statements
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    path: str
+    deleted: int
+    bytes: int
+    taken_aside: int = 0
+    copied_again: tuple[str, ...] = ()
+
+
 def _load(
     source: psycopg.Connection,
     target: psycopg.Connection,
@@ -465,10 +474,9 @@ def _load(
     cp: checkpoints.Checkpoint,
     options: CopyOptions,
     occupied: bool | None = None,
-) -> tuple[str, int, int, int]:
-    """Move the rows; returns (path, rows deleted, bytes streamed, rows of other ranges taken
-    aside). `occupied`: whether the target already has rows in the range, if the caller asked
-    already."""
+) -> _Loaded:
+    """Move the rows. `occupied`: whether the target already has rows in the range, if the
+    caller asked already."""
     key_range = cp.key_range()
     lower, upper = key_range.lower, key_range.upper
     binary = table.binary_ok if options.binary is None else options.binary
@@ -477,7 +485,7 @@ def _load(
         nbytes = stream_range(
             source, target, table, key_range, sqlbuild.table_ident(table), binary, options
         )
-        return "replace", max(deleted, 0), nbytes, 0
+        return _Loaded("replace", max(deleted, 0), nbytes)
     if cp.completed_at is None:
         if occupied is None:
             row = target.execute(
@@ -488,7 +496,7 @@ def _load(
             nbytes = stream_range(
                 source, target, table, key_range, sqlbuild.table_ident(table), binary, options
             )
-            return "copy", 0, nbytes, 0
+            return _Loaded("copy", 0, nbytes)
     target.execute(sqlbuild.create_staging(table, STAGING_TABLE))
     nbytes = stream_range(
         source, target, table, key_range, sql.Identifier(STAGING_TABLE), binary, options
@@ -499,19 +507,21 @@ def _load(
     upsert = sqlbuild.upsert_from_staging(
         table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
     )
+    aside: tuple[int, tuple[str, ...]] = (0, ())
     if options.replica_mode:
-        aside = _upsert_taking_aside(source, target, table, upsert, binary)
+        aside = _upsert_taking_aside(source, target, table, cp, upsert, binary, options)
     else:
         target.execute(upsert)
-        aside = 0
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
-    return "upsert", max(deleted, 0), nbytes, aside
+    return _Loaded("upsert", max(deleted, 0), nbytes, *aside)
 
 
 # Rounds of taking rows aside one range's upsert may need: each resolves one unique index's
 # collisions, or the new ones the rows taken from other ranges bring (a chain of moves).
 TAKING_ASIDE_ROUNDS = 8
 _BEFORE_UPSERT = sql.Identifier("supabase_migration_upsert")
+PROPOSED_TABLE = "supabase_migration_proposed"
+ASIDE_TABLE = "supabase_migration_aside"
 KEYS_PER_READ = 1000
 
 
@@ -519,43 +529,87 @@ def _upsert_taking_aside(
     source: psycopg.Connection,
     target: psycopg.Connection,
     table: TableInfo,
+    cp: checkpoints.Checkpoint,
     upsert: sql.Composable,
     binary: bool,
-) -> int:
+    options: CopyOptions,
+) -> tuple[int, tuple[str, ...]]:
     """The range's upsert, where unique values moved between rows (two patients' MRNs
     swapped, a deleted patient's MRN given to a new one) since the range was copied. Updating
     row by row, it would collide with a row still holding a value: a swap in any order. The
     rows holding the values are deleted, and those of other ranges read from the source in
     this range's snapshot into staging, so the upsert puts every one back as the source has
-    it, all in the range's transaction. Returns how many rows of other ranges were taken.
+    it, all in the range's transaction. Those ranges are marked to be copied again: their
+    recorded checksums no longer describe what the target holds of them, which this older or
+    newer snapshot may have written. Returns how many rows of other ranges were taken, and
+    their ranges.
 
     Only with FK triggers skipped (replica mode): otherwise a deleted row's cascade would
     take its children. A value the source itself holds twice (a unique index the target has
-    alone) still fails, by the index's name."""
+    alone), or a unique index on a generated column, still fails, by the index's name."""
     aside = 0
+    copied = {c.name for c in table.copy_columns}
+    lower, upper = cp.key_range().lower, cp.key_range().upper
     for rounds in itertools.count():
         try:
             in_one_round_trip(target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_UPSERT), upsert])
-            return aside
+            break
         except pg_errors.UniqueViolation as exc:
             target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_UPSERT))
             index = unique_index(
                 target, exc.diag.schema_name or table.schema, exc.diag.constraint_name or ""
             )
-            if rounds == TAKING_ASIDE_ROUNDS or index is None or index.columns == table.key:
+            if (
+                rounds == TAKING_ASIDE_ROUNDS
+                or index is None
+                or index.columns == table.key
+                or not set(index.columns) <= copied
+            ):
                 raise
-            target.execute(sqlbuild.NORMALIZE_TEXT_OUTPUT)  # keys as text, read as the source's
+            keys = [table.column(k) for k in table.key]
+            in_one_round_trip(
+                target,
+                [
+                    *(
+                        [
+                            sqlbuild.NORMALIZE_TEXT_OUTPUT,  # keys as text, read as the source's
+                            sqlbuild.create_staging(table, PROPOSED_TABLE),
+                            sqlbuild.create_staging(table, ASIDE_TABLE, keys),
+                        ]
+                        if rounds == 0
+                        else []
+                    ),
+                    *sqlbuild.propose(
+                        table,
+                        STAGING_TABLE,
+                        PROPOSED_TABLE,
+                        lower,
+                        upper,
+                        collate_c=options.collate_c,
+                    ),
+                ],
+            )
             holders = target.execute(
-                sqlbuild.take_aside_holders(table, STAGING_TABLE, index)
+                sqlbuild.take_aside_holders(table, PROPOSED_TABLE, ASIDE_TABLE, index)
             ).fetchall()
             if not holders:  # the staged rows collide among themselves
                 raise
             elsewhere = [row[:-1] for row in holders if not row[-1]]
-            for keys in chunks(elsewhere, KEYS_PER_READ):
-                out_query = sqlbuild.copy_out_keys(table, keys, binary=binary)
+            for chunk in chunks(elsewhere, KEYS_PER_READ):
+                out_query = sqlbuild.copy_out_keys(table, chunk, binary=binary)
                 _stream(source, target, out_query, sql.Identifier(STAGING_TABLE), table, binary)
             aside += len(elsewhere)
-    raise AssertionError("unreachable")
+    if not aside:
+        return 0, ()
+    others = [
+        (other.partition_key, other.key_range())
+        for other in checkpoints.load(target, table.qualified_name)
+        if other.partition_key != cp.partition_key
+    ]
+    query = sqlbuild.ranges_holding(table, ASIDE_TABLE, others, collate_c=options.collate_c)
+    again = tuple(sorted(row[0] for row in target.execute(query)))
+    checkpoints.mark_to_copy_again(target, table.qualified_name, again)
+    return aside, again
 
 
 def stream_range(

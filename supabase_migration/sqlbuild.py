@@ -448,10 +448,14 @@ def copy_in_query(
     )
 
 
-def create_staging(table: TableInfo, staging: str) -> sql.Composed:
-    """A temp table dropped at commit: lives inside one transaction, so poolers are fine."""
+def create_staging(
+    table: TableInfo, staging: str, columns: Sequence[Column] | None = None
+) -> sql.Composed:
+    """A temp table dropped at commit: lives inside one transaction, so poolers are fine. Its
+    columns: the copied ones, or `columns`, of the table's own types and collations."""
+    columns = table.copy_columns if columns is None else columns
     return sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-        sql.Identifier(staging), column_list(table.copy_columns), table_ident(table)
+        sql.Identifier(staging), column_list(columns), table_ident(table)
     )
 
 
@@ -500,54 +504,110 @@ def upsert_from_staging(
         )
     else:
         action = sql.SQL("DO NOTHING")
-    # Only rows that are new or changed are proposed: INSERT checks a proposed row's CHECK
-    # constraints before it finds the conflict, and an unchanged row the source kept under a
-    # NOT VALID one would fail it (a changed or new row passed it on the source). Looked up in
-    # the range's own rows (ONLY those of a parent by inheritance): unbounded, the planner
-    # hashed the whole target table for each range of 100,000 rows.
     return sql.SQL(
         "INSERT INTO {t} AS t ({cols}) {overriding}SELECT {s_cols} FROM {staging} AS s "
-        "WHERE NOT EXISTS (SELECT 1 FROM {rows} AS o WHERE {in_range} AND {same_row} "
-        "AND ROW({o_cols})::text IS NOT DISTINCT FROM ROW({s_cols})::text) "
-        "ON CONFLICT ({key}) {action}"
+        "WHERE {new_or_changed} ON CONFLICT ({key}) {action}"
     ).format(
         t=table_ident(table),
         cols=column_list(cols),
         overriding=overriding,
         s_cols=column_list(cols, "s"),
         staging=sql.Identifier(staging),
-        rows=rows_of(table),
-        in_range=range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
-        same_row=_same_key(table, "o", "s"),
-        o_cols=column_list(cols, "o"),
+        new_or_changed=_new_or_changed(table, lower, upper, collate_c),
         key=key,
         action=action,
     )
 
 
-def take_aside_holders(table: TableInfo, staging: str, index: UniqueIndex) -> sql.Composed:
-    """Delete the target's rows that hold a value of `index` a staged row of another key now
-    has: a unique value that moved between rows, which the upsert, updating row by row, would
-    collide with. Returns each one's key as text and whether a staged row has that key (then
-    the upsert puts it back as the source has it; else it is a row of another range)."""
-    matches = sql.SQL(" AND ").join(
-        sql.SQL("{} IS NOT DISTINCT FROM {}" if index.nulls_not_distinct else "{} = {}").format(
-            sql.Identifier("t", c), sql.Identifier("s", c)
-        )
-        for c in index.columns
-    )
+def _new_or_changed(table: TableInfo, lower: Bound, upper: Bound, collate_c: bool) -> sql.Composed:
+    """The staged row `s` is new or changed: no row of the range has its text.
+
+    Only such rows are proposed to the upsert: INSERT checks a proposed row's CHECK
+    constraints before it finds the conflict, and an unchanged row the source kept under a
+    NOT VALID one would fail it (a changed or new row passed it on the source). Looked up in
+    the range's own rows (ONLY those of a parent by inheritance): unbounded, the planner
+    hashed the whole target table for each range of 100,000 rows."""
+    cols = table.copy_columns
     return sql.SQL(
-        "DELETE FROM {rows} AS t USING {staging} AS s WHERE {matches} AND NOT ({same}) "
-        "RETURNING {keys}, EXISTS (SELECT FROM {staging} AS k WHERE {staged})"
+        "NOT EXISTS (SELECT 1 FROM {rows} AS o WHERE {in_range} AND {same_row} "
+        "AND ROW({o_cols})::text IS NOT DISTINCT FROM ROW({s_cols})::text)"
     ).format(
         rows=rows_of(table),
-        staging=sql.Identifier(staging),
+        in_range=range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
+        same_row=_same_key(table, "o", "s"),
+        o_cols=column_list(cols, "o"),
+        s_cols=column_list(cols, "s"),
+    )
+
+
+def propose(
+    table: TableInfo, staging: str, proposed: str, lower: Bound, upper: Bound, *, collate_c: bool
+) -> list[sql.Composable]:
+    """`proposed` (made like staging) holds again the staged rows the upsert would propose,
+    with statistics: usually a few, which the planner then looks up by index."""
+    return [
+        sql.SQL("DELETE FROM {}").format(sql.Identifier(proposed)),
+        sql.SQL("INSERT INTO {} SELECT * FROM {} AS s WHERE {}").format(
+            sql.Identifier(proposed),
+            sql.Identifier(staging),
+            _new_or_changed(table, lower, upper, collate_c),
+        ),
+        sql.SQL("ANALYZE {}").format(sql.Identifier(proposed)),
+    ]
+
+
+def take_aside_holders(
+    table: TableInfo, proposed: str, aside: str, index: UniqueIndex
+) -> sql.Composed:
+    """Delete the target's rows that hold a value of `index` a proposed row (`propose`) of
+    another key now has: a unique value that moved between rows, which the upsert, updating
+    row by row, would collide with. Returns each one's key as text and whether a proposed row
+    has that key (the upsert then puts it back as the source has it); the keys of the others,
+    rows of other ranges, are added to `aside` (made with the key columns)."""
+    matches = sql.SQL(" AND ").join(
+        sql.SQL(
+            "({t} = {s} OR ({t} IS NULL AND {s} IS NULL))"
+            if index.nulls_not_distinct
+            else "{t} = {s}"
+        ).format(t=sql.Identifier("t", c), s=sql.Identifier("s", c))
+        for c in index.columns
+    )
+    keys = [table.column(k) for k in table.key]
+    return sql.SQL(
+        "WITH gone AS (DELETE FROM {rows} AS t USING {proposed} AS s WHERE {matches} "
+        "AND NOT ({same}) RETURNING {t_keys}), "
+        "found AS (SELECT {g_keys}, p.{first} IS NOT NULL AS proposed FROM gone AS g "
+        "LEFT JOIN {proposed} AS p ON {joined}), "
+        "elsewhere AS (INSERT INTO {aside} SELECT {g_keys} FROM found AS g WHERE NOT proposed) "
+        "SELECT {texts}, proposed FROM found AS g"
+    ).format(
+        rows=rows_of(table),
+        proposed=sql.Identifier(proposed),
         matches=matches,
         same=_same_key(table, "t", "s"),
-        keys=sql.SQL(", ").join(
-            sql.SQL("{}::text").format(sql.Identifier("t", k)) for k in table.key
+        t_keys=column_list(keys, "t"),
+        g_keys=column_list(keys, "g"),
+        first=sql.Identifier(table.key[0]),
+        joined=_same_key(table, "p", "g"),
+        aside=sql.Identifier(aside),
+        texts=sql.SQL(", ").join(
+            sql.SQL("{}::text").format(sql.Identifier("g", k)) for k in table.key
         ),
-        staged=_same_key(table, "k", "t"),
+    )
+
+
+def ranges_holding(
+    table: TableInfo, aside: str, ranges: Sequence[tuple[str, KeyRange]], *, collate_c: bool
+) -> sql.Composed:
+    """Which of these ranges (by partition key) hold a key of `aside`, as ranges compare
+    keys: one SELECT per range, in one statement."""
+    return sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT {} WHERE EXISTS (SELECT 1 FROM {} AS k WHERE {})").format(
+            sql.Literal(partition),
+            sql.Identifier(aside),
+            range_predicate(table, r.lower, r.upper, alias="k", collate_c=collate_c),
+        )
+        for partition, r in ranges
     )
 
 

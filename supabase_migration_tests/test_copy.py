@@ -347,6 +347,65 @@ def test_unique_values_that_moved_between_rows_are_caught_up(source_db, target_d
         assert conn.execute("SELECT count(*) FROM visits").fetchone() == (1000,)
 
 
+def _copy_partition(source_db, target_db, table: str, partition: str) -> RangeResult:
+    """One range copied on its own, as a single partition materialized in the UI is."""
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        info = {i.qualified_name: i for i in read_tables(s, ["public"])}[table]
+        options = CopyOptions(replica_mode=replica_mode_allowed(t))
+        return copy_range(s, t, info, partition, options)
+
+
+def test_ranges_whose_rows_were_taken_aside_are_copied_again(source_db, target_db):
+    """Rows a range's upsert takes from other ranges are written as its snapshot saw them;
+    those ranges' recorded checksums no longer vouch for what the target holds of them. Here
+    only the first range is caught up (one partition materialized on its own), then the
+    source goes back to what the other range recorded: that range must still be copied
+    again, or it would read as unchanged and keep the first range's version of its row."""
+    _clinic(source_db, target_db)
+    migrate_all(source_db, target_db.url, batch_size=300)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        _swap(conn, "mrn", 50, 900)
+    first = _copy_partition(source_db, target_db, "public.patients", "000000")
+    assert (first.rows_taken_aside, first.ranges_copied_again) == (1, ("000002",))  # 601-900
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        status = conn.execute(
+            "SELECT status, row_checksum FROM supabase_migration.migration_checkpoints "
+            "WHERE table_name = 'public.patients' AND partition_key = '000002'"
+        ).fetchone()
+    assert status == ("pending", None)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE patients SET mrn = 'M50-new' WHERE id = 50")
+        conn.execute("UPDATE patients SET mrn = 'M900' WHERE id = 900")  # as recorded
+    again = migrate_all(source_db, target_db.url, batch_size=300)
+    assert {r.partition_key for r in again if r.table == "public.patients" and r.changed} == {
+        "000000",
+        "000002",
+    }
+    assert_tables_equal(source_db.url, target_db.url, ["public.patients", "public.visits"])
+
+
+def test_a_unique_generated_column_that_moved_fails_by_the_index_name(source_db, target_db):
+    """Generated columns are not staged (the target computes them): a collision on a unique
+    index over one is not followed, and fails as before, by the index's name."""
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE tagged (id int PRIMARY KEY, code text NOT NULL, "
+        "norm text GENERATED ALWAYS AS (lower(code)) STORED UNIQUE)",
+        "INSERT INTO tagged SELECT g, 'C' || g FROM generate_series(1, 600) g",
+    )
+    migrate_all(source_db, target_db.url, batch_size=300)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE tagged SET code = 'free' WHERE id = 5; UPDATE tagged SET code = 'C5' "
+            "WHERE id = 500; UPDATE tagged SET code = 'C500' WHERE id = 5"
+        )
+    with pytest.raises(CopyError) as stopped:
+        migrate_all(source_db, target_db.url, batch_size=300)
+    assert "unique_violation" in str(stopped.value) and "tagged_norm_key" in str(stopped.value)
+
+
 def test_unique_values_that_moved_fail_by_name_where_fk_triggers_run(source_db, target_db):
     """Without replica mode a deleted row's children would go with it by their cascade: the
     range fails as before, naming the constraint, and none of it is applied."""
