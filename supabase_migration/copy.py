@@ -10,7 +10,8 @@ Paths:
 - `unchanged`: the range completed before and its source checksum still matches; nothing written.
 - `copy`: first load (never completed, no target rows in range): COPY straight into the table.
 - `upsert`: re-sync: COPY into a temp staging table, delete rows the source no longer has,
-  then INSERT ... ON CONFLICT DO UPDATE only where the row text differs.
+  then replace the rows whose text differs (delete and insert) and insert the new ones; where
+  FK triggers cannot be skipped, INSERT ... ON CONFLICT DO UPDATE where the row text differs.
 - `replace`: a table without a usable key is one range, deleted and re-copied atomically.
 """
 
@@ -95,7 +96,7 @@ class RangeResult:
     checksum: str
     bounds: str
     # Rows of other ranges that held a unique value this range's rows now have, re-synced
-    # with it, and those ranges, marked to be copied again (see `_upsert_taking_aside`).
+    # with it, and those ranges, marked to be copied again (see `_replace_changed`).
     rows_taken_aside: int = 0
     ranges_copied_again: tuple[str, ...] = ()
 
@@ -504,69 +505,65 @@ def _load(
     deleted = target.execute(
         sqlbuild.delete_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c)
     ).rowcount
-    upsert = sqlbuild.upsert_from_staging(
-        table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
-    )
     aside: tuple[int, tuple[str, ...]] = (0, ())
     if options.replica_mode:
-        aside = _upsert_taking_aside(source, target, table, cp, upsert, binary, options)
-    else:
-        target.execute(upsert)
+        aside = _replace_changed(source, target, table, cp, binary, options)
+    else:  # a deleted row's cascade would take its children: updated in place
+        target.execute(
+            sqlbuild.upsert_from_staging(
+                table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
+            )
+        )
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
     return _Loaded("upsert", max(deleted, 0), nbytes, *aside)
 
 
-# Rounds of taking rows aside one range's upsert may need: each resolves one unique index's
+# Rounds of taking rows aside one range's copy may need: each resolves one unique index's
 # collisions, or the new ones the rows taken from other ranges bring (a chain of moves).
 TAKING_ASIDE_ROUNDS = 8
-_BEFORE_UPSERT = sql.Identifier("supabase_migration_upsert")
+_BEFORE_REPLACING = sql.Identifier("supabase_migration_replace")
 PROPOSED_TABLE = "supabase_migration_proposed"
 ASIDE_TABLE = "supabase_migration_aside"
 KEYS_PER_READ = 1000
 
 
-def _upsert_taking_aside(
+def _replace_changed(
     source: psycopg.Connection,
     target: psycopg.Connection,
     table: TableInfo,
     cp: checkpoints.Checkpoint,
-    upsert: sql.Composable,
     binary: bool,
     options: CopyOptions,
 ) -> tuple[int, tuple[str, ...]]:
-    """The range's upsert, where unique values moved between rows (two patients' MRNs
-    swapped, a deleted patient's MRN given to a new one) since the range was copied. Updating
-    row by row, it would collide with a row still holding a value: a swap in any order. The
-    rows holding the values are deleted, and those of other ranges read from the source in
-    this range's snapshot into staging, so the upsert puts every one back as the source has
-    it, all in the range's transaction. Those ranges are marked to be copied again: their
-    recorded checksums no longer describe what the target holds of them, which this older or
-    newer snapshot may have written. Returns how many rows of other ranges were taken, and
-    their ranges.
+    """Replace the range's changed rows and insert its new ones (`sqlbuild.delete_changed`,
+    `insert_missing`), following unique values that moved in from other ranges since the
+    range was copied (a deleted patient's MRN given to another, two patients' MRNs swapped
+    across ranges): the insert would collide with a row of another range still holding one.
+    The rows holding the values are deleted, read from the source in this range's snapshot
+    into staging, and inserted again as the source has them, all in the range's transaction.
+    Their ranges are marked to be copied again: their recorded checksums no longer describe
+    what the target holds of them, which this older or newer snapshot may have written.
+    Returns how many rows of other ranges were taken, and their ranges.
 
-    Only with FK triggers skipped (replica mode): otherwise a deleted row's cascade would
-    take its children. A value the source itself holds twice (a unique index the target has
-    alone), or a unique index on a generated column, still fails, by the index's name."""
-    aside = 0
-    copied = {c.name for c in table.copy_columns}
+    A value the source itself holds twice (a unique index the target has alone) still fails,
+    by the index's name."""
     lower, upper = cp.key_range().lower, cp.key_range().upper
+    replace = [
+        sqlbuild.delete_changed(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c),
+        sqlbuild.insert_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c),
+    ]
+    aside = 0
     for rounds in itertools.count():
         try:
-            in_one_round_trip(target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_UPSERT), upsert])
+            in_one_round_trip(target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_REPLACING), *replace])
             break
         except pg_errors.UniqueViolation as exc:
-            target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_UPSERT))
+            target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_REPLACING))
             index = unique_index(
                 target, exc.diag.schema_name or table.schema, exc.diag.constraint_name or ""
             )
-            if (
-                rounds == TAKING_ASIDE_ROUNDS
-                or index is None
-                or index.columns == table.key
-                or not set(index.columns) <= copied
-            ):
+            if rounds == TAKING_ASIDE_ROUNDS or index is None or index.columns == table.key:
                 raise
-            keys = [table.column(k) for k in table.key]
             in_one_round_trip(
                 target,
                 [
@@ -574,7 +571,7 @@ def _upsert_taking_aside(
                         [
                             sqlbuild.NORMALIZE_TEXT_OUTPUT,  # keys as text, read as the source's
                             sqlbuild.create_staging(table, PROPOSED_TABLE),
-                            sqlbuild.create_staging(table, ASIDE_TABLE, keys),
+                            sqlbuild.create_key_table(table, ASIDE_TABLE),
                         ]
                         if rounds == 0
                         else []

@@ -259,9 +259,10 @@ def _array_shapes(arrays: Sequence[tuple[int, sql.Identifier]]) -> sql.Composabl
     shapes = sql.SQL(", ").join(
         sql.SQL("{} || array_dims({})").format(sql.Literal(f"{i}:"), a) for i, a in arrays
     )
-    return sql.SQL("CASE WHEN {} THEN hashtextextended(concat_ws(' ', {}), 0) ELSE 0 END").format(
-        sql.SQL(" OR ").join(odd), shapes
-    )
+    return sql.SQL(
+        "CASE WHEN {} THEN hashtextextended(concat_ws(' ', VARIADIC ARRAY[{}]::text[]), 0) "
+        "ELSE 0 END"
+    ).format(sql.SQL(" OR ").join(odd), shapes)
 
 
 def text_md5(table: TableInfo, text: sql.Composable) -> sql.Composable:
@@ -427,12 +428,14 @@ def _copy_out(table: TableInfo, where: sql.Composable, binary: bool) -> sql.Comp
     )
 
 
+_XML_AS_TEXT = {"xml": "pg_catalog.text", "xml[]": "pg_catalog.xml[]::pg_catalog.text[]"}
+
+
 def _copied_values(columns: Sequence[Column]) -> sql.Composable:
     """The values a COPY out sends: the columns, xml as its stored text (see Column.xml_text)."""
-    casts = {"xml": "pg_catalog.text", "xml[]": "pg_catalog.xml[]::pg_catalog.text[]"}
     return sql.SQL(", ").join(
         sql.SQL("{}::{} AS {}").format(
-            sql.Identifier(c.name), sql.SQL(casts[c.xml_text]), sql.Identifier(c.name)
+            sql.Identifier(c.name), sql.SQL(_XML_AS_TEXT[c.xml_text]), sql.Identifier(c.name)
         )
         if c.xml_text
         else sql.Identifier(c.name)
@@ -443,19 +446,26 @@ def _copied_values(columns: Sequence[Column]) -> sql.Composable:
 def copy_in_query(
     target: sql.Composable, columns: Sequence[Column], *, binary: bool
 ) -> sql.Composed:
-    return sql.SQL("COPY {} ({}) FROM STDIN {}").format(
-        target, column_list(columns), sql.SQL("(FORMAT binary)") if binary else sql.SQL("")
+    listed = sql.SQL(" ({})").format(column_list(columns)) if columns else sql.SQL("")
+    return sql.SQL("COPY {}{} FROM STDIN {}").format(
+        target, listed, sql.SQL("(FORMAT binary)") if binary else sql.SQL("")
     )
 
 
-def create_staging(
-    table: TableInfo, staging: str, columns: Sequence[Column] | None = None
-) -> sql.Composed:
-    """A temp table dropped at commit: lives inside one transaction, so poolers are fine. Its
-    columns: the copied ones, or `columns`, of the table's own types and collations."""
-    columns = table.copy_columns if columns is None else columns
+def create_staging(table: TableInfo, staging: str) -> sql.Composed:
+    """A temp table dropped at commit: lives inside one transaction, so poolers are fine. Made
+    like the target's table with its generated columns, which compute themselves as rows are
+    staged: a key or a unique index may be on one."""
+    return sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING GENERATED) ON COMMIT DROP").format(
+        sql.Identifier(staging), table_ident(table)
+    )
+
+
+def create_key_table(table: TableInfo, name: str) -> sql.Composed:
+    """A temp table of the table's key columns (their types and collations), dropped at commit."""
+    keys = column_list([table.column(k) for k in table.key])
     return sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-        sql.Identifier(staging), column_list(columns), table_ident(table)
+        sql.Identifier(name), keys, table_ident(table)
     )
 
 
@@ -493,14 +503,8 @@ def upsert_from_staging(
         assignments = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c.name)) for c in others
         )
-        action = sql.SQL(
-            "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text"
-        ).format(
-            assignments,
-            column_list(others, "t"),
-            sql.SQL(", ").join(
-                sql.SQL("EXCLUDED.{}").format(sql.Identifier(c.name)) for c in others
-            ),
+        action = sql.SQL("DO UPDATE SET {} WHERE {} IS DISTINCT FROM {}").format(
+            assignments, row_text(others, "t"), row_text(others, "excluded")
         )
     else:
         action = sql.SQL("DO NOTHING")
@@ -519,6 +523,64 @@ def upsert_from_staging(
     )
 
 
+def row_text(columns: Sequence[Column], alias: str) -> sql.Composed:
+    """A row's text as catch-ups compare it: xml as its stored text, since its output drops an
+    XML declaration (a change of that alone would read as none)."""
+    return sql.SQL("ROW({})::text").format(
+        sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(
+                sql.Identifier(alias, c.name), sql.SQL(_XML_AS_TEXT[c.xml_text])
+            )
+            if c.xml_text
+            else sql.Identifier(alias, c.name)
+            for c in columns
+        )
+    )
+
+
+def delete_changed(
+    table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
+) -> sql.Composed:
+    """Delete the range's rows whose staged row of the same key reads otherwise: they are
+    inserted again as staged (`insert_missing`). Replaced rather than updated: an UPDATE may
+    not write an identity column GENERATED ALWAYS, and ON CONFLICT finds a key changed to a
+    value its type calls equal (citext 'A' -> 'a', numeric 7.0 -> 7.00) and never writes it.
+    Only with FK triggers skipped (replica mode), or a cascade would take the rows' children."""
+    cols = table.copy_columns
+    return sql.SQL(
+        "DELETE FROM {} AS t USING {} AS s WHERE {} AND {} AND {} IS DISTINCT FROM {}"
+    ).format(
+        rows_of(table),
+        sql.Identifier(staging),
+        range_predicate(table, lower, upper, alias="t", collate_c=collate_c),
+        _same_key(table, "t", "s"),
+        row_text(cols, "t"),
+        row_text(cols, "s"),
+    )
+
+
+def insert_missing(
+    table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
+) -> sql.Composed:
+    """Insert the staged rows whose key the range lacks: new ones, and those `delete_changed`
+    took out (an unchanged row the source kept under a NOT VALID CHECK is never proposed)."""
+    cols = table.copy_columns
+    overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if table.has_identity_always else sql.SQL("")
+    return sql.SQL(
+        "INSERT INTO {} ({}) {}SELECT {} FROM {} AS s WHERE NOT EXISTS "
+        "(SELECT 1 FROM {} AS o WHERE {} AND {})"
+    ).format(
+        table_ident(table),
+        column_list(cols),
+        overriding,
+        column_list(cols, "s"),
+        sql.Identifier(staging),
+        rows_of(table),
+        range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
+        _same_key(table, "o", "s"),
+    )
+
+
 def _new_or_changed(table: TableInfo, lower: Bound, upper: Bound, collate_c: bool) -> sql.Composed:
     """The staged row `s` is new or changed: no row of the range has its text.
 
@@ -530,13 +592,13 @@ def _new_or_changed(table: TableInfo, lower: Bound, upper: Bound, collate_c: boo
     cols = table.copy_columns
     return sql.SQL(
         "NOT EXISTS (SELECT 1 FROM {rows} AS o WHERE {in_range} AND {same_row} "
-        "AND ROW({o_cols})::text IS NOT DISTINCT FROM ROW({s_cols})::text)"
+        "AND {o_row} IS NOT DISTINCT FROM {s_row})"
     ).format(
         rows=rows_of(table),
         in_range=range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
         same_row=_same_key(table, "o", "s"),
-        o_cols=column_list(cols, "o"),
-        s_cols=column_list(cols, "s"),
+        o_row=row_text(cols, "o"),
+        s_row=row_text(cols, "s"),
     )
 
 
@@ -545,10 +607,13 @@ def propose(
 ) -> list[sql.Composable]:
     """`proposed` (made like staging) holds again the staged rows the upsert would propose,
     with statistics: usually a few, which the planner then looks up by index."""
+    cols = table.copy_columns
     return [
         sql.SQL("DELETE FROM {}").format(sql.Identifier(proposed)),
-        sql.SQL("INSERT INTO {} SELECT * FROM {} AS s WHERE {}").format(
+        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} AS s WHERE {}").format(
             sql.Identifier(proposed),
+            column_list(cols),
+            column_list(cols, "s"),
             sql.Identifier(staging),
             _new_or_changed(table, lower, upper, collate_c),
         ),
