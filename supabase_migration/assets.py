@@ -78,16 +78,25 @@ SETUP_RETRY_POLICY = dg.RetryPolicy(
 
 
 def _safe(part: str) -> str:
-    """Asset key parts allow [A-Za-z0-9_]; other names get a short stable hash suffix."""
+    """Asset key parts allow [A-Za-z0-9_]; other names get a short stable hash suffix. So does
+    a name holding "__", which Dagster joins key parts with (op and input names, and ours for
+    partitions): schema a__b's table c and schema a's table b__c would be one name."""
     cleaned = re.sub(r"[^A-Za-z0-9_]", "_", part)
-    if cleaned != part:
-        cleaned += "_" + hashlib.sha1(part.encode()).hexdigest()[:6]
-    return cleaned
+    return _suffixed(cleaned, part) if cleaned != part or "__" in part else cleaned
+
+
+def _suffixed(part: str, name: str) -> str:
+    return part + "_" + hashlib.sha1(name.encode()).hexdigest()[:6]
 
 
 def table_asset_key(name: str) -> dg.AssetKey:
+    """[schema, table]; a schema named like our own assets' prefix (`migration`) gets a hash
+    suffix, or its table `plan` would be the plan asset."""
     schema, table = name.split(".", 1)
-    return dg.AssetKey([_safe(schema), _safe(table)])
+    schema_part = _safe(schema)
+    if schema_part == GROUP_SETUP:
+        schema_part = _suffixed(schema_part, schema)
+    return dg.AssetKey([schema_part, _safe(table)])
 
 
 def partitions_def_name(name: str) -> str:

@@ -13,7 +13,13 @@ import dagster as dg
 import pytest
 
 from supabase_migration import manifest as manifest_io
-from supabase_migration.assets import PLAN_KEY, SCHEMA_KEY, SEQUENCES_KEY, table_asset_key
+from supabase_migration.assets import (
+    PLAN_KEY,
+    SCHEMA_KEY,
+    SEQUENCES_KEY,
+    partitions_def_name,
+    table_asset_key,
+)
 from supabase_migration.checks import REPORT_KEY
 from supabase_migration.definitions import build_definitions, load_definitions
 from supabase_migration.errors import ConfigError
@@ -67,6 +73,23 @@ def test_definitions_from_manifest_offline(tmp_path: Path, monkeypatch) -> None:
         retried = node.retry_policy is not None and node.retry_policy.max_retries >= 2
         assert retried is (key != REPORT_KEY), key
     dg.Definitions.validate_loadable(defs)
+
+
+def test_tables_named_like_our_own_assets_or_each_other_load_apart(tmp_path: Path) -> None:
+    """A schema `migration` holds tables named like our own assets (migration/plan is the
+    plan asset's key); schema a__b's table c and schema a's table b__c would share a set of
+    partitions. Each gets keys of its own, and ordinary names keep theirs."""
+    tables = ("migration.plan", "migration.schema", "a__b.c", "a.b__c", "public.patients")
+    manifest = Manifest(tables=tuple(ManifestTable(t, ("id",), "primary_key", 10) for t in tables))
+    path = tmp_path / "migration.yaml"
+    manifest_io.write(manifest, path)
+    defs = load_definitions(path)
+    dg.Definitions.validate_loadable(defs)
+    keys = {table_asset_key(t) for t in tables}
+    assert len(keys) == len(tables) and not keys & {PLAN_KEY, SCHEMA_KEY}
+    assert len({partitions_def_name(t) for t in tables}) == len(tables)
+    assert table_asset_key("public.patients").path == ["public", "patients"]
+    assert partitions_def_name("public.patients") == "ranges__public__patients"
 
 
 def test_definitions_without_manifest_point_to_init() -> None:
