@@ -62,6 +62,9 @@ class Column:
     # An array hashed natively (`hash_native`): by its elements alone, which `{1,2,3,4}`,
     # `{{1,2},{3,4}}` and `[0:3]={1,2,3,4}` share; its shape is hashed beside (sqlbuild.row_hash).
     native_array: bool = False
+    # character(n) / bpchar (also through a domain): its cast to text drops trailing blanks,
+    # which an unbounded bpchar keeps; its output function shows them.
+    blank_padded: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
          AS bytes_collation,
        CASE 'pg_catalog.xml'::regtype WHEN b.oid THEN 'xml' WHEN b.typelem THEN 'xml[]'
             ELSE '' END AS xml_text,
-       b.typcategory = 'A' AND b.typelem = ANY(n.types) AS native_array
+       b.typcategory = 'A' AND b.typelem = ANY(n.types) AS native_array,
+       b.oid = 'pg_catalog.bpchar'::regtype AS blank_padded
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

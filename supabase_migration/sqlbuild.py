@@ -235,6 +235,11 @@ def row_hash(
         if col.hash_sent:
             send = sql.Identifier("pg_catalog", col.hash_sent)
             values.append(sql.SQL("{}({})").format(send, ident))
+        elif col.blank_padded and table.mixed_rows:  # its text as shown, trailing blanks too
+            shown = sql.SQL("pg_catalog.textin(pg_catalog.bpcharout({}))").format(ident)
+            values.append(
+                sql.SQL("convert_to({}, 'UTF8')").format(shown) if table.transcode else shown
+            )
         elif table.transcode and (col.collatable or not col.hash_native):
             values.append(sql.SQL("convert_to({}::text, 'UTF8')").format(ident))
         elif not col.hash_native:

@@ -707,7 +707,9 @@ def test_rows_an_update_could_not_write_are_caught_up(source_db, target_db, tmp_
     old key and kept it); an xml value that only gained its declaration (the row's output text
     hid it); a key on a stored generated column (not staged before); a table of a hundred
     arrays (one argument each to a function taking a hundred at most); a table with no columns.
-    Each was a run that failed or could never verify, --repair included."""
+    Each was a run that failed or could never verify, --repair included. And trailing blanks
+    added to an unbounded bpchar, which its cast to text (hashed before) drops: the run and
+    verify passed with the target different."""
     arrays = ", ".join(f"a{i} int[]" for i in range(100))
     _copied_then_caught_up(
         source_db,
@@ -728,16 +730,19 @@ def test_rows_an_update_could_not_write_are_caught_up(source_db, target_db, tmp_
         f"CREATE TABLE wide (id int PRIMARY KEY, {arrays}); "
         "INSERT INTO wide (id, a0, a99) "
         "SELECT g, '{{1}}', '[0:0]={2}' FROM generate_series(1, 3) g; "
-        "CREATE TABLE nocols (); INSERT INTO nocols SELECT FROM generate_series(1, 5)",
+        "CREATE TABLE nocols (); INSERT INTO nocols SELECT FROM generate_series(1, 5); "
+        "CREATE TABLE bp (id int PRIMARY KEY, c bpchar, f char(4)); "
+        "INSERT INTO bp SELECT g, 'ab', 'cd' FROM generate_series(1, 300) g",
         "UPDATE ev SET v = 'changed' WHERE code = 'c7'; "
         "UPDATE users SET email = 'user7@x.org' WHERE email = 'User7@x.org'; "
         "UPDATE amounts SET amount = 7.00 WHERE amount = 7; "
         'UPDATE doc SET x = \'<?xml version="1.0" encoding="UTF-8"?><a>7</a>\' WHERE id = 7; '
         "UPDATE gk SET v = 'changed' WHERE norm = 'u7@x'; "
         "UPDATE wide SET a50 = '{{3,4}}' WHERE id = 2; "
-        "INSERT INTO nocols SELECT FROM generate_series(1, 2)",
+        "INSERT INTO nocols SELECT FROM generate_series(1, 2); "
+        "UPDATE bp SET c = 'ab   ' WHERE id = 7",
     )
-    tables = ["ev", "users", "amounts", "doc", "gk", "wide", "nocols"]
+    tables = ["ev", "users", "amounts", "doc", "gk", "wide", "nocols", "bp"]
     assert_tables_equal(source_db.url, target_db.url, [f"public.{t}" for t in tables])
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert (
