@@ -121,6 +121,13 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
             or user_schemas(source)
         )
         tables = read_tables(source, schemas)
+    dotted = sorted({t.schema for t in tables if "." in t.schema})
+    if dotted:  # tables are named schema.table everywhere: such a name would be misread
+        raise ConfigError(
+            f"The source's schema {', '.join(repr(d) for d in dotted)} has a dot in its name, "
+            "which this tool cannot tell from schema.table; rename it, or list the schemas "
+            "to migrate without it with --schemas."
+        )
     base = {
         "schema_mode": settings.schema_mode or (previous.schema_mode if previous else "dump"),
         "alembic_config": settings.alembic_config

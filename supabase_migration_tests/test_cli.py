@@ -488,6 +488,14 @@ def test_filters_rewrite_the_manifest_keeping_its_exposed_schemas_and_batch_size
     # `init` itself writes the manifest from every schema of the source again
     assert cli(["init"], env, tmp_path).returncode == 0
     assert yaml.safe_load(path.read_text())["schemas"] == ["api", "public", "scratch"]
+    # a schema whose name has a dot cannot be told from schema.table: refused by name, and
+    # left out with --schemas
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "app.v2"; CREATE TABLE "app.v2".t (id int PRIMARY KEY)')
+    done = cli(["init"], env, tmp_path)
+    assert done.returncode == 2 and "'app.v2' has a dot in its name" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert cli(["init", "--schemas", "public,api"], env, tmp_path).returncode == 0
 
 
 def test_a_malformed_alembic_config_is_one_sentence_that_never_quotes_it(clinic):
