@@ -207,8 +207,10 @@ JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 WHERE i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
 """
 
-# The unique indexes that can key ranges: valid, and not DEFERRABLE (ON CONFLICT, which
-# upserts a range's rows, cannot use one as its arbiter).
+# The unique indexes that can key ranges: valid, not DEFERRABLE (ON CONFLICT, which upserts
+# a range's rows, cannot use one as its arbiter), and on no generated column (rows are staged
+# without them: the target computes them, and computing them for every staged row of every
+# catch-up could cost more than the copy).
 _KEYS_SQL = f"""
 SELECT i.indrelid, i.indisprimary, ci.relname,
        array_agg(a.attname ORDER BY k.ord) AS columns,
@@ -216,6 +218,7 @@ SELECT i.indrelid, i.indisprimary, ci.relname,
 {_UNIQUE_INDEX_COLUMNS}
   AND i.indrelid = ANY(%(oids)s) AND i.indisvalid AND i.indimmediate
 GROUP BY i.indrelid, i.indexrelid, i.indisprimary, ci.relname
+HAVING bool_and(a.attgenerated = '')
 """
 
 # One unique index, by the name a unique violation gives (a constraint's is its index's).

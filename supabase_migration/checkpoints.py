@@ -306,17 +306,18 @@ def completed_statement(table: str, key: str, done: Completion) -> sql.Composed:
     ).format(CHECKPOINTS, *(sql.Literal(v) for v in values))
 
 
-def mark_to_copy_again(conn: psycopg.Connection, table: str, keys: Sequence[str]) -> None:
-    """In the caller's transaction: these partitions' rows on the target changed without
-    them, so their recorded checksums no longer vouch for them; the next run copies them."""
-    if keys:
-        conn.execute(
-            sql.SQL(
-                "UPDATE {} SET status = 'pending', row_checksum = NULL, updated_at = now() "
-                "WHERE table_name = %s AND partition_key = ANY(%s)"
-            ).format(CHECKPOINTS),
-            (table, list(keys)),
-        )
+def copy_again_statements(table: str, keys: Sequence[str]) -> list[sql.Composable]:
+    """For the copying range's transaction: these partitions' rows on the target changed
+    without them, so their recorded checksums no longer vouch for them; the next run copies
+    them. Values inline, to travel with the range's COMMIT."""
+    if not keys:
+        return []
+    return [
+        sql.SQL(
+            "UPDATE {} SET status = 'pending', row_checksum = NULL, updated_at = now() "
+            "WHERE table_name = {} AND partition_key = ANY({})"
+        ).format(CHECKPOINTS, sql.Literal(table), sql.Literal(list(keys)))
+    ]
 
 
 def mark_failed(

@@ -10,8 +10,8 @@ Paths:
 - `unchanged`: the range completed before and its source checksum still matches; nothing written.
 - `copy`: first load (never completed, no target rows in range): COPY straight into the table.
 - `upsert`: re-sync: COPY into a temp staging table, delete rows the source no longer has,
-  then replace the rows whose text differs (delete and insert) and insert the new ones; where
-  FK triggers cannot be skipped, INSERT ... ON CONFLICT DO UPDATE where the row text differs.
+  then INSERT ... ON CONFLICT DO UPDATE where the row text differs (rows an UPDATE cannot
+  write, deleted first and so inserted, where FK triggers are skipped).
 - `replace`: a table without a usable key is one range, deleted and re-copied atomically.
 """
 
@@ -96,7 +96,7 @@ class RangeResult:
     checksum: str
     bounds: str
     # Rows of other ranges that held a unique value this range's rows now have, re-synced
-    # with it, and those ranges, marked to be copied again (see `_replace_changed`).
+    # with it, and those ranges, marked to be copied again (see `_merge_changed`).
     rows_taken_aside: int = 0
     ranges_copied_again: tuple[str, ...] = ()
 
@@ -139,6 +139,7 @@ def copy_range(
         overlap = peer is not None and (
             options.force or planned.status != checkpoints.Status.COMPLETED
         )
+        recorded_like = table
         with _source_snapshot(source), ThreadPoolExecutor(1) as pool:
             if overlap:
                 assert peer is not None
@@ -146,8 +147,9 @@ def copy_range(
                 pending = pool.submit(_checksum_in, peer, snapshot, table, key_range, options)
                 count, checksum, last_key = -1, "", None
             else:  # measured as its recorded checksum was (see sqlbuild.hashed_like)
+                recorded_like = sqlbuild.hashed_like(table, planned.row_checksum)
                 count, checksum, last_key = _source_checksum(
-                    source, sqlbuild.hashed_like(table, planned.row_checksum), key_range, options
+                    source, recorded_like, key_range, options
                 )
             unchanged = not overlap and not options.force and _matches(planned, count, checksum)
             if unchanged:
@@ -162,6 +164,10 @@ def copy_range(
                     checksum,
                     key_range.describe(),
                 )
+            if not overlap and recorded_like != table:
+                # Copied anyway: recorded the current way from now on (an older method may
+                # miss changes this one sees, such as values swapped between rows).
+                count, checksum, last_key = _source_checksum(source, table, key_range, options)
             # First load: no rows of the range on the target yet? Asked with the lock.
             probe = (
                 sqlbuild.any_row_in_range(
@@ -209,6 +215,8 @@ def copy_range(
                     target,
                     [
                         checkpoints.completed_statement(name, partition_key, completion),
+                        # last, so the other ranges' rows stay locked for the least time
+                        *checkpoints.copy_again_statements(name, loaded.copied_again),
                         sql.SQL("COMMIT"),
                     ],
                 )
@@ -505,15 +513,14 @@ def _load(
     deleted = target.execute(
         sqlbuild.delete_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c)
     ).rowcount
+    upsert = sqlbuild.upsert_from_staging(
+        table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
+    )
     aside: tuple[int, tuple[str, ...]] = (0, ())
     if options.replica_mode:
-        aside = _replace_changed(source, target, table, cp, binary, options)
-    else:  # a deleted row's cascade would take its children: updated in place
-        target.execute(
-            sqlbuild.upsert_from_staging(
-                table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
-            )
-        )
+        aside = _merge_changed(source, target, table, cp, upsert, binary, options)
+    else:  # no row is deleted: its cascade would take its children
+        target.execute(upsert)
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
     return _Loaded("upsert", max(deleted, 0), nbytes, *aside)
 
@@ -521,48 +528,57 @@ def _load(
 # Rounds of taking rows aside one range's copy may need: each resolves one unique index's
 # collisions, or the new ones the rows taken from other ranges bring (a chain of moves).
 TAKING_ASIDE_ROUNDS = 8
-_BEFORE_REPLACING = sql.Identifier("supabase_migration_replace")
+_BEFORE_MERGING = sql.Identifier("supabase_migration_merge")
 PROPOSED_TABLE = "supabase_migration_proposed"
 ASIDE_TABLE = "supabase_migration_aside"
 KEYS_PER_READ = 1000
 
 
-def _replace_changed(
+def _merge_changed(
     source: psycopg.Connection,
     target: psycopg.Connection,
     table: TableInfo,
     cp: checkpoints.Checkpoint,
+    upsert: sql.Composable,
     binary: bool,
     options: CopyOptions,
 ) -> tuple[int, tuple[str, ...]]:
-    """Replace the range's changed rows and insert its new ones (`sqlbuild.delete_changed`,
-    `insert_missing`), following unique values that moved in from other ranges since the
-    range was copied (a deleted patient's MRN given to another, two patients' MRNs swapped
-    across ranges): the insert would collide with a row of another range still holding one.
-    The rows holding the values are deleted, read from the source in this range's snapshot
-    into staging, and inserted again as the source has them, all in the range's transaction.
-    Their ranges are marked to be copied again: their recorded checksums no longer describe
-    what the target holds of them, which this older or newer snapshot may have written.
-    Returns how many rows of other ranges were taken, and their ranges.
+    """The range's upsert, after deleting the rows it could not bring to the source's values
+    (`sqlbuild.delete_unwritable`), following unique values that moved between rows since the
+    range was copied (two patients' MRNs swapped, a deleted patient's MRN given to another):
+    updating row by row, the upsert would collide with a row still holding one. The rows
+    holding the values are deleted, those of other ranges read from the source in this
+    range's snapshot into staging, and the upsert puts every one back as the source has it,
+    all in the range's transaction. Those ranges are marked to be copied again: their
+    recorded checksums no longer describe what the target holds of them, which this older
+    or newer snapshot may have written. Returns how many rows of other ranges were taken,
+    and their ranges.
 
-    A value the source itself holds twice (a unique index the target has alone) still fails,
-    by the index's name."""
+    Only with FK triggers skipped (replica mode): otherwise a deleted row's cascade would
+    take its children. A value the source itself holds twice (a unique index the target has
+    alone), or a unique index on a generated column (not staged), still fails, by the
+    index's name."""
     lower, upper = cp.key_range().lower, cp.key_range().upper
-    replace = [
-        sqlbuild.delete_changed(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c),
-        sqlbuild.insert_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c),
-    ]
+    unwritable = sqlbuild.delete_unwritable(
+        table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
+    )
+    merge = [unwritable, upsert] if unwritable is not None else [upsert]
     aside = 0
     for rounds in itertools.count():
         try:
-            in_one_round_trip(target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_REPLACING), *replace])
+            in_one_round_trip(target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_MERGING), *merge])
             break
         except pg_errors.UniqueViolation as exc:
-            target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_REPLACING))
+            target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_MERGING))
             index = unique_index(
                 target, exc.diag.schema_name or table.schema, exc.diag.constraint_name or ""
             )
-            if rounds == TAKING_ASIDE_ROUNDS or index is None or index.columns == table.key:
+            if (
+                rounds == TAKING_ASIDE_ROUNDS
+                or index is None
+                or index.columns == table.key
+                or not set(index.columns) <= {c.name for c in table.copy_columns}  # staged ones
+            ):
                 raise
             in_one_round_trip(
                 target,
@@ -604,9 +620,7 @@ def _replace_changed(
         if other.partition_key != cp.partition_key
     ]
     query = sqlbuild.ranges_holding(table, ASIDE_TABLE, others, collate_c=options.collate_c)
-    again = tuple(sorted(row[0] for row in target.execute(query)))
-    checkpoints.mark_to_copy_again(target, table.qualified_name, again)
-    return aside, again
+    return aside, tuple(sorted(row[0] for row in target.execute(query)))
 
 
 def stream_range(

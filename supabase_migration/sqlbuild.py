@@ -458,19 +458,21 @@ def copy_in_query(
 
 
 def create_staging(table: TableInfo, staging: str) -> sql.Composed:
-    """A temp table dropped at commit: lives inside one transaction, so poolers are fine. Made
-    like the target's table with its generated columns, which compute themselves as rows are
-    staged: a key or a unique index may be on one."""
-    return sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING GENERATED) ON COMMIT DROP").format(
-        sql.Identifier(staging), table_ident(table)
-    )
+    """A temp table of the copied columns, dropped at commit: lives inside one transaction,
+    so poolers are fine. Without the table's constraints (NOT NULL on a column only the
+    target has) and generated columns (computed for every staged row, they could cost more
+    than the copy)."""
+    return _temp_like(table, staging, table.copy_columns)
 
 
 def create_key_table(table: TableInfo, name: str) -> sql.Composed:
     """A temp table of the table's key columns (their types and collations), dropped at commit."""
-    keys = column_list([table.column(k) for k in table.key])
+    return _temp_like(table, name, [table.column(k) for k in table.key])
+
+
+def _temp_like(table: TableInfo, name: str, columns: Sequence[Column]) -> sql.Composed:
     return sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-        sql.Identifier(name), keys, table_ident(table)
+        sql.Identifier(name), column_list(columns), table_ident(table)
     )
 
 
@@ -503,7 +505,9 @@ def upsert_from_staging(
     cols = table.copy_columns
     overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if table.has_identity_always else sql.SQL("")
     key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
-    others = [c for c in cols if c.name not in table.key]
+    # An identity column GENERATED ALWAYS may be updated only to DEFAULT: a row whose value of
+    # it changed is replaced instead (`delete_unwritable`), where FK triggers are skipped.
+    others = [c for c in cols if c.name not in table.key and c.identity != "a"]
     if others:
         assignments = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c.name)) for c in others
@@ -543,15 +547,28 @@ def row_text(columns: Sequence[Column], alias: str) -> sql.Composed:
     )
 
 
-def delete_changed(
+def unwritable_columns(table: TableInfo) -> list[Column]:
+    """The columns an upsert's UPDATE cannot bring to the source's value: the key, where its
+    type may call two texts equal (citext 'A' = 'a', numeric 7.0 = 7.00, a nondeterministic
+    collation: ON CONFLICT finds the old key and keeps it), and an identity column GENERATED
+    ALWAYS (an UPDATE may set it only to DEFAULT). Empty for the usual integer, uuid or text
+    keys, whose equality is their text's."""
+    keys = [table.column(k) for k in table.key]
+    faithful = all(c.hash_native and not c.own_collation and not c.native_array for c in keys)
+    always = [c for c in table.copy_columns if c.identity == "a" and c.name not in table.key]
+    return ([] if faithful else keys) + always
+
+
+def delete_unwritable(
     table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
-) -> sql.Composed:
-    """Delete the range's rows whose staged row of the same key reads otherwise: they are
-    inserted again as staged (`insert_missing`). Replaced rather than updated: an UPDATE may
-    not write an identity column GENERATED ALWAYS, and ON CONFLICT finds a key changed to a
-    value its type calls equal (citext 'A' -> 'a', numeric 7.0 -> 7.00) and never writes it.
-    Only with FK triggers skipped (replica mode), or a cascade would take the rows' children."""
-    cols = table.copy_columns
+) -> sql.Composed | None:
+    """Delete the range's rows whose `unwritable_columns` differ from their staged row's: the
+    upsert then inserts them as staged. Every other changed row is updated in place, which
+    keeps what a column only the target has holds. Only with FK triggers skipped (replica
+    mode), or a cascade would take the rows' children. None when no column needs it."""
+    columns = unwritable_columns(table)
+    if not columns:
+        return None
     return sql.SQL(
         "DELETE FROM {} AS t USING {} AS s WHERE {} AND {} AND {} IS DISTINCT FROM {}"
     ).format(
@@ -559,30 +576,8 @@ def delete_changed(
         sql.Identifier(staging),
         range_predicate(table, lower, upper, alias="t", collate_c=collate_c),
         _same_key(table, "t", "s"),
-        row_text(cols, "t"),
-        row_text(cols, "s"),
-    )
-
-
-def insert_missing(
-    table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
-) -> sql.Composed:
-    """Insert the staged rows whose key the range lacks: new ones, and those `delete_changed`
-    took out (an unchanged row the source kept under a NOT VALID CHECK is never proposed)."""
-    cols = table.copy_columns
-    overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if table.has_identity_always else sql.SQL("")
-    return sql.SQL(
-        "INSERT INTO {} ({}) {}SELECT {} FROM {} AS s WHERE NOT EXISTS "
-        "(SELECT 1 FROM {} AS o WHERE {} AND {})"
-    ).format(
-        table_ident(table),
-        column_list(cols),
-        overriding,
-        column_list(cols, "s"),
-        sql.Identifier(staging),
-        rows_of(table),
-        range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
-        _same_key(table, "o", "s"),
+        row_text(columns, "t"),
+        row_text(columns, "s"),
     )
 
 

@@ -713,7 +713,7 @@ def test_rows_an_update_could_not_write_are_caught_up(source_db, target_db, tmp_
     column GENERATED ALWAYS beside a text key (an UPDATE may set it only to DEFAULT); a key
     changed to a value its type calls equal (citext, numeric 7.0 -> 7.00: ON CONFLICT found the
     old key and kept it); an xml value that only gained its declaration (the row's output text
-    hid it); a key on a stored generated column (not staged before); a table of a hundred
+    hid it); a key on a stored generated column (now no key of ranges); a table of a hundred
     arrays (one argument each to a function taking a hundred at most); a table with no columns.
     Each was a run that failed or could never verify, --repair included. And trailing blanks
     added to an unbounded bpchar, which its cast to text (hashed before) drops: the run and
