@@ -32,7 +32,7 @@ from .connections import (
     side_by_side,
 )
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
-from .errors import ConfigError, MigrationError, TransientError
+from .errors import ConfigError, MigrationError, TransientError, UniqueCollision
 from .manifest import Manifest, ManifestTable
 from .planning import (
     MAX_PARTITIONS_PER_TABLE,
@@ -484,7 +484,18 @@ def copy_partitions(
             raise step_failure(exc) from None
         run_id = context.run.run_id
         stopped = False
-        for key in keys:
+        queue = list(keys)
+        # Ranges whose rows want a unique value a row of another range still held: tried
+        # again once the others were copied, last range first (a value shifted up, as when a
+        # position is inserted at the top of a list, frees itself from the top), while that
+        # frees any.
+        collided: dict[str, MigrationError] = {}
+        freed = True
+        requeued: set[str] = set()  # once each: a source changing all along could ping-pong
+        while queue or (collided and freed):
+            if not queue:
+                queue, freed = sorted(collided, reverse=True), False
+            key = queue.pop(0)
             checkpoint = planned.get(key)
             if (
                 context.retry_number
@@ -495,6 +506,12 @@ def copy_partitions(
                 continue  # an earlier attempt of this step completed it
             try:
                 result = session.copy(table, key, options, checkpoint)
+            except UniqueCollision as exc:
+                if key not in collided:
+                    context.log.info(f"{exc.message} Tried again after the table's other ranges.")
+                collided[key] = exc
+                planned.pop(key, None)  # failed now: read again
+                continue
             except MigrationError as exc:
                 context.log.error(exc.message)
                 failures.append(exc)
@@ -504,19 +521,29 @@ def copy_partitions(
                     stopped = True
                     break
                 continue
+            freed = collided.pop(key, None) is not None or freed
             if result.rows_taken_aside:
                 context.log.info(
                     f"Partition {key} of {table_name}: {result.rows_taken_aside} rows of other "
                     "ranges held unique values this range's rows now have; they were re-synced "
                     "from the same snapshot in its transaction, and their partitions "
-                    f"({', '.join(result.ranges_copied_again)}) are copied again by the next run."
+                    f"({', '.join(result.ranges_copied_again)}) are copied again."
                 )
+            for other in result.ranges_copied_again:
+                planned.pop(other, None)  # marked to copy again: its checkpoint is read anew
+                waiting = other in queue or other in collided or other in requeued
+                if other in keys and not waiting:
+                    queue.append(other)
+                    requeued.add(other)
             yield dg.AssetMaterialization(
                 asset_key=context.asset_key,
                 partition=key,
                 description=f"{result.path}: {result.rows} rows in {result.duration_s:.2f} s",
                 metadata=range_metadata(result, table),
             )
+        for exc in collided.values():
+            context.log.error(exc.message)
+            failures.append(exc)
         if not failures:
             try:
                 built = deferred.rebuild_if_complete(session.target, table_name)

@@ -519,6 +519,13 @@ def run(
         unit_failures = _execute_with_progress(
             defs, instance, manifest, units, workers.start() if units else None, progress
         )
+        again = _units_to_copy_again(manifest, instance) if units else []
+        if again:  # their rows were re-synced with a range of another unit
+            count = sum(u.count for u in again)
+            log(f"Copying again {count} range(s) whose rows were re-synced with another range.")
+            unit_failures += _execute_with_progress(
+                defs, instance, manifest, again, workers.start(), progress
+            )
     with borrowed(target_url()) as target:
         failed = [
             f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
@@ -605,6 +612,26 @@ def _units_to_run(
         units += make_units(name, keys, todo[name] - forced)
         units += make_units(name, keys, forced, resync=True)
     return biggest_first(units, {name: info.size_bytes for name, info in tables.items()})
+
+
+def _units_to_copy_again(manifest: Manifest, instance: dg.DagsterInstance) -> list[Unit]:
+    """Ranges completed before that a range of this run marked to be copied again
+    (`checkpoints.copy_again_statements`) and that no unit of it copied since."""
+    names = [t.name for t in manifest.tables]
+    with borrowed(target_url()) as target:
+        planned = checkpoints.load_by_table(target, names)
+    units: list[Unit] = []
+    for name, cps in planned.items():
+        marked = {
+            cp.partition_key
+            for cp in cps
+            if cp.status == Status.PENDING and cp.completed_at is not None
+        }
+        if marked:
+            units += make_units(
+                name, instance.get_dynamic_partitions(partitions_def_name(name)), marked
+            )
+    return units
 
 
 def biggest_first(units: Sequence[Unit], size_bytes: dict[str, int]) -> list[Unit]:

@@ -46,7 +46,13 @@ from .connections import (
     transaction_with,
 )
 from .conninfo import DatabaseUrl
-from .errors import ConcurrentRunError, CopyError, MigrationError, TransientError
+from .errors import (
+    ConcurrentRunError,
+    CopyError,
+    MigrationError,
+    TransientError,
+    UniqueCollision,
+)
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 
@@ -244,6 +250,8 @@ def copy_range(
             raise TargetLost(message, opened) from None
         if is_transient(exc):
             raise TransientError(message) from None
+        if isinstance(exc, pg_errors.UniqueViolation):
+            raise UniqueCollision(message) from None
         raise CopyError(message) from None
 
 

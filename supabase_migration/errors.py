@@ -51,6 +51,11 @@ class CopyError(MigrationError):
     """Copying one key range failed; the range's transaction was rolled back."""
 
 
+class UniqueCollision(CopyError):
+    """A range's rows want a unique value a row of another range still holds on the target:
+    copying that range first may free it (a value shifted up, across every range)."""
+
+
 class ConcurrentRunError(MigrationError):
     """Another run holds the same partition; this one stepped aside without writing."""
 

@@ -774,6 +774,43 @@ def test_unique_values_swapped_across_ranges_are_caught_up(source_db, target_db,
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
 
 
+def test_a_unique_position_shifted_up_is_caught_up_in_one_run(source_db, target_db, tmp_path):
+    """Every row's unique position + 1 (an item inserted at the top of an ordered list): each
+    range's last row wants the value the next range's first row still holds, a chain through
+    every later row. The ranges that collide are tried again once the others are copied, last
+    first, so one run converges (each run completed one more range)."""
+    _copied_then_caught_up(
+        source_db,
+        target_db,
+        tmp_path,
+        "CREATE TABLE item (id int PRIMARY KEY, pos int NOT NULL UNIQUE); "
+        "INSERT INTO item SELECT g, g FROM generate_series(1, 500) g",
+        "UPDATE item SET pos = -pos - 1; UPDATE item SET pos = -pos",
+    )
+    assert_tables_equal(source_db.url, target_db.url, ["public.item"])
+
+
+def test_a_range_whose_row_was_taken_aside_is_copied_in_the_same_run(
+    source_db, target_db, tmp_path
+):
+    """A value the source now gives row 5 is held on the target by row 450 (changed there by
+    hand), whose range the source did not change: the first range takes row 450 aside and
+    marks its range to be copied again, which the same run does; it ends verified."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
+            "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 500) g"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    _run_in_ranges(env, tmp_path)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE pat SET mrn = 'X' WHERE id = 5")
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE pat SET mrn = 'X' WHERE id = 450")
+    _run_in_ranges(env, tmp_path)
+    assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
+
+
 def test_a_deferrable_primary_key_is_not_the_key_of_ranges(source_db, target_db, tmp_path):
     """ON CONFLICT cannot use a deferrable unique index as its arbiter: a table keyed by one
     copied once, then every catch-up of a change failed. Such a table is keyed by an immediate
