@@ -516,13 +516,18 @@ def run(
             workers.start()
         _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
         units = _units_to_run(manifest, instance, resume, repair, log)
+        marked_before = _marked_to_copy_again(manifest) if units else {}
         unit_failures = _execute_with_progress(
             defs, instance, manifest, units, workers.start() if units else None, progress
         )
-        again = _units_to_copy_again(manifest, instance) if units else []
+        again = _units_to_copy_again(manifest, instance, marked_before) if units else []
         if again:  # their rows were re-synced with a range of another unit
             count = sum(u.count for u in again)
             log(f"Copying again {count} range(s) whose rows were re-synced with another range.")
+            # A table copied again says anew what failed: its ranges' own failures are in
+            # their checkpoints, which a range completed since no longer holds.
+            copied_again = {u.table for u in again}
+            unit_failures = [f for f in unit_failures if f[0] not in copied_again]
             unit_failures += _execute_with_progress(
                 defs, instance, manifest, again, workers.start(), progress
             )
@@ -537,7 +542,11 @@ def run(
     # A step can also fail where no checkpoint row records it (the target was unreachable
     # when the failure was to be written): its own sentence is then the only explanation.
     recorded = {f.split(" partition ", 1)[0] for f in failed}
-    failed += [f"{table}: {message}" for table, message in unit_failures if table not in recorded]
+    failed += list(
+        dict.fromkeys(
+            f"{table}: {message}" for table, message in unit_failures if table not in recorded
+        )
+    )
     if progress is not None:
         progress(tables)
     summary = RunSummary(tables=tables, failures=failed, duration_s=0.0)
@@ -614,22 +623,32 @@ def _units_to_run(
     return biggest_first(units, {name: info.size_bytes for name, info in tables.items()})
 
 
-def _units_to_copy_again(manifest: Manifest, instance: dg.DagsterInstance) -> list[Unit]:
-    """Ranges completed before that a range of this run marked to be copied again
-    (`checkpoints.copy_again_statements`) and that no unit of it copied since."""
-    names = [t.name for t in manifest.tables]
+def _marked_to_copy_again(manifest: Manifest) -> dict[str, set[str]]:
+    """Per table, the ranges completed before and marked to be copied again since
+    (`checkpoints.copy_again_statements`): pending, with a completion time."""
     with borrowed(target_url()) as target:
-        planned = checkpoints.load_by_table(target, names)
-    units: list[Unit] = []
-    for name, cps in planned.items():
-        marked = {
+        planned = checkpoints.load_by_table(target, (t.name for t in manifest.tables))
+    return {
+        name: {
             cp.partition_key
             for cp in cps
             if cp.status == Status.PENDING and cp.completed_at is not None
         }
-        if marked:
+        for name, cps in planned.items()
+    }
+
+
+def _units_to_copy_again(
+    manifest: Manifest, instance: dg.DagsterInstance, before: Mapping[str, set[str]]
+) -> list[Unit]:
+    """The ranges a range of this run marked to be copied again and no unit of it copied
+    since (not those marked `before` it: another run's, which it may be copying still)."""
+    units: list[Unit] = []
+    for name, marked in _marked_to_copy_again(manifest).items():
+        fresh = marked - before.get(name, set())
+        if fresh:
             units += make_units(
-                name, instance.get_dynamic_partitions(partitions_def_name(name)), marked
+                name, instance.get_dynamic_partitions(partitions_def_name(name)), fresh
             )
     return units
 

@@ -239,6 +239,9 @@ def copy_range(
             loaded.taken_aside,
             loaded.copied_again,
         )
+    except _Refused as exc:  # rolled back: recorded like a database's refusal
+        _record_failure(target, name, partition_key, exc.message, options.run_id)
+        raise CopyError(exc.message) from None
     except pg_errors.LockNotAvailable:
         raise ConcurrentRunError(
             f"{the_range} is being copied by another run right now; this run left it untouched."
@@ -475,6 +478,10 @@ def _local_settings(options: CopyOptions) -> list[sql.Composable]:
     return statements
 
 
+class _Refused(CopyError):
+    """A range this tool will not write as it is (said in the message); recorded as failed."""
+
+
 @dataclass(frozen=True)
 class _Loaded:
     path: str
@@ -528,6 +535,17 @@ def _load(
     if options.replica_mode:
         aside = _merge_changed(source, target, table, cp, upsert, binary, options)
     else:  # no row is deleted: its cascade would take its children
+        unwritable = sqlbuild.any_unwritable(
+            table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
+        )
+        if unwritable is not None and target.execute(unwritable).fetchone() == (True,):
+            names = ", ".join(c.name for c in sqlbuild.unwritable_columns(table))
+            raise _Refused(
+                f"Rows of {table.qualified_name} changed in {names} in a way an UPDATE cannot "
+                "write (a key changed to a value its type calls equal, an identity column "
+                "GENERATED ALWAYS); they are replaced only where the target login may set "
+                "session_replication_role, as Supabase's postgres may."
+            )
         target.execute(upsert)
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
     return _Loaded("upsert", max(deleted, 0), nbytes, *aside)

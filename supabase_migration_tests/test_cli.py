@@ -811,6 +811,62 @@ def test_a_range_whose_row_was_taken_aside_is_copied_in_the_same_run(
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
 
 
+def test_a_range_failed_then_copied_again_by_the_run_is_no_failure(source_db, target_db, tmp_path):
+    """MRNs moved in a cycle of eleven rows, from the first range into the last unit's: the
+    first range follows the chain for its eight rounds and fails; the last unit's range takes
+    its row aside and marks it to be copied again, which the run does after its units. Every
+    range ends completed, and the run says no failure and verifies."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
+            "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 600) g"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    args = ["run", "--batch-size", "10", "--workers", "1"]  # 60 ranges: two units
+    assert cli(args, env, tmp_path, timeout=600).returncode == 0
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE pat SET mrn = 'tmp' || id WHERE id = 5 OR id BETWEEN 551 AND 560; "
+            "UPDATE pat SET mrn = 'M551' WHERE id = 5; "
+            "UPDATE pat SET mrn = 'M' || (id + 1) WHERE id BETWEEN 551 AND 559; "
+            "UPDATE pat SET mrn = 'M5' WHERE id = 560"
+        )
+    done = cli(args, env, tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    assert "Copying again 1 range(s)" in done.stdout + done.stderr
+    assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
+
+
+def test_a_range_another_run_holds_is_not_copied_again_nor_reported_twice(
+    source_db, target_db, tmp_path
+):
+    """A range pending since another run's take-aside, which that run is copying right now:
+    this run steps aside once, says so once, and does not take it for one of its own marks."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
+            "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 300) g"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    _run_in_ranges(env, tmp_path)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE supabase_migration.migration_checkpoints SET status = 'pending', "
+            "row_checksum = NULL WHERE table_name = 'public.pat' AND partition_key = '000001'"
+        )
+    with psycopg.connect(target_db.url) as holder:
+        holder.execute(
+            "SELECT 1 FROM supabase_migration.migration_checkpoints WHERE table_name = "
+            "'public.pat' AND partition_key = '000001' FOR UPDATE"
+        )
+        done = cli(["run", "--batch-size", "100", "--workers", "1"], env, tmp_path)
+        holder.rollback()
+    assert done.returncode != 0
+    assert "Copying again" not in done.stdout + done.stderr
+    held = [line for line in done.stderr.splitlines() if "being copied by another run" in line]
+    assert len(held) == 1, done.stderr
+
+
 def test_a_deferrable_primary_key_is_not_the_key_of_ranges(source_db, target_db, tmp_path):
     """ON CONFLICT cannot use a deferrable unique index as its arbiter: a table keyed by one
     copied once, then every catch-up of a change failed. Such a table is keyed by an immediate

@@ -448,6 +448,48 @@ def test_a_column_only_the_target_has_keeps_its_values_when_rows_change(source_d
     ]
 
 
+@pytest.mark.parametrize(
+    ("ddl", "fill", "change", "column"),
+    [
+        (
+            "CREATE TABLE ev (id int PRIMARY KEY, n bigint GENERATED ALWAYS AS IDENTITY, v text)",
+            "INSERT INTO ev (id, v) SELECT g, 'v' FROM generate_series(1, 50) g",
+            "UPDATE ev SET n = DEFAULT WHERE id = 7",
+            "n",
+        ),
+        (
+            "CREATE EXTENSION IF NOT EXISTS citext; "
+            "CREATE TABLE ev (email citext PRIMARY KEY, v int)",
+            "INSERT INTO ev SELECT 'User' || g, g FROM generate_series(1, 50) g",
+            "UPDATE ev SET email = 'user7' WHERE email = 'User7'",
+            "email",
+        ),
+    ],
+    ids=["identity_always", "citext_key"],
+)
+def test_rows_an_update_cannot_write_fail_by_name_where_fk_triggers_run(
+    source_db, target_db, ddl, fill, change, column
+):
+    """Without replica mode such a row cannot be deleted and inserted again (a cascade would
+    take its children): its range fails, naming the column and the way out, and is recorded
+    failed, rather than completing with the row left as it was."""
+    _made_on_both(source_db.url, target_db.url, ddl, fill)
+    migrate_all(source_db, target_db.url, replica_mode=False)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(change)
+    with pytest.raises(CopyError) as stopped:
+        migrate_all(source_db, target_db.url, replica_mode=False)
+    assert f"changed in {column} in a way an UPDATE cannot write" in str(stopped.value)
+    assert "session_replication_role" in str(stopped.value)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        status = conn.execute(
+            "SELECT status, error_message FROM supabase_migration.migration_checkpoints"
+        ).fetchone()
+    assert status == ("failed", str(stopped.value))
+    migrate_all(source_db, target_db.url)  # replica mode, as on Supabase: replaced
+    assert_tables_equal(source_db.url, target_db.url, ["public.ev"])
+
+
 def test_unique_values_that_moved_fail_by_name_where_fk_triggers_run(source_db, target_db):
     """Without replica mode a deleted row's children would go with it by their cascade: the
     range fails as before, naming the constraint, and none of it is applied."""
