@@ -566,11 +566,8 @@ def delete_unwritable(
     upsert then inserts them as staged. Every other changed row is updated in place, which
     keeps what a column only the target has holds. Only with FK triggers skipped (replica
     mode), or a cascade would take the rows' children. None when no column needs it."""
-    where = _unwritable_rows(table, staging, lower, upper, collate_c)
-    if where is None:
-        return None
-    return sql.SQL("DELETE FROM {} AS t USING {} AS s WHERE {}").format(
-        rows_of(table), sql.Identifier(staging), where
+    return _unwritable_rows(
+        "DELETE FROM {} AS t USING {} AS s WHERE {}", table, staging, lower, upper, collate_c
     )
 
 
@@ -579,26 +576,31 @@ def any_unwritable(
 ) -> sql.Composed | None:
     """Whether the range has a row `delete_unwritable` would replace (asked where it cannot:
     without replica mode); None when no column needs it."""
-    where = _unwritable_rows(table, staging, lower, upper, collate_c)
-    if where is None:
-        return None
-    return sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS t JOIN {} AS s ON {})").format(
-        rows_of(table), sql.Identifier(staging), where
+    return _unwritable_rows(
+        "SELECT EXISTS (SELECT 1 FROM {} AS t JOIN {} AS s ON {})",
+        table,
+        staging,
+        lower,
+        upper,
+        collate_c,
     )
 
 
 def _unwritable_rows(
-    table: TableInfo, staging: str, lower: Bound, upper: Bound, collate_c: bool
+    template: str, table: TableInfo, staging: str, lower: Bound, upper: Bound, collate_c: bool
 ) -> sql.Composed | None:
+    """`template` over the range's rows `t` and their staged rows `s`, where the
+    `unwritable_columns` differ."""
     columns = unwritable_columns(table)
     if not columns:
         return None
-    return sql.SQL("{} AND {} AND {} IS DISTINCT FROM {}").format(
+    where = sql.SQL("{} AND {} AND {} IS DISTINCT FROM {}").format(
         range_predicate(table, lower, upper, alias="t", collate_c=collate_c),
         _same_key(table, "t", "s"),
         row_text(columns, "t"),
         row_text(columns, "s"),
     )
+    return sql.SQL(template).format(rows_of(table), sql.Identifier(staging), where)
 
 
 def _new_or_changed(table: TableInfo, lower: Bound, upper: Bound, collate_c: bool) -> sql.Composed:

@@ -796,12 +796,7 @@ def test_a_range_whose_row_was_taken_aside_is_copied_in_the_same_run(
     """A value the source now gives row 5 is held on the target by row 450 (changed there by
     hand), whose range the source did not change: the first range takes row 450 aside and
     marks its range to be copied again, which the same run does; it ends verified."""
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
-            "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 500) g"
-        )
-    env = cli_env(source_db.url, target_db.url, tmp_path)
+    env = _patients_with_mrns(source_db, target_db, tmp_path, 500)
     _run_in_ranges(env, tmp_path)
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("UPDATE pat SET mrn = 'X' WHERE id = 5")
@@ -811,17 +806,22 @@ def test_a_range_whose_row_was_taken_aside_is_copied_in_the_same_run(
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
 
 
+def _patients_with_mrns(source_db, target_db, tmp_path: Path, rows: int) -> dict[str, str]:
+    """public.pat: `rows` patients, each with a unique MRN; the CLI's environment."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
+            f"INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, {rows}) g"
+        )
+    return cli_env(source_db.url, target_db.url, tmp_path)
+
+
 def test_a_range_failed_then_copied_again_by_the_run_is_no_failure(source_db, target_db, tmp_path):
     """MRNs moved in a cycle of eleven rows, from the first range into the last unit's: the
     first range follows the chain for its eight rounds and fails; the last unit's range takes
     its row aside and marks it to be copied again, which the run does after its units. Every
     range ends completed, and the run says no failure and verifies."""
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
-            "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 600) g"
-        )
-    env = cli_env(source_db.url, target_db.url, tmp_path)
+    env = _patients_with_mrns(source_db, target_db, tmp_path, 600)
     args = ["run", "--batch-size", "10", "--workers", "1"]  # 60 ranges: two units
     assert cli(args, env, tmp_path, timeout=600).returncode == 0
     with psycopg.connect(source_db.url, autocommit=True) as conn:
@@ -842,12 +842,7 @@ def test_a_range_another_run_holds_is_not_copied_again_nor_reported_twice(
 ):
     """A range pending since another run's take-aside, which that run is copying right now:
     this run steps aside once, says so once, and does not take it for one of its own marks."""
-    with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE); "
-            "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 300) g"
-        )
-    env = cli_env(source_db.url, target_db.url, tmp_path)
+    env = _patients_with_mrns(source_db, target_db, tmp_path, 300)
     _run_in_ranges(env, tmp_path)
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute(
