@@ -236,7 +236,7 @@ def row_hash(
             send = sql.Identifier("pg_catalog", col.hash_sent)
             values.append(sql.SQL("{}({})").format(send, ident))
         elif col.blank_padded and table.mixed_rows:  # its text as shown, trailing blanks too
-            shown = sql.SQL("pg_catalog.textin(pg_catalog.bpcharout({}))").format(ident)
+            shown = shown_text(col)
             values.append(
                 sql.SQL("convert_to({}, 'UTF8')").format(shown) if table.transcode else shown
             )
@@ -268,6 +268,15 @@ def _array_shapes(arrays: Sequence[tuple[int, sql.Identifier]]) -> sql.Composabl
         "CASE WHEN {} THEN hashtextextended(concat_ws(' ', VARIADIC ARRAY[{}]::text[]), 0) "
         "ELSE 0 END"
     ).format(sql.SQL(" OR ").join(odd), shapes)
+
+
+def shown_text(column: Column) -> sql.Composable:
+    """A value's text as its output shows it: a bpchar's with its trailing blanks, which its
+    cast to text drops (xml's cast keeps the declaration its output drops)."""
+    ident = sql.Identifier(column.name)
+    if column.blank_padded:
+        return sql.SQL("pg_catalog.textin(pg_catalog.bpcharout({}))").format(ident)
+    return sql.SQL("{}::text").format(ident)
 
 
 def text_md5(table: TableInfo, text: sql.Composable) -> sql.Composable:

@@ -584,8 +584,8 @@ def _changed_columns(
         sql.SQL(", ").join(
             sqlbuild.text_md5(
                 table,
-                sql.SQL("coalesce({}::text, '<NULL>') || {}::text").format(
-                    sql.Identifier(c.name), sql.Literal(c.name)
+                sql.SQL("coalesce({}, '<NULL>') || {}::text").format(
+                    sqlbuild.shown_text(c), sql.Literal(c.name)
                 ),
             )
             for c in cols

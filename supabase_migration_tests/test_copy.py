@@ -1420,6 +1420,27 @@ def test_arrays_of_other_shapes_copy_and_compare_and_plain_ones_hash_as_before(
             assert conn.execute(query).fetchone()[:2] == (51, before)
 
 
+def test_trailing_blanks_of_a_bpchar_are_a_change_verification_names(source_db, target_db):
+    """An unbounded bpchar keeps trailing blanks its cast to text drops: verification sees
+    them, and names the column."""
+    from supabase_migration.verify import verify_table
+
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE bp (id int PRIMARY KEY, c bpchar, f char(4))",
+        "INSERT INTO bp SELECT g, 'ab', 'cd' FROM generate_series(1, 20) g",
+    )
+    migrate_all(source_db, target_db.url)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+        (info,) = read_tables(s, ["public"])
+        t.execute("UPDATE bp SET c = 'ab   ' WHERE id = 7")
+        (checksums,) = verify_table(s, t, info, checks=["checksums_match"])
+    assert not checksums.passed
+    assert checksums.details["mismatches"][0]["changed"] == [{"key": "id=7", "columns": ["c"]}]
+
+
 def test_a_users_types_named_like_built_in_ones_are_not_taken_for_them(source_db):
     """Domains public.uuid and public.numrange over text, found first on a search_path that
     puts public before pg_catalog: the real uuid and numrange columns are still hashed as
