@@ -31,7 +31,7 @@ from .connections import (
     retrying,
     side_by_side,
 )
-from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
+from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed, unreferenced
 from .errors import ConfigError, MigrationError, TransientError, UniqueCollision
 from .manifest import Manifest, ManifestTable
 from .planning import (
@@ -461,18 +461,17 @@ def copy_partitions(
     with CopySession(source_url, target_url, log=context.log.warning) as session:
 
         def prepare() -> tuple[TableInfo, CopyOptions, dict[str, checkpoints.Checkpoint]]:
+            table = live_tables(session.source, [table_name])[table_name]
+            replica_mode = replica_mode_allowed(session.target)
             options = CopyOptions(
                 force=resync,
-                replica_mode=replica_mode_allowed(session.target),
+                replica_mode=replica_mode,
+                unreferenced=not replica_mode and unreferenced(session.target, table),
                 collate_c=needs_bytewise_keys(session.source, session.target),
                 run_id=context.run.run_id,
             )
             planned = checkpoints.load(session.target, table_name, keys)
-            return (
-                live_tables(session.source, [table_name])[table_name],
-                options,
-                {cp.partition_key: cp for cp in planned},
-            )
+            return table, options, {cp.partition_key: cp for cp in planned}
 
         try:
             # Kept connections may have been ended since the last table run: retried here

@@ -64,6 +64,9 @@ WRITE_BLOCK = 256 * 1024
 class CopyOptions:
     force: bool = False  # re-sync even when the source checksum is unchanged (UI materializations)
     replica_mode: bool = True  # SET LOCAL session_replication_role = replica (skip FK triggers)
+    # No foreign key references the table on the target: deleting its rows fires no FK
+    # action even with FK triggers on (`unreferenced`), so rows may be replaced anyway.
+    unreferenced: bool = False
     statement_timeout: str = "0"  # Supabase caps statements at 2 min unless raised per txn
     collate_c: bool = False  # compare text keys bytewise when source/target collations differ
     binary: bool | None = None  # None: binary when every column type supports it
@@ -532,7 +535,7 @@ def _load(
         table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
     )
     aside: tuple[int, tuple[str, ...]] = (0, ())
-    if options.replica_mode:
+    if options.replica_mode or options.unreferenced:
         aside = _merge_changed(source, target, table, cp, upsert, binary, options)
     else:  # no row is deleted: its cascade would take its children
         unwritable = sqlbuild.any_unwritable(
@@ -580,8 +583,9 @@ def _merge_changed(
     or newer snapshot may have written. Returns how many rows of other ranges were taken,
     and their ranges.
 
-    Only with FK triggers skipped (replica mode): otherwise a deleted row's cascade would
-    take its children. A value the source itself holds twice (a unique index the target has
+    Only with FK triggers skipped (replica mode), or on a table no foreign key references:
+    otherwise a deleted row's cascade would take its children. A value the source itself
+    holds twice (a unique index the target has
     alone), or a unique index on a generated column (not staged), still fails, by the
     index's name."""
     lower, upper = cp.key_range().lower, cp.key_range().upper
@@ -815,6 +819,19 @@ def _record_failure(
         return
     with contextlib.suppress(psycopg.Error):
         checkpoints.mark_failed(target, table, key, message, run_id)
+
+
+_REFERENCED_SQL = """
+SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (confrelid = to_regclass(%(t)s)
+               OR confrelid IN (SELECT relid FROM pg_partition_tree(to_regclass(%(t)s)))))
+"""
+
+
+def unreferenced(target: psycopg.Connection, table: TableInfo) -> bool:
+    """No foreign key on the target references the table (or a partition of it)."""
+    name = sqlbuild.table_ident(table).as_string(target)
+    row = target.execute(_REFERENCED_SQL, {"t": name}).fetchone()
+    return row == (False,)
 
 
 def replica_mode_allowed(target: psycopg.Connection) -> bool:

@@ -574,7 +574,8 @@ def delete_unwritable(
     """Delete the range's rows whose `unwritable_columns` differ from their staged row's: the
     upsert then inserts them as staged. Every other changed row is updated in place, which
     keeps what a column only the target has holds. Only with FK triggers skipped (replica
-    mode), or a cascade would take the rows' children. None when no column needs it."""
+    mode) or on a table no foreign key references, or a cascade would take the rows'
+    children. None when no column needs it."""
     return _unwritable_rows(
         "DELETE FROM {} AS t USING {} AS s WHERE {}", table, staging, lower, upper, collate_c
     )

@@ -41,6 +41,7 @@ from supabase_migration.copy import (
     replica_mode_allowed,
     sums_by_range,
     unchanged_as_a_whole,
+    unreferenced,
 )
 from supabase_migration.errors import (
     ConcurrentRunError,
@@ -135,8 +136,13 @@ def migrate_all(
             bytewise = needs_bytewise_keys(s, t)
         if replica_mode is None:
             replica_mode = replica_mode_allowed(t)
-        options = CopyOptions(force=force, replica_mode=replica_mode, collate_c=bytewise)
         for info in read_tables(s, ["public"]):
+            options = CopyOptions(
+                force=force,
+                replica_mode=replica_mode,
+                unreferenced=not replica_mode and unreferenced(t, info),
+                collate_c=bytewise,
+            )
             refresh_plan(s, t, info, batch_size=batch_size, collate_c=bytewise)
             for cp in checkpoints.load(t, info.qualified_name):
                 results.append(copy_range(s, t, info, cp.partition_key, options))
@@ -448,6 +454,7 @@ def test_a_column_only_the_target_has_keeps_its_values_when_rows_change(source_d
     ]
 
 
+@pytest.mark.parametrize("referenced", [True, False], ids=["referenced", "unreferenced"])
 @pytest.mark.parametrize(
     ("ddl", "fill", "change", "column"),
     [
@@ -458,36 +465,65 @@ def test_a_column_only_the_target_has_keeps_its_values_when_rows_change(source_d
             "n",
         ),
         (
-            "CREATE EXTENSION IF NOT EXISTS citext; "
-            "CREATE TABLE ev (email citext PRIMARY KEY, v int)",
+            "CREATE EXTENSION IF NOT EXISTS citext; CREATE TABLE ev (id citext PRIMARY KEY, v int)",
             "INSERT INTO ev SELECT 'User' || g, g FROM generate_series(1, 50) g",
-            "UPDATE ev SET email = 'user7' WHERE email = 'User7'",
-            "email",
+            "UPDATE ev SET id = 'user7' WHERE id = 'User7'",
+            "id",
         ),
     ],
     ids=["identity_always", "citext_key"],
 )
-def test_rows_an_update_cannot_write_fail_by_name_where_fk_triggers_run(
-    source_db, target_db, ddl, fill, change, column
+def test_rows_an_update_cannot_write_without_replica_mode(
+    source_db, target_db, ddl, fill, change, column, referenced
 ):
-    """Without replica mode such a row cannot be deleted and inserted again (a cascade would
-    take its children): its range fails, naming the column and the way out, and is recorded
-    failed, rather than completing with the row left as it was."""
+    """Without replica mode such a row is replaced only in a table no foreign key references
+    (a delete fires no cascade then). In one that is referenced its range fails, naming the
+    column and the way out, and is recorded failed, rather than completing with the row left
+    as it was; with replica mode, as on Supabase, it is replaced."""
+    if referenced:
+        ddl += f"; CREATE TABLE child (ev_id {'citext' if column == 'id' else 'int'} REFERENCES ev)"
     _made_on_both(source_db.url, target_db.url, ddl, fill)
     migrate_all(source_db, target_db.url, replica_mode=False)
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(change)
+    if not referenced:
+        migrate_all(source_db, target_db.url, replica_mode=False)
+        assert_tables_equal(source_db.url, target_db.url, ["public.ev"])
+        return
     with pytest.raises(CopyError) as stopped:
         migrate_all(source_db, target_db.url, replica_mode=False)
     assert f"changed in {column} in a way an UPDATE cannot write" in str(stopped.value)
     assert "session_replication_role" in str(stopped.value)
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         status = conn.execute(
-            "SELECT status, error_message FROM supabase_migration.migration_checkpoints"
+            "SELECT status, error_message FROM supabase_migration.migration_checkpoints "
+            "WHERE table_name = 'public.ev'"
         ).fetchone()
     assert status == ("failed", str(stopped.value))
     migrate_all(source_db, target_db.url)  # replica mode, as on Supabase: replaced
     assert_tables_equal(source_db.url, target_db.url, ["public.ev"])
+
+
+def test_unique_values_that_moved_are_followed_without_replica_mode_where_unreferenced(
+    source_db, target_db
+):
+    """A table no foreign key references: its rows may be deleted with FK triggers on, so
+    moved unique values are followed as under replica mode."""
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE pat (id int PRIMARY KEY, mrn text NOT NULL UNIQUE)",
+        "INSERT INTO pat SELECT g, 'M' || g FROM generate_series(1, 1000) g",
+    )
+    migrate_all(source_db, target_db.url, batch_size=300, replica_mode=False)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE pat SET mrn = 'tmp' WHERE id = 10; UPDATE pat SET mrn = 'M10' WHERE id = 20;"
+            "UPDATE pat SET mrn = 'M20' WHERE id = 10; UPDATE pat SET mrn = 'tmp' WHERE id = 50;"
+            "UPDATE pat SET mrn = 'M50' WHERE id = 900; UPDATE pat SET mrn = 'M900' WHERE id = 50"
+        )
+    migrate_all(source_db, target_db.url, batch_size=300, replica_mode=False)
+    assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
 
 
 def test_unique_values_that_moved_fail_by_name_where_fk_triggers_run(source_db, target_db):
