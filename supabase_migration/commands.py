@@ -490,6 +490,14 @@ def run(
         unknown = sorted(set(repair) - {t.name for t in manifest.tables})
         if unknown:
             log(f"Not in the manifest, so not repaired: {', '.join(unknown)}.")
+        unchecked = [t.name for t in manifest.tables if t.name not in found.tables]
+        if unchecked:
+            log(
+                f"That report checked {len(manifest.tables) - len(unchecked)} of "
+                f"{len(manifest.tables)} tables (`verify --tables`), so {unchecked[0]} and "
+                f"{len(unchecked) - 1} more are not repaired; run `supabase-migrate verify` "
+                "first to repair from every table."
+            )
     schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(
         source_url(),

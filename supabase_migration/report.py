@@ -60,6 +60,7 @@ class Repair:
     ranges: dict[str, set[str]]
     report: Path
     generated_at: str
+    tables: frozenset[str] = frozenset()  # the tables the report checked (`verify --tables`)
 
 
 def read_repair(directory: Path, target: str) -> Repair:
@@ -83,7 +84,8 @@ def read_repair(directory: Path, target: str) -> Repair:
             f"The verification report {path} is about another target database "
             f"({report.get('target_identity') or 'unknown'}); {again}."
         )
-    return Repair(ranges_to_repair(report), path, str(report.get("generated_at") or "?"))
+    checked = frozenset(str(c.get("table")) for c in report.get("checks") or () if c.get("table"))
+    return Repair(ranges_to_repair(report), path, str(report.get("generated_at") or "?"), checked)
 
 
 def finding_dict(finding: Any) -> dict[str, Any]:

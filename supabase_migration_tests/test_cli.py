@@ -198,6 +198,10 @@ def test_verify_passes_then_names_the_damage_by_key_only(clinic):
 
     only = cli(["verify", "--tables", "public.providers"], env, tmp_path)
     assert only.returncode == 0, only.stderr
+    # a report of some tables repairs only those: --repair says so
+    narrowed = cli(["run", "--repair", "--no-verify"], env, tmp_path)
+    assert narrowed.returncode == 0, narrowed.stderr
+    assert "That report checked 1 of " in narrowed.stdout + narrowed.stderr
     unknown = cli(["verify", "--tables", "public.nope"], env, tmp_path)
     assert unknown.returncode == 2 and "public.nope" in unknown.stderr
 
