@@ -23,7 +23,7 @@ from dagster._utils.error import SerializableErrorInfo
 from pydantic import Field
 
 from . import checkpoints, deferred
-from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
+from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables, referenced
 from .connections import (
     ServerUnreachable,
     database_error_exit_code,
@@ -31,7 +31,7 @@ from .connections import (
     retrying,
     side_by_side,
 )
-from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed, unreferenced
+from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConfigError, MigrationError, TransientError, UniqueCollision
 from .manifest import Manifest, ManifestTable
 from .planning import (
@@ -466,7 +466,7 @@ def copy_partitions(
             options = CopyOptions(
                 force=resync,
                 replica_mode=replica_mode,
-                unreferenced=not replica_mode and unreferenced(session.target, table),
+                unreferenced=not replica_mode and not referenced(session.target, table),
                 collate_c=needs_bytewise_keys(session.source, session.target),
                 run_id=context.run.run_id,
             )
@@ -507,7 +507,9 @@ def copy_partitions(
                 result = session.copy(table, key, options, checkpoint)
             except UniqueCollision as exc:
                 if key not in collided:
-                    context.log.info(f"{exc.message} Tried again after the table's other ranges.")
+                    context.log.info(
+                        f"{exc.message.rstrip('.')}; tried again after the table's other ranges."
+                    )
                 collided[key] = exc
                 planned.pop(key, None)  # failed now: read again
                 continue

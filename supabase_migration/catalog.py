@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import psycopg
+from psycopg import sql
 
 from .connections import remembered
 
@@ -343,6 +344,21 @@ def unique_index(conn: psycopg.Connection, schema: str, name: str) -> UniqueInde
         _UNIQUE_INDEX_SQL.format(nulls_not_distinct=nulls), {"schema": schema, "name": name}
     ).fetchone()
     return None if row is None else UniqueIndex(tuple(row[0]), bool(row[1]))
+
+
+_REFERENCED_SQL = """
+SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f'
+               AND (confrelid = to_regclass(%(t)s)
+                    OR confrelid IN (SELECT relid FROM pg_partition_tree(to_regclass(%(t)s)))))
+"""
+
+
+def referenced(conn: psycopg.Connection, table: TableInfo) -> bool:
+    """A foreign key references the table (or a partition of it): deleting its rows may fire
+    an action (a cascade) where FK triggers run."""
+    name = sql.Identifier(table.schema, table.name).as_string(conn)
+    row = conn.execute(_REFERENCED_SQL, {"t": name}).fetchone()
+    return row != (False,)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ from .resources import default_resources
 from .schema_step import preflight, start_schema_ahead
 from .security import read_policy_file
 from .security_assets import SECURITY_KEY, resolve_policy_file
+from .verify import listed
 
 PID_TAG = "supabase_migration/pid"
 COMMAND_TAG = "supabase_migration/command"
@@ -258,6 +259,7 @@ class PlanReport:
 
 def plan(settings: Settings, log: Callable[[str], None] = lambda _: None) -> PlanReport:
     """Preflight plus the ranges each table would get; writes nothing on the target."""
+    check_connections(log)  # a source too old to read is one sentence, as for `run`
     manifest = ensure_manifest(settings, log)
     findings = preflight(manifest, source_url(), target_url())
     rows = []
@@ -494,9 +496,8 @@ def run(
         if unchecked:
             log(
                 f"That report checked {len(manifest.tables) - len(unchecked)} of "
-                f"{len(manifest.tables)} tables (`verify --tables`), so {unchecked[0]} and "
-                f"{len(unchecked) - 1} more are not repaired; run `supabase-migrate verify` "
-                "first to repair from every table."
+                f"{len(manifest.tables)} tables (`verify --tables`), so {listed(unchecked, 3)} "
+                "are not repaired; run `supabase-migrate verify` first to repair every table."
             )
     schema_ahead = start_schema_ahead(manifest, source_url(), target_url())
     first_plans = FirstPlansAhead(

@@ -32,7 +32,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq, sql
 
 from . import checkpoints, sqlbuild
-from .catalog import KeyKind, TableInfo, unique_index
+from .catalog import KeyKind, TableInfo, UniqueIndex, unique_index
 from .connections import (
     connect,
     database_error,
@@ -585,9 +585,8 @@ def _merge_changed(
 
     Only with FK triggers skipped (replica mode), or on a table no foreign key references:
     otherwise a deleted row's cascade would take its children. A value the source itself
-    holds twice (a unique index the target has
-    alone), or a unique index on a generated column (not staged), still fails, by the
-    index's name."""
+    holds twice (a unique index the target has alone), or a unique index on a generated
+    column (not staged), still fails, by the index's name."""
     lower, upper = cp.key_range().lower, cp.key_range().upper
     unwritable = sqlbuild.delete_unwritable(
         table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
@@ -610,38 +609,10 @@ def _merge_changed(
                 or not set(index.columns) <= {c.name for c in table.copy_columns}  # staged ones
             ):
                 raise
-            in_one_round_trip(
-                target,
-                [
-                    *(
-                        [
-                            sqlbuild.NORMALIZE_TEXT_OUTPUT,  # keys as text, read as the source's
-                            sqlbuild.create_staging(table, PROPOSED_TABLE),
-                            sqlbuild.create_key_table(table, ASIDE_TABLE),
-                        ]
-                        if rounds == 0
-                        else []
-                    ),
-                    *sqlbuild.propose(
-                        table,
-                        STAGING_TABLE,
-                        PROPOSED_TABLE,
-                        lower,
-                        upper,
-                        collate_c=options.collate_c,
-                    ),
-                ],
-            )
-            holders = target.execute(
-                sqlbuild.take_aside_holders(table, PROPOSED_TABLE, ASIDE_TABLE, index)
-            ).fetchall()
-            if not holders:  # the staged rows collide among themselves
+            elsewhere = _take_aside(source, target, table, cp, index, binary, options, rounds)
+            if elsewhere is None:  # the staged rows collide among themselves
                 raise
-            elsewhere = [row[:-1] for row in holders if not row[-1]]
-            for chunk in chunks(elsewhere, KEYS_PER_READ):
-                out_query = sqlbuild.copy_out_keys(table, chunk, binary=binary)
-                _stream(source, target, out_query, sql.Identifier(STAGING_TABLE), table, binary)
-            aside += len(elsewhere)
+            aside += elsewhere
     if not aside:
         return 0, ()
     others = [
@@ -651,6 +622,54 @@ def _merge_changed(
     ]
     query = sqlbuild.ranges_holding(table, ASIDE_TABLE, others, collate_c=options.collate_c)
     return aside, tuple(sorted(row[0] for row in target.execute(query)))
+
+
+def _take_aside(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    table: TableInfo,
+    cp: checkpoints.Checkpoint,
+    index: UniqueIndex,
+    binary: bool,
+    options: CopyOptions,
+    rounds: int,
+) -> int | None:
+    """One round of `_merge_changed`: delete the rows holding a value of `index` that a row
+    the upsert would propose has under another key, and stage those of other ranges again
+    from the source's snapshot. Returns how many of other ranges, or None if none held one."""
+    key_range = cp.key_range()
+    in_one_round_trip(
+        target,
+        [
+            *(
+                [
+                    sqlbuild.NORMALIZE_TEXT_OUTPUT,  # keys as text, read as the source's
+                    sqlbuild.create_staging(table, PROPOSED_TABLE),
+                    sqlbuild.create_key_table(table, ASIDE_TABLE),
+                ]
+                if rounds == 0
+                else []
+            ),
+            *sqlbuild.propose(
+                table,
+                STAGING_TABLE,
+                PROPOSED_TABLE,
+                key_range.lower,
+                key_range.upper,
+                collate_c=options.collate_c,
+            ),
+        ],
+    )
+    holders = target.execute(
+        sqlbuild.take_aside_holders(table, PROPOSED_TABLE, ASIDE_TABLE, index)
+    ).fetchall()
+    if not holders:
+        return None
+    elsewhere = [row[:-1] for row in holders if not row[-1]]
+    for chunk in chunks(elsewhere, KEYS_PER_READ):
+        out_query = sqlbuild.copy_out_keys(table, chunk, binary=binary)
+        _stream(source, target, out_query, sql.Identifier(STAGING_TABLE), table, binary)
+    return len(elsewhere)
 
 
 def stream_range(
@@ -819,19 +838,6 @@ def _record_failure(
         return
     with contextlib.suppress(psycopg.Error):
         checkpoints.mark_failed(target, table, key, message, run_id)
-
-
-_REFERENCED_SQL = """
-SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (confrelid = to_regclass(%(t)s)
-               OR confrelid IN (SELECT relid FROM pg_partition_tree(to_regclass(%(t)s)))))
-"""
-
-
-def unreferenced(target: psycopg.Connection, table: TableInfo) -> bool:
-    """No foreign key on the target references the table (or a partition of it)."""
-    name = sqlbuild.table_ident(table).as_string(target)
-    row = target.execute(_REFERENCED_SQL, {"t": name}).fetchone()
-    return row == (False,)
 
 
 def replica_mode_allowed(target: psycopg.Connection) -> bool:

@@ -26,6 +26,7 @@ from supabase_migration.catalog import (
     default_collation,
     needs_bytewise_keys,
     read_tables,
+    referenced,
 )
 from supabase_migration.connections import close_kept, connect
 from supabase_migration.conninfo import DatabaseUrl, Endpoint, parse_database_url
@@ -41,7 +42,6 @@ from supabase_migration.copy import (
     replica_mode_allowed,
     sums_by_range,
     unchanged_as_a_whole,
-    unreferenced,
 )
 from supabase_migration.errors import (
     ConcurrentRunError,
@@ -140,7 +140,7 @@ def migrate_all(
             options = CopyOptions(
                 force=force,
                 replica_mode=replica_mode,
-                unreferenced=not replica_mode and unreferenced(t, info),
+                unreferenced=not replica_mode and not referenced(t, info),
                 collate_c=bytewise,
             )
             refresh_plan(s, t, info, batch_size=batch_size, collate_c=bytewise)
@@ -502,6 +502,30 @@ def test_rows_an_update_cannot_write_without_replica_mode(
     assert status == ("failed", str(stopped.value))
     migrate_all(source_db, target_db.url)  # replica mode, as on Supabase: replaced
     assert_tables_equal(source_db.url, target_db.url, ["public.ev"])
+
+
+def test_only_keys_whose_type_may_call_two_texts_equal_are_replaced(source_db):
+    """A catch-up deletes and inserts again only the rows an UPDATE cannot write: integer,
+    uuid, text and composite keys of them are updated in place, with no extra statement;
+    citext and numeric keys, and an identity column GENERATED ALWAYS, are replaced."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute(
+            "CREATE EXTENSION IF NOT EXISTS citext; CREATE TABLE ci (k citext PRIMARY KEY); "
+            "CREATE TABLE num (k numeric PRIMARY KEY, v text); "
+            "CREATE TABLE ev (k text PRIMARY KEY, n int GENERATED ALWAYS AS IDENTITY)"
+        )
+        infos = {t.name: t for t in read_tables(conn, ["public"])}
+    plain = ["parents", "items", "by_uuid", "composite", "uniq_key"]
+    assert {n: sqlbuild.unwritable_columns(infos[n]) for n in plain} == {n: [] for n in plain}
+    assert all(sqlbuild.delete_unwritable(infos[n], "s", None, None) is None for n in plain)
+    assert {
+        n: [c.name for c in sqlbuild.unwritable_columns(infos[n])] for n in ("ci", "num", "ev")
+    } == {
+        "ci": ["k"],
+        "num": ["k"],
+        "ev": ["n"],
+    }
 
 
 def test_unique_values_that_moved_are_followed_without_replica_mode_where_unreferenced(

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from supabase_migration import example_app
+from supabase_migration import manifest as manifest_io
 from supabase_migration.catalog import default_collation
 from supabase_migration.example_app.generate import generate
 from supabase_migration.localpg import (
@@ -30,6 +31,7 @@ from supabase_migration.localpg import (
     prepare_supabase_database,
     private_tempdir,
 )
+from supabase_migration.manifest import Manifest, ManifestTable
 from supabase_migration.preflight import run_preflight
 
 from . import old_postgres
@@ -269,6 +271,12 @@ def test_a_postgresql_11_source_is_refused_in_one_sentence(target_db, tmp_path):
             "migrate from that.\n"
         )
         for command in ("init", "plan", "run", "verify"):
+            done = cli([command], env, tmp_path, 120)
+            assert (done.returncode, done.stderr) == (2, sentence), (command, done.stderr)
+        # and with a manifest already there (written for another source, or by hand)
+        table = ManifestTable("public.t", ("id",), "primary_key", 10)
+        manifest_io.write(Manifest(tables=(table,)), tmp_path / "migration.yaml")
+        for command in ("plan", "run", "verify"):
             done = cli([command], env, tmp_path, 120)
             assert (done.returncode, done.stderr) == (2, sentence), (command, done.stderr)
         with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
