@@ -36,7 +36,7 @@ from .connections import database_error, transaction_with
 from .conninfo import is_loopback_host
 from .errors import PreflightError
 from .redaction import describe_pg_error
-from .sqlbuild import NORMALIZE_TEXT_OUTPUT, READING_ROWS, rows_of
+from .sqlbuild import READING_ROWS, key_arrays, key_texts, keys_in, rows_of
 
 
 class Severity(StrEnum):
@@ -1089,33 +1089,21 @@ def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
     if not table.key:
         return True
     rows = rows_of(table)  # a parent's own rows by inheritance, as the copy deletes them
-    texts = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
-    with transaction_with(ctx.target, [NORMALIZE_TEXT_OUTPUT], commit=False):
+    with transaction_with(ctx.target, [READING_ROWS], commit=False):
         keys = ctx.target.execute(
             sql.SQL("SELECT {} FROM {} LIMIT {}").format(
-                texts, rows, sql.Literal(ROWS_COMPARED + 1)
+                key_texts(table), rows, sql.Literal(ROWS_COMPARED + 1)
             )
         ).fetchall()
     if len(keys) > ROWS_COMPARED:
         return True
     if not keys:
         return False
-    given = sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in table.key)
-    names = [sql.Identifier(f"k{i}") for i in range(len(table.key))]
-    match = sql.SQL(" AND ").join(
-        sql.SQL("s.{} = CAST(k.{} AS {})").format(
-            sql.Identifier(k), name, sql.SQL(table.column(k).type_sql)
-        )
-        for k, name in zip(table.key, names, strict=True)
-    )
-    query = sql.SQL(
-        "SELECT EXISTS (SELECT 1 FROM unnest({}) AS k({}) "
-        "WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {}))"
-    ).format(given, sql.SQL(", ").join(names), rows, match)
+    found = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(rows, keys_in(table))
     try:
         with transaction_with(ctx.source, [READING_ROWS], commit=False):
-            row = ctx.source.execute(query, [list(column) for column in zip(*keys, strict=True)])
-            return bool(row.fetchone()[0])
+            row = ctx.source.execute(found, key_arrays(keys, len(table.key))).fetchone()
+            return row is None or row[0] < len(keys)  # the keys are a key's: each one once
     except psycopg.Error:  # a key the source's type cannot even hold (its error would quote
         return True  # it), a table it may not read: not shown to be the source's
 

@@ -408,6 +408,33 @@ def copy_out_query(
     return _copy_out(table, range_predicate(table, lower, upper, collate_c=collate_c), binary)
 
 
+def key_texts(table: TableInfo, alias: str | None = None) -> sql.Composable:
+    """The key columns as text, to send to the other server (read under NORMALIZE_TEXT_OUTPUT)."""
+    return sql.SQL(", ").join(
+        sql.SQL("{}::text").format(sql.Identifier(alias, k) if alias else sql.Identifier(k))
+        for k in table.key
+    )
+
+
+def keys_in(table: TableInfo) -> sql.Composable:
+    """`(k1, k2) IN (...)` over text arrays, one per key column, cast back to the key types."""
+    cols = [f"k{i}" for i in range(len(table.key))]
+    return sql.SQL("({}) IN (SELECT {} FROM unnest({}) AS u({}))").format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
+        sql.SQL(", ").join(
+            sql.SQL("CAST(u.{} AS {})").format(sql.Identifier(c), sql.SQL(table.column(k).type_sql))
+            for c, k in zip(cols, table.key, strict=True)
+        ),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in cols),
+        sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+    )
+
+
+def key_arrays(keys: Sequence[tuple[str, ...]], width: int) -> list[list[str]]:
+    """Keys as `key_texts` read them, as the text arrays `keys_in` takes, column by column."""
+    return [[k[i] for k in keys] for i in range(width)]
+
+
 def copy_out_keys(table: TableInfo, keys: Sequence[Sequence[str]], *, binary: bool) -> sql.Composed:
     """The rows of these keys (each as text, column by column), as `copy_out_query` sends a
     range's: the rows a range's upsert takes aside from other ranges (`take_aside_holders`)."""

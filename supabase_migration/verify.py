@@ -464,31 +464,6 @@ def range_checksums(
     return _timed(CHECKSUMS, table, run)
 
 
-def _key_texts(table: TableInfo, alias: str | None = None) -> sql.Composable:
-    return sql.SQL(", ").join(
-        sql.SQL("{}::text").format(sql.Identifier(alias, k) if alias else sql.Identifier(k))
-        for k in table.key
-    )
-
-
-def _keys_filter(table: TableInfo) -> sql.Composable:
-    """`(k1, k2) IN (...)` over text arrays, one per key column, cast back to the key types."""
-    cols = [f"k{i}" for i in range(len(table.key))]
-    return sql.SQL("({}) IN (SELECT {} FROM unnest({}) AS u({}))").format(
-        sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
-        sql.SQL(", ").join(
-            sql.SQL("CAST(u.{} AS {})").format(sql.Identifier(c), sql.SQL(table.column(k).type_sql))
-            for c, k in zip(cols, table.key, strict=True)
-        ),
-        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in cols),
-        sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-    )
-
-
-def _key_arrays(keys: Sequence[tuple[str, ...]], width: int) -> list[list[str]]:
-    return [[k[i] for k in keys] for i in range(width)]
-
-
 def key_order(key: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
     """Keys arrive as text; integer parts sort as numbers (id=2 before id=10)."""
     return tuple((0, int(part), "") if part.lstrip("-").isdigit() else (1, 0, part) for part in key)
@@ -508,7 +483,7 @@ def _diff_range_rows(
         return _diff_in_parts(source, target, table, r, collate_c)
     row_text = sql.SQL("ROW({})::text").format(sqlbuild.column_list(table.copy_columns))
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
-        _key_texts(table),
+        sqlbuild.key_texts(table),
         sqlbuild.text_md5(table, row_text),
         sqlbuild.rows_of(table),
         sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
@@ -580,7 +555,7 @@ def _changed_columns(
     """Per-column md5 of the given rows on both sides: names the columns, ships no values."""
     cols = table.copy_columns
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
-        _key_texts(table),
+        sqlbuild.key_texts(table),
         sql.SQL(", ").join(
             sqlbuild.text_md5(
                 table,
@@ -591,10 +566,10 @@ def _changed_columns(
             for c in cols
         ),
         sqlbuild.rows_of(table),
-        _keys_filter(table),
+        sqlbuild.keys_in(table),
     )
     width = len(table.key)
-    params = _key_arrays(keys, width)
+    params = sqlbuild.key_arrays(keys, width)
 
     def fetch(conn: psycopg.Connection) -> dict[tuple[str, ...], tuple[Any, ...]]:
         with read_snapshot(conn):
@@ -713,7 +688,7 @@ def pick_sample_keys(
             size,
             seed,
             lambda sample: sql.SQL("SELECT {} FROM {}{} ORDER BY {}, 1 LIMIT %s").format(
-                _key_texts(table), sqlbuild.rows_of(table), sample, key_hash
+                sqlbuild.key_texts(table), sqlbuild.rows_of(table), sample, key_hash
             ),
         )
         return keys, f"key hash over {drawn}"
@@ -785,12 +760,12 @@ def _sample_by_key(
     keys, method = pick_sample_keys(source, table, size, seed)
     columns = list(table.columns)
     fetch = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
-        _key_texts(table),
+        sqlbuild.key_texts(table),
         sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in columns),
         sqlbuild.rows_of(table),
-        _keys_filter(table),
+        sqlbuild.keys_in(table),
     )
-    params = _key_arrays(keys, width)
+    params = sqlbuild.key_arrays(keys, width)
 
     def rows(conn: psycopg.Connection) -> dict[str, tuple[Any, ...]]:
         """Each sampled row's column texts, by its key's label."""
@@ -1137,7 +1112,7 @@ def _orphans_query(
         return sql.SQL("SELECT count(*) {}").format(rows)
     order = sql.SQL(", ").join(sql.Identifier("c", k) for k in table.key)
     return sql.SQL("SELECT {keys} {rows} ORDER BY {order} LIMIT {limit}").format(
-        keys=_key_texts(table, "c"), rows=rows, order=order, limit=sql.Literal(MAX_FK_KEYS)
+        keys=sqlbuild.key_texts(table, "c"), rows=rows, order=order, limit=sql.Literal(MAX_FK_KEYS)
     )
 
 
