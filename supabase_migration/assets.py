@@ -439,6 +439,21 @@ def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
     }
 
 
+def _taken_aside_note(key: str, table_name: str, result: RangeResult) -> str:
+    """The take-aside, by count and partitions: the rows' keys and values stay unsaid."""
+    rows, again = result.rows_taken_aside, result.ranges_copied_again
+    held = (
+        "1 row holding a unique value this range's rows now have was"
+        if rows == 1
+        else f"{rows} rows holding unique values this range's rows now have were"
+    )
+    partitions = ("partition " if len(again) == 1 else "partitions ") + ", ".join(again)
+    return (
+        f"Partition {key} of {table_name}: {held} re-synced from the same snapshot in this "
+        f"range's transaction; {partitions} {'is' if len(again) == 1 else 'are'} copied again."
+    )
+
+
 def copy_partitions(
     context: dg.AssetExecutionContext,
     manifest: Manifest,
@@ -524,12 +539,7 @@ def copy_partitions(
                 continue
             freed = collided.pop(key, None) is not None or freed
             if result.rows_taken_aside:
-                context.log.info(
-                    f"Partition {key} of {table_name}: {result.rows_taken_aside} rows of other "
-                    "ranges held unique values this range's rows now have; they were re-synced "
-                    "from the same snapshot in its transaction, and their partitions "
-                    f"({', '.join(result.ranges_copied_again)}) are copied again."
-                )
+                context.log.info(_taken_aside_note(key, table_name, result))
             for other in result.ranges_copied_again:
                 planned.pop(other, None)  # marked to copy again: its checkpoint is read anew
                 waiting = other in queue or other in collided or other in requeued

@@ -135,6 +135,16 @@ def ext_member(catalog: str, oid: str) -> str:
     )
 
 
+_TABLES_FROM = f"""
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND NOT c.relispartition
+  AND n.nspname = ANY(%(schemas)s)
+  AND NOT {ext_member("pg_class", "c.oid")}
+ORDER BY n.nspname, c.relname
+"""
+
 _TABLES_SQL = f"""
 SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned,
        c.relkind = 'r' AND c.relhassubclass AS inherited,
@@ -148,14 +158,7 @@ SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned,
             ELSE pg_table_size(c.oid) END AS size_bytes,
        ARRAY(SELECT k.conname::text FROM pg_constraint k WHERE k.conrelid = c.oid
              AND k.contype = 'c' AND NOT k.convalidated ORDER BY 1) AS not_valid_checks
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p')
-  AND NOT c.relispartition
-  AND n.nspname = ANY(%(schemas)s)
-  AND NOT {ext_member("pg_class", "c.oid")}
-ORDER BY n.nspname, c.relname
-"""
+{_TABLES_FROM}"""
 
 _COLUMNS_SQL = """
 SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
@@ -278,6 +281,12 @@ def missing_schemas(conn: psycopg.Connection, schemas: Sequence[str]) -> list[st
         )
     }
     return [s for s in schemas if s not in existing]
+
+
+def table_names(conn: psycopg.Connection, schemas: Sequence[str]) -> list[str]:
+    """schema.table of each table `read_tables` would describe, without describing them."""
+    query = f"SELECT n.nspname, c.relname {_TABLES_FROM}"
+    return [f"{s}.{t}" for s, t in conn.execute(query, {"schemas": list(schemas)})]
 
 
 def read_tables(conn: psycopg.Connection, schemas: Sequence[str]) -> list[TableInfo]:

@@ -57,12 +57,13 @@ from .checks import REPORT_CHECK, REPORT_KEY
 from .connections import borrowed, close_kept, side_by_side, warn_if_workers_exceed_pool
 from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
-from .errors import ConfigError, MigrationError, VerificationInterrupted
+from .errors import ConfigError, MigrationError, VerificationInterrupted, listed
 from .inputs import (
     Settings,
     check_connections,
     ensure_manifest,
     source_url,
+    tables_left_out,
     target_url,
 )
 from .localpg import pid_alive
@@ -74,7 +75,6 @@ from .resources import default_resources
 from .schema_step import preflight, start_schema_ahead
 from .security import read_policy_file
 from .security_assets import SECURITY_KEY, resolve_policy_file
-from .verify import listed
 
 PID_TAG = "supabase_migration/pid"
 COMMAND_TAG = "supabase_migration/command"
@@ -479,6 +479,9 @@ def run(
     if warning:
         log(warning)
     manifest = ensure_manifest(settings, log)
+    left_out = tables_left_out(manifest)
+    if left_out:  # verify fails on them; the user should hear it before the copy, not after
+        log(manifest.left_out_sentence(left_out))
     home = dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
     policy_file = resolve_policy_file(None)  # and so does a policy file the end cannot read
     if policy_file is not None:

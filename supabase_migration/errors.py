@@ -7,6 +7,7 @@ to do, and never carries a password or a row value. Boundaries (CLI, Dagster ass
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -63,6 +64,12 @@ class ConcurrentRunError(MigrationError):
 class VerificationInterrupted(KeyboardInterrupt):
     """Ctrl-C while `run` verified: every range was copied, so `verify`, not `resume`, is
     what finishes the job."""
+
+
+def listed(items: Sequence[str], limit: int = 10) -> str:
+    """The first `limit` items, and how many more: a list inside a sentence."""
+    head = ", ".join(items[:limit])
+    return head + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def read_user_text(path: Path, what: str, missing: str) -> str:

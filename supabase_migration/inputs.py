@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 
 from . import manifest as manifest_io
-from .catalog import missing_schemas, read_tables, too_old_a_source, user_schemas
+from .catalog import missing_schemas, read_tables, table_names, too_old_a_source, user_schemas
 from .connections import borrowed
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 from .errors import ConfigError, read_user_text
@@ -205,6 +205,12 @@ def _parse_problem(exc: configparser.Error) -> str:
     lines = [n for n, _ in getattr(exc, "errors", [])] or [getattr(exc, "lineno", None)]
     at = ", ".join(str(n) for n in lines if n is not None)
     return f"{what}, line {at}" if at else what
+
+
+def tables_left_out(manifest: Manifest) -> list[str]:
+    """The source's tables made after `init` that the manifest's filters would take."""
+    with borrowed(source_url()) as source:
+        return manifest.left_out(table_names(source, manifest.schemas))
 
 
 def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Manifest:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from .catalog import TableInfo
-from .errors import ConfigError, read_user_text
+from .errors import ConfigError, listed, read_user_text
 from .planning import DEFAULT_BATCH_SIZE
 
 MANIFEST_ENV = "SUPABASE_MIGRATION_MANIFEST"
@@ -69,6 +69,28 @@ class Manifest:
                 return t
         raise ConfigError(
             f"Table {name} is not in the manifest; run `supabase-migrate init` again."
+        )
+
+    def left_out(self, source_tables: Iterable[str]) -> list[str]:
+        """Those of `source_tables` (the manifest's schemas') that its filters select but it
+        does not list: tables made after `init`, which nothing would migrate."""
+        listed = {t.name for t in self.tables}
+        return [
+            name
+            for name in source_tables
+            if name not in listed and selected(name, self.include, self.exclude)
+        ]
+
+    def left_out_sentence(self, names: Sequence[str]) -> str:
+        """What to say of tables `left_out` found: that nothing migrates them, and the way out
+        (an `init` of the same schemas keeps the filters, batch sizes and settings)."""
+        where = self.path or DEFAULT_MANIFEST
+        them = "it" if len(names) == 1 else "them"
+        return (
+            f"The source has {len(names)} table(s) that {where} does not list "
+            f"({listed(names, 5)}), so nothing migrates {them}; run `supabase-migrate init "
+            f"--schemas {','.join(self.schemas)}` again to add {them}, or add {them} to its "
+            "exclude filters."
         )
 
     def batch_size_for(self, table: ManifestTable) -> int:

@@ -259,7 +259,12 @@ def _run_checks(
         _check_audit,
     ):
         check(ctx)
-    return sorted(ctx.findings, key=lambda f: _ORDER[f.severity])
+    return by_severity(ctx.findings)
+
+
+def by_severity(findings: Iterable[Finding]) -> list[Finding]:
+    """Errors first, then warnings, then the rest, each in the order found."""
+    return sorted(findings, key=lambda f: _ORDER[f.severity])
 
 
 def _check_versions(ctx: _Context) -> None:
@@ -989,7 +994,7 @@ def table_mismatches(
     )
     with _reading_catalogs("Comparing the tables"):
         _check_existing_tables(ctx)
-    return sorted(ctx.findings, key=lambda f: _ORDER[f.severity])
+    return by_severity(ctx.findings)
 
 
 def _check_existing_tables(ctx: _Context) -> None:

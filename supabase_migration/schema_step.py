@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 
+from .catalog import table_names
 from .checkpoints import ensure_bookkeeping
 from .connections import borrowed
 from .conninfo import DatabaseUrl
@@ -20,6 +21,8 @@ from .errors import MigrationError
 from .manifest import Manifest
 from .preflight import (
     Finding,
+    Severity,
+    by_severity,
     findings_markdown,
     raise_for_errors,
     run_preflight,
@@ -47,13 +50,18 @@ def preflight(
         borrowed(source_url) as source,
         borrowed(target_url) as target,
     ):
-        return run_preflight(
+        findings = run_preflight(
             source,
             target,
             schemas=list(manifest.schemas),
             schema_mode=manifest.schema_mode,
             tables=[t.name for t in manifest.tables],
         )
+        left_out = manifest.left_out(table_names(source, manifest.schemas))
+    if left_out:
+        sentence = manifest.left_out_sentence(left_out)
+        findings.append(Finding(Severity.WARNING, "tables-left-out", "manifest", sentence))
+    return by_severity(findings)
 
 
 def migrate_schema(

@@ -33,10 +33,11 @@ import psycopg
 from psycopg import sql
 
 from . import checkpoints, deferred, sqlbuild
-from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
+from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables, table_names
 from .connections import gather_or_stop, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
+from .errors import listed
 from .manifest import Manifest
 from .planning import every_nth_key
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
@@ -202,12 +203,6 @@ def _plural(n: int, word: str) -> str:
     if n == 1:
         return f"{n} {word}"
     return f"{n} {word}es" if word.endswith(("x", "s")) else f"{n} {word}s"
-
-
-def listed(items: Sequence[str], limit: int = 10) -> str:
-    """The first `limit` items, and how many more."""
-    head = ", ".join(items[:limit])
-    return head + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _exists(conn: psycopg.Connection, table: TableInfo) -> bool:
@@ -539,8 +534,8 @@ def _diff_in_parts(
         if mine == theirs:
             continue
         diff = _diff_range_rows(source, target, table, part, collate_c)
-        for listed in ("missing_on_target", "extra_on_target", "changed"):
-            merged[listed] = (merged[listed] + diff[listed])[:MAX_KEYS_SHOWN]
+        for group in ("missing_on_target", "extra_on_target", "changed"):
+            merged[group] = (merged[group] + diff[group])[:MAX_KEYS_SHOWN]
         for counted in ("missing_count", "extra_count", "changed_count"):
             merged[counted] += diff[counted]
     return merged
@@ -1355,6 +1350,11 @@ class VerificationStopped(Exception):
     """A table's checks left off because the verification as a whole is stopping."""
 
 
+def _missing(table: str, sentence: str, where: str) -> list[CheckOutcome]:
+    """The one failed check of a table the source or the manifest lacks."""
+    return [CheckOutcome(ROW_COUNT, table, False, ERROR, sentence, {"missing_on": where})]
+
+
 def run_verification(
     manifest: Manifest,
     source_url: DatabaseUrl,
@@ -1386,18 +1386,17 @@ def run_verification(
         with read_snapshot(first.source), read_snapshot(first.target):
             collate_c = needs_bytewise_keys(first.source, first.target)
             infos = {t.qualified_name: t for t in read_tables(first.source, schemas)}
+            # A table made after `init` is data nothing migrated: a full verification says so.
+            left_out = (
+                [] if tables else manifest.left_out(table_names(first.source, manifest.schemas))
+            )
         for name in names:
             if name not in infos:
-                results[name] = [
-                    CheckOutcome(
-                        ROW_COUNT,
-                        name,
-                        False,
-                        ERROR,
-                        f"{name} is in the manifest but not in the source; nothing was verified.",
-                        {"missing_on": "source"},
-                    )
-                ]
+                results[name] = _missing(
+                    name,
+                    f"{name} is in the manifest but not in the source; nothing was verified.",
+                    "source",
+                )
         # Two tables at a time, each with its own connections: while one table's checksums
         # keep both databases busy, the other's one-sided checks (foreign keys on the target,
         # the sample's pick on the source) and Python work fill the gaps. Biggest tables first.
@@ -1437,7 +1436,9 @@ def run_verification(
                 lambda: [*first.connections(), *second.connections()],
                 on_stop=stopping.set,
             )
-    outcomes = [outcome for name in names for outcome in results.get(name, [])]
+    for name in left_out:
+        results[name] = _missing(name, manifest.left_out_sentence([name]), "manifest")
+    outcomes = [outcome for name in [*names, *left_out] for outcome in results.get(name, [])]
     return Report(
         outcomes=tuple(outcomes),
         security_findings=tuple(security_findings),

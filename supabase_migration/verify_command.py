@@ -15,12 +15,12 @@ from psycopg import sql
 
 from . import memory
 from .connections import borrowed
-from .errors import ConfigError
+from .errors import ConfigError, listed
 from .inputs import Settings, check_connections, ensure_manifest, source_url, target_url
 from .manifest import Manifest
 from .report import Report
 from .security import report_findings
-from .verify import CheckOutcome, listed, run_verification
+from .verify import CheckOutcome, run_verification
 
 Recorder = Callable[[Sequence[CheckOutcome], Manifest], None]
 

@@ -766,7 +766,7 @@ def test_unique_values_swapped_across_ranges_are_caught_up(source_db, target_db,
     """Two patients' MRNs swapped, in different ranges of 100: the first range's upsert would
     collide with the other range's row; it takes that row aside and re-syncs it, and `run`
     verifies the result."""
-    _copied_then_caught_up(
+    env = _copied_then_caught_up(
         source_db,
         target_db,
         tmp_path,
@@ -776,6 +776,22 @@ def test_unique_values_swapped_across_ranges_are_caught_up(source_db, target_db,
         "UPDATE pat SET mrn = 'M450' WHERE id = 5",
     )
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
+    # The run's log tells the take-aside by count and partitions, never by a key or value.
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        messages = [
+            entry.message
+            for record in instance.get_run_records()
+            for entry in instance.all_logs(record.dagster_run.run_id)
+        ]
+    told = [m for m in messages if "holding a unique value" in m]
+    note = (
+        "Partition {} of public.pat: 1 row holding a unique value this range's rows now have "
+        "was re-synced from the same snapshot in this range's transaction; partition {} is "
+        "copied again."
+    )
+    # Whichever of the two ranges is copied first takes the other's row aside.
+    assert told in ([note.format("000000", "000004")], [note.format("000004", "000000")])
+    assert not [m for m in messages if "M5" in m or "M450" in m or "450" in m]
 
 
 def test_a_unique_position_shifted_up_is_caught_up_in_one_run(source_db, target_db, tmp_path):
@@ -1026,6 +1042,54 @@ def test_init_then_plan_writes_nothing_on_the_target(clinic):
     gone = cli(["run"], env, tmp_path)
     assert gone.returncode == 2, gone.stderr
     assert "public.vital_readings" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_a_table_made_after_init_is_named_until_init_adds_it(clinic):
+    """A table the app gained after `init` is data nothing migrates: plan and run say so, and
+    verify fails on it, until `init` of the same schemas adds it."""
+    source_db, target_db, env, tmp_path = clinic
+    init = cli(["init", "--schema-mode", "dump", "--schemas", "public"], env, tmp_path)
+    assert init.returncode == 0, init.stderr
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE consents (id bigint PRIMARY KEY, signed_by text NOT NULL)")
+        conn.execute(
+            "INSERT INTO consents SELECT g, 'Patient ' || g FROM generate_series(1, 300) g"
+        )
+    sentence = (
+        f"The source has 1 table(s) that {tmp_path / 'migration.yaml'} does not list "
+        "(public.consents), so nothing migrates it; run `supabase-migrate init --schemas "
+        "public` again to add it"
+    )
+    plan = cli(["plan"], env, tmp_path)
+    assert plan.returncode == 0, plan.stderr  # a warning: the listed tables can go
+    assert "tables-left-out" in plan.stdout and sentence in plan.stdout
+
+    run = cli(["run"], env, tmp_path)
+    assert sentence in run.stderr, run.stderr
+    assert run.returncode == 1, run.stderr  # its verification fails on the table
+    verify = cli(["verify", "--json"], env, tmp_path)
+    assert verify.returncode == 1, verify.stderr
+    report = json.loads(verify.stdout)
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert [(c["table"], c["details"]) for c in failed] == [
+        ("public.consents", {"missing_on": "manifest"})
+    ]
+    assert sentence in failed[0]["description"]
+    assert "Patient" not in verify.stdout + verify.stderr + run.stderr
+
+    init = cli(["init", "--schemas", "public"], env, tmp_path)
+    assert init.returncode == 0, init.stderr
+    run = cli(["run"], env, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "does not list" not in run.stderr
+    assert_tables_equal(source_db.url, target_db.url, ["public.consents", *APP_TABLES])
+
+    # The other way round: a listed table the source dropped fails verify by name.
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("DROP TABLE consents")
+    verify = cli(["verify"], env, tmp_path)
+    assert verify.returncode == 1, verify.stderr
+    assert "public.consents is in the manifest but not in the source" in verify.stdout
 
 
 def test_tables_left_out_still_get_row_level_security(clinic):
