@@ -1109,8 +1109,11 @@ def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
         with transaction_with(ctx.source, [READING_ROWS], commit=False):
             row = ctx.source.execute(found, key_arrays(keys, len(table.key))).fetchone()
             return row is None or row[0] < len(keys)  # the keys are a key's: each one once
-    except psycopg.Error:  # a key the source's type cannot even hold (its error would quote
-        return True  # it), a table it may not read: not shown to be the source's
+    except (psycopg.DataError, psycopg.ProgrammingError):
+        # A key the source's type cannot even hold (its error would quote it), a table or
+        # column it lacks or may not read: not shown to be the source's. A lost connection is
+        # no finding: it ends preflight as one (see _reading_catalogs).
+        return True
 
 
 def _compare_columns(

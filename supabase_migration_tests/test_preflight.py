@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from supabase_migration import preflight as preflight_module
+from supabase_migration.catalog import read_tables
 from supabase_migration.conninfo import parse_database_url
 from supabase_migration.errors import PreflightError
 from supabase_migration.localpg import (
@@ -254,6 +255,32 @@ def test_target_rows_are_compared_up_to_a_limit_and_refused_past_it(
     monkeypatch.setattr(preflight_module, "ROWS_COMPARED", 4)
     found = by_code(preflight(source_db.url, target_db.url, ["public"], "none"), "target-rows")
     assert [f.subject for f in found] == ["public.codes", "public.notes"]
+
+
+def test_a_source_lost_while_comparing_target_rows_is_no_finding(source_db, target_db):
+    """The comparison of a target's rows with the source's keys names a table only for what
+    the source's answer shows; a lost source connection is the connection's error, not a
+    `target-rows` finding telling the user to empty the table."""
+    execute(
+        source_db.url, "CREATE TABLE codes (code int PRIMARY KEY); INSERT INTO codes VALUES (1)"
+    )
+    execute(
+        target_db.url, "CREATE TABLE codes (code text PRIMARY KEY); INSERT INTO codes VALUES (1)"
+    )
+    with (
+        psycopg.connect(source_db.url, autocommit=True) as source,
+        psycopg.connect(target_db.url, autocommit=True) as target,
+    ):
+        ctx = preflight_module._Context(
+            source, target, ["public"], {}, {}, {}, findings=[], schema_mode="none"
+        )
+        (codes,) = read_tables(source, ["public"])
+        assert not preflight_module._keys_the_source_lacks(ctx, codes)  # the source's keys
+        execute(target_db.url, "INSERT INTO codes VALUES ('x1')")  # no integer holds it
+        assert preflight_module._keys_the_source_lacks(ctx, codes)
+        execute(source_db.url, f"SELECT pg_terminate_backend({source.info.backend_pid})")
+        with pytest.raises(psycopg.OperationalError):
+            preflight_module._keys_the_source_lacks(ctx, codes)
 
 
 def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db, target_db):
