@@ -34,7 +34,7 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 
-from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
+from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member, table_names
 from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, database_error
 from .conninfo import DatabaseUrl, is_loopback_host
@@ -318,22 +318,20 @@ def tables_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]
     names = [t.name for t in manifest.tables]
     if manifest.schema_mode not in ("alembic", "dump"):
         return names
-    created = conn.execute(
-        "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY(%s) "
-        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
-        [list(manifest.schemas)],
-    ).fetchall()
-    return names + [name for (name,) in created if name not in set(names)]
+    listed = set(names)
+    return names + [n for n in table_names(conn, manifest.schemas) if n not in listed]
 
 
 # Views that give rows past row level security: materialized ones, and those that read their
 # tables as their owner (not security_invoker, PostgreSQL 15+).
-_PAST_RLS = (
-    "(c.relkind = 'm' OR c.relkind = 'v' AND NOT EXISTS (SELECT 1 FROM "
+# The views and materialized views of the schemas given (%s) that hand rows past row level
+# security: a materialized view, or a view not security_invoker. Follows a SELECT list.
+_VIEWS_PAST_RLS = (
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE (c.relkind = 'm' OR c.relkind = 'v' AND NOT EXISTS (SELECT 1 FROM "
     "pg_options_to_table(c.reloptions) o WHERE o.option_name = 'security_invoker' AND "
-    "o.option_value IN ('true', 'on', '1', 'yes')))"
+    "o.option_value IN ('true', 'on', '1', 'yes'))) AND n.nspname = ANY(%s) "
+    f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1"
 )
 
 
@@ -346,10 +344,7 @@ def views_to_protect(conn: psycopg.Connection, manifest: Manifest) -> list[str]:
     if manifest.schema_mode not in ("alembic", "dump"):
         return []
     rows = conn.execute(
-        "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE {_PAST_RLS} AND n.nspname = ANY(%s) "
-        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
+        f"SELECT format('%%s.%%s', n.nspname, c.relname) {_VIEWS_PAST_RLS}",
         [list(manifest.schemas)],
     ).fetchall()
     return [name for (name,) in rows]
@@ -576,10 +571,7 @@ def views_open_to_api(
     rows = conn.execute(
         "SELECT format('%%s.%%s', n.nspname, c.relname), c.relkind, "
         "array_to_string(array(SELECT r FROM unnest(%s::text[]) r WHERE has_table_privilege("
-        "r, c.oid, 'SELECT, INSERT, UPDATE, DELETE')), ', ') "
-        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE {_PAST_RLS} AND n.nspname = ANY(%s) "
-        f"AND NOT {ext_member('pg_class', 'c.oid')} ORDER BY 1",
+        f"r, c.oid, 'SELECT, INSERT, UPDATE, DELETE')), ', ') {_VIEWS_PAST_RLS}",
         (roles, list(exposed_schemas)),
     ).fetchall()
     return [(name, kind, who) for name, kind, who in rows if who]
