@@ -258,9 +258,13 @@ def user_schemas(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
+def server_major(conn: psycopg.Connection) -> int:
+    return conn.info.server_version // 10000
+
+
 def too_old_a_source(conn: psycopg.Connection) -> str | None:
     """The sentence refusing a source older than OLDEST_SOURCE, or None."""
-    major = conn.info.server_version // 10000
+    major = server_major(conn)
     if major >= OLDEST_SOURCE:
         return None
     return (

@@ -30,6 +30,7 @@ from .catalog import (
     ext_member,
     missing_schemas,
     read_tables,
+    server_major,
     too_old_a_source,
 )
 from .connections import database_error, transaction_with
@@ -123,10 +124,6 @@ def source_schemas(conn: psycopg.Connection) -> list[str]:
         (BOOKKEEPING_SCHEMA,),
     ).fetchall()
     return [r[0] for r in rows]
-
-
-def server_major(conn: psycopg.Connection) -> int:
-    return conn.info.server_version // 10000
 
 
 def installed_extensions(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:

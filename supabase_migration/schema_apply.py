@@ -45,7 +45,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member
+from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member, server_major
 from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, connect, database_error
 from .conninfo import DatabaseUrl
@@ -56,7 +56,6 @@ from .preflight import (
     available_extensions,
     installed_extensions,
     is_reserved_schema,
-    server_major,
     source_schemas,
 )
 from .redaction import describe_pg_error, redact_text
