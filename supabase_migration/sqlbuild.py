@@ -225,10 +225,10 @@ def row_hash(
     columns = table.copy_columns if columns is None else columns
     seed = sql.Literal(0) if seed is None else seed
     if not table.hash_records:
-        row_text = sql.SQL("ROW({})::text").format(column_list(columns))
+        text = row_text(columns)
         if table.transcode:  # its UTF8 bytes, spelled out in ASCII by the escape format
-            row_text = sql.SQL("encode(convert_to({}, 'UTF8'), 'escape')").format(row_text)
-        return sql.SQL("hashtextextended({}, {})").format(row_text, seed)
+            text = sql.SQL("encode(convert_to({}, 'UTF8'), 'escape')").format(text)
+        return sql.SQL("hashtextextended({}, {})").format(text, seed)
     values = []
     for col in columns:
         ident = sql.Identifier(col.name)
@@ -568,19 +568,18 @@ def upsert_from_staging(
     )
 
 
-def row_text(columns: Sequence[Column], alias: str) -> sql.Composed:
-    """A row's text as catch-ups compare it: xml as its stored text, since its output drops an
-    XML declaration (a change of that alone would read as none)."""
-    return sql.SQL("ROW({})::text").format(
-        sql.SQL(", ").join(
-            sql.SQL("{}::{}").format(
-                sql.Identifier(alias, c.name), sql.SQL(_XML_AS_TEXT[c.xml_text])
-            )
-            if c.xml_text
-            else sql.Identifier(alias, c.name)
-            for c in columns
-        )
-    )
+def row_text(columns: Sequence[Column], alias: str | None = None) -> sql.Composed:
+    """A row's text as catch-ups, pre-14 checksums and verify's row diffs compare it: xml as
+    its stored text, since its output drops an XML declaration (a change of that alone would
+    read as none)."""
+
+    def column(c: Column) -> sql.Composable:
+        name = sql.Identifier(alias, c.name) if alias else sql.Identifier(c.name)
+        if c.xml_text:
+            return sql.SQL("{}::{}").format(name, sql.SQL(_XML_AS_TEXT[c.xml_text]))
+        return name
+
+    return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(column(c) for c in columns))
 
 
 def unwritable_columns(table: TableInfo) -> list[Column]:

@@ -476,10 +476,9 @@ def _diff_range_rows(
     more than `DRILL_ROWS` rows (`rows`, the larger side's count) is compared part by part."""
     if rows > DRILL_ROWS:
         return _diff_in_parts(source, target, table, r, collate_c)
-    row_text = sql.SQL("ROW({})::text").format(sqlbuild.column_list(table.copy_columns))
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
         sqlbuild.key_texts(table),
-        sqlbuild.text_md5(table, row_text),
+        sqlbuild.text_md5(table, sqlbuild.row_text(table.copy_columns)),
         sqlbuild.rows_of(table),
         sqlbuild.range_predicate(table, r.lower, r.upper, collate_c=collate_c),
     )
