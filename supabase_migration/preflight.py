@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 import psycopg
 from psycopg import sql
@@ -173,6 +174,15 @@ class _Context:
             name = f"{schema}.{table}"
             if self.migrates(name):
                 yield name, tuple(rest)
+
+    @cached_property
+    def source_tables(self) -> list[TableInfo]:
+        """The source's tables of the schemas, read once for every check that needs them."""
+        return read_tables(self.source, self.schemas)
+
+    @cached_property
+    def target_shapes(self) -> dict[str, _TableShape]:
+        return _table_shapes(self.target, self.schemas)
 
     def missing_extensions(self) -> set[str]:
         return {
@@ -548,7 +558,7 @@ def _check_columns(ctx: _Context) -> None:
 def _check_keys(ctx: _Context) -> None:
     """Keys that make ranges, and foreign keys whose parent is left behind: the copied rows
     would break them on the target, and verification could never pass."""
-    tables = read_tables(ctx.source, ctx.schemas)
+    tables = ctx.source_tables
     # Only parents the user could migrate: a table of another schema, or an extension's
     # (PostGIS's spatial_ref_sys), is the target's to have.
     known = {t.qualified_name for t in tables}
@@ -1001,7 +1011,7 @@ def _check_existing_tables(ctx: _Context) -> None:
     if ctx.schema_mode != "none":
         return
     source = _table_shapes(ctx.source, ctx.schemas)
-    target = _table_shapes(ctx.target, ctx.schemas)
+    target = ctx.target_shapes
     wanted = ctx.tables if ctx.tables is not None else list(source)
     for table in wanted:
         there = target.get(table)
@@ -1046,7 +1056,7 @@ def _check_rows_not_copied_here(ctx: _Context) -> None:
     out: its row is the schema's revision, put there by the migrations that made the tables."""
     if checkpoints.planned_anything(ctx.target):
         return
-    shapes = _table_shapes(ctx.target, ctx.schemas)
+    shapes = ctx.target_shapes
     candidates = [
         name
         for name, shape in shapes.items()
@@ -1065,7 +1075,7 @@ def _check_rows_not_copied_here(ctx: _Context) -> None:
     occupied = [r[0] for r in ctx.target.execute(sql.SQL(" UNION ALL ").join(probes))]
     if not occupied:
         return
-    infos = {t.qualified_name: t for t in read_tables(ctx.source, ctx.schemas)}
+    infos = {t.qualified_name: t for t in ctx.source_tables}
     for table in occupied:
         info = infos.get(table)
         if info is not None and not _keys_the_source_lacks(ctx, info):
