@@ -32,7 +32,7 @@ from .connections import (
     side_by_side,
 )
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
-from .errors import ConfigError, MigrationError, TransientError, UniqueCollision
+from .errors import ConcurrentRunError, ConfigError, MigrationError, TransientError, UniqueCollision
 from .manifest import Manifest, ManifestTable
 from .planning import (
     MAX_PARTITIONS_PER_TABLE,
@@ -64,6 +64,9 @@ KINDS = {"postgres", "supabase"}
 # Ranges per run in a backfill: large enough that Dagster's per-run cost (~0.2 s) stays small
 # against copy time, small enough that one run's failure leaves little to redo.
 PARTITIONS_PER_RUN = 50
+# The CLI's runs carry its process id and command (see commands.launch_run).
+PID_TAG = "supabase_migration/pid"
+COMMAND_TAG = "supabase_migration/command"
 
 COPY_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
@@ -506,9 +509,17 @@ def copy_partitions(
         collided: dict[str, MigrationError] = {}
         freed = True
         requeued: set[str] = set()  # once each: a source changing all along could ping-pong
-        while queue or (collided and freed):
+        # Ranges of this table outside the run's partitions that a range marked to be copied
+        # again: the CLI copies them after its units, a run launched in the UI (a backfill)
+        # copies them last, unless another run holds them.
+        elsewhere: list[str] = []
+        cli_run = COMMAND_TAG in context.run.tags
+        while queue or (collided and freed) or elsewhere:
             if not queue:
-                queue, freed = sorted(collided, reverse=True), False
+                if collided and freed:
+                    queue, freed = sorted(collided, reverse=True), False
+                else:
+                    queue = [elsewhere.pop(0)]
             key = queue.pop(0)
             checkpoint = planned.get(key)
             if (
@@ -528,6 +539,13 @@ def copy_partitions(
                 collided[key] = exc
                 planned.pop(key, None)  # failed now: read again
                 continue
+            except ConcurrentRunError as exc:
+                if key in keys:
+                    context.log.error(exc.message)
+                    failures.append(exc)
+                else:  # that run copies it
+                    context.log.info(exc.message)
+                continue
             except MigrationError as exc:
                 context.log.error(exc.message)
                 failures.append(exc)
@@ -543,9 +561,10 @@ def copy_partitions(
             for other in result.ranges_copied_again:
                 planned.pop(other, None)  # marked to copy again: its checkpoint is read anew
                 waiting = other in queue or other in collided or other in requeued
-                if other in keys and not waiting:
-                    queue.append(other)
-                    requeued.add(other)
+                if waiting or (other not in keys and cli_run):
+                    continue
+                (queue if other in keys else elsewhere).append(other)
+                requeued.add(other)
             yield dg.AssetMaterialization(
                 asset_key=context.asset_key,
                 partition=key,
@@ -565,7 +584,8 @@ def copy_partitions(
     if failures:
         raise dg.Failure(
             description=(
-                f"{len(failures)} of {len(keys)} ranges of {table_name} failed"
+                f"{len(failures)} of {len(keys) + len(requeued - set(keys))} ranges of "
+                f"{table_name} failed"
                 + ("; a database became unreachable, the rest wait for a retry" if stopped else "")
                 + f"; first: {failures[0].message}"
             ),

@@ -39,10 +39,12 @@ from dagster._core.storage.tags import (
 from . import checkpoints, deferred, memory
 from . import manifest as manifest_io
 from .assets import (
+    COMMAND_TAG,
     EXIT_CODE_METADATA,
     INDEXES_KEY,
     INTERRUPTED_METADATA,
     PARTITIONS_PER_RUN,
+    PID_TAG,
     PLAN_KEY,
     SCHEMA_KEY,
     SEQUENCES_KEY,
@@ -76,8 +78,6 @@ from .schema_step import preflight, start_schema_ahead
 from .security import read_policy_file
 from .security_assets import SECURITY_KEY, resolve_policy_file
 
-PID_TAG = "supabase_migration/pid"
-COMMAND_TAG = "supabase_migration/command"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 

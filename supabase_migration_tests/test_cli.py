@@ -826,6 +826,71 @@ def test_a_range_whose_row_was_taken_aside_is_copied_in_the_same_run(
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
 
 
+def test_a_ui_run_copies_the_ranges_its_take_aside_marked_outside_its_partitions(
+    source_db, target_db, tmp_path, monkeypatch
+):
+    """A partition materialized in the UI (a backfill of some ranges) whose range takes aside
+    a row of a range outside the run: that range is marked to be copied again, so the same
+    step copies it and materializes it too (it stayed pending while the UI showed it
+    materialized). Unless another run holds it: that one copies it, and this run succeeds."""
+    from supabase_migration import assets
+    from supabase_migration import manifest as manifest_io
+    from supabase_migration.definitions import build_definitions
+    from supabase_migration.resources import SourceDatabase, TargetDatabase
+
+    env = _patients_with_mrns(source_db, target_db, tmp_path, 500)
+    _run_in_ranges(env, tmp_path)
+    asset = build_definitions(manifest_io.read(tmp_path / "migration.yaml")).get_assets_def(
+        table_asset_key("public.pat")
+    )
+    resources = {
+        "source": SourceDatabase(url=source_db.url),
+        "target": TargetDatabase(url=target_db.url),
+    }
+
+    def swapped_then_first_range_materialized(a: int, b: int) -> tuple[list[str], list[str]]:
+        """MRNs of rows a (first range) and b (last) swapped on the source, then partition
+        000000 materialized as the UI does; the partitions materialized, and those pending."""
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE pat SET mrn = 'free' WHERE id = {a}; "
+                f"UPDATE pat SET mrn = 'M{a}' WHERE id = {b}; "
+                f"UPDATE pat SET mrn = 'M{b}' WHERE id = {a}"
+            )
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            result = dg.materialize(
+                [asset], instance=instance, resources=resources, partition_key="000000"
+            )
+            assert result.success
+            logs = [e.message for e in instance.all_logs(result.run_id)]
+        assert not [m for m in logs if "M450" in m or "M460" in m]
+        with psycopg.connect(target_db.url) as conn:
+            pending = conn.execute(
+                "SELECT partition_key FROM supabase_migration.migration_checkpoints "
+                "WHERE table_name = 'public.pat' AND status <> 'completed'"
+            ).fetchall()
+        materialized = [m.partition for m in result.asset_materializations_for_node(asset.op.name)]
+        return materialized, [p for (p,) in pending]
+
+    # Another run takes partition 000004 once this one has marked it: left to that run.
+    original = assets._taken_aside_note
+    with psycopg.connect(target_db.url) as other_run:
+
+        def noted_then_taken(*args):
+            other_run.execute(
+                "SELECT 1 FROM supabase_migration.migration_checkpoints WHERE table_name = "
+                "'public.pat' AND partition_key = '000004' FOR UPDATE"
+            )
+            return original(*args)
+
+        monkeypatch.setattr(assets, "_taken_aside_note", noted_then_taken)
+        assert swapped_then_first_range_materialized(5, 450) == (["000000"], ["000004"])
+        other_run.rollback()
+    monkeypatch.setattr(assets, "_taken_aside_note", original)
+    assert swapped_then_first_range_materialized(6, 460) == (["000000", "000004"], [])
+    assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
+
+
 def _patients_with_mrns(source_db, target_db, tmp_path: Path, rows: int) -> dict[str, str]:
     """public.pat: `rows` patients, each with a unique MRN; the CLI's environment."""
     with psycopg.connect(source_db.url, autocommit=True) as conn:
