@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
@@ -1337,12 +1337,43 @@ def verify_table(
         try:
             outcomes.append(runners[name]())
         except psycopg.Error as exc:
-            outcomes.append(
-                failed_to_run(name, table.qualified_name, exc, time.monotonic() - started)
-            )
+            failed = failed_to_run(name, table.qualified_name, exc, time.monotonic() - started)
+            if isinstance(exc, psycopg.errors.UndefinedColumn):
+                failed = _columns_missing(tgt(), table, failed)
+            outcomes.append(failed)
     if stopping is not None and stopping.is_set():  # a check may have been cancelled
         raise VerificationStopped(table.qualified_name)
     return outcomes
+
+
+def _columns_missing(
+    target: psycopg.Connection, table: TableInfo, failed: CheckOutcome
+) -> CheckOutcome:
+    """A check that found a column missing says which of the source's columns the target
+    lacks (names only: PostgreSQL's own sentence is scrubbed, as it may quote values)."""
+    try:
+        found = {
+            name
+            for (name,) in target.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                "AND attnum > 0 AND NOT attisdropped",
+                (sqlbuild.table_ident(table).as_string(target),),
+            )
+        }
+    except psycopg.Error:
+        return failed
+    missing = [c.name for c in table.copy_columns if c.name not in found]
+    if not missing:
+        return failed
+    return replace(
+        failed,
+        description=(
+            f"{table.qualified_name}: the target lacks the source's column(s) "
+            f"{listed(missing, 5)}, so its rows cannot be compared; the source's schema "
+            "changed since the run: apply the change on the target, then run again."
+        ),
+        details={**failed.details, "missing_columns": missing},
+    )
 
 
 class VerificationStopped(Exception):

@@ -43,6 +43,8 @@ from supabase_migration.verify import (
     CHECK_NAMES,
     CHECKSUMS,
     ERROR,
+    ROW_COUNT,
+    SAMPLE,
     WARN,
     VerificationStopped,
     pick_sample_keys,
@@ -564,6 +566,27 @@ def test_missing_target_table_fails_cleanly(migrated: Migrated, tmp_path: Path) 
     assert failed == set(CHECK_NAMES)
     assert all("does not exist on the target" in o.description for o in report.outcomes
                if o.table == "public.audit_log")  # fmt: skip
+
+
+def test_a_column_the_target_lacks_is_named(migrated: Migrated) -> None:
+    """A column the source gained after the run (a new migration) is named by the checks that
+    read it, not as PostgreSQL's scrubbed 'column "…" does not exist'."""
+    with psycopg.connect(migrated.source_url.conninfo(), autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_log ADD COLUMN reviewed_by text DEFAULT 'Dr. Who'")
+    report = _verify(migrated)
+    failed = {
+        name: o for (table, name), o in _failed(report).items() if table == "public.audit_log"
+    }
+    assert set(failed) == {ROW_COUNT, CHECKSUMS, SAMPLE}
+    for outcome in failed.values():
+        assert outcome.description == (
+            "public.audit_log: the target lacks the source's column(s) reviewed_by, so its rows "
+            "cannot be compared; the source's schema changed since the run: apply the change "
+            "on the target, then run again."
+        )
+        assert outcome.details["missing_columns"] == ["reviewed_by"]
+    _assert_no_phi(report)
+    assert "Dr. Who" not in report.to_json()
 
 
 # -- other key kinds and types ------------------------------------------------------------------
