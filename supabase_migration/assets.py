@@ -442,6 +442,9 @@ def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
     }
 
 
+_TRIED_AGAIN = "tried again after the table's other ranges."
+
+
 def _taken_aside_note(key: str, table_name: str, result: RangeResult) -> str:
     """The take-aside, by count and partitions: the rows' keys and values stay unsaid."""
     rows, again = result.rows_taken_aside, result.ranges_copied_again
@@ -450,10 +453,13 @@ def _taken_aside_note(key: str, table_name: str, result: RangeResult) -> str:
         if rows == 1
         else f"{rows} rows holding unique values this range's rows now have were"
     )
+    note = f"Partition {key} of {table_name}: {held} re-synced from the same snapshot in this "
+    if not again:  # the rows were this range's own
+        return note + "range's transaction."
     partitions = ("partition " if len(again) == 1 else "partitions ") + ", ".join(again)
     return (
-        f"Partition {key} of {table_name}: {held} re-synced from the same snapshot in this "
-        f"range's transaction; {partitions} {'is' if len(again) == 1 else 'are'} copied again."
+        note + f"range's transaction; {partitions} {'is' if len(again) == 1 else 'are'} "
+        "copied again."
     )
 
 
@@ -511,15 +517,21 @@ def copy_partitions(
         requeued: set[str] = set()  # once each: a source changing all along could ping-pong
         # Ranges of this table outside the run's partitions that a range marked to be copied
         # again: the CLI copies them after its units, a run launched in the UI (a backfill)
-        # copies them last, unless another run holds them.
+        # copies them after its own, as best it can (they stay pending for a later run if
+        # that fails). Its own ranges another run held are tried once more at the end: a
+        # sibling run of the same backfill may have been copying one of them so.
         elsewhere: list[str] = []
         cli_run = COMMAND_TAG in context.run.tags
-        while queue or (collided and freed) or elsewhere:
+        held: list[str] = []
+        held_once: set[str] = set()
+        while queue or (collided and freed) or elsewhere or held:
             if not queue:
                 if collided and freed:
                     queue, freed = sorted(collided, reverse=True), False
-                else:
+                elif elsewhere:
                     queue = [elsewhere.pop(0)]
+                else:
+                    queue, held = held, []
             key = queue.pop(0)
             checkpoint = planned.get(key)
             if (
@@ -531,22 +543,26 @@ def copy_partitions(
                 continue  # an earlier attempt of this step completed it
             try:
                 result = session.copy(table, key, options, checkpoint)
-            except UniqueCollision as exc:
-                if key not in collided:
-                    context.log.info(
-                        f"{exc.message.rstrip('.')}; tried again after the table's other ranges."
-                    )
-                collided[key] = exc
-                planned.pop(key, None)  # failed now: read again
-                continue
-            except ConcurrentRunError as exc:
-                if key in keys:
-                    context.log.error(exc.message)
-                    failures.append(exc)
-                else:  # that run copies it
-                    context.log.info(exc.message)
-                continue
             except MigrationError as exc:
+                planned.pop(key, None)  # failed now: read again
+                if key not in keys:  # left pending, for the run that holds it or a later one
+                    context.log.warning(
+                        f"{exc.message.rstrip('.')}; partition {key}, outside this run, stays "
+                        "pending for a later run."
+                    )
+                    if _unreachable(exc):
+                        break
+                    continue
+                if isinstance(exc, UniqueCollision):
+                    if key not in collided:
+                        context.log.info(f"{exc.message.rstrip('.')}; {_TRIED_AGAIN}")
+                    collided[key] = exc
+                    continue
+                if isinstance(exc, ConcurrentRunError) and key not in held_once:
+                    context.log.info(f"{exc.message.rstrip('.')}; {_TRIED_AGAIN}")
+                    held_once.add(key)
+                    held.append(key)
+                    continue
                 context.log.error(exc.message)
                 failures.append(exc)
                 if _unreachable(exc):
@@ -584,8 +600,7 @@ def copy_partitions(
     if failures:
         raise dg.Failure(
             description=(
-                f"{len(failures)} of {len(keys) + len(requeued - set(keys))} ranges of "
-                f"{table_name} failed"
+                f"{len(failures)} of {len(keys)} ranges of {table_name} failed"
                 + ("; a database became unreachable, the rest wait for a retry" if stopped else "")
                 + f"; first: {failures[0].message}"
             ),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shlex
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -74,23 +75,27 @@ class Manifest:
     def left_out(self, source_tables: Iterable[str]) -> list[str]:
         """Those of `source_tables` (the manifest's schemas') that its filters select but it
         does not list: tables made after `init`, which nothing would migrate."""
-        listed = {t.name for t in self.tables}
+        known = {t.name for t in self.tables}
         return [
             name
             for name in source_tables
-            if name not in listed and selected(name, self.include, self.exclude)
+            if name not in known and selected(name, self.include, self.exclude)
         ]
 
     def left_out_sentence(self, names: Sequence[str]) -> str:
         """What to say of tables `left_out` found: that nothing migrates them, and the way out
         (an `init` of the same schemas keeps the filters, batch sizes and settings)."""
-        where = self.path or DEFAULT_MANIFEST
-        them = "it" if len(names) == 1 else "them"
+        where = self.path or default_path()
+        command = ["supabase-migrate", "init", "--schemas", ",".join(self.schemas)]
+        if where != default_path():
+            command += ["--manifest", str(where)]
+        one = len(names) == 1
+        them = "it" if one else "them"
         return (
-            f"The source has {len(names)} table(s) that {where} does not list "
-            f"({listed(names, 5)}), so nothing migrates {them}; run `supabase-migrate init "
-            f"--schemas {','.join(self.schemas)}` again to add {them}, or add {them} to its "
-            "exclude filters."
+            f"The source has {'a table' if one else f'{len(names)} tables'} that {where} does "
+            f"not list ({listed(names, 5)}), so nothing migrates {them}; run "
+            f"`{shlex.join(command)}` again to add {them}, or edit the manifest's exclude "
+            f"filters to leave {them} out."
         )
 
     def batch_size_for(self, table: ManifestTable) -> int:

@@ -37,6 +37,7 @@ from .catalog import (
 from .connections import database_error, transaction_with
 from .conninfo import is_loopback_host
 from .errors import PreflightError
+from .manifest import Manifest
 from .redaction import describe_pg_error
 from .sqlbuild import READING_ROWS, key_arrays, key_texts, keys_in, rows_of
 
@@ -159,6 +160,7 @@ class _Context:
     findings: list[Finding]
     schema_mode: str = "dump"
     tables: list[str] | None = None  # the manifest's; None: every table of the schemas
+    manifest: Manifest | None = None  # the one `tables` come from, with its filters
 
     def add(self, severity: Severity, code: str, subject: str, message: str) -> None:
         self.findings.append(Finding(severity, code, subject, message))
@@ -201,6 +203,7 @@ def run_preflight(
     schemas: Sequence[str] | None = None,
     schema_mode: str = "dump",
     tables: Sequence[str] | None = None,
+    manifest: Manifest | None = None,
 ) -> list[Finding]:
     """Compare the source's catalog with what the target can take; write nothing anywhere.
 
@@ -212,7 +215,7 @@ def run_preflight(
     if too_old:  # the other checks' queries would fail on its catalogs
         return [Finding(Severity.ERROR, "source-version", "source", too_old)]
     with _reading_catalogs("Preflight"):
-        return _run_checks(source, target, schemas, schema_mode, tables)
+        return _run_checks(source, target, schemas, schema_mode, tables, manifest)
 
 
 @contextlib.contextmanager
@@ -230,6 +233,7 @@ def _run_checks(
     schemas: Sequence[str] | None,
     schema_mode: str,
     tables: Sequence[str] | None = None,
+    manifest: Manifest | None = None,
 ) -> list[Finding]:
     ctx = _Context(
         source=source,
@@ -241,6 +245,7 @@ def _run_checks(
         findings=[],
         schema_mode=schema_mode,
         tables=list(tables) if tables is not None else None,
+        manifest=manifest,
     )
     for check in (
         _check_versions,
@@ -251,6 +256,7 @@ def _run_checks(
         _check_types,
         _check_columns,
         _check_keys,
+        _check_tables_left_out,
         _check_owners,
         _check_policies,
         _check_source_rls,
@@ -266,10 +272,10 @@ def _run_checks(
         _check_audit,
     ):
         check(ctx)
-    return by_severity(ctx.findings)
+    return _by_severity(ctx.findings)
 
 
-def by_severity(findings: Iterable[Finding]) -> list[Finding]:
+def _by_severity(findings: Iterable[Finding]) -> list[Finding]:
     """Errors first, then warnings, then the rest, each in the order found."""
     return sorted(findings, key=lambda f: _ORDER[f.severity])
 
@@ -603,6 +609,16 @@ SELECT r.rolname, count(*) FROM (
 ) o JOIN pg_roles r ON r.oid = o.owner
 GROUP BY r.rolname ORDER BY r.rolname
 """
+
+
+def _check_tables_left_out(ctx: _Context) -> None:
+    """Tables the source gained after `init`: nothing would migrate them, and verify fails."""
+    if ctx.manifest is None:
+        return
+    left_out = ctx.manifest.left_out(t.qualified_name for t in ctx.source_tables)
+    if left_out:
+        sentence = ctx.manifest.left_out_sentence(left_out)
+        ctx.add(Severity.WARNING, "tables-left-out", "manifest", sentence)
 
 
 def _target_roles(ctx: _Context) -> set[str]:
@@ -1001,7 +1017,7 @@ def table_mismatches(
     )
     with _reading_catalogs("Comparing the tables"):
         _check_existing_tables(ctx)
-    return by_severity(ctx.findings)
+    return _by_severity(ctx.findings)
 
 
 def _check_existing_tables(ctx: _Context) -> None:
@@ -1116,10 +1132,11 @@ def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
         with transaction_with(ctx.source, [READING_ROWS], commit=False):
             row = ctx.source.execute(found, key_arrays(keys, len(table.key))).fetchone()
             return row is None or row[0] < len(keys)  # the keys are a key's: each one once
-    except (psycopg.DataError, psycopg.ProgrammingError):
-        # A key the source's type cannot even hold (its error would quote it), a table or
-        # column it lacks or may not read: not shown to be the source's. A lost connection is
-        # no finding: it ends preflight as one (see _reading_catalogs).
+    except psycopg.Error as exc:
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            raise  # a lost connection is no finding: it ends preflight as one
+        # A key the source's type or domain cannot even hold (its error would quote it), a
+        # table or column it lacks or may not read: not shown to be the source's.
         return True
 
 

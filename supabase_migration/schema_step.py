@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psycopg
 
-from .catalog import table_names
 from .checkpoints import ensure_bookkeeping
 from .connections import borrowed
 from .conninfo import DatabaseUrl
@@ -21,8 +20,6 @@ from .errors import MigrationError
 from .manifest import Manifest
 from .preflight import (
     Finding,
-    Severity,
-    by_severity,
     findings_markdown,
     raise_for_errors,
     run_preflight,
@@ -50,18 +47,14 @@ def preflight(
         borrowed(source_url) as source,
         borrowed(target_url) as target,
     ):
-        findings = run_preflight(
+        return run_preflight(
             source,
             target,
             schemas=list(manifest.schemas),
             schema_mode=manifest.schema_mode,
             tables=[t.name for t in manifest.tables],
+            manifest=manifest,
         )
-        left_out = manifest.left_out(table_names(source, manifest.schemas))
-    if left_out:
-        sentence = manifest.left_out_sentence(left_out)
-        findings.append(Finding(Severity.WARNING, "tables-left-out", "manifest", sentence))
-    return by_severity(findings)
 
 
 def migrate_schema(

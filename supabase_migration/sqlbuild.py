@@ -241,9 +241,9 @@ def row_hash(
                 sql.SQL("convert_to({}, 'UTF8')").format(shown) if table.transcode else shown
             )
         elif table.transcode and (col.collatable or not col.hash_native):
-            values.append(sql.SQL("convert_to({}::text, 'UTF8')").format(ident))
+            values.append(sql.SQL("convert_to({}, 'UTF8')").format(_as_text(col)))
         elif not col.hash_native:
-            values.append(sql.SQL("{}::text").format(ident))
+            values.append(_as_text(col))
         elif col.collatable:
             values.append(sql.SQL('{} COLLATE "C"').format(ident))
         else:
@@ -252,6 +252,15 @@ def row_hash(
     if arrays:
         seed = sql.SQL("{}::bigint # {}").format(seed, _array_shapes(arrays))
     return sql.SQL("hash_record_extended(ROW({}), {})").format(sql.SQL(", ").join(values), seed)
+
+
+def _as_text(col: Column) -> sql.Composable:
+    """A column's value as text; xml (an xml array's elements too) as stored, since its output
+    drops an XML declaration."""
+    value: sql.Composable = sql.Identifier(col.name)
+    if col.xml_text:
+        value = sql.SQL("{}::{}").format(value, sql.SQL(_XML_AS_TEXT[col.xml_text]))
+    return sql.SQL("{}::text").format(value)
 
 
 def _array_shapes(arrays: Sequence[tuple[int, sql.Identifier]]) -> sql.Composable:

@@ -1369,8 +1369,8 @@ def _columns_missing(
         failed,
         description=(
             f"{table.qualified_name}: the target lacks the source's column(s) "
-            f"{listed(missing, 5)}, so its rows cannot be compared; the source's schema "
-            "changed since the run: apply the change on the target, then run again."
+            f"{listed(missing, 5)}, so its rows cannot be compared; `supabase-migrate run` "
+            "applies the schema change or says how to."
         ),
         details={**failed.details, "missing_columns": missing},
     )

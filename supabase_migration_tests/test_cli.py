@@ -891,6 +891,56 @@ def test_a_ui_run_copies_the_ranges_its_take_aside_marked_outside_its_partitions
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
 
 
+def test_a_ui_run_tries_a_range_another_run_held_once_more_at_the_end(
+    source_db, target_db, tmp_path, monkeypatch
+):
+    """Sibling runs of one UI backfill may copy a range of the other's (one its take-aside
+    marked): a range of this run's held so is tried again after its others, by then done."""
+    from supabase_migration import manifest as manifest_io
+    from supabase_migration.copy import CopySession
+    from supabase_migration.definitions import build_definitions
+    from supabase_migration.resources import SourceDatabase, TargetDatabase
+
+    env = _patients_with_mrns(source_db, target_db, tmp_path, 300)
+    _run_in_ranges(env, tmp_path)
+    asset = build_definitions(manifest_io.read(tmp_path / "migration.yaml")).get_assets_def(
+        table_asset_key("public.pat")
+    )
+    with psycopg.connect(target_db.url) as sibling:  # holds the row until it commits
+        sibling.execute(
+            "UPDATE supabase_migration.migration_checkpoints SET status = 'pending', "
+            "row_checksum = NULL WHERE table_name = 'public.pat' AND partition_key = '000001'"
+        )
+        tried: list[str] = []
+        real_copy = CopySession.copy
+
+        def copy_as_the_sibling_ends(self, table, key, *args, **kwargs):
+            tried.append(key)
+            try:
+                return real_copy(self, table, key, *args, **kwargs)
+            finally:
+                sibling.commit()  # the sibling's copy of it ends meanwhile
+
+        monkeypatch.setattr(CopySession, "copy", copy_as_the_sibling_ends)
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            result = dg.materialize(
+                [asset],
+                instance=instance,
+                resources={
+                    "source": SourceDatabase(url=source_db.url),
+                    "target": TargetDatabase(url=target_db.url),
+                },
+                partition_key="000001",
+            )
+    assert result.success
+    assert tried == ["000001", "000001"]
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute(
+            "SELECT status FROM supabase_migration.migration_checkpoints "
+            "WHERE table_name = 'public.pat' AND partition_key = '000001'"
+        ).fetchone() == ("completed",)
+
+
 def _patients_with_mrns(source_db, target_db, tmp_path: Path, rows: int) -> dict[str, str]:
     """public.pat: `rows` patients, each with a unique MRN; the CLI's environment."""
     with psycopg.connect(source_db.url, autocommit=True) as conn:
@@ -1121,9 +1171,9 @@ def test_a_table_made_after_init_is_named_until_init_adds_it(clinic):
             "INSERT INTO consents SELECT g, 'Patient ' || g FROM generate_series(1, 300) g"
         )
     sentence = (
-        f"The source has 1 table(s) that {tmp_path / 'migration.yaml'} does not list "
+        f"The source has a table that {tmp_path / 'migration.yaml'} does not list "
         "(public.consents), so nothing migrates it; run `supabase-migrate init --schemas "
-        "public` again to add it"
+        "public` again to add it, or edit the manifest's exclude filters to leave it out."
     )
     plan = cli(["plan"], env, tmp_path)
     assert plan.returncode == 0, plan.stderr  # a warning: the listed tables can go

@@ -620,17 +620,19 @@ def test_source_reads_run_without_parallel_workers_and_leave_the_session_as_it_w
         assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == before
 
 
-def test_the_row_text_checksum_sees_an_xml_declaration(source_db):
-    """Sources before PostgreSQL 14 hash each row's text; xml's output drops a declaration, so
-    a value that gained only its declaration hashed alike and the catch-up passed it over
-    (and verify's row diff could not name it). The row's text holds xml as stored."""
+@pytest.mark.parametrize("hash_records", [False, True], ids=["row text", "per type"])
+def test_the_checksum_sees_an_xml_declaration(source_db, hash_records):
+    """xml's output drops a declaration: a value (or an xml array's element) that gained only
+    its declaration hashed alike, in the row's text that sources before PostgreSQL 14 hash and
+    in the per-type hash of newer ones, so the catch-up passed it over (and verify's row diff
+    could not name it). Both hash xml as stored."""
     from supabase_migration.ranges import whole_range
 
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE doc (id int PRIMARY KEY, x xml, xs xml[])")
         conn.execute("INSERT INTO doc VALUES (1, '<a/>', ARRAY['<b/>'::xml])")
         (info,) = read_tables(conn, ["public"])
-        as_text = dataclasses.replace(info, hash_records=False)  # as a 13 source hashes
+        as_text = dataclasses.replace(info, hash_records=hash_records)  # False: as 13 does
 
         def checksum() -> str:
             with _source_snapshot(conn):

@@ -106,6 +106,26 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert "://" not in path.read_text()  # no connection string, so no password
 
 
+def test_tables_left_out_are_those_the_filters_take_and_the_manifest_lacks(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.delenv(manifest_io.MANIFEST_ENV, raising=False)
+    manifest = Manifest(
+        tables=(ManifestTable("public.patients", ("id",), "primary_key"),),
+        schemas=("public", "clinic ops"),
+        exclude=("*.audit_*",),
+        path=tmp_path / "m.yaml",
+    )
+    source = ["public.patients", "public.consents", "public.audit_2026", "clinic ops.rooms"]
+    assert manifest.left_out(source) == ["public.consents", "clinic ops.rooms"]
+    assert manifest.left_out_sentence(["public.consents", "clinic ops.rooms"]) == (
+        f"The source has 2 tables that {tmp_path / 'm.yaml'} does not list (public.consents, "
+        "clinic ops.rooms), so nothing migrates them; run `supabase-migrate init --schemas "
+        f"'public,clinic ops' --manifest {tmp_path / 'm.yaml'}` again to add them, or edit the "
+        "manifest's exclude filters to leave them out."
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [

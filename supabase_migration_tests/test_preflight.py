@@ -278,6 +278,14 @@ def test_a_source_lost_while_comparing_target_rows_is_no_finding(source_db, targ
         assert not preflight_module._keys_the_source_lacks(ctx, codes)  # the source's keys
         execute(target_db.url, "INSERT INTO codes VALUES ('x1')")  # no integer holds it
         assert preflight_module._keys_the_source_lacks(ctx, codes)
+        execute(target_db.url, "DELETE FROM codes; INSERT INTO codes VALUES (-5)")
+        execute(  # a key the source's domain refuses: a check_violation, not a lost server
+            source_db.url,
+            "CREATE DOMAIN positive AS int CHECK (VALUE > 0); "
+            "ALTER TABLE codes ALTER code TYPE positive",
+        )
+        (codes,) = read_tables(source, ["public"])
+        assert preflight_module._keys_the_source_lacks(ctx, codes)
         execute(source_db.url, f"SELECT pg_terminate_backend({source.info.backend_pid})")
         with pytest.raises(psycopg.OperationalError):
             preflight_module._keys_the_source_lacks(ctx, codes)

@@ -581,8 +581,8 @@ def test_a_column_the_target_lacks_is_named(migrated: Migrated) -> None:
     for outcome in failed.values():
         assert outcome.description == (
             "public.audit_log: the target lacks the source's column(s) reviewed_by, so its rows "
-            "cannot be compared; the source's schema changed since the run: apply the change "
-            "on the target, then run again."
+            "cannot be compared; `supabase-migrate run` applies the schema change or says how "
+            "to."
         )
         assert outcome.details["missing_columns"] == ["reviewed_by"]
     _assert_no_phi(report)
