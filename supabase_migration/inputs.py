@@ -15,11 +15,12 @@ from pathlib import Path
 import psycopg
 
 from . import manifest as manifest_io
-from .catalog import missing_schemas, read_tables, table_names, too_old_a_source, user_schemas
+from .catalog import missing_schemas, read_tables, too_old_a_source, user_schemas
 from .connections import borrowed
 from .conninfo import DatabaseUrl, Endpoint, parse_database_url
 from .errors import ConfigError, read_user_text
 from .manifest import Manifest
+from .preflight import watched_tables_left_out
 from .verify import DEFAULT_SAMPLE_SIZE
 
 SOURCE_URL_ENV = "SOURCE_DATABASE_URL"
@@ -115,9 +116,14 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
                 "--schemas (its schemas with tables: "
                 f"{', '.join(user_schemas(source)) or 'none'})."
             )
+        # Schemas given, else those of the manifest rewritten, else every schema of the
+        # source, as they are now (a manifest of every schema follows the source's).
+        every_schema = not settings.schemas and (
+            not (previous and keep_schemas) or previous.every_schema
+        )
         schemas = (
             list(settings.schemas)
-            or (list(previous.schemas) if previous and keep_schemas else [])
+            or (list(previous.schemas) if previous and keep_schemas and not every_schema else [])
             or user_schemas(source)
         )
         tables = read_tables(source, schemas)
@@ -134,6 +140,7 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
         or (previous.alembic_config if previous else None),
         "batch_size": settings.batch_size
         or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
+        "every_schema": every_schema,
     }
     if base["schema_mode"] == "alembic" and not base["alembic_config"]:
         raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
@@ -210,7 +217,7 @@ def _parse_problem(exc: configparser.Error) -> str:
 def tables_left_out(manifest: Manifest) -> list[str]:
     """The source's tables made after `init` that the manifest's filters would take."""
     with borrowed(source_url()) as source:
-        return manifest.left_out(table_names(source, manifest.schemas))
+        return watched_tables_left_out(source, manifest)
 
 
 def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Manifest:

@@ -62,6 +62,8 @@ class Manifest:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     exposed_schemas: tuple[str, ...] = ("public",)
+    # `init` was given no schemas: every schema of the source, a schema it gains later too
+    every_schema: bool = False
     path: Path | None = field(default=None, compare=False)
 
     def table(self, name: str) -> ManifestTable:
@@ -86,7 +88,9 @@ class Manifest:
         """What to say of tables `left_out` found: that nothing migrates them, and the way out
         (an `init` of the same schemas keeps the filters, batch sizes and settings)."""
         where = self.path or default_path()
-        command = ["supabase-migrate", "init", "--schemas", ",".join(self.schemas)]
+        command = ["supabase-migrate", "init"]
+        if not self.every_schema:
+            command += ["--schemas", ",".join(self.schemas)]
         if where != default_path():
             command += ["--manifest", str(where)]
         one = len(names) == 1
@@ -155,6 +159,7 @@ def write(manifest: Manifest, path: Path) -> None:
     doc = {
         "version": MANIFEST_VERSION,
         "schemas": list(manifest.schemas),
+        **({"every_schema": True} if manifest.every_schema else {}),
         "schema_mode": manifest.schema_mode,
         "alembic_config": manifest.alembic_config,
         "batch_size": manifest.batch_size,
@@ -241,6 +246,7 @@ def read(path: Path) -> Manifest:
         include=fields.names(doc, "include", ()),
         exclude=fields.names(doc, "exclude", ()),
         exposed_schemas=fields.names(doc, "exposed_schemas", ("public",)),
+        every_schema=doc.get("every_schema", False) is True,
         path=path,
     )
 

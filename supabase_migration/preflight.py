@@ -32,7 +32,9 @@ from .catalog import (
     missing_schemas,
     read_tables,
     server_major,
+    table_names,
     too_old_a_source,
+    user_schemas,
 )
 from .connections import database_error, transaction_with
 from .conninfo import is_loopback_host
@@ -611,11 +613,20 @@ GROUP BY r.rolname ORDER BY r.rolname
 """
 
 
+def watched_tables_left_out(source: psycopg.Connection, manifest: Manifest) -> list[str]:
+    """The source's tables made after `init` that the manifest's filters would take: in its
+    schemas, and in schemas made since if it was written for every schema."""
+    schemas = list(manifest.schemas)
+    if manifest.every_schema:
+        schemas += [s for s in user_schemas(source) if s not in schemas]
+    return manifest.left_out(table_names(source, schemas))
+
+
 def _check_tables_left_out(ctx: _Context) -> None:
     """Tables the source gained after `init`: nothing would migrate them, and verify fails."""
     if ctx.manifest is None:
         return
-    left_out = ctx.manifest.left_out(t.qualified_name for t in ctx.source_tables)
+    left_out = watched_tables_left_out(ctx.source, ctx.manifest)
     if left_out:
         sentence = ctx.manifest.left_out_sentence(left_out)
         ctx.add(Severity.WARNING, "tables-left-out", "manifest", sentence)

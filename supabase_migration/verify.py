@@ -33,13 +33,14 @@ import psycopg
 from psycopg import sql
 
 from . import checkpoints, deferred, sqlbuild
-from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables, table_names
+from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
 from .connections import gather_or_stop, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .errors import listed
 from .manifest import Manifest
 from .planning import every_nth_key
+from .preflight import watched_tables_left_out
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 
@@ -1417,9 +1418,7 @@ def run_verification(
             collate_c = needs_bytewise_keys(first.source, first.target)
             infos = {t.qualified_name: t for t in read_tables(first.source, schemas)}
             # A table made after `init` is data nothing migrated: a full verification says so.
-            left_out = (
-                [] if tables else manifest.left_out(table_names(first.source, manifest.schemas))
-            )
+            left_out = [] if tables else watched_tables_left_out(first.source, manifest)
         for name in names:
             if name not in infos:
                 results[name] = _missing(

@@ -1207,6 +1207,26 @@ def test_a_table_made_after_init_is_named_until_init_adds_it(clinic):
     assert "public.consents is in the manifest but not in the source" in verify.stdout
 
 
+def test_a_schema_made_after_an_init_of_every_schema_is_named(clinic):
+    """An `init` given no schemas takes every schema of the source, so a schema the source
+    gains later is watched too, and `init` again takes it."""
+    source_db, _, env, tmp_path = clinic
+    assert cli(["init"], env, tmp_path).returncode == 0
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA billing; CREATE TABLE billing.invoices (id int PRIMARY KEY)")
+    plan = cli(["plan"], env, tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert (
+        f"The source has a table that {tmp_path / 'migration.yaml'} does not list "
+        "(billing.invoices), so nothing migrates it; run `supabase-migrate init` again"
+    ) in plan.stdout
+    assert cli(["init"], env, tmp_path).returncode == 0
+    manifest = yaml.safe_load((tmp_path / "migration.yaml").read_text())
+    assert "billing" in manifest["schemas"] and "billing.invoices" in manifest["tables"]
+    assert manifest["every_schema"] is True
+    assert "does not list" not in cli(["plan"], env, tmp_path).stdout
+
+
 def test_tables_left_out_still_get_row_level_security(clinic):
     source_db, target_db, env, tmp_path = clinic
     included = "public.providers,public.patients"
