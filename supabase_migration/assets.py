@@ -445,6 +445,21 @@ def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
 _TRIED_AGAIN = "tried again after the table's other ranges."
 
 
+def _marked_elsewhere(
+    context: dg.AssetExecutionContext, session: CopySession, table: str, keys: Sequence[str]
+) -> list[str]:
+    """The table's ranges outside `keys` marked to be copied again; none if the target
+    cannot say (they wait for a later run)."""
+    try:
+        return checkpoints.marked_to_copy_again(session.target, table, keys)
+    except psycopg.Error as exc:
+        context.log.warning(
+            f"Which ranges of {table} are marked to be copied again could not be read "
+            f"({describe_pg_error(exc)}); they wait for a later run."
+        )
+        return []
+
+
 def _taken_aside_note(key: str, table_name: str, result: RangeResult) -> str:
     """The take-aside, by count and partitions: the rows' keys and values stay unsaid."""
     rows, again = result.rows_taken_aside, result.ranges_copied_again
@@ -515,19 +530,27 @@ def copy_partitions(
         collided: dict[str, MigrationError] = {}
         freed = True
         requeued: set[str] = set()  # once each: a source changing all along could ping-pong
-        # Ranges of this table outside the run's partitions that a range marked to be copied
-        # again: the CLI copies them after its units, a run launched in the UI (a backfill)
-        # copies them after its own, as best it can (they stay pending for a later run if
-        # that fails). Its own ranges another run held are tried once more at the end: a
-        # sibling run of the same backfill may have been copying one of them so.
-        elsewhere: list[str] = []
+        # Ranges of this table outside the run's partitions marked to be copied again (by a
+        # take-aside of this run's, an earlier attempt's or another run's): the CLI copies
+        # them after its units; a run launched in the UI (a backfill) copies them after its
+        # own, as best it can (they stay pending for a later run if that fails). Its own
+        # ranges another run held are tried once more at the end: a sibling run of the same
+        # backfill may have been copying one of them so.
         cli_run = COMMAND_TAG in context.run.tags
+        look_elsewhere = not cli_run
+        elsewhere: list[str] = []
         held: list[str] = []
         held_once: set[str] = set()
-        while queue or (collided and freed) or elsewhere or held:
+        while queue or (collided and freed) or look_elsewhere or elsewhere or held:
             if not queue:
                 if collided and freed:
                     queue, freed = sorted(collided, reverse=True), False
+                elif look_elsewhere:
+                    look_elsewhere = False
+                    found = _marked_elsewhere(context, session, table_name, keys)
+                    elsewhere += [k for k in found if k not in requeued]
+                    requeued.update(found)
+                    continue
                 elif elsewhere:
                     queue = [elsewhere.pop(0)]
                 else:
@@ -576,11 +599,11 @@ def copy_partitions(
                 context.log.info(_taken_aside_note(key, table_name, result))
             for other in result.ranges_copied_again:
                 planned.pop(other, None)  # marked to copy again: its checkpoint is read anew
-                waiting = other in queue or other in collided or other in requeued
-                if waiting or (other not in keys and cli_run):
-                    continue
-                (queue if other in keys else elsewhere).append(other)
-                requeued.add(other)
+                if other not in keys:
+                    look_elsewhere = not cli_run
+                elif not (other in queue or other in collided or other in requeued):
+                    queue.append(other)
+                    requeued.add(other)
             yield dg.AssetMaterialization(
                 asset_key=context.asset_key,
                 partition=key,

@@ -320,6 +320,19 @@ def copy_again_statements(table: str, keys: Sequence[str]) -> list[sql.Composabl
     ]
 
 
+def marked_to_copy_again(conn: psycopg.Connection, table: str, but: Sequence[str]) -> list[str]:
+    """The partitions of `table`, other than `but`, that `copy_again_statements` marked and
+    no run has copied since: pending, with a completion time."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT partition_key FROM {} WHERE table_name = %s AND status = 'pending' "
+            "AND completed_at IS NOT NULL AND partition_key <> ALL(%s) ORDER BY batch_number"
+        ).format(CHECKPOINTS),
+        (table, list(but)),
+    ).fetchall()
+    return [key for (key,) in rows]
+
+
 def mark_failed(
     conn: psycopg.Connection, table: str, key: str, message: str, run_id: str | None
 ) -> None:

@@ -889,6 +889,17 @@ def test_a_ui_run_copies_the_ranges_its_take_aside_marked_outside_its_partitions
     monkeypatch.setattr(assets, "_taken_aside_note", original)
     assert swapped_then_first_range_materialized(6, 460) == (["000000", "000004"], [])
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
+    # A range another run marked (and left so: it stopped, or its retry forgot it) is copied
+    # by the next UI run of the table too.
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE supabase_migration.migration_checkpoints SET status = 'pending', "
+            "row_checksum = NULL WHERE table_name = 'public.pat' AND partition_key = '000002'"
+        )
+    assert swapped_then_first_range_materialized(7, 470) == (
+        ["000000", "000002", "000004"],
+        [],
+    )
 
 
 def test_a_ui_run_tries_a_range_another_run_held_once_more_at_the_end(
