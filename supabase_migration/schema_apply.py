@@ -2,16 +2,18 @@
 
 Every mode is idempotent and all-or-nothing:
 
-- `alembic` runs `upgrade head` through Alembic's Python API on one connection we open to the
-  target, inside one transaction (unless the project's env.py commits per migration). The
-  target goes to env.py two ways, so no env.py needs editing in the usual cases: as an open
-  SQLAlchemy connection in `config.attributes["connection"]` (the Alembic cookbook's pattern)
-  and as the `sqlalchemy.url` option (what the generated env.py reads). An env.py that builds
-  its own URL (say from an environment variable) needs one line changed, e.g.::
+- `alembic` upgrades the target to the source's revisions (its version table's; every head
+  when it has none) through Alembic's Python API on one connection we open to the target,
+  inside one transaction. The target goes to env.py two ways, so no env.py needs editing in
+  the usual cases: as an open SQLAlchemy connection in `config.attributes["connection"]` (the
+  Alembic cookbook's pattern: the upgrade is then ours to check and roll back) and as the
+  `sqlalchemy.url` option (what the generated env.py reads, on a connection of its own that
+  it commits). An env.py that connects to another database (say from an environment
+  variable) is refused before any migration runs; it needs one line changed, e.g.::
 
       connectable = config.attributes.get("connection") or engine_from_config(...)
 
-  A run that leaves the target short of head is caught and reported as exactly that.
+  A run that leaves the target short of the source's revisions is caught and reported.
 - `dump` runs `pg_dump --schema-only` on the source (a pg_dump at least as new as the source
   server), drops what Supabase owns or what needs a superuser (roles, owners, grants, the
   `extensions` schema, extensions themselves, their comments, event triggers, publications,
@@ -37,7 +39,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,7 @@ class SchemaResult:
     dump_hash: str | None = None
     objects_created: int = 0
     changed: bool = False
+    checked: bool = False  # before_commit ran inside the schema's own transaction
     skipped: list[str] = field(default_factory=list)  # "what: why", left out on purpose
     duration_s: float = 0.0
 
@@ -124,7 +127,7 @@ def apply_schema(
         ) from None
     try:
         if mode is SchemaMode.ALEMBIC:
-            result = _apply_alembic(target_url, alembic_config, schemas, before_commit)
+            result = _apply_alembic(source_url, target_url, alembic_config, schemas, before_commit)
         elif mode is SchemaMode.DUMP:
             result = _apply_dump(source_url, target_url, schemas, before_commit)
         else:
@@ -133,15 +136,7 @@ def apply_schema(
         # Catalog reads and bookkeeping outside the apply transaction; nothing half-done.
         sentence = f"The schema step ({mode.value} mode) failed: {describe_pg_error(exc)}."
         raise database_error(exc, sentence, SchemaError) from None
-    return SchemaResult(
-        mode=result.mode,
-        revision=result.revision,
-        dump_hash=result.dump_hash,
-        objects_created=result.objects_created,
-        changed=result.changed,
-        skipped=result.skipped,
-        duration_s=time.monotonic() - started,
-    )
+    return replace(result, duration_s=time.monotonic() - started)
 
 
 # -- bookkeeping ---------------------------------------------------------------------------------
@@ -261,11 +256,15 @@ def target_user_schemas(conn: psycopg.Connection) -> list[str]:
 
 
 def _apply_alembic(
+    source_url: DatabaseUrl,
     target_url: DatabaseUrl,
     alembic_config: Path | None,
     schemas: Sequence[str] | None,
     before_commit: Callable[[psycopg.Connection], None] | None = None,
 ) -> SchemaResult:
+    """Upgrade the target to the source's Alembic revisions (head when the source has no
+    version table), in one transaction with `before_commit` when env.py migrates on the
+    connection it is given; refused before anything runs when env.py connects elsewhere."""
     # Imported here: only this mode needs Alembic and SQLAlchemy's engine machinery.
     from alembic import command
     from alembic.runtime.environment import EnvironmentContext
@@ -283,18 +282,30 @@ def _apply_alembic(
     try:
         script = ScriptDirectory.from_config(cfg)
         heads = set(script.get_heads())
+        known = {revision.revision for revision in script.walk_revisions()}
     except CommandError as exc:
         raise ConfigError(
             f"The Alembic project at {alembic_config} cannot be read: {_one_line(exc)}."
         ) from None
     secrets = [target_url.password or ""]
 
-    def version_table() -> tuple[str, str | None]:
-        """Where env.py keeps the revision (it may configure another table or schema)."""
-        found: list[tuple[str, str | None]] = []
+    def probe() -> tuple[str, str | None, bool]:
+        """Where env.py keeps the revision (it may configure another table or schema), and
+        whether it migrates on the connection it is given (else its own, to the target)."""
+        found: list[tuple[str, str | None, bool]] = []
 
         def read(rev: Any, context: Any) -> list[Any]:
-            found.append((context.version_table, context.version_table_schema))
+            used = context.connection
+            # Read while env.py's own connection is open: it closes it on return.
+            if used not in (None, connection) and _database_of(used) != _database_of(connection):
+                raise ConfigError(
+                    f"The Alembic project's env.py ({alembic_config}) connects to another "
+                    "database than the target (a URL of its own, such as the app's "
+                    "DATABASE_URL), so its migrations would run there; make it use "
+                    "config.attributes['connection'] when that is set, or the "
+                    "sqlalchemy.url option, then run again."
+                )
+            found.append((context.version_table, context.version_table_schema, used is connection))
             return []
 
         with engine.connect() as connection:
@@ -305,49 +316,54 @@ def _apply_alembic(
             finally:
                 cfg.attributes.pop("connection", None)
                 connection.rollback()
-        return found[0] if found else ("alembic_version", None)
+        return found[0] if found else ("alembic_version", None, True)
 
     engine = make_engine(target_url, pool_size=1, max_overflow=0)
     try:
         with _alembic_errors(target_url, secrets), _quiet_logging_config():
-            table, table_schema = version_table()
+            table, table_schema, shared = probe()
+            wanted = _source_revisions(source_url, table, table_schema, known, alembic_config)
+            wanted = wanted or heads
             with borrowed(target_url) as conn:
                 # Read on our own connection: an env.py that connects elsewhere cannot fool it.
                 before = _target_revisions(conn, table, table_schema)
                 before_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
                 count_before = count_objects(conn, before_schemas)
-            if before == heads:
+            if before == wanted:
                 return SchemaResult(
                     mode=SchemaMode.ALEMBIC, revision=_revision(before), changed=False
                 )
             with engine.begin() as connection:
-                # One schema change at a time: a second run waits, then finds head applied.
+                # One schema change at a time: a second run waits, then finds it applied.
                 connection.exec_driver_sql(_LOCK_SQL)
                 # Supabase caps statements at 2 min; a migration may build a big index.
                 connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
                 cfg.attributes["connection"] = connection
                 try:
-                    command.upgrade(cfg, "head")
+                    # The source's revisions, not head: its rows fit its tables, and the
+                    # version table the copy brings along then says what the target has.
+                    for target_revision in ["heads"] if wanted == heads else sorted(wanted):
+                        command.upgrade(cfg, target_revision)
                 finally:
                     cfg.attributes.pop("connection", None)
                 upgraded = connection.connection.driver_connection
-                # Only when the upgrade ran on this connection: one that ran elsewhere (an
-                # env.py with its own URL) is named by the check after the commit instead.
-                if (
-                    before_commit is not None
-                    and _target_revisions(upgraded, table, table_schema) == heads
-                ):
+                # Only when the upgrade ran on this connection, in this transaction: the
+                # standard env.py migrates on its own connection and commits it, so a check
+                # here could roll nothing back (migrate_schema checks after it instead).
+                checked = shared and before_commit is not None
+                if checked:
+                    assert before_commit is not None
                     before_commit(upgraded)
     finally:
         engine.dispose()
     with connect(target_url) as conn, conn.transaction():
         after = _target_revisions(conn, table, table_schema)
-        if after != heads:
+        if after != wanted:
             raise SchemaError(
                 f"Alembic ran but the target is at revision {_revision(after) or 'none'} "
-                f"instead of head {_revision(heads)}; the project's env.py probably connects "
-                "with its own URL: make it use config.attributes['connection'] or the "
-                "sqlalchemy.url option."
+                f"instead of the source's {_revision(wanted)}; the project's env.py probably "
+                "connects with its own URL: make it use config.attributes['connection'] or "
+                "the sqlalchemy.url option."
             )
         after_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
         created = max(count_objects(conn, after_schemas) - count_before, 0)
@@ -365,7 +381,40 @@ def _apply_alembic(
         revision=_revision(after),
         objects_created=created,
         changed=before != after,
+        checked=checked,
     )
+
+
+def _database_of(connection: Any) -> tuple[Any, ...]:
+    """Which server and database a SQLAlchemy connection reaches: the server's start time
+    tells two clusters apart (any role may read it), the database's oid two databases."""
+    return tuple(
+        connection.exec_driver_sql(
+            "SELECT pg_postmaster_start_time(), oid FROM pg_database "
+            "WHERE datname = current_database()"
+        ).one()
+    )
+
+
+def _source_revisions(
+    source_url: DatabaseUrl,
+    table: str,
+    schema: str | None,
+    known: set[str],
+    alembic_config: Path | None,
+) -> set[str]:
+    """The source's Alembic revisions (none without a version table), each one the project
+    has: a source off the project's revisions (ahead of this checkout) is refused."""
+    with borrowed(source_url) as source:
+        found = _target_revisions(source, table, schema)
+    unknown = sorted(found - known)
+    if unknown:
+        raise ConfigError(
+            f"The source is at Alembic revision {', '.join(unknown)}, which the project at "
+            f"{alembic_config} does not have; check out the project's revision the source "
+            "runs (or newer), then run again."
+        )
+    return found
 
 
 def _target_revisions(conn: psycopg.Connection, table: str, schema: str | None) -> set[str]:
@@ -451,10 +500,27 @@ def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[Non
             f"Alembic's upgrade failed: {redact_text(_one_line(exc), secrets)}."
         ) from None
     except Exception as exc:
+        if _raised_in(exc, "autocommit_block"):
+            raise SchemaError(
+                "A migration of the Alembic project runs outside a transaction "
+                "(autocommit_block, as CREATE INDEX CONCURRENTLY needs), and this tool applies "
+                "the upgrade in one transaction so that a failure leaves nothing behind; apply "
+                "that revision on the target yourself (alembic upgrade), then run again."
+            ) from None
         raise SchemaError(
             "Alembic's upgrade failed in the project's env.py or a migration script: "
             f"{redact_text(describe_pg_error(exc), secrets)}."
         ) from None
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    """Whether `exc` was raised inside a function of that name (seen in its traceback)."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == function:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _one_line(exc: BaseException) -> str:

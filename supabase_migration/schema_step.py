@@ -120,10 +120,14 @@ def migrate_schema(
         tables=tables,
         before_commit=before_commit,
     )
-    if alembic and not result.changed:  # already at head: nothing ran to check above
-        at_head = "The target's tables, at the Alembic head, do not fit the source's rows"
+    if alembic and not result.checked:
+        # Nothing ran to check above: already at the source's revision, or env.py migrated
+        # on a connection of its own and committed it.
+        at_revision = "The target's tables, at the source's Alembic revision, do not fit its rows"
         with borrowed(target_url) as target:
-            fitting(target, at_head)
+            fitting(target, at_revision)
+            if result.changed:
+                protect(target, made_now=True)
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)
         protect(target)  # tables made earlier, or by the user (mode none); then bookkeeping

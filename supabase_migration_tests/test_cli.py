@@ -429,7 +429,8 @@ def test_alembic_mode_names_a_source_column_the_migrations_do_not_have(clinic):
     done = cli(argv, env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
-        f"error: The target's tables, at the Alembic head, do not fit the source's rows: {misfits}"
+        "error: The target's tables, at the source's Alembic revision, do not fit its rows: "
+        f"{misfits}"
     ), done.stderr
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)

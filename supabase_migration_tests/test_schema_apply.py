@@ -671,9 +671,11 @@ def test_env_py_with_its_own_url_is_caught(source_db, target_db, tmp_path):
     )
     source, target = _urls(source_db, target_db.url)
 
-    checked: list[object] = []  # the check before the commit needs the upgrade on our connection
+    checked: list[object] = []
 
-    with pytest.raises(SchemaError) as caught:
+    # Refused before any migration runs: it would have migrated the source (the app's own
+    # database, when env.py reads its DATABASE_URL).
+    with pytest.raises(ConfigError) as caught:
         apply_schema(
             "alembic",
             source_url=source,
@@ -682,8 +684,90 @@ def test_env_py_with_its_own_url_is_caught(source_db, target_db, tmp_path):
             before_commit=checked.append,
         )
 
-    assert "env.py" in str(caught.value) and "config.attributes['connection']" in str(caught.value)
+    assert "connects to another database than the target" in str(caught.value)
+    assert "config.attributes['connection']" in str(caught.value)
     assert checked == []
+    assert public_tables(source_db.url) == [] and public_tables(target_db.admin_url) == []
+
+
+def test_the_generated_env_py_is_checked_after_its_own_commit(source_db, target_db, tmp_path):
+    """The generated env.py migrates the target on a connection of its own and commits it:
+    no check can run in that transaction (one that refused would claim a rollback that did
+    not happen), so none is, and the result says so; the cookbook's env.py is checked."""
+    checked: list[object] = []
+    source, target = _urls(source_db, target_db.url)
+    for env_py, name, expected in ((GENERATED_ENV, "own", []), (COOKBOOK_ENV, "shared", [1])):
+        ini = _alembic_project(tmp_path / name, env_py, [(f"{name}1", f"CREATE TABLE {name} ()")])
+        checked.clear()
+        result = apply_schema(
+            "alembic",
+            source_url=source,
+            target_url=target,
+            alembic_config=ini,
+            before_commit=lambda conn: checked.append(1),
+        )
+        assert (result.changed, result.checked, checked) == (True, bool(expected), expected)
+        execute(target_db.admin_url, "DROP TABLE alembic_version")
+
+
+def test_the_target_is_brought_to_the_sources_revision(source_db, target_db, tmp_path):
+    """The source's rows fit the tables of its own revision, and its version table comes
+    along with them: the target is upgraded to the source's revisions, not head (which left
+    it ahead of the copied version table, and the next run failed on 'already exists'); a
+    revision the project does not have is refused in one sentence, before anything runs."""
+    ini = _alembic_project(
+        tmp_path / "app",
+        COOKBOOK_ENV,
+        [("e1", "CREATE TABLE visits (id int)"), ("e2", "CREATE INDEX visits_id ON visits (id)")],
+    )
+    source, target = _urls(source_db, target_db.url)
+    execute(
+        source_db.url,
+        "CREATE TABLE visits (id int); CREATE TABLE alembic_version (version_num text); "
+        "INSERT INTO alembic_version VALUES ('e1')",
+    )
+    for _ in range(2):  # then a no-op
+        result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+        assert result.revision == "e1"
+    with psycopg.connect(target_db.admin_url) as conn:
+        assert conn.execute("SELECT to_regclass('visits_id')").fetchone() == (None,)
+    execute(source_db.url, "UPDATE alembic_version SET version_num = 'e9'")
+    with pytest.raises(ConfigError, match="source is at Alembic revision e9, which the project"):
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+
+
+def test_a_source_at_two_heads_is_upgraded_to_both(source_db, target_db, tmp_path):
+    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("f1", "CREATE TABLE base (id int)")])
+    versions = tmp_path / "app" / "migrations" / "versions"
+    for head in ("f2a", "f2b"):
+        (versions / f"{head}.py").write_text(
+            f"from alembic import op\nrevision = {head!r}\ndown_revision = 'f1'\n"
+            "branch_labels = None\ndepends_on = None\n"
+            f"def upgrade():\n    op.execute('CREATE TABLE t_{head} (id int)')\n"
+        )
+    execute(
+        source_db.url,
+        "CREATE TABLE alembic_version (version_num text); "
+        "INSERT INTO alembic_version VALUES ('f2a'), ('f2b')",
+    )
+    source, target = _urls(source_db, target_db.url)
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert result.revision == "f2a,f2b"
+    assert {"t_f2a", "t_f2b"} <= set(public_tables(target_db.admin_url))
+
+
+def test_a_migration_outside_a_transaction_is_one_sentence(source_db, target_db, tmp_path):
+    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("g1", "CREATE TABLE logs (id int)")])
+    (tmp_path / "app" / "migrations" / "versions" / "g2.py").write_text(
+        "from alembic import op\nrevision = 'g2'\ndown_revision = 'g1'\n"
+        "branch_labels = None\ndepends_on = None\ndef upgrade():\n"
+        "    with op.get_context().autocommit_block():\n"
+        "        op.execute('CREATE INDEX CONCURRENTLY logs_id ON logs (id)')\n"
+    )
+    source, target = _urls(source_db, target_db.url)
+    with pytest.raises(SchemaError, match=r"runs outside a transaction \(autocommit_block"):
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert public_tables(target_db.admin_url) == []  # g1 rolled back with it
 
 
 def test_a_check_before_the_commit_rolls_the_upgrade_back(source_db, target_db, tmp_path):
