@@ -543,14 +543,16 @@ def run(
             unit_failures += _execute_with_progress(
                 defs, instance, manifest, again, workers.start(), progress
             )
+    names = {t.name for t in manifest.tables}
     with borrowed(target_url()) as target:
         failed = [
             f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
-            for cps in checkpoints.load_by_table(target, (t.name for t in manifest.tables)).values()
+            for cps in checkpoints.load_by_table(target, names).values()
             for cp in cps
             if cp.status == checkpoints.Status.FAILED
         ]
-        tables = checkpoints.summary(target)
+        # Not the checkpoints of a table the manifest no longer lists (dropped since)
+        tables = {k: v for k, v in checkpoints.summary(target).items() if k in names}
     # A step can also fail where no checkpoint row records it (the target was unreachable
     # when the failure was to be written): its own sentence is then the only explanation.
     recorded = {f.split(" partition ", 1)[0] for f in failed}
