@@ -481,10 +481,17 @@ def _no_file_config(*args: Any, **kwargs: Any) -> None:
 
 @contextlib.contextmanager
 def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[None]:
-    """Turn whatever the user's migrations raise into one PHI-free SchemaError."""
+    """Turn whatever the user's migrations raise into one PHI-free SchemaError, naming the
+    revision that was being applied."""
     import sqlalchemy.exc
     from alembic.util import CommandError
 
+    applying = _RevisionsApplied()
+    migration_log = logging.getLogger("alembic.runtime.migration")
+    level, propagate = migration_log.level, migration_log.propagate
+    migration_log.addHandler(applying)
+    migration_log.setLevel(logging.INFO)
+    migration_log.propagate = False  # heard here only, not on the host's handlers
     try:
         yield
     except MigrationError:
@@ -492,25 +499,47 @@ def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[Non
     except sqlalchemy.exc.DBAPIError as exc:
         cause = exc.orig if isinstance(exc.orig, BaseException) else exc
         raise SchemaError(
-            f"Alembic's upgrade failed on the {target_url.describe()} and was rolled back: "
-            f"{redact_text(describe_pg_error(cause), secrets)}."
+            f"Alembic's upgrade failed{applying.at} on the {target_url.describe()} and was "
+            f"rolled back: {redact_text(describe_pg_error(cause), secrets)}."
         ) from None
     except CommandError as exc:
         raise SchemaError(
-            f"Alembic's upgrade failed: {redact_text(_one_line(exc), secrets)}."
+            f"Alembic's upgrade failed{applying.at}: {redact_text(_one_line(exc), secrets)}."
         ) from None
     except Exception as exc:
         if _raised_in(exc, "autocommit_block"):
             raise SchemaError(
-                "A migration of the Alembic project runs outside a transaction "
+                f"A migration of the Alembic project{applying.at} runs outside a transaction "
                 "(autocommit_block, as CREATE INDEX CONCURRENTLY needs), and this tool applies "
                 "the upgrade in one transaction so that a failure leaves nothing behind; apply "
                 "that revision on the target yourself (alembic upgrade), then run again."
             ) from None
         raise SchemaError(
-            "Alembic's upgrade failed in the project's env.py or a migration script: "
-            f"{redact_text(describe_pg_error(exc), secrets)}."
+            f"Alembic's upgrade failed{applying.at} in the project's env.py or a migration "
+            f"script: {redact_text(describe_pg_error(exc), secrets)}."
         ) from None
+    finally:
+        migration_log.removeHandler(applying)
+        migration_log.setLevel(level)
+        migration_log.propagate = propagate
+
+
+class _RevisionsApplied(logging.Handler):
+    """Hears Alembic's "Running upgrade a -> b, ..." to know which revision was applied last."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.revision: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.match(r"Running upgrade .*-> ?(\w+)", record.getMessage())
+        if found:
+            self.revision = found.group(1)
+
+    @property
+    def at(self) -> str:
+        """' at revision x' (its migration), or nothing before any was applied."""
+        return f" at revision {self.revision}" if self.revision else ""
 
 
 def _raised_in(exc: BaseException, function: str) -> bool:
