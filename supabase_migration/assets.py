@@ -23,7 +23,7 @@ from dagster._utils.error import SerializableErrorInfo
 from pydantic import Field
 
 from . import checkpoints, deferred
-from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables, referenced
+from .catalog import TableInfo, needs_bytewise_keys, read_tables, referenced
 from .connections import (
     ServerUnreachable,
     database_error_exit_code,
@@ -420,7 +420,7 @@ def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
     that the record of a range copied as planned does not need, so it gets only the partition
     key. Keys are shown where they are needed: verification names the keys of rows that differ
     (rows are identified by primary key only, never by other values)."""
-    bounds = result.bounds if table.key_kind is KeyKind.INTEGER else "(key values not shown)"
+    bounds = table.shown_bounds(result.bounds)
     aside = (
         {
             "rows_taken_aside": result.rows_taken_aside,

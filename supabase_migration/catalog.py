@@ -106,6 +106,11 @@ class TableInfo:
             return KeyKind.INTEGER
         return KeyKind.KEYSET
 
+    def shown_bounds(self, bounds: str) -> str:
+        """A range's bounds as metadata and reports may show them: integer keys only, since
+        other keys (an email, an MRN) may be PHI; a differing row is still named by its key."""
+        return bounds if self.key_kind is KeyKind.INTEGER else "(key values not shown)"
+
     @property
     def copy_columns(self) -> tuple[Column, ...]:
         """Columns COPY writes: generated columns are computed by the target itself."""

@@ -306,7 +306,7 @@ def row_counts(
             mismatched = [
                 {
                     "partition_key": r.partition_key,
-                    "key_range": r.describe(),
+                    "key_range": table.shown_bounds(r.describe()),
                     "source_rows": s,
                     "target_rows": t,
                     "difference": t - s,
@@ -426,7 +426,7 @@ def range_checksums(
         for i, (r, s, t) in enumerate(bad):
             entry: dict[str, Any] = {
                 "partition_key": r.partition_key,
-                "key_range": r.describe(),
+                "key_range": table.shown_bounds(r.describe()),
                 "source_rows": int(s[0]),
                 "target_rows": int(t[0]),
             }
