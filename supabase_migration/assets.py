@@ -33,7 +33,7 @@ from .connections import (
 )
 from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConcurrentRunError, ConfigError, MigrationError, TransientError, UniqueCollision
-from .manifest import Manifest, ManifestTable
+from .manifest import MANIFEST_ENV, NO_MANIFEST, Manifest, ManifestTable, default_path
 from .planning import (
     MAX_PARTITIONS_PER_TABLE,
     FirstPlansAhead,
@@ -150,10 +150,11 @@ def interruptible(body: Body) -> Body:
     return cast(Body, step)
 
 
-def setup_asset(**asset_args: Any) -> Callable[[Body], dg.AssetsDefinition]:
+def setup_asset(manifest: Manifest, **asset_args: Any) -> Callable[[Body], dg.AssetsDefinition]:
     """`dg.asset` for the one-off steps (schema, plan, indexes, sequences, security): in the
     migration group, on the target's pool, retried by SETUP_RETRY_POLICY, stopped for good by
-    Ctrl-C (`interruptible`)."""
+    Ctrl-C (`interruptible`). Without a manifest (`NO_MANIFEST`) each refuses in one sentence:
+    the stand-in's defaults (schema public, dump mode) are nobody's choice."""
 
     def decorate(body: Body) -> dg.AssetsDefinition:
         return dg.asset(
@@ -162,9 +163,24 @@ def setup_asset(**asset_args: Any) -> Callable[[Body], dg.AssetsDefinition]:
             pool=TARGET_POOL,
             retry_policy=SETUP_RETRY_POLICY,
             **asset_args,
-        )(interruptible(body))
+        )(interruptible(_needing_a_manifest(body) if manifest is NO_MANIFEST else body))
 
     return decorate
+
+
+def _needing_a_manifest(body: Body) -> Body:
+    @functools.wraps(body)
+    def refuse(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
+        raise dg.Failure(
+            description=(
+                f"There is no manifest this release reads at {default_path()}, so "
+                "there is nothing to migrate; run `supabase-migrate init` to write it (or set "
+                f"{MANIFEST_ENV} to its path), then reload the code location."
+            ),
+            allow_retries=False,
+        )
+
+    return cast(Body, refuse)
 
 
 def _interrupted_tag(context: dg.AssetExecutionContext) -> str:
@@ -245,6 +261,7 @@ def build_schema_asset(manifest: Manifest, ahead: SchemaAhead | None = None) -> 
     """`ahead`: the schema step the CLI started before this asset's run (see schema_step)."""
 
     @setup_asset(
+        manifest,
         key=SCHEMA_KEY,
         description=(
             "Preflight, then the schema on the target (Alembic upgrade head, pg_dump schema copy, "
@@ -284,6 +301,7 @@ def build_plan_asset(
         description += " No tables yet: run `supabase-migrate init` to write migration.yaml."
 
     @setup_asset(
+        manifest,
         key=PLAN_KEY,
         deps=[SCHEMA_KEY],
         description=description,
@@ -680,6 +698,7 @@ def build_table_asset(manifest: Manifest, entry: ManifestTable) -> dg.AssetsDefi
 
 def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
     @setup_asset(
+        manifest,
         key=INDEXES_KEY,
         deps=[table_asset_key(t.name) for t in manifest.tables] or [PLAN_KEY],
         description=(
@@ -721,6 +740,7 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
 
 def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
     @setup_asset(
+        manifest,
         key=SEQUENCES_KEY,
         deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY],
         description=(

@@ -23,14 +23,12 @@ from .assets import (
     build_table_asset,
 )
 from .checks import REPORT_KEY, build_all_table_checks, build_report_asset
-from .manifest import Manifest, OtherManifestVersion, read_if_present
+from .manifest import NO_MANIFEST, Manifest, OtherManifestVersion, read_if_present
 from .planning import FirstPlansAhead
 from .resources import default_resources
 from .schema_step import SchemaAhead
 from .security import report_findings
 from .security_assets import SECURITY_KEY, build_security_asset, build_security_checks
-
-EMPTY_MANIFEST = Manifest(tables=())
 
 
 def build_definitions(
@@ -38,7 +36,7 @@ def build_definitions(
     first_plans: FirstPlansAhead | None = None,
     schema_ahead: SchemaAhead | None = None,
 ) -> dg.Definitions:
-    manifest = manifest or EMPTY_MANIFEST
+    manifest = manifest or NO_MANIFEST
     table_assets = [build_table_asset(manifest, t) for t in manifest.tables]
     assets = [
         build_schema_asset(manifest, schema_ahead),

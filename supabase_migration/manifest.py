@@ -151,6 +151,11 @@ def from_catalog(
     )
 
 
+# The stand-in the definitions are built from when there is no manifest to read: its
+# assets refuse to run (see assets.setup_asset).
+NO_MANIFEST = Manifest(tables=())
+
+
 def default_path() -> Path:
     return Path(os.environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST)
 

@@ -72,6 +72,7 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
     exposed = ", ".join(manifest.exposed_schemas)
 
     @setup_asset(
+        manifest,
         key=SECURITY_KEY,
         deps=deps,
         description=(

@@ -98,6 +98,39 @@ def test_definitions_without_manifest_point_to_init() -> None:
     assert "supabase-migrate init" in (plan.descriptions_by_key[PLAN_KEY] or "")
 
 
+def test_without_a_manifest_materializing_everything_writes_nothing(
+    source_db, target_db, tmp_path: Path, monkeypatch
+) -> None:
+    """`dagster dev` started where there is no migration.yaml: "Materialize all" used to
+    dump the source's public schema into the target from the stand-in's defaults."""
+    import psycopg
+
+    monkeypatch.setenv(manifest_io.MANIFEST_ENV, str(tmp_path / "nowhere.yaml"))
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE patients (id int PRIMARY KEY)")
+    defs = build_definitions(None)
+    setup = [defs.get_assets_def(key) for key in (SCHEMA_KEY, PLAN_KEY)]
+    result = dg.materialize(
+        setup,
+        resources={
+            "source": SourceDatabase(url=source_db.url),
+            "target": TargetDatabase(url=target_db.url),
+        },
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert failure.step_failure_data.user_failure_data.description == (  # type: ignore[union-attr]
+        f"There is no manifest this release reads at {tmp_path / 'nowhere.yaml'}, so there is "
+        "nothing to migrate; run `supabase-migrate init` to write it (or set "
+        "SUPABASE_MIGRATION_MANIFEST to its path), then reload the code location."
+    )
+    with psycopg.connect(target_db.admin_url) as conn:
+        assert conn.execute(
+            "SELECT to_regclass('public.patients'), to_regnamespace('supabase_migration')"
+        ).fetchone() == (None, None)
+
+
 def test_manifest_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     manifest_io.write(MANIFEST, path)
