@@ -65,7 +65,9 @@ SecurityFindings = Callable[[DatabaseUrl, DatabaseUrl], Sequence[Any]]
 
 class VerifyConfig(dg.Config):
     sample_size: int = Field(
-        default=DEFAULT_SAMPLE_SIZE, description="Rows compared column by column per table."
+        default=DEFAULT_SAMPLE_SIZE,
+        ge=1,
+        description="Rows compared column by column per table (at least 1).",
     )
     seed: int | None = Field(
         default=None,

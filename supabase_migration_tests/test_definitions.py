@@ -131,6 +131,17 @@ def test_without_a_manifest_materializing_everything_writes_nothing(
         ).fetchone() == (None, None)
 
 
+@pytest.mark.parametrize("size", [0, -5])
+def test_a_sample_of_no_rows_is_refused_by_the_checks_config(size: int) -> None:
+    """0 passed vacuously ("0 sampled rows are equal"), -5 ended in ZeroDivisionError."""
+    from pydantic import ValidationError
+
+    from supabase_migration.checks import VerifyConfig
+
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        VerifyConfig(sample_size=size)
+
+
 def test_manifest_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     manifest_io.write(MANIFEST, path)
