@@ -20,6 +20,7 @@ import dagster as dg
 import psycopg
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._utils.error import SerializableErrorInfo
+from psycopg import errors as pg_errors
 from pydantic import Field
 
 from . import checkpoints, deferred
@@ -31,7 +32,7 @@ from .connections import (
     retrying,
     side_by_side,
 )
-from .copy import CopyOptions, CopySession, RangeResult, replica_mode_allowed
+from .copy import PLAN_FIRST, CopyOptions, CopySession, RangeResult, replica_mode_allowed
 from .errors import ConcurrentRunError, ConfigError, MigrationError, TransientError, UniqueCollision
 from .manifest import MANIFEST_ENV, NO_MANIFEST, Manifest, ManifestTable, default_path
 from .planning import (
@@ -527,7 +528,10 @@ def copy_partitions(
                 collate_c=needs_bytewise_keys(session.source, session.target),
                 run_id=context.run.run_id,
             )
-            planned = checkpoints.load(session.target, table_name, keys)
+            try:
+                planned = checkpoints.load(session.target, table_name, keys)
+            except pg_errors.UndefinedTable:  # no bookkeeping: nothing planned this target
+                raise ConfigError(f"No run has planned the target yet; {PLAN_FIRST}") from None
             return table, options, {cp.partition_key: cp for cp in planned}
 
         try:

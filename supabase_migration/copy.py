@@ -140,10 +140,7 @@ def copy_range(
         if planned is None:
             planned = checkpoints.get(target, name, partition_key)
         if planned is None:
-            raise CopyError(
-                f"{the_range} is not in the plan; materialize the migration_plan asset "
-                "(or run `supabase-migrate plan`) first."
-            )
+            raise CopyError(f"{the_range} is not in the plan; {PLAN_FIRST}")
         key_range = planned.key_range()
         overlap = peer is not None and (
             options.force or planned.status != checkpoints.Status.COMPLETED
@@ -288,8 +285,17 @@ def end_lost_transaction(target: psycopg.Connection, lost: OpenTransaction) -> b
     return ended
 
 
+# What a range copied before any plan says to do (the UI's way, and the CLI's).
+PLAN_FIRST = (
+    "materialize the migration/schema and migration/plan assets (the migration_setup job) "
+    "first, or run `supabase-migrate run`."
+)
+
+
 def _remedy(exc: psycopg.Error) -> str:
     """What to do about an error whose own words do not say it (appended to the sentence)."""
+    if isinstance(exc, pg_errors.UndefinedTable):  # the target's: the source's was read first
+        return " (the target lacks a table: materialize migration/schema first)"
     if isinstance(exc, pg_errors.InsufficientPrivilege) and "row-level security" in str(exc):
         return (
             " (row level security applies to this login, which would see only the rows its "

@@ -131,6 +131,52 @@ def test_without_a_manifest_materializing_everything_writes_nothing(
         ).fetchone() == (None, None)
 
 
+def test_a_partition_materialized_before_the_plan_says_what_to_run_first(
+    source_db, target_db
+) -> None:
+    """The UI lets a table's partition be materialized before migration/schema and
+    migration/plan: the failure says to run those, not 'relation "…" does not exist'."""
+    import psycopg
+
+    from supabase_migration import checkpoints
+    from supabase_migration.assets import partitions_def_name
+    from supabase_migration.catalog import read_tables
+    from supabase_migration.manifest import from_catalog
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE visits (id int PRIMARY KEY); INSERT INTO visits VALUES (1)")
+        manifest = from_catalog(read_tables(conn, ["public"]), schemas=["public"])
+    asset = build_definitions(manifest).get_assets_def(table_asset_key("public.visits"))
+    resources = {
+        "source": SourceDatabase(url=source_db.url),
+        "target": TargetDatabase(url=target_db.url),
+    }
+    plan_first = (
+        "materialize the migration/schema and migration/plan assets (the migration_setup job) "
+        "first, or run `supabase-migrate run`."
+    )
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(partitions_def_name("public.visits"), ["000000"])
+
+        def failure() -> str:
+            result = dg.materialize(
+                [asset],
+                instance=instance,
+                resources=resources,
+                partition_key="000000",
+                raise_on_error=False,
+            )
+            (step,) = [e for e in result.all_events if e.is_step_failure]
+            return step.step_failure_data.user_failure_data.description  # type: ignore[union-attr]
+
+        assert failure() == f"No run has planned the target yet; {plan_first}"
+        with psycopg.connect(target_db.url, autocommit=True) as conn:
+            checkpoints.ensure_bookkeeping(conn)
+        assert failure().endswith(
+            f"Partition 000000 of public.visits is not in the plan; {plan_first}"
+        )
+
+
 @pytest.mark.parametrize("size", [0, -5])
 def test_a_sample_of_no_rows_is_refused_by_the_checks_config(size: int) -> None:
     """0 passed vacuously ("0 sampled rows are equal"), -5 ended in ZeroDivisionError."""
