@@ -777,10 +777,22 @@ def test_rls_check_fails_naming_unprotected_tables(
     manifest = Manifest(
         tables=(ManifestTable("public.patients", ("id",), "primary_key"),), schema_mode="none"
     )
-    result = _materialize_security(manifest, {"pgaudit": False})
+    reported: list[bool] = []
+
+    @dg.asset(deps=[SECURITY_KEY])  # as the verification report does
+    def report_after_security() -> None:
+        reported.append(True)
+
+    result = dg.materialize(
+        [build_security_asset(manifest), *build_security_checks(manifest), report_after_security],
+        resources={"target": TargetDatabase(url=dg.EnvVar("SUPABASE_DB_URL"))},
+        run_config={"ops": {"migration__security": {"config": {"pgaudit": False}}}},
+        raise_on_error=False,
+    )
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     rls = checks["rls_enabled"]
     assert not rls.passed and rls.severity == dg.AssetCheckSeverity.ERROR
+    assert reported == [True]  # the report still runs, and names the tables itself
     assert "public.staff_notes" in (rls.description or "")
     assert "public.patients" not in (rls.description or "")
     assert "rls_disabled_in_public" in (rls.description or "")
