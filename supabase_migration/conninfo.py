@@ -50,6 +50,7 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 INSECURE_SSLMODES = frozenset({"disable", "allow", "prefer"})
 VERIFYING_SSLMODES = frozenset({"verify-ca", "verify-full"})
 INSECURE_FLAG = "--allow-insecure-ssl"
+INSECURE_ENV = "SUPABASE_MIGRATION_ALLOW_INSECURE_SSL"  # the flag's setting, outside the CLI
 
 # Connection parameters that hold secrets: never rendered by `redacted()`.
 SECRET_PARAMS = frozenset({"password", "sslpassword"})
@@ -536,8 +537,8 @@ def _apply_ssl_policy(
     if sslmode in INSECURE_SSLMODES and not loopback and not allow:
         raise ConfigError(
             f"The {label} URL sets sslmode={sslmode} for {host}, which may send data "
-            f"unencrypted; use sslmode=require or verify-full, or pass {INSECURE_FLAG} if "
-            "this network is trusted."
+            f"unencrypted; use sslmode=require or verify-full, or pass {INSECURE_FLAG} "
+            f"({INSECURE_ENV}=1 in Dagster) if this network is trusted."
         )
     if sslmode in VERIFYING_SSLMODES and not rootcert:
         raise ConfigError(

@@ -17,7 +17,7 @@ import psycopg
 from . import manifest as manifest_io
 from .catalog import missing_schemas, read_tables, too_old_a_source, user_schemas
 from .connections import borrowed
-from .conninfo import DatabaseUrl, Endpoint, parse_database_url
+from .conninfo import INSECURE_ENV, DatabaseUrl, Endpoint, parse_database_url
 from .errors import ConfigError, read_user_text
 from .manifest import Manifest
 from .preflight import watched_tables_left_out
@@ -27,7 +27,6 @@ SOURCE_URL_ENV = "SOURCE_DATABASE_URL"
 TARGET_URL_ENV = "SUPABASE_DB_URL"
 TARGET_ENDPOINT_ENV = "SUPABASE_DB_ENDPOINT"  # override for self-hosted poolers
 SSLROOTCERT_ENV = "SUPABASE_SSLROOTCERT"
-INSECURE_ENV = "SUPABASE_MIGRATION_ALLOW_INSECURE_SSL"
 
 
 def insecure_ssl_allowed() -> bool:

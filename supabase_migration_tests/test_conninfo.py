@@ -236,6 +236,8 @@ def test_insecure_sslmode_refused_for_remote_hosts(mode):
     with pytest.raises(ConfigError, match="--allow-insecure-ssl") as info:
         parse(text)
     assert "hunter2" not in str(info.value)
+    # the UI has no flags: the variable that sets it there is named too
+    assert "(SUPABASE_MIGRATION_ALLOW_INSECURE_SSL=1 in Dagster)" in str(info.value)
     assert parse(text, allow_insecure=True).sslmode == mode
 
 
