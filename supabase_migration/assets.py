@@ -404,7 +404,7 @@ def plan_all(
         if plan.completed == 0:
             waiting = deferred.defer_for_load(t, infos[entry.name], messages.append)
             plan = dataclasses.replace(plan, deferred_indexes=len(waiting))
-        return plan, [cp.partition_key for cp in checkpoints.load(t, entry.name)]
+        return plan, checkpoints.load(t, entry.name)
 
     @contextlib.contextmanager
     def pair() -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
@@ -424,10 +424,41 @@ def plan_all(
     for message in messages:
         if log is not None:
             log(message)
-    for entry, (plan, keys) in zip(chosen, written, strict=True):
+    for entry, (plan, planned_ranges) in zip(chosen, written, strict=True):
         plans.append(plan)
-        instance.add_dynamic_partitions(partitions_def_name(entry.name), keys)
+        _partitions_as_planned(instance, entry.name, planned_ranges, log)
     return plans
+
+
+def _partitions_as_planned(
+    instance: dg.DagsterInstance,
+    table: str,
+    planned: Sequence[checkpoints.Checkpoint],
+    log: Callable[[str], None] | None,
+) -> None:
+    """Make Dagster's partitions of `table` the checkpoints' keys. Keys no checkpoint holds
+    (planned before the target's bookkeeping was reset, in other batch sizes) are removed:
+    they could only fail. Ranges Dagster shows materialized that this target never got (a
+    reset, or another target) are named: "materialize missing" would not select them."""
+    name = partitions_def_name(table)
+    keys = [cp.partition_key for cp in planned]
+    instance.add_dynamic_partitions(name, keys)
+    for stale in set(instance.get_dynamic_partitions(name)) - set(keys):
+        instance.delete_dynamic_partition(name, stale)
+    never_copied = {
+        cp.partition_key
+        for cp in planned
+        if cp.status != checkpoints.Status.COMPLETED and cp.completed_at is None
+    }
+    if never_copied and log is not None:
+        shown = never_copied & instance.get_materialized_partitions(table_asset_key(table))
+        if shown:
+            log(
+                f"{len(shown)} partition(s) of {table} show as materialized, from runs "
+                "against this target before its bookkeeping was reset (or against another "
+                "target), but were never copied here: backfill every partition of the table "
+                "(completed ranges are skipped), or run `supabase-migrate run`."
+            )
 
 
 # Tables planned at once, each on a source and a target connection of its own.

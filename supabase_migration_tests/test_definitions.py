@@ -177,6 +177,53 @@ def test_a_partition_materialized_before_the_plan_says_what_to_run_first(
         )
 
 
+def test_a_target_reset_is_told_and_its_stale_partitions_go(source_db, target_db) -> None:
+    """The target's bookkeeping reset (a restore, a new project) under the same Dagster
+    instance: the new plan's partition keys replace the old ones (an old key, not in the new
+    plan, failed for ever), and ranges shown materialized that the target never got are
+    named, since "materialize missing" does not select them."""
+    import psycopg
+
+    from supabase_migration.assets import partitions_def_name, plan_all
+    from supabase_migration.catalog import read_tables
+    from supabase_migration.manifest import from_catalog
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE visits (id int PRIMARY KEY); "
+            "INSERT INTO visits SELECT generate_series(1, 400)"
+        )
+        manifest = from_catalog(read_tables(conn, ["public"]), schemas=["public"], batch_size=100)
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE visits (id int PRIMARY KEY)")
+    source, target = SourceDatabase(url=source_db.url), TargetDatabase(url=target_db.url)
+    name = partitions_def_name("public.visits")
+    asset = build_definitions(manifest).get_assets_def(table_asset_key("public.visits"))
+    told: list[str] = []
+    with dg.DagsterInstance.ephemeral() as instance:
+        plan_all(manifest, source, target, instance, log=told.append)
+        keys = instance.get_dynamic_partitions(name)
+        assert len(keys) == 4 and told == []
+        for key in keys:
+            dg.materialize(
+                [asset],
+                instance=instance,
+                resources={"source": source, "target": target},
+                partition_key=key,
+            )
+        with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA supabase_migration CASCADE; TRUNCATE visits")
+        bigger = dataclasses.replace(manifest, batch_size=200)
+        plan_all(bigger, source, target, instance, log=told.append)
+        assert sorted(instance.get_dynamic_partitions(name)) == ["000000", "000001"]
+        assert told == [
+            "2 partition(s) of public.visits show as materialized, from runs against this "
+            "target before its bookkeeping was reset (or against another target), but were "
+            "never copied here: backfill every partition of the table (completed ranges are "
+            "skipped), or run `supabase-migrate run`."
+        ]
+
+
 @pytest.mark.parametrize("size", [0, -5])
 def test_a_sample_of_no_rows_is_refused_by_the_checks_config(size: int) -> None:
     """0 passed vacuously ("0 sampled rows are equal"), -5 ended in ZeroDivisionError."""
