@@ -422,7 +422,8 @@ def range_checksums(
                 if s != t
             ]
         mismatches: list[dict[str, Any]] = []
-        changed_keys: list[str] = []
+        changed_keys: list[str] = []  # at most MAX_KEYS_SHOWN a range
+        differing = 0  # every one, counted
         for i, (r, s, t) in enumerate(bad):
             entry: dict[str, Any] = {
                 "partition_key": r.partition_key,
@@ -436,6 +437,7 @@ def range_checksums(
                 entry.update(diff)
                 changed_keys += diff["missing_on_target"] + diff["extra_on_target"]
                 changed_keys += [c["key"] for c in diff["changed"]]
+                differing += diff["missing_count"] + diff["extra_count"] + diff["changed_count"]
             mismatches.append(entry)
         keys = [r.partition_key for r, _, _ in bad]
         details: dict[str, Any] = {
@@ -452,12 +454,19 @@ def range_checksums(
             text = (
                 f"{name}: {len(bad)} of {len(ranges)} ranges have different checksums "
                 f"(re-run partitions {listed(keys)})"
-                + (f"; rows differ at {listed(changed_keys, 5)}" if changed_keys else "")
+                + (f"; rows differ at {_examples(changed_keys, differing)}" if changed_keys else "")
                 + "."
             )
         return not bad, ERROR, text, details
 
     return _timed(CHECKSUMS, table, run)
+
+
+def _examples(keys: Sequence[str], total: int, shown: int = 5) -> str:
+    """The first keys, and how many more of `total` (the keys listed are a sample of them)."""
+    head = ", ".join(keys[:shown])
+    more = total - min(shown, len(keys))
+    return head + (f" and {more} more" if more > 0 else "")
 
 
 def key_order(key: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:

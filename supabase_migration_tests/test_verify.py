@@ -589,6 +589,19 @@ def test_a_column_the_target_lacks_is_named(migrated: Migrated) -> None:
     assert "Dr. Who" not in report.to_json()
 
 
+def test_the_checksum_sentence_counts_every_differing_row(migrated: Migrated) -> None:
+    """Each range lists at most 20 keys; the sentence's "and N more" counted those only (1000
+    rows missing read "and 15 more")."""
+    _on_target(migrated, "DELETE FROM codes WHERE code <= 'c0100'", admin=True)
+    report = _verify(migrated)
+    sums = report.outcome("public.codes", CHECKSUMS)
+    assert sums is not None and not sums.passed
+    assert (
+        "rows differ at code=c0001, code=c0002, code=c0003, code=c0004, code=c0005 and 95 more."
+        in (sums.description)
+    )
+
+
 # -- other key kinds and types ------------------------------------------------------------------
 
 VARIETY_SCHEMA = """
