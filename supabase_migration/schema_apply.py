@@ -498,23 +498,27 @@ def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[Non
         raise
     except sqlalchemy.exc.DBAPIError as exc:
         cause = exc.orig if isinstance(exc.orig, BaseException) else exc
-        raise SchemaError(
+        sentence = (
             f"Alembic's upgrade failed{applying.at} on the {target_url.describe()} and was "
             f"rolled back: {redact_text(describe_pg_error(cause), secrets)}."
-        ) from None
+        )
+        if isinstance(cause, psycopg.Error):  # worth a retry, a migration to fix (exit 2)...
+            raise database_error(cause, sentence, SchemaError) from None
+        raise SchemaError(sentence) from None
+    # The project's own errors (its configuration, env.py, a script): the user's to fix
     except CommandError as exc:
-        raise SchemaError(
+        raise ConfigError(
             f"Alembic's upgrade failed{applying.at}: {redact_text(_one_line(exc), secrets)}."
         ) from None
     except Exception as exc:
         if _raised_in(exc, "autocommit_block"):
-            raise SchemaError(
+            raise ConfigError(
                 f"A migration of the Alembic project{applying.at} runs outside a transaction "
                 "(autocommit_block, as CREATE INDEX CONCURRENTLY needs), and this tool applies "
                 "the upgrade in one transaction so that a failure leaves nothing behind; apply "
                 "that revision on the target yourself (alembic upgrade), then run again."
             ) from None
-        raise SchemaError(
+        raise ConfigError(
             f"Alembic's upgrade failed{applying.at} in the project's env.py or a migration "
             f"script: {redact_text(describe_pg_error(exc), secrets)}."
         ) from None

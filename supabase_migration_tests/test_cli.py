@@ -436,6 +436,28 @@ def test_alembic_mode_names_a_source_column_the_migrations_do_not_have(clinic):
         assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
 
 
+def test_a_migration_that_fails_is_one_sentence_and_exit_2(source_db, target_db, tmp_path):
+    """The project's migration is the user's to fix, as any bad input: exit code 2, the
+    revision named, nothing left on the target."""
+    from .test_schema_apply import COOKBOOK_ENV, _alembic_project
+
+    ini = _alembic_project(
+        tmp_path / "app",
+        COOKBOOK_ENV,
+        [("h1", "CREATE TABLE notes (id int PRIMARY KEY)"), ("h2", "SELECT no_such_function()")],
+    )
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY)")
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli(["run", "--schema-mode", "alembic", "--alembic-config", str(ini)], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: Alembic's upgrade failed at revision h2 on the target"), line
+    assert "undefined_function" in line and "Traceback" not in done.stderr
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.notes')").fetchone() == (None,)
+
+
 def test_a_missing_alembic_config_is_refused_before_it_changes_the_manifest(clinic):
     *_, env, tmp_path = clinic
     assert cli(["init"], env, tmp_path).returncode == 0
