@@ -502,10 +502,11 @@ def _marked_elsewhere(
     cannot say (they wait for a later run)."""
     try:
         return checkpoints.marked_to_copy_again(session.target, table, keys)
-    except psycopg.Error as exc:
+    except (MigrationError, psycopg.Error) as exc:
+        why = exc.message if isinstance(exc, MigrationError) else describe_pg_error(exc)
         context.log.warning(
             f"Which ranges of {table} are marked to be copied again could not be read "
-            f"({describe_pg_error(exc)}); they wait for a later run."
+            f"({why.rstrip('.')}); they wait for a later run."
         )
         return []
 

@@ -913,7 +913,7 @@ def _check_target_objects(ctx: _Context) -> None:
 
 _WHAT_MODES_DO_WITH_TABLES = {
     "dump": "dump mode applies the schema only where it applied it before or nothing is there.",
-    "alembic": "alembic mode upgrades them to the head revision.",
+    "alembic": "alembic mode upgrades them to the source's revision.",
     "none": "schema mode none copies into them as they are.",
 }
 

@@ -316,7 +316,7 @@ def _apply_alembic(
             finally:
                 cfg.attributes.pop("connection", None)
                 connection.rollback()
-        return found[0] if found else ("alembic_version", None, True)
+        return found[0] if found else ("alembic_version", None, False)
 
     engine = make_engine(target_url, pool_size=1, max_overflow=0)
     try:
@@ -329,7 +329,9 @@ def _apply_alembic(
                 before = _target_revisions(conn, table, table_schema)
                 before_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
                 count_before = count_objects(conn, before_schemas)
-            if before == wanted:
+            # At the source's revisions, or past them (a target someone upgraded further):
+            # nothing to apply, and the tables are compared with the source's all the same.
+            if wanted <= _with_ancestors(script, before):
                 return SchemaResult(
                     mode=SchemaMode.ALEMBIC, revision=_revision(before), changed=False
                 )
@@ -358,7 +360,7 @@ def _apply_alembic(
         engine.dispose()
     with connect(target_url) as conn, conn.transaction():
         after = _target_revisions(conn, table, table_schema)
-        if after != wanted:
+        if not wanted <= _with_ancestors(script, after):
             raise SchemaError(
                 f"Alembic ran but the target is at revision {_revision(after) or 'none'} "
                 f"instead of the source's {_revision(wanted)}; the project's env.py probably "
@@ -383,6 +385,26 @@ def _apply_alembic(
         changed=before != after,
         checked=checked,
     )
+
+
+def _with_ancestors(script: Any, revisions: set[str]) -> set[str]:
+    """`revisions` and every revision they were upgraded through (an unknown one: itself)."""
+    from alembic.script.revision import RevisionError
+
+    seen: set[str] = set()
+    todo = list(revisions)
+    while todo:
+        revision = todo.pop()
+        if revision in seen:
+            continue
+        seen.add(revision)
+        try:
+            found = script.get_revision(revision)
+        except RevisionError:  # not the project's: no ancestors known
+            found = None
+        down = found.down_revision if found is not None else None
+        todo += [down] if isinstance(down, str) else list(down or ())
+    return seen
 
 
 def _database_of(connection: Any) -> tuple[Any, ...]:
@@ -494,8 +516,8 @@ def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[Non
     migration_log.propagate = False  # heard here only, not on the host's handlers
     try:
         yield
-    except MigrationError:
-        raise
+    except (MigrationError, psycopg.Error):
+        raise  # ours, or a database error of our own reads: apply_schema says which
     except sqlalchemy.exc.DBAPIError as exc:
         cause = exc.orig if isinstance(exc.orig, BaseException) else exc
         sentence = (
@@ -536,7 +558,8 @@ class _RevisionsApplied(logging.Handler):
         self.revision: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = re.match(r"Running upgrade .*-> ?(\w+)", record.getMessage())
+        # "Running upgrade a1 -> b2, its message" (which may hold "->" itself)
+        found = re.match(r"Running upgrade .*? -> ([^,\s]+)", record.getMessage())
         if found:
             self.revision = found.group(1)
 

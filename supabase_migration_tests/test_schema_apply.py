@@ -736,6 +736,16 @@ def test_the_target_is_brought_to_the_sources_revision(source_db, target_db, tmp
     execute(source_db.url, "UPDATE alembic_version SET version_num = 'e9'")
     with pytest.raises(ConfigError, match="source is at Alembic revision e9, which the project"):
         apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    # A target already past the source's revision (upgraded by hand, or an earlier release
+    # went to head) is not taken back: nothing runs, and the tables are compared as ever.
+    execute(source_db.url, "UPDATE alembic_version SET version_num = 'e2'")
+    assert (
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini).revision
+        == "e2"
+    )
+    execute(source_db.url, "UPDATE alembic_version SET version_num = 'e1'")
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert (result.changed, result.revision) == (False, "e2")
 
 
 def test_a_source_at_two_heads_is_upgraded_to_both(source_db, target_db, tmp_path):
@@ -756,6 +766,18 @@ def test_a_source_at_two_heads_is_upgraded_to_both(source_db, target_db, tmp_pat
     result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
     assert result.revision == "f2a,f2b"
     assert {"t_f2a", "t_f2b"} <= set(public_tables(target_db.admin_url))
+
+
+def test_the_failing_revision_is_named_whatever_its_message(source_db, target_db, tmp_path):
+    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("r2024_01_j1", "CREATE TABLE j ()")])
+    (tmp_path / "app" / "migrations" / "versions" / "j2.py").write_text(
+        '"""rename status -> state"""\nfrom alembic import op\nrevision = "r2024_02_j2"\n'
+        'down_revision = "r2024_01_j1"\nbranch_labels = None\ndepends_on = None\n'
+        "def upgrade():\n    op.execute('SELECT no_such_function()')\n"
+    )
+    source, target = _urls(source_db, target_db.url)
+    with pytest.raises(ConfigError, match=r"^Alembic's upgrade failed at revision r2024_02_j2 on"):
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
 
 
 def test_a_migration_outside_a_transaction_is_one_sentence(source_db, target_db, tmp_path):
