@@ -590,6 +590,15 @@ def _alembic_project(root: Path, env_py: str, revisions: list[tuple[str, str]]) 
     return root / "alembic.ini"
 
 
+def _add_revision(ini: Path, revision: str, down: str, upgrade: str, doc: str = "") -> None:
+    """One more revision file in the project of `ini`; `upgrade`: its upgrade()'s body."""
+    (ini.parent / "migrations" / "versions" / f"{revision}.py").write_text(
+        f'"""{doc}"""\nfrom alembic import op\nrevision = {revision!r}\n'
+        f"down_revision = {down!r}\nbranch_labels = None\ndepends_on = None\n"
+        f"def upgrade():\n{textwrap.indent(textwrap.dedent(upgrade), '    ')}\n"
+    )
+
+
 # The env.py `alembic init` generates: it reads sqlalchemy.url and calls fileConfig.
 GENERATED_ENV = """\
 from logging.config import fileConfig
@@ -750,13 +759,8 @@ def test_the_target_is_brought_to_the_sources_revision(source_db, target_db, tmp
 
 def test_a_source_at_two_heads_is_upgraded_to_both(source_db, target_db, tmp_path):
     ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("f1", "CREATE TABLE base (id int)")])
-    versions = tmp_path / "app" / "migrations" / "versions"
     for head in ("f2a", "f2b"):
-        (versions / f"{head}.py").write_text(
-            f"from alembic import op\nrevision = {head!r}\ndown_revision = 'f1'\n"
-            "branch_labels = None\ndepends_on = None\n"
-            f"def upgrade():\n    op.execute('CREATE TABLE t_{head} (id int)')\n"
-        )
+        _add_revision(ini, head, "f1", f"op.execute('CREATE TABLE t_{head} (id int)')")
     execute(
         source_db.url,
         "CREATE TABLE alembic_version (version_num text); "
@@ -768,31 +772,34 @@ def test_a_source_at_two_heads_is_upgraded_to_both(source_db, target_db, tmp_pat
     assert {"t_f2a", "t_f2b"} <= set(public_tables(target_db.admin_url))
 
 
-def test_the_failing_revision_is_named_whatever_its_message(source_db, target_db, tmp_path):
-    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("r2024_01_j1", "CREATE TABLE j ()")])
-    (tmp_path / "app" / "migrations" / "versions" / "j2.py").write_text(
-        '"""rename status -> state"""\nfrom alembic import op\nrevision = "r2024_02_j2"\n'
-        'down_revision = "r2024_01_j1"\nbranch_labels = None\ndepends_on = None\n'
-        "def upgrade():\n    op.execute('SELECT no_such_function()')\n"
-    )
+@pytest.mark.parametrize(
+    ("upgrade", "doc", "sentence"),
+    [
+        # the revision named, whatever its message holds
+        (
+            "op.execute('SELECT no_such_function()')",
+            "rename status -> state",
+            r"^Alembic's upgrade failed at revision r2 on",
+        ),
+        # a migration that needs to run outside a transaction: named in one sentence
+        (
+            "with op.get_context().autocommit_block():\n"
+            "    op.execute('CREATE INDEX CONCURRENTLY logs_id ON logs (id)')",
+            "",
+            r"project at revision r2 runs outside a transaction \(autocommit_block",
+        ),
+    ],
+    ids=["failing", "autocommit_block"],
+)
+def test_a_failing_revision_is_named_in_one_sentence(
+    source_db, target_db, tmp_path, upgrade, doc, sentence
+):
+    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("r1", "CREATE TABLE logs (id int)")])
+    _add_revision(ini, "r2", "r1", upgrade, doc)
     source, target = _urls(source_db, target_db.url)
-    with pytest.raises(ConfigError, match=r"^Alembic's upgrade failed at revision r2024_02_j2 on"):
+    with pytest.raises(ConfigError, match=sentence):  # the project's to fix: exit code 2
         apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
-
-
-def test_a_migration_outside_a_transaction_is_one_sentence(source_db, target_db, tmp_path):
-    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("g1", "CREATE TABLE logs (id int)")])
-    (tmp_path / "app" / "migrations" / "versions" / "g2.py").write_text(
-        "from alembic import op\nrevision = 'g2'\ndown_revision = 'g1'\n"
-        "branch_labels = None\ndepends_on = None\ndef upgrade():\n"
-        "    with op.get_context().autocommit_block():\n"
-        "        op.execute('CREATE INDEX CONCURRENTLY logs_id ON logs (id)')\n"
-    )
-    source, target = _urls(source_db, target_db.url)
-    outside = r"project at revision g2 runs outside a transaction \(autocommit_block"
-    with pytest.raises(ConfigError, match=outside):
-        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
-    assert public_tables(target_db.admin_url) == []  # g1 rolled back with it
+    assert public_tables(target_db.admin_url) == []  # r1 rolled back with it
 
 
 def test_a_check_before_the_commit_rolls_the_upgrade_back(source_db, target_db, tmp_path):
