@@ -172,16 +172,21 @@ def setup_asset(manifest: Manifest, **asset_args: Any) -> Callable[[Body], dg.As
 def _needing_a_manifest(body: Body) -> Body:
     @functools.wraps(body)
     def refuse(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
-        raise dg.Failure(
-            description=(
-                f"There is no manifest this release reads at {default_path()}, so "
-                "there is nothing to migrate; run `supabase-migrate init` to write it (or set "
-                f"{MANIFEST_ENV} to its path), then reload the code location."
-            ),
-            allow_retries=False,
-        )
+        raise no_manifest_failure()
 
     return cast(Body, refuse)
+
+
+def no_manifest_failure() -> dg.Failure:
+    """What an asset built from `NO_MANIFEST` says instead of running."""
+    return dg.Failure(
+        description=(
+            f"There is no manifest this release reads at {default_path()}, so there is "
+            "nothing to migrate; run `supabase-migrate init` to write it (or set "
+            f"{MANIFEST_ENV} to its path), then reload the code location."
+        ),
+        allow_retries=False,
+    )
 
 
 def _interrupted_tag(context: dg.AssetExecutionContext) -> str:
@@ -623,10 +628,13 @@ def copy_partitions(
             except MigrationError as exc:
                 planned.pop(key, None)  # failed now: read again
                 if key not in keys:  # left pending, for the run that holds it or a later one
-                    context.log.warning(
-                        f"{exc.message.rstrip('.')}; partition {key}, outside this run, stays "
-                        "pending for a later run."
-                    )
+                    if isinstance(exc, ConcurrentRunError):  # that run copies it
+                        context.log.info(exc.message)
+                    else:
+                        context.log.warning(
+                            f"{exc.message.rstrip('.')}; partition {key}, outside this run, "
+                            "stays pending for a later run."
+                        )
                     if _unreachable(exc):
                         break
                     continue

@@ -35,6 +35,7 @@ from .assets import (
     SEQUENCES_KEY,
     TARGET_POOL,
     live_tables,
+    no_manifest_failure,
     step_failure,
     table_asset_key,
 )
@@ -42,7 +43,7 @@ from .catalog import needs_bytewise_keys
 from .conninfo import DatabaseUrl
 from .copy import CopySession
 from .errors import MigrationError
-from .manifest import Manifest, ManifestTable
+from .manifest import NO_MANIFEST, Manifest, ManifestTable
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, Report, markdown_table, report_dir
 from .resources import SourceDatabase, TargetDatabase
 from .verify import (
@@ -257,6 +258,8 @@ def build_report_asset(
         source: SourceDatabase,
         target: TargetDatabase,
     ) -> dg.MaterializeResult:
+        if manifest is NO_MANIFEST:  # a report of no tables would be no proof of anything
+            raise no_manifest_failure()
         try:
             source_url, target_url = source.database_url(), target.database_url()
             findings = security_findings(source_url, target_url) if security_findings else ()

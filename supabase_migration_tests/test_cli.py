@@ -887,6 +887,9 @@ def test_a_ui_run_copies_the_ranges_its_take_aside_marked_outside_its_partitions
             assert result.success
             logs = [e.message for e in instance.all_logs(result.run_id)]
         assert not [m for m in logs if "M450" in m or "M460" in m]
+        # a range another run holds is that run's to copy: said so, not "stays pending"
+        assert not [m for m in logs if "stays pending" in m]
+        held_by_other.extend(m for m in logs if "being copied by another run" in m)
         with psycopg.connect(target_db.url) as conn:
             pending = conn.execute(
                 "SELECT partition_key FROM supabase_migration.migration_checkpoints "
@@ -896,6 +899,7 @@ def test_a_ui_run_copies_the_ranges_its_take_aside_marked_outside_its_partitions
         return materialized, [p for (p,) in pending]
 
     # Another run takes partition 000004 once this one has marked it: left to that run.
+    held_by_other: list[str] = []
     original = assets._taken_aside_note
     with psycopg.connect(target_db.url) as other_run:
 
@@ -908,6 +912,7 @@ def test_a_ui_run_copies_the_ranges_its_take_aside_marked_outside_its_partitions
 
         monkeypatch.setattr(assets, "_taken_aside_note", noted_then_taken)
         assert swapped_then_first_range_materialized(5, 450) == (["000000"], ["000004"])
+        assert len(held_by_other) == 1, held_by_other
         other_run.rollback()
     monkeypatch.setattr(assets, "_taken_aside_note", original)
     assert swapped_then_first_range_materialized(6, 460) == (["000000", "000004"], [])

@@ -109,22 +109,23 @@ def test_without_a_manifest_materializing_everything_writes_nothing(
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE patients (id int PRIMARY KEY)")
     defs = build_definitions(None)
-    setup = [defs.get_assets_def(key) for key in (SCHEMA_KEY, PLAN_KEY)]
-    result = dg.materialize(
-        setup,
-        resources={
-            "source": SourceDatabase(url=source_db.url),
-            "target": TargetDatabase(url=target_db.url),
-        },
-        raise_on_error=False,
-    )
-    assert not result.success
-    (failure,) = [e for e in result.all_events if e.is_step_failure]
-    assert failure.step_failure_data.user_failure_data.description == (  # type: ignore[union-attr]
+    resources = {
+        "source": SourceDatabase(url=source_db.url),
+        "target": TargetDatabase(url=target_db.url),
+    }
+    sentence = (
         f"There is no manifest this release reads at {tmp_path / 'nowhere.yaml'}, so there is "
         "nothing to migrate; run `supabase-migrate init` to write it (or set "
         "SUPABASE_MIGRATION_MANIFEST to its path), then reload the code location."
     )
+    # the setup run, and the migration_verify job (the report of no tables: no proof)
+    for keys in ((SCHEMA_KEY, PLAN_KEY), (REPORT_KEY,)):
+        result = dg.materialize(
+            [defs.get_assets_def(key) for key in keys], resources=resources, raise_on_error=False
+        )
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.is_step_failure]
+        assert failure.step_failure_data.user_failure_data.description == sentence  # type: ignore[union-attr]
     with psycopg.connect(target_db.admin_url) as conn:
         assert conn.execute(
             "SELECT to_regclass('public.patients'), to_regnamespace('supabase_migration')"
