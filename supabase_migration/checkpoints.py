@@ -321,8 +321,9 @@ def copy_again_statements(table: str, keys: Sequence[str]) -> list[sql.Composabl
 
 
 def marked_to_copy_again(conn: psycopg.Connection, table: str, but: Sequence[str]) -> list[str]:
-    """The partitions of `table`, other than `but`, that `copy_again_statements` marked and
-    no run has copied since: pending, with a completion time."""
+    """The partitions of `table`, other than `but`, completed once and pending again, not
+    copied since: marked by `copy_again_statements`, or a last range the plan reopened when
+    the source grew past it."""
     rows = conn.execute(
         sql.SQL(
             "SELECT partition_key FROM {} WHERE table_name = %s AND status = 'pending' "

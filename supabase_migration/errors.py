@@ -66,10 +66,12 @@ class VerificationInterrupted(KeyboardInterrupt):
     what finishes the job."""
 
 
-def listed(items: Sequence[str], limit: int = 10) -> str:
-    """The first `limit` items, and how many more: a list inside a sentence."""
+def listed(items: Sequence[str], limit: int = 10, total: int | None = None) -> str:
+    """The first `limit` items, and how many more (of `total`, when the items are a sample of
+    them): a list inside a sentence."""
     head = ", ".join(items[:limit])
-    return head + (f" and {len(items) - limit} more" if len(items) > limit else "")
+    more = (len(items) if total is None else total) - min(limit, len(items))
+    return head + (f" and {more} more" if more > 0 else "")
 
 
 def read_user_text(path: Path, what: str, missing: str) -> str:

@@ -326,7 +326,7 @@ def _apply_alembic(
             wanted = wanted or heads
             with borrowed(target_url) as conn:
                 # Read on our own connection: an env.py that connects elsewhere cannot fool it.
-                before = _target_revisions(conn, table, table_schema)
+                before = _alembic_revisions(conn, table, table_schema)
                 before_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
                 count_before = count_objects(conn, before_schemas)
             # At the source's revisions, or past them (a target someone upgraded further):
@@ -359,7 +359,7 @@ def _apply_alembic(
     finally:
         engine.dispose()
     with connect(target_url) as conn, conn.transaction():
-        after = _target_revisions(conn, table, table_schema)
+        after = _alembic_revisions(conn, table, table_schema)
         if not wanted <= _with_ancestors(script, after):
             raise SchemaError(
                 f"Alembic ran but the target is at revision {_revision(after) or 'none'} "
@@ -428,7 +428,7 @@ def _source_revisions(
     """The source's Alembic revisions (none without a version table), each one the project
     has: a source off the project's revisions (ahead of this checkout) is refused."""
     with borrowed(source_url) as source:
-        found = _target_revisions(source, table, schema)
+        found = _alembic_revisions(source, table, schema)
     unknown = sorted(found - known)
     if unknown:
         raise ConfigError(
@@ -439,8 +439,8 @@ def _source_revisions(
     return found
 
 
-def _target_revisions(conn: psycopg.Connection, table: str, schema: str | None) -> set[str]:
-    """The revisions in the target's Alembic version table (empty when there is none yet)."""
+def _alembic_revisions(conn: psycopg.Connection, table: str, schema: str | None) -> set[str]:
+    """The revisions in a database's Alembic version table (empty when there is none)."""
     ident = sql.Identifier(schema, table) if schema else sql.Identifier(table)
     # Unqualified (no version_table_schema) resolves through the search_path, as in Alembic.
     found = conn.execute("SELECT to_regclass(%s)", (ident.as_string(conn),))
@@ -503,8 +503,9 @@ def _no_file_config(*args: Any, **kwargs: Any) -> None:
 
 @contextlib.contextmanager
 def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[None]:
-    """Turn whatever the user's migrations raise into one PHI-free SchemaError, naming the
-    revision that was being applied."""
+    """Turn whatever the user's migrations raise into one PHI-free sentence naming the
+    revision being applied: a ConfigError (exit 2) for the project's own errors, a database
+    error as `database_error` classes it."""
     import sqlalchemy.exc
     from alembic.util import CommandError
 

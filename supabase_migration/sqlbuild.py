@@ -257,10 +257,7 @@ def row_hash(
 def _as_text(col: Column) -> sql.Composable:
     """A column's value as text; xml (an xml array's elements too) as stored, since its output
     drops an XML declaration."""
-    value: sql.Composable = sql.Identifier(col.name)
-    if col.xml_text:
-        value = sql.SQL("{}::{}").format(value, sql.SQL(_XML_AS_TEXT[col.xml_text]))
-    return sql.SQL("{}::text").format(value)
+    return sql.SQL("{}::text").format(_as_stored(sql.Identifier(col.name), col))
 
 
 def _array_shapes(arrays: Sequence[tuple[int, sql.Identifier]]) -> sql.Composable:
@@ -484,13 +481,18 @@ _XML_AS_TEXT = {"xml": "pg_catalog.text", "xml[]": "pg_catalog.xml[]::pg_catalog
 def _copied_values(columns: Sequence[Column]) -> sql.Composable:
     """The values a COPY out sends: the columns, xml as its stored text (see Column.xml_text)."""
     return sql.SQL(", ").join(
-        sql.SQL("{}::{} AS {}").format(
-            sql.Identifier(c.name), sql.SQL(_XML_AS_TEXT[c.xml_text]), sql.Identifier(c.name)
-        )
+        sql.SQL("{} AS {}").format(_as_stored(sql.Identifier(c.name), c), sql.Identifier(c.name))
         if c.xml_text
         else sql.Identifier(c.name)
         for c in columns
     )
+
+
+def _as_stored(value: sql.Composable, col: Column) -> sql.Composable:
+    """`value` of `col`; an xml one (an xml array's elements too) cast to its stored text."""
+    if not col.xml_text:
+        return value
+    return sql.SQL("{}::{}").format(value, sql.SQL(_XML_AS_TEXT[col.xml_text]))
 
 
 def copy_in_query(
@@ -582,13 +584,10 @@ def row_text(columns: Sequence[Column], alias: str | None = None) -> sql.Compose
     its stored text, since its output drops an XML declaration (a change of that alone would
     read as none)."""
 
-    def column(c: Column) -> sql.Composable:
-        name = sql.Identifier(alias, c.name) if alias else sql.Identifier(c.name)
-        if c.xml_text:
-            return sql.SQL("{}::{}").format(name, sql.SQL(_XML_AS_TEXT[c.xml_text]))
-        return name
-
-    return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(column(c) for c in columns))
+    names = (sql.Identifier(alias, c.name) if alias else sql.Identifier(c.name) for c in columns)
+    return sql.SQL("ROW({})::text").format(
+        sql.SQL(", ").join(_as_stored(name, c) for name, c in zip(names, columns, strict=True))
+    )
 
 
 def unwritable_columns(table: TableInfo) -> list[Column]:

@@ -454,19 +454,12 @@ def range_checksums(
             text = (
                 f"{name}: {len(bad)} of {len(ranges)} ranges have different checksums "
                 f"(re-run partitions {listed(keys)})"
-                + (f"; rows differ at {_examples(changed_keys, differing)}" if changed_keys else "")
+                + (f"; rows differ at {listed(changed_keys, 5, differing)}" if changed_keys else "")
                 + "."
             )
         return not bad, ERROR, text, details
 
     return _timed(CHECKSUMS, table, run)
-
-
-def _examples(keys: Sequence[str], total: int, shown: int = 5) -> str:
-    """The first keys, and how many more of `total` (the keys listed are a sample of them)."""
-    head = ", ".join(keys[:shown])
-    more = total - min(shown, len(keys))
-    return head + (f" and {more} more" if more > 0 else "")
 
 
 def key_order(key: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:

@@ -800,12 +800,7 @@ def test_unique_values_swapped_across_ranges_are_caught_up(source_db, target_db,
     )
     assert_tables_equal(source_db.url, target_db.url, ["public.pat"])
     # The run's log tells the take-aside by count and partitions, never by a key or value.
-    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        messages = [
-            entry.message
-            for record in instance.get_run_records()
-            for entry in instance.all_logs(record.dagster_run.run_id)
-        ]
+    messages = _logged(env)
     told = [m for m in messages if "holding a unique value" in m]
     note = (
         "Partition {} of public.pat: 1 row holding a unique value this range's rows now have "
@@ -815,6 +810,16 @@ def test_unique_values_swapped_across_ranges_are_caught_up(source_db, target_db,
     # Whichever of the two ranges is copied first takes the other's row aside.
     assert told in ([note.format("000000", "000004")], [note.format("000004", "000000")])
     assert not [m for m in messages if "M5" in m or "M450" in m or "450" in m]
+
+
+def _logged(env: dict[str, str]) -> list[str]:
+    """Every message of every run in the CLI's Dagster instance."""
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        return [
+            entry.message
+            for record in instance.get_run_records()
+            for entry in instance.all_logs(record.dagster_run.run_id)
+        ]
 
 
 def test_a_unique_position_shifted_up_is_caught_up_in_one_run(source_db, target_db, tmp_path):

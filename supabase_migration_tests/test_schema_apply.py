@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import subprocess
 import textwrap
+import urllib.parse
 from decimal import Decimal
 from pathlib import Path
 
@@ -672,10 +673,18 @@ def test_failed_migration_rolls_back_every_revision(source_db, target_db, tmp_pa
     assert public_tables(target_db.admin_url) == []
 
 
-def test_env_py_with_its_own_url_is_caught(source_db, target_db, tmp_path):
+@pytest.mark.parametrize("elsewhere", ["the source", "another database of the target's server"])
+def test_env_py_with_its_own_url_is_caught(source_db, target_db, tmp_path, elsewhere):
+    other = source_db.url
+    if elsewhere != "the source":  # the same server (start time), another database (oid)
+        name = f"{target_db.name}_other"
+        execute(target_db.admin_url, f'DROP DATABASE IF EXISTS "{name}"')
+        execute(target_db.admin_url, f'CREATE DATABASE "{name}"')
+        parts = urllib.parse.urlsplit(target_db.url)
+        other = urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
     hard_coded = GENERATED_ENV.replace(
         "config.get_section(config.config_ini_section, {}),",
-        f'{{"sqlalchemy.url": {source_db.url.replace("postgresql://", "postgresql+psycopg://")!r}}},',
+        f'{{"sqlalchemy.url": {other.replace("postgresql://", "postgresql+psycopg://")!r}}},',
     )
     ini = _alembic_project(
         tmp_path / "app", hard_coded, [("c1", "CREATE TABLE misplaced (id int)")]
