@@ -125,9 +125,9 @@ def migrate_schema(
         # on a connection of its own and committed it.
         at_revision = "The target's tables, at the source's Alembic revision, do not fit its rows"
         with borrowed(target_url) as target:
-            fitting(target, at_revision)
-            if result.changed:
+            if result.changed:  # committed already: closed to the API roles before anything
                 protect(target, made_now=True)
+            fitting(target, at_revision)
     with borrowed(target_url) as target:
         ensure_bookkeeping(target)
         protect(target)  # tables made earlier, or by the user (mode none); then bookkeeping

@@ -730,6 +730,35 @@ def test_the_generated_env_py_is_checked_after_its_own_commit(source_db, target_
         execute(target_db.admin_url, "DROP TABLE alembic_version")
 
 
+def test_the_generated_env_py_is_fit_checked_after_it_commits(source_db, target_db, tmp_path):
+    """With the generated env.py the upgrade commits on its own connection: the schema step
+    then compares the tables after it, saying so without claiming a rollback, and closes to
+    the API roles what it made (RLS) all the same."""
+    from supabase_migration.manifest import Manifest, ManifestTable
+    from supabase_migration.schema_step import migrate_schema
+
+    ini = _alembic_project(
+        tmp_path / "app", GENERATED_ENV, [("k1", "CREATE TABLE items (id int PRIMARY KEY, n text)")]
+    )
+    execute(source_db.url, "CREATE TABLE items (id int PRIMARY KEY, n bigint)")
+    manifest = Manifest(
+        tables=(ManifestTable("public.items", ("id",), "primary_key"),),
+        schema_mode="alembic",
+        alembic_config=str(ini),
+    )
+    source, target = _urls(source_db, target_db.url)
+    with pytest.raises(PreflightError) as caught:
+        migrate_schema(manifest, source, target)
+    assert str(caught.value).startswith(
+        "The target's tables, at the source's Alembic revision, do not fit its rows"
+    )
+    assert "rolled back" not in str(caught.value)
+    with psycopg.connect(target_db.admin_url) as conn:  # committed by env.py, and protected
+        assert conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.items'::regclass"
+        ).fetchone() == (True,)
+
+
 def test_the_target_is_brought_to_the_sources_revision(source_db, target_db, tmp_path):
     """The source's rows fit the tables of its own revision, and its version table comes
     along with them: the target is upgraded to the source's revisions, not head (which left
