@@ -470,6 +470,14 @@ def _partitions_as_planned(
 PLAN_WRITERS = 3
 
 
+def range_description(result: RangeResult) -> str:
+    """A re-sync writes only new and changed rows: how many, of the range's."""
+    rows = f"{result.rows} rows"
+    if result.path == "upsert":
+        rows = f"{result.rows_written} of {rows} written and {result.rows_deleted} deleted"
+    return f"{result.path}: {rows} in {result.duration_s:.2f} s"
+
+
 def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
     """Integer bounds are shown; text/uuid/composite bounds are key values (an email, an MRN)
     that the record of a range copied as planned does not need, so it gets only the partition
@@ -487,6 +495,7 @@ def range_metadata(result: RangeResult, table: TableInfo) -> dict[str, object]:
     return {
         "path": result.path,
         "rows": result.rows,
+        "rows_written": result.rows_written,
         "rows_deleted": result.rows_deleted,
         **aside,
         "bytes": result.bytes,
@@ -669,7 +678,7 @@ def copy_partitions(
             yield dg.AssetMaterialization(
                 asset_key=context.asset_key,
                 partition=key,
-                description=f"{result.path}: {result.rows} rows in {result.duration_s:.2f} s",
+                description=range_description(result),
                 metadata=range_metadata(result, table),
             )
         for exc in collided.values():

@@ -735,10 +735,13 @@ def sever(conn: psycopg.Connection) -> None:
 
 
 def in_one_round_trip(
-    conn: psycopg.Connection, statements: Sequence[sql.Composable]
+    conn: psycopg.Connection,
+    statements: Sequence[sql.Composable],
+    rowcounts: list[int] | None = None,
 ) -> list[tuple]:
     """Run `statements` in one round trip (one simple query: no parameters, values inline);
-    the first row of each that returns rows, in order.
+    the first row of each that returns rows, in order. `rowcounts`, if given, gets each
+    statement's row count (-1 where it has none).
 
     A Supabase target is tens of milliseconds away: statements that always go together
     travel together (a range's BEGIN with its lock and settings, its COMMIT with the
@@ -749,6 +752,8 @@ def in_one_round_trip(
     with conn.cursor() as cur:
         cur.execute(sql.SQL("; ").join(statements))
         while True:
+            if rowcounts is not None:
+                rowcounts.append(cur.rowcount)
             if cur.description is not None:
                 rows.append(cur.fetchone())
             if not cur.nextset():

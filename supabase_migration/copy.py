@@ -108,6 +108,8 @@ class RangeResult:
     # with it, and those ranges, marked to be copied again (see `_merge_changed`).
     rows_taken_aside: int = 0
     ranges_copied_again: tuple[str, ...] = ()
+    # Rows the target inserted or updated: a re-sync writes only new and changed ones.
+    rows_written: int = 0
 
     @property
     def changed(self) -> bool:
@@ -238,6 +240,7 @@ def copy_range(
             key_range.describe(),
             loaded.taken_aside,
             loaded.copied_again,
+            count if loaded.written is None else loaded.written,
         )
     except _Refused as exc:  # rolled back: recorded like a database's refusal
         _record_failure(target, name, partition_key, exc.message, options.run_id)
@@ -496,6 +499,7 @@ class _Loaded:
     path: str
     deleted: int
     bytes: int
+    written: int | None = None  # None: every row of the range (a COPY into it)
     taken_aside: int = 0
     copied_again: tuple[str, ...] = ()
 
@@ -540,9 +544,10 @@ def _load(
     upsert = sqlbuild.upsert_from_staging(
         table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
     )
-    aside: tuple[int, tuple[str, ...]] = (0, ())
     if options.replica_mode or options.unreferenced:
-        aside = _merge_changed(source, target, table, cp, upsert, binary, options)
+        written, taken_aside, copied_again = _merge_changed(
+            source, target, table, cp, upsert, binary, options
+        )
     else:  # no row is deleted: its cascade would take its children
         unwritable = sqlbuild.any_unwritable(
             table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
@@ -555,9 +560,9 @@ def _load(
                 "GENERATED ALWAYS); they are replaced only where the target login may set "
                 "session_replication_role, as Supabase's postgres may."
             )
-        target.execute(upsert)
+        written, taken_aside, copied_again = target.execute(upsert).rowcount, 0, ()
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
-    return _Loaded("upsert", max(deleted, 0), nbytes, *aside)
+    return _Loaded("upsert", max(deleted, 0), nbytes, max(written, 0), taken_aside, copied_again)
 
 
 # Rounds of taking rows aside one range's copy may need: each resolves one unique index's
@@ -577,7 +582,7 @@ def _merge_changed(
     upsert: sql.Composable,
     binary: bool,
     options: CopyOptions,
-) -> tuple[int, tuple[str, ...]]:
+) -> tuple[int, int, tuple[str, ...]]:
     """The range's upsert, after deleting the rows it could not bring to the source's values
     (`sqlbuild.delete_unwritable`), following unique values that moved between rows since the
     range was copied (two patients' MRNs swapped, a deleted patient's MRN given to another):
@@ -586,8 +591,8 @@ def _merge_changed(
     range's snapshot into staging, and the upsert puts every one back as the source has it,
     all in the range's transaction. Those ranges are marked to be copied again: their
     recorded checksums no longer describe what the target holds of them, which this older
-    or newer snapshot may have written. Returns how many rows of other ranges were taken,
-    and their ranges.
+    or newer snapshot may have written. Returns how many rows the upsert wrote, how many rows
+    of other ranges were taken, and their ranges.
 
     Only with FK triggers skipped (replica mode), or on a table no foreign key references:
     otherwise a deleted row's cascade would take its children. A value the source itself
@@ -600,8 +605,11 @@ def _merge_changed(
     merge = [unwritable, upsert] if unwritable is not None else [upsert]
     aside = 0
     for rounds in itertools.count():
+        counts: list[int] = []
         try:
-            in_one_round_trip(target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_MERGING), *merge])
+            in_one_round_trip(
+                target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_MERGING), *merge], counts
+            )
             break
         except pg_errors.UniqueViolation as exc:
             target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_MERGING))
@@ -619,15 +627,16 @@ def _merge_changed(
             if elsewhere is None:  # the staged rows collide among themselves
                 raise
             aside += elsewhere
+    written = max(counts[-1], 0)
     if not aside:
-        return 0, ()
+        return written, 0, ()
     others = [
         (other.partition_key, other.key_range())
         for other in checkpoints.load(target, table.qualified_name)
         if other.partition_key != cp.partition_key
     ]
     query = sqlbuild.ranges_holding(table, ASIDE_TABLE, others, collate_c=options.collate_c)
-    return aside, tuple(sorted(row[0] for row in target.execute(query)))
+    return written, aside, tuple(sorted(row[0] for row in target.execute(query)))
 
 
 def _take_aside(

@@ -19,6 +19,7 @@ import pytest
 from psycopg import sql
 
 from supabase_migration import checkpoints, sqlbuild
+from supabase_migration.assets import range_description
 from supabase_migration.catalog import (
     Collation,
     KeyKind,
@@ -254,6 +255,7 @@ def test_first_load_then_resync_converges(pair):
     source_db, target_db = pair
     first = migrate_all(source_db, target_db.url)
     assert {r.path for r in first} <= {"copy", "replace"}
+    assert all(r.rows_written == r.rows for r in first)
     assert len([r for r in first if r.table == "public.items"]) > 3
     assert_tables_equal(source_db.url, target_db.url, TABLES)
 
@@ -275,6 +277,13 @@ def test_first_load_then_resync_converges(pair):
     assert ("public.parents", "unchanged") not in changed
     assert_tables_equal(source_db.url, target_db.url, TABLES)
     assert sum(r.rows_deleted for r in third if r.table == "public.items") == 1
+    # Two rows updated and one inserted, out of every row the changed ranges hold.
+    assert sum(r.rows_written for r in third if r.table == "public.items") == 3
+
+
+def test_a_resync_says_how_many_rows_it_wrote():
+    resync = RangeResult("public.items", "000001", "upsert", 5000, 1, 900, 0.25, "c", "", 0, (), 3)
+    assert range_description(resync) == "upsert: 3 of 5000 rows written and 1 deleted in 0.25 s"
 
 
 CLINIC = """
@@ -374,6 +383,7 @@ def test_ranges_whose_rows_were_taken_aside_are_copied_again(source_db, target_d
         _swap(conn, "mrn", 50, 900)
     first = _copy_partition(source_db, target_db, "public.patients", "000000")
     assert (first.rows_taken_aside, first.ranges_copied_again) == (1, ("000002",))  # 601-900
+    assert first.rows_written == 2  # 50's new MRN, and 900 put back with 50's old one
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         status = conn.execute(
             "SELECT status, row_checksum FROM supabase_migration.migration_checkpoints "
