@@ -562,6 +562,9 @@ def copy_partitions(
         source_url, target_url = source.database_url(), target.database_url()
     except MigrationError as exc:
         raise step_failure(exc) from None
+    # A run the CLI started copies parents and children in one go, skipping FK triggers; one
+    # launched in the UI may copy a table alone.
+    cli_run = COMMAND_TAG in context.run.tags
     with CopySession(source_url, target_url, log=context.log.warning) as session:
 
         def prepare() -> tuple[TableInfo, CopyOptions, dict[str, checkpoints.Checkpoint]]:
@@ -578,6 +581,8 @@ def copy_partitions(
                 planned = checkpoints.load(session.target, table_name, keys)
             except pg_errors.UndefinedTable:  # no bookkeeping: nothing planned this target
                 raise ConfigError(f"No run has planned the target yet; {PLAN_FIRST}") from None
+            if not cli_run:
+                _warn_of_parents_not_copied(context, session.target, manifest, table)
             return table, options, {cp.partition_key: cp for cp in planned}
 
         try:
@@ -604,7 +609,6 @@ def copy_partitions(
         # own, as best it can (they stay pending for a later run if that fails). Its own
         # ranges another run held are tried once more at the end: a sibling run of the same
         # backfill may have been copying one of them so.
-        cli_run = COMMAND_TAG in context.run.tags
         look_elsewhere = not cli_run
         elsewhere: list[str] = []
         held: list[str] = []
@@ -699,6 +703,26 @@ def copy_partitions(
                 + f"; first: {failures[0].message}"
             ),
             allow_retries=all(_unreachable(f) for f in failures),
+        )
+
+
+def _warn_of_parents_not_copied(
+    context: dg.AssetExecutionContext,
+    target: psycopg.Connection,
+    manifest: Manifest,
+    table: TableInfo,
+) -> None:
+    """Copied before its parents, a table's foreign keys point at rows the target lacks (where
+    FK triggers are skipped; elsewhere the copy fails on them)."""
+    migrated = {t.name for t in manifest.tables}
+    parents = [p for p in table.parents if p != table.qualified_name and p in migrated]
+    waiting = checkpoints.not_fully_copied(target, parents) if parents else []
+    if waiting:
+        context.log.warning(
+            f"{table.qualified_name} is copied before its parent table(s) "
+            f"{', '.join(waiting)} are: its foreign keys point at rows the target has only "
+            "once they are copied too (materialize them; verification checks every foreign "
+            "key)."
         )
 
 

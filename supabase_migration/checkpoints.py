@@ -334,6 +334,19 @@ def marked_to_copy_again(conn: psycopg.Connection, table: str, but: Sequence[str
     return [key for (key,) in rows]
 
 
+def not_fully_copied(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
+    """Those of `tables` with a range not completed, or none planned."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT name FROM unnest(%s::text[]) AS name WHERE NOT coalesce(("
+            "SELECT bool_and(status = 'completed') FROM {} WHERE table_name = name), false) "
+            "ORDER BY name"
+        ).format(CHECKPOINTS),
+        (list(tables),),
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
 def mark_failed(
     conn: psycopg.Connection, table: str, key: str, message: str, run_id: str | None
 ) -> None:

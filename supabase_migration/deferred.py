@@ -207,13 +207,7 @@ def pending(conn: psycopg.Connection, tables: Sequence[str] | None = None) -> li
 
 def table_complete(conn: psycopg.Connection, table_name: str) -> bool:
     """Every planned range of the table is completed (and there is at least one)."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT count(*) > 0 AND bool_and(status = 'completed') FROM {} WHERE table_name = %s"
-        ).format(checkpoints.CHECKPOINTS),
-        (table_name,),
-    ).fetchone()
-    return bool(row and row[0])
+    return not checkpoints.not_fully_copied(conn, [table_name])
 
 
 def rebuild(conn: psycopg.Connection, table_name: str) -> list[str]:

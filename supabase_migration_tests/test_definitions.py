@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -223,6 +224,55 @@ def test_a_target_reset_is_told_and_its_stale_partitions_go(source_db, target_db
             "never copied here: backfill every partition of the table (completed ranges are "
             "skipped), or run `supabase-migrate run`."
         ]
+
+
+def test_a_table_materialized_before_its_parent_is_warned_of(source_db, target_db) -> None:
+    """In the UI a child table can be materialized alone: its foreign keys then point at
+    rows the target does not have yet. Said once its parent is fully copied no more."""
+    import psycopg
+
+    from supabase_migration.assets import plan_all
+    from supabase_migration.catalog import read_tables
+    from supabase_migration.manifest import from_catalog
+
+    schema = (
+        "CREATE TABLE patients (id int PRIMARY KEY); "
+        "CREATE TABLE visits (id int PRIMARY KEY, patient_id int REFERENCES patients);"
+    )
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            schema + "INSERT INTO patients SELECT generate_series(1, 20);"
+            "INSERT INTO visits SELECT g, g FROM generate_series(1, 20) g"
+        )
+        manifest = from_catalog(read_tables(conn, ["public"]), schemas=["public"])
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(schema)
+    source, target = SourceDatabase(url=source_db.url), TargetDatabase(url=target_db.url)
+    definitions = build_definitions(manifest)
+
+    def warnings_of(instance: dg.DagsterInstance, table: str) -> list[str]:
+        result = dg.materialize(
+            [definitions.get_assets_def(table_asset_key(table))],
+            instance=instance,
+            resources={"source": source, "target": target},
+            partition_key="000000",
+            raise_on_error=False,
+        )
+        return [
+            e.user_message
+            for e in instance.all_logs(result.run_id)
+            if e.level == logging.WARNING and "parent" in e.user_message
+        ]
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        plan_all(manifest, source, target, instance)
+        assert warnings_of(instance, "public.visits") == [
+            "public.visits is copied before its parent table(s) public.patients are: its "
+            "foreign keys point at rows the target has only once they are copied too "
+            "(materialize them; verification checks every foreign key)."
+        ]
+        assert warnings_of(instance, "public.patients") == []
+        assert warnings_of(instance, "public.visits") == []
 
 
 @pytest.mark.parametrize("size", [0, -5])
