@@ -69,6 +69,13 @@ PARTITIONS_PER_RUN = 50
 PID_TAG = "supabase_migration/pid"
 COMMAND_TAG = "supabase_migration/command"
 
+
+def started_by_the_cli(run: dg.DagsterRun) -> bool:
+    """A run the CLI launched. Re-executed in the UI, a CLI run's tags are inherited: the
+    new run is the UI's, and the PID it carries is the CLI's, long gone."""
+    return COMMAND_TAG in run.tags and run.parent_run_id is None
+
+
 COPY_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
@@ -564,7 +571,7 @@ def copy_partitions(
         raise step_failure(exc) from None
     # A run the CLI started copies parents and children in one go, skipping FK triggers; one
     # launched in the UI may copy a table alone.
-    cli_run = COMMAND_TAG in context.run.tags
+    cli_run = started_by_the_cli(context.run)
     with CopySession(source_url, target_url, log=context.log.warning) as session:
 
         def prepare() -> tuple[TableInfo, CopyOptions, dict[str, checkpoints.Checkpoint]]:

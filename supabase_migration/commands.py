@@ -51,6 +51,7 @@ from .assets import (
     is_interruption,
     live_tables,
     partitions_def_name,
+    started_by_the_cli,
     table_asset_key,
 )
 from .catalog import needs_bytewise_keys
@@ -175,7 +176,7 @@ def release_dead_runs(instance: dg.DagsterInstance) -> int:
         )
     )
     for run in runs:
-        pid = run.tags.get(PID_TAG)
+        pid = run.tags.get(PID_TAG) if started_by_the_cli(run) else None
         if not pid or pid_alive(int(pid)):
             continue
         instance.report_run_failed(run)

@@ -275,6 +275,38 @@ def test_a_table_materialized_before_its_parent_is_warned_of(source_db, target_d
         assert warnings_of(instance, "public.visits") == []
 
 
+def test_a_ui_re_execution_of_a_cli_run_is_not_taken_for_a_dead_cli_run(tmp_path: Path) -> None:
+    """Re-executed in the UI, a CLI run's tags (its PID among them) are inherited: a later
+    `run` must not mark that live UI run failed because the old CLI process is gone."""
+    import uuid
+
+    from supabase_migration.assets import COMMAND_TAG, PID_TAG
+    from supabase_migration.commands import release_dead_runs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tags = {PID_TAG: str(gone.pid), COMMAND_TAG: "run"}
+    with dg.DagsterInstance.ephemeral(tempdir=str(tmp_path)) as instance:
+        cli_run, ui_run = str(uuid.uuid4()), str(uuid.uuid4())
+        for run_id, parent in ((cli_run, None), (ui_run, cli_run)):
+            instance.add_run(
+                dg.DagsterRun(
+                    job_name="__ASSET_JOB",
+                    run_id=run_id,
+                    status=dg.DagsterRunStatus.STARTED,
+                    tags=tags,
+                    parent_run_id=parent,
+                    root_run_id=parent,
+                )
+            )
+        assert release_dead_runs(instance) == 1
+        statuses = {r.run_id: r.status for r in instance.get_runs()}
+    assert statuses == {
+        cli_run: dg.DagsterRunStatus.FAILURE,
+        ui_run: dg.DagsterRunStatus.STARTED,
+    }
+
+
 @pytest.mark.parametrize("size", [0, -5])
 def test_a_sample_of_no_rows_is_refused_by_the_checks_config(size: int) -> None:
     """0 passed vacuously ("0 sampled rows are equal"), -5 ended in ZeroDivisionError."""
