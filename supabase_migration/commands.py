@@ -368,22 +368,29 @@ _parent_definitions: dg.Definitions | None = None
 _worker_context: tuple[dg.Definitions, dg.DagsterInstance] | None = None
 
 
-def _worker_init() -> None:
-    """Workers die with the CLI: a SIGKILLed run must not leave copies running behind it."""
+# Set by the CLI when it is interrupted: a worker starts no further unit (see Workers.stop).
+_stopping: Any = None
+# How long an interrupted CLI waits for its workers to end their runs (a range rolls back in
+# milliseconds) before it kills them; a killed range is rolled back by its server all the same.
+STOP_GRACE_S = 5.0
+
+
+def _worker_init(stopping: Any) -> None:
+    """Workers die with the CLI: a SIGKILLed run must not leave copies running behind it.
+
+    Ctrl-C reaches the terminal's whole process group, and the CLI says what happened, once.
+    A busy worker is inside a Dagster run, whose own handler takes the signal: the range rolls
+    back and the step stops for good (`assets.interruptible`). An idle one ignores it: leaving
+    there and then could take the pool's queue lock with it, on which its sibling, done with
+    its run, would wait for ever (and the CLI for the sibling). The CLI stops the pool."""
+    global _stopping
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    signal.signal(signal.SIGINT, _leave_quietly)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stopping = stopping
     _quiet_dagster()
-
-
-def _leave_quietly(signum: int, frame: object) -> None:
-    """Ctrl-C reaches the terminal's whole process group, and the CLI says what happened,
-    once: an idle worker leaves without a traceback of its own (it holds no transaction). A
-    busy one is inside a Dagster run, whose own handler takes the signal: the range rolls
-    back and the step stops for good (`assets.interruptible`)."""
-    os._exit(1)
 
 
 def _worker_ready(manifest_path: str) -> None:
@@ -412,6 +419,7 @@ class Workers:
         self.defs = defs
         self.manifest_path = str(manifest_path)
         self._pool: ProcessPoolExecutor | None = None
+        self._stopping: Any = None
 
     def start(self) -> ProcessPoolExecutor | None:
         if self.count > 1 and self._pool is None:
@@ -419,8 +427,12 @@ class Workers:
             method = start_method()
             _parent_definitions = self.defs if method == "fork" else None
             context = multiprocessing.get_context(method)
+            self._stopping = context.Event()
             self._pool = ProcessPoolExecutor(
-                self.count, mp_context=context, initializer=_worker_init
+                self.count,
+                mp_context=context,
+                initializer=_worker_init,
+                initargs=(self._stopping,),
             )
             # The pool forks on its first submit (see memory.py).
             with memory.frozen_while_forking():
@@ -432,12 +444,32 @@ class Workers:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if self._pool is not None:
+        if self._pool is None:
+            return
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.stop()
+        else:
             # Wait for idle workers to exit (milliseconds): an executor thread left running
             # at interpreter exit can make Python 3.11 print a "Bad file descriptor" traceback
-            # after the CLI's one sentence. Not on Ctrl-C: running copies die with the CLI.
-            interrupted = exc_type is not None and not issubclass(exc_type, Exception)
-            self._pool.shutdown(wait=not interrupted, cancel_futures=True)
+            # after the CLI's one sentence.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        """On Ctrl-C: no unit starts any more, running ones have STOP_GRACE_S to end their
+        runs (theirs stop on the same Ctrl-C from the terminal), then the workers are killed
+        (a signal sent to the CLI alone does not reach them). A second Ctrl-C kills at once."""
+        assert self._pool is not None
+        workers = multiprocessing.active_children()  # the pool's: the CLI forks no other
+        self._stopping.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + STOP_GRACE_S
+        try:
+            for worker in workers:
+                worker.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
 
 
 def start_method() -> str:
@@ -458,6 +490,8 @@ def _copying_ahead() -> bool:
 
 
 def _worker_execute(manifest_path: str, unit: Unit) -> str | None:
+    if _stopping is not None and _stopping.is_set():
+        raise KeyboardInterrupt  # queued before the CLI was interrupted
     _worker_ready(manifest_path)
     assert _worker_context is not None
     defs, instance = _worker_context
@@ -740,8 +774,8 @@ def _execute_all(
                 outcomes.append((futures[future].table, future.result()))
         except BrokenProcessPool:
             raise MigrationError(
-                "A copy worker process ended before its tables were copied (Ctrl-C, or the "
-                "system stopped it, out of memory perhaps); completed ranges are kept: run "
+                "A copy worker process ended before its tables were copied (the system "
+                "stopped it, out of memory perhaps); completed ranges are kept: run "
                 "`supabase-migrate resume`."
             ) from None
     return [(table, message) for table, message in outcomes if message is not None]

@@ -323,8 +323,13 @@ class _source_snapshot:
             )
         )
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self.conn.closed:
+            return
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Interrupted (Ctrl-C), perhaps mid-query: closing ends the transaction without
+            # waiting for that query, or for a connection lock the interrupt left taken.
+            self.conn.close()
             return
         self.conn.execute("ROLLBACK")
 

@@ -1320,15 +1320,54 @@ def test_ctrl_c_during_the_copy_is_one_sentence_and_resume_finishes(clinic):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
-    assert run.returncode == 1, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
-    ), stderr
-    assert _completed_ranges(target_db.url) < _planned_ranges(target_db.url)
-    done = cli(["resume", "--no-progress"], env, tmp_path)
-    assert done.returncode == 0, done.stderr
+    _interrupted_then_resumed(run, stderr, target_db.url, env, tmp_path)
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+
+
+@pytest.mark.parametrize(("to", "held"), [("group", False), ("group", True), ("cli alone", True)])
+def test_ctrl_c_while_one_worker_copies_and_the_other_is_idle_ends_the_cli(
+    source_db, target_db, tmp_path: Path, to: str, held: bool
+):
+    """One table left (one unit, so one worker idle), as at the end of most migrations.
+    Ctrl-C to the terminal's process group: the idle worker used to leave holding the pool's
+    queue lock, and its busy sibling, done with its interrupted run, waited on it for ever, and
+    the CLI on the sibling. Sent to the CLI alone (a supervisor's `kill -INT`), the busy worker
+    never hears it: the CLI stops it. `held`: the busy worker waits on a lock on the source
+    table meanwhile. Either way the CLI ends, with its sentence, no worker is left, and
+    `resume` finishes."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE big (id int PRIMARY KEY, v text); "
+            "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 200000) g"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    args = ["run", "--batch-size", "4000", "--workers", "2", "--no-progress", "--no-verify"]
+    run = cli_from_a_terminal(args, env, tmp_path, own_group=True)
+    holder = psycopg.connect(source_db.url)
+    try:
+        deadline = time.monotonic() + 120
+        while _completed_ranges(target_db.url) < 2:
+            assert time.monotonic() < deadline and run.poll() is None, _output_if_ended(run)
+            time.sleep(0.05)
+        if held:
+            _hold_between_ranges(holder, "big")
+            _wait_for_a_lock_wait(source_db.url, run, deadline)
+        if to == "group":
+            os.killpg(run.pid, signal.SIGINT)
+        else:
+            os.kill(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+        left = subprocess.run(
+            ["pgrep", "-g", str(run.pid)], capture_output=True, text=True
+        ).stdout.split()
+    finally:
+        holder.close()
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert left == []  # no worker outlives the CLI
+    _interrupted_then_resumed(run, stderr, target_db.url, env, tmp_path)
+    assert_tables_equal(source_db.url, target_db.url, ["public.big"])
 
 
 def test_ctrl_c_during_the_runs_verification_stops_at_once_and_verify_finishes(clinic):
@@ -1377,6 +1416,32 @@ def _cleaned_up(run: subprocess.Popen[str], holder: psycopg.Connection) -> Itera
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
+
+
+def _interrupted_then_resumed(
+    run: subprocess.Popen[str], stderr: str, url: str, env: dict[str, str], cwd: Path
+) -> None:
+    """The CLI ended on Ctrl-C with its one sentence, ranges left to copy; `resume` ends."""
+    assert run.returncode == 1, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
+    ), stderr
+    assert _completed_ranges(url) < _planned_ranges(url)
+    done = cli(["resume", "--no-progress"], env, cwd)
+    assert done.returncode == 0, done.stderr
+
+
+def _hold_between_ranges(holder: psycopg.Connection, table: str) -> None:
+    """Lock `table` as soon as no range's transaction reads it (a waiting LOCK would count as
+    the CLI's wait); held until `holder` is closed."""
+    holder.execute("SET lock_timeout = '20ms'")
+    while True:
+        try:
+            holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            return
+        except psycopg.errors.LockNotAvailable:
+            holder.rollback()
 
 
 def _ctrl_c_once_held(run: subprocess.Popen[str], url: str, deadline: float) -> str:

@@ -601,36 +601,45 @@ def test_ctrl_c_stops_a_step_that_has_a_retry_policy(redacted: bool, monkeypatch
     assert flaky == [0, 1]
 
 
-def test_an_idle_worker_leaves_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
-    """Ctrl-C reaches the terminal's whole process group; the CLI says what happened, once."""
+def test_an_idle_worker_ignores_ctrl_c_and_the_cli_stops_it(tmp_path: Path) -> None:
+    """Ctrl-C reaches the terminal's whole process group; the CLI says what happened, once.
+    An idle worker stays (leaving then could take the pool's queue lock with it, on which a
+    busy sibling would wait for ever once done), without a traceback, and starts no unit
+    queued before the interrupt; the CLI's stop ends it."""
     code = """
-import multiprocessing, os, signal, sys, time
-from concurrent.futures import ProcessPoolExecutor
-from supabase_migration.commands import _worker_init
-context = multiprocessing.get_context("fork")
-pool = ProcessPoolExecutor(1, mp_context=context, initializer=_worker_init)
-pid = pool.submit(os.getpid).result()
-os.kill(pid, signal.SIGINT)
-for _ in range(100):
-    time.sleep(0.05)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        break
-print("gone" if not os.path.exists(f"/proc/{pid}/status")
-      or "zombie" in open(f"/proc/{pid}/status").read() else "alive", flush=True)
-os._exit(0)
+import multiprocessing, os, signal, time
+from supabase_migration import commands
+workers = commands.Workers(2, None, None)  # warming up fails: no manifest, nothing read
+pool = workers.start()
+pool.submit(os.getpid).result()
+pids = [p.pid for p in multiprocessing.active_children()]
+for pid in pids:
+    os.kill(pid, signal.SIGINT)
+time.sleep(0.3)
+alive = len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
+workers._stopping.set()
+unit = commands.Unit("public.t", "000000", "000000", 1)
+try:
+    pool.submit(commands._worker_execute, "unused", unit).result()
+    started = True
+except KeyboardInterrupt:
+    started = False
+began = time.monotonic()
+workers.stop()
+print(alive, started, round(time.monotonic() - began) < 3,
+      [p for p in pids if os.path.exists(f"/proc/{p}/status")
+       and "zombie" not in open(f"/proc/{p}/status").read()], flush=True)
 """
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
-    assert done.stdout.strip() == "gone", done.stdout + done.stderr
+    assert done.stdout.strip() == "True False True []", done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
 
 
-def test_a_worker_pool_broken_by_ctrl_c_is_one_sentence(tmp_path: Path) -> None:
-    """Ctrl-C makes idle workers leave; a run that still hands them units (the parent's own
-    step was between signals) says so in one sentence rather than BrokenProcessPool's trace."""
+def test_a_worker_that_the_system_kills_is_one_sentence(tmp_path: Path) -> None:
+    """A run that hands units to a pool one of whose workers the system killed (out of memory
+    perhaps) says so in one sentence rather than BrokenProcessPool's trace."""
     import multiprocessing
     import signal
     import time
@@ -640,9 +649,12 @@ def test_a_worker_pool_broken_by_ctrl_c_is_one_sentence(tmp_path: Path) -> None:
     from supabase_migration.errors import MigrationError
 
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=commands._worker_init) as pool:
+    stopping = context.Event()
+    with ProcessPoolExecutor(
+        1, mp_context=context, initializer=commands._worker_init, initargs=(stopping,)
+    ) as pool:
         pid = pool.submit(os.getpid).result()
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
         manifest = dataclasses.replace(MANIFEST, path=tmp_path / "migration.yaml")
         unit = commands.Unit("public.providers", "000000", "000000", 1)
