@@ -106,10 +106,19 @@ class TableInfo:
             return KeyKind.INTEGER
         return KeyKind.KEYSET
 
+    @property
+    def rows_named(self) -> bool:
+        """Results name rows by their primary key only. A unique index standing in for a
+        missing one is usually a value of the patient's (an SSN, an MRN, an email)."""
+        return self.key_source == "primary_key"
+
     def shown_bounds(self, bounds: str) -> str:
-        """A range's bounds as metadata and reports may show them: integer keys only, since
-        other keys (an email, an MRN) may be PHI; a differing row is still named by its key."""
-        return bounds if self.key_kind is KeyKind.INTEGER else "(key values not shown)"
+        """A range's bounds as metadata and reports may show them: integer primary keys only,
+        since other keys (an email, an MRN) may be PHI; a differing row is still named by its
+        primary key."""
+        if self.key_kind is KeyKind.INTEGER and self.rows_named:
+            return bounds
+        return "(key values not shown)"
 
     @property
     def copy_columns(self) -> tuple[Column, ...]:

@@ -196,8 +196,28 @@ def ranges_from_checkpoints(target: psycopg.Connection, table: TableInfo) -> lis
 
 
 def key_label(key: Sequence[str], values: Sequence[Any]) -> str:
-    """`id=42` / `a=B1, b=3`: how a row is named in results (primary keys only)."""
+    """`id=42` / `a=B1, b=3`: how a row is named in results (primary keys only: see
+    `TableInfo.rows_named`)."""
     return ", ".join(f"{k}={v}" for k, v in zip(key, values, strict=True))
+
+
+ROWS_NOT_NAMED = (
+    "rows not named: the table has no primary key, and the unique key standing in for it may "
+    "be a patient's value"
+)
+
+
+def _unnamed(diff: dict[str, Any]) -> dict[str, Any]:
+    """A range's differing rows, counted and their columns named, the rows themselves not."""
+    columns = sorted({c for row in diff["changed"] for c in row["columns"]})
+    return {
+        **diff,
+        "missing_on_target": [],
+        "extra_on_target": [],
+        "changed": [],
+        "changed_columns": columns,
+        "rows": ROWS_NOT_NAMED,
+    }
 
 
 def _plural(n: int, word: str) -> str:
@@ -434,9 +454,9 @@ def range_checksums(
             if i < drill_down and table.key:
                 rows = max(int(s[0]), int(t[0]))
                 diff = _diff_range_rows(source, target, table, r, collate_c, rows)
-                entry.update(diff)
-                changed_keys += diff["missing_on_target"] + diff["extra_on_target"]
-                changed_keys += [c["key"] for c in diff["changed"]]
+                entry.update(diff if table.rows_named else _unnamed(diff))
+                changed_keys += entry["missing_on_target"] + entry["extra_on_target"]
+                changed_keys += [c["key"] for c in entry["changed"]]
                 differing += diff["missing_count"] + diff["extra_count"] + diff["changed_count"]
             mismatches.append(entry)
         keys = [r.partition_key for r, _, _ in bad]
@@ -455,6 +475,7 @@ def range_checksums(
                 f"{name}: {len(bad)} of {len(ranges)} ranges have different checksums "
                 f"(re-run partitions {listed(keys)})"
                 + (f"; rows differ at {listed(changed_keys, 5, differing)}" if changed_keys else "")
+                + (f"; {differing} rows differ" if differing and not changed_keys else "")
                 + "."
             )
         return not bad, ERROR, text, details
@@ -787,17 +808,19 @@ def _sample_by_key(
     mismatched = [{"key": k, "columns": cols} for k, cols in sorted(differing.items())]
     bad_columns = sorted({c for cols in differing.values() for c in cols})
     passed = not mismatched and not missing_keys
+    named = table.rows_named
     details: dict[str, Any] = {
         "seed": seed,
         "sample_size": size,
         "method": method,
         "rows_sampled": len(keys),
         "rows_compared": len(common),
-        "missing_on_target": missing_keys[:MAX_KEYS_SHOWN],
+        "missing_on_target": missing_keys[:MAX_KEYS_SHOWN] if named else [],
         "missing_count": len(missing_keys),
         "mismatched_rows": len(mismatched),
         "mismatched_columns": bad_columns,
-        "mismatches": mismatched[:MAX_KEYS_SHOWN],
+        "mismatches": mismatched[:MAX_KEYS_SHOWN] if named else [],
+        **({} if named else {"rows": ROWS_NOT_NAMED}),
     }
     if passed:
         text = f"{name}: {len(keys)} sampled rows (seed {seed}) are equal column by column."
@@ -806,13 +829,13 @@ def _sample_by_key(
         if mismatched:
             parts.append(
                 f"{len(mismatched)} of {len(keys)} sampled rows (seed {seed}) differ in "
-                f"column(s) {', '.join(bad_columns)} "
-                f"(e.g. {listed([m['key'] for m in mismatched], 5)})"
+                f"column(s) {', '.join(bad_columns)}"
+                + (f" (e.g. {listed([m['key'] for m in mismatched], 5)})" if named else "")
             )
         if missing_keys:
             parts.append(
                 f"{len(missing_keys)} of {len(keys)} sampled rows (seed {seed}) are missing on "
-                f"the target ({listed(missing_keys, 5)})"
+                "the target" + (f" ({listed(missing_keys, 5)})" if named else "")
             )
         text = f"{name}: " + "; ".join(parts) + "."
     return passed, ERROR, text, details
@@ -1138,7 +1161,7 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                 )
                 # Counted first; the keys to show are read only when there are orphans.
                 violations = int(target.execute(orphans(with_keys=False)).fetchone()[0])
-                shown = violations and table.key
+                shown = violations and table.rows_named
                 rows = target.execute(orphans(with_keys=True)).fetchall() if shown else []
                 results.append(
                     {

@@ -254,19 +254,36 @@ def round_trips(conn: psycopg.Connection, work: Path) -> Iterator[list[str]]:
     """What the client waited on the server for while the block ran, from libpq's protocol
     trace: each simple query ("Query"), extended-protocol Sync ("Sync") and end of COPY data
     ("CopyDone"). Filled in when the block ends."""
-    waits: list[str] = []
-    with open(work / f"trace-{conn.info.backend_pid}", "w+b") as trace:
+    with _traced(conn, work, "F", ("Query", "Sync", "CopyDone")) as waits:
+        yield waits
+
+
+@contextlib.contextmanager
+def rows_received(conn: psycopg.Connection, work: Path) -> Iterator[list[str]]:
+    """Each row the server sent while the block ran ("DataRow"), from libpq's protocol trace."""
+    with _traced(conn, work, "B", ("DataRow",)) as rows:
+        yield rows
+
+
+@contextlib.contextmanager
+def _traced(
+    conn: psycopg.Connection, work: Path, sender: str, kinds: tuple[str, ...]
+) -> Iterator[list[str]]:
+    """The messages of `kinds` that `sender` ("F" the client, "B" the server) sent while the
+    block ran; filled in when it ends."""
+    seen: list[str] = []
+    with open(work / f"trace-{conn.info.backend_pid}-{sender}", "w+b") as trace:
         conn.pgconn.trace(trace.fileno())
         conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
         try:
-            yield waits
+            yield seen
         finally:
             conn.pgconn.untrace()
             trace.seek(0)
-            for line in trace.read().decode().splitlines():
+            for line in trace.read().decode(errors="replace").splitlines():
                 parts = line.split("\t")
-                if parts[0] == "F" and parts[2].strip() in ("Query", "Sync", "CopyDone"):
-                    waits.append(parts[2].strip())
+                if parts[0] == sender and parts[2].strip() in kinds:
+                    seen.append(parts[2].strip())
 
 
 def within(seconds: float, work: Callable[[], object]) -> tuple[bool, float, list[BaseException]]:
