@@ -1250,13 +1250,17 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                 else:
                     ahead = low is None or next_value < low
                     bound = None if low is None else int(low)
+                # A primary key's values may be shown; another column's (an MRN drawn from a
+                # sequence) are a patient's.
+                shown = table.rows_named and table.key == (column,)
+                reached = {"column_max" if increment > 0 else "column_min": bound}
                 results.append(
                     {
                         "sequence": f"{schema}.{seq}",
                         "column": column,
                         "kind": "identity" if deptype == "i" else "serial/owned",
                         "next_value": next_value,
-                        "column_max" if increment > 0 else "column_min": bound,
+                        **(reached if shown else {}),
                         "ahead": ahead,
                     }
                 )
@@ -1275,7 +1279,11 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                 f"{name}: "
                 + "; ".join(
                     f"{r['sequence']} would hand out {r['next_value']} but {r['column']} "
-                    f"already reaches {r.get('column_max', r.get('column_min'))}"
+                    + (
+                        f"already reaches {r.get('column_max', r.get('column_min'))}"
+                        if "column_max" in r or "column_min" in r
+                        else "already holds values past it"
+                    )
                     for r in behind
                 )
                 + "."

@@ -56,6 +56,7 @@ from supabase_migration.verify import (
     sample_rows,
     verify_table,
 )
+from supabase_migration.verify import sequences as sequence_check
 
 from .testbed import round_trips, rows_received
 
@@ -477,6 +478,27 @@ def test_sequence_left_behind_is_named(migrated: Migrated) -> None:
     assert "public.patients_id_seq" in outcome.description
     visits = report.outcome("public.visits", "sequence_ahead")
     assert visits.details["owned"][0]["next_value"] == 1
+
+
+def test_a_sequence_behind_a_column_other_than_the_key_shows_none_of_its_values(
+    target_db,
+) -> None:
+    """An MRN drawn from a sequence is a patient's value: the check says the sequence is
+    behind, never how far the MRNs reach."""
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE charts (id int PRIMARY KEY, mrn serial NOT NULL);"
+            "INSERT INTO charts VALUES (1, 918273050), (2, 918273051);"
+            "SELECT setval('charts_mrn_seq', 5)"
+        )
+        (info,) = read_tables(conn, ["public"])
+        outcome = sequence_check(conn, info)
+    assert not outcome.passed
+    assert outcome.description == (
+        "public.charts: public.charts_mrn_seq would hand out 6 but mrn already holds values "
+        "past it."
+    )
+    assert "91827305" not in json.dumps(outcome.details)
 
 
 def test_each_tables_outcomes_are_handed_over_once_before_the_report(migrated: Migrated) -> None:
