@@ -43,7 +43,7 @@ from .catalog import needs_bytewise_keys
 from .conninfo import DatabaseUrl
 from .copy import CopySession
 from .errors import MigrationError
-from .manifest import NO_MANIFEST, Manifest, ManifestTable
+from .manifest import LARGEST_COUNT, NO_MANIFEST, Manifest, ManifestTable
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, Report, markdown_table, report_dir
 from .resources import SourceDatabase, TargetDatabase
 from .verify import (
@@ -68,10 +68,13 @@ class VerifyConfig(dg.Config):
     sample_size: int = Field(
         default=DEFAULT_SAMPLE_SIZE,
         ge=1,
+        le=LARGEST_COUNT,
         description="Rows compared column by column per table (at least 1).",
     )
     seed: int | None = Field(
         default=None,
+        ge=-(2**63),
+        le=2**63 - 1,
         description="Sample seed; empty picks a random one (recorded in the results).",
     )
 

@@ -23,7 +23,7 @@ from . import __version__
 from .connections import database_error_exit_code
 from .errors import ConfigError, MigrationError, VerificationInterrupted
 from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
-from .manifest import MANIFEST_ENV
+from .manifest import LARGEST_COUNT, MANIFEST_ENV
 from .memory import freeze_for_exit, loading_long_lived, release
 from .redaction import describe_pg_error, redact_text
 from .report import (
@@ -50,14 +50,23 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def _positive(text: str) -> int:
+def _whole(text: str, low: int, high: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from {low:,} to {high:,}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1, LARGEST_COUNT)
+
+
+def _seed(text: str) -> int:
+    """Verification's samples hash with it as a bigint."""
+    return _whole(text, -(2**63), 2**63 - 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=DEFAULT_SAMPLE_SIZE,
             help="rows compared column by column",
         )
-        p.add_argument("--seed", type=int, help="sample seed (default: random, recorded)")
+        p.add_argument("--seed", type=_seed, help="sample seed (default: random, recorded)")
         p.add_argument(
             "--report",
             type=Path,

@@ -141,8 +141,7 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
         or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
         "every_schema": every_schema,
     }
-    if base["schema_mode"] == "alembic" and not base["alembic_config"]:
-        raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
+    _refuse_alembic_without_config(base["schema_mode"], base["alembic_config"])
     check_alembic_config(base["alembic_config"])
     include = settings.include or (previous.include if previous else ())
     exclude = settings.exclude or (previous.exclude if previous else ())
@@ -219,6 +218,11 @@ def tables_left_out(manifest: Manifest) -> list[str]:
         return watched_tables_left_out(source, manifest)
 
 
+def _refuse_alembic_without_config(schema_mode: object, alembic_config: object) -> None:
+    if schema_mode == "alembic" and not alembic_config:
+        raise ConfigError("Schema mode alembic needs --alembic-config PATH to the alembic.ini.")
+
+
 def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Manifest:
     """The manifest, written first if missing or when filters/settings were passed; `log`
     hears when an existing one (users review and commit it) was changed."""
@@ -240,6 +244,10 @@ def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: N
         check_alembic_config(settings.alembic_config)
         changes["alembic_config"] = settings.alembic_config
     changed = {k: v for k, v in changes.items() if getattr(existing, k) != v}
+    _refuse_alembic_without_config(  # before the file is written: it would stick there
+        changed.get("schema_mode", existing.schema_mode),
+        changed.get("alembic_config", existing.alembic_config),
+    )
     if changed:
         existing = existing.with_settings(**changed)
         manifest_io.write(existing, settings.manifest_path)

@@ -21,6 +21,9 @@ from .errors import ConfigError, listed, read_user_text
 from .planning import DEFAULT_BATCH_SIZE
 
 MANIFEST_ENV = "SUPABASE_MIGRATION_MANIFEST"
+# The largest count a flag or the manifest may give (rows per range, sample size): an int4,
+# as PostgreSQL takes it, and past any sensible range.
+LARGEST_COUNT = 2_147_483_647
 DEFAULT_MANIFEST = "migration.yaml"
 SCHEMA_MODES = ("alembic", "dump", "none")
 MANIFEST_VERSION = 1
@@ -287,11 +290,14 @@ class _Fields:
     def count(
         self, doc: dict, what: str, table: str | None = None, *, positive: bool = True
     ) -> int | None:
+        """A whole number: a size (`positive`, at most LARGEST_COUNT), or an estimate."""
         value = doc.get(what)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or (positive and value < 1):
-            raise self._refuse(what, table, "a whole number" + (" above 0" if positive else ""))
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._refuse(what, table, "a whole number")
+        if positive and not 1 <= value <= LARGEST_COUNT:
+            raise self._refuse(what, table, f"a whole number from 1 to {LARGEST_COUNT:,}")
         return value
 
 

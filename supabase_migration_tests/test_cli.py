@@ -332,6 +332,10 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         (["plan", "--schema-mode", "alembic", "--alembic-config", "{tmp}/no.ini"], "alembic"),
         (["run", "--worker", "2"], "unrecognized arguments: --worker"),  # not --workers
         (["verify", "--tables", "public.nope"], "public.nope is not in"),
+        # past what PostgreSQL takes: they failed as a migration (exit 1), or were written
+        (["run", "--batch-size", "99999999999999999999999"], "from 1 to 2,147,483,647"),
+        (["verify", "--sample-size", "99999999999999999999"], "--sample-size"),
+        (["verify", "--seed", "99999999999999999999999"], "--seed"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(clinic, args, needle):
@@ -465,6 +469,14 @@ def test_a_missing_alembic_config_is_refused_before_it_changes_the_manifest(clin
     done = cli(["plan", "--schema-mode", "alembic", "--alembic-config", "no.ini"], env, tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr == "error: The Alembic configuration no.ini does not exist.\n"
+    assert (tmp_path / "migration.yaml").read_text() == written
+    # Without one at all: refused before schema_mode alembic sticks in the manifest, where
+    # every later plain `run` failed on it.
+    done = cli(["plan", "--schema-mode", "alembic"], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: Schema mode alembic needs --alembic-config PATH to the alembic.ini.\n"
+    )
     assert (tmp_path / "migration.yaml").read_text() == written
 
 

@@ -307,15 +307,24 @@ def test_a_ui_re_execution_of_a_cli_run_is_not_taken_for_a_dead_cli_run(tmp_path
     }
 
 
-@pytest.mark.parametrize("size", [0, -5])
-def test_a_sample_of_no_rows_is_refused_by_the_checks_config(size: int) -> None:
-    """0 passed vacuously ("0 sampled rows are equal"), -5 ended in ZeroDivisionError."""
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        ({"sample_size": 0}, "greater than or equal to 1"),
+        ({"sample_size": -5}, "greater than or equal to 1"),
+        ({"sample_size": 10**20}, "less than or equal to 2147483647"),
+        ({"seed": 10**23}, "less than or equal to 9223372036854775807"),
+    ],
+)
+def test_a_sample_the_checks_cannot_take_is_refused_by_their_config(config, said: str) -> None:
+    """0 passed vacuously ("0 sampled rows are equal"), -5 ended in ZeroDivisionError, and a
+    size or seed past what PostgreSQL takes failed the check as a database error."""
     from pydantic import ValidationError
 
     from supabase_migration.checks import VerifyConfig
 
-    with pytest.raises(ValidationError, match="greater than or equal to 1"):
-        VerifyConfig(sample_size=size)
+    with pytest.raises(ValidationError, match=said):
+        VerifyConfig(**config)
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
@@ -364,8 +373,9 @@ def test_tables_left_out_are_those_the_filters_take_and_the_manifest_lacks(
         ("include: public.*\ntables: {}\n", "include must be a list of names"),
         ("tables: {public.x: {parents: public.y}}\n", "public.x's parents must be a list"),
         ("tables: {public.x: {batch_size: abc}}\n", "public.x's batch_size must be a whole"),
-        ("batch_size: -5\ntables: {}\n", "batch_size must be a whole number above 0"),
-        ("batch_size: 0\ntables: {}\n", "batch_size must be a whole number above 0"),
+        ("batch_size: -5\ntables: {}\n", "batch_size must be a whole number from 1 to 2,147"),
+        ("batch_size: 0\ntables: {}\n", "batch_size must be a whole number from 1 to 2,147"),
+        ("batch_size: 100000000000000000000000\ntables: {}\n", "from 1 to 2,147,483,647."),
         ("tables: {public.x: [id]}\n", "public.x's entry must be a mapping"),
         ("version: 2\ntables: {}\n", "is version 2, and this release reads version 1"),
         ("alembic_config: [a]\ntables: {}\n", "alembic_config must be a path"),
