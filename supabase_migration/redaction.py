@@ -34,6 +34,18 @@ _KEYVALUE_PASSWORD = re.compile(
 _QUOTED = re.compile(r""""(?:[^"]|"")*"|(?<!\w)'(?:[^'\\]|\\.|'')*'""")
 _OPEN_QUOTE = re.compile(r""""|(?<!\w)'""")
 _HEX_BYTES = re.compile(r"\b0x[0-9A-Fa-f]+\b")
+# The server's encoding names, which its conversion errors quote ('... in encoding "UTF8" has
+# no equivalent in encoding "LATIN1"'): kept, since they say what to fix, and hold no value.
+_ENCODINGS = frozenset(
+    (
+        *("SQL_ASCII", "UTF8", "MULE_INTERNAL", "KOI8R", "KOI8U", "BIG5", "GBK", "GB18030"),
+        *("UHC", "SJIS", "SHIFT_JIS_2004", "JOHAB", "WIN866", "WIN874", "EUC_CN", "EUC_KR"),
+        *("EUC_TW", "EUC_JP", "EUC_JIS_2004"),
+        *(f"LATIN{n}" for n in range(1, 11)),
+        *(f"WIN{n}" for n in range(1250, 1259)),
+        *(f"ISO_8859_{n}" for n in range(5, 9)),
+    )
+)
 _LIBPQ_PREFIX = re.compile(
     r"^(?:connection failed: )?(?:connection to server (?:at|on) [^\n]*? failed: )?"
     r"(?:(?:FATAL|ERROR|PANIC):\s+)?"
@@ -169,7 +181,10 @@ def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
             out.append(between[: unbalanced.start()])
             return _HEX_BYTES.sub("0x…", "".join(out)).rstrip()
         out.append(between)
-        out.append(match.group(0) if match.group(0) in allowed else '"…"')
+        kept = match.group(0) in allowed or (
+            between.endswith("encoding ") and match.group(0).strip('"') in _ENCODINGS
+        )
+        out.append(match.group(0) if kept else '"…"')
         pos = match.end()
     tail = text[pos:]
     unbalanced = _OPEN_QUOTE.search(tail)

@@ -152,7 +152,12 @@ CASES = [
     (
         pg_errors.CharacterNotInRepertoire,
         {F.MESSAGE_PRIMARY: 'invalid byte sequence for encoding "UTF8": 0x00'},
-        'character_not_in_repertoire (22021): invalid byte sequence for encoding "…"',
+        'character_not_in_repertoire (22021): invalid byte sequence for encoding "UTF8"',
+    ),
+    (  # a quoted word after "encoding" that is no encoding's name is not kept
+        pg_errors.CharacterNotInRepertoire,
+        {F.MESSAGE_PRIMARY: 'value for encoding "Jane" is wrong'},
+        'character_not_in_repertoire (22021): value for encoding "…" is wrong',
     ),
     (
         pg_errors.UntranslatableCharacter,
@@ -161,7 +166,7 @@ CASES = [
             'has no equivalent in encoding "LATIN1"'
         },
         "untranslatable_character (22P05): character with byte sequence 0x… 0x… 0x… in "
-        'encoding "…" has no equivalent in encoding "…"',
+        'encoding "UTF8" has no equivalent in encoding "LATIN1"',
     ),
     (
         pg_errors.BadCopyFileFormat,
@@ -334,6 +339,11 @@ SERVER_CASES = [
     ("SELECT 'Jane Q. Patient'::integer", "invalid_text_representation (22P02)", "integer"),
     ("SELECT '123-45-6789 Jane'::jsonb", "invalid_text_representation (22P02)", "json"),
     ("SELECT * FROM patients WHERE name = Jane", "undefined_column (42703)", "does not exist"),
+    # the encodings are named (what to fix), the bytes of the value are not
+    ("SELECT convert_to('Jane Q. Patient €', 'LATIN1')", "untranslatable_character (22P05)",
+     'with byte sequence 0x… 0x… 0x… in encoding "UTF8" has no equivalent in encoding "LATIN1"'),
+    ("SELECT convert_from('\\xff4a616e65'::bytea, 'UTF8')", "character_not_in_repertoire",
+     'invalid byte sequence for encoding "UTF8"'),
 ]  # fmt: skip
 
 
