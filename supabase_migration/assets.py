@@ -11,6 +11,8 @@ import functools
 import hashlib
 import inspect
 import re
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -137,7 +139,14 @@ def interruptible(body: Body) -> Body:
     this wrapper sets as the interrupt passes through the body. (An interrupt Dagster raises
     between two of a table run's ranges, while it records the first, does not pass through
     the body: with redaction on, that attempt is retried. The CLI's workers end with the CLI
-    anyway.) Dagster reads the body's signature through the wrapper (`functools.wraps`)."""
+    anyway.) Dagster reads the body's signature through the wrapper (`functools.wraps`).
+
+    While the body's own code runs, Ctrl-C raises KeyboardInterrupt instead of Dagster's
+    DagsterExecutionInterruptedError (Dagster takes both for an interrupt): psycopg cancels
+    the query it waits on for the first only, and a query left running fails the rollback
+    after it with a database error, which the body reported as its own failure (retried, the
+    interrupt lost: a deferred index was built again after Ctrl-C). Dagster sets its handler
+    again each time it resumes a generator, so a generator's is set for each stretch."""
 
     if inspect.isgeneratorfunction(body):
 
@@ -145,17 +154,48 @@ def interruptible(body: Body) -> Body:
         def steps(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Iterator[Any]:
             stop_after_interrupt(context)
             with _noting_interrupts(context):
-                yield from body(context, *args, **kwargs)
+                yield from _stretches_raising_keyboard_interrupt(body(context, *args, **kwargs))
 
         return cast(Body, steps)
 
     @functools.wraps(body)
     def step(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
         stop_after_interrupt(context)
-        with _noting_interrupts(context):
+        with _noting_interrupts(context), _raising_keyboard_interrupt():
             return body(context, *args, **kwargs)
 
     return cast(Body, step)
+
+
+def _stretches_raising_keyboard_interrupt(body: Iterator[Any]) -> Iterator[Any]:
+    try:
+        while True:
+            with _raising_keyboard_interrupt():
+                try:
+                    item = next(body)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        body.close()
+
+
+@contextlib.contextmanager
+def _raising_keyboard_interrupt() -> Iterator[None]:
+    """Python's own SIGINT handler inside the block (only the main thread may set one; one
+    not set from Python, or ignored, is left alone)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (
+        None,
+        signal.SIG_IGN,
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def setup_asset(manifest: Manifest, **asset_args: Any) -> Callable[[Body], dg.AssetsDefinition]:

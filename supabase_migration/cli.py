@@ -21,7 +21,12 @@ import psycopg
 
 from . import __version__
 from .connections import database_error_exit_code
-from .errors import ConfigError, MigrationError, VerificationInterrupted
+from .errors import (
+    ConfigError,
+    InterruptedBeforeCopying,
+    MigrationError,
+    VerificationInterrupted,
+)
 from .inputs import INSECURE_ENV, SOURCE_URL_ENV, SSLROOTCERT_ENV, TARGET_URL_ENV
 from .manifest import LARGEST_COUNT, MANIFEST_ENV
 from .memory import freeze_for_exit, loading_long_lived, release
@@ -425,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             said = (
                 "Interrupted while verifying; every range is copied. Run `supabase-migrate verify`."
             )
+        elif isinstance(exc, InterruptedBeforeCopying):
+            said = "Interrupted before this run copied anything. Run `supabase-migrate run` again."
         elif command in ("run", "resume"):
             said = "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
         elif command == "demo":

@@ -60,7 +60,13 @@ from .checks import REPORT_CHECK, REPORT_KEY
 from .connections import borrowed, close_kept, side_by_side, warn_if_workers_exceed_pool
 from .copy import CopyOptions, changed_or_unfinished
 from .definitions import build_definitions
-from .errors import ConfigError, MigrationError, VerificationInterrupted, listed
+from .errors import (
+    ConfigError,
+    InterruptedBeforeCopying,
+    MigrationError,
+    VerificationInterrupted,
+    listed,
+)
 from .inputs import (
     Settings,
     check_connections,
@@ -506,6 +512,22 @@ def run(
     log: Callable[[str], None] = lambda _: None,
 ) -> RunSummary:
     """Schema, plan, every range that is not done (or changed), then sequences."""
+    reached: list[str] = []  # "planned", once the setup run has planned the ranges
+    try:
+        return _run(settings, resume, progress, log, reached)
+    except KeyboardInterrupt as exc:
+        if reached or isinstance(exc, VerificationInterrupted):
+            raise
+        raise InterruptedBeforeCopying from None
+
+
+def _run(
+    settings: Settings,
+    resume: bool,
+    progress: Callable[[dict[str, dict[str, int]]], None] | None,
+    log: Callable[[str], None],
+    reached: list[str],
+) -> RunSummary:
     started = time.monotonic()
     check_connections(log)
     if resume:
@@ -562,6 +584,7 @@ def run(
         if settings.workers > 1 and (repair or _copying_ahead()):
             workers.start()
         _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
+        reached.append("planned")
         units = _units_to_run(manifest, instance, resume, repair, log)
         marked_before = _marked_to_copy_again(manifest) if units else {}
         unit_failures = _execute_with_progress(
@@ -774,9 +797,9 @@ def _execute_all(
                 outcomes.append((futures[future].table, future.result()))
         except BrokenProcessPool:
             raise MigrationError(
-                "A copy worker process ended before its tables were copied (the system "
-                "stopped it, out of memory perhaps); completed ranges are kept: run "
-                "`supabase-migrate resume`."
+                "A copy worker process ended before its work was done (the system stopped "
+                "it, out of memory perhaps); completed ranges are kept, and `supabase-migrate "
+                "resume` does the rest."
             ) from None
     return [(table, message) for table, message in outcomes if message is not None]
 

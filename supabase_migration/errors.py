@@ -61,6 +61,11 @@ class ConcurrentRunError(MigrationError):
     """Another run holds the same partition; this one stepped aside without writing."""
 
 
+class InterruptedBeforeCopying(KeyboardInterrupt):
+    """Ctrl-C before `run` planned its ranges: nothing of this run's was copied, and on a
+    target no run has planned, `resume` refuses; `run` is what goes on."""
+
+
 class VerificationInterrupted(KeyboardInterrupt):
     """Ctrl-C while `run` verified: every range was copied, so `verify`, not `resume`, is
     what finishes the job."""

@@ -18,7 +18,12 @@ import pytest
 import yaml
 
 from supabase_migration import example_app
-from supabase_migration.assets import SCHEMA_KEY, table_asset_key
+from supabase_migration.assets import (
+    INTERRUPTED_METADATA,
+    SCHEMA_KEY,
+    is_interruption,
+    table_asset_key,
+)
 from supabase_migration.catalog import SCHEMA_LOCK_KEY
 from supabase_migration.example_app.generate import generate
 from supabase_migration.verify import CHECK_NAMES
@@ -1382,6 +1387,66 @@ def test_ctrl_c_while_one_worker_copies_and_the_other_is_idle_ends_the_cli(
     assert_tables_equal(source_db.url, target_db.url, ["public.big"])
 
 
+def test_ctrl_c_while_a_deferred_index_is_built_stops_it_for_good(
+    source_db, target_db, tmp_path: Path
+):
+    """Ctrl-C while a table's deferred index is built after its load: the build is cancelled
+    on the server and not tried again (psycopg cancels a query only on KeyboardInterrupt;
+    with Dagster's own interrupt the rollback failed, the step read that as its own failure,
+    and its retry built the index again while the CLI waited for it), the CLI ends with its
+    sentence, and the next run builds the index."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION slow_key(i integer) RETURNS integer LANGUAGE plpgsql IMMUTABLE "
+            "AS $$ BEGIN PERFORM pg_catalog.pg_sleep(0.001); RETURN i; END $$;"
+            "CREATE TABLE items (id int PRIMARY KEY, grp int NOT NULL);"
+            "INSERT INTO items SELECT g, g % 100 FROM generate_series(1, 6000) g;"
+            "CREATE INDEX items_slow_idx ON items (slow_key(grp))"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    args = ["run", "--workers", "2", "--no-progress", "--no-verify"]
+    run = cli_from_a_terminal(args, env, tmp_path, own_group=True)
+    building = (
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+        "AND query ILIKE 'CREATE INDEX%slow_key%'"
+    )
+    try:
+        with psycopg.connect(target_db.admin_url, autocommit=True) as watcher:
+            deadline = time.monotonic() + 120
+            while watcher.execute(building).fetchone() == (0,):
+                assert time.monotonic() < deadline and run.poll() is None, _output_if_ended(run)
+                time.sleep(0.05)
+            os.killpg(run.pid, signal.SIGINT)
+            _, stderr = run.communicate(timeout=60)
+            assert watcher.execute(building).fetchone() == (0,)  # cancelled, not left running
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."
+    ), stderr
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        failures = [
+            entry.dagster_event.step_failure_data
+            for record in instance.get_run_records()
+            for entry in instance.all_logs(
+                record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+            )
+        ]
+    # Interrupted, and stopped for good on a retried attempt: never a failed index build.
+    assert failures and all(
+        is_interruption(f.error)
+        or (f.user_failure_data and f.user_failure_data.metadata.get(INTERRUPTED_METADATA))
+        for f in failures
+    ), failures
+    done = cli(["run", "--no-progress"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.items_slow_idx')").fetchone() != (None,)
+
+
 def test_ctrl_c_during_the_runs_verification_stops_at_once_and_verify_finishes(clinic):
     """Ctrl-C while `run` verifies, with a verification query held up on the source: the CLI
     ends at once (it does not wait for the query), says that every range is copied and that
@@ -1555,7 +1620,9 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
                 run.wait()
     assert run.returncode == 1, stderr
     (line,) = stderr.strip().splitlines()
-    assert line.startswith("Interrupted") and "Traceback" not in stderr
+    # Not `resume`, which refuses a target no run has planned.
+    assert line == "Interrupted before this run copied anything. Run `supabase-migrate run` again."
+    assert "Traceback" not in stderr
     assert took < 15, f"the CLI waited {took:.1f} s for the schema step"
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regclass('public.patients')").fetchone()[0] is None
