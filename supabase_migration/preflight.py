@@ -347,8 +347,16 @@ def _check_encoding(ctx: _Context) -> None:
             severity,
             "encoding",
             "database",
-            f"The source database is encoded {src[0]} and the target {tgt[0]}; text is converted "
-            "on the way and characters the target encoding lacks fail the copy.",
+            f"The source database is encoded {src[0]} and the target {tgt[0]}; "
+            + (
+                # SQL_ASCII stores whatever bytes it was given: nothing to convert from.
+                "the source never checked its text, so a range holding text that is not "
+                f"valid {tgt[0]} fails its copy (named by partition); fix those rows on the "
+                "source, and run again."
+                if src[0] == "SQL_ASCII"
+                else "text is converted on the way and characters the target encoding lacks "
+                "fail the copy."
+            ),
         )
 
 

@@ -2031,6 +2031,41 @@ def _source_beside(source_db, suffix: str, options: sql.Composable) -> Iterator[
             )
 
 
+def test_a_sql_ascii_source_is_warned_of_and_its_bad_text_fails_its_range_alone(
+    source_db, target_db
+):
+    """SQL_ASCII stores whatever bytes it is given: the preflight says what that means for a
+    UTF8 target, and a range holding bytes that are not UTF8 fails by itself, in one
+    sentence that names the encoding and no byte of the value, while the others copy."""
+    from supabase_migration.preflight import run_preflight
+
+    with _source_encoded(source_db, "SQL_ASCII") as raw:
+        _made_on_both(
+            raw.url,
+            target_db.url,
+            "CREATE TABLE notes (id int PRIMARY KEY, body text)",
+            "INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 300) g;"
+            "UPDATE notes SET body = E'Jane caf\\xe9' WHERE id = 250",
+        )
+        src_url, tgt_url = _urls(raw, target_db.url)
+        with connect(src_url, autocommit=True) as s, connect(tgt_url, autocommit=True) as t:
+            (finding,) = [f for f in run_preflight(s, t) if f.code == "encoding"]
+        assert finding.message.startswith(
+            "The source database is encoded SQL_ASCII and the target UTF8; the source never "
+            "checked its text, so a range holding text that is not valid UTF8 fails its copy"
+        )
+        with pytest.raises(CopyError) as failed:
+            migrate_all(raw, target_db.url, batch_size=100)
+        assert 'invalid byte sequence for encoding "UTF8"' in failed.value.message
+        assert "0x" not in failed.value.message.replace("0x…", "")
+        with psycopg.connect(target_db.url) as conn:
+            states = conn.execute(
+                "SELECT status, count(*) FROM supabase_migration.migration_checkpoints "
+                "GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        assert states == [("completed", 2), ("failed", 1)]
+
+
 def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):
     """A LATIN1 source (older European systems) into Supabase, which is UTF8: text must leave
     the source converted to the target's encoding, and be hashed the same on both sides."""
