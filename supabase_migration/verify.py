@@ -71,7 +71,8 @@ CHECK_DESCRIPTIONS = {
     ),
     INDEXES: "Index definitions agree after normalizing names and schema qualification.",
     CONSTRAINTS: (
-        "PRIMARY KEY, UNIQUE, CHECK, FOREIGN KEY, EXCLUDE and NOT NULL definitions agree."
+        "PRIMARY KEY, UNIQUE, CHECK, FOREIGN KEY, EXCLUDE and NOT NULL definitions, and "
+        "generated columns' expressions, agree."
     ),
     FOREIGN_KEYS: (
         "Every foreign key holds on the target (loads may skip FK triggers in replica mode)."
@@ -903,6 +904,16 @@ SELECT a.attname || ' (not null)', 'n', 'NOT NULL ' || quote_ident(a.attname)
 FROM pg_attribute a
 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull
 """
+# A generated column's expression (PostgreSQL 12+): the copy leaves the column to the target
+# to compute, so a target that computes it otherwise holds other values (which the checksums,
+# over the copied columns, do not see).
+_GENERATED_SQL = """
+UNION ALL
+SELECT a.attname || ' (generated)', 'g',
+       'GENERATED ALWAYS AS (' || pg_get_expr(d.adbin, d.adrelid) || ') STORED'
+FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = to_regclass(%s) AND a.attgenerated = 's'
+"""
 
 _CONSTRAINT_KINDS = {
     "p": "primary key",
@@ -911,6 +922,7 @@ _CONSTRAINT_KINDS = {
     "f": "foreign key",
     "x": "exclude",
     "n": "not null",
+    "g": "generated column",
 }
 
 
@@ -1042,7 +1054,8 @@ def indexes(
 def constraints(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
 ) -> CheckOutcome:
-    """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef) and NOT NULL columns, by name."""
+    """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns and generated
+    columns' expressions, by name."""
     missing = _missing_table(CONSTRAINTS, table, source, target)
     if missing:
         return missing
@@ -1051,8 +1064,10 @@ def constraints(
     def run() -> tuple[bool, str, str, dict[str, Any]]:
         def read(conn: psycopg.Connection) -> dict[str, tuple[str, Any]]:
             ident = sqlbuild.table_ident(table).as_string(conn)
+            generated = conn.info.server_version >= 120000
+            query = _CONSTRAINTS_SQL + (_GENERATED_SQL if generated else "")
             with read_snapshot(conn, catalog=True):
-                rows = conn.execute(_CONSTRAINTS_SQL, (ident, ident)).fetchall()
+                rows = conn.execute(query, (ident,) * (3 if generated else 2)).fetchall()
             return {
                 name: (strip_schemas(definition, schemas), _CONSTRAINT_KINDS.get(kind, kind))
                 for name, kind, definition in rows

@@ -56,6 +56,7 @@ from supabase_migration.verify import (
     sample_rows,
     verify_table,
 )
+from supabase_migration.verify import constraints as constraints_check
 from supabase_migration.verify import sequences as sequence_check
 
 from .testbed import round_trips, rows_received
@@ -393,6 +394,23 @@ def test_altered_constraint_is_named(migrated: Migrated) -> None:
     visits = report.outcome("public.visits", "constraints_match")
     assert [d["name"] for d in visits.details["extra"]] == ["note (not null)"]
     assert visits.severity == WARN
+
+
+def test_a_generated_column_computed_otherwise_on_the_target_is_named(source_db, target_db) -> None:
+    """The copy leaves generated columns to the target: one whose expression differs there
+    holds other values, which the checksums (over the copied columns) cannot see."""
+    ddl = (
+        "CREATE TABLE tags (id int PRIMARY KEY, v text, shown text GENERATED ALWAYS AS ({}) STORED)"
+    )
+    for url, expression in ((source_db.url, "upper(v)"), (target_db.url, "lower(v)")):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(ddl.format(expression))
+    with _connected(source_db, target_db) as (s, t):
+        (info,) = read_tables(s, ["public"])
+        outcome = constraints_check(s, t, info)
+    assert not outcome.passed and outcome.severity == ERROR
+    (different,) = outcome.details["different"]
+    assert (different["name"], different["kind"]) == ("shown (generated)", "generated column")
 
 
 def test_broken_foreign_key_names_constraint_and_child_keys(migrated: Migrated) -> None:
