@@ -182,20 +182,24 @@ def _stretches_raising_keyboard_interrupt(body: Iterator[Any]) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def _raising_keyboard_interrupt() -> Iterator[None]:
-    """Python's own SIGINT handler inside the block (only the main thread may set one; one
-    not set from Python, or ignored, is left alone)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (
-        None,
-        signal.SIG_IGN,
-    ):
+    """Python's own SIGINT handler inside the block, and on SIGTERM where Dagster made it an
+    interrupt too (only the main thread may set handlers; one not set from Python, the
+    default or an ignored signal is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {
+        number: handler
+        for number in (signal.SIGINT, signal.SIGTERM)
+        if callable(handler := signal.getsignal(number))
+    }
+    for number in previous:
+        signal.signal(number, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def setup_asset(manifest: Manifest, **asset_args: Any) -> Callable[[Body], dg.AssetsDefinition]:
@@ -891,10 +895,18 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
             [
                 r.sequence,
                 r.column or "",
-                r.source_next,
-                f"{r.column_next} (past the sequence's bound)" if r.exhausted else r.column_next,
-                r.before,
-                r.after,
+                *(
+                    [
+                        r.source_next,
+                        f"{r.column_next} (past the sequence's bound)"
+                        if r.exhausted
+                        else r.column_next,
+                        r.before,
+                        r.after,
+                    ]
+                    if r.shown
+                    else ["(not shown: not a primary key)", "", "", "moved" if r.moved else ""]
+                ),
             ]
             for r in results
         ]

@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             said = (
                 "Interrupted while verifying; every range is copied. Run `supabase-migrate verify`."
             )
-        elif isinstance(exc, InterruptedBeforeCopying):
+        elif command == "run" and isinstance(exc, InterruptedBeforeCopying):
             said = "Interrupted before this run copied anything. Run `supabase-migrate run` again."
         elif command in ("run", "resume"):
             said = "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."

@@ -8,12 +8,14 @@ by up to `workers` processes at once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import importlib.util
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import signal
@@ -374,9 +376,11 @@ _parent_definitions: dg.Definitions | None = None
 _worker_context: tuple[dg.Definitions, dg.DagsterInstance] | None = None
 
 
-# Set by the CLI when it is interrupted: a worker starts no further unit (see Workers.stop).
+# Set by the CLI when it stops its workers: a worker starts no further unit (Workers.stop).
 _stopping: Any = None
-# How long an interrupted CLI waits for its workers to end their runs (a range rolls back in
+# Set in a worker that saw Ctrl-C: idle (its own handler), or in a run it then ended.
+_interrupted = False
+# How long a stopping CLI waits for its workers to end their runs (a range rolls back in
 # milliseconds) before it kills them; a killed range is rolled back by its server all the same.
 STOP_GRACE_S = 5.0
 
@@ -386,17 +390,23 @@ def _worker_init(stopping: Any) -> None:
 
     Ctrl-C reaches the terminal's whole process group, and the CLI says what happened, once.
     A busy worker is inside a Dagster run, whose own handler takes the signal: the range rolls
-    back and the step stops for good (`assets.interruptible`). An idle one ignores it: leaving
-    there and then could take the pool's queue lock with it, on which its sibling, done with
-    its run, would wait for ever (and the CLI for the sibling). The CLI stops the pool."""
+    back and the step stops for good (`assets.interruptible`). An idle one notes it and stays:
+    leaving there and then could take the pool's queue lock with it, on which its sibling,
+    done with its run, would wait for ever (and the CLI for the sibling). Either starts no
+    further unit; the CLI stops the pool."""
     global _stopping
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _note_interrupt)
     _stopping = stopping
     _quiet_dagster()
+
+
+def _note_interrupt(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
 
 
 def _worker_ready(manifest_path: str) -> None:
@@ -426,6 +436,7 @@ class Workers:
         self.manifest_path = str(manifest_path)
         self._pool: ProcessPoolExecutor | None = None
         self._stopping: Any = None
+        self._others: list[Any] = []  # this process's children that are not the pool's
 
     def start(self) -> ProcessPoolExecutor | None:
         if self.count > 1 and self._pool is None:
@@ -433,6 +444,7 @@ class Workers:
             method = start_method()
             _parent_definitions = self.defs if method == "fork" else None
             context = multiprocessing.get_context(method)
+            self._others = multiprocessing.active_children()
             self._stopping = context.Event()
             self._pool = ProcessPoolExecutor(
                 self.count,
@@ -452,30 +464,40 @@ class Workers:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self._pool is None:
             return
-        if exc_type is not None and not issubclass(exc_type, Exception):
-            self.stop()
-        else:
+        if exc_type is None:
             # Wait for idle workers to exit (milliseconds): an executor thread left running
             # at interpreter exit can make Python 3.11 print a "Bad file descriptor" traceback
             # after the CLI's one sentence.
             self._pool.shutdown(wait=True, cancel_futures=True)
+        else:  # Ctrl-C, or a failure: a worker may be busy, or blocked by one that died
+            self.stop()
 
-    def stop(self) -> None:
-        """On Ctrl-C: no unit starts any more, running ones have STOP_GRACE_S to end their
-        runs (theirs stop on the same Ctrl-C from the terminal), then the workers are killed
-        (a signal sent to the CLI alone does not reach them). A second Ctrl-C kills at once."""
+    def stop(self) -> int:
+        """No unit starts any more, running ones have STOP_GRACE_S to end their runs (on
+        Ctrl-C, theirs stop on the same signal from the terminal), then the workers left are
+        killed (a signal sent to the CLI alone does not reach them); returns how many. A
+        second Ctrl-C kills at once."""
         assert self._pool is not None
-        workers = multiprocessing.active_children()  # the pool's: the CLI forks no other
+        workers = [p for p in multiprocessing.active_children() if p not in self._others]
+        # The pool's thread that reaps the workers: joined last (shutdown forgets it).
+        reaper = getattr(self._pool, "_executor_manager_thread", None)
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        # A worker has ended once its sentinel is ready, whichever thread reaps it (the pool's
+        # own thread joins them too).
+        running = {worker.sentinel: worker for worker in workers}
         deadline = time.monotonic() + STOP_GRACE_S
         try:
-            for worker in workers:
-                worker.join(max(0.0, deadline - time.monotonic()))
+            while running and (left := deadline - time.monotonic()) > 0:
+                for ended in multiprocessing.connection.wait(list(running), timeout=left):
+                    running.pop(ended)  # type: ignore[call-overload]
         finally:
-            for worker in workers:
-                if worker.is_alive():
-                    worker.kill()
+            for worker in running.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+            if reaper is not None:  # every worker has ended or is killed: at once
+                reaper.join()
+        return len(running)
 
 
 def start_method() -> str:
@@ -496,12 +518,21 @@ def _copying_ahead() -> bool:
 
 
 def _worker_execute(manifest_path: str, unit: Unit) -> str | None:
-    if _stopping is not None and _stopping.is_set():
-        raise KeyboardInterrupt  # queued before the CLI was interrupted
+    global _interrupted
+    if _interrupted or (_stopping is not None and _stopping.is_set()):
+        raise KeyboardInterrupt  # queued before the interrupt
     _worker_ready(manifest_path)
     assert _worker_context is not None
     defs, instance = _worker_context
-    return execute_unit(defs, instance, unit)
+    try:
+        return execute_unit(defs, instance, unit)
+    except KeyboardInterrupt:
+        _interrupted = True
+        raise
+    finally:
+        # Dagster gives SIGTERM the SIGINT handler as a run ends: the pool stops a worker
+        # with SIGTERM, which must end it.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run(
@@ -516,7 +547,8 @@ def run(
     try:
         return _run(settings, resume, progress, log, reached)
     except KeyboardInterrupt as exc:
-        if reached or isinstance(exc, VerificationInterrupted):
+        # `resume` has checked that a run planned the target: resuming is still right.
+        if reached or resume or isinstance(exc, VerificationInterrupted):
             raise
         raise InterruptedBeforeCopying from None
 

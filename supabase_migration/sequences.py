@@ -22,7 +22,10 @@ from .connections import transaction_with
 # Each sequence of the schemas: its owning column, if any, and its direction and bounds.
 _SEQUENCES_SQL = """
 SELECT n.nspname, s.relname, tn.nspname, t.relname, a.attname, q.seqincrement, q.seqmin,
-       q.seqmax
+       q.seqmax,
+       a.attname IS NULL OR EXISTS (SELECT FROM pg_index i WHERE i.indrelid = t.oid
+                                    AND i.indisprimary AND i.indnkeyatts = 1
+                                    AND i.indkey[0] = a.attnum)
 FROM pg_class s
 JOIN pg_namespace n ON n.oid = s.relnamespace
 JOIN pg_sequence q ON q.seqrelid = s.oid
@@ -61,6 +64,9 @@ class SequenceSync:
     before: int | None
     after: int | None
     exhausted: bool = False
+    # Its values may be shown: the sequence feeds its table's primary key, or no column. One
+    # feeding another column (an MRN) hands out that column's values, a patient's.
+    shown: bool = True
 
     @property
     def moved(self) -> bool:
@@ -112,7 +118,7 @@ def sync_sequences(
     with transaction_with(target, [sqlbuild.NO_STATEMENT_TIMEOUT, sqlbuild.EVERY_ROW]):
         found = target.execute(_SEQUENCES_SQL, (list(schemas),)).fetchall()
         reads: list[sql.Composable] = []
-        for seq_schema, seq_name, tab_schema, tab_name, column, inc, _, _ in found:
+        for seq_schema, seq_name, tab_schema, tab_name, column, inc, _, _, _ in found:
             reads.append(
                 sql.SQL("(SELECT {} FROM {})").format(
                     _state(inc), sql.Identifier(seq_schema, seq_name)
@@ -128,7 +134,7 @@ def sync_sequences(
                 )
         values = iter(_select_all(target, reads))
         moves: list[sql.Composable] = []
-        for seq_schema, seq_name, tab_schema, tab_name, column, inc, low, high in found:
+        for seq_schema, seq_name, tab_schema, tab_name, column, inc, low, high, shown in found:
             qualified = f"{seq_schema}.{seq_name}"
             before = int(next(values))
             extreme = next(values) if column else None
@@ -160,6 +166,7 @@ def sync_sequences(
                     before=before,
                     after=after,
                     exhausted=beyond,
+                    shown=shown,
                 )
             )
         _select_all(target, moves)

@@ -1266,7 +1266,7 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                     ahead = low is None or next_value < low
                     bound = None if low is None else int(low)
                 # A primary key's values may be shown; another column's (an MRN drawn from a
-                # sequence) are a patient's.
+                # sequence) are a patient's, and so is the sequence's next value, if behind.
                 shown = table.rows_named and table.key == (column,)
                 reached = {"column_max" if increment > 0 else "column_min": bound}
                 results.append(
@@ -1274,8 +1274,7 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                         "sequence": f"{schema}.{seq}",
                         "column": column,
                         "kind": "identity" if deptype == "i" else "serial/owned",
-                        "next_value": next_value,
-                        **(reached if shown else {}),
+                        **({"next_value": next_value, **reached} if shown else {}),
                         "ahead": ahead,
                     }
                 )
@@ -1293,11 +1292,11 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
             text = (
                 f"{name}: "
                 + "; ".join(
-                    f"{r['sequence']} would hand out {r['next_value']} but {r['column']} "
-                    + (
+                    (
+                        f"{r['sequence']} would hand out {r['next_value']} but {r['column']} "
                         f"already reaches {r.get('column_max', r.get('column_min'))}"
-                        if "column_max" in r or "column_min" in r
-                        else "already holds values past it"
+                        if "next_value" in r
+                        else f"{r['sequence']} is behind the values {r['column']} already holds"
                     )
                     for r in behind
                 )

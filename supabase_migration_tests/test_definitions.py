@@ -615,34 +615,143 @@ def test_an_idle_worker_ignores_ctrl_c_and_the_cli_stops_it(tmp_path: Path) -> N
     """Ctrl-C reaches the terminal's whole process group; the CLI says what happened, once.
     An idle worker stays (leaving then could take the pool's queue lock with it, on which a
     busy sibling would wait for ever once done), without a traceback, and starts no unit
-    queued before the interrupt; the CLI's stop ends it."""
+    queued after the interrupt; the CLI's stop ends it, without killing it."""
     code = """
 import multiprocessing, os, signal, time
 from supabase_migration import commands
 workers = commands.Workers(2, None, None)  # warming up fails: no manifest, nothing read
 pool = workers.start()
 pool.submit(os.getpid).result()
-procs = multiprocessing.active_children()
-pids = [p.pid for p in procs]
+pids = [p.pid for p in multiprocessing.active_children()]
 for pid in pids:
     os.kill(pid, signal.SIGINT)
 time.sleep(0.3)
 alive = len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
-workers._stopping.set()
 unit = commands.Unit("public.t", "000000", "000000", 1)
 try:
     pool.submit(commands._worker_execute, "unused", unit).result()
     started = True
 except KeyboardInterrupt:
     started = False
-workers.stop()
-print(alive, started, [p.exitcode for p in procs], flush=True)  # 0: left, not killed
+print(alive, started, workers.stop(), flush=True)  # 0: none killed, both left
 """
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
-    assert done.stdout.strip() == "True False [0, 0]", done.stdout + done.stderr
+    assert done.stdout.strip() == "True False 0", done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_cancels_the_query_a_step_waits_on(
+    source_db, tmp_path: Path, signal_name: str
+) -> None:
+    """Ctrl-C, or SIGTERM (a container's stop, `kill`), which Dagster takes for the same
+    interrupt: psycopg cancels the query a step waits on only for a KeyboardInterrupt, so one
+    raised as Dagster's own error left the query running on the server after the step."""
+    code = """
+import os, signal, sys, threading, time
+import dagster as dg
+import psycopg
+from supabase_migration.assets import interruptible
+
+url, number = sys.argv[1], getattr(signal, sys.argv[2])
+started = threading.Event()
+
+@dg.asset
+@interruptible
+def sleeper(context: dg.AssetExecutionContext) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        started.set()
+        conn.execute("SELECT pg_sleep(60) /* held by the step */")
+
+def interrupt() -> None:
+    started.wait()
+    time.sleep(0.5)
+    os.kill(os.getpid(), number)
+
+threading.Thread(target=interrupt, daemon=True).start()
+result = dg.materialize([sleeper], raise_on_error=False)
+print([e.step_failure_data.error.cls_name for e in result.get_step_failure_events()], flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code, source_db.url, signal_name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "['KeyboardInterrupt']", (
+        done.stdout + done.stderr
+    )
+    import psycopg
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            ["%held by the step%"],
+        ).fetchone()
+    assert left == (0,)
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ("run", "Interrupted before this run copied anything. Run `supabase-migrate run` again."),
+        # resume has checked that a run planned the target; the demo's servers are gone
+        ("resume", "Interrupted; completed ranges are kept. Run `supabase-migrate resume`."),
+        ("demo", "Interrupted."),
+    ],
+)
+def test_ctrl_c_before_the_plan_says_what_goes_on(monkeypatch, capsys, command, said) -> None:
+    """`run` interrupted before it planned says to run again; `resume`, which checked that a
+    run planned the target, to resume; the demo, whose servers are gone, nothing more."""
+    from supabase_migration import cli, commands
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def dispatch(args) -> int:
+        commands.run(None, resume=args.command == "resume")  # type: ignore[arg-type]
+        return 0
+
+    monkeypatch.setattr(commands, "_run", interrupted)
+    monkeypatch.setattr(cli, "dispatch", dispatch)
+    assert cli.main([command]) == 1
+    assert capsys.readouterr().err.strip() == said
+
+
+def test_a_worker_ends_on_sigterm_after_a_dagster_run(tmp_path: Path) -> None:
+    """Dagster gives SIGTERM the SIGINT handler as a run ends; a worker's notes Ctrl-C and
+    stays, so the pool, which stops its workers with SIGTERM once one has died, could not
+    stop the others (the CLI then waited for ever). A worker puts SIGTERM back after each
+    unit."""
+    code = """
+import multiprocessing, signal
+import dagster as dg
+from supabase_migration import commands
+
+@dg.asset
+def trivial() -> None:
+    pass
+
+def run_one(defs, instance, unit):
+    dg.materialize([trivial])
+
+commands._worker_init(multiprocessing.get_context("fork").Event())
+dg.materialize([trivial])
+dagster_moved_it = signal.getsignal(signal.SIGTERM) is commands._note_interrupt
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+commands._worker_ready = lambda path: None
+commands._worker_context = (None, None)
+commands.execute_unit = run_one
+commands._worker_execute("unused", commands.Unit("public.t", "000000", "000000", 1))
+print(dagster_moved_it, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip().splitlines()[-1] == "True True", done.stdout + done.stderr
 
 
 def test_a_worker_that_the_system_kills_is_one_sentence(tmp_path: Path) -> None:

@@ -513,10 +513,42 @@ def test_a_sequence_behind_a_column_other_than_the_key_shows_none_of_its_values(
         outcome = sequence_check(conn, info)
     assert not outcome.passed
     assert outcome.description == (
-        "public.charts: public.charts_mrn_seq would hand out 6 but mrn already holds values "
-        "past it."
+        "public.charts: public.charts_mrn_seq is behind the values mrn already holds."
     )
     assert "91827305" not in json.dumps(outcome.details)
+    assert "next_value" not in outcome.details["owned"][0]  # 6 could be someone's MRN
+
+
+def test_the_sequences_asset_shows_no_position_of_a_sequence_feeding_another_column(
+    source_db, target_db
+) -> None:
+    """A sequence feeding an MRN hands out MRNs: its positions and the column's reach stay
+    out of the asset's metadata; the primary key's sequence is shown."""
+    from supabase_migration.assets import SEQUENCES_KEY
+    from supabase_migration.definitions import build_definitions
+
+    ddl = "CREATE TABLE charts (id serial PRIMARY KEY, mrn serial NOT NULL)"
+    fill = "INSERT INTO charts VALUES (1, 918273050), (2, 918273051)"
+    for url, statements in ((source_db.url, [ddl, fill]), (target_db.url, [ddl, fill])):
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+    with psycopg.connect(source_db.url) as conn:
+        manifest = from_catalog(read_tables(conn, ["public"]), schemas=["public"])
+    result = dg.materialize(
+        [build_definitions(manifest).get_assets_def(SEQUENCES_KEY)],
+        resources={
+            "source": SourceDatabase(url=source_db.url),
+            "target": TargetDatabase(url=target_db.url),
+        },
+    )
+    (materialization,) = result.asset_materializations_for_node("migration__sequences")
+    table = str(materialization.metadata["sequences_table"].value)
+    assert "91827305" not in table
+    assert "| public.charts_id_seq | public.charts.id | 1 | 3 | 1 | 3 |" in table
+    assert "| public.charts_mrn_seq | public.charts.mrn | (not shown" in table
+    with psycopg.connect(target_db.url) as conn:  # moved all the same
+        assert conn.execute("SELECT nextval('charts_mrn_seq')").fetchone() == (918273052,)
 
 
 def test_each_tables_outcomes_are_handed_over_once_before_the_report(migrated: Migrated) -> None:
