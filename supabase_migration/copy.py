@@ -108,7 +108,8 @@ class RangeResult:
     # with it, and those ranges, marked to be copied again (see `_merge_changed`).
     rows_taken_aside: int = 0
     ranges_copied_again: tuple[str, ...] = ()
-    # Rows the target inserted or updated: a re-sync writes only new and changed ones.
+    # Rows the target inserted or updated: a re-sync writes only new and changed ones (and
+    # puts back the rows it took aside from other ranges, counted here too).
     rows_written: int = 0
 
     @property
