@@ -148,21 +148,42 @@ def interruptible(body: Body) -> Body:
     interrupt lost: a deferred index was built again after Ctrl-C). Dagster sets its handler
     again each time it resumes a generator, so a generator's is set for each stretch."""
 
+    cancelling = cancelling_queries(body)
     if inspect.isgeneratorfunction(body):
 
         @functools.wraps(body)
         def steps(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Iterator[Any]:
             stop_after_interrupt(context)
             with _noting_interrupts(context):
-                yield from _stretches_raising_keyboard_interrupt(body(context, *args, **kwargs))
+                yield from cancelling(context, *args, **kwargs)
 
         return cast(Body, steps)
 
     @functools.wraps(body)
     def step(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
         stop_after_interrupt(context)
-        with _noting_interrupts(context), _raising_keyboard_interrupt():
-            return body(context, *args, **kwargs)
+        with _noting_interrupts(context):
+            return cancelling(context, *args, **kwargs)
+
+    return cast(Body, step)
+
+
+def cancelling_queries(body: Body) -> Body:
+    """The body's own code, asset or check, takes Ctrl-C (and a SIGTERM Dagster made an
+    interrupt) as KeyboardInterrupt, so that psycopg cancels the query it waits on (see
+    `interruptible`)."""
+    if inspect.isgeneratorfunction(body):
+
+        @functools.wraps(body)
+        def steps(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            yield from _stretches_raising_keyboard_interrupt(body(*args, **kwargs))
+
+        return cast(Body, steps)
+
+    @functools.wraps(body)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        with _raising_keyboard_interrupt():
+            return body(*args, **kwargs)
 
     return cast(Body, step)
 

@@ -34,6 +34,7 @@ from .assets import (
     KINDS,
     SEQUENCES_KEY,
     TARGET_POOL,
+    cancelling_queries,
     live_tables,
     no_manifest_failure,
     step_failure,
@@ -183,6 +184,7 @@ def build_table_checks(manifest: Manifest, entry: ManifestTable) -> list[dg.Asse
         description=f"Verify {entry.name} on the target against the source.",
         can_subset=True,
     )
+    @cancelling_queries
     def table_checks(
         context: dg.AssetCheckExecutionContext,
         config: VerifyConfig,
@@ -255,6 +257,7 @@ def build_report_asset(
             )
         ],
     )
+    @cancelling_queries
     def verification_report(
         context: dg.AssetExecutionContext,
         config: VerifyConfig,

@@ -149,7 +149,11 @@ def copy_range(
             options.force or planned.status != checkpoints.Status.COMPLETED
         )
         recorded_like = table
-        with _source_snapshot(source), ThreadPoolExecutor(1) as pool:
+        with (
+            _source_snapshot(source),
+            ThreadPoolExecutor(1) as pool,
+            _cancelled_on_interrupt(peer),  # before the pool waits for the checksum on it
+        ):
             if overlap:
                 assert peer is not None
                 snapshot = source.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
@@ -307,6 +311,19 @@ def _remedy(exc: psycopg.Error) -> str:
             "if the table does not FORCE it)"
         )
     return ""
+
+
+@contextlib.contextmanager
+def _cancelled_on_interrupt(conn: psycopg.Connection | None) -> Iterator[None]:
+    """On Ctrl-C, cancel what `conn` runs on another thread (the peer's checksum), which
+    would otherwise be waited for: a query held by a lock waits as long as the lock."""
+    try:
+        yield
+    except BaseException as exc:
+        if conn is not None and not isinstance(exc, Exception):
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe()
+        raise
 
 
 class _source_snapshot:
@@ -774,6 +791,11 @@ class CopyOutBlocks:
                 self._finish(result)
                 raise psycopg.ProgrammingError("the query did not start a COPY TO STDOUT")
         except BaseException:
+            if self._pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+                # Interrupted while the COPY waits to start (a lock): the server would go on
+                # waiting after the connection is closed.
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.cancel_safe()
             self._release()
             raise
         return self

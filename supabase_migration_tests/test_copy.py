@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import socket
 import sys
 import threading
@@ -2064,6 +2065,56 @@ def test_a_sql_ascii_source_is_warned_of_and_its_bad_text_fails_its_range_alone(
                 "GROUP BY 1 ORDER BY 1"
             ).fetchall()
         assert states == [("completed", 2), ("failed", 1)]
+
+
+def test_ctrl_c_while_a_range_waits_on_a_source_lock_cancels_its_queries(source_db, target_db):
+    """A range copied again (as every UI run does) reads its rows and, on the peer connection,
+    its checksum, both held by a lock on the source table. Ctrl-C (or a UI terminate) reached
+    the caller only once the lock went: the pool waited for the checksum, which nothing
+    cancelled, and the COPY waiting to start was left waiting on the server."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE big (id int PRIMARY KEY, v text);"
+            "INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 3000) g"
+        )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+    migrate_all(source_db, target_db.url, batch_size=1000)
+    src_url, tgt_url = _urls(source_db, target_db.url)
+    holder = psycopg.connect(source_db.url)
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND datname = current_database()"
+    )
+    released_by_time = threading.Event()
+
+    def interrupt_once_both_wait() -> None:
+        with psycopg.connect(source_db.url, autocommit=True) as watcher:
+            deadline = time.monotonic() + 60
+            while watcher.execute(waiting).fetchone()[0] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            if not done.wait(30):  # never cancelled: let the copy end so the test can fail
+                released_by_time.set()
+                holder.close()
+
+    done = threading.Event()
+    try:
+        with CopySession(src_url, tgt_url) as session:
+            (info,) = read_tables(session.source, ["public"])
+            assert session.peer is not None
+            holder.execute("LOCK TABLE big IN ACCESS EXCLUSIVE MODE")
+            threading.Thread(target=interrupt_once_both_wait, daemon=True).start()
+            with pytest.raises(KeyboardInterrupt):
+                session.copy(info, "000001", CopyOptions(force=True))
+            done.set()
+            with psycopg.connect(source_db.url, autocommit=True) as watcher:
+                left = watcher.execute(waiting).fetchone()
+    finally:
+        done.set()
+        holder.close()
+    assert not released_by_time.is_set()
+    assert left == (0,)  # the lock still held, and nothing of ours waits on it
 
 
 def test_a_latin1_source_copies_and_verifies_its_text(source_db, target_db):

@@ -642,28 +642,41 @@ print(alive, started, workers.stop(), flush=True)  # 0: none killed, both left
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("signal_name", "body"), [("SIGINT", "asset"), ("SIGTERM", "asset"), ("SIGINT", "check")]
+)
 def test_an_interrupt_cancels_the_query_a_step_waits_on(
-    source_db, tmp_path: Path, signal_name: str
+    source_db, tmp_path: Path, signal_name: str, body: str
 ) -> None:
     """Ctrl-C, or SIGTERM (a container's stop, `kill`), which Dagster takes for the same
-    interrupt: psycopg cancels the query a step waits on only for a KeyboardInterrupt, so one
-    raised as Dagster's own error left the query running on the server after the step."""
+    interrupt, or a UI terminate: psycopg cancels the query a step waits on only for a
+    KeyboardInterrupt, so one raised as Dagster's own error left the query running on the
+    server after the step (an asset's, or a check's, as the verification's)."""
     code = """
 import os, signal, sys, threading, time
 import dagster as dg
 import psycopg
-from supabase_migration.assets import interruptible
+from supabase_migration.assets import cancelling_queries, interruptible
 
-url, number = sys.argv[1], getattr(signal, sys.argv[2])
+url, number, body = sys.argv[1], getattr(signal, sys.argv[2]), sys.argv[3]
 started = threading.Event()
+
+def sleep() -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        started.set()
+        conn.execute("SELECT pg_sleep(60) /* held by the step */")
 
 @dg.asset
 @interruptible
 def sleeper(context: dg.AssetExecutionContext) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        started.set()
-        conn.execute("SELECT pg_sleep(60) /* held by the step */")
+    if body == "asset":
+        sleep()
+
+@dg.asset_check(asset=sleeper)
+@cancelling_queries
+def sleeping_check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    sleep()
+    return dg.AssetCheckResult(passed=True)
 
 def interrupt() -> None:
     started.wait()
@@ -671,11 +684,11 @@ def interrupt() -> None:
     os.kill(os.getpid(), number)
 
 threading.Thread(target=interrupt, daemon=True).start()
-result = dg.materialize([sleeper], raise_on_error=False)
+result = dg.materialize([sleeper, sleeping_check], raise_on_error=False)
 print([e.step_failure_data.error.cls_name for e in result.get_step_failure_events()], flush=True)
 """
     done = subprocess.run(
-        [sys.executable, "-c", code, source_db.url, signal_name],
+        [sys.executable, "-c", code, source_db.url, signal_name, body],
         cwd=tmp_path,
         capture_output=True,
         text=True,
