@@ -152,7 +152,8 @@ def copy_range(
         with (
             _source_snapshot(source),
             ThreadPoolExecutor(1) as pool,
-            _cancelled_on_interrupt(peer),  # before the pool waits for the checksum on it
+            # before the pool waits for the checksum on the peer
+            _cancelled_on_interrupt(peer if overlap else None),
         ):
             if overlap:
                 assert peer is not None

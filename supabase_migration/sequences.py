@@ -19,13 +19,17 @@ from psycopg import sql
 from . import sqlbuild
 from .connections import transaction_with
 
+# Whether a sequence's values may be shown (its owning column `a`, if any): where it feeds
+# its table's one-column primary key, or no column. One feeding another column (an MRN)
+# hands out that column's values, a patient's.
+VALUES_SHOWN_SQL = """(a.attname IS NULL OR EXISTS (
+    SELECT FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisprimary
+    AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum))"""
+
 # Each sequence of the schemas: its owning column, if any, and its direction and bounds.
-_SEQUENCES_SQL = """
+_SEQUENCES_SQL = f"""
 SELECT n.nspname, s.relname, tn.nspname, t.relname, a.attname, q.seqincrement, q.seqmin,
-       q.seqmax,
-       a.attname IS NULL OR EXISTS (SELECT FROM pg_index i WHERE i.indrelid = t.oid
-                                    AND i.indisprimary AND i.indnkeyatts = 1
-                                    AND i.indkey[0] = a.attnum)
+       q.seqmax, {VALUES_SHOWN_SQL}
 FROM pg_class s
 JOIN pg_namespace n ON n.oid = s.relnamespace
 JOIN pg_sequence q ON q.seqrelid = s.oid
@@ -64,9 +68,7 @@ class SequenceSync:
     before: int | None
     after: int | None
     exhausted: bool = False
-    # Its values may be shown: the sequence feeds its table's primary key, or no column. One
-    # feeding another column (an MRN) hands out that column's values, a patient's.
-    shown: bool = True
+    shown: bool = True  # its values may be shown (VALUES_SHOWN_SQL)
 
     @property
     def moved(self) -> bool:

@@ -43,6 +43,7 @@ from .planning import every_nth_key
 from .preflight import watched_tables_left_out
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
+from .sequences import VALUES_SHOWN_SQL
 
 if TYPE_CHECKING:
     from .report import Report
@@ -1222,8 +1223,8 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
     return _timed(FOREIGN_KEYS, table, run)
 
 
-_OWNED_SEQUENCES_SQL = """
-SELECT n.nspname, s.relname, a.attname, d.deptype::text, q.seqincrement
+_OWNED_SEQUENCES_SQL = f"""
+SELECT n.nspname, s.relname, a.attname, d.deptype::text, q.seqincrement, {VALUES_SHOWN_SQL}
 FROM pg_depend d
 JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
 JOIN pg_namespace n ON n.oid = s.relnamespace
@@ -1247,7 +1248,7 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
             owned = target.execute(
                 _OWNED_SEQUENCES_SQL, (sqlbuild.table_ident(table).as_string(target),)
             ).fetchall()
-            for schema, seq, column, deptype, increment in owned:
+            for schema, seq, column, deptype, increment, shown in owned:
                 last_value, is_called = target.execute(
                     sql.SQL("SELECT last_value, is_called FROM {}").format(
                         sql.Identifier(schema, seq)
@@ -1265,9 +1266,6 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                 else:
                     ahead = low is None or next_value < low
                     bound = None if low is None else int(low)
-                # A primary key's values may be shown; another column's (an MRN drawn from a
-                # sequence) are a patient's, and so is the sequence's next value, if behind.
-                shown = table.rows_named and table.key == (column,)
                 reached = {"column_max" if increment > 0 else "column_min": bound}
                 results.append(
                     {
