@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -451,6 +452,10 @@ def console_main() -> int:
     closing files happen as usual (`main` closes its files and connections itself). Not in
     `main`, which tests call in-process, where frozen garbage would never be freed.
     """
+    # A supervisor's stop (`kill`, `timeout`, systemd, `docker stop`) is Ctrl-C too: the same
+    # sentence and the same clean end, also before the first Dagster run, which until then
+    # gives SIGTERM its own handler (it copies Ctrl-C's there as a run ends).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return main()
     finally:

@@ -400,6 +400,7 @@ def _worker_init(stopping: Any) -> None:
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     signal.signal(signal.SIGINT, _note_interrupt)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with it
     _stopping = stopping
     _quiet_dagster()
 

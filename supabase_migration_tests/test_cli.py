@@ -1341,9 +1341,17 @@ def test_ctrl_c_during_the_copy_is_one_sentence_and_resume_finishes(clinic):
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
 
 
-@pytest.mark.parametrize(("to", "held"), [("group", False), ("group", True), ("cli alone", True)])
+@pytest.mark.parametrize(
+    ("to", "held", "signum"),
+    [
+        ("group", False, signal.SIGINT),
+        ("group", True, signal.SIGINT),
+        ("cli alone", True, signal.SIGINT),
+        ("cli alone", True, signal.SIGTERM),
+    ],
+)
 def test_ctrl_c_while_one_worker_copies_and_the_other_is_idle_ends_the_cli(
-    source_db, target_db, tmp_path: Path, to: str, held: bool
+    source_db, target_db, tmp_path: Path, to: str, held: bool, signum: int
 ):
     """One table left (one unit, so one worker idle), as at the end of most migrations.
     Ctrl-C to the terminal's process group: the idle worker used to leave holding the pool's
@@ -1351,7 +1359,7 @@ def test_ctrl_c_while_one_worker_copies_and_the_other_is_idle_ends_the_cli(
     the CLI on the sibling. Sent to the CLI alone (a supervisor's `kill -INT`), the busy worker
     never hears it: the CLI stops it. `held`: the busy worker waits on a lock on the source
     table meanwhile. Either way the CLI ends, with its sentence, no worker is left, and
-    `resume` finishes."""
+    `resume` finishes. A supervisor's SIGTERM to the CLI alone ends it the same way."""
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
             "CREATE TABLE big (id int PRIMARY KEY, v text); "
@@ -1370,9 +1378,9 @@ def test_ctrl_c_while_one_worker_copies_and_the_other_is_idle_ends_the_cli(
             _hold_between_ranges(holder, "big")
             _wait_for_a_lock_wait(source_db.url, run, deadline)
         if to == "group":
-            os.killpg(run.pid, signal.SIGINT)
+            os.killpg(run.pid, signum)
         else:
-            os.kill(run.pid, signal.SIGINT)
+            os.kill(run.pid, signum)
         _, stderr = run.communicate(timeout=60)
         left = subprocess.run(
             ["pgrep", "-g", str(run.pid)], capture_output=True, text=True
@@ -1577,10 +1585,12 @@ def _planned_ranges(url: str) -> int:
         ).fetchone()[0]
 
 
-def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic, signum):
     """Ctrl-C while Dagster opens, with the schema step started ahead held up on the target
     (another session holds the lock schema steps take): the CLI ends at once with its one
-    line, and the schema step's transaction is rolled back."""
+    line, and the schema step's transaction is rolled back. A supervisor's SIGTERM the same
+    (it killed the CLI without a word until the first Dagster run gave SIGTERM a handler)."""
 
     _, target_db, env, tmp_path = clinic
     with psycopg.connect(target_db.url, autocommit=True) as holder:
@@ -1595,7 +1605,7 @@ def test_ctrl_c_at_start_up_does_not_wait_for_the_schema_step_ahead(clinic):
             while not _waiting_for_a_lock(holder):
                 assert time.monotonic() < deadline and run.poll() is None, "never held up"
                 time.sleep(0.05)
-            os.kill(run.pid, signal.SIGINT)
+            os.kill(run.pid, signum)
             interrupted = time.monotonic()
             try:
                 _, stderr = run.communicate(timeout=60)
