@@ -188,10 +188,19 @@ def cancelling_queries(body: Body) -> Body:
     return cast(Body, step)
 
 
+# Set when the CLI that started this worker is stopping (`commands._worker_init` puts the
+# pool's event here; never set elsewhere). A table run looks between two ranges: a Ctrl-C or
+# SIGTERM that reached the CLI alone then ends the run at the next range, instead of its
+# copying on until the CLI kills the worker.
+cli_stopping: Any = threading.Event()
+
+
 def _stretches_raising_keyboard_interrupt(body: Iterator[Any]) -> Iterator[Any]:
     try:
         while True:
             with _raising_keyboard_interrupt():
+                if cli_stopping.is_set():
+                    raise KeyboardInterrupt
                 try:
                     item = next(body)
                 except StopIteration:

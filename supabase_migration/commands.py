@@ -38,7 +38,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from . import checkpoints, deferred, memory
+from . import assets, checkpoints, deferred, memory
 from . import manifest as manifest_io
 from .assets import (
     COMMAND_TAG,
@@ -402,6 +402,7 @@ def _worker_init(stopping: Any) -> None:
     signal.signal(signal.SIGINT, _note_interrupt)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with it
     _stopping = stopping
+    assets.cli_stopping = stopping
     _quiet_dagster()
 
 
@@ -475,9 +476,9 @@ class Workers:
 
     def stop(self) -> int:
         """No unit starts any more, running ones have STOP_GRACE_S to end their runs (on
-        Ctrl-C, theirs stop on the same signal from the terminal), then the workers left are
-        killed (a signal sent to the CLI alone does not reach them); returns how many. A
-        second Ctrl-C kills at once."""
+        Ctrl-C, theirs stop on the same signal from the terminal; a signal sent to the CLI
+        alone reaches them as the stop event, which a table run reads between ranges), then
+        the workers left are killed; returns how many. A second Ctrl-C kills at once."""
         assert self._pool is not None
         workers = [p for p in multiprocessing.active_children() if p not in self._others]
         # The pool's thread that reaps the workers: joined last (shutdown forgets it).

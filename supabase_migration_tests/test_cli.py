@@ -1347,7 +1347,7 @@ def test_ctrl_c_during_the_copy_is_one_sentence_and_resume_finishes(clinic):
         ("group", False, signal.SIGINT),
         ("group", True, signal.SIGINT),
         ("cli alone", True, signal.SIGINT),
-        ("cli alone", True, signal.SIGTERM),
+        ("cli alone", False, signal.SIGTERM),
     ],
 )
 def test_ctrl_c_while_one_worker_copies_and_the_other_is_idle_ends_the_cli(
