@@ -320,18 +320,36 @@ def copy_again_statements(table: str, keys: Sequence[str]) -> list[sql.Composabl
     ]
 
 
+# Completed once and pending again, not copied since: marked by `copy_again_statements`, or a
+# last range the plan reopened when the source grew past it.
+_MARKED_TO_COPY_AGAIN = sql.SQL("status = 'pending' AND completed_at IS NOT NULL")
+
+
 def marked_to_copy_again(conn: psycopg.Connection, table: str, but: Sequence[str]) -> list[str]:
-    """The partitions of `table`, other than `but`, completed once and pending again, not
-    copied since: marked by `copy_again_statements`, or a last range the plan reopened when
-    the source grew past it."""
+    """The partitions of `table`, other than `but`, marked to be copied again."""
     rows = conn.execute(
         sql.SQL(
-            "SELECT partition_key FROM {} WHERE table_name = %s AND status = 'pending' "
-            "AND completed_at IS NOT NULL AND partition_key <> ALL(%s) ORDER BY batch_number"
-        ).format(CHECKPOINTS),
+            "SELECT partition_key FROM {} WHERE table_name = %s AND {} "
+            "AND partition_key <> ALL(%s) ORDER BY batch_number"
+        ).format(CHECKPOINTS, _MARKED_TO_COPY_AGAIN),
         (table, list(but)),
     ).fetchall()
     return [key for (key,) in rows]
+
+
+def marked_to_copy_again_by_table(
+    conn: psycopg.Connection, tables: Iterable[str]
+) -> dict[str, set[str]]:
+    """Per table of `tables` that has any, its partitions marked to be copied again."""
+    marked: dict[str, set[str]] = {}
+    for table, key in conn.execute(
+        sql.SQL(
+            "SELECT table_name, partition_key FROM {} WHERE table_name = ANY(%s) AND {}"
+        ).format(CHECKPOINTS, _MARKED_TO_COPY_AGAIN),
+        (list(tables),),
+    ):
+        marked.setdefault(table, set()).add(key)
+    return marked
 
 
 def not_fully_copied(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:

@@ -733,15 +733,7 @@ def _marked_to_copy_again(manifest: Manifest) -> dict[str, set[str]]:
     """Per table, the ranges completed before and marked to be copied again since
     (`checkpoints.copy_again_statements`): pending, with a completion time."""
     with borrowed(target_url()) as target:
-        planned = checkpoints.load_by_table(target, (t.name for t in manifest.tables))
-    return {
-        name: {
-            cp.partition_key
-            for cp in cps
-            if cp.status == Status.PENDING and cp.completed_at is not None
-        }
-        for name, cps in planned.items()
-    }
+        return checkpoints.marked_to_copy_again_by_table(target, (t.name for t in manifest.tables))
 
 
 def _units_to_copy_again(
