@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging.config
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -185,6 +187,11 @@ def _last_record(conn: psycopg.Connection, mode: SchemaMode) -> tuple[str | None
     return (row[0], row[1]) if row else None
 
 
+def applied_before(conn: psycopg.Connection, mode: SchemaMode) -> bool:
+    """Whether a schema step in `mode` has completed on this target."""
+    return _last_record(conn, mode) is not None
+
+
 def _record(
     conn: psycopg.Connection,
     mode: SchemaMode,
@@ -279,6 +286,7 @@ def _apply_alembic(
             "--alembic-config PATH (its alembic.ini) or set alembic_config in migration.yaml."
         )
     cfg = alembic_configuration(Path(alembic_config), target_url)
+    project = _ProjectFiles(Path(alembic_config))
     try:
         script = ScriptDirectory.from_config(cfg)
         heads = set(script.get_heads())
@@ -287,6 +295,11 @@ def _apply_alembic(
         raise ConfigError(
             f"The Alembic project at {alembic_config} cannot be read: {_one_line(exc)}."
         ) from None
+    except Exception as exc:  # a revision file that does not compile or import
+        raise ConfigError(
+            f"The Alembic project at {alembic_config} cannot be read: {project.describe(exc)}."
+        ) from None
+    project.roots.append(Path(script.dir))
     secrets = [target_url.password or ""]
 
     def probe() -> tuple[str, str | None, bool]:
@@ -320,18 +333,24 @@ def _apply_alembic(
 
     engine = make_engine(target_url, pool_size=1, max_overflow=0)
     try:
-        with _alembic_errors(target_url, secrets), _quiet_logging_config():
+        with (
+            _alembic_errors(target_url, secrets, project),
+            _quiet_logging_config(),
+            _redacted_output(secrets),
+        ):
             table, table_schema, shared = probe()
             wanted = _source_revisions(source_url, table, table_schema, known, alembic_config)
-            wanted = wanted or heads
+            wanted = heads if wanted is None else wanted
             with borrowed(target_url) as conn:
                 # Read on our own connection: an env.py that connects elsewhere cannot fool it.
-                before = _alembic_revisions(conn, table, table_schema)
+                before_or_none = _alembic_revisions_or_none(conn, table, table_schema)
+                before = before_or_none or set()
                 before_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
                 count_before = count_objects(conn, before_schemas)
             # At the source's revisions, or past them (a target someone upgraded further):
             # nothing to apply, and the tables are compared with the source's all the same.
-            if wanted <= _with_ancestors(script, before):
+            # A source at base (an empty version table) still needs the table on the target.
+            if wanted <= _with_ancestors(script, before) and (wanted or before_or_none is not None):
                 return SchemaResult(
                     mode=SchemaMode.ALEMBIC, revision=_revision(before), changed=False
                 )
@@ -344,7 +363,9 @@ def _apply_alembic(
                 try:
                     # The source's revisions, not head: its rows fit its tables, and the
                     # version table the copy brings along then says what the target has.
-                    for target_revision in ["heads"] if wanted == heads else sorted(wanted):
+                    for target_revision in (
+                        ["base"] if not wanted else ["heads"] if wanted == heads else sorted(wanted)
+                    ):
                         command.upgrade(cfg, target_revision)
                 finally:
                     cfg.attributes.pop("connection", None)
@@ -424,11 +445,13 @@ def _source_revisions(
     schema: str | None,
     known: set[str],
     alembic_config: Path | None,
-) -> set[str]:
-    """The source's Alembic revisions (none without a version table), each one the project
+) -> set[str] | None:
+    """The source's Alembic revisions (None without a version table), each one the project
     has: a source off the project's revisions (ahead of this checkout) is refused."""
     with borrowed(source_url) as source:
-        found = _alembic_revisions(source, table, schema)
+        found = _alembic_revisions_or_none(source, table, schema)
+    if found is None:
+        return None
     unknown = sorted(found - known)
     if unknown:
         raise ConfigError(
@@ -440,13 +463,19 @@ def _source_revisions(
 
 
 def _alembic_revisions(conn: psycopg.Connection, table: str, schema: str | None) -> set[str]:
+    return _alembic_revisions_or_none(conn, table, schema) or set()
+
+
+def _alembic_revisions_or_none(
+    conn: psycopg.Connection, table: str, schema: str | None
+) -> set[str] | None:
     """The revisions in a database's Alembic version table (empty when there is none)."""
     ident = sql.Identifier(schema, table) if schema else sql.Identifier(table)
     # Unqualified (no version_table_schema) resolves through the search_path, as in Alembic.
     found = conn.execute("SELECT to_regclass(%s)", (ident.as_string(conn),))
     row = found.fetchone()
     if not row or row[0] is None:
-        return set()
+        return None
     return {r[0] for r in conn.execute(sql.SQL("SELECT version_num FROM {}").format(ident))}
 
 
@@ -497,12 +526,37 @@ def _quiet_logging_config() -> Iterator[None]:
         logging.config.fileConfig = original  # type: ignore[assignment]
 
 
+class _Redacting(io.TextIOBase):
+    """A stream that masks the target's password in what env.py prints (its own URL)."""
+
+    def __init__(self, stream: Any, secrets: list[str]) -> None:
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text, self._secrets))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+@contextlib.contextmanager
+def _redacted_output(secrets: list[str]) -> Iterator[None]:
+    with (
+        contextlib.redirect_stdout(_Redacting(sys.stdout, secrets)),
+        contextlib.redirect_stderr(_Redacting(sys.stderr, secrets)),
+    ):
+        yield
+
+
 def _no_file_config(*args: Any, **kwargs: Any) -> None:
     log.debug("Skipped logging.config.fileConfig from the Alembic env.py.")
 
 
 @contextlib.contextmanager
-def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[None]:
+def _alembic_errors(
+    target_url: DatabaseUrl, secrets: list[str], project: _ProjectFiles
+) -> Iterator[None]:
     """Turn whatever the user's migrations raise into one PHI-free sentence naming the
     revision being applied: a ConfigError (exit 2) for the project's own errors, a database
     error as `database_error` classes it."""
@@ -533,7 +587,7 @@ def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[Non
         raise ConfigError(
             f"Alembic's upgrade failed{applying.at}: {redact_text(_one_line(exc), secrets)}."
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         if _raised_in(exc, "autocommit_block"):
             raise ConfigError(
                 f"A migration of the Alembic project{applying.at} runs outside a transaction "
@@ -543,7 +597,7 @@ def _alembic_errors(target_url: DatabaseUrl, secrets: list[str]) -> Iterator[Non
             ) from None
         raise ConfigError(
             f"Alembic's upgrade failed{applying.at} in the project's env.py or a migration "
-            f"script: {redact_text(describe_pg_error(exc), secrets)}."
+            f"script: {redact_text(project.describe(exc), secrets)}."
         ) from None
     finally:
         migration_log.removeHandler(applying)
@@ -568,6 +622,45 @@ class _RevisionsApplied(logging.Handler):
     def at(self) -> str:
         """' at revision x' (its migration), or nothing before any was applied."""
         return f" at revision {self.revision}" if self.revision else ""
+
+
+class _ProjectFiles:
+    """Says where in the user's Alembic project an exception was raised, never its text:
+    a data migration's exception may carry a row's values (`KeyError(123456789)`, an MRN in
+    a ValueError), an env.py's its URL. The class, the file and line, and for an import or a
+    syntax error the module or file, are code's names, which the user needs to fix it."""
+
+    def __init__(self, alembic_config: Path) -> None:
+        self.roots = [alembic_config.resolve().parent]
+
+    def describe(self, exc: BaseException) -> str:
+        kind = type(exc).__name__
+        if isinstance(exc, SyntaxError) and exc.filename:
+            return f"{kind} in {self._shown(exc.filename)}, line {exc.lineno}"
+        if isinstance(exc, ImportError) and exc.name:
+            kind = f"{kind} (module {exc.name})"
+        where = self._raised_where(exc)
+        return f"{kind} raised {where}" if where else f"{kind} (its text is not shown)"
+
+    def _raised_where(self, exc: BaseException) -> str | None:
+        """The innermost frame of the traceback in the project's files."""
+        found = None
+        frame = exc.__traceback__
+        while frame is not None:
+            filename = frame.tb_frame.f_code.co_filename
+            if self._shown(filename) != filename:
+                found = f"at {self._shown(filename)}, line {frame.tb_lineno}"
+            frame = frame.tb_next
+        return found
+
+    def _shown(self, filename: str) -> str:
+        """A project file's path relative to its root (the alembic.ini's directory, or the
+        script location); any other file as is."""
+        path = Path(filename).resolve()
+        for root in self.roots:
+            if path.is_relative_to(root.resolve()):
+                return str(path.relative_to(root.resolve()))
+        return filename
 
 
 def _raised_in(exc: BaseException, function: str) -> bool:

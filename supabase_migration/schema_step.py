@@ -25,7 +25,7 @@ from .preflight import (
     run_preflight,
     table_mismatches,
 )
-from .schema_apply import SchemaMode, SchemaResult, apply_schema
+from .schema_apply import SchemaMode, SchemaResult, applied_before, apply_schema
 from .security import enable_rls, tables_to_protect, views_to_protect
 
 
@@ -64,9 +64,12 @@ def migrate_schema(
     raise_for_errors(findings)
     alembic = SchemaMode(manifest.schema_mode) is SchemaMode.ALEMBIC
     # The views the step closes to the API roles are those it makes now: one an earlier run
-    # made, and the user opened again, stays as the user left it.
+    # made, and the user opened again, stays as the user left it. Until an Alembic upgrade of
+    # ours has completed, though, a view there is one an earlier attempt committed before a
+    # later revision failed (an env.py that commits revision by revision), not the user's.
     with borrowed(target_url) as target:
-        views_before = set(views_to_protect(target, manifest))
+        earlier_views = not alembic or applied_before(target, SchemaMode.ALEMBIC)
+        views_before = set(views_to_protect(target, manifest)) if earlier_views else set()
     schemas, tables = list(manifest.schemas), [t.name for t in manifest.tables]
 
     def fitting(target: psycopg.Connection, stopped: str) -> None:
