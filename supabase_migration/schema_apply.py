@@ -334,11 +334,12 @@ def _apply_alembic(
     engine = make_engine(target_url, pool_size=1, max_overflow=0)
     try:
         with (
-            _alembic_errors(target_url, secrets, project),
+            _alembic_errors(target_url, secrets, project) as applying,
             _quiet_logging_config(),
             _redacted_output(secrets),
         ):
             table, table_schema, shared = probe()
+            applying.shared = shared
             wanted = _source_revisions(source_url, table, table_schema, known, alembic_config)
             wanted = heads if wanted is None else wanted
             with borrowed(target_url) as conn:
@@ -556,7 +557,7 @@ def _no_file_config(*args: Any, **kwargs: Any) -> None:
 @contextlib.contextmanager
 def _alembic_errors(
     target_url: DatabaseUrl, secrets: list[str], project: _ProjectFiles
-) -> Iterator[None]:
+) -> Iterator[_RevisionsApplied]:
     """Turn whatever the user's migrations raise into one PHI-free sentence naming the
     revision being applied: a ConfigError (exit 2) for the project's own errors, a database
     error as `database_error` classes it."""
@@ -570,15 +571,23 @@ def _alembic_errors(
     migration_log.setLevel(logging.INFO)
     migration_log.propagate = False  # heard here only, not on the host's handlers
     try:
-        yield
+        yield applying
     except (MigrationError, psycopg.Error):
         raise  # ours, or a database error of our own reads: apply_schema says which
     except sqlalchemy.exc.DBAPIError as exc:
         cause = exc.orig if isinstance(exc.orig, BaseException) else exc
-        sentence = (
-            f"Alembic's upgrade failed{applying.at} on the {target_url.describe()} and was "
-            f"rolled back: {redact_text(describe_pg_error(cause), secrets)}."
-        )
+        failure = redact_text(describe_pg_error(cause), secrets)
+        if applying.shared:
+            sentence = (
+                f"Alembic's upgrade failed{applying.at} on the {target_url.describe()} and was "
+                f"rolled back: {failure}."
+            )
+        else:
+            sentence = (
+                f"Alembic's upgrade failed{applying.at} on the {target_url.describe()}: "
+                f"{failure}; any revision the project's env.py committed before it, on a "
+                "connection of its own, stays there, and the next run goes on from it."
+            )
         if isinstance(cause, psycopg.Error):  # worth a retry, a migration to fix (exit 2)...
             raise database_error(cause, sentence, SchemaError) from None
         raise SchemaError(sentence) from None
@@ -611,6 +620,7 @@ class _RevisionsApplied(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.revision: str | None = None
+        self.shared = True  # the upgrade runs in the tool's transaction (else env.py's own)
 
     def emit(self, record: logging.LogRecord) -> None:
         # "Running upgrade a1 -> b2, its message" (which may hold "->" itself)

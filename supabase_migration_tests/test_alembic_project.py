@@ -13,7 +13,7 @@ from urllib.parse import quote, quote_plus
 import psycopg
 import pytest
 
-from supabase_migration.errors import ConfigError
+from supabase_migration.errors import ConfigError, MigrationError
 from supabase_migration.schema_apply import apply_schema
 
 from .test_cli import cli
@@ -237,3 +237,22 @@ def test_a_source_at_base_migrates_and_runs_again(source_db, target_db, tmp_path
     assert public_tables(target_db.admin_url) == ["alembic_version"]  # at base, as the source
     again = _run(source_db, target_db, tmp_path, ini)
     assert again.returncode == 0, again.stderr
+
+
+def test_a_failure_after_a_committed_revision_does_not_claim_a_rollback(
+    source_db, target_db, tmp_path
+):
+    """env.py on a connection of its own commits revision by revision: the sentence said the
+    upgrade "was rolled back" while n1 stayed on the target."""
+    ini = _alembic_project(
+        tmp_path / "app", PER_REVISION_ENV, [("n1", "CREATE TABLE notes (id int PRIMARY KEY)")]
+    )
+    _add_revision(ini, "n2", "n1", "op.execute('SELECT no_such_function()')")
+    source, target = _urls(source_db, target_db.url)
+    with pytest.raises(MigrationError) as caught:
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert "notes" in public_tables(target_db.admin_url)
+    message = caught.value.message
+    assert "rolled back" not in message, message
+    assert message.startswith("Alembic's upgrade failed at revision n2 on the target"), message
+    assert "stays there, and the next run goes on from it" in message, message
