@@ -336,6 +336,7 @@ def _apply_alembic(
         with (
             _alembic_errors(target_url, secrets, project) as applying,
             _quiet_logging_config(),
+            _no_statement_timeout_in_env_py(),
             _redacted_output(secrets),
         ):
             table, table_schema, shared = probe()
@@ -525,6 +526,27 @@ def _quiet_logging_config() -> Iterator[None]:
         yield
     finally:
         logging.config.fileConfig = original  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def _no_statement_timeout_in_env_py() -> Iterator[None]:
+    """Supabase caps statements at 2 minutes; the tool lifts that in its own transaction, and
+    here in each transaction of an engine env.py makes itself (the generated env.py's, from
+    sqlalchemy.url), so that a migration building a big index is not cancelled there. Every
+    PostgreSQL engine env.py may use is the target's: one reaching elsewhere is refused first.
+    `SET LOCAL`, so nothing outlives the transaction behind a pooler."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Connection, Engine
+
+    def lift(connection: Connection) -> None:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+
+    event.listen(Engine, "begin", lift)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "begin", lift)
 
 
 class _Redacting(io.TextIOBase):

@@ -256,3 +256,21 @@ def test_a_failure_after_a_committed_revision_does_not_claim_a_rollback(
     assert "rolled back" not in message, message
     assert message.startswith("Alembic's upgrade failed at revision n2 on the target"), message
     assert "stays there, and the next run goes on from it" in message, message
+
+
+@pytest.mark.parametrize("env_py", [COOKBOOK_ENV, GENERATED_ENV], ids=["cookbook", "generated"])
+def test_a_long_migration_outlives_the_targets_statement_timeout(
+    source_db, target_db, tmp_path, env_py
+):
+    """Supabase caps statements per database (2 minutes; 1 s here): the tool lifted the cap on
+    its own connection only, and the generated env.py migrates on one of its own."""
+    capped = f"ALTER DATABASE \"{target_db.name}\" SET statement_timeout = '1s'"
+    execute(target_db.admin_url, capped)
+    ini = _alembic_project(
+        tmp_path / "app",
+        env_py,
+        [("w1", "CREATE TABLE visits (id int)"), ("w2", "SELECT pg_sleep(1.5)")],
+    )
+    source, target = _urls(source_db, target_db.url)
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert result.revision == "w2"
