@@ -318,7 +318,16 @@ def _apply_alembic(
                     "config.attributes['connection'] when that is set, or the "
                     "sqlalchemy.url option, then run again."
                 )
-            found.append((context.version_table, context.version_table_schema, used is connection))
+            # Unqualified, the version table is where the target's search_path puts it: read
+            # there on the source too (its login's search_path may differ, or start with a
+            # schema holding another project's alembic_version), since the copy lays that
+            # table over the target's.
+            schema = context.version_table_schema or (
+                (used if used is not None else connection)
+                .exec_driver_sql("SELECT current_schema()")
+                .scalar()
+            )
+            found.append((context.version_table, schema, used is connection))
             return []
 
         with engine.connect() as connection:

@@ -274,3 +274,28 @@ def test_a_long_migration_outlives_the_targets_statement_timeout(
     source, target = _urls(source_db, target_db.url)
     result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
     assert result.revision == "w2"
+
+
+@pytest.mark.parametrize("first", ["pg_catalog", "audit, public"], ids=["hardened", "audit_first"])
+def test_the_sources_version_table_is_read_where_the_target_keeps_it(
+    source_db, target_db, tmp_path, first
+):
+    """Unqualified, alembic_version was read through the source login's search_path: a
+    hardened one (no public) found none and took the target to head, past the source's s1;
+    one starting with another project's schema read that project's revision."""
+    ini = _alembic_project(
+        tmp_path / "app",
+        COOKBOOK_ENV,
+        [("s1", "CREATE TABLE visits (id int)"), ("s2", "ALTER TABLE visits ADD note text")],
+    )
+    execute(
+        source_db.url,
+        "CREATE TABLE visits (id int); CREATE TABLE alembic_version (version_num text "
+        "PRIMARY KEY); INSERT INTO alembic_version VALUES ('s1'); "
+        "CREATE SCHEMA audit; CREATE TABLE audit.alembic_version (version_num text PRIMARY KEY);"
+        "INSERT INTO audit.alembic_version VALUES ('zz_audit_9'); "
+        f'ALTER DATABASE "{source_db.name}" SET search_path = {first}',
+    )
+    source, target = _urls(source_db, target_db.url)
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert result.revision == "s1", result
