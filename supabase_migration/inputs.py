@@ -135,14 +135,18 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
         )
     base = {
         "schema_mode": settings.schema_mode or (previous.schema_mode if previous else "dump"),
-        "alembic_config": settings.alembic_config
-        or (previous.alembic_config if previous else None),
+        "alembic_config": _as_stored(settings.alembic_config, settings.manifest_path)
+        if settings.alembic_config
+        else (previous.alembic_config if previous else None),
         "batch_size": settings.batch_size
         or (previous.batch_size if previous else manifest_io.DEFAULT_BATCH_SIZE),
         "every_schema": every_schema,
     }
     _refuse_alembic_without_config(base["schema_mode"], base["alembic_config"])
-    check_alembic_config(base["alembic_config"])
+    if base["alembic_config"]:
+        check_alembic_config(
+            manifest_io.beside(settings.manifest_path, str(base["alembic_config"]))
+        )
     include = settings.include or (previous.include if previous else ())
     exclude = settings.exclude or (previous.exclude if previous else ())
     # What only the manifest holds is kept: the schemas given row level security, and each
@@ -168,6 +172,16 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
         )
     manifest_io.write(result, settings.manifest_path)
     return manifest_io.read(settings.manifest_path)
+
+
+def _as_stored(alembic_config: str, manifest_path: Path) -> str:
+    """A path given relative to the working directory, as the manifest keeps it: relative to
+    its own directory (`Manifest.alembic_config_path`), so that it still names the file when
+    a command runs elsewhere and the manifest is committed with the project."""
+    given = Path(alembic_config).expanduser()
+    if given.is_absolute():
+        return alembic_config
+    return os.path.relpath(given.absolute(), manifest_path.absolute().parent)
 
 
 def check_alembic_config(path: object) -> None:
@@ -242,7 +256,7 @@ def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: N
         changes["schema_mode"] = settings.schema_mode
     if settings.alembic_config:
         check_alembic_config(settings.alembic_config)
-        changes["alembic_config"] = settings.alembic_config
+        changes["alembic_config"] = _as_stored(settings.alembic_config, settings.manifest_path)
     changed = {k: v for k, v in changes.items() if getattr(existing, k) != v}
     _refuse_alembic_without_config(  # before the file is written: it would stick there
         changed.get("schema_mode", existing.schema_mode),

@@ -55,6 +55,12 @@ class ManifestTable:
         return self.name.split(".", 1)[1]
 
 
+def beside(manifest_path: Path, relative: str) -> Path:
+    """A path the manifest holds, relative to its directory unless absolute."""
+    path = Path(relative).expanduser()
+    return path if path.is_absolute() else manifest_path.parent / path
+
+
 @dataclass(frozen=True)
 class Manifest:
     tables: tuple[ManifestTable, ...]
@@ -68,6 +74,16 @@ class Manifest:
     # `init` was given no schemas: every schema of the source, a schema it gains later too
     every_schema: bool = False
     path: Path | None = field(default=None, compare=False)
+
+    @property
+    def alembic_config_path(self) -> Path | None:
+        """alembic_config, a relative one taken from the manifest's directory: the commands
+        run from anywhere (cron, CI, the Dagster UI's code server)."""
+        if not self.alembic_config:
+            return None
+        if self.path is None:
+            return Path(self.alembic_config).expanduser()
+        return beside(self.path, self.alembic_config)
 
     def table(self, name: str) -> ManifestTable:
         for t in self.tables:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psycopg
 
@@ -118,7 +117,7 @@ def migrate_schema(
         SchemaMode(manifest.schema_mode),
         source_url=source_url,
         target_url=target_url,
-        alembic_config=Path(manifest.alembic_config) if manifest.alembic_config else None,
+        alembic_config=manifest.alembic_config_path,
         schemas=schemas,
         tables=tables,
         before_commit=before_commit,

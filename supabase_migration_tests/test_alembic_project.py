@@ -299,3 +299,25 @@ def test_the_sources_version_table_is_read_where_the_target_keeps_it(
     source, target = _urls(source_db, target_db.url)
     result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
     assert result.revision == "s1", result
+
+
+def test_a_relative_alembic_config_is_found_from_another_directory(source_db, target_db, tmp_path):
+    """`init --alembic-config alembic.ini` in the project's directory kept the path as given;
+    `run` from elsewhere (cron, CI, the Dagster UI's code server) with the manifest named by
+    SUPABASE_MIGRATION_MANIFEST looked for it in its own working directory."""
+    project = tmp_path / "project"
+    ini = _alembic_project(project, COOKBOOK_ENV, [("r1", "CREATE TABLE notes (id int)")])
+    execute(source_db.url, "CREATE TABLE notes (id int)")
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    env["SUPABASE_MIGRATION_MANIFEST"] = str(tmp_path / "config" / "migration.yaml")
+    (tmp_path / "config").mkdir()
+    done = cli(["init", "--schema-mode", "alembic", "--alembic-config", ini.name], env, project)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "alembic_config: ../project/alembic.ini"
+        in (tmp_path / "config" / "migration.yaml").read_text()
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = cli(["run", "--no-verify"], env, elsewhere)
+    assert again.returncode == 0, again.stderr
