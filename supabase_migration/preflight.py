@@ -259,6 +259,7 @@ def _run_checks(
         _check_columns,
         _check_keys,
         _check_tables_left_out,
+        _check_exposed_schemas,
         _check_owners,
         _check_policies,
         _check_source_rls,
@@ -638,6 +639,40 @@ def _check_tables_left_out(ctx: _Context) -> None:
     if left_out:
         sentence = ctx.manifest.left_out_sentence(left_out)
         ctx.add(Severity.WARNING, "tables-left-out", "manifest", sentence)
+
+
+def _check_exposed_schemas(ctx: _Context) -> None:
+    """The manifest's exposed_schemas decide which migrated tables get row level security
+    before any row is copied: a misspelt one (`pubic`) left public's tables readable by the
+    API roles, and every check passed."""
+    if ctx.manifest is None:
+        return
+    exposed = list(ctx.manifest.exposed_schemas)
+    on_target = {
+        name
+        for (name,) in ctx.target.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (exposed,)
+        )
+    }
+    for schema in exposed:
+        if schema not in ctx.schemas and schema not in on_target:
+            ctx.add(
+                Severity.ERROR,
+                "exposed-schema-unknown",
+                f"schema {schema}",
+                f"exposed_schemas in migration.yaml lists {schema}, which is neither a "
+                "migrated schema nor a schema of the target; fix the name (the tables of the "
+                "schemas the API exposes get row level security from the start).",
+            )
+    if "public" in ctx.schemas and "public" not in exposed:
+        ctx.add(
+            Severity.WARNING,
+            "public-not-exposed",
+            "schema public",
+            "exposed_schemas in migration.yaml leaves out public, which Supabase's API "
+            "exposes unless the project was set otherwise, so public's tables get no row "
+            "level security from this tool; add public unless the API does not expose it.",
+        )
 
 
 def _target_roles(ctx: _Context) -> set[str]:

@@ -577,6 +577,28 @@ def views_open_to_api(
     return [(name, kind, who) for name, kind, who in rows if who]
 
 
+def unexposed_tables_open_to_api(
+    conn: psycopg.Connection, tables: Sequence[str], exposed_schemas: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """(name, schema, the API roles that may read it) of each of `tables` outside the exposed
+    schemas that has no row level security and that an API role may read (USAGE on its
+    schema, SELECT on it): the API serves its rows wherever it exposes that schema, which
+    the manifest's list may not say (a misspelt `pubic`)."""
+    roles = _existing_roles(conn, API_ROLES)
+    if not roles or not tables:
+        return []
+    rows = conn.execute(
+        "SELECT format('%%s.%%s', n.nspname, c.relname), n.nspname, array_to_string(array("
+        "SELECT r FROM unnest(%s::text[]) r WHERE has_schema_privilege(r, n.oid, 'USAGE') "
+        "AND has_table_privilege(r, c.oid, 'SELECT')), ', ') "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND n.nspname <> ALL(%s) "
+        "AND format('%%s.%%s', n.nspname, c.relname) = ANY(%s) ORDER BY 1",
+        (roles, list(exposed_schemas), list(tables)),
+    ).fetchall()
+    return [(name, schema, who) for name, schema, who in rows if who]
+
+
 def definer_functions_open_to_api(
     conn: psycopg.Connection, exposed_schemas: Sequence[str]
 ) -> list[tuple[str, str]]:
@@ -1147,6 +1169,20 @@ def _security_findings(
                 )
             )
 
+    for name, schema, roles in unexposed_tables_open_to_api(conn, sorted(migrated), exposed):
+        public = schema == "public"  # Supabase's API exposes it unless the project says not
+        findings.append(
+            _finding(
+                "ERROR" if public else "WARN",
+                "rls_disabled_open_to_api",
+                name,
+                f"Table {name} has no row level security and {roles} can read it; its schema "
+                f"{schema} is not in the manifest's exposed_schemas"
+                + (", yet Supabase's API exposes public by default" if public else "")
+                + "; add the schema to exposed_schemas in migration.yaml and run again (RLS, "
+                f"default deny), or REVOKE ALL ON {name} FROM anon, authenticated.",
+            )
+        )
     for name, kind, roles in views_open_to_api(conn, exposed):
         why = (
             "a materialized view has no row level security"
