@@ -90,6 +90,5 @@ def test_public_left_out_of_exposed_schemas_fails_verification_while_the_api_can
     assert _readable_by_anon(target_db.admin_url) == ["notes", "owners", "pets"]
     report = (tmp_path / "migration-report" / "verification_report.md").read_text()
     assert (
-        "Table public.notes has no row level security and anon, authenticated can read it"
-        in report
+        "Table public.notes has no row level security and anon, authenticated can read it" in report
     ), report
