@@ -451,6 +451,7 @@ def plan_all(
     plans = []
     with source.connection() as s, target.connection() as t:
         checkpoints.ensure_bookkeeping(t)
+        checkpoints.record_source(s, t)
         bytewise = needs_bytewise_keys(s, t)
         infos = live_tables(s, [m.name for m in chosen])
         planned = checkpoints.summary(t)
@@ -649,6 +650,7 @@ def copy_partitions(
     with CopySession(source_url, target_url, log=context.log.warning) as session:
 
         def prepare() -> tuple[TableInfo, CopyOptions, dict[str, checkpoints.Checkpoint]]:
+            checkpoints.refuse_another_source(session.source, session.target)
             table = live_tables(session.source, [table_name])[table_name]
             replica_mode = replica_mode_allowed(session.target)
             options = CopyOptions(

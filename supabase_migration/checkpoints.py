@@ -19,6 +19,7 @@ from psycopg.rows import class_row
 
 from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .connections import transaction_with
+from .errors import ConfigError
 from .ranges import KeyRange
 
 CHECKPOINTS = sql.Identifier(BOOKKEEPING_SCHEMA, "migration_checkpoints")
@@ -66,6 +67,89 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.deferred_indexes (
 );
 REVOKE ALL ON {BOOKKEEPING_SCHEMA}.deferred_indexes FROM PUBLIC;
 """
+
+
+# Which source the target was migrated from (one row, written by the first plan): a catch-up
+# run from another database (staging's URL for production's, with the same tables) would
+# delete every target row that database lacks, and verify would then pass.
+SOURCE_DDL = f"""
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.migration_source (
+    only_row          boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    system_identifier text,
+    database          text        NOT NULL,
+    recorded_at       timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON {BOOKKEEPING_SCHEMA}.migration_source FROM PUBLIC;
+"""
+NEW_SOURCE_FLAG = "--new-source"
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """A source database: its name and its server's system identifier (the same on a
+    replica of it; another for a copy restored elsewhere), None where it may not be read."""
+
+    database: str
+    system_identifier: str | None
+
+    def same_as(self, other: SourceIdentity) -> bool:
+        ids = (self.system_identifier, other.system_identifier)
+        return self.database == other.database and (None in ids or ids[0] == ids[1])
+
+    def describe(self) -> str:
+        server = f"server {self.system_identifier}" if self.system_identifier else "its server"
+        return f"database {self.database} of {server}"
+
+
+def source_identity(source: psycopg.Connection) -> SourceIdentity:
+    (database,) = source.execute("SELECT current_database()").fetchone() or ("",)
+    try:
+        with source.transaction():
+            row = source.execute("SELECT system_identifier::text FROM pg_control_system()")
+            (system_identifier,) = row.fetchone() or (None,)
+    except psycopg.errors.InsufficientPrivilege:
+        system_identifier = None
+    return SourceIdentity(database, system_identifier)
+
+
+def recorded_source(target: psycopg.Connection) -> SourceIdentity | None:
+    if not bookkeeping_exists(target, "migration_source"):
+        return None
+    row = target.execute(
+        f"SELECT database, system_identifier FROM {BOOKKEEPING_SCHEMA}.migration_source"
+    ).fetchone()
+    return SourceIdentity(row[0], row[1]) if row else None
+
+
+def refuse_another_source(source: psycopg.Connection, target: psycopg.Connection) -> None:
+    recorded = recorded_source(target)
+    current = source_identity(source)
+    if recorded is not None and not current.same_as(recorded):
+        raise ConfigError(
+            f"This target was migrated from {recorded.describe()}, and SOURCE_DATABASE_URL "
+            f"names {current.describe()}, whose rows a catch-up would make the target's "
+            "(deleting the others); check the URL, or, if the source really moved (restored "
+            f"elsewhere), run `supabase-migrate run {NEW_SOURCE_FLAG}`."
+        )
+
+
+def record_source(
+    source: psycopg.Connection, target: psycopg.Connection, *, replace: bool = False
+) -> None:
+    """The first plan's source (or, `replace`, this one: the user said the source moved)."""
+    identity = source_identity(source)
+    target.execute(
+        sql.SQL(
+            "INSERT INTO {} (database, system_identifier) VALUES (%s, %s) ON CONFLICT (only_row) "
+            + (
+                "DO UPDATE SET database = excluded.database, system_identifier = "
+                "excluded.system_identifier, recorded_at = now()"
+                if replace
+                else "DO NOTHING"
+            )
+        ).format(sql.Identifier(BOOKKEEPING_SCHEMA, "migration_source")),
+        (identity.database, identity.system_identifier),
+    )
 
 
 class Status(StrEnum):
@@ -159,16 +243,18 @@ def ensure_bookkeeping(conn: psycopg.Connection) -> None:
         sql.SQL("SELECT to_regclass({}) IS NOT NULL").format(
             sql.Literal(f"{BOOKKEEPING_SCHEMA}.{table}")
         )
-        for table in ("migration_checkpoints", "deferred_indexes")
+        for table in ("migration_checkpoints", "deferred_indexes", "migration_source")
     ]
     with transaction_with(conn, [sql.SQL(_BOOKKEEPING_LOCK), *tables, REVOKE_BOOKKEEPING]) as found:
-        _, (checkpoints_exist,), (deferred_exist,) = found
+        _, (checkpoints_exist,), (deferred_exist,), (source_exists,) = found
         if not checkpoints_exist:
             conn.execute(BOOKKEEPING_DDL)
         if not deferred_exist:
             conn.execute(DEFERRED_DDL)
-        if not (checkpoints_exist and deferred_exist):  # default privileges may grant new ones
-            conn.execute(REVOKE_BOOKKEEPING)
+        if not source_exists:
+            conn.execute(SOURCE_DDL)
+        if not (checkpoints_exist and deferred_exist and source_exists):
+            conn.execute(REVOKE_BOOKKEEPING)  # default privileges may grant new ones
 
 
 def bookkeeping_exists(conn: psycopg.Connection, table: str = "migration_checkpoints") -> bool:

@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--no-progress", action="store_true", help="no progress display")
         p.add_argument("--no-verify", action="store_true", help="skip the verification report")
+        p.add_argument(
+            "--new-source",
+            action="store_true",
+            help="the source moved (restored on another server): migrate from this one, "
+            "which the target does not record",
+        )
         if name == "run":
             p.add_argument(
                 "--repair",
@@ -227,6 +233,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         sample_size=getattr(args, "sample_size", None) or DEFAULT_SAMPLE_SIZE,
         seed=getattr(args, "seed", None),
         repair=getattr(args, "repair", False),
+        new_source=getattr(args, "new_source", False),
     )
 
 

@@ -564,6 +564,7 @@ def _run(
 ) -> RunSummary:
     started = time.monotonic()
     check_connections(log)
+    _check_the_source(settings.new_source, log)
     if resume:
         _refuse_nothing_to_resume()
     warning = warn_if_workers_exceed_pool(target_url(), settings.workers)
@@ -667,6 +668,19 @@ def _run(
             summary.report_dir = report_dir().resolve()
     summary.duration_s = time.monotonic() - started
     return summary
+
+
+def _check_the_source(moved: bool, log: Callable[[str], None]) -> None:
+    """The source the target was migrated from, or (`--new-source`) a new one recorded."""
+    with borrowed(source_url()) as source, borrowed(target_url()) as target:
+        if not moved:
+            checkpoints.refuse_another_source(source, target)
+        elif checkpoints.bookkeeping_exists(target, "migration_source"):
+            recorded = checkpoints.recorded_source(target)
+            checkpoints.record_source(source, target, replace=True)
+            if recorded is not None:
+                shown = checkpoints.source_identity(source).describe()
+                log(f"Migrating from {shown} from now on, instead of {recorded.describe()}.")
 
 
 def _refuse_nothing_to_resume() -> None:

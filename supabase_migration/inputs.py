@@ -49,6 +49,7 @@ class Settings:
     sample_size: int = DEFAULT_SAMPLE_SIZE
     seed: int | None = None
     repair: bool = False  # also re-sync the ranges the last verification report found different
+    new_source: bool = False  # the source moved: record this one instead of refusing it
 
 
 # -- connections -----------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""What users do to migration.yaml between runs, and what the commands make of it.
+"""What users do between runs (edit migration.yaml, point the CLI at another database), and
+what the commands make of it.
 
 Real servers: the test bed's source and Supabase-like target, the CLI as a user runs it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import psycopg
@@ -92,3 +94,46 @@ def test_public_left_out_of_exposed_schemas_fails_verification_while_the_api_can
     assert (
         "Table public.notes has no row level security and anon, authenticated can read it" in report
     ), report
+
+
+@pytest.fixture
+def other_source(source_server, request):
+    """A second database on the source's server with the same tables (staging beside
+    production)."""
+    name = "src_other_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:30]
+    source_server.create_database(name)
+    yield source_server.url(dbname=name)
+    source_server.drop_database(name)
+
+
+def _counts(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        return {
+            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("owners", "pets", "notes")
+        }
+
+
+def test_another_source_database_is_refused_until_the_user_says_the_source_moved(bed, other_source):
+    """SOURCE_DATABASE_URL naming staging instead of production (the same tables): `run`
+    took it for a catch-up, deleted every target row staging lacks, and verified."""
+    _, target_db, env, tmp_path = bed
+    assert cli(["run", "--no-progress", "--batch-size", "300"], env, tmp_path).returncode == 0
+    with psycopg.connect(other_source, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("DELETE FROM pets WHERE id > 100; DELETE FROM notes WHERE id > 10")
+    before = _counts(target_db.url)
+    elsewhere = {**env, "SOURCE_DATABASE_URL": other_source}
+    for command in ("run", "resume"):
+        refused = cli([command, "--no-progress"], elsewhere, tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        (line,) = _said_cleanly(refused).strip().splitlines()
+        assert line.startswith("error: This target was migrated from database src_"), line
+        assert "run `supabase-migrate run --new-source`" in line, line
+    assert _counts(target_db.url) == before
+    moved = cli(["run", "--no-progress", "--new-source"], elsewhere, tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    assert "Migrating from database src_other_" in _said_cleanly(moved)
+    assert _counts(target_db.url) == {"owners": 1000, "pets": 100, "notes": 10}
+    again = cli(["run", "--no-progress"], elsewhere, tmp_path)  # recorded now
+    assert again.returncode == 0, again.stderr
