@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -220,10 +221,14 @@ def read(path: Path) -> Manifest:
     missing = f"No manifest at {path}; run `supabase-migrate init` to write one from the source."
     text = read_user_text(path, "The manifest", missing)
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_StrictLoader)
+    except _TwiceGiven as exc:
+        raise ConfigError(f"The manifest {path} {exc}.") from None
     except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)  # where, never the text there
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(
-            f"The manifest {path} is not valid YAML ({exc.__class__.__name__})."
+            f"The manifest {path} is not valid YAML ({exc.__class__.__name__}{where})."
         ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
         raise ConfigError(
@@ -238,11 +243,15 @@ def read(path: Path) -> Manifest:
     mode = doc.get("schema_mode", "dump")
     if mode not in SCHEMA_MODES:
         raise ConfigError(f"The manifest's schema_mode must be one of {', '.join(SCHEMA_MODES)}.")
-    if doc.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
+    version = doc.get("version", MANIFEST_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"The manifest {path}: version must be the number {MANIFEST_VERSION}.")
+    if version != MANIFEST_VERSION:
         raise OtherManifestVersion(
             f"The manifest {path} is version {doc['version']}, and this release reads version "
             f"{MANIFEST_VERSION}; run `supabase-migrate init` to write it again."
         )
+    _refuse_unknown_keys(path, doc)  # after the version: another release may know more
     fields = _Fields(path)
     tables = []
     for name, spec in doc["tables"].items():
@@ -261,9 +270,18 @@ def read(path: Path) -> Manifest:
     alembic_config = doc.get("alembic_config")
     if alembic_config is not None and not isinstance(alembic_config, str):
         raise ConfigError(f"The manifest {path}: alembic_config must be a path to an alembic.ini.")
+    schemas = fields.names(doc, "schemas", ("public",))
+    outside = [t.name for t in tables if t.schema not in schemas]
+    if outside:  # the schema step makes only the schemas' tables: its copy would fail late
+        raise ConfigError(
+            f"The manifest {path} lists {', '.join(outside[:3])}"
+            f"{' and more' if len(outside) > 3 else ''} outside its schemas "
+            f"({', '.join(schemas)}); add the schema to `schemas` (or run `supabase-migrate "
+            "init --schemas ...`), or remove the table."
+        )
     return Manifest(
         tables=tuple(tables),
-        schemas=fields.names(doc, "schemas", ("public",)),
+        schemas=schemas,
         schema_mode=mode,
         alembic_config=alembic_config,
         batch_size=fields.count(doc, "batch_size") or DEFAULT_BATCH_SIZE,
@@ -273,6 +291,59 @@ def read(path: Path) -> Manifest:
         every_schema=doc.get("every_schema", False) is True,
         path=path,
     )
+
+
+_KEYS = {
+    "version",
+    "schemas",
+    "every_schema",
+    "schema_mode",
+    "alembic_config",
+    "batch_size",
+    "include",
+    "exclude",
+    "exposed_schemas",
+    "tables",
+}
+_TABLE_KEYS = {"key", "key_source", "estimated_rows", "batch_size", "parents", "partitioned"}
+
+
+def _refuse_unknown_keys(path: Path, doc: dict[object, object]) -> None:
+    """A misspelt key (`exlude:`, `btach_size:`) was ignored without a word."""
+    tables = doc["tables"]
+    assert isinstance(tables, dict)
+    unknown = [str(k) for k in doc if k not in _KEYS] + [
+        f"{name}: {k}"
+        for name, spec in tables.items()
+        if isinstance(spec, dict)
+        for k in spec
+        if k not in _TABLE_KEYS
+    ]
+    if unknown:
+        raise ConfigError(
+            f"The manifest {path} has a key this release does not know ({', '.join(unknown)}); "
+            "fix its spelling or remove it."
+        )
+
+
+class _TwiceGiven(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: a second `tables:` block
+    replaced the first, and a table listed twice lost its first entry's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.value in seen:
+                line = key_node.start_mark.line + 1
+                raise _TwiceGiven(f"names {key_node.value} twice (line {line})")
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass(frozen=True)

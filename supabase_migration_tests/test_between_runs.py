@@ -137,3 +137,49 @@ def test_another_source_database_is_refused_until_the_user_says_the_source_moved
     assert _counts(target_db.url) == {"owners": 1000, "pets": 100, "notes": 10}
     again = cli(["run", "--no-progress"], elsewhere, tmp_path)  # recorded now
     assert again.returncode == 0, again.stderr
+
+
+def _manifest_refused(tmp_path: Path, text: str) -> str:
+    from supabase_migration import manifest
+    from supabase_migration.errors import ConfigError
+
+    path = tmp_path / "migration.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        manifest.read(path)
+    return caught.value.message
+
+
+GOOD = """\
+version: 1
+schemas: [public]
+exclude: []
+tables:
+  public.notes: {key: [id], key_source: primary_key}
+  public.pets: {key: [id], key_source: primary_key, batch_size: 50}
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (("exclude: []", "exlude: []"), "a key this release does not know (exlude)"),
+        (("batch_size: 50", "btach_size: 50"), "(public.pets: btach_size)"),
+        (("exclude: []", "exclude: []\ntables:\n  public.x: {key: [id]}"), "names tables twice"),
+        (("  public.pets:", "  public.notes: {key: [id]}\n  public.pets:"), "names public.notes"),
+        (("schemas: [public]", "schemas: [billing]"), "outside its schemas (billing)"),
+        (("version: 1", "version: '1'"), "version must be the number 1"),
+        (("tables:", "tables: ["), "not valid YAML (ParserError at line"),
+    ],
+)
+def test_a_hand_edit_the_manifest_cannot_mean_is_refused_naming_it(tmp_path, edit, said):
+    """Misspelt keys were ignored, a key given twice lost the first, a table of a schema not
+    listed failed its copy late ("materialize migration/schema first", which would not make
+    it), `version: '1'` read "is version 1, and this release reads version 1", and a syntax
+    error said no line."""
+    from supabase_migration import manifest
+
+    (tmp_path / "ok.yaml").write_text(GOOD)
+    assert len(manifest.read(tmp_path / "ok.yaml").tables) == 2
+    message = _manifest_refused(tmp_path, GOOD.replace(*edit, 1))
+    assert said in message, message
