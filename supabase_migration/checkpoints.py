@@ -438,6 +438,20 @@ def marked_to_copy_again_by_table(
     return marked
 
 
+def planned_among(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
+    """Those of `tables` with ranges planned on this target (the manifest listed them once)."""
+    if not tables or not bookkeeping_exists(conn):
+        return []
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT name FROM unnest(%s::text[]) AS name WHERE EXISTS ("
+            "SELECT FROM {} WHERE table_name = name) ORDER BY name"
+        ).format(CHECKPOINTS),
+        (list(tables),),
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
 def not_fully_copied(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
     """Those of `tables` with a range not completed, or none planned."""
     rows = conn.execute(

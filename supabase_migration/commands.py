@@ -80,7 +80,7 @@ from .inputs import (
 from .localpg import pid_alive
 from .manifest import Manifest
 from .planning import MAX_PARTITIONS_PER_TABLE, FirstPlansAhead, plan_tables
-from .preflight import Finding, Severity
+from .preflight import Finding, Severity, removed_from_the_manifest
 from .report import read_repair, report_dir
 from .resources import default_resources
 from .schema_step import preflight, start_schema_ahead
@@ -571,9 +571,12 @@ def _run(
     if warning:
         log(warning)
     manifest = ensure_manifest(settings, log)
-    left_out = tables_left_out(manifest)
+    with borrowed(target_url()) as target:
+        left_out, removed = removed_from_the_manifest(target, tables_left_out(manifest))
     if left_out:  # verify fails on them; the user should hear it before the copy, not after
         log(manifest.left_out_sentence(left_out))
+    if removed:
+        log(manifest.removed_sentence(removed))
     home = dagster_home()  # an unusable DAGSTER_HOME stops the run before the schema is written
     policy_file = resolve_policy_file(None)  # and so does a policy file the end cannot read
     if policy_file is not None:

@@ -122,6 +122,19 @@ class Manifest:
             f"filters to leave {them} out."
         )
 
+    def removed_sentence(self, names: Sequence[str]) -> str:
+        """What to say of tables `left_out` found that earlier runs copied: the user took them
+        out of the manifest (not a table the source gained since)."""
+        where = self.path or default_path()
+        one = len(names) == 1
+        return (
+            f"{listed(names, 5)} {'is' if one else 'are'} no longer in {where}, though earlier "
+            f"runs copied {'it' if one else 'them'}: those rows stay on the target, no longer "
+            "synced nor verified; add the manifest's exclude filters to say so, or run "
+            "`supabase-migrate init` again to migrate "
+            f"{'it' if one else 'them'}."
+        )
+
     def batch_size_for(self, table: ManifestTable) -> int:
         return table.batch_size or self.batch_size
 

@@ -623,22 +623,37 @@ GROUP BY r.rolname ORDER BY r.rolname
 
 
 def watched_tables_left_out(source: psycopg.Connection, manifest: Manifest) -> list[str]:
-    """The source's tables made after `init` that the manifest's filters would take: in its
-    schemas, and in schemas made since if it was written for every schema."""
+    """The source's tables the manifest's filters would take but it does not list: in its
+    schemas, and in schemas made since if it was written for every schema. Made after `init`,
+    or taken out of the manifest by hand (`removed_from_the_manifest` tells them apart)."""
     schemas = list(manifest.schemas)
     if manifest.every_schema:
         schemas += [s for s in user_schemas(source) if s not in schemas]
     return manifest.left_out(table_names(source, schemas))
 
 
+def removed_from_the_manifest(
+    target: psycopg.Connection, left_out: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """`left_out` split into tables the source gained (nothing migrates them: verify fails)
+    and tables earlier runs copied, which the user took out of the manifest (a warning)."""
+    removed = checkpoints.planned_among(target, left_out)
+    return [name for name in left_out if name not in removed], removed
+
+
 def _check_tables_left_out(ctx: _Context) -> None:
     """Tables the source gained after `init`: nothing would migrate them, and verify fails."""
     if ctx.manifest is None:
         return
-    left_out = watched_tables_left_out(ctx.source, ctx.manifest)
-    if left_out:
-        sentence = ctx.manifest.left_out_sentence(left_out)
+    gained, removed = removed_from_the_manifest(
+        ctx.target, watched_tables_left_out(ctx.source, ctx.manifest)
+    )
+    if gained:
+        sentence = ctx.manifest.left_out_sentence(gained)
         ctx.add(Severity.WARNING, "tables-left-out", "manifest", sentence)
+    if removed:
+        sentence = ctx.manifest.removed_sentence(removed)
+        ctx.add(Severity.INFO, "tables-removed", "manifest", sentence)
 
 
 def _check_exposed_schemas(ctx: _Context) -> None:

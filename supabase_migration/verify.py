@@ -40,7 +40,7 @@ from .copy import CopySession, sums_by_range
 from .errors import listed
 from .manifest import Manifest
 from .planning import every_nth_key
-from .preflight import watched_tables_left_out
+from .preflight import removed_from_the_manifest, watched_tables_left_out
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 from .sequences import VALUES_SHOWN_SQL
@@ -1464,6 +1464,7 @@ def run_verification(
             infos = {t.qualified_name: t for t in read_tables(first.source, schemas)}
             # A table made after `init` is data nothing migrated: a full verification says so.
             left_out = [] if tables else watched_tables_left_out(first.source, manifest)
+        left_out, removed = removed_from_the_manifest(first.target, left_out)
         for name in names:
             if name not in infos:
                 results[name] = _missing(
@@ -1512,7 +1513,12 @@ def run_verification(
             )
     for name in left_out:
         results[name] = _missing(name, manifest.left_out_sentence([name]), "manifest")
-    outcomes = [outcome for name in [*names, *left_out] for outcome in results.get(name, [])]
+    for name in removed:  # the user's choice, said: rows on the target nothing verifies now
+        sentence = manifest.removed_sentence([name])
+        results[name] = [CheckOutcome(ROW_COUNT, name, False, WARN, sentence, {})]
+    outcomes = [
+        outcome for name in [*names, *left_out, *removed] for outcome in results.get(name, [])
+    ]
     return Report(
         outcomes=tuple(outcomes),
         security_findings=tuple(security_findings),

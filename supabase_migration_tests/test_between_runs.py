@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
 from .test_cli import cli
 from .testbed import cli_env
@@ -183,3 +184,23 @@ def test_a_hand_edit_the_manifest_cannot_mean_is_refused_naming_it(tmp_path, edi
     assert len(manifest.read(tmp_path / "ok.yaml").tables) == 2
     message = _manifest_refused(tmp_path, GOOD.replace(*edit, 1))
     assert said in message, message
+
+
+def test_a_table_taken_out_of_the_manifest_after_its_copy_is_a_warning_not_a_failure(bed):
+    """It was taken for a table the source gained since `init`: verify, run and resume
+    failed on it for ever (exit 1, "run init again to add it")."""
+    _, _, env, tmp_path = bed
+    assert cli(["run", "--no-progress", "--batch-size", "300"], env, tmp_path).returncode == 0
+    path = tmp_path / "migration.yaml"
+    doc = yaml.safe_load(path.read_text())
+    del doc["tables"]["public.notes"]
+    path.write_text(yaml.safe_dump(doc))
+    said = "public.notes is no longer in"
+    for args in (["plan"], ["verify"], ["run", "--no-progress"]):
+        done = cli(args, env, tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert said in _said_cleanly(done), done.stdout + done.stderr
+    with psycopg.connect(bed[0].url) as conn:  # the source gains a table: still a failure
+        conn.execute("CREATE TABLE visits (id int PRIMARY KEY)")
+    gained = cli(["verify"], env, tmp_path)
+    assert gained.returncode == 1 and "(public.visits), so nothing migrates it" in gained.stdout
