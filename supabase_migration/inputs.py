@@ -263,6 +263,11 @@ def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: N
         changed.get("schema_mode", existing.schema_mode),
         changed.get("alembic_config", existing.alembic_config),
     )
+    if (
+        changed.get("schema_mode", existing.schema_mode) == "alembic"
+        and not settings.alembic_config
+    ):
+        check_alembic_config(existing.alembic_config_path)  # as `plan` should say, not the run
     if changed:
         existing = existing.with_settings(**changed)
         manifest_io.write(existing, settings.manifest_path)

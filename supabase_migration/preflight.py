@@ -663,6 +663,15 @@ def _check_exposed_schemas(ctx: _Context) -> None:
     if ctx.manifest is None:
         return
     exposed = list(ctx.manifest.exposed_schemas)
+    if BOOKKEEPING_SCHEMA in exposed:
+        ctx.add(
+            Severity.ERROR,
+            "bookkeeping-exposed",
+            f"schema {BOOKKEEPING_SCHEMA}",
+            f"exposed_schemas in migration.yaml lists {BOOKKEEPING_SCHEMA}, the migration's "
+            "bookkeeping schema, which must never be exposed over the Supabase API; remove it.",
+        )
+        exposed.remove(BOOKKEEPING_SCHEMA)
     on_target = {
         name
         for (name,) in ctx.target.execute(

@@ -109,9 +109,7 @@ def migrate_schema(
             protect(target, made_now=True)
         except MigrationError as exc:  # same kind (a lock timeout stays worth a retry)
             what = "Alembic upgrade" if alembic else "schema"
-            raise type(exc)(
-                f"{exc.message.rstrip('.')}, so the {what} was rolled back with it."
-            ) from None
+            raise type(exc)(f"{exc.message.rstrip('.')}; the {what} was rolled back.") from None
 
     result = apply_schema(
         SchemaMode(manifest.schema_mode),

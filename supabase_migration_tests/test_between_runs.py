@@ -204,3 +204,33 @@ def test_a_table_taken_out_of_the_manifest_after_its_copy_is_a_warning_not_a_fai
         conn.execute("CREATE TABLE visits (id int PRIMARY KEY)")
     gained = cli(["verify"], env, tmp_path)
     assert gained.returncode == 1 and "(public.visits), so nothing migrates it" in gained.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (
+            ("exposed_schemas:\n- public", "exposed_schemas:\n- public\n- supabase_migration"),
+            "lists supabase_migration, the migration's bookkeeping schema",
+        ),
+        (
+            (
+                "schema_mode: dump\nalembic_config: null",
+                "schema_mode: alembic\nalembic_config: nowhere/alembic.ini",
+            ),
+            "The Alembic configuration",
+        ),
+    ],
+    ids=["bookkeeping_exposed", "alembic_config_missing"],
+)
+def test_plan_refuses_what_run_would_refuse_in_the_manifest(bed, edit, said):
+    """plan passed both (exit 0); run refused them, one with a garbled "..., so the schema was
+    rolled back with it"."""
+    _, _, env, tmp_path = bed
+    assert cli(["init"], env, tmp_path).returncode == 0
+    _edit(tmp_path, *edit)
+    for command in ("plan", "run"):
+        done = cli([command, "--no-progress"] if command == "run" else [command], env, tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert said in _said_cleanly(done)
+        assert "with it" not in done.stdout + done.stderr
