@@ -19,7 +19,7 @@ from psycopg.rows import class_row
 
 from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
 from .connections import transaction_with
-from .errors import ConfigError
+from .errors import ConfigError, listed
 from .ranges import KeyRange
 
 CHECKPOINTS = sql.Identifier(BOOKKEEPING_SCHEMA, "migration_checkpoints")
@@ -450,6 +450,30 @@ def planned_among(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
         (list(tables),),
     ).fetchall()
     return [name for (name,) in rows]
+
+
+def dropped_since_copied(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
+    """Those of `tables` with planned ranges that the target no longer has (dropped by hand):
+    their completed ranges would be skipped, and verification fail, run after run."""
+    planned = planned_among(conn, tables)
+    if not planned:
+        return []
+    idents = [sql.Identifier(*name.split(".", 1)).as_string(conn) for name in planned]
+    rows = conn.execute(
+        "SELECT to_regclass(ident) IS NULL FROM unnest(%s::text[]) AS ident", (idents,)
+    ).fetchall()
+    return [name for name, (gone,) in zip(planned, rows, strict=True) if gone]
+
+
+def dropped_sentence(names: Sequence[str]) -> str:
+    one = len(names) == 1
+    return (
+        f"{listed(names, 3)} {'was' if one else 'were'} copied but no longer exist"
+        f"{'s' if one else ''} on the target (dropped by hand?); create "
+        f"{'it' if one else 'them'} again as on the source (pg_dump --schema-only -t ...), "
+        f"delete {'its' if one else 'their'} rows from {BOOKKEEPING_SCHEMA}.migration_checkpoints, "
+        "and run again to copy them anew."
+    )
 
 
 def not_fully_copied(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:

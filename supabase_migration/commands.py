@@ -565,6 +565,7 @@ def _run(
     started = time.monotonic()
     check_connections(log)
     _check_the_source(settings.new_source, log)
+    _refuse_tables_dropped_since_copied(settings.manifest_path)
     if resume:
         _refuse_nothing_to_resume()
     warning = warn_if_workers_exceed_pool(target_url(), settings.workers)
@@ -684,6 +685,16 @@ def _check_the_source(moved: bool, log: Callable[[str], None]) -> None:
             if recorded is not None:
                 shown = checkpoints.source_identity(source).describe()
                 log(f"Migrating from {shown} from now on, instead of {recorded.describe()}.")
+
+
+def _refuse_tables_dropped_since_copied(manifest_path: Path) -> None:
+    existing = manifest_io.read_if_present(manifest_path)
+    if existing is None:
+        return
+    with borrowed(target_url()) as target:
+        dropped = checkpoints.dropped_since_copied(target, [t.name for t in existing.tables])
+    if dropped:
+        raise ConfigError(checkpoints.dropped_sentence(dropped))
 
 
 def _refuse_nothing_to_resume() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from . import memory
+from . import checkpoints, memory
 from .connections import borrowed
 from .errors import ConfigError, listed
 from .inputs import Settings, check_connections, ensure_manifest, source_url, target_url
@@ -49,6 +49,9 @@ def _refuse_a_target_without_them(names: Sequence[str]) -> None:
         found = target.execute(
             "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (idents,)
         ).fetchone()
+        dropped = checkpoints.dropped_since_copied(target, names)
+    if dropped:
+        raise ConfigError(checkpoints.dropped_sentence(dropped))
     if found is not None and found[0] == 0:
         raise ConfigError(
             f"The target has none of the {len(names)} tables to verify ({listed(names, 3)}); run "

@@ -234,3 +234,25 @@ def test_plan_refuses_what_run_would_refuse_in_the_manifest(bed, edit, said):
         assert done.returncode == 2, done.stdout + done.stderr
         assert said in _said_cleanly(done)
         assert "with it" not in done.stdout + done.stderr
+
+
+def test_a_target_table_dropped_after_its_copy_is_named_with_the_way_out(bed):
+    """run and resume skipped its completed ranges and failed verification run after run,
+    `run --repair` repaired nothing, and `verify --tables` said to run first."""
+    _, target_db, env, tmp_path = bed
+    assert cli(["run", "--no-progress", "--batch-size", "300"], env, tmp_path).returncode == 0
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("DROP TABLE notes")
+    said = "public.notes was copied but no longer exists on the target (dropped by hand?)"
+    for args in (["run", "--no-progress"], ["resume", "--no-progress"], ["verify"]):
+        done = cli(args, env, tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert said in _said_cleanly(done), done.stderr
+    with psycopg.connect(target_db.url, autocommit=True) as conn:  # the way out it says
+        conn.execute(
+            "CREATE TABLE notes (id bigint PRIMARY KEY, body text); "
+            "ALTER TABLE notes ENABLE ROW LEVEL SECURITY; "
+            "DELETE FROM supabase_migration.migration_checkpoints WHERE table_name = 'public.notes'"
+        )
+    done = cli(["run", "--no-progress"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
