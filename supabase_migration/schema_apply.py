@@ -356,6 +356,12 @@ def _apply_alembic(
                 # Read on our own connection: an env.py that connects elsewhere cannot fool it.
                 before_or_none = _alembic_revisions_or_none(conn, table, table_schema)
                 before = before_or_none or set()
+                if before - known:  # else Alembic's "Can't locate revision", of no database
+                    raise ConfigError(
+                        f"The target is at Alembic revision {_revision(before - known)}, which "
+                        f"the project at {alembic_config} does not have (a newer checkout "
+                        "upgraded it); check out that revision or a later one, then run again."
+                    )
                 before_schemas = list(schemas) if schemas is not None else target_user_schemas(conn)
                 count_before = count_objects(conn, before_schemas)
             # At the source's revisions, or past them (a target someone upgraded further):

@@ -321,3 +321,21 @@ def test_a_relative_alembic_config_is_found_from_another_directory(source_db, ta
     elsewhere.mkdir()
     again = cli(["run", "--no-verify"], env, elsewhere)
     assert again.returncode == 0, again.stderr
+
+
+def test_a_target_at_a_revision_the_checkout_lacks_is_named(source_db, target_db, tmp_path):
+    """A newer checkout upgraded the target: Alembic's "Can't locate revision identified by
+    'zz_newer'" did not say whose revision it was."""
+    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("a1", "CREATE TABLE notes (id int)")])
+    versioned = (
+        "CREATE TABLE notes (id int); CREATE TABLE alembic_version (version_num varchar(32) "
+        "PRIMARY KEY); INSERT INTO alembic_version VALUES ('{}')"
+    )
+    execute(source_db.url, versioned.format("a1"))
+    execute(target_db.url, versioned.format("zz_newer"))
+    source, target = _urls(source_db, target_db.url)
+    with pytest.raises(ConfigError) as caught:
+        apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert caught.value.message.startswith(
+        "The target is at Alembic revision zz_newer, which the project at"
+    ), caught.value.message
