@@ -502,7 +502,10 @@ def alembic_configuration(path: Path, target_url: DatabaseUrl) -> Any:
 
     check_alembic_config(path)
     path = path.expanduser()
-    cfg = Config(str(path))
+    # `alembic init -t pyproject` keeps the options (script_location ...) in pyproject.toml's
+    # [tool.alembic] beside alembic.ini, which `alembic` reads from the project directory.
+    toml = path.parent / "pyproject.toml"
+    cfg = Config(str(path), toml_file=str(toml) if toml.is_file() else None)
     # Flask-Migrate's convention, honoured by many env.py files: leave the host's logging alone.
     cfg.attributes["configure_logger"] = False
     # ConfigParser interpolates '%': a percent-encoded password (%40 ...) must be doubled.

@@ -339,3 +339,16 @@ def test_a_target_at_a_revision_the_checkout_lacks_is_named(source_db, target_db
     assert caught.value.message.startswith(
         "The target is at Alembic revision zz_newer, which the project at"
     ), caught.value.message
+
+
+def test_a_project_keeping_its_options_in_pyproject_toml_is_read(source_db, target_db, tmp_path):
+    """`alembic init -t pyproject`: alembic.ini keeps the URL and logging, pyproject.toml's
+    [tool.alembic] the rest; "No 'script_location' key found in configuration"."""
+    ini = _alembic_project(tmp_path / "app", COOKBOOK_ENV, [("y1", "CREATE TABLE notes (id int)")])
+    ini.write_text("[alembic]\nsqlalchemy.url = driver://user:pass@localhost/dbname\n")
+    (ini.parent / "pyproject.toml").write_text(
+        '[tool.alembic]\nscript_location = "%(here)s/migrations"\n'
+    )
+    source, target = _urls(source_db, target_db.url)
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert result.revision == "y1"
