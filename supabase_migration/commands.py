@@ -546,10 +546,17 @@ def run(
 ) -> RunSummary:
     """Schema, plan, every range that is not done (or changed), then sequences."""
     reached: list[str] = []  # "planned", once the setup run has planned the ranges
+    reviewed = manifest_io.text_if_present(settings.manifest_path)
     try:
         return _run(settings, resume, progress, log, reached)
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
+        if not reached and manifest_io.put_back(settings.manifest_path, reviewed):
+            # The flags that changed it were refused, or the run stopped before planning: the
+            # manifest users review and commit stays what they reviewed.
+            log(f"Put {settings.manifest_path} back as it was before this run.")
         # `resume` has checked that a run planned the target: resuming is still right.
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
         if reached or resume or isinstance(exc, VerificationInterrupted):
             raise
         raise InterruptedBeforeCopying from None

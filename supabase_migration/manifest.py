@@ -216,14 +216,34 @@ def write(manifest: Manifest, path: Path) -> None:
             for t in manifest.tables
         },
     }
+    _replace(path, _HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+
+
+def _replace(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = _HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
     # A private temp name per writer: two runs rewriting the manifest never share a file.
     with tempfile.NamedTemporaryFile(
         "w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
     ) as tmp:
         tmp.write(text)
     os.replace(tmp.name, path)
+
+
+def text_if_present(path: Path) -> str | None:
+    """The manifest's text as it is now (to `put_back`), None when there is none or it
+    cannot be read (the command then says so itself)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def put_back(path: Path, text: str | None) -> bool:
+    """The manifest as `text_if_present` read it, if it has changed since; whether it had."""
+    if text is None or text_if_present(path) == text:
+        return False
+    _replace(path, text)
+    return True
 
 
 class OtherManifestVersion(ConfigError):

@@ -256,3 +256,19 @@ def test_a_target_table_dropped_after_its_copy_is_named_with_the_way_out(bed):
         )
     done = cli(["run", "--no-progress"], env, tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_refused_run_leaves_the_reviewed_manifest_as_it_was(bed):
+    """`run --schema-mode none` on a fresh target wrote schema_mode none into the manifest,
+    then preflight refused it (the target has no tables): the file users review and commit
+    kept a setting nothing had run with."""
+    _, _, env, tmp_path = bed
+    assert cli(["init"], env, tmp_path).returncode == 0
+    reviewed = (tmp_path / "migration.yaml").read_text()
+    refused = cli(["run", "--no-progress", "--schema-mode", "none"], env, tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "Put " in refused.stderr and "back as it was before this run." in refused.stderr
+    assert (tmp_path / "migration.yaml").read_text() == reviewed
+    done = cli(["run", "--no-progress", "--batch-size", "500"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "batch_size: 500" in (tmp_path / "migration.yaml").read_text()  # kept once planned
