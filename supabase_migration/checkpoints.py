@@ -452,6 +452,27 @@ def planned_among(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
     return [name for (name,) in rows]
 
 
+def unrecorded_tables(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
+    """Those of `tables` the target has while it has no bookkeeping at all: dropped by hand
+    (`DROP SCHEMA supabase_migration`), or tables made outside this tool."""
+    if not tables or bookkeeping_exists(conn):
+        return []
+    idents = [sql.Identifier(*name.split(".", 1)).as_string(conn) for name in tables]
+    rows = conn.execute(
+        "SELECT to_regclass(ident) IS NOT NULL FROM unnest(%s::text[]) AS ident", (idents,)
+    ).fetchall()
+    return [name for name, (found,) in zip(tables, rows, strict=True) if found]
+
+
+def unrecorded_sentence(found: Sequence[str], total: int) -> str:
+    return (
+        f"The target has {len(found)} of the manifest's {total} tables ({listed(found, 3)}) but "
+        f"no {BOOKKEEPING_SCHEMA} schema recording what was copied (dropped by hand?); "
+        "`supabase-migrate run --schema-mode none` checks them against the source, copies "
+        "what differs and verifies them."
+    )
+
+
 def dropped_since_copied(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
     """Those of `tables` with planned ranges that the target no longer has (dropped by hand):
     their completed ranges would be skipped, and verification fail, run after run."""

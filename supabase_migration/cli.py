@@ -268,13 +268,17 @@ class Progress:
         self.last_lines = len(lines)
 
 
-def _print_status(tables: dict[str, dict[str, int]], as_json: bool) -> None:
+def _print_status(
+    tables: dict[str, dict[str, int]], as_json: bool, note: str | None = None
+) -> None:
     if as_json:
-        print(json.dumps({"tables": tables}, indent=2, sort_keys=True))
+        shown = {"tables": tables, **({"note": note} if note else {})}
+        print(json.dumps(shown, indent=2, sort_keys=True))
         return
     if not tables:
         print(
-            "Nothing planned on the target yet: `supabase-migrate run` plans and copies "
+            note
+            or "Nothing planned on the target yet: `supabase-migrate run` plans and copies "
             "(`plan` only shows what it would do)."
         )
         return
@@ -376,7 +380,9 @@ def _dispatch_command(args: argparse.Namespace) -> int:
         )
         return _finish(summary)
     if args.command == "status":
-        _print_status(commands.status(), args.json)
+        tables = commands.status()
+        note = None if tables else commands.unrecorded_note(_settings(args).manifest_path)
+        _print_status(tables, args.json, note)
         return EXIT_OK
     if args.command == "demo":
         from .demo import demo

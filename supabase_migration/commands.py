@@ -711,7 +711,8 @@ def _refuse_nothing_to_resume() -> None:
         planned = checkpoints.planned_anything(target)
     if not planned:
         raise ConfigError(
-            "Nothing to resume: no run has planned this target yet; start with "
+            unrecorded_note()
+            or "Nothing to resume: no run has planned this target yet; start with "
             "`supabase-migrate run`, or check that SUPABASE_DB_URL names the right database."
         )
 
@@ -872,6 +873,17 @@ def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threadin
                 progress(checkpoints.summary(target))
     except (MigrationError, psycopg.Error):
         return  # the display is a nicety; the run itself reports real failures
+
+
+def unrecorded_note(manifest_path: Path | None = None) -> str | None:
+    """What to say of a target with the manifest's tables and no bookkeeping, if it is one."""
+    manifest = manifest_io.read_if_present(manifest_path)
+    if manifest is None:
+        return None
+    names = [t.name for t in manifest.tables]
+    with borrowed(target_url()) as target:
+        found = checkpoints.unrecorded_tables(target, names)
+    return checkpoints.unrecorded_sentence(found, len(names)) if found else None
 
 
 def status() -> dict[str, dict[str, int]]:

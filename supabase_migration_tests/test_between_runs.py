@@ -272,3 +272,22 @@ def test_a_refused_run_leaves_the_reviewed_manifest_as_it_was(bed):
     done = cli(["run", "--no-progress", "--batch-size", "500"], env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "batch_size: 500" in (tmp_path / "migration.yaml").read_text()  # kept once planned
+
+
+def test_a_target_whose_bookkeeping_was_dropped_is_described_with_the_way_out(bed):
+    """status said "Nothing planned on the target yet" beside the copied rows, and resume
+    that no run had planned the target. (run says the schema has objects this tool did not
+    make, and to rerun with --schema-mode none, as for a schema the user made.)"""
+    _, target_db, env, tmp_path = bed
+    assert cli(["run", "--no-progress", "--batch-size", "300"], env, tmp_path).returncode == 0
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA supabase_migration CASCADE")
+    said = "The target has 3 of the manifest's 3 tables (public.notes, public.owners, public"
+    status = cli(["status"], env, tmp_path)
+    assert status.returncode == 0 and said in _said_cleanly(status), status.stdout
+    done = cli(["resume", "--no-progress"], env, tmp_path)
+    assert done.returncode == 2 and said in _said_cleanly(done), done.stderr
+    done = cli(["run", "--no-progress"], env, tmp_path)
+    assert done.returncode == 2 and "rerun with --schema-mode none" in _said_cleanly(done)
+    done = cli(["run", "--no-progress", "--schema-mode", "none"], env, tmp_path)  # the way out
+    assert done.returncode == 0, done.stderr
