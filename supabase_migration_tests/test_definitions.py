@@ -81,7 +81,10 @@ def test_tables_named_like_our_own_assets_or_each_other_load_apart(tmp_path: Pat
     plan asset's key); schema a__b's table c and schema a's table b__c would share a set of
     partitions. Each gets keys of its own, and ordinary names keep theirs."""
     tables = ("migration.plan", "migration.schema", "a__b.c", "a.b__c", "public.patients")
-    manifest = Manifest(tables=tuple(ManifestTable(t, ("id",), "primary_key", 10) for t in tables))
+    manifest = Manifest(
+        tables=tuple(ManifestTable(t, ("id",), "primary_key", 10) for t in tables),
+        schemas=("migration", "a__b", "a", "public"),
+    )
     path = tmp_path / "migration.yaml"
     manifest_io.write(manifest, path)
     defs = load_definitions(path)
