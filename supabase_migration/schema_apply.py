@@ -520,6 +520,13 @@ def alembic_configuration(path: Path, target_url: DatabaseUrl) -> Any:
             candidate = path.parent.absolute() / location
             if candidate.exists():
                 cfg.set_main_option("script_location", str(candidate).replace("%", "%%"))
+    # So is `prepend_sys_path = .` (alembic init writes it, for env.py to import the app's
+    # models). Given to ScriptDirectory resolved, without rewriting the option, whose
+    # separator Alembic reads from other options.
+    prepend = cfg.get_prepend_sys_paths_list() or []
+    here = path.parent.absolute()
+    resolved = [entry if Path(entry).is_absolute() else str(here / entry) for entry in prepend]
+    cfg.get_prepend_sys_paths_list = lambda: resolved
     return cfg
 
 

@@ -7,6 +7,7 @@ it where the claim is about its output.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -352,3 +353,22 @@ def test_a_project_keeping_its_options_in_pyproject_toml_is_read(source_db, targ
     source, target = _urls(source_db, target_db.url)
     result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
     assert result.revision == "y1"
+
+
+def test_prepend_sys_path_is_taken_from_the_projects_directory(
+    source_db, target_db, tmp_path, monkeypatch
+):
+    """`prepend_sys_path = .` lets env.py import the app's models; from another working
+    directory the import failed ("No module named ...")."""
+    ini = _alembic_project(
+        tmp_path / "app",
+        "import clinic_models_beside_the_ini\n" + COOKBOOK_ENV,
+        [("x1", "CREATE TABLE notes (id int)")],
+    )
+    ini.write_text(ini.read_text().replace("[alembic]\n", "[alembic]\nprepend_sys_path = .\n", 1))
+    (ini.parent / "clinic_models_beside_the_ini.py").write_text("MODELS = []\n")
+    monkeypatch.chdir("/")
+    monkeypatch.setattr("sys.path", list(sys.path))
+    source, target = _urls(source_db, target_db.url)
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert result.revision == "x1"
