@@ -278,16 +278,29 @@ def plan(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Pla
     ):
         bytewise = needs_bytewise_keys(source, target)
         infos = live_tables(source, [t.name for t in manifest.tables])
+        planned = checkpoints.summary(target) if checkpoints.bookkeeping_exists(target) else {}
     plans = plan_tables(
         lambda: borrowed(source_url()),
-        [(infos[t.name], manifest.batch_size_for(t)) for t in manifest.tables],
+        [
+            (infos[t.name], manifest.batch_size_for(t))
+            for t in manifest.tables
+            if t.name not in planned
+        ],
         max_partitions=MAX_PARTITIONS_PER_TABLE,
         collate_c=bytewise,
     )
     for entry in manifest.tables:
         info = infos[entry.name]
         note = "whole table, replaced atomically" if not info.key else ", ".join(info.key)
-        rows.append((entry.name, str(info.key_kind), len(plans[entry.name]), note))
+        if entry.name in planned:  # `run` keeps them: a new batch size makes only new ones
+            ranges = sum(planned[entry.name][s] for s in ("completed", "pending", "failed"))
+            note += (
+                "; planned by an earlier run: its ranges are kept, and only its last one is "
+                "split if it grew past the batch size"
+            )
+        else:
+            ranges = len(plans[entry.name])
+        rows.append((entry.name, str(info.key_kind), ranges, note))
     return PlanReport(findings=findings, tables=rows)
 
 

@@ -291,3 +291,22 @@ def test_a_target_whose_bookkeeping_was_dropped_is_described_with_the_way_out(be
     assert done.returncode == 2 and "rerun with --schema-mode none" in _said_cleanly(done)
     done = cli(["run", "--no-progress", "--schema-mode", "none"], env, tmp_path)  # the way out
     assert done.returncode == 0, done.stderr
+
+
+def test_plan_after_a_batch_size_edit_shows_the_ranges_kept(bed):
+    """plan replanned every table at the new batch size (pets: 40 ranges at 50 rows) while
+    run keeps the ranges planned before (pets: 7 at 300) and splits only the last one."""
+    _, target_db, env, tmp_path = bed
+    assert cli(["run", "--no-progress", "--batch-size", "300"], env, tmp_path).returncode == 0
+    _edit(tmp_path, "batch_size: 300", "batch_size: 50")
+    plan = cli(["plan"], env, tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    with psycopg.connect(target_db.url) as conn:
+        kept = dict(
+            conn.execute(
+                "SELECT table_name, count(*) FROM supabase_migration.migration_checkpoints "
+                "GROUP BY 1"
+            ).fetchall()
+        )
+    for name, count in kept.items():
+        assert f"| {name} | integer | {count} | id; planned by an earlier run" in plan.stdout
