@@ -251,6 +251,7 @@ def _run_checks(
     )
     for check in (
         _check_versions,
+        _check_tables_exist,
         _check_encryption,
         _check_encoding,
         _check_schemas,
@@ -569,6 +570,23 @@ def _check_columns(ctx: _Context) -> None:
                 subject,
                 f"Column {subject} has type {type_sql}: its numbers are copied as they are, so "
                 "any that point at large objects or catalog rows will not match on the target.",
+            )
+
+
+def _check_tables_exist(ctx: _Context) -> None:
+    """A manifest table the source lacks (a typo, a table renamed since `init`): said first,
+    rather than what follows from it (its children's foreign keys to a table not migrated)."""
+    if ctx.tables is None:
+        return
+    known = {t.qualified_name for t in ctx.source_tables}
+    for name in ctx.tables:
+        if name not in known:
+            ctx.add(
+                Severity.ERROR,
+                "table-missing",
+                name,
+                f"Table {name} is in the manifest but not in the source; fix its name there, "
+                "or run `supabase-migrate init` again.",
             )
 
 

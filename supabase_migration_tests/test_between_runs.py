@@ -310,3 +310,18 @@ def test_plan_after_a_batch_size_edit_shows_the_ranges_kept(bed):
         )
     for name, count in kept.items():
         assert f"| {name} | integer | {count} | id; planned by an earlier run" in plan.stdout
+
+
+def test_a_misspelt_table_name_is_what_run_names_first(bed):
+    """run named what followed from it instead: public.pets's foreign key to public.owners,
+    "which is not migrated"."""
+    _, _, env, tmp_path = bed
+    assert cli(["init"], env, tmp_path).returncode == 0
+    _edit(tmp_path, "  public.owners:", "  public.Owners:")
+    done = cli(["run", "--no-progress"], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    last = _said_cleanly(done).strip().splitlines()[-1]
+    assert last.startswith(
+        "error: Preflight stopped the migration before anything was written: Table "
+        "public.Owners is in the manifest but not in the source"
+    ), last
