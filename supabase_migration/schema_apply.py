@@ -345,7 +345,7 @@ def _apply_alembic(
         with (
             _alembic_errors(target_url, secrets, project) as applying,
             _quiet_logging_config(),
-            _no_statement_timeout_in_env_py(),
+            _env_py_engines_like_ours(),
             _redacted_output(secrets),
         ):
             table, table_schema, shared = probe()
@@ -554,12 +554,12 @@ def _quiet_logging_config() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_statement_timeout_in_env_py() -> Iterator[None]:
-    """Supabase caps statements at 2 minutes; the tool lifts that in its own transaction, and
-    here in each transaction of an engine env.py makes itself (the generated env.py's, from
-    sqlalchemy.url), so that a migration building a big index is not cancelled there. Every
-    PostgreSQL engine env.py may use is the target's: one reaching elsewhere is refused first.
-    `SET LOCAL`, so nothing outlives the transaction behind a pooler."""
+def _env_py_engines_like_ours() -> Iterator[None]:
+    """An engine env.py makes itself (the generated env.py's, from sqlalchemy.url) connects
+    as the tool's own do: no statement_timeout in its transactions (Supabase caps statements
+    at 2 minutes; a migration may build a big index), `SET LOCAL` so that nothing outlives
+    the transaction behind a pooler, and no server-side prepared statements. Every
+    PostgreSQL engine env.py may use is the target's: one reaching elsewhere is refused first."""
     from sqlalchemy import event
     from sqlalchemy.engine import Connection, Engine
 
@@ -567,11 +567,19 @@ def _no_statement_timeout_in_env_py() -> Iterator[None]:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
 
+    def unprepared(dbapi_connection: Any, _: Any) -> None:
+        # No server-side prepared statements, as on the tool's own connections: behind a
+        # transaction pooler the next transaction may reach a server that lacks them.
+        if isinstance(dbapi_connection, psycopg.Connection):
+            dbapi_connection.prepare_threshold = None
+
     event.listen(Engine, "begin", lift)
+    event.listen(Engine, "connect", unprepared)
     try:
         yield
     finally:
         event.remove(Engine, "begin", lift)
+        event.remove(Engine, "connect", unprepared)
 
 
 class _Redacting(io.TextIOBase):

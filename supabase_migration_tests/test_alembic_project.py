@@ -372,3 +372,20 @@ def test_prepend_sys_path_is_taken_from_the_projects_directory(
     source, target = _urls(source_db, target_db.url)
     result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
     assert result.revision == "x1"
+
+
+def test_env_py_own_engine_prepares_no_statement_on_the_server(source_db, target_db, tmp_path):
+    """psycopg prepares a statement run five times on the server, which behind a transaction
+    pooler the next transaction may not find; the tool's own connections never do."""
+    repeated = (
+        "for _ in range(8):\n"
+        "    op.get_bind().exec_driver_sql('SELECT 1')\n"
+        "prepared = op.get_bind().exec_driver_sql("
+        "'SELECT count(*) FROM pg_prepared_statements').scalar()\n"
+        "assert prepared == 0, prepared\n"
+    )
+    ini = _alembic_project(tmp_path / "app", GENERATED_ENV, [("e1", "CREATE TABLE notes (id int)")])
+    _add_revision(ini, "e2", "e1", repeated)
+    source, target = _urls(source_db, target_db.url)
+    result = apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    assert result.revision == "e2"
