@@ -442,14 +442,7 @@ def planned_among(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
     """Those of `tables` with ranges planned on this target (the manifest listed them once)."""
     if not tables or not bookkeeping_exists(conn):
         return []
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT name FROM unnest(%s::text[]) AS name WHERE EXISTS ("
-            "SELECT FROM {} WHERE table_name = name) ORDER BY name"
-        ).format(CHECKPOINTS),
-        (list(tables),),
-    ).fetchall()
-    return [name for (name,) in rows]
+    return _tables_where(conn, tables, "EXISTS (SELECT FROM {} WHERE table_name = name)")
 
 
 def unrecorded_tables(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
@@ -457,11 +450,16 @@ def unrecorded_tables(conn: psycopg.Connection, tables: Sequence[str]) -> list[s
     (`DROP SCHEMA supabase_migration`), or tables made outside this tool."""
     if not tables or bookkeeping_exists(conn):
         return []
+    return [name for name, found in zip(tables, _on_target(conn, tables), strict=True) if found]
+
+
+def _on_target(conn: psycopg.Connection, tables: Sequence[str]) -> list[bool]:
+    """Whether each of `tables` (schema.table) exists."""
     idents = [sql.Identifier(*name.split(".", 1)).as_string(conn) for name in tables]
     rows = conn.execute(
         "SELECT to_regclass(ident) IS NOT NULL FROM unnest(%s::text[]) AS ident", (idents,)
     ).fetchall()
-    return [name for name, (found,) in zip(tables, rows, strict=True) if found]
+    return [found for (found,) in rows]
 
 
 def unrecorded_sentence(found: Sequence[str], total: int) -> str:
@@ -479,11 +477,9 @@ def dropped_since_copied(conn: psycopg.Connection, tables: Sequence[str]) -> lis
     planned = planned_among(conn, tables)
     if not planned:
         return []
-    idents = [sql.Identifier(*name.split(".", 1)).as_string(conn) for name in planned]
-    rows = conn.execute(
-        "SELECT to_regclass(ident) IS NULL FROM unnest(%s::text[]) AS ident", (idents,)
-    ).fetchall()
-    return [name for name, (gone,) in zip(planned, rows, strict=True) if gone]
+    return [
+        name for name, found in zip(planned, _on_target(conn, planned), strict=True) if not found
+    ]
 
 
 def dropped_sentence(names: Sequence[str]) -> str:
@@ -499,14 +495,21 @@ def dropped_sentence(names: Sequence[str]) -> str:
 
 def not_fully_copied(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
     """Those of `tables` with a range not completed, or none planned."""
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT name FROM unnest(%s::text[]) AS name WHERE NOT coalesce(("
-            "SELECT bool_and(status = 'completed') FROM {} WHERE table_name = name), false) "
-            "ORDER BY name"
-        ).format(CHECKPOINTS),
-        (list(tables),),
-    ).fetchall()
+    return _tables_where(
+        conn,
+        tables,
+        "NOT coalesce((SELECT bool_and(status = 'completed') FROM {} WHERE table_name = name), "
+        "false)",
+    )
+
+
+def _tables_where(conn: psycopg.Connection, tables: Sequence[str], condition: str) -> list[str]:
+    """Those of `tables` (in name order) for which `condition` holds: SQL on `name`, with {}
+    for the checkpoints table."""
+    query = sql.SQL("SELECT name FROM unnest(%s::text[]) AS name WHERE ") + sql.SQL(
+        condition
+    ).format(CHECKPOINTS)
+    rows = conn.execute(query + sql.SQL(" ORDER BY name"), (list(tables),)).fetchall()
     return [name for (name,) in rows]
 
 
