@@ -103,6 +103,9 @@ class RangeSums:
     target_total: int
     source: list[tuple[int, str]] | None = None
     target: list[tuple[int, str]] | None = None
+    # The whole table's checksums differed (measured first, then range by range): when no
+    # range differs, rows outside every planned range do.
+    whole_differed: bool = False
 
 
 @dataclass(frozen=True)
@@ -386,7 +389,9 @@ def range_sums(
             return RangeSums(src_whole[0], tgt_whole[0])
 
     src, tgt = _sums_on_both(source, target, table, ranges, collate_c)
-    return RangeSums(sum(n for n, _ in src), sum(n for n, _ in tgt), src, tgt)
+    return RangeSums(
+        sum(n for n, _ in src), sum(n for n, _ in tgt), src, tgt, whole_differed=len(ranges) > 1
+    )
 
 
 def _sums_on_both(
@@ -470,7 +475,14 @@ def range_checksums(
             "rows_hashed": measured.source_total + measured.target_total,
             "compared": "range by range" if measured.source is not None else "whole table",
         }
-        if not bad:
+        outside = not bad and measured.whole_differed
+        if outside:  # checkpoints that no longer cover the key space (edited, or old)
+            text = (
+                f"{name}: the table's checksums differ but no planned range's does, so rows "
+                "outside every range differ; delete the table's rows from "
+                "supabase_migration.migration_checkpoints and run again to plan and copy it anew."
+            )
+        elif not bad:
             text = f"{name}: checksums match in {_plural(len(ranges), 'range')}."
         else:
             text = (
@@ -480,7 +492,7 @@ def range_checksums(
                 + (f"; {differing} rows differ" if differing and not changed_keys else "")
                 + "."
             )
-        return not bad, ERROR, text, details
+        return not (bad or outside), ERROR, text, details
 
     return _timed(CHECKSUMS, table, run)
 

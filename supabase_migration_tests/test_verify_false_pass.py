@@ -1,0 +1,121 @@
+"""Verification passing while the target differs from the source: each case migrates a small
+table with the product's own copy path (plan and copy_range), changes one thing on the target
+behind the tool's back, and runs the product's verification (`run_verification`, what
+`supabase-migrate verify` runs), which must fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+
+from supabase_migration import checkpoints
+from supabase_migration.catalog import read_tables
+from supabase_migration.connections import connect
+from supabase_migration.conninfo import DatabaseUrl, parse_database_url
+from supabase_migration.copy import CopyOptions, copy_range, replica_mode_allowed
+from supabase_migration.manifest import from_catalog
+from supabase_migration.planning import refresh_plan
+from supabase_migration.report import Report
+from supabase_migration.sequences import sync_sequences
+from supabase_migration.verify import CHECKSUMS, run_verification
+
+
+@dataclass
+class Migrated:
+    source_url: DatabaseUrl
+    target_url: DatabaseUrl
+    source_raw: str
+    target_raw: str
+    target_admin: str
+    manifest: object
+
+
+@contextlib.contextmanager
+def _connected(source_db, target_db) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+    src = parse_database_url(source_db.url, label="source")
+    tgt = parse_database_url(target_db.url, label="target")
+    with connect(src, autocommit=True) as s, connect(tgt, autocommit=True) as t:
+        yield s, t
+
+
+def _exec(url: str, statement: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def _migrate(
+    source_db,
+    target_db,
+    schema: str,
+    seed: str,
+    *,
+    target_schema: str | None = None,
+    batch_size: int = 500,
+) -> Migrated:
+    """Schema on both sides (target's own if given), rows on the source, copied with the
+    product's copy path, sequences synced."""
+    _exec(source_db.url, schema)
+    if seed:
+        _exec(source_db.url, seed)
+    _exec(target_db.url, target_schema if target_schema is not None else schema)
+    with _connected(source_db, target_db) as (s, t):
+        checkpoints.ensure_bookkeeping(t)
+        options = CopyOptions(replica_mode=replica_mode_allowed(t))
+        infos = read_tables(s, ["public"])
+        for info in infos:
+            refresh_plan(s, t, info, batch_size=batch_size)
+            for cp in checkpoints.load(t, info.qualified_name):
+                copy_range(s, t, info, cp.partition_key, options)
+        sync_sequences(s, t, ["public"])
+    manifest = from_catalog(infos, schemas=["public"])
+    return Migrated(
+        parse_database_url(source_db.url, label="source"),
+        parse_database_url(target_db.url, label="target"),
+        source_db.url,
+        target_db.url,
+        target_db.admin_url,
+        manifest,
+    )
+
+
+def _verify(m: Migrated, sample_size: int = 100) -> Report:
+    return run_verification(m.manifest, m.source_url, m.target_url, sample_size=sample_size, seed=7)
+
+
+def _failed(report: Report) -> dict[tuple[str, str], str]:
+    return {(o.table, o.name): o.description for o in report.outcomes if not o.passed}
+
+
+def _failed_names(report: Report, table: str = "public.t") -> set[str]:
+    return {name for (t, name) in _failed(report) if t == table}
+
+
+def _three_ranges(source_db, target_db) -> Migrated:
+    return _migrate(
+        source_db,
+        target_db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);",
+        "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g;",
+        batch_size=1000,
+    )
+
+
+def test_a_row_changed_outside_every_planned_range_fails(source_db, target_db):
+    """The checkpoints no longer reach the end of the key space (the last one deleted by
+    hand, or an older release's half-written plan). The whole table's checksums differed,
+    no range's did, and the check passed."""
+    m = _three_ranges(source_db, target_db)
+    _exec(
+        m.target_admin,
+        "DELETE FROM supabase_migration.migration_checkpoints WHERE table_name = 'public.t' "
+        "AND batch_number = (SELECT max(batch_number) FROM "
+        "supabase_migration.migration_checkpoints WHERE table_name = 'public.t')",
+    )
+    _exec(m.target_admin, "UPDATE t SET v = 'tampered' WHERE id = 2999")
+    failed = _failed(_verify(m, sample_size=5))
+    assert list(failed) == [("public.t", CHECKSUMS)], failed
+    assert "rows outside every range differ" in failed[("public.t", CHECKSUMS)]
