@@ -7,7 +7,7 @@ without a live database (Dagster must load definitions with the source offline).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import psycopg
@@ -124,6 +124,15 @@ class TableInfo:
     def copy_columns(self) -> tuple[Column, ...]:
         """Columns COPY writes: generated columns are computed by the target itself."""
         return tuple(c for c in self.columns if not c.generated)
+
+    @property
+    def verified(self) -> TableInfo:
+        """The table as verification hashes it: its generated columns too, as each side
+        computed them (the copy leaves them to the target, whose expression, or a function
+        or locale it calls, may compute otherwise)."""
+        if not any(c.generated for c in self.columns):
+            return self
+        return replace(self, columns=tuple(replace(c, generated=False) for c in self.columns))
 
     @property
     def has_identity_always(self) -> bool:

@@ -1365,10 +1365,12 @@ def verify_table(
             chosen.append(list(read_ranges() or whole_table(table)))
         return chosen[0]
 
+    hashed = table.verified  # generated columns hashed too
+
     def sums() -> RangeSums:
         """Counts and checksums in one pass over the rows, shared by both checks."""
         if not memo:
-            memo.append(range_sums(src(), tgt(), table, key_ranges(), collate_c=collate_c))
+            memo.append(range_sums(src(), tgt(), hashed, key_ranges(), collate_c=collate_c))
         return memo[0]
 
     shared = sums if CHECKSUMS in checks else None
@@ -1377,7 +1379,7 @@ def verify_table(
             src(), tgt(), table, key_ranges(), collate_c=collate_c, sums=shared
         ),
         CHECKSUMS: lambda: range_checksums(
-            src(), tgt(), table, key_ranges(), collate_c=collate_c, sums=shared
+            src(), tgt(), hashed, key_ranges(), collate_c=collate_c, sums=shared
         ),
         SAMPLE: lambda: sample_rows(src(), tgt(), table, sample_size, seed),
         INDEXES: lambda: indexes(src(), tgt(), table),

@@ -119,3 +119,31 @@ def test_a_row_changed_outside_every_planned_range_fails(source_db, target_db):
     failed = _failed(_verify(m, sample_size=5))
     assert list(failed) == [("public.t", CHECKSUMS)], failed
     assert "rows outside every range differ" in failed[("public.t", CHECKSUMS)]
+
+
+GENERATED = (
+    "CREATE FUNCTION tax_rate() RETURNS numeric LANGUAGE sql IMMUTABLE AS 'SELECT 0.20'; "
+    "CREATE TABLE t (id int PRIMARY KEY, amount numeric, "
+    "total numeric GENERATED ALWAYS AS (amount * (1 + tax_rate())) STORED);"
+)
+
+
+def test_a_generated_column_computed_otherwise_on_the_target_fails(source_db, target_db):
+    """The copy leaves generated columns to the target, and checksums covered the copied
+    columns only: a function the expression calls, defined otherwise on the target, left
+    other totals there while every check passed (the expression's text is the same)."""
+    m = _migrate(
+        source_db,
+        target_db,
+        GENERATED,
+        "INSERT INTO t (id, amount) SELECT g, g FROM generate_series(1, 5000) g;",
+    )
+    assert _failed(_verify(m)) == {}
+    _exec(
+        m.target_admin,
+        "CREATE OR REPLACE FUNCTION tax_rate() RETURNS numeric LANGUAGE sql IMMUTABLE "
+        "AS 'SELECT 0.25'; UPDATE t SET amount = amount WHERE id = 4321;",
+    )
+    failed = _failed(_verify(m, sample_size=5))
+    assert ("public.t", CHECKSUMS) in failed, failed
+    assert "rows differ at id=4321" in failed[("public.t", CHECKSUMS)]
