@@ -719,16 +719,20 @@ print([e.step_failure_data.error.cls_name for e in result.get_step_failure_event
         ("demo", "Interrupted."),
     ],
 )
-def test_ctrl_c_before_the_plan_says_what_goes_on(monkeypatch, capsys, command, said) -> None:
+def test_ctrl_c_before_the_plan_says_what_goes_on(
+    monkeypatch, capsys, tmp_path: Path, command, said
+) -> None:
     """`run` interrupted before it planned says to run again; `resume`, which checked that a
     run planned the target, to resume; the demo, whose servers are gone, nothing more."""
     from supabase_migration import cli, commands
+    from supabase_migration.inputs import Settings
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     def dispatch(args) -> int:
-        commands.run(None, resume=args.command == "resume")  # type: ignore[arg-type]
+        settings = Settings(manifest_path=tmp_path / "migration.yaml")
+        commands.run(settings, resume=args.command == "resume")
         return 0
 
     monkeypatch.setattr(commands, "_run", interrupted)
