@@ -928,6 +928,28 @@ FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.
 WHERE a.attrelid = to_regclass(%s) AND a.attgenerated = 's'
 """
 
+# Each column's type, by name: the checksums hash a value with its own type's hash function on
+# each side, and some types' coincide (int4 and int8, timestamp and timestamptz, text and
+# char(n) with its blanks dropped, text and citext lower-cased), so a column altered on the
+# target reads otherwise to the app while its hashes match; an enum's labels in their order
+# (comparisons and ORDER BY follow it). Without typmods (the values' checks see a changed
+# scale or length) and schema names (extensions move to `extensions`), and text and varchar
+# alike (the copy takes either for the other).
+_COLUMN_TYPES_SQL = r"""
+UNION ALL
+SELECT a.attname || ' (type)', 't',
+       CASE WHEN t.typname IN ('text', 'varchar') THEN 'text'
+            WHEN t.typname IN ('_text', '_varchar') THEN 'text[]'
+            ELSE regexp_replace(format_type(a.atttypid, NULL), '^(\w+\.|"[^"]+"\.)', '') END
+       || coalesce(' (' || (SELECT string_agg(quote_literal(e.enumlabel), ', '
+                                              ORDER BY e.enumsortorder)
+                              FROM pg_enum e
+                              WHERE e.enumtypid = CASE WHEN t.typcategory = 'A'
+                                                       THEN t.typelem ELSE t.oid END) || ')', '')
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
 _CONSTRAINT_KINDS = {
     "p": "primary key",
     "u": "unique",
@@ -936,6 +958,7 @@ _CONSTRAINT_KINDS = {
     "x": "exclude",
     "n": "not null",
     "g": "generated column",
+    "t": "column type",
 }
 
 
@@ -1067,8 +1090,8 @@ def indexes(
 def constraints(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
 ) -> CheckOutcome:
-    """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns and generated
-    columns' expressions, by name."""
+    """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns, generated
+    columns' expressions and columns' types, by name."""
     missing = _missing_table(CONSTRAINTS, table, source, target)
     if missing:
         return missing
@@ -1078,9 +1101,9 @@ def constraints(
         def read(conn: psycopg.Connection) -> dict[str, tuple[str, Any]]:
             ident = sqlbuild.table_ident(table).as_string(conn)
             generated = conn.info.server_version >= 120000
-            query = _CONSTRAINTS_SQL + (_GENERATED_SQL if generated else "")
+            query = _CONSTRAINTS_SQL + (_GENERATED_SQL if generated else "") + _COLUMN_TYPES_SQL
             with read_snapshot(conn, catalog=True):
-                rows = conn.execute(query, (ident,) * (3 if generated else 2)).fetchall()
+                rows = conn.execute(query, (ident,) * (4 if generated else 3)).fetchall()
             return {
                 name: (strip_schemas(definition, schemas), _CONSTRAINT_KINDS.get(kind, kind))
                 for name, kind, definition in rows

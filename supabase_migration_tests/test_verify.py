@@ -42,6 +42,7 @@ from supabase_migration.sequences import sync_sequences
 from supabase_migration.verify import (
     CHECK_NAMES,
     CHECKSUMS,
+    CONSTRAINTS,
     ERROR,
     ROW_COUNT,
     SAMPLE,
@@ -649,7 +650,8 @@ def test_a_column_the_target_lacks_is_named(migrated: Migrated) -> None:
     failed = {
         name: o for (table, name), o in _failed(report).items() if table == "public.audit_log"
     }
-    assert set(failed) == {ROW_COUNT, CHECKSUMS, SAMPLE}
+    assert set(failed) == {ROW_COUNT, CHECKSUMS, SAMPLE, CONSTRAINTS}
+    assert "reviewed_by (type)" in failed.pop(CONSTRAINTS).description  # a column it lacks
     for outcome in failed.values():
         assert outcome.description == (
             "public.audit_log: the target lacks the source's column(s) reviewed_by, so its rows "

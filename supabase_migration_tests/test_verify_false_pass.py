@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg
+import pytest
 
 from supabase_migration import checkpoints
 from supabase_migration.catalog import read_tables
@@ -21,7 +22,7 @@ from supabase_migration.manifest import from_catalog
 from supabase_migration.planning import refresh_plan
 from supabase_migration.report import Report
 from supabase_migration.sequences import sync_sequences
-from supabase_migration.verify import CHECKSUMS, run_verification
+from supabase_migration.verify import CHECKSUMS, CONSTRAINTS, run_verification
 
 
 @dataclass
@@ -147,3 +148,43 @@ def test_a_generated_column_computed_otherwise_on_the_target_fails(source_db, ta
     failed = _failed(_verify(m, sample_size=5))
     assert ("public.t", CHECKSUMS) in failed, failed
     assert "rows differ at id=4321" in failed[("public.t", CHECKSUMS)]
+
+
+@pytest.mark.parametrize(
+    ("column", "altered"),
+    [
+        ("v text", "ALTER TABLE t ALTER v TYPE char(8)"),  # padded on the target, hash drops it
+        ("v text", "CREATE EXTENSION IF NOT EXISTS citext; ALTER TABLE t ALTER v TYPE citext"),
+        ("v timestamp", "ALTER TABLE t ALTER v TYPE timestamptz"),
+        ("v int", "ALTER TABLE t ALTER v TYPE bigint"),
+        (
+            "v level",
+            "ALTER TYPE level RENAME TO level_old; CREATE TYPE level AS ENUM ('high', 'low'); "
+            "ALTER TABLE t ALTER v TYPE level USING v::text::level",
+        ),
+    ],
+    ids=["char", "citext", "timestamptz", "bigint", "enum_order"],
+)
+def test_a_column_type_changed_on_the_target_fails(source_db, target_db, column, altered):
+    """These types' hash functions coincide with the source's (int4 and int8, timestamp and
+    timestamptz, text and char(n) or citext; an enum's labels whatever their order), so the
+    checksums matched while the app reads otherwise: padded text, case-blind comparisons,
+    times in the session's zone, another sort order."""
+    values = {
+        "v text": "'user' || g",
+        "v timestamp": "timestamp '2024-01-01' + g * interval '1 hour'",
+        "v int": "g",
+        "v level": "(CASE WHEN g % 2 = 0 THEN 'low' ELSE 'high' END)::level",
+    }[column]
+    m = _migrate(
+        source_db,
+        target_db,
+        "CREATE TYPE level AS ENUM ('low', 'high'); "
+        f"CREATE TABLE t (id int PRIMARY KEY, {column});",
+        f"INSERT INTO t SELECT g, {values} FROM generate_series(1, 50) g;",
+    )
+    assert _failed(_verify(m)) == {}
+    _exec(m.target_admin, altered)
+    failed = _failed(_verify(m))
+    assert ("public.t", CONSTRAINTS) in failed, failed
+    assert "v (type)" in failed[("public.t", CONSTRAINTS)], failed
