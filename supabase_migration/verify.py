@@ -1258,21 +1258,33 @@ def foreign_keys(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
     return _timed(FOREIGN_KEYS, table, run)
 
 
+# The sequences a column of the table owns (serial, identity), and those a column's default
+# draws from without owning them (`DEFAULT nextval('order_no')`): the app's next insert takes
+# its value from either. Owned first where both hold.
 _OWNED_SEQUENCES_SQL = f"""
-SELECT n.nspname, s.relname, a.attname, d.deptype::text, q.seqincrement, {VALUES_SHOWN_SQL}
-FROM pg_depend d
-JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+SELECT DISTINCT ON (n.nspname, s.relname, a.attname)
+       n.nspname, s.relname, a.attname, d.deptype, q.seqincrement, {VALUES_SHOWN_SQL}
+FROM (
+  SELECT objid AS seq, refobjid AS rel, refobjsubid AS attnum, deptype::text FROM pg_depend
+  WHERE classid = 'pg_class'::regclass AND refclassid = 'pg_class'::regclass
+    AND deptype IN ('a', 'i') AND refobjid = to_regclass(%s)
+  UNION ALL
+  SELECT dep.refobjid, ad.adrelid, ad.adnum, 'n' FROM pg_attrdef ad
+  JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass AND dep.objid = ad.oid
+   AND dep.refclassid = 'pg_class'::regclass
+  WHERE ad.adrelid = to_regclass(%s)
+) d
+JOIN pg_class s ON s.oid = d.seq AND s.relkind = 'S'
 JOIN pg_namespace n ON n.oid = s.relnamespace
 JOIN pg_sequence q ON q.seqrelid = s.oid
-JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-  AND d.deptype IN ('a', 'i') AND d.refobjid = to_regclass(%s)
-ORDER BY n.nspname, s.relname
+JOIN pg_attribute a ON a.attrelid = d.rel AND a.attnum = d.attnum
+ORDER BY n.nspname, s.relname, a.attname, d.deptype
 """
 
 
 def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
-    """Each serial/identity sequence owned by a column of `table` hands out a value past its max."""
+    """Each sequence a column of `table` owns (serial, identity) or takes its default from
+    hands out a value past the column's values."""
     missing = _missing_table(SEQUENCES, table, None, target)
     if missing:
         return missing
@@ -1281,7 +1293,7 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
         results = []
         with read_snapshot(target):
             owned = target.execute(
-                _OWNED_SEQUENCES_SQL, (sqlbuild.table_ident(table).as_string(target),)
+                _OWNED_SEQUENCES_SQL, (sqlbuild.table_ident(table).as_string(target),) * 2
             ).fetchall()
             for schema, seq, column, deptype, increment, shown in owned:
                 last_value, is_called = target.execute(
@@ -1306,7 +1318,7 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
                     {
                         "sequence": f"{schema}.{seq}",
                         "column": column,
-                        "kind": "identity" if deptype == "i" else "serial/owned",
+                        "kind": {"i": "identity", "a": "serial/owned"}.get(deptype, "default"),
                         **({"next_value": next_value, **reached} if shown else {}),
                         "ahead": ahead,
                     }
@@ -1315,11 +1327,11 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
         details = {"sequences": len(results), "behind": len(behind), "owned": results}
         name = table.qualified_name
         if not results:
-            text = f"{name}: no sequence or identity is owned by its columns."
+            text = f"{name}: no column of it owns a sequence or takes its default from one."
         elif not behind:
             text = (
-                f"{name}: {_plural(len(results), 'owned sequence')} checked, every one past "
-                "its column's values."
+                f"{name}: {_plural(len(results), 'sequence')} of its columns checked, every one "
+                "past its column's values."
             )
         else:
             text = (

@@ -22,7 +22,7 @@ from supabase_migration.manifest import from_catalog
 from supabase_migration.planning import refresh_plan
 from supabase_migration.report import Report
 from supabase_migration.sequences import sync_sequences
-from supabase_migration.verify import CHECKSUMS, CONSTRAINTS, run_verification
+from supabase_migration.verify import CHECKSUMS, CONSTRAINTS, SEQUENCES, run_verification
 
 
 @dataclass
@@ -188,3 +188,23 @@ def test_a_column_type_changed_on_the_target_fails(source_db, target_db, column,
     failed = _failed(_verify(m))
     assert ("public.t", CONSTRAINTS) in failed, failed
     assert "v (type)" in failed[("public.t", CONSTRAINTS)], failed
+
+
+def test_a_sequence_a_default_draws_from_without_owning_it_is_checked(source_db, target_db):
+    """`DEFAULT nextval('order_no')` with no OWNED BY: the check followed ownership only, so a
+    sequence set back on the target passed while the app's next insert would collide."""
+    m = _migrate(
+        source_db,
+        target_db,
+        "CREATE SEQUENCE order_no; "
+        "CREATE TABLE t (id bigint PRIMARY KEY DEFAULT nextval('order_no'), v text);",
+        "INSERT INTO t (v) SELECT 'v' || g FROM generate_series(1, 100) g;",
+    )
+    assert _failed(_verify(m)) == {}
+    _exec(m.target_admin, "SELECT setval('order_no', 5)")
+    failed = _failed(_verify(m))
+    assert list(failed) == [("public.t", SEQUENCES)], failed
+    assert (
+        "public.order_no would hand out 6 but id already reaches 100"
+        in failed[("public.t", SEQUENCES)]
+    )
