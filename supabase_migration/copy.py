@@ -251,6 +251,16 @@ def copy_range(
     except _Refused as exc:  # rolled back: recorded like a database's refusal
         _record_failure(target, name, partition_key, exc.message, options.run_id)
         raise CopyError(exc.message) from None
+    except _NotFollowed as exc:
+        message = (
+            f"Copying {where} failed: a value under {exc.constraint} (an expression or partial "
+            "unique index, or an exclusion constraint) is held by another row on the target; "
+            "if it moved between rows since they were copied, which the copy cannot follow, "
+            "copy the table anew: TRUNCATE it on the target, delete its rows from "
+            "supabase_migration.migration_checkpoints, and run again."
+        )
+        _record_failure(target, name, partition_key, message, options.run_id)
+        raise UniqueCollision(message) from None
     except pg_errors.LockNotAvailable:
         raise ConcurrentRunError(
             f"{the_range} is being copied by another run right now; this run left it untouched."
@@ -518,6 +528,17 @@ class _Refused(CopyError):
     """A range this tool will not write as it is (said in the message); recorded as failed."""
 
 
+class _NotFollowed(Exception):
+    """A re-sync collided under a constraint whose values the copy cannot follow between rows
+    (an expression or partial unique index, an exclusion constraint). Copying the other
+    ranges first may free the value (a row deleted since); a value that moved between rows
+    collides run after run."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
 @dataclass(frozen=True)
 class _Loaded:
     path: str
@@ -635,14 +656,18 @@ def _merge_changed(
                 target, [sql.SQL("SAVEPOINT {}").format(_BEFORE_MERGING), *merge], counts
             )
             break
-        except pg_errors.UniqueViolation as exc:
+        except (pg_errors.UniqueViolation, pg_errors.ExclusionViolation) as exc:
             target.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_BEFORE_MERGING))
-            index = unique_index(
-                target, exc.diag.schema_name or table.schema, exc.diag.constraint_name or ""
+            constraint = exc.diag.constraint_name or ""
+            index = (
+                unique_index(target, exc.diag.schema_name or table.schema, constraint)
+                if isinstance(exc, pg_errors.UniqueViolation)
+                else None
             )
+            if index is None:  # an expression or partial unique index, an exclusion
+                raise _NotFollowed(constraint) from None
             if (
                 rounds == TAKING_ASIDE_ROUNDS
-                or index is None
                 or index.columns == table.key
                 or not set(index.columns) <= {c.name for c in table.copy_columns}  # staged ones
             ):
