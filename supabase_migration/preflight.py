@@ -14,6 +14,7 @@ Supabase facts behind the checks (shared/docs/supabase-facts.md in the workspace
 from __future__ import annotations
 
 import contextlib
+import graphlib
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,7 +39,8 @@ from .catalog import (
 )
 from .connections import database_error, transaction_with
 from .conninfo import is_loopback_host
-from .errors import PreflightError
+from .copy import replica_mode_allowed
+from .errors import PreflightError, listed
 from .manifest import Manifest
 from .redaction import describe_pg_error
 from .sqlbuild import READING_ROWS, key_arrays, key_texts, keys_in, rows_of
@@ -265,6 +267,7 @@ def _run_checks(
         _check_policies,
         _check_source_rls,
         _check_table_behaviour,
+        _check_without_replica_mode,
         _check_large_objects,
         _check_superuser_objects,
         _check_materialized_views,
@@ -802,6 +805,23 @@ WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT t.tgisinternal
 ORDER BY 1, 2, 3
 """
 
+# Triggers that fire on the copy's writes where it cannot set session_replication_role.
+_ORIGIN_TRIGGERS_SQL = f"""
+SELECT DISTINCT n.nspname, r.relname FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_class r ON r.oid = coalesce(pg_partition_root(c.oid), c.oid)
+JOIN pg_namespace n ON n.oid = r.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT t.tgisinternal
+  AND t.tgenabled IN ('O', 'A') AND NOT {ext_member("pg_class", "c.oid")}
+ORDER BY 1, 2
+"""
+_FOREIGN_KEYS_SQL = """
+SELECT cn.nspname, c.relname, pn.nspname || '.' || p.relname FROM pg_constraint k
+JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+WHERE k.contype = 'f' AND k.conparentid = 0 AND cn.nspname = ANY(%s)
+"""
+
 _UNLOGGED_SQL = f"""
 SELECT DISTINCT n.nspname, r.relname FROM pg_class c
 JOIN pg_class r ON r.oid = coalesce(pg_partition_root(c.oid), c.oid)
@@ -840,6 +860,48 @@ def _check_table_behaviour(ctx: _Context) -> None:
             f"Table {name} is UNLOGGED: after a crash of the target it is empty, and its "
             "rows are in neither Supabase's backups nor point-in-time recovery; for PHI, "
             f"ALTER TABLE {name} SET LOGGED.",
+        )
+
+
+def _check_without_replica_mode(ctx: _Context) -> None:
+    """Where the target login may not set session_replication_role (a target that is not
+    Supabase, whose postgres may), the copy runs with the target's triggers and foreign keys
+    live: triggers fire on every copied row (changing it, or writing elsewhere), and a table
+    referencing itself or tables referencing each other fail the ranges whose parents come
+    later, run after run. Said before anything is written."""
+    if replica_mode_allowed(ctx.target):
+        return
+    defining = ctx.target if ctx.schema_mode == "none" else ctx.source
+    way = (
+        "migrate as a login that may set session_replication_role (a superuser; Supabase's "
+        "postgres may)"
+    )
+    fired = [name for name, _ in ctx.migrated(defining, _ORIGIN_TRIGGERS_SQL)]
+    if fired:
+        ctx.add(
+            Severity.ERROR,
+            "triggers-would-fire",
+            listed(fired, 3),
+            f"The target login may not set session_replication_role, so the triggers of "
+            f"{listed(fired, 3)} would fire on every row the copy writes; {way}, or leave "
+            "the triggers out of the target until the copy is done (schema mode none).",
+        )
+    parents: dict[str, set[str]] = {}
+    for name, (parent,) in ctx.migrated(defining, _FOREIGN_KEYS_SQL):
+        if ctx.migrates(parent):
+            parents.setdefault(name, set()).add(parent)
+    try:
+        graphlib.TopologicalSorter(parents).prepare()
+    except graphlib.CycleError as exc:
+        cycle = sorted(set(exc.args[1]))
+        ctx.add(
+            Severity.ERROR,
+            "foreign-key-cycle",
+            listed(cycle, 3),
+            f"The target login may not set session_replication_role, so the foreign keys of "
+            f"{listed(cycle, 3)} (referencing {'itself' if len(cycle) == 1 else 'each other'})"
+            f" would be checked as each range is copied, and a row whose parent comes in a "
+            f"later range would fail its range; {way}.",
         )
 
 

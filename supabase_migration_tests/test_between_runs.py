@@ -369,3 +369,56 @@ def test_a_value_moved_under_an_expression_index_says_how_to_get_past_it(
             "WHERE table_name = 'public.u'"
         )
     assert cli(run, env, tmp_path).returncode == 0
+
+
+@pytest.fixture
+def no_replica_mode(target_db):
+    """A target whose postgres may not set session_replication_role (a self-hosted or
+    managed PostgreSQL other than Supabase)."""
+    revoke = "REVOKE SET ON PARAMETER session_replication_role FROM postgres"
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(revoke)
+    try:
+        yield
+    finally:
+        with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+            conn.execute(revoke.replace("REVOKE", "GRANT").replace("FROM", "TO"))
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, v text); "
+            "CREATE FUNCTION bang() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "NEW.v := NEW.v || '!'; RETURN NEW; END $$; "
+            "CREATE TRIGGER t_bang BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION bang(); "
+            "ALTER TABLE t DISABLE TRIGGER t_bang; "
+            "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 300) g; "
+            "ALTER TABLE t ENABLE TRIGGER t_bang",
+            "so the triggers of public.t would fire on every row the copy writes",
+        ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, parent int REFERENCES t); "
+            "INSERT INTO t SELECT g, NULL FROM generate_series(1, 300) g; "
+            "UPDATE t SET parent = 300 WHERE id < 300",
+            "the foreign keys of public.t (referencing itself) would be checked as each range",
+        ),
+    ],
+    ids=["trigger", "self_reference"],
+)
+def test_without_replica_mode_what_would_go_wrong_is_refused_first(
+    source_db, target_db, tmp_path, no_replica_mode, schema, said
+):
+    """The copy then runs with triggers and foreign keys live: a trigger changed every copied
+    value (verification failed after the copy), a self-reference failed the ranges whose
+    parents come later, run after run; nothing said so before."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(schema)
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    for args in (["plan"], ["run", "--no-progress", "--batch-size", "100"]):
+        done = cli(args, env, tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert said in _said_cleanly(done)
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.t')").fetchone() == (None,)
