@@ -6,8 +6,6 @@ behind the tool's back, and runs the product's verification (`run_verification`,
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg
@@ -15,7 +13,6 @@ import pytest
 
 from supabase_migration import checkpoints
 from supabase_migration.catalog import read_tables
-from supabase_migration.connections import connect
 from supabase_migration.conninfo import DatabaseUrl, parse_database_url
 from supabase_migration.copy import CopyOptions, copy_range, replica_mode_allowed
 from supabase_migration.manifest import from_catalog
@@ -23,6 +20,8 @@ from supabase_migration.planning import refresh_plan
 from supabase_migration.report import Report
 from supabase_migration.sequences import sync_sequences
 from supabase_migration.verify import CHECKSUMS, CONSTRAINTS, SEQUENCES, run_verification
+
+from .test_verify import _connected
 
 
 @dataclass
@@ -33,14 +32,6 @@ class Migrated:
     target_raw: str
     target_admin: str
     manifest: object
-
-
-@contextlib.contextmanager
-def _connected(source_db, target_db) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
-    src = parse_database_url(source_db.url, label="source")
-    tgt = parse_database_url(target_db.url, label="target")
-    with connect(src, autocommit=True) as s, connect(tgt, autocommit=True) as t:
-        yield s, t
 
 
 def _exec(url: str, statement: str) -> None:
