@@ -135,8 +135,9 @@ def refuse_another_source(source: psycopg.Connection, target: psycopg.Connection
 
 def record_source(
     source: psycopg.Connection, target: psycopg.Connection, *, replace: bool = False
-) -> None:
-    """The first plan's source (or, `replace`, this one: the user said the source moved)."""
+) -> SourceIdentity:
+    """The first plan's source (or, `replace`, this one: the user said the source moved);
+    returns this one."""
     identity = source_identity(source)
     target.execute(
         sql.SQL(
@@ -150,6 +151,7 @@ def record_source(
         ).format(sql.Identifier(BOOKKEEPING_SCHEMA, "migration_source")),
         (identity.database, identity.system_identifier),
     )
+    return identity
 
 
 class Status(StrEnum):
@@ -526,6 +528,11 @@ def mark_failed(
             ).format(CHECKPOINTS),
             (message, run_id, table, key),
         )
+
+
+def summary_if_planned(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
+    """`summary`, or nothing on a target without bookkeeping (no run has planned it)."""
+    return summary(conn) if bookkeeping_exists(conn) else {}
 
 
 def summary(conn: psycopg.Connection) -> dict[str, dict[str, int]]:

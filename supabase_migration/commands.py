@@ -278,7 +278,7 @@ def plan(settings: Settings, log: Callable[[str], None] = lambda _: None) -> Pla
     ):
         bytewise = needs_bytewise_keys(source, target)
         infos = live_tables(source, [t.name for t in manifest.tables])
-        planned = checkpoints.summary(target) if checkpoints.bookkeeping_exists(target) else {}
+        planned = checkpoints.summary_if_planned(target)
     plans = plan_tables(
         lambda: borrowed(source_url()),
         [
@@ -587,7 +587,7 @@ def _run(
     _check_the_source(settings.new_source, log)
     _refuse_tables_dropped_since_copied(settings.manifest_path)
     if resume:
-        _refuse_nothing_to_resume()
+        _refuse_nothing_to_resume(settings.manifest_path)
     warning = warn_if_workers_exceed_pool(target_url(), settings.workers)
     if warning:
         log(warning)
@@ -701,9 +701,8 @@ def _check_the_source(moved: bool, log: Callable[[str], None]) -> None:
             checkpoints.refuse_another_source(source, target)
         elif checkpoints.bookkeeping_exists(target, "migration_source"):
             recorded = checkpoints.recorded_source(target)
-            checkpoints.record_source(source, target, replace=True)
+            shown = checkpoints.record_source(source, target, replace=True).describe()
             if recorded is not None:
-                shown = checkpoints.source_identity(source).describe()
                 log(f"Migrating from {shown} from now on, instead of {recorded.describe()}.")
 
 
@@ -717,14 +716,14 @@ def _refuse_tables_dropped_since_copied(manifest_path: Path) -> None:
         raise ConfigError(checkpoints.dropped_sentence(dropped))
 
 
-def _refuse_nothing_to_resume() -> None:
+def _refuse_nothing_to_resume(manifest_path: Path) -> None:
     """`resume` goes on with a run; on a target no run has planned it would be a first run,
     perhaps into the wrong project."""
     with borrowed(target_url()) as target:
         planned = checkpoints.planned_anything(target)
     if not planned:
         raise ConfigError(
-            unrecorded_note()
+            unrecorded_note(manifest_path)
             or "Nothing to resume: no run has planned this target yet; start with "
             "`supabase-migrate run`, or check that SUPABASE_DB_URL names the right database."
         )

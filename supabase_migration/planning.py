@@ -203,9 +203,7 @@ class FirstPlansAhead:
                 self._source_connection() as source,
                 borrowed(target_url) as target,
             ):
-                planned = (
-                    checkpoints.summary(target) if checkpoints.bookkeeping_exists(target) else {}
-                )
+                planned = checkpoints.summary_if_planned(target)
                 todo = [(name, batch) for name, batch in tables if name not in planned]
                 if not todo:
                     return

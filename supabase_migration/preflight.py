@@ -40,7 +40,7 @@ from .catalog import (
 from .connections import database_error, transaction_with
 from .conninfo import is_loopback_host
 from .copy import replica_mode_allowed
-from .errors import PreflightError, listed
+from .errors import ConfigError, PreflightError, listed
 from .manifest import Manifest
 from .redaction import describe_pg_error
 from .sqlbuild import READING_ROWS, key_arrays, key_texts, keys_in, rows_of
@@ -683,15 +683,13 @@ def _check_exposed_schemas(ctx: _Context) -> None:
     API roles, and every check passed."""
     if ctx.manifest is None:
         return
+    from .security import check_exposed_schemas  # here: security imports verify, verify this
+
     exposed = list(ctx.manifest.exposed_schemas)
-    if BOOKKEEPING_SCHEMA in exposed:
-        ctx.add(
-            Severity.ERROR,
-            "bookkeeping-exposed",
-            f"schema {BOOKKEEPING_SCHEMA}",
-            f"exposed_schemas in migration.yaml lists {BOOKKEEPING_SCHEMA}, the migration's "
-            "bookkeeping schema, which must never be exposed over the Supabase API; remove it.",
-        )
+    try:  # the schema step's own rule, said here before anything is written
+        check_exposed_schemas(exposed)
+    except ConfigError as exc:
+        ctx.add(Severity.ERROR, "bookkeeping-exposed", f"schema {BOOKKEEPING_SCHEMA}", exc.message)
         exposed.remove(BOOKKEEPING_SCHEMA)
     on_target = {
         name

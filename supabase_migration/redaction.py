@@ -10,9 +10,13 @@ type integer: "abc"` are never used.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from functools import cache
+from typing import TextIO
 from urllib.parse import quote, quote_plus
 
 import psycopg
@@ -191,3 +195,28 @@ def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
     # An opening quote that never closes: the rest may be a truncated value, so drop it.
     out.append(tail[: unbalanced.start()] if unbalanced else tail)
     return _HEX_BYTES.sub("0x…", "".join(out)).rstrip()
+
+
+class _Redacting(io.TextIOBase):
+    """A stream that writes on with the secrets masked."""
+
+    def __init__(self, stream: TextIO, secrets: list[str]) -> None:
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text, self._secrets))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+@contextlib.contextmanager
+def redacted_output(secrets: list[str]) -> Iterator[None]:
+    """What this process prints meanwhile (a user's Alembic env.py printing the URL it was
+    given) with `secrets` masked. Process-wide: `sys.stdout` is swapped."""
+    with (
+        contextlib.redirect_stdout(_Redacting(sys.stdout, secrets)),
+        contextlib.redirect_stderr(_Redacting(sys.stderr, secrets)),
+    ):
+        yield

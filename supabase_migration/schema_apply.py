@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging.config
 import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,7 +60,7 @@ from .preflight import (
     is_reserved_schema,
     source_schemas,
 )
-from .redaction import describe_pg_error, redact_text
+from .redaction import describe_pg_error, redact_text, redacted_output
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +344,7 @@ def _apply_alembic(
             _alembic_errors(target_url, secrets, project) as applying,
             _quiet_logging_config(),
             _env_py_engines_like_ours(),
-            _redacted_output(secrets),
+            redacted_output(secrets),
         ):
             table, table_schema, shared = probe()
             applying.shared = shared
@@ -580,29 +578,6 @@ def _env_py_engines_like_ours() -> Iterator[None]:
     finally:
         event.remove(Engine, "begin", lift)
         event.remove(Engine, "connect", unprepared)
-
-
-class _Redacting(io.TextIOBase):
-    """A stream that masks the target's password in what env.py prints (its own URL)."""
-
-    def __init__(self, stream: Any, secrets: list[str]) -> None:
-        self._stream, self._secrets = stream, secrets
-
-    def write(self, text: str) -> int:
-        self._stream.write(redact_text(text, self._secrets))
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
-@contextlib.contextmanager
-def _redacted_output(secrets: list[str]) -> Iterator[None]:
-    with (
-        contextlib.redirect_stdout(_Redacting(sys.stdout, secrets)),
-        contextlib.redirect_stderr(_Redacting(sys.stderr, secrets)),
-    ):
-        yield
 
 
 def _no_file_config(*args: Any, **kwargs: Any) -> None:

@@ -287,10 +287,14 @@ def test_a_target_whose_bookkeeping_was_dropped_is_described_with_the_way_out(be
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute("DROP SCHEMA supabase_migration CASCADE")
     said = "The target has 3 of the manifest's 3 tables (public.notes, public.owners, public"
-    status = cli(["status"], env, tmp_path)
+    # Named by --manifest (resume read the default manifest for this sentence).
+    (tmp_path / "migration.yaml").rename(tmp_path / "clinic.yaml")
+    named = ["--manifest", str(tmp_path / "clinic.yaml")]
+    status = cli(["status", *named], env, tmp_path)
     assert status.returncode == 0 and said in _said_cleanly(status), status.stdout
-    done = cli(["resume", "--no-progress"], env, tmp_path)
+    done = cli(["resume", "--no-progress", *named], env, tmp_path)
     assert done.returncode == 2 and said in _said_cleanly(done), done.stderr
+    (tmp_path / "clinic.yaml").rename(tmp_path / "migration.yaml")
     done = cli(["run", "--no-progress"], env, tmp_path)
     assert done.returncode == 2 and "rerun with --schema-mode none" in _said_cleanly(done)
     done = cli(["run", "--no-progress", "--schema-mode", "none"], env, tmp_path)  # the way out
