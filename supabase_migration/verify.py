@@ -932,9 +932,10 @@ WHERE a.attrelid = to_regclass(%s) AND a.attgenerated = 's'
 # each side, and some types' coincide (int4 and int8, timestamp and timestamptz, text and
 # char(n) with its blanks dropped, text and citext lower-cased), so a column altered on the
 # target reads otherwise to the app while its hashes match; an enum's labels in their order
-# (comparisons and ORDER BY follow it). Without typmods (the values' checks see a changed
-# scale or length) and schema names (extensions move to `extensions`), and text and varchar
-# alike (the copy takes either for the other).
+# (comparisons and ORDER BY follow it); a collation of the column's own (uniqueness, ORDER BY
+# and range scans follow it, the hashes of deterministic ones do not). Without typmods (the
+# values' checks see a changed scale or length) and schema names (extensions move to
+# `extensions`), and text and varchar alike (the copy takes either for the other).
 _COLUMN_TYPES_SQL = r"""
 UNION ALL
 SELECT a.attname || ' (type)', 't',
@@ -946,7 +947,10 @@ SELECT a.attname || ' (type)', 't',
                               FROM pg_enum e
                               WHERE e.enumtypid = CASE WHEN t.typcategory = 'A'
                                                        THEN t.typelem ELSE t.oid END) || ')', '')
+       || CASE WHEN a.attcollation <> t.typcollation
+               THEN ' COLLATE ' || quote_ident(co.collname) ELSE '' END
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_collation co ON co.oid = a.attcollation
 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
 """
 

@@ -148,19 +148,21 @@ def test_a_generated_column_computed_otherwise_on_the_target_fails(source_db, ta
         ("v text", "CREATE EXTENSION IF NOT EXISTS citext; ALTER TABLE t ALTER v TYPE citext"),
         ("v timestamp", "ALTER TABLE t ALTER v TYPE timestamptz"),
         ("v int", "ALTER TABLE t ALTER v TYPE bigint"),
+        ("v text", 'ALTER TABLE t ALTER v TYPE text COLLATE "C"'),
         (
             "v level",
             "ALTER TYPE level RENAME TO level_old; CREATE TYPE level AS ENUM ('high', 'low'); "
             "ALTER TABLE t ALTER v TYPE level USING v::text::level",
         ),
     ],
-    ids=["char", "citext", "timestamptz", "bigint", "enum_order"],
+    ids=["char", "citext", "timestamptz", "bigint", "collation", "enum_order"],
 )
 def test_a_column_type_changed_on_the_target_fails(source_db, target_db, column, altered):
     """These types' hash functions coincide with the source's (int4 and int8, timestamp and
     timestamptz, text and char(n) or citext; an enum's labels whatever their order), so the
     checksums matched while the app reads otherwise: padded text, case-blind comparisons,
-    times in the session's zone, another sort order."""
+    times in the session's zone, another sort order. A collation of the column's own: the
+    hashes of deterministic ones are alike, ORDER BY and uniqueness are not."""
     values = {
         "v text": "'user' || g",
         "v timestamp": "timestamp '2024-01-01' + g * interval '1 hour'",
