@@ -293,6 +293,8 @@ def _print_status(
         for row, (_, t) in zip(rows, sorted(tables.items()), strict=True):
             row.append(t.get("indexes_waiting", 0))
     print(markdown_table(headers, rows))
+    if note:
+        print(f"\n{note}")
 
 
 def _finish(summary: RunSummary) -> int:
@@ -381,7 +383,7 @@ def _dispatch_command(args: argparse.Namespace) -> int:
         return _finish(summary)
     if args.command == "status":
         tables = commands.status()
-        note = None if tables else commands.unrecorded_note(_settings(args).manifest_path)
+        note = commands.status_note(tables, _settings(args).manifest_path)
         _print_status(tables, args.json, note)
         return EXIT_OK
     if args.command == "demo":

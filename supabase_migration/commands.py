@@ -887,6 +887,16 @@ def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threadin
         return  # the display is a nicety; the run itself reports real failures
 
 
+def status_note(tables: dict[str, dict[str, int]], manifest_path: Path | None) -> str | None:
+    """What the partitions' table cannot show: copied tables since dropped on the target by
+    hand, or the manifest's tables on a target without bookkeeping."""
+    if not tables:
+        return unrecorded_note(manifest_path)
+    with borrowed(target_url()) as target:
+        dropped = checkpoints.dropped_since_copied(target, sorted(tables))
+    return checkpoints.dropped_sentence(dropped) if dropped else None
+
+
 def unrecorded_note(manifest_path: Path | None = None) -> str | None:
     """What to say of a target with the manifest's tables and no bookkeeping, if it is one."""
     manifest = manifest_io.read_if_present(manifest_path)

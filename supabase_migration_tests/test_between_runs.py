@@ -242,12 +242,15 @@ def test_plan_refuses_what_run_would_refuse_in_the_manifest(bed, edit, said):
 
 def test_a_target_table_dropped_after_its_copy_is_named_with_the_way_out(bed):
     """run and resume skipped its completed ranges and failed verification run after run,
-    `run --repair` repaired nothing, and `verify --tables` said to run first."""
+    `run --repair` repaired nothing, and `verify --tables` said to run first; status showed
+    its ranges completed."""
     _, target_db, env, tmp_path = bed
     assert cli([*FIRST_RUN], env, tmp_path).returncode == 0
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute("DROP TABLE notes")
     said = "public.notes was copied but no longer exists on the target (dropped by hand?)"
+    status = cli(["status"], env, tmp_path)
+    assert status.returncode == 0 and said in _said_cleanly(status), status.stdout
     for args in (["run", "--no-progress"], ["resume", "--no-progress"], ["verify"]):
         done = cli(args, env, tmp_path)
         assert done.returncode == 2, done.stdout + done.stderr
