@@ -198,16 +198,26 @@ def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
 
 
 class _Redacting(io.TextIOBase):
-    """A stream that writes on with the secrets masked."""
+    """A stream that writes on with the secrets masked, line by line: a secret printed in
+    pieces (`print(a, b, sep="")`, a progress line) is masked whole."""
 
     def __init__(self, stream: TextIO, secrets: list[str]) -> None:
         self._stream, self._secrets = stream, secrets
+        self._partial = ""
 
     def write(self, text: str) -> int:
-        self._stream.write(redact_text(text, self._secrets))
+        lines, newline, self._partial = (self._partial + text).rpartition("\n")
+        if newline:
+            self._stream.write(redact_text(lines + newline, self._secrets))
         return len(text)
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # an unfinished line waits for its end, or for `finish`
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._partial:
+            self._stream.write(redact_text(self._partial, self._secrets))
+            self._partial = ""
         self._stream.flush()
 
 
@@ -215,8 +225,10 @@ class _Redacting(io.TextIOBase):
 def redacted_output(secrets: list[str]) -> Iterator[None]:
     """What this process prints meanwhile (a user's Alembic env.py printing the URL it was
     given) with `secrets` masked. Process-wide: `sys.stdout` is swapped."""
-    with (
-        contextlib.redirect_stdout(_Redacting(sys.stdout, secrets)),
-        contextlib.redirect_stderr(_Redacting(sys.stderr, secrets)),
-    ):
-        yield
+    out, err = _Redacting(sys.stdout, secrets), _Redacting(sys.stderr, secrets)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        out.finish()
+        err.finish()

@@ -10,7 +10,12 @@ import pytest
 from psycopg.pq import DiagnosticField as F
 
 from supabase_migration.errors import CopyError
-from supabase_migration.redaction import condition_name, describe_pg_error, redact_text
+from supabase_migration.redaction import (
+    condition_name,
+    describe_pg_error,
+    redact_text,
+    redacted_output,
+)
 
 from .testbed import require
 
@@ -429,3 +434,18 @@ def test_real_copy_error_with_row_in_context(phi_db):
     described = describe_pg_error(info.value)
     assert described.startswith("bad_copy_file_format (22P04)")
     assert_phi_free(described)
+
+
+def test_output_masks_a_secret_printed_in_pieces(capsys):
+    """The masking stream masked each write whole: `print("password=", pw[:3], pw[3:],
+    sep="")`, as a user's env.py may log a URL it assembles, passed the password through."""
+    import sys
+
+    with redacted_output(["s3cr3t-pw"]):
+        print("url=postgresql://postgres:", "s3c", "r3t-pw", "@db:5432/app", sep="")
+        sys.stderr.write("s3cr")
+        sys.stderr.flush()
+        sys.stderr.write("3t-pw unfinished")
+    out, err = capsys.readouterr()
+    assert "s3cr3t-pw" not in out and "s3cr" not in out and "url=postgresql://postgres:" in out
+    assert "s3cr" not in err and err.endswith(" unfinished")
