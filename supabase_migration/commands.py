@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -60,7 +61,7 @@ from .catalog import needs_bytewise_keys
 from .checkpoints import Status
 from .checks import REPORT_CHECK, REPORT_KEY
 from .connections import borrowed, close_kept, side_by_side, warn_if_workers_exceed_pool
-from .copy import CopyOptions, changed_or_unfinished
+from .copy import CopyOptions, changed_or_unfinished, collided
 from .definitions import build_definitions
 from .errors import (
     ConfigError,
@@ -660,6 +661,15 @@ def _run(
             unit_failures += _execute_with_progress(
                 defs, instance, manifest, again, workers.start(), progress
             )
+        collisions = _collisions_across_units(instance, [*units, *again])
+        if collisions:
+            count = sum(u.count for u in collisions)
+            log(f"Copying again {count} range(s) whose unique values other units held.")
+            tried = {u.table for u in collisions}
+            unit_failures = [f for f in unit_failures if f[0] not in tried]
+            unit_failures += _execute_with_progress(
+                defs, instance, manifest, collisions, workers.start(), progress
+            )
     names = {t.name for t in manifest.tables}
     with borrowed(target_url()) as target:
         failed = [
@@ -797,6 +807,31 @@ def _units_to_copy_again(
                 name, instance.get_dynamic_partitions(partitions_def_name(name)), fresh
             )
     return units
+
+
+def _collisions_across_units(instance: dg.DagsterInstance, units: Sequence[Unit]) -> list[Unit]:
+    """The failed ranges of tables copied in several units whose failure was a unique value
+    another row held: a table run tries its own collided ranges again after its other ranges,
+    but the row holding the value may have been in another unit's range, copied beside it or
+    after it (a value moved between rows far apart, a row deleted where another takes its
+    value)."""
+    spread = sorted(name for name, count in Counter(u.table for u in units).items() if count > 1)
+    if not spread:
+        return []
+    with borrowed(target_url()) as target:
+        planned = checkpoints.load_by_table(target, spread)
+    found: list[Unit] = []
+    for name in spread:
+        keys = {
+            cp.partition_key
+            for cp in planned.get(name, [])
+            if cp.status == Status.FAILED and collided(cp.error_message)
+        }
+        if keys:
+            found += make_units(
+                name, instance.get_dynamic_partitions(partitions_def_name(name)), keys
+            )
+    return found
 
 
 def biggest_first(units: Sequence[Unit], size_bytes: dict[str, int]) -> list[Unit]:

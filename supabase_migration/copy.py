@@ -253,8 +253,8 @@ def copy_range(
         raise CopyError(exc.message) from None
     except _NotFollowed as exc:
         message = (
-            f"Copying {where} failed: a value under {exc.constraint} (an expression or partial "
-            "unique index, or an exclusion constraint) is held by another row on the target; "
+            f"Copying {where} failed: a value under {exc.constraint} {_NOT_FOLLOWED} is held "
+            "by another row on the target; "
             "if it moved between rows since they were copied, which the copy cannot follow, "
             "copy the table anew: TRUNCATE it on the target, delete its rows from "
             "supabase_migration.migration_checkpoints, and run again."
@@ -526,6 +526,17 @@ def _local_settings(options: CopyOptions) -> list[sql.Composable]:
 
 class _Refused(CopyError):
     """A range this tool will not write as it is (said in the message); recorded as failed."""
+
+
+_NOT_FOLLOWED = "(an expression or partial unique index, or an exclusion constraint)"
+
+
+def collided(error_message: str | None) -> bool:
+    """A range's recorded failure was a unique value (or an exclusion) another row of the
+    target held: copying the range once more may pass once that row's own range is copied."""
+    return error_message is not None and (
+        "unique_violation (23505)" in error_message or _NOT_FOLLOWED in error_message
+    )
 
 
 class _NotFollowed(Exception):

@@ -352,17 +352,24 @@ def test_a_value_moved_under_an_expression_index_says_how_to_get_past_it(
     row collides with the row still holding the other's, and the copy cannot follow such an
     index's values between rows. It failed run after run, advising to "fix the cause and
     resume"; it says how to copy the table anew, which converges. A value reused after a
-    delete still converges by itself (the deleting range goes first)."""
+    delete converges by itself, whichever range goes first: the deleting range's unit ran
+    after the colliding one's, whose failure stood (ranges far apart are two units)."""
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(EMAILS)
     env = cli_env(source_db.url, target_db.url, tmp_path)
-    # One worker: the range deleting user 5 and the one inserting the reused value are then
-    # copied in order (two workers may copy them at once; see the issue's note).
+    # One worker: the units of the changed ranges are copied in key order.
     run = ["run", "--no-progress", "--no-verify", "--batch-size", "100", "--workers", "1"]
     assert cli(run, env, tmp_path).returncode == 0
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("DELETE FROM u WHERE id = 5; INSERT INTO u VALUES (100000, 'user5@X.org')")
     assert cli(run, env, tmp_path).returncode == 0
+    with psycopg.connect(source_db.url, autocommit=True) as conn:  # the taker's range first
+        conn.execute(
+            "DELETE FROM u WHERE id = 400; UPDATE u SET email = 'USER400@x.org' WHERE id = 7"
+        )
+    again = cli(run, env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "Copying again 1 range(s) whose unique values other units held." in again.stderr
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
             "UPDATE u SET email = 'tmp' WHERE id = 6; "
