@@ -651,25 +651,23 @@ def _run(
             defs, instance, manifest, units, workers.start() if units else None, progress
         )
         again = _units_to_copy_again(manifest, instance, marked_before) if units else []
-        if again:  # their rows were re-synced with a range of another unit
-            count = sum(u.count for u in again)
-            log(f"Copying again {count} range(s) whose rows were re-synced with another range.")
+
+        def copy_again(more: list[Unit], why: str) -> None:
+            nonlocal unit_failures
+            log(f"Copying again {sum(u.count for u in more)} range(s) {why}.")
             # A table copied again says anew what failed: its ranges' own failures are in
             # their checkpoints, which a range completed since no longer holds.
-            copied_again = {u.table for u in again}
-            unit_failures = [f for f in unit_failures if f[0] not in copied_again]
+            tables = {u.table for u in more}
+            unit_failures = [f for f in unit_failures if f[0] not in tables]
             unit_failures += _execute_with_progress(
-                defs, instance, manifest, again, workers.start(), progress
+                defs, instance, manifest, more, workers.start(), progress
             )
+
+        if again:
+            copy_again(again, "whose rows were re-synced with another range")
         collisions = _collisions_across_units(instance, [*units, *again])
         if collisions:
-            count = sum(u.count for u in collisions)
-            log(f"Copying again {count} range(s) whose unique values other units held.")
-            tried = {u.table for u in collisions}
-            unit_failures = [f for f in unit_failures if f[0] not in tried]
-            unit_failures += _execute_with_progress(
-                defs, instance, manifest, collisions, workers.start(), progress
-            )
+            copy_again(collisions, "whose unique values other units held")
     names = {t.name for t in manifest.tables}
     with borrowed(target_url()) as target:
         failed = [
