@@ -40,6 +40,7 @@ from supabase_migration.copy import (
     RangeResult,
     _source_snapshot,
     changed_or_unfinished,
+    collided,
     copy_range,
     replica_mode_allowed,
     sums_by_range,
@@ -50,6 +51,7 @@ from supabase_migration.errors import (
     CopyError,
     MigrationError,
     TransientError,
+    UniqueCollision,
 )
 from supabase_migration.localpg import LocalServer, find_binaries, private_tempdir
 from supabase_migration.planning import FirstPlansAhead, plan_table, plan_tables, refresh_plan
@@ -427,6 +429,36 @@ def test_a_unique_generated_column_that_moved_fails_by_the_index_name(source_db,
     with pytest.raises(CopyError) as stopped:
         migrate_all(source_db, target_db.url, batch_size=300)
     assert "unique_violation" in str(stopped.value) and "tagged_norm_key" in str(stopped.value)
+
+
+def test_a_slot_freed_under_an_exclusion_constraint_is_taken_once_its_range_is_copied(
+    source_db, target_db
+):
+    """An exclusion constraint's values are not followed between rows: the range taking a
+    slot another range's row still holds on the target fails as a collision (which a table
+    run tries again after its other ranges, and a run after its other units), naming the
+    constraint only; once the range that freed it is copied, it passes."""
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE booking (id int PRIMARY KEY, room int4range NOT NULL, "
+        "EXCLUDE USING gist (room WITH &&))",
+        "INSERT INTO booking SELECT g, int4range(g * 10, g * 10 + 5) "
+        "FROM generate_series(1, 600) g",
+    )
+    migrate_all(source_db, target_db.url, batch_size=300)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:  # 500 leaves, 7 takes its slot
+        conn.execute(
+            "DELETE FROM booking WHERE id = 500; "
+            "UPDATE booking SET room = int4range(5000, 5005) WHERE id = 7"
+        )
+    with pytest.raises(UniqueCollision) as held:
+        _copy_partition(source_db, target_db, "public.booking", "000000")
+    said = str(held.value)
+    assert "booking_room_excl" in said and "5000" not in said and collided(said)
+    _copy_partition(source_db, target_db, "public.booking", "000001")
+    assert _copy_partition(source_db, target_db, "public.booking", "000000").rows_written == 1
+    assert_tables_equal(source_db.url, target_db.url, ["public.booking"])
 
 
 def test_a_column_only_the_target_has_keeps_its_values_when_rows_change(source_db, target_db):
