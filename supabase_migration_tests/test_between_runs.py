@@ -121,7 +121,8 @@ def _counts(url: str) -> dict[str, int]:
 
 def test_another_source_database_is_refused_until_the_user_says_the_source_moved(bed, other_source):
     """SOURCE_DATABASE_URL naming staging instead of production (the same tables): `run`
-    took it for a catch-up, deleted every target row staging lacks, and verified."""
+    took it for a catch-up, deleted every target row staging lacks, and verified. A
+    partition materialized in the UI is refused alike."""
     _, target_db, env, tmp_path = bed
     assert cli([*FIRST_RUN], env, tmp_path).returncode == 0
     with psycopg.connect(other_source, autocommit=True) as conn:
@@ -135,6 +136,8 @@ def test_another_source_database_is_refused_until_the_user_says_the_source_moved
         (line,) = _said_cleanly(refused).strip().splitlines()
         assert line.startswith("error: This target was migrated from database src_"), line
         assert "run `supabase-migrate run --new-source`" in line, line
+    ui = _ui_partition_failure(tmp_path, other_source, target_db.url, "public.pets")
+    assert ui.startswith("This target was migrated from database src_"), ui
     assert _counts(target_db.url) == before
     moved = cli(["run", "--no-progress", "--new-source"], elsewhere, tmp_path)
     assert moved.returncode == 0, moved.stderr
@@ -142,6 +145,32 @@ def test_another_source_database_is_refused_until_the_user_says_the_source_moved
     assert _counts(target_db.url) == {"owners": 1000, "pets": 100, "notes": 10}
     again = cli(["run", "--no-progress"], elsewhere, tmp_path)  # recorded now
     assert again.returncode == 0, again.stderr
+
+
+def _ui_partition_failure(tmp_path: Path, source_url: str, target_url: str, table: str) -> str:
+    """The failure shown in the UI when one partition of `table` is materialized with these
+    databases (the migration.yaml in `tmp_path`)."""
+    import dagster as dg
+
+    from supabase_migration.assets import partitions_def_name, table_asset_key
+    from supabase_migration.definitions import load_definitions
+    from supabase_migration.resources import SourceDatabase, TargetDatabase
+
+    asset = load_definitions(tmp_path / "migration.yaml").get_assets_def(table_asset_key(table))
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(partitions_def_name(table), ["000000"])
+        result = dg.materialize(
+            [asset],
+            instance=instance,
+            resources={
+                "source": SourceDatabase(url=source_url),
+                "target": TargetDatabase(url=target_url),
+            },
+            partition_key="000000",
+            raise_on_error=False,
+        )
+    (step,) = [e for e in result.all_events if e.is_step_failure]
+    return step.step_failure_data.user_failure_data.description  # type: ignore[union-attr]
 
 
 def _manifest_refused(tmp_path: Path, text: str) -> str:
