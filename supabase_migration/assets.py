@@ -773,7 +773,9 @@ def copy_partitions(
             failures.append(exc)
         if not failures:
             try:
-                built = deferred.rebuild_if_complete(session.target, table_name)
+                built = deferred.rebuild_if_complete(
+                    session.target, table_name, context.log.warning
+                )
             except (MigrationError, psycopg.Error) as exc:
                 raise step_failure(exc) from None
             if built:
@@ -873,14 +875,30 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
         started = time.monotonic()
         names = [t.name for t in manifest.tables]
         rows: list[list[object]] = []
+        failures: list[MigrationError] = []  # one table's failure leaves the others' to build
         try:
             with target.connection() as t:
                 for table_name in sorted({d.table_name for d in deferred.pending(t, names)}):
-                    built = deferred.rebuild_if_complete(t, table_name)
+                    try:
+                        built = deferred.rebuild_if_complete(t, table_name, context.log.warning)
+                    except MigrationError as exc:
+                        context.log.error(exc.message)
+                        failures.append(exc)
+                        continue
                     rows += [[table_name, name, "built"] for name in built]
                 waiting = deferred.pending(t, names)
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
+        if len(failures) > 1:
+            retried = all(isinstance(f, TransientError) for f in failures)
+            raise step_failure(
+                (TransientError if retried else deferred.IndexBuildError)(
+                    f"The indexes of {len(failures)} tables could not be built; first: "
+                    f"{failures[0].message}"
+                )
+            )
+        if failures:
+            raise step_failure(failures[0])
         rows += [[d.table_name, d.index_name, "waiting: table not fully copied"] for d in waiting]
         if waiting:
             context.log.warning(

@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 import psycopg
@@ -60,7 +60,13 @@ from .assets import (
 from .catalog import needs_bytewise_keys
 from .checkpoints import Status
 from .checks import REPORT_CHECK, REPORT_KEY
-from .connections import borrowed, close_kept, side_by_side, warn_if_workers_exceed_pool
+from .connections import (
+    borrowed,
+    close_kept,
+    retrying,
+    side_by_side,
+    warn_if_workers_exceed_pool,
+)
 from .copy import CopyOptions, changed_or_unfinished, collided
 from .definitions import build_definitions
 from .errors import (
@@ -645,12 +651,16 @@ def _run(
             workers.start()
         _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
         reached.append("planned")
-        units = _units_to_run(manifest, instance, resume, repair, log)
-        marked_before = _marked_to_copy_again(manifest) if units else {}
+        units = _between_steps(lambda: _units_to_run(manifest, instance, resume, repair, log))
+        marked_before = _between_steps(lambda: _marked_to_copy_again(manifest)) if units else {}
         unit_failures = _execute_with_progress(
             defs, instance, manifest, units, workers.start() if units else None, progress
         )
-        again = _units_to_copy_again(manifest, instance, marked_before) if units else []
+        again = (
+            _between_steps(lambda: _units_to_copy_again(manifest, instance, marked_before))
+            if units
+            else []
+        )
 
         def copy_again(more: list[Unit], why: str) -> None:
             nonlocal unit_failures
@@ -665,19 +675,10 @@ def _run(
 
         if again:
             copy_again(again, "whose rows were re-synced with another range")
-        collisions = _collisions_across_units(instance, [*units, *again])
+        collisions = _between_steps(lambda: _collisions_across_units(instance, [*units, *again]))
         if collisions:
             copy_again(collisions, "whose unique values other units held")
-    names = {t.name for t in manifest.tables}
-    with borrowed(target_url()) as target:
-        failed = [
-            f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
-            for cps in checkpoints.load_by_table(target, names).values()
-            for cp in cps
-            if cp.status == checkpoints.Status.FAILED
-        ]
-        # Not the checkpoints of a table the manifest no longer lists (dropped since)
-        tables = {k: v for k, v in checkpoints.summary(target).items() if k in names}
+    failed, tables = _between_steps(lambda: _checkpoints_now({t.name for t in manifest.tables}))
     # A step can also fail where no checkpoint row records it (the target was unreachable
     # when the failure was to be written): its own sentence is then the only explanation.
     recorded = {f.split(" partition ", 1)[0] for f in failed}
@@ -700,6 +701,30 @@ def _run(
             summary.report_dir = report_dir().resolve()
     summary.duration_s = time.monotonic() - started
     return summary
+
+
+T = TypeVar("T")
+
+
+def _between_steps(read: Callable[[], T]) -> T:
+    """A read of this process's between two steps, retried as the steps retry theirs: a
+    pooler restarting as the copy ends (its connection refused for a second or two) is no
+    reason to leave the sequences, security and verification undone."""
+    return retrying(read, what=f"reading the {target_url().describe()}")
+
+
+def _checkpoints_now(names: set[str]) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """The failed ranges' sentences, and partitions by state per table, of `names` (not a
+    table the manifest no longer lists, dropped since)."""
+    with borrowed(target_url()) as target:
+        failed = [
+            f"{cp.table_name} partition {cp.partition_key}: {cp.error_message}"
+            for cps in checkpoints.load_by_table(target, names).values()
+            for cp in cps
+            if cp.status == checkpoints.Status.FAILED
+        ]
+        tables = {k: v for k, v in checkpoints.summary(target).items() if k in names}
+    return failed, tables
 
 
 def _check_the_source(moved: bool, log: Callable[[str], None]) -> None:

@@ -24,8 +24,8 @@ from psycopg import sql
 
 from . import checkpoints, sqlbuild
 from .catalog import BOOKKEEPING_SCHEMA, TableInfo
-from .connections import in_one_round_trip, transaction_with
-from .errors import MigrationError
+from .connections import in_one_round_trip, is_transient, transaction_with
+from .errors import MigrationError, TransientError
 from .redaction import describe_pg_error
 
 DEFERRED = sql.Identifier(BOOKKEEPING_SCHEMA, "deferred_indexes")
@@ -107,9 +107,7 @@ def _table_transaction(
         sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)),
         sql.SQL("SET LOCAL search_path = pg_catalog; SET LOCAL statement_timeout = 0"),
         sqlbuild.EVERY_ROW,  # "is it empty?" must not be answered by a policy
-        sql.SQL(
-            "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.deferred:' || {}))"
-        ).format(sql.Literal(table_name)),
+        sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(_build_lock(table_name)),
     ]
     with transaction_with(conn, first):  # one round trip for BEGIN, settings and lock
         yield
@@ -210,33 +208,80 @@ def table_complete(conn: psycopg.Connection, table_name: str) -> bool:
     return not checkpoints.not_fully_copied(conn, [table_name])
 
 
-def rebuild(conn: psycopg.Connection, table_name: str) -> list[str]:
+# A build sends its statements back to back: one of ours idle in its transaction this long
+# has lost its client (killed, or its connection cut off on the way) and can never commit.
+LOST_BUILD_IDLE_S = 10
+
+_LOST_BUILDS = sql.SQL(
+    """SELECT a.pid, pg_terminate_backend(a.pid)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND ((l.classid::int8 << 32) | l.objid::int8) = hashtext({lock})::int8
+  AND a.state LIKE 'idle in transaction%' AND a.usename = current_user
+  AND a.state_change < now() - make_interval(secs => {idle})"""
+)
+
+
+def _build_lock(table_name: str) -> sql.Composable:
+    return sql.Literal(f"supabase_migration.deferred:{table_name}")
+
+
+def rebuild(
+    conn: psycopg.Connection, table_name: str, log: Callable[[str], None] | None = None
+) -> list[str]:
     """Create the table's deferred indexes, all or none, and forget them; returns their names.
 
     Raises IndexBuildError naming the index (never a key value) when one cannot be built, for
     example a unique index over rows that are not unique; the record stays for the next run.
+    A transient failure (the connection ended) is a TransientError, which steps retry. It
+    waits for another run's build of the table, and for the application's locks on it, but
+    ends a build whose client is gone: its session idles in its transaction at the target,
+    holding the table, for as long as the server keeps it (hours).
     """
-    current = ""
-    try:
-        with _table_transaction(conn, table_name, lock_timeout="0"):
-            recorded = _recorded(conn, table_name)
-            for item in recorded:
-                current = f"{item.kind} {item.index_name}"
-                for statement in item.statements:
-                    conn.execute(statement)
-            conn.execute(
-                sql.SQL("DELETE FROM {} WHERE table_name = %s").format(DEFERRED), (table_name,)
+    while True:
+        current = ""
+        try:
+            with _table_transaction(conn, table_name, lock_timeout=f"{LOST_BUILD_IDLE_S}s"):
+                conn.execute("SET LOCAL lock_timeout = 0")  # the statements wait for the app's
+                recorded = _recorded(conn, table_name)
+                for item in recorded:
+                    current = f"{item.kind} {item.index_name}"
+                    for statement in item.statements:
+                        conn.execute(statement)
+                conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE table_name = %s").format(DEFERRED), (table_name,)
+                )
+                return [d.index_name for d in recorded]
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.errors.LockNotAvailable) and not current:
+                _end_lost_builds(conn, table_name, log)  # the build lock: then wait again
+                continue
+            sentence = (
+                f"Building the {current or 'deferred indexes'} of {table_name} after its load "
+                f"failed ({describe_pg_error(exc)}); the data is in place, and the next run "
+                "builds it again once the cause is fixed."
             )
-            return [d.index_name for d in recorded]
-    except psycopg.Error as exc:
-        raise IndexBuildError(
-            f"Building the {current or 'deferred indexes'} of {table_name} after its load failed "
-            f"({describe_pg_error(exc)}); the data is in place, and the next run builds it "
-            "again once the cause is fixed."
-        ) from None
+            if is_transient(exc):
+                raise TransientError(sentence) from None
+            raise IndexBuildError(sentence) from None
 
 
-def rebuild_if_complete(conn: psycopg.Connection, table_name: str) -> list[str]:
+def _end_lost_builds(
+    conn: psycopg.Connection, table_name: str, log: Callable[[str], None] | None
+) -> None:
+    query = _LOST_BUILDS.format(lock=_build_lock(table_name), idle=LOST_BUILD_IDLE_S)
+    for pid, ended in conn.execute(query).fetchall():
+        if ended and log is not None:
+            log(
+                f"Ended backend {pid}, an earlier build of {table_name}'s indexes whose client "
+                "is gone (it held the table, idle in its transaction)."
+            )
+
+
+def rebuild_if_complete(
+    conn: psycopg.Connection, table_name: str, log: Callable[[str], None] | None = None
+) -> list[str]:
     """After a table's ranges all completed: build what was deferred for it."""
     if not checkpoints.bookkeeping_exists(conn, "deferred_indexes"):
         return []
@@ -244,4 +289,4 @@ def rebuild_if_complete(conn: psycopg.Connection, table_name: str) -> list[str]:
         return []
     if not _recorded(conn, table_name):
         return []
-    return rebuild(conn, table_name)
+    return rebuild(conn, table_name, log)

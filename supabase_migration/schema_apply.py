@@ -49,9 +49,9 @@ from psycopg import sql
 
 from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member, server_major
 from .checkpoints import REVOKE_BOOKKEEPING
-from .connections import borrowed, connect, database_error
+from .connections import borrowed, connect, database_error, is_transient
 from .conninfo import DatabaseUrl
-from .errors import ConfigError, MigrationError, SchemaError
+from .errors import ConfigError, MigrationError, SchemaError, TransientError
 from .inputs import check_alembic_config
 from .preflight import (
     BUILTIN_EXTENSIONS,
@@ -1250,10 +1250,13 @@ def _apply_dump(
                 if created is not None and before_commit is not None:
                     before_commit(target)
         except psycopg.Error as exc:
-            raise SchemaError(
+            sentence = (
                 f"The schema could not be applied to the {target_url.describe()}, so nothing "
                 f"was changed: {describe_pg_error(exc)}{_failed_entry(exc)}."
-            ) from None
+            )
+            if is_transient(exc):  # the connection ended: the step's retry applies it again
+                raise TransientError(sentence) from None
+            raise SchemaError(sentence) from None
     return SchemaResult(
         mode=SchemaMode.DUMP,
         dump_hash=dump.digest,

@@ -34,7 +34,7 @@ from psycopg import sql
 
 from . import checkpoints, deferred, sqlbuild
 from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
-from .connections import gather_or_stop, transaction_with
+from .connections import gather_or_stop, is_transient, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
 from .errors import listed
@@ -1434,7 +1434,7 @@ def verify_table(
             raise VerificationStopped(table.qualified_name)
         started = time.monotonic()
         try:
-            outcomes.append(runners[name]())
+            outcomes.append(_once_more_if_transient(runners[name], stopping))
         except psycopg.Error as exc:
             failed = failed_to_run(name, table.qualified_name, exc, time.monotonic() - started)
             if isinstance(exc, psycopg.errors.UndefinedColumn):
@@ -1443,6 +1443,19 @@ def verify_table(
     if stopping is not None and stopping.is_set():  # a check may have been cancelled
         raise VerificationStopped(table.qualified_name)
     return outcomes
+
+
+def _once_more_if_transient(
+    check: Callable[[], CheckOutcome], stopping: threading.Event | None
+) -> CheckOutcome:
+    """A check whose connection ended (a restart, a failover, a pooler's) runs once more, on
+    new connections: it failed to run, which says nothing of the rows."""
+    try:
+        return check()
+    except psycopg.Error as exc:
+        if not is_transient(exc) or (stopping is not None and stopping.is_set()):
+            raise
+    return check()
 
 
 def _columns_missing(

@@ -242,3 +242,43 @@ def test_deferring_takes_the_same_round_trips_however_many_indexes(pair, tmp_pat
             "Query",
         ]
     assert _index_names(target_db.url, "parent") == {"parent_pkey"}
+
+
+def test_the_indexes_step_builds_the_other_tables_past_one_that_fails(pair):
+    """The migration/indexes step stopped at the first table whose index could not be built
+    (its duplicates sort first): every later table's indexes and unique constraints stayed
+    missing until that one was fixed. It builds them, and fails naming that one."""
+    import dagster as dg
+
+    from supabase_migration.assets import INDEXES_KEY
+    from supabase_migration.definitions import build_definitions
+    from supabase_migration.manifest import from_catalog
+    from supabase_migration.resources import SourceDatabase, TargetDatabase
+
+    source_db, target_db = pair
+    made = "CREATE TABLE a_dup (id int PRIMARY KEY, code text CONSTRAINT a_dup_code_key UNIQUE)"
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(made)
+    with psycopg.connect(source_db.url, autocommit=True) as conn:  # the source's lacks it
+        conn.execute(made.replace(" CONSTRAINT a_dup_code_key UNIQUE", ""))
+        conn.execute("INSERT INTO a_dup SELECT g, 'same' FROM generate_series(1, 10) g")
+    s, t = _connections(source_db, target_db.url)
+    with s, t:
+        _plan_and_defer(s, t)
+        _copy_everything(s, t)
+        manifest = from_catalog(read_tables(s, ["public"]), schemas=["public"])
+    step = build_definitions(manifest).get_assets_def(INDEXES_KEY)
+    result = dg.materialize(
+        [step],
+        resources={
+            "source": SourceDatabase(url=source_db.url),
+            "target": TargetDatabase(url=target_db.url),
+        },
+        raise_on_error=False,
+    )
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    said = failure.step_failure_data.user_failure_data.description  # type: ignore[union-attr]
+    assert "a_dup_code_key" in said and "same" not in said, said
+    with psycopg.connect(target_db.url) as conn:
+        assert [d.index_name for d in deferred.pending(conn, None)] == ["a_dup_code_key"]
+    assert "parent_email_lower" in _index_names(target_db.url, "parent")
