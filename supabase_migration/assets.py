@@ -48,7 +48,7 @@ from .ranges import KeyRange
 from .redaction import describe_pg_error
 from .report import markdown_table
 from .resources import SourceDatabase, TargetDatabase
-from .schema_step import SchemaAhead, migrate_schema
+from .schema_step import SchemaAhead, migrate_schema, prepared_for_the_plan
 from .sequences import sync_sequences
 
 # backfill_policy and pool are marked beta/preview; the warnings would bury real output.
@@ -336,10 +336,13 @@ def step_failure(exc: MigrationError | psycopg.Error) -> dg.Failure:
 
 class TableCopyConfig(dg.Config):
     resync: bool = Field(
-        default=True,
+        default=False,
         description=(
-            "Re-sync every selected range. False skips completed ranges whose source checksum "
-            "is unchanged (what `supabase-migrate run` does)."
+            "Re-sync every selected range, completed or not, whatever its source checksum says "
+            "(the repair of rows changed on the target, as `supabase-migrate run --repair`). "
+            "Off, a completed range whose source is unchanged is skipped after one checksum "
+            "on the source (as `supabase-migrate run`): a backfill of every partition copies "
+            "only what is missing, failed or changed."
         ),
     )
 
@@ -397,6 +400,9 @@ def build_plan_asset(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
         try:
+            if SCHEMA_KEY not in context.selected_asset_keys:
+                with target.connection() as t:
+                    prepared_for_the_plan(manifest, t)
             plans = plan_all(
                 manifest, source, target, context.instance, log=context.log.warning, ahead=ahead
             )

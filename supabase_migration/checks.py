@@ -29,6 +29,7 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
+from . import checkpoints
 from .assets import (
     GROUP_SETUP,
     KINDS,
@@ -42,8 +43,8 @@ from .assets import (
 )
 from .catalog import needs_bytewise_keys
 from .conninfo import DatabaseUrl
-from .copy import CopySession
-from .errors import MigrationError
+from .copy import PLAN_FIRST, CopySession
+from .errors import ConfigError, MigrationError
 from .manifest import LARGEST_COUNT, NO_MANIFEST, Manifest, ManifestTable
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, Report, markdown_table, report_dir
 from .resources import SourceDatabase, TargetDatabase
@@ -196,6 +197,9 @@ def build_table_checks(manifest: Manifest, entry: ManifestTable) -> list[dg.Asse
             with CopySession(
                 source.database_url(), target.database_url(), log=context.log.warning
             ) as session:
+                if not checkpoints.planned_among(session.target, [entry.name]):
+                    # Its partitions, which a failure names to re-run, do not exist yet.
+                    raise ConfigError(f"No run has planned {entry.name} yet; {PLAN_FIRST}")
                 with read_snapshot(session.source), read_snapshot(session.target):
                     table = live_tables(session.source, [entry.name])[entry.name]
                     collate_c = needs_bytewise_keys(session.source, session.target)

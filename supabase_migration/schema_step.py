@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from .checkpoints import ensure_bookkeeping
+from .checkpoints import bookkeeping_exists, ensure_bookkeeping, summary
 from .connections import borrowed
 from .conninfo import DatabaseUrl
-from .errors import MigrationError
+from .errors import ConfigError, MigrationError
 from .manifest import Manifest
 from .preflight import (
     Finding,
@@ -132,6 +132,24 @@ def migrate_schema(
         ensure_bookkeeping(target)
         protect(target)  # tables made earlier, or by the user (mode none); then bookkeeping
     return SchemaOutcome(result=result, findings=findings, protected=protected)
+
+
+def prepared_for_the_plan(manifest: Manifest, target: psycopg.Connection) -> None:
+    """For a plan materialized without this step (the UI allows it): the target must be one
+    the step has prepared, whose preflight refused rows this tool did not copy (another
+    project's, which a first copy deletes), and each table planned for the first time is
+    closed to the API roles now, as the step does before any row is copied."""
+    if not bookkeeping_exists(target):
+        raise ConfigError(
+            "migration/schema has not prepared this target (its preflight checks, row level "
+            "security before any row is copied); materialize the migration/schema and "
+            "migration/plan assets together (the migration_setup job), or run "
+            "`supabase-migrate run`."
+        )
+    planned = summary(target)
+    first = [t.name for t in manifest.tables if t.name not in planned]
+    if first:
+        enable_rls(target, first, exposed_schemas=manifest.exposed_schemas)
 
 
 def start_schema_ahead(

@@ -1073,12 +1073,20 @@ def indexes(
         waiting = [d.index_name for d in deferred.pending(target, [table.qualified_name])]
         if waiting:
             details["waiting_to_build"] = waiting
+            when = (
+                "every range is copied, but their build was stopped or failed (the table's "
+                "run and migration/deferred_indexes say why, such as duplicates a unique one "
+                "cannot take): fix any cause, then `supabase-migrate run` (or materializing "
+                "migration/deferred_indexes) builds them"
+                if deferred.table_complete(target, table.qualified_name)
+                else "`supabase-migrate run` builds them once every range is copied"
+            )
             return (
                 False,
                 ERROR,
                 f"{table.qualified_name}: {_plural(len(waiting), 'index')} dropped for the first "
                 f"load {'is' if len(waiting) == 1 else 'are'} not built yet ({listed(waiting)}); "
-                "`supabase-migrate run` builds them once every range is copied.",
+                f"{when}.",
                 details,
             )
         return (
