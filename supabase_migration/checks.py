@@ -58,6 +58,7 @@ from .verify import (
     run_verification,
     verify_table,
 )
+from .verify_command import refuse_a_target_without_them
 
 REPORT_KEY = dg.AssetKey(["migration", "verification_report"])
 REPORT_CHECK = "verification_passed"
@@ -271,6 +272,8 @@ def build_report_asset(
         if manifest is NO_MANIFEST:  # a report of no tables would be no proof of anything
             raise no_manifest_failure()
         try:
+            with target.connection() as t:  # before the report files are written over
+                refuse_a_target_without_them(t, [m.name for m in manifest.tables])
             source_url, target_url = source.database_url(), target.database_url()
             findings = security_findings(source_url, target_url) if security_findings else ()
             report = run_verification(

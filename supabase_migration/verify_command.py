@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 from psycopg import sql
 
 from . import checkpoints, memory
@@ -32,24 +33,25 @@ def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = (
     unknown = sorted(set(tables) - {t.name for t in manifest.tables})
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} is not in {manifest.path}; see its tables list.")
-    _refuse_a_target_without_them(list(tables) or [t.name for t in manifest.tables])
+    with borrowed(target_url()) as target:
+        refuse_a_target_without_them(target, list(tables) or [t.name for t in manifest.tables])
     try:
         return _verify_and_record(manifest, settings, directory, tables)
     finally:
         memory.release()  # what the Dagster thread froze (see dagster_recorder)
 
 
-def _refuse_a_target_without_them(names: Sequence[str]) -> None:
+def refuse_a_target_without_them(target: psycopg.Connection, names: Sequence[str]) -> None:
     """A target with none of the tables is no migration to verify (not yet run, or the wrong
-    project): one sentence, not a report of every check failing."""
+    project), and one that dropped a copied table needs it back: one sentence with the way
+    out, not a report of every check failing (by `verify` and the report asset alike)."""
     if not names:
         return
-    with borrowed(target_url()) as target:
-        idents = [sql.Identifier(*name.split(".", 1)).as_string(target) for name in names]
-        found = target.execute(
-            "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (idents,)
-        ).fetchone()
-        dropped = checkpoints.dropped_since_copied(target, names)
+    idents = [sql.Identifier(*name.split(".", 1)).as_string(target) for name in names]
+    found = target.execute(
+        "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (idents,)
+    ).fetchone()
+    dropped = checkpoints.dropped_since_copied(target, names)
     if dropped:
         raise ConfigError(checkpoints.dropped_sentence(dropped))
     if found is not None and found[0] == 0:

@@ -10,6 +10,7 @@ import pytest
 
 from supabase_migration import assets
 from supabase_migration.catalog import read_tables
+from supabase_migration.checks import REPORT_KEY
 from supabase_migration.definitions import build_definitions
 from supabase_migration.manifest import from_catalog
 from supabase_migration.resources import SourceDatabase, TargetDatabase
@@ -257,3 +258,22 @@ def test_checks_of_a_table_never_planned_say_to_plan_it_first(bed):
     assert not result.success and found == {}
     (said,) = [f[1] for f in bed.failures(result) if f[0] == "STEP_FAILURE"]
     assert said.startswith("No run has planned public.patients yet; materialize the "), said
+
+
+def test_the_report_asset_refuses_a_target_missing_a_copied_table_as_verify_does(bed, tmp_path):
+    """`supabase-migrate verify` names a copied table since dropped on the target, with the
+    way out, in one sentence; the report asset in the UI failed each of its checks with
+    "does not exist on the target" and wrote that report over the last one."""
+    bed.setup()
+    keys = bed.keys()
+    assert bed.range_run(keys[0], keys[-1]).success
+    bed.sql_target("DROP TABLE patients")
+    report = dg.materialize(
+        [bed.asset(REPORT_KEY)],
+        instance=bed.instance,
+        resources=bed.resources,
+        raise_on_error=False,
+    )
+    (said,) = [f[1] for f in bed.failures(report) if f[0] == "STEP_FAILURE"]
+    assert said.startswith("public.patients was copied but no longer exists on the target"), said
+    assert not (tmp_path / "report").exists()
