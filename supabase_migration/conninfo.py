@@ -13,6 +13,7 @@ cannot leak into logs, Dagster metadata or an IO manager; it hands the password 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import ConfigError
@@ -481,12 +483,27 @@ def _parse_keyvalue(text: str) -> dict[str, str]:
         # unknown option, which is a bare identifier.
         match = _OPTION_NAME.search(str(exc))
         if match:
-            raise _Malformed(f"unknown setting {match.group(1)}") from None
+            raise _Malformed(_unknown_setting(match.group(1))) from None
         raise _Malformed(
             "the key=value settings could not be read (quote values containing spaces "
             "or quotes with single quotes)"
         ) from None
     return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def _unknown_setting(name: str) -> str:
+    """Named only when it is a typo of a libpq option: another unknown word may be a piece of
+    a password whose `/`, `?`, `&` or spaces were left unencoded (unquoted), which libpq then
+    read as a setting's name."""
+    known = [option.keyword.decode() for option in pq.Conninfo.get_defaults()]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    if close:
+        return f"unknown setting {name} (did you mean {close[0]}?)"
+    return (
+        "it has a setting libpq does not know (not named: it may be a piece of the password; "
+        "in a URL a password holding /, ?, &, # or spaces must be percent-encoded, in "
+        "key=value form quoted)"
+    )
 
 
 def _check_params(values: dict[str, str]) -> dict[str, str]:
@@ -499,8 +516,7 @@ def _check_params(values: dict[str, str]) -> dict[str, str]:
         conninfo_to_dict(make_conninfo("", **unknown_probe))
     except psycopg.ProgrammingError as exc:
         match = _OPTION_NAME.search(str(exc))
-        name = match.group(1) if match else "in the query"
-        raise _Malformed(f"unknown setting {name}") from None
+        raise _Malformed(_unknown_setting(match.group(1) if match else "")) from None
     sslmode = values.get("sslmode")
     if sslmode is not None and sslmode not in SSLMODES:
         raise _Malformed(f"sslmode must be one of {', '.join(SSLMODES)}")

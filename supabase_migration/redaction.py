@@ -72,6 +72,7 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
         if not secret:
             continue
         forms.update({secret, quote(secret, safe=""), quote_plus(secret), quote(secret)})
+        forms.add(quote(secret, safe=" +"))  # SQLAlchemy's rendering of a URL (env.py's)
         forms.add(secret.replace("\\", "\\\\").replace("'", "\\'"))  # libpq-quoted form
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, MASK)
@@ -115,16 +116,20 @@ def describe_pg_error(exc: BaseException, *, context: str = "") -> str:
         head = f"{name} ({sqlstate})" if name else f"SQLSTATE {sqlstate}"
     else:
         head = type(exc).__name__
-    where = _objects(diag)
-    if where:
-        head += f" on {where}"
-
     if (
         sqlstate and (sqlstate.startswith("P0") or condition_name(sqlstate) is None)
     ) or _raised_by_code(diag):
         # RAISE in a trigger or function, whatever its SQLSTATE: its words are the author's,
-        # and may embed NEW.* values.
+        # and may embed NEW.* values; so may the fields it names (RAISE ... USING TABLE =,
+        # COLUMN =, CONSTRAINT =, plpy.error(table_name=...)), which are not named either.
         return prefix + f"{head}: message from a trigger or function withheld"
+    where = _objects(diag)
+    if where:
+        head += f" on {where}"
+    if _DYNAMIC_SQL.search(diag.context or ""):
+        # A function's EXECUTE of text it built, perhaps from a row's values: the server
+        # names what it could not find unquoted (column p.<value>, function <value>()).
+        return prefix + f"{head}: message from a function's dynamic SQL withheld"
     primary = diag.message_primary or _first_line(str(exc))
     primary = _LIBPQ_PREFIX.sub("", primary.strip())
     if (
@@ -137,6 +142,9 @@ def describe_pg_error(exc: BaseException, *, context: str = "") -> str:
     primary = _strip_literals(redact_text(primary), identifiers).strip().rstrip(".")
     return prefix + (f"{head}: {primary}" if primary else head)
 
+
+# PL/pgSQL's CONTEXT line for an error inside EXECUTE of a string the function built.
+_DYNAMIC_SQL = re.compile(r"\bat EXECUTE\b")
 
 # Where procedural languages report what user code raised: PL/pgSQL's RAISE, plpy.error,
 # Perl's die/elog, Tcl's error/elog, and plv8's.

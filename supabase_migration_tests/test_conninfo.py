@@ -324,9 +324,20 @@ def test_a_raw_question_mark_in_the_password_is_not_read_as_a_query():
     assert parse("postgresql://example.com:6543/db?user=admin@server").port == 6543
 
 
-def test_unknown_option_is_named():
-    with pytest.raises(ConfigError, match="unknown setting bogus_option"):
-        parse("postgresql://u:pw@example.com/db?bogus_option=1")
+def test_an_unknown_option_is_named_only_as_a_typo_of_a_real_one():
+    """Any other unknown word was named, and may be a piece of a password left unencoded
+    (a raw & in ?password=, a passphrase unquoted in key=value form)."""
+    with pytest.raises(ConfigError, match=r"unknown setting sslmod \(did you mean sslmode\?\)"):
+        parse("postgresql://u:pw@example.com/db?sslmod=require")
+    for text in (
+        "postgresql://u@example.com/db?password=Tr0ub4dor&Correcthorse=battery",
+        "host=example.com user=u password=Tr0ub4dor Correcthorse=battery",
+        "postgresql://u:pw@example.com/db?bogus_option=1",
+    ):
+        with pytest.raises(ConfigError, match="a setting libpq does not know") as info:
+            parse(text)
+        for piece in ("Correcthorse", "battery", "Tr0ub4dor", "bogus"):
+            assert piece not in str(info.value), info.value
 
 
 def test_missing_user_on_a_remote_host():

@@ -349,6 +349,15 @@ SERVER_CASES = [
      'with byte sequence 0x… 0x… 0x… in encoding "UTF8" has no equivalent in encoding "LATIN1"'),
     ("SELECT convert_from('\\xff4a616e65'::bytea, 'UTF8')", "character_not_in_repertoire",
      'invalid byte sequence for encoding "UTF8"'),
+    # RAISE naming a value in the fields it sets: the fields are the author's words too
+    *((f"DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = 'check_violation', {field} = "
+       "(SELECT ssn FROM patients); END $$", "check_violation (23514): message", "withheld")
+      for field in ("TABLE", "COLUMN", "CONSTRAINT", "SCHEMA", "DATATYPE")),
+    # dynamic SQL built from a value: the server names it unquoted (column p.<value>)
+    ("DO $$ BEGIN EXECUTE 'SELECT p.x' || (SELECT replace(ssn, '-', '_') FROM patients) "
+     "|| ' FROM patients p'; END $$", "undefined_column (42703)", "dynamic SQL withheld"),
+    ("DO $$ BEGIN EXECUTE 'SELECT x' || (SELECT replace(ssn, '-', '_') FROM patients) "
+     "|| '()'; END $$", "undefined_function (42883)", "dynamic SQL withheld"),
 ]  # fmt: skip
 
 
@@ -449,3 +458,17 @@ def test_output_masks_a_secret_printed_in_pieces(capsys):
     out, err = capsys.readouterr()
     assert "s3cr3t-pw" not in out and "s3cr" not in out and "url=postgresql://postgres:" in out
     assert "s3cr" not in err and err.endswith(" unfinished")
+
+
+def test_the_password_as_sqlalchemy_renders_it_is_masked():
+    """The URL Alembic's env.py is given is SQLAlchemy's rendering, which keeps spaces raw and
+    percent-encodes '!' (and '&', '=', quotes, non-ASCII): no form of the password masked
+    before, and the URL pattern stops at white space."""
+    from sqlalchemy.engine import URL
+
+    passphrase = "correct horse battery staple!"
+    url = URL.create(
+        "postgresql+psycopg", username="postgres", password=passphrase, host="db", database="d"
+    ).render_as_string(hide_password=False)
+    assert "horse battery" in url
+    assert "horse battery" not in redact_text(f"alembic url: {url}", [passphrase])
