@@ -287,7 +287,8 @@ def test_ui_shows_failed_partitions_and_backfills_them(
         for cp in failed:  # the failure says what happened, and carries no row value
             assert cp.error_message is not None
             assert demo.FAULT_MESSAGE not in cp.error_message  # a trigger's words are withheld
-            assert f"triggered_action_exception ({demo.FAULT_SQLSTATE}) on {TABLE}" in (
+            # and so are the fields it names (USING TABLE =): a value may be among them
+            assert f"{TABLE} failed: triggered_action_exception ({demo.FAULT_SQLSTATE}): " in (
                 cp.error_message
             )
         total = len(table_checkpoints(TABLE))
