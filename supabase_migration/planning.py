@@ -426,6 +426,11 @@ def refresh_plan(
     """
     name = table.qualified_name
     with target.transaction():
+        # Another run planning the table at once (a second `run`, another batch size) waits:
+        # its plan, read before this one committed, would overlap it for good.
+        target.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.plan:' || %s))", (name,)
+        )
         existing = checkpoints.load(target, name)
         if not existing:
             ranges = (

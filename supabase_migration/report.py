@@ -7,9 +7,11 @@ counts, object names, partition keys and primary keys: no row value can reach a 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import html
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -380,12 +382,23 @@ class Report:
             "markdown": (f"{REPORT_BASENAME}.md", self.to_markdown()),
         }
         paths = {}
-        for fmt, (name, text) in contents.items():
-            path = directory / name
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
-            paths[fmt] = path
+        # Two commands verifying at once (`verify` beside `run`'s own) each write a whole set:
+        # one at a time, each file written under a name of its own, then renamed into place.
+        with open(directory / f".{REPORT_BASENAME}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for fmt, (name, text) in contents.items():
+                path = directory / name
+                with tempfile.NamedTemporaryFile(
+                    "w",
+                    encoding="utf-8",
+                    dir=directory,
+                    prefix=name + ".",
+                    suffix=".tmp",
+                    delete=False,
+                ) as tmp:
+                    tmp.write(text)
+                os.replace(tmp.name, path)
+                paths[fmt] = path
         return paths
 
 

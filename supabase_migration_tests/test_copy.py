@@ -2696,3 +2696,63 @@ def test_composites_of_user_types_copy_in_binary_between_databases(source_db, ta
     results = migrate_all(source_db, target_db.url, batch_size=200)
     assert {r.path for r in results} == {"copy"} and sum(r.rows for r in results) == 500
     assert_tables_equal(source_db.url, target_db.url, ["public.journal"])
+
+
+def test_two_first_plans_of_one_table_at_once_write_one_plan(source_db, target_db):
+    """Two runs planning a table at once with plans that differ (another batch size, or the
+    source grown between their reads): each read "no ranges yet" and wrote its own, ON
+    CONFLICT DO NOTHING merged them into ranges overlapping for good (status counted rows
+    twice, every run copied them twice). Forced: B has read the target and waits on the
+    source (a lock held on its table) while A plans."""
+    from supabase_migration.ranges import covers_key_space
+
+    from .test_faults import wait_until
+
+    _made_on_both(
+        source_db.url,
+        target_db.url,
+        "CREATE TABLE items (id int PRIMARY KEY, v text)",
+        "INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 3000) g",
+    )
+    with (
+        psycopg.connect(source_db.url, autocommit=True) as s,
+        psycopg.connect(target_db.url) as t,
+    ):
+        checkpoints.ensure_bookkeeping(t)
+        t.commit()
+        info = {i.qualified_name: i for i in read_tables(s, ["public"])}["public.items"]
+        plan_a = plan_table(s, info, batch_size=500)
+    errors: list[BaseException] = []
+
+    def plan(batch_size: int, first_plan=None) -> None:
+        try:
+            with (
+                psycopg.connect(source_db.url, autocommit=True) as s,
+                psycopg.connect(target_db.url) as t,
+            ):
+                refresh_plan(s, t, info, batch_size=batch_size, first_plan=first_plan)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def waiting(url: str) -> int:
+        with psycopg.connect(url, autocommit=True) as probe:
+            return probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).fetchone()[0]
+
+    with psycopg.connect(source_db.url) as gate:
+        gate.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        b = threading.Thread(target=plan, args=(300,), daemon=True)
+        b.start()
+        assert wait_until(lambda: waiting(source_db.url) >= 1, timeout=30)
+        a = threading.Thread(target=plan, args=(500, plan_a), daemon=True)
+        a.start()
+        assert wait_until(lambda: not a.is_alive() or waiting(target_db.admin_url) >= 1, timeout=30)
+        gate.commit()
+        a.join(60)
+        b.join(60)
+    assert not errors, errors
+    with psycopg.connect(target_db.url) as t:
+        ranges = [cp.key_range() for cp in checkpoints.load(t, "public.items")]
+    assert covers_key_space(ranges) and len(ranges) in (6, 10), ranges

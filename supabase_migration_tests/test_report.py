@@ -166,3 +166,42 @@ def test_check_metadata_renders_counts_and_tables() -> None:
     assert "| partition_key | key_range | source_rows | target_rows | changed |" in table
     assert "| 000001 | [500, 1000) | 500 | 500 | id=7 (ssn) |" in table
     assert metadata["duration_s"].value == 0.25
+
+
+def test_two_writers_of_the_report_at_once_both_write_a_whole_set(tmp_path):
+    """`verify` beside `run`'s own verification: every writer used the one temporary name
+    verification_report.html.tmp, so the first rename took the other's file and the other
+    failed ("could not be written; give a writable directory"). Forced: a FIFO at that name
+    holds a writer that uses it in open(2) until both have arrived."""
+    import os
+    import threading
+    import time
+
+    fifo = tmp_path / "verification_report.html.tmp"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def write(run_id: str) -> None:
+        try:
+            Report(outcomes=(COUNTS, SUMS), generated_at=WHEN, run_id=run_id).write(tmp_path)
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(r,), daemon=True) for r in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    time.sleep(0.5)
+    if any(w.is_alive() for w in writers):  # held at the FIFO: let them write
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        deadline = time.monotonic() + 10
+        while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
+            try:
+                os.read(reader, 1 << 16)
+            except BlockingIOError:
+                time.sleep(0.01)
+        os.close(reader)
+    for writer in writers:
+        writer.join(10)
+    assert not errors, errors
+    assert json.loads((tmp_path / "verification_report.json").read_text())
+    assert (tmp_path / "verification_report.md").read_text()
