@@ -452,9 +452,16 @@ class Workers:
     it inherits to its parent (`connections._forget_inherited`). See `start_method`.
     """
 
-    def __init__(self, count: int, defs: dg.Definitions, manifest_path: Path | None) -> None:
+    def __init__(
+        self,
+        count: int,
+        defs: dg.Definitions,
+        manifest_path: Path | None,
+        instance: dg.DagsterInstance | None = None,
+    ) -> None:
         self.count = count
         self.defs = defs
+        self.instance = instance  # where the runs of killed workers are marked failed
         self.manifest_path = str(manifest_path)
         self._pool: ProcessPoolExecutor | None = None
         self._stopping: Any = None
@@ -519,6 +526,11 @@ class Workers:
                     os.kill(worker.pid, signal.SIGKILL)
             if reaper is not None:  # every worker has ended or is killed: at once
                 reaper.join()
+            if running and self.instance is not None:
+                # Their runs stay STARTED, holding the target pool's slots: a run started
+                # beside this one would wait on them for ever.
+                with contextlib.suppress(Exception):  # a second Ctrl-C, a locked SQLite
+                    release_dead_runs(self.instance)
         return len(running)
 
 
@@ -646,7 +658,7 @@ def _run(
     if released:
         log(f"Marked {released} run(s) of a stopped migration process as failed.")
     command = "resume" if resume else "run"
-    with Workers(settings.workers, defs, manifest.path) as workers:
+    with Workers(settings.workers, defs, manifest.path, instance) as workers:
         if settings.workers > 1 and (repair or _copying_ahead()):
             workers.start()
         _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)

@@ -1,0 +1,91 @@
+# ruff: noqa: F811  (fixtures imported from test_faults)
+"""Commands of this tool running at the same time against one target and Dagster home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+
+from .compare import assert_tables_equal
+from .test_faults import (  # noqa: F401  (fixtures)
+    TABLES,
+    assert_clean_exit,
+    cli,
+    dagster_home,
+    explain,
+    finish,
+    migration_env,
+    pycache_prefix,
+    seed_source,
+    start_cli,
+    wait_until,
+)
+
+
+def _waiting_on_lock(conn, pattern: str) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query ILIKE %s",
+        [pattern],
+    ).fetchone()[0]
+
+
+def _runs_started_by(home: Path, pid: int) -> int:
+    import dagster as dg
+
+    from supabase_migration.assets import PID_TAG
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return len(instance.get_run_records(filters=dg.RunsFilter(tags={PID_TAG: str(pid)})))
+
+
+def test_a_run_waiting_beside_a_stopped_run_is_not_stuck_on_its_killed_workers(
+    source_db, target_db, tmp_path, dagster_home, pycache_prefix
+):
+    """`run --workers 4` has each worker inside a range that does not end (here: waiting on a
+    lock) when a second `run` starts beside it, in the same DAGSTER_HOME; then the first is
+    stopped (SIGTERM, as a supervisor does). Its workers are SIGKILLed after the 5-second
+    grace, leaving their Dagster runs STARTED and the 4 slots of the `supabase_target` pool
+    claimed; the second run's `release_dead_runs` ran at its start, when they were alive,
+    so nobody freed them: the second run waited for a slot for ever, its target idle. The
+    first frees them as it kills its workers."""
+    import signal
+
+    seed_source(source_db.url, 6_000)
+    env = migration_env(source_db.url, target_db.url, tmp_path, dagster_home, pycache_prefix)
+    assert_clean_exit(cli(["init", "--schema-mode", "dump", "--batch-size", "50"], env, tmp_path))
+    old = start_cli(["run", "--no-progress", "--workers", "4"], env, tmp_path)
+    new = None
+    try:
+        with (
+            psycopg.connect(target_db.admin_url) as gate,
+            psycopg.connect(target_db.admin_url, autocommit=True) as probe,
+        ):
+
+            def four_workers_stuck() -> bool:
+                if not probe.execute("SELECT to_regclass('public.tags')").fetchone()[0]:
+                    return False
+                if gate.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    gate.execute("LOCK TABLE public.items, public.tags IN SHARE MODE")
+                return _waiting_on_lock(probe, "COPY%") >= 4
+
+            assert wait_until(four_workers_stuck, [old], timeout=80), explain(finish(old))
+            new = start_cli(["run", "--no-progress"], env, tmp_path)
+
+            def new_run_in_dagster() -> bool:
+                return _runs_started_by(dagster_home, new.pid) > 0
+
+            assert wait_until(new_run_in_dagster, [new], timeout=80), explain(finish(new))
+            old.send_signal(signal.SIGTERM)
+            stopped = finish(old, 60)
+            assert_clean_exit(stopped, allowed=(1,))
+            gate.commit()
+        done = finish(new, 45)
+    finally:
+        for p in (old, new):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert_clean_exit(done)
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
