@@ -378,16 +378,41 @@ def execute_unit(defs: dg.Definitions, instance: dg.DagsterInstance, unit: Unit)
         else {ASSET_PARTITION_RANGE_START_TAG: unit.first, ASSET_PARTITION_RANGE_END_TAG: unit.last}
     )
     assets = [defs.get_assets_def(key)]
-    result = dg.materialize(
-        assets,
-        instance=instance,
-        resources=default_resources(),
-        run_config={**_quiet_dagster(), "ops": {op_name: {"config": {"resync": unit.resync}}}},
-        partition_key=unit.first if unit.first == unit.last else None,
-        tags={PID_TAG: str(os.getpid()), COMMAND_TAG: "run", **tags},
-        raise_on_error=False,
-    )
+
+    def materialize() -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            assets,
+            instance=instance,
+            resources=default_resources(),
+            run_config={**_quiet_dagster(), "ops": {op_name: {"config": {"resync": unit.resync}}}},
+            partition_key=unit.first if unit.first == unit.last else None,
+            tags={PID_TAG: str(os.getpid()), COMMAND_TAG: "run", **tags},
+            raise_on_error=False,
+        )
+
+    try:
+        result = materialize()
+    except dg.DagsterInvalidInvocationError:
+        # The unit's partition keys are gone from the instance: a plan of another target
+        # sharing this DAGSTER_HOME replaced them with its own. They are this target's.
+        _add_back_partitions(instance, unit)
+        try:
+            result = materialize()
+        except dg.DagsterInvalidInvocationError:
+            raise MigrationError(
+                f"Dagster no longer knows partitions {unit.first} to {unit.last} of "
+                f"{unit.table}: a migration of another target shares this DAGSTER_HOME and "
+                "planned meanwhile; give each target a DAGSTER_HOME of its own, and run again."
+            ) from None
     return None if result.success else _run_failure(result).message
+
+
+def _add_back_partitions(instance: dg.DagsterInstance, unit: Unit) -> None:
+    with borrowed(target_url()) as target:
+        keys = [cp.partition_key for cp in checkpoints.load(target, unit.table)]
+    instance.add_dynamic_partitions(
+        partitions_def_name(unit.table), [k for k in keys if unit.first <= k <= unit.last]
+    )
 
 
 # The parent's definitions, set before it forks its workers: a forked worker uses them as they

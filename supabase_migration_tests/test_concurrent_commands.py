@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from .compare import assert_tables_equal
 from .test_faults import (  # noqa: F401  (fixtures)
@@ -88,4 +91,73 @@ def test_a_run_waiting_beside_a_stopped_run_is_not_stuck_on_its_killed_workers(
                 p.kill()
                 p.wait()
     assert_clean_exit(done)
+    assert_tables_equal(source_db.url, target_db.url, TABLES)
+
+
+@pytest.fixture
+def second_target(target_server):
+    from supabase_migration.localpg import SUPABASE_ADMIN, prepare_supabase_database
+
+    from .testbed import TARGET_PASSWORD
+
+    name = f"tgt_second_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    target_server.create_database(name, owner=SUPABASE_ADMIN)
+    prepare_supabase_database(target_server, name)
+    yield target_server.url(
+        user="postgres", password=TARGET_PASSWORD, dbname=name, sslmode="require"
+    )
+    target_server.start()
+    target_server.drop_database(name)
+
+
+def test_a_plan_of_another_target_in_the_same_dagster_home_during_a_run(
+    source_db, target_db, second_target, tmp_path, dagster_home, pycache_prefix
+):
+    """Two migrations share one DAGSTER_HOME (the default ./.dagster of one directory;
+    the README's "another project under the same DAGSTER_HOME"), here staging planned with
+    3,000-row ranges and production with 500. While production's `run` copies, staging's
+    `run` plans: `_partitions_as_planned` deletes every partition key its own target's
+    checkpoints lack, i.e. production's 000002..000011 of items and 000001 of tags.
+    Production's next unit named partitions Dagster no longer had, and the CLI ended with
+    Dagster's traceback. It puts its own keys back, and goes on."""
+    seed_source(source_db.url, 6_000)
+    staging_dir, prod_dir = tmp_path / "staging", tmp_path / "prod"
+    staging_dir.mkdir()
+    prod_dir.mkdir()
+    staging = migration_env(source_db.url, second_target, staging_dir, dagster_home, pycache_prefix)
+    prod = migration_env(source_db.url, target_db.url, prod_dir, dagster_home, pycache_prefix)
+    done = cli(
+        ["run", "--schema-mode", "dump", "--batch-size", "3000", "--no-progress", "--no-verify"],
+        staging,
+        staging_dir,
+    )
+    assert_clean_exit(done)
+    assert_clean_exit(cli(["init", "--schema-mode", "dump", "--batch-size", "500"], prod, prod_dir))
+    runs = [start_cli(["run", "--no-progress", "--workers", "1"], prod, prod_dir)]
+    try:
+        with (
+            psycopg.connect(target_db.admin_url) as gate,
+            psycopg.connect(target_db.admin_url, autocommit=True) as probe,
+        ):
+
+            def copying_items() -> bool:
+                if not probe.execute("SELECT to_regclass('public.items')").fetchone()[0]:
+                    return False
+                if gate.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    gate.execute("LOCK TABLE public.items IN SHARE MODE")
+                return _waiting_on_lock(probe, "COPY%") >= 1
+
+            assert wait_until(copying_items, runs, timeout=80), explain(finish(runs[0]))
+            again = cli(["run", "--no-progress", "--no-verify"], staging, staging_dir)
+            assert_clean_exit(again)
+            gate.commit()
+        done = finish(runs[0], 120)
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert_clean_exit(done)
+    final = cli(["run", "--no-progress"], prod, prod_dir)
+    assert_clean_exit(final)
     assert_tables_equal(source_db.url, target_db.url, TABLES)
