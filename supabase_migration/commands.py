@@ -51,6 +51,7 @@ from .assets import (
     PLAN_KEY,
     SCHEMA_KEY,
     SEQUENCES_KEY,
+    TARGET_POOL,
     is_interruption,
     live_tables,
     partitions_def_name,
@@ -248,6 +249,31 @@ def _materialize(
         tags={PID_TAG: str(os.getpid()), COMMAND_TAG: command, **(tags or {})},
         raise_on_error=False,
     )
+
+
+def _wait_for_a_target_slot(instance: dg.DagsterInstance, log: Callable[[str], None]) -> None:
+    """Until a slot of the target's pool is free. Dagster holds Ctrl-C and SIGTERM while a
+    run waits for one, until a step starts: a run of ours finding every slot taken (by another
+    migration in this DAGSTER_HOME, or runs a killed CLI left) could not be stopped. Here a
+    signal stops it, and runs of dead processes give their slots back."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    told = False
+    while True:
+        info = storage.get_concurrency_info(TARGET_POOL)
+        limit = info.limit if info.limit is not None else info.slot_count
+        if not limit or info.active_slot_count < limit:
+            return
+        if not told:
+            held = ", ".join(sorted(info.active_run_ids)[:3])
+            log(
+                f"Waiting for a slot of the {TARGET_POOL} pool: all {limit} are held by other "
+                f"runs in this DAGSTER_HOME ({held}; another migration?)."
+            )
+            told = True
+        release_dead_runs(instance)
+        time.sleep(0.5)
 
 
 def _run_setup_assets(
@@ -686,6 +712,7 @@ def _run(
     with Workers(settings.workers, defs, manifest.path, instance) as workers:
         if settings.workers > 1 and (repair or _copying_ahead()):
             workers.start()
+        _wait_for_a_target_slot(instance, log)
         _run_setup_assets(defs, [SCHEMA_KEY, PLAN_KEY], instance, command)
         reached.append("planned")
         units = _between_steps(lambda: _units_to_run(manifest, instance, resume, repair, log))
@@ -728,10 +755,12 @@ def _run(
         progress(tables)
     summary = RunSummary(tables=tables, failures=failed, duration_s=0.0)
     if summary.copied:
+        _wait_for_a_target_slot(instance, log)
         _run_setup_assets(defs, [INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY], instance, command)
         if settings.verify:
             log("Verifying every table against the source")
             try:
+                _wait_for_a_target_slot(instance, log)
                 summary.verified = _run_report(defs, instance, command, settings)
             except KeyboardInterrupt:
                 raise VerificationInterrupted from None

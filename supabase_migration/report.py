@@ -384,7 +384,8 @@ class Report:
         paths = {}
         # Two commands verifying at once (`verify` beside `run`'s own) each write a whole set:
         # one at a time, each file written under a name of its own, then renamed into place.
-        with open(directory / f".{REPORT_BASENAME}.lock", "w") as lock:
+        lock = os.open(directory, os.O_RDONLY)  # the directory itself: no file of the lock's
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             for fmt, (name, text) in contents.items():
                 path = directory / name
@@ -399,6 +400,8 @@ class Report:
                     tmp.write(text)
                 os.replace(tmp.name, path)
                 paths[fmt] = path
+        finally:
+            os.close(lock)
         return paths
 
 

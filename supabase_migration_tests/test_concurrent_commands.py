@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -34,32 +33,29 @@ def _waiting_on_lock(conn, pattern: str) -> int:
     ).fetchone()[0]
 
 
-def _runs_started_by(home: Path, pid: int) -> int:
-    import dagster as dg
-
-    from supabase_migration.assets import PID_TAG
-
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        return len(instance.get_run_records(filters=dg.RunsFilter(tags={PID_TAG: str(pid)})))
-
-
-def test_a_run_waiting_beside_a_stopped_run_is_not_stuck_on_its_killed_workers(
+def test_runs_waiting_for_the_pool_beside_a_stuck_run_stop_and_go_on(
     source_db, target_db, tmp_path, dagster_home, pycache_prefix
 ):
-    """`run --workers 4` has each worker inside a range that does not end (here: waiting on a
-    lock) when a second `run` starts beside it, in the same DAGSTER_HOME; then the first is
-    stopped (SIGTERM, as a supervisor does). Its workers are SIGKILLed after the 5-second
-    grace, leaving their Dagster runs STARTED and the 4 slots of the `supabase_target` pool
-    claimed; the second run's `release_dead_runs` ran at its start, when they were alive,
-    so nobody freed them: the second run waited for a slot for ever, its target idle. The
-    first frees them as it kills its workers."""
+    """`run --workers 4` has each worker inside a range that does not end (waiting on a
+    lock): every slot of the `supabase_target` pool (4) is taken.
+
+    A second `run` in the same DAGSTER_HOME waited for a slot inside Dagster's setup run,
+    which holds Ctrl-C and SIGTERM until a step starts: a signal did not stop it. The CLI
+    waits for a free slot itself, saying so, where a signal stops it.
+
+    A third `run` waits while the first is stopped (SIGTERM, as a supervisor does): its
+    workers were SIGKILLed after the 5-second grace, their Dagster runs left STARTED with the
+    4 slots claimed, so the third waited for ever, its target idle. The first frees them as
+    it kills its workers."""
     import signal
+    import subprocess
 
     seed_source(source_db.url, 6_000)
     env = migration_env(source_db.url, target_db.url, tmp_path, dagster_home, pycache_prefix)
     assert_clean_exit(cli(["init", "--schema-mode", "dump", "--batch-size", "50"], env, tmp_path))
     old = start_cli(["run", "--no-progress", "--workers", "4"], env, tmp_path)
-    new = None
+    waiting = None
+    third = None
     try:
         with (
             psycopg.connect(target_db.admin_url) as gate,
@@ -74,19 +70,25 @@ def test_a_run_waiting_beside_a_stopped_run_is_not_stuck_on_its_killed_workers(
                 return _waiting_on_lock(probe, "COPY%") >= 4
 
             assert wait_until(four_workers_stuck, [old], timeout=80), explain(finish(old))
-            new = start_cli(["run", "--no-progress"], env, tmp_path)
-
-            def new_run_in_dagster() -> bool:
-                return _runs_started_by(dagster_home, new.pid) > 0
-
-            assert wait_until(new_run_in_dagster, [new], timeout=80), explain(finish(new))
-            old.send_signal(signal.SIGTERM)
-            stopped = finish(old, 60)
+            waiting = start_cli(["run", "--no-progress"], env, tmp_path)
+            time.sleep(12)  # started, and waiting for a slot (in Dagster's run, before)
+            waiting.send_signal(signal.SIGTERM)
+            try:
+                out, err = waiting.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail("SIGTERM did not stop a run waiting for a pool slot within 20 s")
+            stopped = subprocess.CompletedProcess(waiting.args, waiting.returncode, out, err)
             assert_clean_exit(stopped, allowed=(1,))
+            said = "Waiting for a slot of the supabase_target pool: all 4 are held"
+            assert said in stopped.stderr, explain(stopped)
+            third = start_cli(["run", "--no-progress"], env, tmp_path)
+            time.sleep(3)
+            old.send_signal(signal.SIGTERM)
+            assert_clean_exit(finish(old, 60), allowed=(1,))
             gate.commit()
-        done = finish(new, 45)
+        done = finish(third, 60)
     finally:
-        for p in (old, new):
+        for p in (old, waiting, third):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
