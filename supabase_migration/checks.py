@@ -55,10 +55,10 @@ from .verify import (
     CheckOutcome,
     ranges_from_checkpoints,
     read_snapshot,
+    refuse_a_target_without_them,
     run_verification,
     verify_table,
 )
-from .verify_command import refuse_a_target_without_them
 
 REPORT_KEY = dg.AssetKey(["migration", "verification_report"])
 REPORT_CHECK = "verification_passed"

@@ -37,7 +37,7 @@ from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
 from .connections import gather_or_stop, is_transient, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
-from .errors import listed
+from .errors import ConfigError, listed
 from .manifest import Manifest
 from .planning import every_nth_key
 from .preflight import removed_from_the_manifest, watched_tables_left_out
@@ -189,6 +189,26 @@ def _timed(
 
 def whole_table(table: TableInfo) -> list[KeyRange]:
     return [whole_range(table.qualified_name)]
+
+
+def refuse_a_target_without_them(target: psycopg.Connection, names: Sequence[str]) -> None:
+    """A target with none of the tables is no migration to verify (not yet run, or the wrong
+    project), and one that dropped a copied table needs it back: one sentence with the way
+    out, not a report of every check failing (by `verify` and the report asset alike)."""
+    if not names:
+        return
+    idents = [sql.Identifier(*name.split(".", 1)).as_string(target) for name in names]
+    found = target.execute(
+        "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (idents,)
+    ).fetchone()
+    dropped = checkpoints.dropped_since_copied(target, names)
+    if dropped:
+        raise ConfigError(checkpoints.dropped_sentence(dropped))
+    if found is not None and found[0] == 0:
+        raise ConfigError(
+            f"The target has none of the {len(names)} tables to verify ({listed(names, 3)}); run "
+            "`supabase-migrate run` first, or check that SUPABASE_DB_URL names its database."
+        )
 
 
 def ranges_from_checkpoints(target: psycopg.Connection, table: TableInfo) -> list[KeyRange]:

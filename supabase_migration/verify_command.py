@@ -11,17 +11,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
-
-from . import checkpoints, memory
+from . import memory
 from .connections import borrowed
-from .errors import ConfigError, listed
+from .errors import ConfigError
 from .inputs import Settings, check_connections, ensure_manifest, source_url, target_url
 from .manifest import Manifest
 from .report import Report
 from .security import report_findings
-from .verify import CheckOutcome, run_verification
+from .verify import CheckOutcome, refuse_a_target_without_them, run_verification
 
 Recorder = Callable[[Sequence[CheckOutcome], Manifest], None]
 
@@ -39,26 +36,6 @@ def verify(settings: Settings, directory: Path | None, tables: Sequence[str] = (
         return _verify_and_record(manifest, settings, directory, tables)
     finally:
         memory.release()  # what the Dagster thread froze (see dagster_recorder)
-
-
-def refuse_a_target_without_them(target: psycopg.Connection, names: Sequence[str]) -> None:
-    """A target with none of the tables is no migration to verify (not yet run, or the wrong
-    project), and one that dropped a copied table needs it back: one sentence with the way
-    out, not a report of every check failing (by `verify` and the report asset alike)."""
-    if not names:
-        return
-    idents = [sql.Identifier(*name.split(".", 1)).as_string(target) for name in names]
-    found = target.execute(
-        "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (idents,)
-    ).fetchone()
-    dropped = checkpoints.dropped_since_copied(target, names)
-    if dropped:
-        raise ConfigError(checkpoints.dropped_sentence(dropped))
-    if found is not None and found[0] == 0:
-        raise ConfigError(
-            f"The target has none of the {len(names)} tables to verify ({listed(names, 3)}); run "
-            "`supabase-migrate run` first, or check that SUPABASE_DB_URL names its database."
-        )
 
 
 def _verify_and_record(

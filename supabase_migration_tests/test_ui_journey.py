@@ -277,3 +277,17 @@ def test_the_report_asset_refuses_a_target_missing_a_copied_table_as_verify_does
     (said,) = [f[1] for f in bed.failures(report) if f[0] == "STEP_FAILURE"]
     assert said.startswith("public.patients was copied but no longer exists on the target"), said
     assert not (tmp_path / "report").exists()
+
+
+def test_the_report_asset_refuses_a_target_with_none_of_the_tables(bed, tmp_path):
+    """Not yet migrated, or the wrong project: one sentence, not seven failed checks."""
+    bed.sql_target("DROP TABLE patients")
+    report = dg.materialize(
+        [bed.asset(REPORT_KEY)],
+        instance=bed.instance,
+        resources=bed.resources,
+        raise_on_error=False,
+    )
+    (said,) = [f[1] for f in bed.failures(report) if f[0] == "STEP_FAILURE"]
+    assert said.startswith("The target has none of the 1 tables to verify"), said
+    assert not (tmp_path / "report").exists()
