@@ -82,6 +82,17 @@ class Bed:
         assert r.success, self.failures(r)
         return r
 
+    def step_failure(self, key) -> str:
+        """The one step failure's sentence, materializing `key` alone."""
+        result = dg.materialize(
+            [self.asset(key)],
+            instance=self.instance,
+            resources=self.resources,
+            raise_on_error=False,
+        )
+        (said,) = [f[1] for f in self.failures(result) if f[0] == "STEP_FAILURE"]
+        return said
+
     def keys(self):
         return self.instance.get_dynamic_partitions(assets.partitions_def_name(TABLE))
 
@@ -178,13 +189,7 @@ def test_the_plan_alone_is_refused_on_a_target_the_schema_step_has_not_prepared(
         raise_on_error=False,
     )
     assert "already holds rows this tool did not copy" in bed.failures(refused)[0][1]
-    plan = dg.materialize(
-        [bed.asset(assets.PLAN_KEY)],
-        instance=bed.instance,
-        resources=bed.resources,
-        raise_on_error=False,
-    )
-    (said,) = [f[1] for f in bed.failures(plan) if f[0] == "STEP_FAILURE"]
+    said = bed.step_failure(assets.PLAN_KEY)
     assert said.startswith("migration/schema has not prepared this target"), said
     assert bed.keys() == [] and bed.sql_target(others)[0][0] == 20
 
@@ -268,13 +273,7 @@ def test_the_report_asset_refuses_a_target_missing_a_copied_table_as_verify_does
     keys = bed.keys()
     assert bed.range_run(keys[0], keys[-1]).success
     bed.sql_target("DROP TABLE patients")
-    report = dg.materialize(
-        [bed.asset(REPORT_KEY)],
-        instance=bed.instance,
-        resources=bed.resources,
-        raise_on_error=False,
-    )
-    (said,) = [f[1] for f in bed.failures(report) if f[0] == "STEP_FAILURE"]
+    said = bed.step_failure(REPORT_KEY)
     assert said.startswith("public.patients was copied but no longer exists on the target"), said
     assert not (tmp_path / "report").exists()
 
@@ -282,12 +281,6 @@ def test_the_report_asset_refuses_a_target_missing_a_copied_table_as_verify_does
 def test_the_report_asset_refuses_a_target_with_none_of_the_tables(bed, tmp_path):
     """Not yet migrated, or the wrong project: one sentence, not seven failed checks."""
     bed.sql_target("DROP TABLE patients")
-    report = dg.materialize(
-        [bed.asset(REPORT_KEY)],
-        instance=bed.instance,
-        resources=bed.resources,
-        raise_on_error=False,
-    )
-    (said,) = [f[1] for f in bed.failures(report) if f[0] == "STEP_FAILURE"]
+    said = bed.step_failure(REPORT_KEY)
     assert said.startswith("The target has none of the 1 tables to verify"), said
     assert not (tmp_path / "report").exists()
