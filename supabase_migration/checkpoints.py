@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
-from .connections import transaction_with
+from .connections import KeyValue, transaction_with
 from .errors import ConfigError, listed
 from .ranges import KeyRange
 
@@ -371,14 +371,17 @@ class Completion:
     run_id: str | None
 
 
-def completed_statement(table: str, key: str, done: Completion) -> sql.Composed:
+def completed_statement(
+    table: str, key: str, done: Completion, *, last_key_bound: bool = False
+) -> sql.Composed:
     """Inside the copy transaction, so that it commits together with the data; its values
-    inline so that it can travel with the COMMIT."""
+    inline so that it can travel with the COMMIT. `last_key_bound`: the last key goes as a
+    bound parameter (a unique key that may be PHI, which pgaudit's WRITE class would log)."""
     values = (
         done.rows,
         done.rows_deleted,
         done.checksum,
-        done.last_record_id,
+        KeyValue(done.last_record_id) if last_key_bound else done.last_record_id,
         done.copy_path,
         done.duration_ms,
         done.run_id,
@@ -391,7 +394,7 @@ def completed_statement(table: str, key: str, done: Completion) -> sql.Composed:
         "run_id = {}, attempts = attempts + 1, error_message = NULL, "
         "completed_by = current_user, completed_at = now(), updated_at = now() "
         "WHERE table_name = {} AND partition_key = {}"
-    ).format(CHECKPOINTS, *(sql.Literal(v) for v in values))
+    ).format(CHECKPOINTS, *(v if isinstance(v, KeyValue) else sql.Literal(v) for v in values))
 
 
 def copy_again_statements(table: str, keys: Sequence[str]) -> list[sql.Composable]:

@@ -345,6 +345,12 @@ def dispatch(args: argparse.Namespace) -> int:
             )
             print(f"{report.failure_sentence(repair)}; see {where}.", file=sys.stderr)
         return report.exit_code
+    if args.command == "status":
+        from .status_command import status, status_note
+
+        tables = status()
+        _print_status(tables, args.json, status_note(tables, _settings(args).manifest_path))
+        return EXIT_OK
     # Most of what Dagster's import makes lives as long as the process (see memory.py): no
     # collection walks it again and again while it loads (0.2 s of the startup every copy
     # waits for).
@@ -381,11 +387,6 @@ def _dispatch_command(args: argparse.Namespace) -> int:
             log=lambda m: print(m, file=sys.stderr),
         )
         return _finish(summary)
-    if args.command == "status":
-        tables = commands.status()
-        note = commands.status_note(tables, _settings(args).manifest_path)
-        _print_status(tables, args.json, note)
-        return EXIT_OK
     if args.command == "demo":
         from .demo import demo
 

@@ -39,7 +39,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from . import assets, checkpoints, deferred, memory
+from . import assets, checkpoints, memory
 from . import manifest as manifest_io
 from .assets import (
     COMMAND_TAG,
@@ -94,6 +94,7 @@ from .resources import default_resources
 from .schema_step import preflight, start_schema_ahead
 from .security import read_policy_file
 from .security_assets import SECURITY_KEY, resolve_policy_file
+from .status_command import unrecorded_note
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -1009,37 +1010,3 @@ def _watch(progress: Callable[[dict[str, dict[str, int]]], None], stop: threadin
                 progress(checkpoints.summary(target))
     except (MigrationError, psycopg.Error):
         return  # the display is a nicety; the run itself reports real failures
-
-
-def status_note(tables: dict[str, dict[str, int]], manifest_path: Path | None) -> str | None:
-    """What the partitions' table cannot show: copied tables since dropped on the target by
-    hand, or the manifest's tables on a target without bookkeeping."""
-    if not tables:
-        return unrecorded_note(manifest_path)
-    with borrowed(target_url()) as target:
-        dropped = checkpoints.dropped_since_copied(target, sorted(tables))
-    return checkpoints.dropped_sentence(dropped) if dropped else None
-
-
-def unrecorded_note(manifest_path: Path | None = None) -> str | None:
-    """What to say of a target with the manifest's tables and no bookkeeping, if it is one."""
-    manifest = manifest_io.read_if_present(manifest_path)
-    if manifest is None:
-        return None
-    names = [t.name for t in manifest.tables]
-    with borrowed(target_url()) as target:
-        found = checkpoints.unrecorded_tables(target, names)
-    return checkpoints.unrecorded_sentence(found, len(names)) if found else None
-
-
-def status() -> dict[str, dict[str, int]]:
-    """Partitions by state per table, and indexes still to be built after the load."""
-    with borrowed(target_url()) as target:
-        if not checkpoints.bookkeeping_exists(target):
-            return {}
-        tables = checkpoints.summary(target)
-        for waiting in deferred.pending(target):
-            entry = tables.get(waiting.table_name)
-            if entry is not None:
-                entry["indexes_waiting"] = entry.get("indexes_waiting", 0) + 1
-        return tables

@@ -158,13 +158,76 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class KeyValue(sql.Literal):
+    """A key value of a table keyed by a unique column in a statement (a range bound): sent
+    as a bound parameter, never in the statement's text. pgaudit's object logging, which the
+    security step turns on for the target's tables, and `log_statement` write statement text
+    to the server log, and such a key may be PHI (an SSN); primary keys name rows everywhere
+    (`TableInfo.rows_named`) and stay inline, saving round trips. COPY cannot take
+    parameters: there it stays a literal (only on the source, which we do not audit)."""
+
+    def __init__(self, value: str | None) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+def _leaves(query: sql.Composable) -> Iterator[sql.Composable]:
+    if isinstance(query, sql.Composed):
+        for part in query:
+            yield from _leaves(part)
+    else:
+        yield query
+
+
+def has_key_values(query: sql.Composable) -> bool:
+    return any(isinstance(leaf, KeyValue) for leaf in _leaves(query))
+
+
+def _with_key_values_bound(
+    query: sql.Composable, context: psycopg.Cursor[Any]
+) -> tuple[bytes, list[str | None]] | None:
+    """`query`'s text with a `%s` for each KeyValue, and their values; None without any.
+
+    The statement had no parameters of its own, so every `%` elsewhere in it (an identifier,
+    a LIKE pattern) is a literal one, escaped as the parameters now require."""
+    if not has_key_values(query):
+        return None
+    text: list[bytes] = []
+    values: list[str | None] = []
+    for leaf in _leaves(query):
+        if isinstance(leaf, KeyValue):
+            text.append(b"%s")
+            values.append(leaf.value)
+        else:
+            text.append(leaf.as_bytes(context).replace(b"%", b"%%"))
+    return b"".join(text), values
+
+
+class KeyBindingCursor(psycopg.Cursor[Any]):
+    """The cursor of every connection of ours: a statement's KeyValues go as parameters."""
+
+    def execute(  # type: ignore[override]
+        self, query: Any, params: Any = None, **kwargs: Any
+    ) -> KeyBindingCursor:
+        if params is None and isinstance(query, sql.Composed):
+            bound = _with_key_values_bound(query, self)
+            if bound is not None:
+                query, params = bound
+        elif isinstance(query, sql.Composed) and has_key_values(query):
+            raise TypeError("a statement with KeyValues cannot take parameters of its own")
+        return super().execute(query, params, **kwargs)
+
+
 def connect(
     url: DatabaseUrl, *, autocommit: bool = False, connect_timeout: int = 10
 ) -> psycopg.Connection:
     """Open a connection, or raise ConnectionFailed/TransientError with one clear sentence."""
     try:
         return psycopg.Connection.connect(
-            url.conninfo(), autocommit=autocommit, **_connect_args(url, connect_timeout)
+            url.conninfo(),
+            autocommit=autocommit,
+            cursor_factory=KeyBindingCursor,
+            **_connect_args(url, connect_timeout),
         )
     except psycopg.OperationalError as exc:
         raise connection_error(url, exc, connect_timeout=connect_timeout) from None
@@ -746,18 +809,37 @@ def in_one_round_trip(
     A Supabase target is tens of milliseconds away: statements that always go together
     travel together (a range's BEGIN with its lock and settings, its COMMIT with the
     checkpoint's update; a verification snapshot's BEGIN with its settings). The server stops
-    at the first error; a transaction begun here then waits for a ROLLBACK.
+    at the first error; a transaction begun here then waits for a ROLLBACK. A statement with
+    KeyValues takes a round trip of its own (parameters go one statement at a time), so
+    such statements belong in a transaction with the others.
     """
     rows: list[tuple] = []
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("; ").join(statements))
-        while True:
-            if rowcounts is not None:
-                rowcounts.append(cur.rowcount)
-            if cur.description is not None:
-                rows.append(cur.fetchone())
-            if not cur.nextset():
-                return rows
+        for batch in _batches(statements):
+            cur.execute(batch)
+            while True:
+                if rowcounts is not None:
+                    rowcounts.append(cur.rowcount)
+                if cur.description is not None:
+                    rows.append(cur.fetchone())
+                if not cur.nextset():
+                    break
+    return rows
+
+
+def _batches(statements: Sequence[sql.Composable]) -> Iterator[sql.Composable]:
+    """Runs of statements without KeyValues, joined; each statement with some, alone."""
+    plain: list[sql.Composable] = []
+    for statement in statements:
+        if has_key_values(statement):
+            if plain:
+                yield sql.SQL("; ").join(plain)
+                plain = []
+            yield sql.Composed([statement])
+        else:
+            plain.append(statement)
+    if plain:
+        yield sql.SQL("; ").join(plain)
 
 
 @contextlib.contextmanager

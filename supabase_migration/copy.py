@@ -197,11 +197,12 @@ def copy_range(
                         sql.SQL("BEGIN"),
                         checkpoints.lock_statement(name, partition_key),
                         *_local_settings(options),
-                        *([probe] if probe is not None else []),
                         sql.SQL("SELECT pg_backend_pid(), now()"),
+                        # last: with key values bound, it takes a round trip of its own
+                        *([probe] if probe is not None else []),
                     ],
                 )
-                opened = OpenTransaction(*found[-1])
+                opened = OpenTransaction(*found[1])
                 if found[0] is None:  # the plan was reset meanwhile
                     raise CopyError(
                         f"{the_range} left the plan while it was being copied; run again."
@@ -211,7 +212,7 @@ def copy_range(
                     raise CopyError(
                         f"{the_range} was planned anew while it was being copied; run again."
                     )
-                occupied = bool(found[1][0]) if probe is not None else None
+                occupied = bool(found[2][0]) if probe is not None else None
                 loaded = _load(source, target, table, locked, options, occupied)
                 if overlap:
                     count, checksum, last_key = pending.result()
@@ -228,7 +229,9 @@ def copy_range(
                 in_one_round_trip(
                     target,
                     [
-                        checkpoints.completed_statement(name, partition_key, completion),
+                        checkpoints.completed_statement(
+                            name, partition_key, completion, last_key_bound=not table.rows_named
+                        ),
                         # last, so the other ranges' rows stay locked for the least time
                         *checkpoints.copy_again_statements(name, loaded.copied_again),
                         sql.SQL("COMMIT"),

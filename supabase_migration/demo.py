@@ -32,7 +32,7 @@ from typing import IO
 import dagster as dg
 from psycopg import sql
 
-from . import checkpoints, commands, example_app
+from . import checkpoints, commands, example_app, status_command
 from .assets import SCHEMA_KEY
 from .commands import RunSummary, Settings, run
 from .connections import borrowed
@@ -368,7 +368,7 @@ def demo(
 def _refreshed(summary: RunSummary) -> RunSummary:
     """The summary after the UI closed: partitions may have been backfilled meanwhile."""
     with contextlib.suppress(MigrationError):
-        tables = commands.status()
+        tables = status_command.status()
         failed = failed_checkpoints()
         summary.tables = tables
         summary.failures = [

@@ -13,6 +13,7 @@ from itertools import pairwise
 from psycopg import sql
 
 from .catalog import Column, KeyKind, TableInfo, UniqueIndex
+from .connections import KeyValue
 from .ranges import Bound, KeyRange
 
 # `money` is written and read in the database's lc_monetary: '1.234,50 €' in de_DE, which a
@@ -150,7 +151,7 @@ def _key_expr(table: TableInfo, alias: str | None, collate_c: bool) -> sql.Compo
 
 def _bound_expr(table: TableInfo, values: Sequence[str]) -> sql.Composable:
     bounds = [
-        _bound(table, table.column(k), sql.Literal(v))
+        _bound(table, table.column(k), sql.Literal(v) if table.rows_named else KeyValue(v))
         for k, v in zip(table.key, values, strict=True)
     ]
     return sql.SQL("({})").format(sql.SQL(", ").join(bounds))

@@ -277,12 +277,13 @@ def test_source_role_without_select_on_a_table_is_one_sentence(clinic):
     assert "insufficient_privilege" in line
 
 
-def test_verify_starts_without_importing_dagster_or_sqlalchemy():
+def test_verify_and_status_start_without_importing_dagster_or_sqlalchemy():
     """`verify` hashes rows while Dagster loads in the background: nothing on its path may
     import Dagster up front (about two seconds of start-up), nor SQLAlchemy (0.3-0.4 s), which
-    only engines need."""
+    only engines need. `status` reads the bookkeeping alone: it never needs them."""
     code = (
-        "import sys, supabase_migration.cli, supabase_migration.verify_command; "
+        "import sys, supabase_migration.cli, supabase_migration.verify_command, "
+        "supabase_migration.status_command; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'sqlalchemy')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -1648,10 +1649,10 @@ def test_ctrl_c_inside_a_string_exec_still_ends_with_exit_code_1(tmp_path):
     replaced, through sitecustomize, by an interrupt raised in an `exec`."""
 
     (tmp_path / "sitecustomize.py").write_text(
-        "import supabase_migration.commands as commands\n"
+        "import supabase_migration.status_command as status_command\n"
         "def interrupted():\n"
         "    exec('raise KeyboardInterrupt')\n"
-        "commands.status = interrupted\n"
+        "status_command.status = interrupted\n"
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path), DAGSTER_HOME=str(tmp_path / "home"))
     done = cli(["status"], env, tmp_path, timeout=60)

@@ -15,6 +15,7 @@ import time
 import psycopg
 import psycopg.errors as pg_errors
 import pytest
+from psycopg import sql
 from psycopg.pq import DiagnosticField as F
 from sqlalchemy import text
 
@@ -813,3 +814,28 @@ def test_side_by_side_failure_is_one_sentence_naming_the_item(source_db):
     finally:
         with psycopg.connect(source_db.url, autocommit=True) as conn:
             conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_key_values_are_sent_as_parameters_beside_literal_percent_signs(target_db) -> None:
+    """A KeyValue leaves the statement's text (the server sees `$1`); every other `%` in it,
+    in an identifier or a pattern, still reaches the server as written."""
+    url = parse_database_url(target_db.pooler_url, label="target")
+    with connections.connect(url, autocommit=True) as conn:
+        conn.execute('CREATE TABLE "50%" ("a%s" text PRIMARY KEY)')
+        conn.execute("""INSERT INTO "50%" VALUES ('x%1'), ('x%2'), ('y%3')""")
+        query = sql.SQL("SELECT {}, current_query() FROM {} WHERE {} >= {} AND {} LIKE 'x%'")
+        composed = query.format(
+            sql.Identifier("a%s"),
+            sql.Identifier("50%"),
+            sql.Identifier("a%s"),
+            connections.KeyValue("x%2"),
+            sql.Identifier("a%s"),
+        )
+        rows = conn.execute(composed).fetchall()
+        assert [r[0] for r in rows] == ["x%2"]
+        assert "$1" in rows[0][1] and "x%2" not in rows[0][1]
+        with conn.transaction():  # a statement beside it in one round trip goes alone
+            found = connections.in_one_round_trip(conn, [sql.SQL("SELECT 1"), composed])
+        assert found == [(1,), rows[0]]
+        with pytest.raises(TypeError):
+            conn.execute(composed, ())

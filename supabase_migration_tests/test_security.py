@@ -56,9 +56,13 @@ from supabase_migration_tests.testbed import (
     TARGET_PASSWORD,
     SourceDb,
     TargetDb,
+    cli_env,
     require,
     round_trips,
 )
+
+from .compare import assert_tables_equal
+from .test_cli import cli
 
 # Values that look like PHI: none of them may appear in an error, metadata or the audit trail.
 SSN = "987-65-4321"
@@ -684,6 +688,40 @@ def test_pgaudit_object_auditing_at_role_level(pgaudit_server: LocalServer) -> N
     logged = [line for line in server.log_tail(400).splitlines() if marker in line]
     assert any("AUDIT: OBJECT" in line and "public.patients" in line for line in logged)
     assert all(SSN not in line and PATIENT_NAME not in line for line in logged)
+
+
+def test_key_values_never_reach_the_audit_log(
+    pgaudit_server: LocalServer, source_db: SourceDb, tmp_path: Path
+) -> None:
+    """A table keyed by a unique column standing in for a primary key (an SSN): the catch-up
+    and the verification after the security step turned pgaudit on send their range bounds
+    as parameters, which pgaudit does not log (statement text only), never in the text."""
+    server = pgaudit_server
+    dbname = _pgaudit_database(server, extension=True)
+    target_url = server.url(
+        user="postgres", password=TARGET_PASSWORD, dbname=dbname, sslmode="require"
+    )
+    marker = uuid.uuid4().hex
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.patients (ssn text NOT NULL UNIQUE, full_name text NOT NULL);"
+            f"INSERT INTO public.patients SELECT 'ssn-{marker}-' || lpad(g::text, 4, '0'), "
+            "'patient ' || g FROM generate_series(1, 300) g"
+        )
+    env = cli_env(source_db.url, target_url, tmp_path)
+    first = cli(["run", "--batch-size", "100"], env, tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr
+    assert f"pgaudit.role={AUDITOR_ROLE}" in _role_settings(server, "postgres")
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE public.patients SET full_name = 'moved' WHERE ssn LIKE '%-015_'")
+        conn.execute("DELETE FROM public.patients WHERE ssn LIKE '%-025_'")
+    again = cli(["run", "--batch-size", "100"], env, tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr
+    assert_tables_equal(source_db.url, target_url, ["public.patients"])
+
+    logged = [line for line in server.log_tail(100_000).splitlines() if "AUDIT: OBJECT" in line]
+    assert any("public.patients" in line and "DELETE" in line for line in logged)
+    assert not [line for line in logged if marker in line]
 
 
 def test_pgaudit_keeps_user_choices_and_flags_log_rows(pgaudit_server: LocalServer) -> None:
