@@ -939,6 +939,7 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
         try:
             with source.connection() as s, target.connection() as t:
                 results = sync_sequences(s, t, manifest.schemas)
+                checkpoints.record_step(t, checkpoints.SEQUENCES_STEP, context.run.run_id)
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
         for r in results:

@@ -83,6 +83,25 @@ REVOKE ALL ON {BOOKKEEPING_SCHEMA}.migration_source FROM PUBLIC;
 """
 NEW_SOURCE_FLAG = "--new-source"
 
+# When each step after the copy last finished: a copy since (a resumed run whose end failed, a
+# table run in the UI) leaves the sequences behind the new rows (the application's first
+# insert fails on a duplicate key) and new tables out of the audit grants; `status` says so.
+STEPS = sql.Identifier(BOOKKEEPING_SCHEMA, "migration_steps")
+STEPS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.migration_steps (
+    step         text        PRIMARY KEY,
+    completed_at timestamptz NOT NULL,
+    run_id       text
+);
+REVOKE ALL ON {BOOKKEEPING_SCHEMA}.migration_steps FROM PUBLIC;
+"""
+SEQUENCES_STEP = "sequences"
+SECURITY_STEP = "security"
+_STEPS_SAID = {
+    SEQUENCES_STEP: "the sequences step (each set past the copied rows)",
+    SECURITY_STEP: "the security step (row level security, policies, audit grants)",
+}
+
 
 @dataclass(frozen=True)
 class SourceIdentity:
@@ -238,6 +257,16 @@ END $$"""
 ).format(roles=sql.Literal(list(API_ROLES)), schema=sql.Literal(BOOKKEEPING_SCHEMA))
 
 
+# Each bookkeeping table and what makes it: separate statements, so that targets bookkept by
+# an earlier version get the newer tables too.
+BOOKKEEPING_DDLS = {
+    "migration_checkpoints": BOOKKEEPING_DDL,
+    "deferred_indexes": DEFERRED_DDL,
+    "migration_source": SOURCE_DDL,
+    "migration_steps": STEPS_DDL,
+}
+
+
 def ensure_bookkeeping(conn: psycopg.Connection) -> None:
     """Create the bookkeeping schema and table if missing (idempotent, one transaction): two
     round trips when they exist, as on every run but the first."""
@@ -245,17 +274,17 @@ def ensure_bookkeeping(conn: psycopg.Connection) -> None:
         sql.SQL("SELECT to_regclass({}) IS NOT NULL").format(
             sql.Literal(f"{BOOKKEEPING_SCHEMA}.{table}")
         )
-        for table in ("migration_checkpoints", "deferred_indexes", "migration_source")
+        for table in BOOKKEEPING_DDLS
     ]
     with transaction_with(conn, [sql.SQL(_BOOKKEEPING_LOCK), *tables, REVOKE_BOOKKEEPING]) as found:
-        _, (checkpoints_exist,), (deferred_exist,), (source_exists,) = found
-        if not checkpoints_exist:
-            conn.execute(BOOKKEEPING_DDL)
-        if not deferred_exist:
-            conn.execute(DEFERRED_DDL)
-        if not source_exists:
-            conn.execute(SOURCE_DDL)
-        if not (checkpoints_exist and deferred_exist and source_exists):
+        missing = [
+            ddl
+            for ddl, (exists,) in zip(BOOKKEEPING_DDLS.values(), found[1:], strict=True)
+            if not exists
+        ]
+        for ddl in missing:
+            conn.execute(ddl)
+        if missing:
             conn.execute(REVOKE_BOOKKEEPING)  # default privileges may grant new ones
 
 
@@ -531,6 +560,45 @@ def mark_failed(
             ).format(CHECKPOINTS),
             (message, run_id, table, key),
         )
+
+
+def record_step(conn: psycopg.Connection, step: str, run_id: str | None) -> None:
+    """`step` (SEQUENCES_STEP, SECURITY_STEP) finished now, after every copy before it."""
+    ensure_bookkeeping(conn)  # the step may run alone, in the UI, on an older bookkeeping
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (step, completed_at, run_id) VALUES (%s, clock_timestamp(), %s) "
+            "ON CONFLICT (step) DO UPDATE SET completed_at = EXCLUDED.completed_at, "
+            "run_id = EXCLUDED.run_id"
+        ).format(STEPS),
+        (step, run_id),
+    )
+
+
+def steps_behind(conn: psycopg.Connection) -> list[str]:
+    """The steps after the copy not finished since the last range was copied. None on a
+    target whose bookkeeping predates their record: nothing says they did not run there."""
+    if not bookkeeping_exists(conn, "migration_steps"):
+        return []
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT s.step FROM unnest(%s::text[]) WITH ORDINALITY AS s (step, i) "
+            "LEFT JOIN {} AS m USING (step) "
+            "WHERE (SELECT max(completed_at) FROM {}) > coalesce(m.completed_at, '-infinity') "
+            "ORDER BY s.i"
+        ).format(STEPS, CHECKPOINTS),
+        (list(_STEPS_SAID),),
+    ).fetchall()
+    return [step for (step,) in rows]
+
+
+def steps_behind_sentence(steps: Sequence[str]) -> str:
+    one = len(steps) == 1
+    return (
+        f"{' and '.join(_STEPS_SAID[s] for s in steps).replace('t', 'T', 1)} "
+        f"{'has' if one else 'have'} not run since the last range was copied: "
+        f"`supabase-migrate run` finishes {'it' if one else 'them'} (copied ranges are skipped)."
+    )
 
 
 def summary_if_planned(conn: psycopg.Connection) -> dict[str, dict[str, int]]:

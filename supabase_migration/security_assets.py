@@ -17,6 +17,7 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
+from . import checkpoints
 from .assets import (
     SEQUENCES_KEY,
     setup_asset,
@@ -100,6 +101,7 @@ def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
                 audit = configure_pgaudit(conn, tables) if config.pgaudit else None
                 status = rls_status(conn, manifest.exposed_schemas)
                 trail = migration_audit_trail(conn)
+                checkpoints.record_step(conn, checkpoints.SECURITY_STEP, context.run.run_id)
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
         if audit is not None and not audit.configured:

@@ -15,12 +15,19 @@ from .inputs import target_url
 
 def status_note(tables: dict[str, dict[str, int]], manifest_path: Path | None) -> str | None:
     """What the partitions' table cannot show: copied tables since dropped on the target by
-    hand, or the manifest's tables on a target without bookkeeping."""
+    hand, steps after the copy not run since it ended, or the manifest's tables on a target
+    without bookkeeping."""
     if not tables:
         return unrecorded_note(manifest_path)
+    copied = all(not t["pending"] and not t["failed"] for t in tables.values())
     with borrowed(target_url()) as target:
         dropped = checkpoints.dropped_since_copied(target, sorted(tables))
-    return checkpoints.dropped_sentence(dropped) if dropped else None
+        behind = checkpoints.steps_behind(target) if copied else []
+    said = [
+        *([checkpoints.dropped_sentence(dropped)] if dropped else []),
+        *([checkpoints.steps_behind_sentence(behind)] if behind else []),
+    ]
+    return " ".join(said) or None
 
 
 def unrecorded_note(manifest_path: Path | None = None) -> str | None:

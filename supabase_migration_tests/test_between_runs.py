@@ -469,3 +469,34 @@ def test_without_replica_mode_what_would_go_wrong_is_refused_first(
         assert said in _said_cleanly(done)
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regclass('public.t')").fetchone() == (None,)
+
+
+def test_status_says_when_the_steps_after_the_copy_have_not_run_since(bed):
+    """A run whose sequences step failed after it copied new rows left every range completed:
+    status showed the migration done, and the application's first insert would have failed
+    on a duplicate key."""
+    source_db, target_db, env, tmp_path = bed
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE visits (id serial PRIMARY KEY); INSERT INTO visits DEFAULT VALUES"
+        )
+    assert cli([*FIRST_RUN], env, tmp_path).returncode == 0
+    behind = "not run since the last range was copied: `supabase-migrate run` finishes"
+    status = cli(["status"], env, tmp_path)
+    assert "public.visits" in status.stdout and behind not in status.stdout, status.stdout
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(
+            "REVOKE ALL ON SEQUENCE public.visits_id_seq "
+            "FROM postgres, anon, authenticated, service_role, PUBLIC"
+        )
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO visits DEFAULT VALUES")
+    failed = cli(["run", "--no-progress", "--no-verify"], env, tmp_path)
+    assert failed.returncode != 0, failed.stderr
+    status = cli(["status"], env, tmp_path)
+    assert status.returncode == 0 and behind in _said_cleanly(status), status.stdout
+    assert "The sequences step (each set past the copied rows) and the security" in status.stdout
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute("GRANT ALL ON SEQUENCE public.visits_id_seq TO postgres")
+    assert cli(["run", "--no-progress", "--no-verify"], env, tmp_path).returncode == 0
+    assert behind not in cli(["status"], env, tmp_path).stdout
