@@ -925,7 +925,7 @@ import gc, sys
 from supabase_migration import cli
 assert "dagster" not in sys.modules
 before = gc.get_stats()[2]["collections"]
-code = cli.main(["status"])
+code = cli.main(["plan"])
 print(code, "dagster" in sys.modules, gc.get_stats()[2]["collections"] - before,
       gc.get_freeze_count(), gc.isenabled())
 """
@@ -936,7 +936,7 @@ def test_a_command_imports_dagster_without_full_collections_and_leaves_nothing_f
 ) -> None:
     """Every copy waits for the CLI's import of Dagster: no full collection walks what it
     loads again and again meanwhile (two of them before, 0.2 s of the start-up), and the
-    command, here one that stops at once for want of a target, unfreezes it when it ends."""
+    command, here one that stops at once for want of a source, unfreezes it when it ends."""
     env = {k: v for k, v in os.environ.items() if k not in ("SUPABASE_DB_URL", "DAGSTER_HOME")}
     env["SOURCE_DATABASE_URL"] = ""
     done = subprocess.run(
@@ -948,7 +948,7 @@ def test_a_command_imports_dagster_without_full_collections_and_leaves_nothing_f
         timeout=120,
         check=True,
     )
-    assert "No target database given" in done.stderr
+    assert "No source database given" in done.stderr
     assert done.stdout.split() == ["2", "True", "0", "0", "True"]
 
 
