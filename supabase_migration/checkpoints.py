@@ -594,8 +594,9 @@ def steps_behind(conn: psycopg.Connection) -> list[str]:
 
 def steps_behind_sentence(steps: Sequence[str]) -> str:
     one = len(steps) == 1
+    named = " and ".join(_STEPS_SAID[s] for s in steps)
     return (
-        f"{' and '.join(_STEPS_SAID[s] for s in steps).replace('t', 'T', 1)} "
+        f"{named[0].upper()}{named[1:]} "
         f"{'has' if one else 'have'} not run since the last range was copied: "
         f"`supabase-migrate run` finishes {'it' if one else 'them'} (copied ranges are skipped)."
     )

@@ -99,6 +99,11 @@ def _next_values(conn: psycopg.Connection, schemas: Sequence[str]) -> dict[str, 
     return {name: int(v) for name, v in positions.items() if v is not None}
 
 
+# Two runs finishing together each read a sequence, then set it to the furthest they knew:
+# the later could set it back past values the other's step had set. One step at a time, each
+# reading what the one before left (setval is not transactional).
+ONE_AT_A_TIME = sql.SQL("SELECT pg_advisory_xact_lock(hashtext('supabase_migration.sequences'))")
+
 # Values asked for in one SELECT list (PostgreSQL allows 1664 columns).
 PER_STATEMENT = 500
 
@@ -117,7 +122,9 @@ def sync_sequences(
     results = []
     # max() over a parent by INHERITS includes its children on purpose: they share its
     # serial default. No policy may hide a row from it.
-    with transaction_with(target, [sqlbuild.NO_STATEMENT_TIMEOUT, sqlbuild.EVERY_ROW]):
+    with transaction_with(
+        target, [sqlbuild.NO_STATEMENT_TIMEOUT, sqlbuild.EVERY_ROW, ONE_AT_A_TIME]
+    ):
         found = target.execute(_SEQUENCES_SQL, (list(schemas),)).fetchall()
         reads: list[sql.Composable] = []
         for seq_schema, seq_name, tab_schema, tab_name, column, inc, _, _, _ in found:

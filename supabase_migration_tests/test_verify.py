@@ -1077,6 +1077,31 @@ def test_sequences_are_moved_in_the_same_round_trips_however_many(
     assert not _failed(_verify(migrated))
 
 
+def test_sequence_steps_at_once_take_turns_and_never_set_one_back(migrated: Migrated) -> None:
+    """Two runs' steps finishing together: each read a sequence, then set it to the furthest
+    it knew, and the later set it back past what the other had set. A step waits for the one
+    holding the turn, then reads what it left."""
+    done: list[object] = []
+
+    def step() -> None:
+        with (
+            connect(migrated.source_url, autocommit=True) as s,
+            connect(migrated.target_url, autocommit=True) as t,
+        ):
+            done.append(sync_sequences(s, t, ["public"]))
+
+    with psycopg.connect(migrated.target_url.conninfo(), autocommit=True) as other:
+        with other.transaction():
+            other.execute(sequences_module.ONE_AT_A_TIME)
+            waiting = threading.Thread(target=step)
+            waiting.start()
+            waiting.join(3)
+            assert waiting.is_alive() and not done  # its turn has not come
+            other.execute("SELECT setval('patients_id_seq', 1000000)")  # the other step's
+        waiting.join(60)
+        assert done and other.execute("SELECT nextval('patients_id_seq')").fetchone() == (1000001,)
+
+
 def test_sequences_restarted_descending_or_bounded_hand_out_no_used_value(source_db, target_db):
     """A sequence restarted and not used since (its next value in last_value, is_called off,
     where pg_sequences shows NULL) started at 1 on the target and would reuse invoice numbers;
