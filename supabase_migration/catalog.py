@@ -25,6 +25,14 @@ OLDEST_SOURCE = 12
 # the target, so that two runs starting at once take turns: concurrent CREATE ... IF NOT EXISTS
 # of one object fails with a unique violation on the catalog instead of waiting.
 SCHEMA_LOCK_KEY = "supabase_migration.schema"
+
+
+def take_turn(key: str) -> sql.Composed:
+    """Wait for the transaction's advisory lock of `key`: runs doing the same thing on one
+    target (the schema, a table's plan or index build, the sequences) take turns."""
+    return sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(sql.Literal(key))
+
+
 # Supabase's roles for the REST API's callers; on plain PostgreSQL they may not exist.
 API_ROLES = ("anon", "authenticated")
 

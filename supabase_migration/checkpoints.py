@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
-from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY
+from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, take_turn
 from .connections import KeyValue, transaction_with
 from .errors import ConfigError, listed
 from .ranges import KeyRange
@@ -214,7 +214,7 @@ _FIELDS = sql.SQL(
 
 # The schema step's lock (see catalog.SCHEMA_LOCK_KEY; concurrent REVOKEs would also fail, with
 # "tuple concurrently updated").
-_BOOKKEEPING_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}'))"
+_BOOKKEEPING_LOCK = take_turn(SCHEMA_LOCK_KEY)
 
 
 # PUBLIC and the API roles may not even look up names in the bookkeeping schema: its rows name
@@ -276,7 +276,7 @@ def ensure_bookkeeping(conn: psycopg.Connection) -> None:
         )
         for table in BOOKKEEPING_DDLS
     ]
-    with transaction_with(conn, [sql.SQL(_BOOKKEEPING_LOCK), *tables, REVOKE_BOOKKEEPING]) as found:
+    with transaction_with(conn, [_BOOKKEEPING_LOCK, *tables, REVOKE_BOOKKEEPING]) as found:
         missing = [
             ddl
             for ddl, (exists,) in zip(BOOKKEEPING_DDLS.values(), found[1:], strict=True)

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from . import checkpoints, sqlbuild
-from .catalog import BOOKKEEPING_SCHEMA, TableInfo
+from .catalog import BOOKKEEPING_SCHEMA, TableInfo, take_turn
 from .connections import in_one_round_trip, is_transient, transaction_with
 from .errors import MigrationError, TransientError
 from .redaction import describe_pg_error
@@ -107,7 +107,7 @@ def _table_transaction(
         sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout)),
         sql.SQL("SET LOCAL search_path = pg_catalog; SET LOCAL statement_timeout = 0"),
         sqlbuild.EVERY_ROW,  # "is it empty?" must not be answered by a policy
-        sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(_build_lock(table_name)),
+        take_turn(_build_key(table_name)),
     ]
     with transaction_with(conn, first):  # one round trip for BEGIN, settings and lock
         yield
@@ -223,8 +223,8 @@ WHERE l.locktype = 'advisory' AND l.granted
 )
 
 
-def _build_lock(table_name: str) -> sql.Composable:
-    return sql.Literal(f"supabase_migration.deferred:{table_name}")
+def _build_key(table_name: str) -> str:
+    return f"supabase_migration.deferred:{table_name}"
 
 
 def rebuild(
@@ -270,7 +270,7 @@ def rebuild(
 def _end_lost_builds(
     conn: psycopg.Connection, table_name: str, log: Callable[[str], None] | None
 ) -> None:
-    query = _LOST_BUILDS.format(lock=_build_lock(table_name), idle=LOST_BUILD_IDLE_S)
+    query = _LOST_BUILDS.format(lock=sql.Literal(_build_key(table_name)), idle=LOST_BUILD_IDLE_S)
     for pid, ended in conn.execute(query).fetchall():
         if ended and log is not None:
             log(

@@ -20,7 +20,7 @@ import psycopg.errors
 from psycopg import sql
 
 from . import checkpoints
-from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables
+from .catalog import KeyKind, TableInfo, needs_bytewise_keys, read_tables, take_turn
 from .connections import (
     borrowed,
     connect,
@@ -428,9 +428,7 @@ def refresh_plan(
     with target.transaction():
         # Another run planning the table at once (a second `run`, another batch size) waits:
         # its plan, read before this one committed, would overlap it for good.
-        target.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('supabase_migration.plan:' || %s))", (name,)
-        )
+        target.execute(take_turn(f"supabase_migration.plan:{name}"))
         existing = checkpoints.load(target, name)
         if not existing:
             ranges = (

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from . import sqlbuild
+from .catalog import take_turn
 from .connections import transaction_with
 
 # Whether a sequence's values may be shown (its owning column `a`, if any): where it feeds
@@ -102,7 +103,7 @@ def _next_values(conn: psycopg.Connection, schemas: Sequence[str]) -> dict[str, 
 # Two runs finishing together each read a sequence, then set it to the furthest they knew:
 # the later could set it back past values the other's step had set. One step at a time, each
 # reading what the one before left (setval is not transactional).
-ONE_AT_A_TIME = sql.SQL("SELECT pg_advisory_xact_lock(hashtext('supabase_migration.sequences'))")
+ONE_AT_A_TIME = take_turn("supabase_migration.sequences")
 
 # Values asked for in one SELECT list (PostgreSQL allows 1664 columns).
 PER_STATEMENT = 500
