@@ -938,8 +938,9 @@ def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
         started = time.monotonic()
         try:
             with source.connection() as s, target.connection() as t:
-                results = sync_sequences(s, t, manifest.schemas)
-                checkpoints.record_step(t, checkpoints.SEQUENCES_STEP, context.run.run_id)
+                checkpoints.ensure_bookkeeping(t)  # it may run alone, on an older bookkeeping
+                finished = checkpoints.step_finished(checkpoints.SEQUENCES_STEP, context.run.run_id)
+                results = sync_sequences(s, t, manifest.schemas, also=[finished])
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
         for r in results:

@@ -421,7 +421,7 @@ def completed_statement(
         "UPDATE {} SET status = 'completed', records_migrated = {}, rows_deleted = {}, "
         "row_checksum = {}, last_record_id = {}, copy_path = {}, duration_ms = {}, "
         "run_id = {}, attempts = attempts + 1, error_message = NULL, "
-        "completed_by = current_user, completed_at = now(), updated_at = now() "
+        "completed_by = current_user, completed_at = clock_timestamp(), updated_at = now() "
         "WHERE table_name = {} AND partition_key = {}"
     ).format(CHECKPOINTS, *(v if isinstance(v, KeyValue) else sql.Literal(v) for v in values))
 
@@ -565,14 +565,20 @@ def mark_failed(
 def record_step(conn: psycopg.Connection, step: str, run_id: str | None) -> None:
     """`step` (SEQUENCES_STEP, SECURITY_STEP) finished now, after every copy before it."""
     ensure_bookkeeping(conn)  # the step may run alone, in the UI, on an older bookkeeping
-    conn.execute(
-        sql.SQL(
-            "INSERT INTO {} (step, completed_at, run_id) VALUES (%s, clock_timestamp(), %s) "
-            "ON CONFLICT (step) DO UPDATE SET completed_at = EXCLUDED.completed_at, "
-            "run_id = EXCLUDED.run_id"
-        ).format(STEPS),
-        (step, run_id),
-    )
+    conn.execute(step_finished(step, run_id))
+
+
+def step_finished(step: str, run_id: str | None) -> sql.Composed:
+    """The record that `step` finished, dated by its transaction's start: sent in the
+    transaction that reads the copied rows (the sequences'), the date precedes those reads.
+    A range's checkpoint is dated when it is written, just before its COMMIT, so a range
+    committed after the step's reads is always later (`steps_behind`), even one whose
+    transaction began before the step did."""
+    return sql.SQL(
+        "INSERT INTO {} (step, completed_at, run_id) VALUES ({}, now(), {}) "
+        "ON CONFLICT (step) DO UPDATE SET completed_at = EXCLUDED.completed_at, "
+        "run_id = EXCLUDED.run_id"
+    ).format(STEPS, sql.Literal(step), sql.Literal(run_id))
 
 
 def steps_behind(conn: psycopg.Connection) -> list[str]:

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from . import sqlbuild
 from .catalog import take_turn
-from .connections import transaction_with
+from .connections import in_one_round_trip, transaction_with
 
 # Whether a sequence's values may be shown (its owning column `a`, if any): where it feeds
 # its table's one-column primary key, or no column. One feeding another column (an MRN)
@@ -110,10 +110,14 @@ PER_STATEMENT = 500
 
 
 def sync_sequences(
-    source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str]
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    schemas: Sequence[str],
+    *,
+    also: Sequence[sql.Composable] = (),
 ) -> list[SequenceSync]:
     """setval() each target sequence to the furthest of: the source's next value, the one past
-    its column's values, its own.
+    its column's values, its own; `also` commits with them (the step's record).
 
     Every sequence's state and column's max (or min) is read in one statement and every setval
     sent in one more, so the round trips do not grow with the number of sequences (a remote
@@ -180,6 +184,8 @@ def sync_sequences(
                 )
             )
         _select_all(target, moves)
+        if also:
+            in_one_round_trip(target, also)
     return results
 
 

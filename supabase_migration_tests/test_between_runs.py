@@ -7,6 +7,8 @@ Real servers: the test bed's source and Supabase-like target, the CLI as a user 
 from __future__ import annotations
 
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -150,27 +152,40 @@ def test_another_source_database_is_refused_until_the_user_says_the_source_moved
 def _ui_partition_failure(tmp_path: Path, source_url: str, target_url: str, table: str) -> str:
     """The failure shown in the UI when one partition of `table` is materialized with these
     databases (the migration.yaml in `tmp_path`)."""
+    from supabase_migration.assets import table_asset_key
+
+    result = _materialized_in_ui(
+        tmp_path, source_url, target_url, table_asset_key(table), partition_of=table
+    )
+    (step,) = [e for e in result.all_events if e.is_step_failure]
+    return step.step_failure_data.user_failure_data.description  # type: ignore[union-attr]
+
+
+def _materialized_in_ui(
+    tmp_path: Path, source_url: str, target_url: str, key, *, partition_of: str | None = None
+):
+    """The result of materializing the asset `key` alone, as from the UI, with these databases
+    (the migration.yaml in `tmp_path`); partition 000000 of the table `partition_of`."""
     import dagster as dg
 
-    from supabase_migration.assets import partitions_def_name, table_asset_key
+    from supabase_migration.assets import partitions_def_name
     from supabase_migration.definitions import load_definitions
     from supabase_migration.resources import SourceDatabase, TargetDatabase
 
-    asset = load_definitions(tmp_path / "migration.yaml").get_assets_def(table_asset_key(table))
+    asset = load_definitions(tmp_path / "migration.yaml").get_assets_def(key)
     with dg.DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions(partitions_def_name(table), ["000000"])
-        result = dg.materialize(
+        if partition_of:
+            instance.add_dynamic_partitions(partitions_def_name(partition_of), ["000000"])
+        return dg.materialize(
             [asset],
             instance=instance,
             resources={
                 "source": SourceDatabase(url=source_url),
                 "target": TargetDatabase(url=target_url),
             },
-            partition_key="000000",
+            partition_key="000000" if partition_of else None,
             raise_on_error=False,
         )
-    (step,) = [e for e in result.all_events if e.is_step_failure]
-    return step.step_failure_data.user_failure_data.description  # type: ignore[union-attr]
 
 
 def _manifest_refused(tmp_path: Path, text: str) -> str:
@@ -500,3 +515,60 @@ def test_status_says_when_the_steps_after_the_copy_have_not_run_since(bed):
         conn.execute("GRANT ALL ON SEQUENCE public.visits_id_seq TO postgres")
     assert cli(["run", "--no-progress", "--no-verify"], env, tmp_path).returncode == 0
     assert behind not in cli(["status"], env, tmp_path).stdout
+
+
+def test_a_range_committed_after_the_sequences_step_read_leaves_the_step_behind(bed):
+    """A range's checkpoint was dated by its transaction's start. A range run in the UI that
+    began before a sequences step and committed after it (its write waited on a lock) then
+    read as copied before that step: status said nothing, while the sequence stood below the
+    copied key and the application's next insert would have collided with it."""
+    from supabase_migration.assets import SEQUENCES_KEY, table_asset_key
+
+    source_db, target_db, env, tmp_path = bed
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE visits (id serial PRIMARY KEY); INSERT INTO visits DEFAULT VALUES"
+        )
+    assert cli([*FIRST_RUN, "--include", "public.visits"], env, tmp_path).returncode == 0
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO visits (id) VALUES (2)")  # a key its sequence did not give
+    with psycopg.connect(target_db.admin_url) as holder, ThreadPoolExecutor(1) as ui:
+        holder.execute("LOCK TABLE public.visits IN SHARE MODE")  # reads pass, writes wait
+        ranged = ui.submit(
+            _materialized_in_ui,
+            tmp_path,
+            source_db.url,
+            target_db.url,
+            table_asset_key("public.visits"),
+            partition_of="public.visits",
+        )
+        _wait_for_a_lock_wait(target_db.admin_url, ranged)
+        step = _materialized_in_ui(tmp_path, source_db.url, target_db.url, SEQUENCES_KEY)
+        assert step.success
+        holder.rollback()
+        assert ranged.result(timeout=60).success
+    with psycopg.connect(target_db.admin_url) as conn:  # what the test stands for
+        assert conn.execute(
+            "SELECT max(id), (SELECT last_value + is_called::int FROM visits_id_seq) FROM visits"
+        ).fetchone() == (2, 2)
+    status = cli(["status"], env, tmp_path)
+    assert "The sequences step (each set past the copied rows)" in _said_cleanly(status), (
+        status.stdout
+    )
+    assert cli(["run", "--no-progress", "--no-verify"], env, tmp_path).returncode == 0
+    assert "not run since the last range was copied" not in cli(["status"], env, tmp_path).stdout
+
+
+def _wait_for_a_lock_wait(admin_url: str, running) -> None:
+    deadline = time.monotonic() + 60
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            assert not running.done(), running.result()
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND usename = 'postgres'"
+            ).fetchone()
+            if waiting[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the range never waited on the lock")
