@@ -572,3 +572,20 @@ def _wait_for_a_lock_wait(admin_url: str, running) -> None:
                 return
             time.sleep(0.05)
     raise AssertionError("the range never waited on the lock")
+
+
+def test_status_on_a_target_whose_bookkeeping_predates_the_steps_record(bed):
+    """A target migrated by a release before `migration_steps`: nothing says its steps did not
+    run there, so status says nothing of them (and does not fail); the next run records them."""
+    _, target_db, env, tmp_path = bed
+    assert cli([*FIRST_RUN], env, tmp_path).returncode == 0
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE supabase_migration.migration_steps")
+    status = cli(["status"], env, tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "public.pets" in status.stdout
+    assert "not run since" not in _said_cleanly(status)
+    assert cli(["run", "--no-progress", "--no-verify"], env, tmp_path).returncode == 0
+    with psycopg.connect(target_db.admin_url) as conn:
+        steps = conn.execute("SELECT step FROM supabase_migration.migration_steps ORDER BY 1")
+        assert [s for (s,) in steps] == ["security", "sequences"]
