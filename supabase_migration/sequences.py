@@ -117,7 +117,8 @@ def sync_sequences(
     also: Sequence[sql.Composable] = (),
 ) -> list[SequenceSync]:
     """setval() each target sequence to the furthest of: the source's next value, the one past
-    its column's values, its own; `also` commits with them (the step's record).
+    its column's values, its own; `also` runs after them in the same transaction (the step's
+    record, then dated before the reads).
 
     Every sequence's state and column's max (or min) is read in one statement and every setval
     sent in one more, so the round trips do not grow with the number of sequences (a remote
