@@ -20,12 +20,22 @@ from . import sqlbuild
 from .catalog import take_turn
 from .connections import in_one_round_trip, transaction_with
 
-# Whether a sequence's values may be shown (its owning column `a`, if any): where it feeds
-# its table's one-column primary key, or no column. One feeding another column (an MRN)
-# hands out that column's values, a patient's.
-VALUES_SHOWN_SQL = """(a.attname IS NULL OR EXISTS (
-    SELECT FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisprimary
-    AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum))"""
+# Whether the values of sequence `s` may be shown: where every column it feeds, as its owner
+# (serial, identity) or by a DEFAULT that draws from it, is its table's one-column primary key.
+# One feeding another column (an MRN) hands out that column's values, a patient's.
+VALUES_SHOWN_SQL = """NOT EXISTS (
+    SELECT FROM (
+      SELECT refobjid AS rel, refobjsubid AS attnum FROM pg_depend
+      WHERE classid = 'pg_class'::regclass AND objid = s.oid
+        AND refclassid = 'pg_class'::regclass AND deptype IN ('a', 'i') AND refobjsubid > 0
+      UNION ALL
+      SELECT ad.adrelid, ad.adnum FROM pg_attrdef ad
+      JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass AND dep.objid = ad.oid
+       AND dep.refclassid = 'pg_class'::regclass AND dep.refobjid = s.oid
+    ) fed
+    WHERE NOT EXISTS (
+      SELECT FROM pg_index i WHERE i.indrelid = fed.rel AND i.indisprimary
+      AND i.indnkeyatts = 1 AND i.indkey[0] = fed.attnum))"""
 
 # Each sequence of the schemas: its owning column, if any, and its direction and bounds.
 _SEQUENCES_SQL = f"""

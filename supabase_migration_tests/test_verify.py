@@ -520,16 +520,33 @@ def test_a_sequence_behind_a_column_other_than_the_key_shows_none_of_its_values(
     assert "next_value" not in outcome.details["owned"][0]  # 6 could be someone's MRN
 
 
+@pytest.mark.parametrize(
+    ("ddl", "row"),
+    [
+        (
+            "CREATE TABLE charts (id serial PRIMARY KEY, mrn serial NOT NULL)",
+            "| public.charts_mrn_seq | public.charts.mrn | (not shown",
+        ),
+        (
+            "CREATE SEQUENCE charts_mrn_seq START 918273050; CREATE TABLE charts "
+            "(id serial PRIMARY KEY, mrn int NOT NULL DEFAULT nextval('charts_mrn_seq'))",
+            "| public.charts_mrn_seq |  | (not shown",
+        ),
+    ],
+    ids=["owned", "default"],
+)
 def test_the_sequences_asset_shows_no_position_of_a_sequence_feeding_another_column(
-    source_db, target_db
+    source_db, target_db, ddl, row
 ) -> None:
     """A sequence feeding an MRN hands out MRNs: its positions and the column's reach stay
-    out of the asset's metadata; the primary key's sequence is shown."""
+    out of the asset's metadata; the primary key's sequence is shown. One the MRN column only
+    draws from by its DEFAULT, not owned by it, was shown: the source's next MRN."""
     from supabase_migration.assets import SEQUENCES_KEY
     from supabase_migration.definitions import build_definitions
 
-    ddl = "CREATE TABLE charts (id serial PRIMARY KEY, mrn serial NOT NULL)"
     fill = "INSERT INTO charts VALUES (1, 918273050), (2, 918273051)"
+    if "DEFAULT" in ddl:
+        fill = "INSERT INTO charts (id) VALUES (1), (2)"  # MRNs from the sequence
     for url, statements in ((source_db.url, [ddl, fill]), (target_db.url, [ddl, fill])):
         with psycopg.connect(url, autocommit=True) as conn:
             for statement in statements:
@@ -547,7 +564,7 @@ def test_the_sequences_asset_shows_no_position_of_a_sequence_feeding_another_col
     table = str(materialization.metadata["sequences_table"].value)
     assert "91827305" not in table
     assert "| public.charts_id_seq | public.charts.id | 1 | 3 | 1 | 3 |" in table
-    assert "| public.charts_mrn_seq | public.charts.mrn | (not shown" in table
+    assert row in table
     with psycopg.connect(target_db.url) as conn:  # moved all the same
         assert conn.execute("SELECT nextval('charts_mrn_seq')").fetchone() == (918273052,)
 
