@@ -182,7 +182,12 @@ def _first_line(text: str) -> str:
 
 
 def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
-    """Replace every quoted literal that is not a reported identifier, and raw byte values."""
+    """Replace every quoted literal that is not a reported identifier, and raw byte values.
+
+    The server quotes a value as it is, its own quotes not doubled (`invalid value "J"ane"
+    for "Month"`, `relation "a" b" does not exist`), so where a value ends cannot be told:
+    everything from the first quote that opens no identifier to the message's last quote is
+    taken as that value."""
     allowed = {f'"{name}"' for name in identifiers} | {f"'{name}'" for name in identifiers}
     out: list[str] = []
     pos = 0
@@ -193,11 +198,16 @@ def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
             out.append(between[: unbalanced.start()])
             return _HEX_BYTES.sub("0x…", "".join(out)).rstrip()
         out.append(between)
-        kept = match.group(0) in allowed or (
-            between.endswith("encoding ") and match.group(0).strip('"') in _ENCODINGS
-        )
-        out.append(match.group(0) if kept else '"…"')
-        pos = match.end()
+        literal = match.group(0)
+        if literal in allowed or (
+            between.endswith("encoding ") and literal.strip('"') in _ENCODINGS
+        ):
+            out.append(literal)
+            pos = match.end()
+            continue
+        out.append('"…"')
+        pos = max(match.end(), text.rfind('"') + 1, text.rfind("'") + 1)
+        break
     tail = text[pos:]
     unbalanced = _OPEN_QUOTE.search(tail)
     # An opening quote that never closes: the rest may be a truncated value, so drop it.

@@ -349,6 +349,14 @@ SERVER_CASES = [
      'with byte sequence 0x… 0x… 0x… in encoding "UTF8" has no equivalent in encoding "LATIN1"'),
     ("SELECT convert_from('\\xff4a616e65'::bytea, 'UTF8')", "character_not_in_repertoire",
      'invalid byte sequence for encoding "UTF8"'),
+    # a value with quotes of its own, which the server does not double: where it seems to
+    # end, it goes on (the messages said `"…"Patient"…"Month` and `"…" Q. Patient`)
+    ("SELECT to_date('01 J\"Patient 1961', 'DD Month YYYY')", "invalid_datetime_format (22007)",
+     'invalid value "…"'),
+    ("SELECT '\"Jane\"\" Q. Patient\"'::regclass", "undefined_table (42P01)",
+     'relation "…" does not exist'),
+    ("SELECT '\"Jane\"\" Q. Patient\"'::regtype", "undefined_object (42704)",
+     'type "…" does not exist'),
     # RAISE naming a value in the fields it sets: the fields are the author's words too
     *((f"DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = 'check_violation', {field} = "
        "(SELECT ssn FROM patients); END $$", "check_violation (23514): message", "withheld")
