@@ -1072,11 +1072,16 @@ SELECT n.nspname || '.' || c.relname,
        c.relkind = 'p', c.relkind = 'r' AND c.relhassubclass,
        a.attname, b.typname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
        a.attnotnull, a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''
-       AND a.attgenerated = '', a.attidentity = 'a'
+       AND a.attgenerated = '', a.attidentity = 'a',
+       (SELECT string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder)
+        FROM pg_enum e
+        WHERE e.enumtypid = CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE b.oid END),
+       CASE WHEN a.attcollation <> t.typcollation THEN co.collname END
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 LEFT JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN pg_collation co ON co.oid = a.attcollation
 WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY 1, a.attnum
@@ -1091,6 +1096,8 @@ class _ColumnShape:
     not_null: bool
     required: bool  # NOT NULL with no default, identity or generation: a row must bring it
     identity_always: bool
+    labels: str | None = None  # an enum's (or an enum array's) labels, in their order
+    collation: str | None = None  # a collation of its own, not its type's
 
 
 @dataclass
@@ -1374,6 +1381,32 @@ def _compare_types(ctx: _Context, subject: str, src: _ColumnShape, tgt: _ColumnS
             subject,
             f"{both}: char pads values and citext ignores case, so the copy may change what "
             "verification compares, or a unique index may refuse rows.",
+        )
+    # Ranges are read by key order on each side, and a key ordered otherwise on the target
+    # selects other rows there: each range's copy deleted rows of the next (half a table
+    # lost, every range completed). Other columns then read otherwise to the app, and
+    # verification fails on their type.
+    if src.labels != tgt.labels:
+        ctx.add(
+            Severity.ERROR,
+            "column-order",
+            subject,
+            f"Column {subject}'s enum has the labels ({tgt.labels}) on the target but "
+            f"({src.labels}) on the source; make them the same, in the same order (key ranges "
+            "and comparisons follow it, and a missing label stops its range).",
+        )
+    if src.collation != tgt.collation:
+        shown = [
+            f'COLLATE "{c}"' if c else "its type's collation"
+            for c in (tgt.collation, src.collation)
+        ]
+        ctx.add(
+            Severity.ERROR,
+            "column-order",
+            subject,
+            f"Column {subject} has {shown[0]} on the target but {shown[1]} on the source; "
+            "make them the same (key ranges, unique indexes and ORDER BY follow it: a key "
+            "ordered otherwise makes each range select other rows on the target).",
         )
     source_limits, target_limits = _limits(src.type_sql), _limits(tgt.type_sql)
     narrower = bool(target_limits) and (

@@ -354,6 +354,42 @@ def test_schema_mode_none_needs_tables_that_take_the_rows_as_they_are(source_db,
     assert caught.value.exit_code == 2 and "(and 6 more errors" in str(caught.value)
 
 
+def test_schema_mode_none_refuses_a_column_ordered_otherwise_on_the_target(source_db, target_db):
+    """A text key with a collation of its own on the target, or an enum whose labels come in
+    another order there: each range, read by key order on each side, selected other rows on
+    the target, and its copy deleted rows of the next. Half the table was lost with every
+    range completed, and no re-run brought it back. Also an enum array's; not one the same
+    as the source's in another schema."""
+    execute(
+        source_db.url,
+        "CREATE TYPE level AS ENUM ('low', 'high'); "
+        "CREATE SCHEMA src_types; CREATE TYPE src_types.mood AS ENUM ('ok', 'bad'); "
+        "CREATE TABLE codes (k text PRIMARY KEY, lv level, lvs level[], m src_types.mood, "
+        'note text COLLATE "C")',
+    )
+    execute(
+        target_db.url,
+        "CREATE TYPE level AS ENUM ('high', 'low'); "
+        "CREATE SCHEMA tgt_types; CREATE TYPE tgt_types.mood AS ENUM ('ok', 'bad'); "
+        'CREATE TABLE codes (k text COLLATE "C" PRIMARY KEY, lv level, lvs level[], '
+        'm tgt_types.mood, note text COLLATE "C")',
+    )
+    findings = preflight(
+        source_db.url, target_db.url, ["public"], mode="none", tables=["public.codes"]
+    )
+    ordered = {f.subject: f.message for f in by_code(findings, "column-order")}
+    assert set(ordered) == {"public.codes.k", "public.codes.lv", "public.codes.lvs"}, ordered
+    assert ordered["public.codes.k"].startswith(
+        'Column public.codes.k has COLLATE "C" on the target but its type\'s collation on the '
+        "source; make them the same"
+    )
+    assert ordered["public.codes.lv"].startswith(
+        "Column public.codes.lv's enum has the labels ('high', 'low') on the target but "
+        "('low', 'high') on the source"
+    )
+    assert all(f.severity is Severity.ERROR for f in by_code(findings, "column-order"))
+
+
 @pytest.fixture
 def limited_target_url(target_db) -> Iterator[str]:
     """The target database through a login role that may only connect (roles are
