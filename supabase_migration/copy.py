@@ -521,6 +521,9 @@ def _local_settings(options: CopyOptions) -> list[sql.Composable]:
         sqlbuild.EVERY_ROW,  # a FORCEd policy must not hide target rows from the range's upsert
         sqlbuild.SERVER_KEEPALIVES,  # the server ends a lost range's lock by itself
         sqlbuild.PLAIN_MONEY,  # how the source wrote it, for a COPY in text format
+        # A re-sync writes only rows whose text differs from the target's; a target that
+        # rounds floats as text (extra_float_digits 0 or below) would see a change as none.
+        sqlbuild.EXACT_FLOATS,
     ]
     if options.replica_mode:
         statements.append(sql.SQL("SET LOCAL session_replication_role = replica"))

@@ -23,11 +23,14 @@ PLAIN_MONEY = sql.SQL("SET LOCAL lc_monetary = 'C'")
 
 # Row text must render the same on source and target for checksums to be comparable, so every
 # transaction that hashes rows pins the settings that change text output.
+# Floats as text exactly (shortest exact form); at 0 or below they print rounded, so two
+# different values could read alike wherever rows are compared as text.
+EXACT_FLOATS = sql.SQL("SET LOCAL extra_float_digits = 1")
+
 NORMALIZE_TEXT_OUTPUT = sql.SQL(
     "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
-    "SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; "
-    "SET LOCAL bytea_output = 'hex'; {}"
-).format(PLAIN_MONEY)
+    "SET LOCAL IntervalStyle = 'postgres'; {}; SET LOCAL bytea_output = 'hex'; {}"
+).format(EXACT_FLOATS, PLAIN_MONEY)
 
 # Copies and verification already keep the servers busy with one query per worker; parallel
 # workers inside those queries only compete with the other workers for the same cores.

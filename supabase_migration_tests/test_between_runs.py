@@ -589,3 +589,33 @@ def test_status_on_a_target_whose_bookkeeping_predates_the_steps_record(bed):
     with psycopg.connect(target_db.admin_url) as conn:
         steps = conn.execute("SELECT step FROM supabase_migration.migration_steps ORDER BY 1")
         assert [s for (s,) in steps] == ["security", "sequences"]
+
+
+def test_a_float_changed_on_the_source_is_written_to_a_target_that_rounds_floats(bed):
+    """A target database set to `extra_float_digits = 0` prints floats rounded, and a re-sync
+    writes only the rows whose text differs from the target's: a float changed in its last
+    digits read as unchanged. The range was marked completed with the source's new checksum,
+    so no run, `--repair` included, ever wrote it; verification failed every time."""
+    source_db, target_db, env, tmp_path = bed
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE readings (id int PRIMARY KEY, x float8, r real); "
+            "INSERT INTO readings SELECT g, 0.1, 0.1 FROM generate_series(1, 100) g"
+        )
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{target_db.name}" SET extra_float_digits = 0')
+    assert cli([*FIRST_RUN], env, tmp_path).returncode == 0
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE readings SET x = 0.1 + 2e-17 WHERE id = 5; "
+            "UPDATE readings SET r = 0.10000001 WHERE id = 7"
+        )
+    again = cli(["run", "--no-progress"], env, tmp_path)
+    assert again.returncode == 0, _said_cleanly(again)
+    exact = "SELECT id, x::text, r::text FROM readings WHERE id IN (5, 7) ORDER BY id"
+    rows = []
+    for url in (source_db.url, target_db.url):
+        with psycopg.connect(url) as conn:
+            conn.execute("SET extra_float_digits = 1")
+            rows.append(conn.execute(exact).fetchall())
+    assert rows[0] == rows[1] == [(5, "0.10000000000000002", "0.1"), (7, "0.1", "0.10000001")]
