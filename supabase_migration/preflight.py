@@ -256,6 +256,7 @@ def _run_checks(
         _check_tables_exist,
         _check_encryption,
         _check_encoding,
+        _check_date_style,
         _check_schemas,
         _check_extensions,
         _check_types,
@@ -362,6 +363,23 @@ def _check_encoding(ctx: _Context) -> None:
                 else "text is converted on the way and characters the target encoding lacks "
                 "fail the copy."
             ),
+        )
+
+
+def _check_date_style(ctx: _Context) -> None:
+    """The tool reads the target's checkpoints, timestamps included, in sessions it leaves as
+    the database sets them (a transaction pooler keeps no session settings), and psycopg reads
+    dates as text only in the ISO style: any other made every step fail unexplained."""
+    style = ctx.target.info.parameter_status("DateStyle") or "ISO"
+    if not style.upper().startswith("ISO"):
+        order = style.split(",")[-1].strip() if "," in style else "MDY"
+        ctx.add(
+            Severity.ERROR,
+            "date-style",
+            "database",
+            f"The target database shows dates in the {style} style, and this tool reads them "
+            "only in ISO; set it for the migration (ALTER DATABASE ... SET DateStyle = "
+            f"'ISO, {order}', which keeps how dates are read), then run again.",
         )
 
 

@@ -619,3 +619,23 @@ def test_a_float_changed_on_the_source_is_written_to_a_target_that_rounds_floats
             conn.execute("SET extra_float_digits = 1")
             rows.append(conn.execute(exact).fetchall())
     assert rows[0] == rows[1] == [(5, "0.10000000000000002", "0.1"), (7, "0.1", "0.10000001")]
+
+
+def test_a_target_showing_dates_otherwise_than_iso_is_refused_with_what_to_set(bed):
+    """A target database set to `DateStyle = 'SQL, DMY'`: psycopg reads dates as text only
+    in the ISO style, so every step failed 'unexpectedly (NotImplementedError)', run after
+    run. Preflight says what to set; 'ISO, DMY' (how dates are read kept) then migrates."""
+    _, target_db, env, tmp_path = bed
+    alter = f'ALTER DATABASE "{target_db.name}" SET DateStyle = '
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(alter + "'SQL, DMY'")
+    refused = cli([*FIRST_RUN], env, tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert (
+        "The target database shows dates in the SQL, DMY style, and this tool reads them only "
+        "in ISO; set it for the migration (ALTER DATABASE ... SET DateStyle = 'ISO, DMY'"
+    ) in _said_cleanly(refused)
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(alter + "'ISO, DMY'")
+    done = cli(["run", "--no-progress", "--batch-size", "300"], env, tmp_path)
+    assert done.returncode == 0, _said_cleanly(done)
