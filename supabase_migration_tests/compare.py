@@ -21,7 +21,8 @@ def table_rows(url: str, table: str) -> list[str]:
             "SELECT relkind FROM pg_class WHERE oid = %s::regclass", (ident.as_string(conn),)
         ).fetchone()
         only = "" if kind == ("p",) else "ONLY "
-        query = psycopg.sql.SQL("SELECT t::text FROM " + only + "{} AS t").format(ident)
+        # ROW(t.*): a bare `t` would be a column of that name, where the table has one.
+        query = psycopg.sql.SQL("SELECT ROW(t.*)::text FROM " + only + "{} AS t").format(ident)
         return sorted(r[0] for r in conn.execute(query))
 
 
