@@ -249,6 +249,13 @@ def ensure_manifest(settings: Settings, log: Callable[[str], None] = lambda _: N
                 f"Rewrote {written.path} from the source's catalog with the schemas and "
                 f"filters given ({len(written.tables)} tables)."
             )
+        elif settings.include or settings.exclude:  # they stay: said once, here
+            log(
+                f"Wrote {written.path} with the filters given: {len(written.tables)} "
+                f"table{'' if len(written.tables) == 1 else 's'}. "
+                "Later commands keep to them (its include and exclude lists) until they are "
+                "changed there or given again."
+            )
         return written
     changes: dict[str, object] = {}
     if settings.batch_size:

@@ -639,3 +639,17 @@ def test_a_target_showing_dates_otherwise_than_iso_is_refused_with_what_to_set(b
         conn.execute(alter + "'ISO, DMY'")
     done = cli(["run", "--no-progress", "--batch-size", "300"], env, tmp_path)
     assert done.returncode == 0, _said_cleanly(done)
+
+
+def test_filters_given_to_a_first_run_are_said_to_stay(bed):
+    """`run --include public.owners` wrote the filter into the new migration.yaml, and a later
+    plain `run` and `verify` passed with the other tables empty on the target, nothing said."""
+    _, _, env, tmp_path = bed
+    done = cli([*FIRST_RUN, "--include", "public.owners"], env, tmp_path)
+    assert done.returncode == 0, _said_cleanly(done)
+    assert (
+        "with the filters given: 1 table. Later commands keep to them (its include and "
+        "exclude lists) until they are changed there or given again."
+    ) in _said_cleanly(done)
+    again = cli(["run", "--no-progress", "--no-verify"], env, tmp_path)
+    assert "filters given" not in _said_cleanly(again)
