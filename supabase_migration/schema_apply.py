@@ -893,19 +893,29 @@ _HEADER = re.compile(
     r"-- (?:Data for )?Name: (?P<name>.*?); Type: (?P<type>[A-Z][A-Z ]*); "
     r"Schema: (?P<schema>.*?); Owner: .*$"
 )
-_SCAN = re.compile(r"--|/\*|'|\"|\$(?:[^\W\d]\w*)?\$|;|^\\", re.MULTILINE)
+_SCAN = re.compile(
+    r"--|/\*|'|\"|\$(?:[^\W\d]\w*)?\$|;|^\\|[()]|(?<![\w$.])(?:begin|case|end)(?![\w$])",
+    re.MULTILINE | re.IGNORECASE,
+)
+# A function or procedure whose body is SQL-standard (`BEGIN ATOMIC stmt; stmt; END`), whose
+# semicolons do not end it. As psql does: BEGIN and END counted at parenthesis depth 0 in
+# such a statement, and CASE inside the body too (it ends with END).
+_ROUTINE = re.compile(r"CREATE\s+(?:OR\s+REPLACE\s+)?(?:FUNCTION|PROCEDURE)\b", re.IGNORECASE)
 
 
 def split_dump(text: str) -> list[Statement]:
     """Split pg_dump's plain output into statements, quoting-aware, dropping psql meta-commands.
 
     Strings ('', E''), quoted identifiers, dollar-quoted bodies and comments are skipped over,
-    so a ';' or '--' inside a function body never splits it. A `-- Name: ...; Type: ...`
-    comment between statements starts a new TOC entry; `\\restrict`-style lines are dropped.
+    so a ';' or '--' inside a function body never splits it; nor one inside parentheses (a
+    rule's several actions) or a SQL-standard body (`BEGIN ATOMIC ... END`). A `-- Name: ...;
+    Type: ...` comment between statements starts a new TOC entry; `\\restrict`-style lines are
+    dropped.
     """
     statements: list[Statement] = []
     entry = ("", "", "")
     start: int | None = None  # where the current statement began
+    parens = atomic = 0  # depths inside it
     pos = 0
     n = len(text)
     while pos < n:
@@ -936,14 +946,27 @@ def split_dump(text: str) -> list[Statement]:
                 )
             pos = end
         elif token == ";":
+            pos = at + 1
+            if parens or atomic:
+                continue
             if start is not None:
                 statements.append(Statement(text[start : at + 1].strip(), *entry))
             start = None
-            pos = at + 1
         else:
             if start is None:
                 start = at
-            if token == "'":
+            if token in "()":
+                parens = max(0, parens + (1 if token == "(" else -1))
+                pos = at + 1
+            elif token[0].isalpha():  # BEGIN, CASE or END
+                if not parens and _ROUTINE.match(text, start):
+                    word = token.lower()
+                    if word == "begin" or (word == "case" and atomic):
+                        atomic += 1
+                    elif word == "end" and atomic:
+                        atomic -= 1
+                pos = at + len(token)
+            elif token == "'":
                 escaped = at > 0 and text[at - 1] in "eE" and (at < 2 or not _ident(text[at - 2]))
                 pos = _skip_string(text, at, escaped)
             elif token == '"':

@@ -348,6 +348,58 @@ def test_extension_in_public_on_the_source_lands_in_extensions(source_db, target
 # -- pieces of dump mode ---------------------------------------------------------------------------
 
 
+def test_split_dump_keeps_sql_standard_bodies_and_rule_actions_whole():
+    """`BEGIN ATOMIC ... END` bodies (CASE ... END inside) and a rule's several actions were
+    cut at each inner ';': applied in one batch the pieces joined up again, but pieces in two
+    batches failed the schema step, and a failure elsewhere in the batch was laid on them."""
+    text = textwrap.dedent(
+        """\
+        CREATE FUNCTION public.grade(a integer) RETURNS text
+            LANGUAGE sql
+            BEGIN ATOMIC
+             SELECT CASE WHEN (a > 1) THEN 'big'::text ELSE 'small'::text END AS "case";
+             SELECT 'end;'::text AS t;
+            END;
+        CREATE PROCEDURE public.note(IN n integer)
+            LANGUAGE sql
+            BEGIN ATOMIC
+             INSERT INTO public.log (id) VALUES (note.n);
+             INSERT INTO public.log (id) VALUES ((note.n + 1));
+            END;
+        CREATE RULE twice AS
+            ON INSERT TO public.v DO INSTEAD ( INSERT INTO public.a (id)
+          VALUES (new.id);
+         INSERT INTO public.b (id)
+          VALUES (new.id);
+        );
+        CREATE TABLE public.weekend (id integer, "end" integer, x integer DEFAULT 1);
+        """
+    )
+    statements = [s.sql for s in split_dump(text)]
+    assert [s.split()[1] for s in statements] == ["FUNCTION", "PROCEDURE", "RULE", "TABLE"]
+    assert statements[0].endswith("END;") and "'end;'" in statements[0]
+    assert statements[1].count("INSERT INTO") == 2 and statements[2].count("INSERT INTO") == 2
+
+
+def test_dump_mode_applies_sql_standard_bodies_split_across_batches(source_db, target_db):
+    """Sixty SQL-standard functions of five statements each: their pieces filled more than one
+    of the schema step's batches, and the step failed with a syntax error."""
+    body = "\n".join(f"  SELECT a + {i};" for i in range(5))
+    execute(
+        source_db.url,
+        "CREATE TABLE public.log (id int PRIMARY KEY);\n"
+        + "\n".join(
+            f"CREATE FUNCTION public.f{n}(a int) RETURNS int LANGUAGE sql\nBEGIN ATOMIC\n"
+            f"{body}\nEND;"
+            for n in range(60)
+        ),
+    )
+    source, target = _urls(source_db, target_db.url)
+    apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT public.f0(1), public.f59(1)").fetchone() == (5, 5)
+
+
 def test_split_dump_respects_quoting_and_drops_meta_commands():
     text = textwrap.dedent(
         """\
