@@ -1045,13 +1045,29 @@ _SKIP_TYPES = {
     "DATABASE PROPERTIES": "",
 }
 # Statements dropped wherever they appear: roles, ownership, grants, extension management.
+# An ownership change is the whole statement, ending with the role: `OWNER TO` inside one of
+# the statement's string literals (a CHECK's) must not drop it.
 _DROP_STATEMENT = re.compile(
-    r"^(?:ALTER\s+.*\s+OWNER\s+TO\s|GRANT\s|REVOKE\s|CREATE\s+EXTENSION\s|ALTER\s+EXTENSION\s"
+    r"^(?:ALTER\s.*\sOWNER\s+TO\s+(?:\"(?:[^\"]|\"\")+\"|[\w$]+);$|GRANT\s|REVOKE\s"
+    r"|CREATE\s+EXTENSION\s|ALTER\s+EXTENSION\s"
     r"|COMMENT\s+ON\s+EXTENSION\s|(?:CREATE|ALTER|DROP)\s+(?:ROLE|USER|GROUP)\s"
     r"|SECURITY\s+LABEL\s|ALTER\s+DEFAULT\s+PRIVILEGES\s|(?:CREATE|ALTER)\s+EVENT\s+TRIGGER\s"
     r"|(?:CREATE|ALTER)\s+(?:PUBLICATION|SUBSCRIPTION)\s|ALTER\s+SCHEMA\s+public\s)",
     re.IGNORECASE | re.DOTALL,
 )
+# What a COMMENT entry of pg_dump names: its object's kind (some of two or three words) and name.
+_COMMENTED = re.compile(
+    r"^(FOREIGN TABLE|FOREIGN DATA WRAPPER|MATERIALIZED VIEW|EVENT TRIGGER|ACCESS METHOD"
+    r"|TEXT SEARCH \w+|[A-Z]+) (.*)$",
+    re.DOTALL,
+)
+
+
+def _commented(name: str) -> tuple[str, str]:
+    found = _COMMENTED.match(name)
+    return (found.group(1), found.group(2)) if found else ("", name)
+
+
 _SET = re.compile(r"^SET\s+(\w+)\s*(?:=|\s+TO\s)\s*(.*);$", re.IGNORECASE | re.DOTALL)
 _SET_CONFIG = re.compile(
     r"^SELECT\s+pg_catalog\.set_config\('(\w+)',\s*'(.*)',\s*false\);$", re.IGNORECASE
@@ -1103,7 +1119,7 @@ def filter_dump(
         if kind == "SCHEMA" and name == "public":
             continue  # exists on every target
         if kind == "COMMENT":
-            target_kind, _, target_name = name.partition(" ")
+            target_kind, target_name = _commented(name)
             if target_kind == "EXTENSION":
                 skip(f"COMMENT ON EXTENSION {target_name}", "extensions belong to supabase_admin")
                 continue

@@ -400,6 +400,47 @@ def test_dump_mode_applies_sql_standard_bodies_split_across_batches(source_db, t
         assert conn.execute("SELECT public.f0(1), public.f59(1)").fetchone() == (5, 5)
 
 
+def test_filter_dump_reads_what_a_statement_is_not_what_its_literals_say():
+    """An ALTER whose CHECK's literal said 'owner to' was dropped as an ownership change (the
+    constraint lost, a domain's silently); a comment on a skipped foreign table was kept (its
+    kind read as FOREIGN, its name as 'TABLE ft'), and the schema step failed on it."""
+    kept = filter_dump(
+        [
+            Statement(
+                "CREATE FOREIGN TABLE public.ft (id integer) SERVER other;",
+                "FOREIGN TABLE",
+                "ft",
+                "public",
+            ),
+            Statement(
+                "COMMENT ON FOREIGN TABLE public.ft IS 'remote rows';",
+                "COMMENT",
+                "FOREIGN TABLE ft",
+                "public",
+            ),
+            Statement(
+                "ALTER TABLE public.t ADD CONSTRAINT s_chk "
+                "CHECK ((s <> 'transfer owner to bob'::text)) NOT VALID;",
+                "CHECK CONSTRAINT",
+                "t s_chk",
+                "public",
+            ),
+            Statement(
+                "ALTER DOMAIN public.note ADD CONSTRAINT note_chk "
+                "CHECK ((VALUE <> 'send to owner to x'::text)) NOT VALID;",
+                "CONSTRAINT",
+                "note note_chk",
+                "public",
+            ),
+            Statement('ALTER TABLE public.t OWNER TO "Some Role";', "TABLE", "t", "public"),
+        ],
+        target_settings=set(),
+        untrusted_languages=set(),
+    ).statements
+    assert [s.split()[:2] for s in kept] == [["ALTER", "TABLE"], ["ALTER", "DOMAIN"]]
+    assert "owner to bob" in kept[0] and "owner to x" in kept[1]
+
+
 def test_split_dump_respects_quoting_and_drops_meta_commands():
     text = textwrap.dedent(
         """\
