@@ -1409,8 +1409,8 @@ def _compare_types(ctx: _Context, subject: str, src: _ColumnShape, tgt: _ColumnS
             Severity.ERROR,
             "column-order",
             subject,
-            f"Column {subject}'s enum has the labels ({tgt.labels}) on the target but "
-            f"({src.labels}) on the source; make them the same, in the same order (key ranges "
+            f"Column {subject}'s enum has other labels, or its labels in another order, on "
+            "the target than on the source; make them the same, in the same order (key ranges "
             "and comparisons follow it, and a missing label stops its range).",
         )
     if src.collation != tgt.collation:

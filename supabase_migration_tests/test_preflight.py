@@ -384,9 +384,10 @@ def test_schema_mode_none_refuses_a_column_ordered_otherwise_on_the_target(sourc
         "source; make them the same"
     )
     assert ordered["public.codes.lv"].startswith(
-        "Column public.codes.lv's enum has the labels ('high', 'low') on the target but "
-        "('low', 'high') on the source"
+        "Column public.codes.lv's enum has other labels, or its labels in another order, on "
+        "the target than on the source; make them the same"
     )
+    assert "high" not in ordered["public.codes.lv"]  # a label may be a key's value
     assert all(f.severity is Severity.ERROR for f in by_code(findings, "column-order"))
 
 
