@@ -144,6 +144,21 @@ def installed_extensions(conn: psycopg.Connection) -> dict[str, tuple[str, str]]
     return {name: (schema, version) for name, schema, version in rows}
 
 
+def untrusted_language_extensions(conn: psycopg.Connection) -> set[str]:
+    """The extensions that provide an untrusted language (plperlu, plpython3u): only a
+    superuser may create them, and Supabase offers none; their functions are left out too."""
+    rows = conn.execute(
+        """
+        SELECT DISTINCT e.extname FROM pg_extension e
+        JOIN pg_depend d ON d.refclassid = 'pg_extension'::regclass AND d.refobjid = e.oid
+         AND d.classid = 'pg_language'::regclass AND d.deptype = 'e'
+        JOIN pg_language l ON l.oid = d.objid
+        WHERE NOT l.lanpltrusted
+        """
+    ).fetchall()
+    return {name for (name,) in rows}
+
+
 def available_extensions(conn: psycopg.Connection) -> dict[str, str | None]:
     """{name: default_version} the server could create (its control files)."""
     rows = conn.execute("SELECT name, default_version FROM pg_available_extensions").fetchall()
@@ -407,8 +422,18 @@ def _check_schemas(ctx: _Context) -> None:
 
 def _check_extensions(ctx: _Context) -> None:
     present: list[str] = []
+    untrusted = untrusted_language_extensions(ctx.source) if ctx.source_ext else set()
     for name, (schema, version) in ctx.source_ext.items():
         if name in BUILTIN_EXTENSIONS:
+            continue
+        if name in untrusted and name not in ctx.target_ext:
+            ctx.add(
+                Severity.WARNING,
+                "untrusted-extension",
+                f"extension {name}",
+                f"Extension {name} provides an untrusted language, which only a superuser may "
+                "create and Supabase does not offer; dump mode leaves it out, with its functions.",
+            )
             continue
         if name in ctx.target_ext:
             target_schema, target_version = ctx.target_ext[name]

@@ -59,6 +59,7 @@ from .preflight import (
     installed_extensions,
     is_reserved_schema,
     source_schemas,
+    untrusted_language_extensions,
 )
 from .redaction import describe_pg_error, redact_text, redacted_output
 
@@ -1257,6 +1258,7 @@ def _apply_dump(
 ) -> SchemaResult:
     with borrowed(source_url) as source:
         schemas = list(schemas) if schemas is not None else source_schemas(source)
+        untrusted_ext = untrusted_language_extensions(source)
         source_ext = {
             name: info
             for name, info in installed_extensions(source).items()
@@ -1272,13 +1274,19 @@ def _apply_dump(
         with borrowed(target_url) as probe:
             settings = {r[0] for r in probe.execute("SELECT name FROM pg_settings")}
             target_ext = installed_extensions(probe)
+        # Left out, as their functions are, unless the target has them already.
+        untrusted_ext -= set(target_ext)
+        source_ext = {n: info for n, info in source_ext.items() if n not in untrusted_ext}
         dump = filter_dump(split_dump(raw), target_settings=settings, untrusted_languages=untrusted)
         moves = {
             name: (schema, target_ext[name][0] if name in target_ext else EXTENSIONS_SCHEMA)
             for name, (schema, _) in source_ext.items()
         }
         rewrite = extension_rewriter(source, moves)
-    skipped = list(dump.skipped)
+    skipped = list(dump.skipped) + [
+        f"EXTENSION {name}: its language is untrusted, which needs superuser on Supabase"
+        for name in sorted(untrusted_ext)
+    ]
     created: int | None = None
     with connect(target_url) as target:
         try:

@@ -441,6 +441,35 @@ def test_filter_dump_reads_what_a_statement_is_not_what_its_literals_say():
     assert "owner to bob" in kept[0] and "owner to x" in kept[1]
 
 
+def test_dump_mode_leaves_out_an_untrusted_language_extension_with_its_functions(
+    source_db, target_db
+):
+    """`plan` said a plperlu function would be skipped, then the schema step failed: it tried
+    to create the extension, which only a superuser may (and Supabase does not offer)."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        available = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'plperlu'"
+        ).fetchone()
+        package = f"postgresql-plperl-{conn.info.server_version // 10000}"
+        require(available is not None, f"plperlu is not installed (Debian: {package})")
+        conn.execute(
+            "CREATE EXTENSION plperlu; "
+            "CREATE FUNCTION public.hostname() RETURNS text LANGUAGE plperlu AS $$ return 'h'; $$; "
+            "CREATE TABLE public.t (id int PRIMARY KEY)"
+        )
+    from .test_preflight import preflight
+
+    source, target = _urls(source_db, target_db.url)
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
+    (said,) = [f for f in findings if f.code == "untrusted-extension"]
+    assert said.message.startswith("Extension plperlu provides an untrusted language")
+    result = apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
+    assert any(s.startswith("EXTENSION plperlu: its language is untrusted") for s in result.skipped)
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.t') IS NOT NULL").fetchone() == (True,)
+        assert conn.execute("SELECT to_regproc('public.hostname')").fetchone() == (None,)
+
+
 def test_split_dump_respects_quoting_and_drops_meta_commands():
     text = textwrap.dedent(
         """\
