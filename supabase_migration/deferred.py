@@ -51,7 +51,11 @@ SELECT ci.relname,
                           n.nspname, t.relname, obj_description(con.oid, 'pg_constraint')) END,
          CASE WHEN i.indisclustered THEN
                 format('ALTER TABLE %%I.%%I CLUSTER ON %%I', n.nspname, t.relname, ci.relname) END
-       ], NULL),
+       ], NULL) || ARRAY(  -- an expression column's statistics target
+         SELECT format('ALTER INDEX %%I.%%I ALTER COLUMN %%s SET STATISTICS %%s', n.nspname,
+                       ci.relname, a.attnum, a.attstattarget)
+         FROM pg_attribute a WHERE a.attrelid = i.indexrelid AND a.attstattarget >= 0
+         ORDER BY a.attnum),
        CASE WHEN con.oid IS NULL THEN format('DROP INDEX %%I.%%I', n.nspname, ci.relname)
             ELSE format('ALTER TABLE %%I.%%I DROP CONSTRAINT %%I', n.nspname, t.relname,
                         con.conname) END

@@ -22,6 +22,7 @@ CREATE TABLE parent (
 );
 COMMENT ON CONSTRAINT parent_code_key ON parent IS 'codes are unique';
 CREATE UNIQUE INDEX parent_email_lower ON parent (lower(email));
+ALTER INDEX parent_email_lower ALTER COLUMN 1 SET STATISTICS 500;
 CREATE INDEX parent_name_idx ON parent (name) WHERE name IS NOT NULL;
 COMMENT ON INDEX parent_name_idx IS 'lookup by name';
 CREATE TABLE referenced (id integer PRIMARY KEY, tag text NOT NULL UNIQUE);
@@ -60,11 +61,14 @@ TABLES = [
     "public.keyed_covering",
 ]
 
-# Everything that must come back exactly: definition, comment, clustering, constraint text.
+# Everything that must come back exactly: definition, comment, clustering, constraint text,
+# an expression column's statistics target.
 INDEX_STATE = """
 SELECT c.relname, pg_get_indexdef(i.indexrelid), obj_description(i.indexrelid, 'pg_class'),
        i.indisclustered, con.conname, pg_get_constraintdef(con.oid),
-       obj_description(con.oid, 'pg_constraint')
+       obj_description(con.oid, 'pg_constraint'),
+       (SELECT array_agg(a.attstattarget ORDER BY a.attnum) FROM pg_attribute a
+        WHERE a.attrelid = i.indexrelid AND a.attstattarget >= 0)
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
 JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
 LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
