@@ -391,6 +391,25 @@ def test_schema_mode_none_refuses_a_column_ordered_otherwise_on_the_target(sourc
     assert all(f.severity is Severity.ERROR for f in by_code(findings, "column-order"))
 
 
+def test_dump_mode_says_a_users_cast_is_not_copied(source_db, target_db):
+    """pg_dump --schema leaves casts out (they belong to no schema): the target lacked it,
+    and everything passed; a view using it failed the schema step unexplained."""
+    execute(
+        source_db.url,
+        "CREATE TYPE public.money2 AS (amount int); "
+        "CREATE FUNCTION public.to_money2(int) RETURNS public.money2 LANGUAGE sql IMMUTABLE "
+        "AS 'SELECT ROW($1)::public.money2'; "
+        "CREATE CAST (int AS public.money2) WITH FUNCTION public.to_money2(int)",
+    )
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
+    (cast,) = by_code(findings, "cast")
+    assert cast.severity is Severity.WARNING
+    assert cast.message.startswith(
+        "The cast (integer AS money2) is not copied: a cast belongs to no schema"
+    )
+    assert not by_code(preflight(source_db.url, target_db.url, ["public"], mode="none"), "cast")
+
+
 @pytest.fixture
 def limited_target_url(target_db) -> Iterator[str]:
     """The target database through a login role that may only connect (roles are
