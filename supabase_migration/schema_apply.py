@@ -1164,7 +1164,7 @@ SELECT e.extname, n.nspname, m.kind, m.name
 FROM pg_depend d
 JOIN pg_extension e ON e.oid = d.refobjid AND d.refclassid = 'pg_extension'::regclass
 CROSS JOIN LATERAL (
-    SELECT 'name' AS kind, p.proname::text AS name, p.pronamespace AS nsp FROM pg_proc p
+    SELECT 'function' AS kind, p.proname::text AS name, p.pronamespace AS nsp FROM pg_proc p
     WHERE d.classid = 'pg_proc'::regclass AND p.oid = d.objid
     UNION ALL
     SELECT 'name', t.typname::text, t.typnamespace FROM pg_type t
@@ -1199,6 +1199,17 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# The user's own tables, views and types (their row types too) in these schemas: one named as
+# an extension's function (a table `digest` beside pgcrypto's digest()) is no member of it.
+_USER_NAMES_SQL = f"""
+SELECT n.nspname, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND NOT {ext_member("pg_class", "c.oid")}
+UNION
+SELECT n.nspname, t.typname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname = ANY(%s) AND NOT {ext_member("pg_type", "t.oid")}
+"""
+
+
 def extension_rewriter(
     source: psycopg.Connection, moves: dict[str, tuple[str, str]]
 ) -> Callable[[str], str]:
@@ -1211,25 +1222,34 @@ def extension_rewriter(
     if not moved:
         return lambda text: text
     names: dict[tuple[str, str], set[str]] = {}
+    calls: dict[tuple[str, str], set[str]] = {}  # functions named as one of the user's objects
     operators: dict[tuple[str, str], set[str]] = {}
+    old_schemas = sorted({old for old, _ in moved.values()})
+    taken = set(source.execute(_USER_NAMES_SQL, (old_schemas, old_schemas)).fetchall())
     for ext, schema, kind, name in source.execute(_EXTENSION_MEMBERS_SQL):
         if ext not in moved or schema != moved[ext][0]:
             continue
-        bucket = operators if kind == "operator" else names
+        if kind == "operator":
+            bucket = operators
+        else:
+            bucket = calls if kind == "function" and (schema, name) in taken else names
         bucket.setdefault(moved[ext], set()).add(name)
     patterns: list[tuple[re.Pattern[str], str]] = []
-    for (old, new), members in names.items():
-        alternatives = "|".join(
-            re.escape(_quote_ident(m)) for m in sorted(members, key=len, reverse=True)
-        )
-        patterns.append(
-            (
-                re.compile(
-                    rf'(?<![\w$".]){re.escape(_quote_ident(old))}\.({alternatives})(?![\w$])'
-                ),
-                _quote_ident(new) + r".\1",
+    # A name the user's table or type also has is rewritten only where it is called: pg_dump
+    # writes a call as name( and a table or type otherwise (name (, name, name.).
+    for bucket, after in ((names, r"(?![\w$])"), (calls, r"(?=\()")):
+        for (old, new), members in bucket.items():
+            alternatives = "|".join(
+                re.escape(_quote_ident(m)) for m in sorted(members, key=len, reverse=True)
             )
-        )
+            patterns.append(
+                (
+                    re.compile(
+                        rf'(?<![\w$".]){re.escape(_quote_ident(old))}\.({alternatives}){after}'
+                    ),
+                    _quote_ident(new) + r".\1",
+                )
+            )
     for (old, new), members in operators.items():
         alternatives = "|".join(re.escape(m) for m in sorted(members, key=len, reverse=True))
         patterns.append(

@@ -345,6 +345,30 @@ def test_extension_in_public_on_the_source_lands_in_extensions(source_db, target
         conn.execute("INSERT INTO public.docs (title) VALUES ('x')")
 
 
+def test_a_table_named_as_a_moved_extensions_function_stays_in_its_schema(source_db, target_db):
+    """pgcrypto in public beside a table `digest`: every `public.digest` was rewritten to
+    `extensions.digest`, the table's CREATE included (on a target whose postgres may create
+    in extensions it would have landed there). Only calls to the function move now."""
+    execute(
+        source_db.url,
+        """
+        CREATE EXTENSION pgcrypto WITH SCHEMA public;
+        CREATE TABLE public.digest (id serial PRIMARY KEY, body text);
+        CREATE VIEW public.digest_v AS
+            SELECT d.id, public.digest(d.body, 'sha256') AS h FROM public.digest d;
+        """,
+    )
+    source, target = _urls(source_db, target_db.url)
+    apply_schema("dump", source_url=source, target_url=target, schemas=["public"])
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('public.digest') IS NOT NULL").fetchone()[0]
+        conn.execute("INSERT INTO public.digest (body) VALUES ('x')")
+        conn.execute("SET search_path = public")  # so that definitions show their schemas
+        view = conn.execute("SELECT pg_get_viewdef('public.digest_v'::regclass)").fetchone()[0]
+        assert "extensions.digest(" in view and "FROM digest d" in view, view
+        assert conn.execute("SELECT count(h) FROM public.digest_v").fetchone() == (1,)
+
+
 # -- pieces of dump mode ---------------------------------------------------------------------------
 
 
