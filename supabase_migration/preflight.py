@@ -276,6 +276,7 @@ def _run_checks(
         _check_extensions,
         _check_types,
         _check_casts,
+        _check_function_search_paths,
         _check_columns,
         _check_keys,
         _check_tables_left_out,
@@ -549,6 +550,42 @@ def _check_types(ctx: _Context) -> None:
             "custom-types",
             "types",
             f"The migrated schemas define {summary}; they are created with the schema.",
+        )
+
+
+# Each search_path a function of the migrated schemas sets for itself.
+_FUNCTION_PATHS_SQL = f"""
+SELECT n.nspname || '.' || p.proname, substr(cfg, length('search_path=') + 1)
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+CROSS JOIN LATERAL unnest(p.proconfig) AS cfg
+WHERE n.nspname = ANY(%s) AND cfg LIKE 'search_path=%%' AND NOT {ext_member("pg_proc", "p.oid")}
+ORDER BY 1
+"""
+
+
+def _check_function_search_paths(ctx: _Context) -> None:
+    """Dump mode moves extensions into schema `extensions`, which Supabase's search_path has:
+    a function that sets its own search_path to the extension's old schema no longer finds
+    the extension's functions there, and fails when called, after every check passed."""
+    if ctx.schema_mode != "dump":
+        return
+    moved = {
+        schema
+        for name, (schema, _) in ctx.source_ext.items()
+        if name not in BUILTIN_EXTENSIONS
+        and ctx.target_ext.get(name, ("extensions",))[0] != schema  # schema_apply's
+    }
+    for function, setting in ctx.source.execute(_FUNCTION_PATHS_SQL, (ctx.schemas,)):
+        path = [part.strip().strip('"') for part in setting.split(",")]
+        if "extensions" in path or not moved.intersection(path):
+            continue
+        ctx.add(
+            Severity.WARNING,
+            "function-search-path",
+            function,
+            f"Function {function} sets its search_path to {setting}, where extensions it "
+            "may call are on the source; on the target they are in schema extensions, so "
+            "its unqualified calls to them fail: add extensions to its search_path.",
         )
 
 

@@ -410,6 +410,24 @@ def test_dump_mode_says_a_users_cast_is_not_copied(source_db, target_db):
     assert not by_code(preflight(source_db.url, target_db.url, ["public"], mode="none"), "cast")
 
 
+def test_dump_mode_says_a_function_whose_search_path_loses_a_moved_extension(source_db, target_db):
+    """uuid-ossp in public, and a function that sets `search_path = public` and calls
+    uuid_generate_v4() unqualified: on the target the extension is in `extensions`, so the
+    function (and every insert whose default calls it) failed after a verified migration."""
+    execute(
+        source_db.url,
+        'CREATE EXTENSION "uuid-ossp" WITH SCHEMA public; '
+        "CREATE FUNCTION public.new_id() RETURNS uuid LANGUAGE sql SET search_path = public "
+        "AS 'SELECT uuid_generate_v4()'; "
+        "CREATE FUNCTION public.fine() RETURNS int LANGUAGE sql "
+        "SET search_path = public, extensions AS 'SELECT 1'",
+    )
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
+    (said,) = by_code(findings, "function-search-path")
+    assert said.subject == "public.new_id" and said.severity is Severity.WARNING
+    assert "add extensions to its search_path" in said.message
+
+
 @pytest.fixture
 def limited_target_url(target_db) -> Iterator[str]:
     """The target database through a login role that may only connect (roles are
