@@ -394,16 +394,15 @@ def test_schema_mode_none_refuses_a_column_ordered_otherwise_on_the_target(sourc
 def test_dump_mode_says_a_users_cast_is_not_copied(source_db, target_db):
     """pg_dump --schema leaves casts out (they belong to no schema): the target lacked it,
     and everything passed; a view using it failed the schema step unexplained."""
-    execute(
-        source_db.url,
+    cast = _a_dump_mode_warning(
+        source_db,
+        target_db,
         "CREATE TYPE public.money2 AS (amount int); "
         "CREATE FUNCTION public.to_money2(int) RETURNS public.money2 LANGUAGE sql IMMUTABLE "
         "AS 'SELECT ROW($1)::public.money2'; "
         "CREATE CAST (int AS public.money2) WITH FUNCTION public.to_money2(int)",
+        "cast",
     )
-    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
-    (cast,) = by_code(findings, "cast")
-    assert cast.severity is Severity.WARNING
     assert cast.message.startswith(
         "The cast (integer AS money2) is not copied: a cast belongs to no schema"
     )
@@ -414,18 +413,27 @@ def test_dump_mode_says_a_function_whose_search_path_loses_a_moved_extension(sou
     """uuid-ossp in public, and a function that sets `search_path = public` and calls
     uuid_generate_v4() unqualified: on the target the extension is in `extensions`, so the
     function (and every insert whose default calls it) failed after a verified migration."""
-    execute(
-        source_db.url,
+    said = _a_dump_mode_warning(
+        source_db,
+        target_db,
         'CREATE EXTENSION "uuid-ossp" WITH SCHEMA public; '
         "CREATE FUNCTION public.new_id() RETURNS uuid LANGUAGE sql SET search_path = public "
         "AS 'SELECT uuid_generate_v4()'; "
         "CREATE FUNCTION public.fine() RETURNS int LANGUAGE sql "
         "SET search_path = public, extensions AS 'SELECT 1'",
+        "function-search-path",
     )
-    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
-    (said,) = by_code(findings, "function-search-path")
-    assert said.subject == "public.new_id" and said.severity is Severity.WARNING
+    assert said.subject == "public.new_id"
     assert "add extensions to its search_path" in said.message
+
+
+def _a_dump_mode_warning(source_db, target_db, ddl: str, code: str):
+    """The one finding `code` of dump mode's preflight once `ddl` ran on the source."""
+    execute(source_db.url, ddl)
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
+    (found,) = by_code(findings, code)
+    assert found.severity is Severity.WARNING
+    return found
 
 
 @pytest.fixture
