@@ -276,6 +276,7 @@ def _run_checks(
         _check_extensions,
         _check_types,
         _check_casts,
+        _check_leakproof_functions,
         _check_function_search_paths,
         _check_columns,
         _check_keys,
@@ -586,6 +587,29 @@ def _check_function_search_paths(ctx: _Context) -> None:
             f"Function {function} sets its search_path to {setting}, where extensions it "
             "may call are on the source; on the target they are in schema extensions, so "
             "its unqualified calls to them fail: add extensions to its search_path.",
+        )
+
+
+def _check_leakproof_functions(ctx: _Context) -> None:
+    """Only a superuser may mark a function LEAKPROOF: the schema step failed on the first."""
+    if ctx.schema_mode != "dump":
+        return
+    for (function,) in ctx.source.execute(
+        f"""
+        SELECT n.nspname || '.' || p.proname FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = ANY(%s) AND p.proleakproof AND NOT {ext_member("pg_proc", "p.oid")}
+        ORDER BY 1
+        """,
+        (ctx.schemas,),
+    ):
+        ctx.add(
+            Severity.ERROR,
+            "leakproof-function",
+            function,
+            f"Function {function} is LEAKPROOF, which only a superuser may mark and Supabase "
+            "does not allow; make it NOT LEAKPROOF on the source (ALTER FUNCTION ... NOT "
+            "LEAKPROOF), or create it on the target yourself and use --schema-mode none.",
         )
 
 

@@ -427,6 +427,19 @@ def test_dump_mode_says_a_function_whose_search_path_loses_a_moved_extension(sou
     assert "add extensions to its search_path" in said.message
 
 
+def test_dump_mode_refuses_a_leakproof_function_before_the_schema_step(source_db, target_db):
+    """Only a superuser may mark a function LEAKPROOF: the schema step failed on it (exit 1),
+    after preflight had passed."""
+    with psycopg.connect(source_db.admin_url, autocommit=True) as conn:  # a superuser's
+        conn.execute(
+            "CREATE FUNCTION public.same(a int, b int) RETURNS bool LANGUAGE sql IMMUTABLE "
+            "LEAKPROOF AS 'SELECT a = b'"
+        )
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
+    (said,) = by_code(findings, "leakproof-function")
+    assert said.severity is Severity.ERROR and said.subject == "public.same"
+
+
 def _a_dump_mode_warning(source_db, target_db, ddl: str, code: str):
     """The one finding `code` of dump mode's preflight once `ddl` ran on the source."""
     execute(source_db.url, ddl)
