@@ -18,6 +18,30 @@ from .connections import remembered
 # Schemas that belong to PostgreSQL or to Supabase and are never migrated as user data.
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 BOOKKEEPING_SCHEMA = "supabase_migration"
+# Where Supabase keeps extensions, and dump mode moves the source's.
+EXTENSIONS_SCHEMA = "extensions"
+
+
+def enum_labels_sql(type_alias: str) -> str:
+    """SQL: the labels, in their order, of the enum `type_alias` is (or is an array of);
+    NULL for any other type. Comparisons and key order follow that order."""
+    return (
+        "(SELECT string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder) "
+        "FROM pg_enum e WHERE e.enumtypid = "
+        f"CASE WHEN {type_alias}.typcategory = 'A' THEN {type_alias}.typelem "
+        f"ELSE {type_alias}.oid END)"
+    )
+
+
+def own_collation_sql(column_alias: str, type_alias: str, collation_alias: str) -> str:
+    """SQL: the name of the column's collation where it is its own, not its type's; else
+    NULL (uniqueness, ORDER BY and range scans follow it)."""
+    return (
+        f"CASE WHEN {column_alias}.attcollation <> {type_alias}.typcollation "
+        f"THEN {collation_alias}.collname END"
+    )
+
+
 # The oldest source whose catalogs we read (generated columns came in 12) and whose floats
 # print as the shortest exact text, as the target's do (11 printed 15 digits and rounded).
 OLDEST_SOURCE = 12

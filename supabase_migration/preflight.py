@@ -28,9 +28,12 @@ from psycopg import sql
 from . import checkpoints
 from .catalog import (
     BOOKKEEPING_SCHEMA,
+    EXTENSIONS_SCHEMA,
     TableInfo,
+    enum_labels_sql,
     ext_member,
     missing_schemas,
+    own_collation_sql,
     read_tables,
     server_major,
     table_names,
@@ -574,11 +577,11 @@ def _check_function_search_paths(ctx: _Context) -> None:
         schema
         for name, (schema, _) in ctx.source_ext.items()
         if name not in BUILTIN_EXTENSIONS
-        and ctx.target_ext.get(name, ("extensions",))[0] != schema  # schema_apply's
+        and ctx.target_ext.get(name, (EXTENSIONS_SCHEMA,))[0] != schema
     }
     for function, setting in ctx.source.execute(_FUNCTION_PATHS_SQL, (ctx.schemas,)):
         path = [part.strip().strip('"') for part in setting.split(",")]
-        if "extensions" in path or not moved.intersection(path):
+        if EXTENSIONS_SCHEMA in path or not moved.intersection(path):
             continue
         ctx.add(
             Severity.WARNING,
@@ -1208,10 +1211,7 @@ SELECT n.nspname || '.' || c.relname,
        a.attname, b.typname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
        a.attnotnull, a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''
        AND a.attgenerated = '', a.attidentity = 'a',
-       (SELECT string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder)
-        FROM pg_enum e
-        WHERE e.enumtypid = CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE b.oid END),
-       CASE WHEN a.attcollation <> t.typcollation THEN co.collname END
+       {enum_labels_sql("b")}, {own_collation_sql("a", "t", "co")}
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 LEFT JOIN pg_type t ON t.oid = a.atttypid

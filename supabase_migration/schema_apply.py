@@ -47,7 +47,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member, server_major
+from .catalog import (
+    BOOKKEEPING_SCHEMA,
+    EXTENSIONS_SCHEMA,
+    SCHEMA_LOCK_KEY,
+    ext_member,
+    server_major,
+)
 from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, connect, database_error, is_transient
 from .conninfo import DatabaseUrl
@@ -66,7 +72,6 @@ from .redaction import describe_pg_error, redact_text, redacted_output
 log = logging.getLogger(__name__)
 
 SCHEMA_APPLIED = "schema_applied"
-EXTENSIONS_SCHEMA = "extensions"
 PG_DUMP_TIMEOUT_S = 3600
 # Two schema steps never interleave on one target.
 _LOCK_SQL = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}'))"

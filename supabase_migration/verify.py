@@ -33,7 +33,14 @@ import psycopg
 from psycopg import sql
 
 from . import checkpoints, deferred, sqlbuild
-from .catalog import INTEGER_TYPES, TableInfo, needs_bytewise_keys, read_tables
+from .catalog import (
+    INTEGER_TYPES,
+    TableInfo,
+    enum_labels_sql,
+    needs_bytewise_keys,
+    own_collation_sql,
+    read_tables,
+)
 from .connections import gather_or_stop, is_transient, transaction_with
 from .conninfo import DatabaseUrl
 from .copy import CopySession, sums_by_range
@@ -956,19 +963,14 @@ WHERE a.attrelid = to_regclass(%s) AND a.attgenerated = 's'
 # and range scans follow it, the hashes of deterministic ones do not). Without typmods (the
 # values' checks see a changed scale or length) and schema names (extensions move to
 # `extensions`), and text and varchar alike (the copy takes either for the other).
-_COLUMN_TYPES_SQL = r"""
+_COLUMN_TYPES_SQL = rf"""
 UNION ALL
 SELECT a.attname || ' (type)', 't',
        CASE WHEN t.typname IN ('text', 'varchar') THEN 'text'
             WHEN t.typname IN ('_text', '_varchar') THEN 'text[]'
             ELSE regexp_replace(format_type(a.atttypid, NULL), '^(\w+\.|"[^"]+"\.)', '') END
-       || coalesce(' (' || (SELECT string_agg(quote_literal(e.enumlabel), ', '
-                                              ORDER BY e.enumsortorder)
-                              FROM pg_enum e
-                              WHERE e.enumtypid = CASE WHEN t.typcategory = 'A'
-                                                       THEN t.typelem ELSE t.oid END) || ')', '')
-       || CASE WHEN a.attcollation <> t.typcollation
-               THEN ' COLLATE ' || quote_ident(co.collname) ELSE '' END
+       || coalesce(' (' || {enum_labels_sql("t")} || ')', '')
+       || coalesce(' COLLATE ' || quote_ident({own_collation_sql("a", "t", "co")}), '')
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_collation co ON co.oid = a.attcollation
 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
