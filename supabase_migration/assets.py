@@ -25,7 +25,7 @@ from dagster._utils.error import SerializableErrorInfo
 from psycopg import errors as pg_errors
 from pydantic import Field
 
-from . import checkpoints, deferred
+from . import checkpoints, deferred, matviews
 from .catalog import TableInfo, needs_bytewise_keys, read_tables, referenced
 from .connections import (
     ServerUnreachable,
@@ -61,6 +61,7 @@ SCHEMA_KEY = dg.AssetKey(["migration", "schema"])
 PLAN_KEY = dg.AssetKey(["migration", "plan"])
 INDEXES_KEY = dg.AssetKey(["migration", "deferred_indexes"])
 SEQUENCES_KEY = dg.AssetKey(["migration", "sequences"])
+MATVIEWS_KEY = dg.AssetKey(["migration", "materialized_views"])
 TARGET_POOL = "supabase_target"
 KINDS = {"postgres", "supabase"}
 
@@ -865,6 +866,23 @@ def build_table_asset(manifest: Manifest, entry: ManifestTable) -> dg.AssetsDefi
     return table_asset
 
 
+def fail_if_any(
+    failures: Sequence[MigrationError], several: str, kind: type[MigrationError]
+) -> None:
+    """A step that went on past its failures (one table's, one view's) fails with the first
+    one's sentence, and says how many there were: retried only if every one was transient."""
+    if len(failures) > 1:
+        retried = all(isinstance(f, TransientError) for f in failures)
+        said = several.format(len(failures))
+        raise step_failure(
+            (TransientError if retried else kind)(
+                f"{said[0].upper()}{said[1:]}; first: {failures[0].message}"
+            )
+        )
+    if failures:
+        raise step_failure(failures[0])
+
+
 def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
     @setup_asset(
         manifest,
@@ -896,16 +914,9 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
                 waiting = deferred.pending(t, names)
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
-        if len(failures) > 1:
-            retried = all(isinstance(f, TransientError) for f in failures)
-            raise step_failure(
-                (TransientError if retried else deferred.IndexBuildError)(
-                    f"The indexes of {len(failures)} tables could not be built; first: "
-                    f"{failures[0].message}"
-                )
-            )
-        if failures:
-            raise step_failure(failures[0])
+        fail_if_any(
+            failures, "the indexes of {} tables could not be built", deferred.IndexBuildError
+        )
         rows += [[d.table_name, d.index_name, "waiting: table not fully copied"] for d in waiting]
         if waiting:
             context.log.warning(
@@ -923,27 +934,90 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
     return deferred_indexes
 
 
-def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
-    @setup_asset(
+def after_the_copy(
+    manifest: Manifest, key: dg.AssetKey, description: str
+) -> Callable[[Body], dg.AssetsDefinition]:
+    """`setup_asset` for a step that runs once every table is copied and indexed."""
+    return setup_asset(
         manifest,
-        key=SEQUENCES_KEY,
+        key=key,
         deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY],
-        description=(
-            "Every sequence and identity on the target moved to at least the source's position "
-            "and past its column's values, so the application's next insert cannot collide."
-        ),
+        description=description,
+    )
+
+
+@contextlib.contextmanager
+def source_and_target(
+    source: SourceDatabase, target: TargetDatabase
+) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+    """A step's two connections, the target's bookkeeping current (the step may run alone,
+    in the UI, on an older one); its errors fail the step in their one sentence."""
+    try:
+        with source.connection() as s, target.connection() as t:
+            checkpoints.ensure_bookkeeping(t)
+            yield s, t
+    except (MigrationError, psycopg.Error) as exc:
+        raise step_failure(exc) from None
+
+
+def build_matviews_asset(manifest: Manifest) -> dg.AssetsDefinition:
+    @after_the_copy(
+        manifest,
+        MATVIEWS_KEY,
+        "The materialized views the source holds populated, refreshed from the copied rows "
+        "(each after those it reads), once every table is copied and indexed; again whenever "
+        "a range was copied since. One the source never populated stays so.",
+    )
+    def materialized_views(
+        context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
+    ) -> dg.MaterializeResult:
+        started = time.monotonic()
+        with source_and_target(source, target) as (s, t):
+            row = t.execute("SELECT clock_timestamp()").fetchone()
+            assert row is not None
+            behind = checkpoints.MATVIEWS_STEP in checkpoints.steps_behind(t)
+            outcomes = matviews.refresh_after_copy(s, t, manifest.schemas, copied_since=behind)
+            failures = [o.error for o in outcomes if o.error is not None]
+            if not failures:  # else the next run refreshes them all again
+                step = checkpoints.MATVIEWS_STEP
+                checkpoints.record_step(t, step, context.run.run_id, at=row[0])
+        for o in outcomes:
+            if o.state == matviews.MISSING:
+                context.log.warning(f"The materialized view {o.view} is not on the target.")
+            if o.error is not None:
+                context.log.error(o.error.message)
+        fail_if_any(failures, "{} materialized views could not be refreshed", matviews.RefreshError)
+        return dg.MaterializeResult(
+            metadata={
+                "refreshed": sum(1 for o in outcomes if o.state == matviews.REFRESHED),
+                "materialized_views": len(outcomes),
+                "duration_s": round(time.monotonic() - started, 3),
+                "views": dg.MetadataValue.md(
+                    markdown_table(
+                        ["materialized view", "state", "seconds"],
+                        [[o.view, o.state, round(o.duration_s, 3)] for o in outcomes],
+                    )
+                ),
+            }
+        )
+
+    return materialized_views
+
+
+def build_sequences_asset(manifest: Manifest) -> dg.AssetsDefinition:
+    @after_the_copy(
+        manifest,
+        SEQUENCES_KEY,
+        "Every sequence and identity on the target moved to at least the source's position "
+        "and past its column's values, so the application's next insert cannot collide.",
     )
     def sequences(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase
     ) -> dg.MaterializeResult:
         started = time.monotonic()
-        try:
-            with source.connection() as s, target.connection() as t:
-                checkpoints.ensure_bookkeeping(t)  # it may run alone, on an older bookkeeping
-                finished = checkpoints.step_finished(checkpoints.SEQUENCES_STEP, context.run.run_id)
-                results = sync_sequences(s, t, manifest.schemas, also=[finished])
-        except (MigrationError, psycopg.Error) as exc:
-            raise step_failure(exc) from None
+        with source_and_target(source, target) as (s, t):
+            finished = checkpoints.step_finished(checkpoints.SEQUENCES_STEP, context.run.run_id)
+            results = sync_sequences(s, t, manifest.schemas, also=[finished])
         for r in results:
             if r.exhausted:
                 context.log.warning(

@@ -97,7 +97,9 @@ REVOKE ALL ON {BOOKKEEPING_SCHEMA}.migration_steps FROM PUBLIC;
 """
 SEQUENCES_STEP = "sequences"
 SECURITY_STEP = "security"
+MATVIEWS_STEP = "materialized_views"
 _STEPS_SAID = {
+    MATVIEWS_STEP: "the materialized views step (each refreshed from the copied rows)",
     SEQUENCES_STEP: "the sequences step (each set past the copied rows)",
     SECURITY_STEP: "the security step (row level security, policies, audit grants)",
 }
@@ -562,23 +564,31 @@ def mark_failed(
         )
 
 
-def record_step(conn: psycopg.Connection, step: str, run_id: str | None) -> None:
-    """`step` (SEQUENCES_STEP, SECURITY_STEP) finished now, after every copy before it."""
+def record_step(
+    conn: psycopg.Connection, step: str, run_id: str | None, at: datetime | None = None
+) -> None:
+    """`step` (one of _STEPS_SAID) finished now, or saw every copy before `at` (when it
+    began its reads), after every copy before it."""
     ensure_bookkeeping(conn)  # the step may run alone, in the UI, on an older bookkeeping
-    conn.execute(step_finished(step, run_id))
+    conn.execute(step_finished(step, run_id, at))
 
 
-def step_finished(step: str, run_id: str | None) -> sql.Composed:
+def step_finished(step: str, run_id: str | None, at: datetime | None = None) -> sql.Composed:
     """The record that `step` finished, dated by its transaction's start: sent in the
     transaction that reads the copied rows (the sequences'), the date precedes those reads.
     A range's checkpoint is dated when it is written, just before its COMMIT, so a range
     committed after the step's reads is always later (`steps_behind`), even one whose
     transaction began before the step did."""
     return sql.SQL(
-        "INSERT INTO {} (step, completed_at, run_id) VALUES ({}, now(), {}) "
+        "INSERT INTO {} (step, completed_at, run_id) VALUES ({}, {}, {}) "
         "ON CONFLICT (step) DO UPDATE SET completed_at = EXCLUDED.completed_at, "
         "run_id = EXCLUDED.run_id"
-    ).format(STEPS, sql.Literal(step), sql.Literal(run_id))
+    ).format(
+        STEPS,
+        sql.Literal(step),
+        sql.SQL("now()") if at is None else sql.Literal(at),
+        sql.Literal(run_id),
+    )
 
 
 def steps_behind(conn: psycopg.Connection) -> list[str]:
@@ -600,7 +610,8 @@ def steps_behind(conn: psycopg.Connection) -> list[str]:
 
 def steps_behind_sentence(steps: Sequence[str]) -> str:
     one = len(steps) == 1
-    named = " and ".join(_STEPS_SAID[s] for s in steps)
+    said = [_STEPS_SAID[s] for s in steps]
+    named = " and ".join([", ".join(said[:-1]), said[-1]] if len(said) > 1 else said)
     return (
         f"{named[0].upper()}{named[1:]} "
         f"{'has' if one else 'have'} not run since the last range was copied: "

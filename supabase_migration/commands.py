@@ -46,6 +46,7 @@ from .assets import (
     EXIT_CODE_METADATA,
     INDEXES_KEY,
     INTERRUPTED_METADATA,
+    MATVIEWS_KEY,
     PARTITIONS_PER_RUN,
     PID_TAG,
     PLAN_KEY,
@@ -757,7 +758,9 @@ def _run(
     summary = RunSummary(tables=tables, failures=failed, duration_s=0.0)
     if summary.copied:
         _wait_for_a_target_slot(instance, log)
-        _run_setup_assets(defs, [INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY], instance, command)
+        _run_setup_assets(
+            defs, [INDEXES_KEY, MATVIEWS_KEY, SEQUENCES_KEY, SECURITY_KEY], instance, command
+        )
         if settings.verify:
             log("Verifying every table against the source")
             try:

@@ -13,10 +13,12 @@ import dagster as dg
 
 from .assets import (
     INDEXES_KEY,
+    MATVIEWS_KEY,
     PLAN_KEY,
     SCHEMA_KEY,
     SEQUENCES_KEY,
     build_indexes_asset,
+    build_matviews_asset,
     build_plan_asset,
     build_schema_asset,
     build_sequences_asset,
@@ -43,10 +45,13 @@ def build_definitions(
         build_plan_asset(manifest, first_plans),
         *table_assets,
         build_indexes_asset(manifest),
+        build_matviews_asset(manifest),
         build_sequences_asset(manifest),
         build_security_asset(manifest),
         build_report_asset(
-            manifest, security_findings=report_findings(manifest), extra_deps=[SECURITY_KEY]
+            manifest,
+            security_findings=report_findings(manifest),
+            extra_deps=[MATVIEWS_KEY, SECURITY_KEY],
         ),
     ]
     jobs = [
@@ -58,11 +63,11 @@ def build_definitions(
         dg.define_asset_job(
             "migration_finish",
             selection=dg.AssetSelection.assets(
-                INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY, REPORT_KEY
+                INDEXES_KEY, MATVIEWS_KEY, SEQUENCES_KEY, SECURITY_KEY, REPORT_KEY
             ),
             description=(
-                "After every partition is copied: deferred indexes, sequences, row level "
-                "security and audit, then the verification report."
+                "After every partition is copied: deferred indexes, materialized views, "
+                "sequences, row level security and audit, then the verification report."
             ),
         ),
         dg.define_asset_job(

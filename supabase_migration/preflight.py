@@ -45,6 +45,7 @@ from .conninfo import is_loopback_host
 from .copy import replica_mode_allowed
 from .errors import ConfigError, PreflightError, listed
 from .manifest import Manifest
+from .matviews import materialized_views
 from .redaction import describe_pg_error
 from .sqlbuild import READING_ROWS, key_arrays, key_texts, keys_in, rows_of
 
@@ -1139,19 +1140,16 @@ def _check_superuser_objects(ctx: _Context) -> None:
 
 
 def _check_materialized_views(ctx: _Context) -> None:
-    for schema, name in ctx.source.execute(
-        """
-        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind = 'm' AND n.nspname = ANY(%s) ORDER BY 1, 2
-        """,
-        (ctx.schemas,),
-    ):
+    for view in materialized_views(ctx.source, ctx.schemas):
         ctx.add(
             Severity.INFO,
             "materialized-view",
-            f"{schema}.{name}",
-            f"Materialized view {schema}.{name} is created empty; run REFRESH MATERIALIZED "
-            "VIEW on the target after the data is copied.",
+            view.qualified,
+            f"Materialized view {view.qualified} is refreshed on the target once its tables "
+            "are copied."
+            if view.populated
+            else f"Materialized view {view.qualified} is not populated on the source; it is "
+            "left so on the target.",
         )
 
 

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, read_user_text
-from .verify import CHECK_NAMES, CHECKSUMS, CONSTRAINTS, ERROR, INDEXES, ROW_COUNT, CheckOutcome
+from .verify import (
+    CHECK_NAMES,
+    CHECKSUMS,
+    CONSTRAINTS,
+    ERROR,
+    INDEXES,
+    MATVIEW_CONTENT,
+    ROW_COUNT,
+    CheckOutcome,
+)
 
 REPORT_DIR_ENV = "SUPABASE_MIGRATION_REPORT_DIR"
 DEFAULT_REPORT_DIR = "migration-report"
@@ -188,7 +197,7 @@ class Report:
         result = []
         for table in self.tables:
             mine = [o for o in self.outcomes if o.table == table]
-            counts = self.outcome(table, ROW_COUNT)
+            counts = self.outcome(table, ROW_COUNT) or self.outcome(table, MATVIEW_CONTENT)
             sums = self.outcome(table, CHECKSUMS)
             if sums is None:
                 checksum_status = "not run"

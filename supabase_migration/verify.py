@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from . import checkpoints, deferred, sqlbuild
+from . import checkpoints, deferred, matviews, sqlbuild
 from .catalog import (
     INTEGER_TYPES,
     TableInfo,
@@ -65,6 +65,8 @@ INDEXES = "indexes_match"
 CONSTRAINTS = "constraints_match"
 FOREIGN_KEYS = "foreign_keys_valid"
 SEQUENCES = "sequence_ahead"
+# Not a table asset's check (no asset stands for a materialized view): the report's alone.
+MATVIEW_CONTENT = "materialized_view_matches"
 CHECK_NAMES = (ROW_COUNT, CHECKSUMS, SAMPLE, INDEXES, CONSTRAINTS, FOREIGN_KEYS, SEQUENCES)
 
 CHECK_DESCRIPTIONS = {
@@ -1389,6 +1391,78 @@ def sequences(target: psycopg.Connection, table: TableInfo) -> CheckOutcome:
 # --- one table, the whole migration -------------------------------------------------------
 
 
+def materialized_views(
+    source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str]
+) -> list[CheckOutcome]:
+    """Each materialized view of the source: on the target, populated where the source's is,
+    with the same rows (counted, and hashed in any order). Rows that differ only WARN: the
+    target's was refreshed from the copied tables, the source's whenever it last was."""
+    on_target = {v.qualified: v for v in matviews.materialized_views(target, schemas)}
+    outcomes = []
+    for view in matviews.materialized_views(source, schemas):
+        started = time.monotonic()
+        try:
+            found = _matview_compared(source, target, view, on_target.get(view.qualified))
+        except psycopg.Error as exc:
+            outcomes.append(
+                failed_to_run(MATVIEW_CONTENT, view.qualified, exc, time.monotonic() - started)
+            )
+            continue
+        passed, severity, sentence, details = found
+        outcomes.append(
+            CheckOutcome(
+                MATVIEW_CONTENT,
+                view.qualified,
+                passed,
+                severity,
+                sentence,
+                details,
+                time.monotonic() - started,
+            )
+        )
+    return outcomes
+
+
+def _matview_compared(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    view: matviews.MatView,
+    there: matviews.MatView | None,
+) -> tuple[bool, str, str, dict[str, Any]]:
+    name = f"The materialized view {view.qualified}"
+    if there is None:
+        return False, ERROR, f"{name} does not exist on the target.", {"missing_on": "target"}
+    if not view.populated:
+        return True, WARN, f"{name} is not populated on the source.", {"populated": False}
+    if not there.populated:
+        return (
+            False,
+            ERROR,
+            f"{name} is populated on the source but not on the target, where reading it "
+            "fails; `supabase-migrate run` refreshes it.",
+            {"populated_on_target": False},
+        )
+    both = {id(source): view, id(target): there}
+
+    def content(conn: psycopg.Connection) -> tuple[int, str]:
+        with read_snapshot(conn):
+            return matviews.content(conn, both[id(conn)])
+
+    (s_rows, s_hash), (t_rows, t_hash) = on_both(content, source, target)
+    details = {"source_rows": s_rows, "target_rows": t_rows}
+    if s_rows == t_rows and s_hash == t_hash:
+        return True, WARN, f"{name} holds the same {_plural(s_rows, 'row')} on both sides.", details
+    return (
+        False,
+        WARN,
+        f"{name} holds {s_rows} rows on the source and {t_rows} on the target"
+        f"{', not the same ones' if s_rows == t_rows else ''}. The target's was refreshed from "
+        "the copied tables: the source's differs if it was not refreshed since they changed "
+        "(refresh it there to compare).",
+        details,
+    )
+
+
 def failed_to_run(name: str, table: str, exc: BaseException, duration_s: float) -> CheckOutcome:
     """A check that could not run fails, with a PHI-free reason."""
     return CheckOutcome(
@@ -1607,6 +1681,8 @@ def run_verification(
                 lambda: [*first.connections(), *second.connections()],
                 on_stop=stopping.set,
             )
+        # A full verification: the materialized views too (no table's checks name them).
+        views = [] if tables else materialized_views(first.source, first.target, manifest.schemas)
     for name in left_out:
         results[name] = _missing(name, manifest.left_out_sentence([name]), "manifest")
     for name in removed:  # the user's choice, said: rows on the target nothing verifies now
@@ -1614,7 +1690,7 @@ def run_verification(
         results[name] = [CheckOutcome(ROW_COUNT, name, False, WARN, sentence, {})]
     outcomes = [
         outcome for name in [*names, *left_out, *removed] for outcome in results.get(name, [])
-    ]
+    ] + views
     return Report(
         outcomes=tuple(outcomes),
         security_findings=tuple(security_findings),

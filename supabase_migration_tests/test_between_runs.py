@@ -552,7 +552,7 @@ def test_a_range_committed_after_the_sequences_step_read_leaves_the_step_behind(
             "SELECT max(id), (SELECT last_value + is_called::int FROM visits_id_seq) FROM visits"
         ).fetchone() == (2, 2)
     status = cli(["status"], env, tmp_path)
-    assert "The sequences step (each set past the copied rows)" in _said_cleanly(status), (
+    assert "the sequences step (each set past the copied rows)" in _said_cleanly(status), (
         status.stdout
     )
     assert cli(["run", "--no-progress", "--no-verify"], env, tmp_path).returncode == 0
@@ -588,7 +588,7 @@ def test_status_on_a_target_whose_bookkeeping_predates_the_steps_record(bed):
     assert cli(["run", "--no-progress", "--no-verify"], env, tmp_path).returncode == 0
     with psycopg.connect(target_db.admin_url) as conn:
         steps = conn.execute("SELECT step FROM supabase_migration.migration_steps ORDER BY 1")
-        assert [s for (s,) in steps] == ["security", "sequences"]
+        assert [s for (s,) in steps] == ["materialized_views", "security", "sequences"]
 
 
 def test_a_float_changed_on_the_source_is_written_to_a_target_that_rounds_floats(bed):

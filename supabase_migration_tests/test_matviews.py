@@ -1,0 +1,149 @@
+"""Materialized views: created empty by the schema step, refreshed once their tables are
+copied (each after those it reads), again only when a range was copied since, and compared
+by verify. Real servers, the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from .test_cli import cli
+from .testbed import cli_env
+
+PHI = "PHIMARK"
+
+# z_base is read by a_summary through a plain view: by name alone a_summary would be
+# refreshed first, from an unpopulated z_base, and fail.
+SCHEMA = f"""
+CREATE TABLE visits (id bigint PRIMARY KEY, clinic int NOT NULL, note text, code text);
+INSERT INTO visits SELECT g, g % 7, '{PHI} ' || g, (g % 90)::text FROM generate_series(1, 3000) g;
+CREATE MATERIALIZED VIEW z_base AS
+  SELECT clinic, count(*) AS visits, max(length(note)) AS longest FROM visits GROUP BY clinic;
+CREATE VIEW by_clinic AS SELECT clinic, visits FROM z_base;
+CREATE MATERIALIZED VIEW a_summary AS SELECT sum(visits) AS total FROM by_clinic;
+CREATE MATERIALIZED VIEW never_filled AS SELECT id FROM visits WITH NO DATA;
+CREATE MATERIALIZED VIEW codes AS SELECT id, code::int AS code FROM visits;
+"""
+
+RUN = ("run", "--no-progress", "--schema-mode", "dump", "--batch-size", "1000")
+
+
+@pytest.fixture
+def bed(source_db, target_db, tmp_path: Path):
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return source_db, target_db, cli_env(source_db.url, target_db.url, tmp_path), tmp_path
+
+
+def _rows(url: str, view: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(f"TABLE {view} ORDER BY 1").fetchall()
+
+
+def _state(url: str) -> dict[str, tuple[bool, int]]:
+    """(populated, relfilenode) by name: each REFRESH writes a new relfilenode."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT relname, relispopulated, relfilenode::bigint FROM pg_class "
+            "WHERE relkind = 'm' AND relnamespace = 'public'::regnamespace"
+        ).fetchall()
+    return {name: (populated, node) for name, populated, node in rows}
+
+
+def _views_checked(tmp_path: Path) -> dict[str, dict]:
+    report = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
+    return {c["table"]: c for c in report["checks"] if c["name"] == "materialized_view_matches"}
+
+
+def _clean(done) -> str:
+    text = done.stdout + done.stderr
+    assert "Traceback" not in text and PHI not in text, text
+    return text
+
+
+def test_populated_views_are_refreshed_in_dependency_order_and_verified(bed):
+    source_db, target_db, env, tmp_path = bed
+    done = cli([*RUN], env, tmp_path, 300)
+    assert done.returncode == 0, _clean(done)
+    for view in ("z_base", "a_summary", "codes"):
+        assert _rows(target_db.url, view) == _rows(source_db.url, view), view
+    first = _state(target_db.url)
+    assert first["never_filled"][0] is False  # as on the source
+    assert all(first[v][0] for v in ("z_base", "a_summary", "codes"))
+    checked = _views_checked(tmp_path)
+    assert set(checked) == {f"public.{v}" for v in ("z_base", "a_summary", "never_filled", "codes")}
+    assert all(c["passed"] for c in checked.values()), checked
+    assert checked["public.z_base"]["details"] == {"source_rows": 7, "target_rows": 7}
+
+    # Nothing copied since: nothing refreshed again.
+    again = cli([*RUN, "--no-verify"], env, tmp_path, 300)
+    assert again.returncode == 0, _clean(again)
+    assert _state(target_db.url) == first
+
+    # A row changed on the source (and its views refreshed there): the range is re-synced,
+    # so every populated view is refreshed from it.
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE visits SET clinic = 100 WHERE id = 5")
+        conn.execute("REFRESH MATERIALIZED VIEW z_base; REFRESH MATERIALIZED VIEW a_summary")
+    third = cli([*RUN], env, tmp_path, 300)
+    assert third.returncode == 0, _clean(third)
+    assert _rows(target_db.url, "z_base") == _rows(source_db.url, "z_base")
+    assert (100, 1, len(f"{PHI} 5")) in _rows(target_db.url, "z_base")
+    after = _state(target_db.url)
+    assert all(after[v][1] != first[v][1] for v in ("z_base", "a_summary", "codes"))
+    assert after["never_filled"] == first["never_filled"]
+
+
+def test_a_view_that_fails_to_refresh_fails_the_run_without_its_value_and_the_next_run_mends(bed):
+    """`codes` casts a text column to int: refreshed on the source while every code was a
+    number, its table then took a value that is not. The target's refresh fails; the error
+    names the view, not the value; the others are refreshed; status says the step is behind;
+    with the row fixed, the next run refreshes it."""
+    source_db, target_db, env, tmp_path = bed
+    secret = f"{PHI}-MRN"
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE visits SET code = %s WHERE id = 17", (secret,))
+    done = cli([*RUN], env, tmp_path, 300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    text = _clean(done)
+    assert "Refreshing the materialized view public.codes failed" in text, text
+    assert "invalid_text_representation" in text, text
+    state = _state(target_db.url)
+    assert state["codes"][0] is False
+    assert state["z_base"][0] and state["a_summary"][0]
+    status = cli(["status"], env, tmp_path)
+    assert "The materialized views step (each refreshed from the copied rows)" in _clean(status)
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("UPDATE visits SET code = '17' WHERE id = 17")
+    mended = cli([*RUN], env, tmp_path, 300)
+    assert mended.returncode == 0, _clean(mended)
+    assert _rows(target_db.url, "codes") == _rows(source_db.url, "codes")
+    assert "materialized views step" not in _clean(cli(["status"], env, tmp_path))
+
+
+def test_verify_fails_an_unpopulated_view_and_warns_of_one_the_source_did_not_refresh(bed):
+    source_db, target_db, env, tmp_path = bed
+    assert cli([*RUN, "--no-verify"], env, tmp_path, 300).returncode == 0
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("REFRESH MATERIALIZED VIEW a_summary WITH NO DATA")
+    failed = cli(["verify"], env, tmp_path, 300)
+    assert failed.returncode == 1, _clean(failed)
+    summary = _views_checked(tmp_path)["public.a_summary"]
+    assert not summary["passed"] and summary["severity"] == "ERROR"
+    assert "populated on the source but not on the target" in summary["description"]
+
+    # Rows changed on the source, whose view was not refreshed there: the run refreshes the
+    # target's from the copied rows, and verify warns (and passes) that they differ.
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("DELETE FROM visits WHERE clinic = 3")
+    done = cli([*RUN], env, tmp_path, 300)
+    assert done.returncode == 0, _clean(done)
+    z_base = _views_checked(tmp_path)["public.z_base"]
+    assert not z_base["passed"] and z_base["severity"] == "WARN", z_base
+    assert z_base["details"] == {"source_rows": 7, "target_rows": 6}
+    assert "not refreshed since they changed" in z_base["description"]
+    assert _views_checked(tmp_path)["public.a_summary"]["passed"] is False  # sum differs too
