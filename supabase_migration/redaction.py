@@ -38,6 +38,10 @@ _KEYVALUE_PASSWORD = re.compile(
 _QUOTED = re.compile(r""""(?:[^"]|"")*"|(?<!\w)'(?:[^'\\]|\\.|'')*'""")
 _OPEN_QUOTE = re.compile(r""""|(?<!\w)'""")
 _HEX_BYTES = re.compile(r"\b0x[0-9A-Fa-f]+\b")
+# The server's sentences about a setting name it right after the word parameter
+# (`permission denied to set parameter "…"`, `invalid value for parameter "…": "…"`): a
+# setting's name, never a row's value, and what the user must look up.
+_PARAMETER_NAME = re.compile(r'"[A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)?"')
 # The server's encoding names, which its conversion errors quote ('... in encoding "UTF8" has
 # no equivalent in encoding "LATIN1"'): kept, since they say what to fix, and hold no value.
 _ENCODINGS = frozenset(
@@ -199,8 +203,10 @@ def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
             return _HEX_BYTES.sub("0x…", "".join(out)).rstrip()
         out.append(between)
         literal = match.group(0)
-        if literal in allowed or (
-            between.endswith("encoding ") and literal.strip('"') in _ENCODINGS
+        if (
+            literal in allowed
+            or (between.endswith("encoding ") and literal.strip('"') in _ENCODINGS)
+            or (between.endswith("parameter ") and _PARAMETER_NAME.fullmatch(literal))
         ):
             out.append(literal)
             pos = match.end()

@@ -357,6 +357,15 @@ SERVER_CASES = [
      'relation "…" does not exist'),
     ("SELECT '\"Jane\"\" Q. Patient\"'::regtype", "undefined_object (42704)",
      'type "…" does not exist'),
+    # a setting is named (what to look up), the value given it is not
+    ("SET DateStyle = 'Jane Q. Patient'", "invalid_parameter_value (22023)",
+     'invalid value for parameter "DateStyle"'),
+    ("SET ROLE pg_read_all_data; SET log_statement = 'all'", "insufficient_privilege (42501)",
+     'permission denied to set parameter "log_statement"'),
+    ("SET app.patient = 'Jane Q. Patient'; SET max_connections = 7", "cant_change_runtime_param",
+     'parameter "max_connections" cannot be changed without restarting the server'),
+    ("SELECT current_setting('Jane Q. Patient')", "undefined_object (42704)",
+     'unrecognized configuration parameter "…"'),
     # RAISE naming a value in the fields it sets: the fields are the author's words too
     *((f"DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = 'check_violation', {field} = "
        "(SELECT ssn FROM patients); END $$", "check_violation (23514): message", "withheld")
