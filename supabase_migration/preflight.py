@@ -619,32 +619,94 @@ def _check_leakproof_functions(ctx: _Context) -> None:
 
 # Casts users made that touch the migrated schemas (a type or the function of one). A cast
 # belongs to no schema, so pg_dump --schema leaves it out.
+# The user's casts that touch the schemas given (%s): their types or function. Names are
+# read under search_path pg_catalog, so every one outside pg_catalog comes qualified.
 _CASTS_SQL = f"""
-SELECT format_type(c.castsource, NULL), format_type(c.casttarget, NULL)
+SELECT format_type(c.castsource, NULL), format_type(c.casttarget, NULL), c.castmethod,
+       c.castcontext, CASE WHEN c.castfunc <> 0 THEN c.castfunc::regprocedure::text END,
+       pn.nspname, p.proname, coalesce(l.lanpltrusted, true),
+       sn.nspname, s.typname, sn.nspname = ANY(%s) AND NOT {ext_member("pg_type", "s.oid")},
+       tn.nspname, t.typname, tn.nspname = ANY(%s) AND NOT {ext_member("pg_type", "t.oid")}
 FROM pg_cast c
-JOIN pg_type s ON s.oid = c.castsource
-JOIN pg_type t ON t.oid = c.casttarget
+JOIN pg_type s ON s.oid = c.castsource JOIN pg_namespace sn ON sn.oid = s.typnamespace
+JOIN pg_type t ON t.oid = c.casttarget JOIN pg_namespace tn ON tn.oid = t.typnamespace
 LEFT JOIN pg_proc p ON p.oid = c.castfunc
+LEFT JOIN pg_namespace pn ON pn.oid = p.pronamespace
+LEFT JOIN pg_language l ON l.oid = p.prolang
 WHERE c.oid >= 16384 AND NOT {ext_member("pg_cast", "c.oid")}
-  AND (SELECT array_agg(oid) FROM pg_namespace WHERE nspname = ANY(%s))
-      && ARRAY[s.typnamespace, t.typnamespace, coalesce(p.pronamespace, 0)]
+  AND ARRAY[sn.nspname, tn.nspname, coalesce(pn.nspname, '')]::text[] && %s::text[]
 ORDER BY 1, 2
 """
+_CAST_CONTEXT = {"e": "", "a": " AS ASSIGNMENT", "i": " AS IMPLICIT"}
+
+
+@dataclass(frozen=True)
+class UserCast:
+    """A cast of the user's: pg_dump of schemas leaves every one out (a cast belongs to no
+    schema), so dump mode creates it, after its function and types, where the target's
+    `postgres` may: it owns one of the cast's types (one the schema step creates)."""
+
+    source_type: str
+    target_type: str
+    statement: str
+    function: tuple[str, str] | None  # (schema, name)
+    types: tuple[tuple[str, str], ...]  # (schema, name) of those the schema step creates
+    not_copied: str  # why dump mode cannot create it on the target, or ""
+
+    @property
+    def name(self) -> str:
+        return f"cast ({self.source_type} AS {self.target_type})"
+
+
+def user_casts(conn: psycopg.Connection, schemas: Sequence[str]) -> list[UserCast]:
+    with transaction_with(conn, [sql.SQL("SET LOCAL search_path = pg_catalog")], commit=False):
+        rows = conn.execute(_CASTS_SQL, (list(schemas),) * 3).fetchall()
+    casts = []
+    for (
+        source_type, target_type, method, context, function, f_schema, f_name, trusted,
+        s_schema, s_name, s_ours, t_schema, t_name, t_ours,
+    ) in rows:  # fmt: skip
+        how = {"f": f"WITH FUNCTION {function}", "i": "WITH INOUT"}.get(method, "")
+        not_copied = (
+            "a binary-coercible cast (WITHOUT FUNCTION) needs superuser on Supabase"
+            if method == "b"
+            else "creating a cast needs ownership of one of its types, and neither is one "
+            "the schema step creates"
+            if not (s_ours or t_ours)
+            else "its function's language is untrusted, which needs superuser on Supabase"
+            if not trusted
+            else ""
+        )
+        casts.append(
+            UserCast(
+                source_type,
+                target_type,
+                f"CREATE CAST ({source_type} AS {target_type}) {how}{_CAST_CONTEXT[context]};",
+                (f_schema, f_name) if function else None,
+                tuple(
+                    (sc, n)
+                    for sc, n, ours in [(s_schema, s_name, s_ours), (t_schema, t_name, t_ours)]
+                    if ours
+                ),
+                not_copied,
+            )
+        )
+    return casts
 
 
 def _check_casts(ctx: _Context) -> None:
     if ctx.schema_mode != "dump":
         return  # alembic mode: the migrations make it; none: the user made the schema
-    for source_type, target_type in ctx.source.execute(_CASTS_SQL, (ctx.schemas,)):
-        ctx.add(
-            Severity.WARNING,
-            "cast",
-            f"cast ({source_type} AS {target_type})",
-            f"The cast ({source_type} AS {target_type}) is not copied: a cast belongs to no "
-            "schema, and dump mode copies schemas. Create it on the target (CREATE CAST) "
-            "after the schema step; where a view or default uses it, that step fails first: "
-            "make the schema yourself then, and use --schema-mode none.",
-        )
+    for cast in user_casts(ctx.source, ctx.schemas):
+        if cast.not_copied:
+            ctx.add(
+                Severity.WARNING,
+                "cast",
+                cast.name,
+                f"The {cast.name} is not copied: {cast.not_copied}. A view, default or "
+                "function that uses it fails, or behaves otherwise, on the target: rewrite "
+                "those without it, or make the schema yourself and use --schema-mode none.",
+            )
 
 
 # Each column's type, followed through domains and arrays down to the types it is made of.

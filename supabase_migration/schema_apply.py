@@ -61,11 +61,13 @@ from .errors import ConfigError, MigrationError, SchemaError, TransientError
 from .inputs import check_alembic_config
 from .preflight import (
     BUILTIN_EXTENSIONS,
+    UserCast,
     available_extensions,
     installed_extensions,
     is_reserved_schema,
     source_schemas,
     untrusted_language_extensions,
+    user_casts,
 )
 from .redaction import describe_pg_error, redact_text, redacted_output
 
@@ -1275,6 +1277,32 @@ def extension_rewriter(
 # -- dump: applying ------------------------------------------------------------------------------
 
 
+def with_casts(statements: Sequence[Statement], casts: Sequence[UserCast]) -> list[Statement]:
+    """Each cast right after the last statement of what it needs (its function, its types),
+    so before any view, default or routine that uses it, as a whole-database pg_dump orders
+    it. A view that casts a composite to text without it would still be made, reading
+    otherwise (record_out's text)."""
+    out = list(statements)
+    for cast in casts:
+
+        def needed(st: Statement, cast: UserCast = cast) -> bool:
+            if st.entry_type in {"COMMENT", "ACL"}:
+                return False
+            if (st.entry_schema, st.entry_name) in cast.types:
+                return True
+            return (
+                cast.function is not None
+                and st.entry_type == "FUNCTION"
+                and st.entry_schema == cast.function[0]
+                and st.entry_name.startswith(f"{cast.function[1]}(")
+            )
+
+        after = [i for i, st in enumerate(out) if needed(st)]
+        at = max(after) + 1 if after else len(out)
+        out.insert(at, Statement(cast.statement, "CAST", cast.name.removeprefix("cast ")))
+    return out
+
+
 def _apply_dump(
     source_url: DatabaseUrl,
     target_url: DatabaseUrl,
@@ -1284,6 +1312,7 @@ def _apply_dump(
     with borrowed(source_url) as source:
         schemas = list(schemas) if schemas is not None else source_schemas(source)
         untrusted_ext = untrusted_language_extensions(source)
+        casts = user_casts(source, schemas)
         source_ext = {
             name: info
             for name, info in installed_extensions(source).items()
@@ -1302,16 +1331,24 @@ def _apply_dump(
         # Left out, as their functions are, unless the target has them already.
         untrusted_ext -= set(target_ext)
         source_ext = {n: info for n, info in source_ext.items() if n not in untrusted_ext}
-        dump = filter_dump(split_dump(raw), target_settings=settings, untrusted_languages=untrusted)
+        dump = filter_dump(
+            with_casts(split_dump(raw), [c for c in casts if not c.not_copied]),
+            target_settings=settings,
+            untrusted_languages=untrusted,
+        )
         moves = {
             name: (schema, target_ext[name][0] if name in target_ext else EXTENSIONS_SCHEMA)
             for name, (schema, _) in source_ext.items()
         }
         rewrite = extension_rewriter(source, moves)
-    skipped = list(dump.skipped) + [
-        f"EXTENSION {name}: its language is untrusted, which needs superuser on Supabase"
-        for name in sorted(untrusted_ext)
-    ]
+    skipped = (
+        list(dump.skipped)
+        + [
+            f"EXTENSION {name}: its language is untrusted, which needs superuser on Supabase"
+            for name in sorted(untrusted_ext)
+        ]
+        + [f"{c.name}: {c.not_copied}" for c in casts if c.not_copied]
+    )
     created: int | None = None
     with connect(target_url) as target:
         try:

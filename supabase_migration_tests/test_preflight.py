@@ -391,24 +391,6 @@ def test_schema_mode_none_refuses_a_column_ordered_otherwise_on_the_target(sourc
     assert all(f.severity is Severity.ERROR for f in by_code(findings, "column-order"))
 
 
-def test_dump_mode_says_a_users_cast_is_not_copied(source_db, target_db):
-    """pg_dump --schema leaves casts out (they belong to no schema): the target lacked it,
-    and everything passed; a view using it failed the schema step unexplained."""
-    cast = _a_dump_mode_warning(
-        source_db,
-        target_db,
-        "CREATE TYPE public.money2 AS (amount int); "
-        "CREATE FUNCTION public.to_money2(int) RETURNS public.money2 LANGUAGE sql IMMUTABLE "
-        "AS 'SELECT ROW($1)::public.money2'; "
-        "CREATE CAST (int AS public.money2) WITH FUNCTION public.to_money2(int)",
-        "cast",
-    )
-    assert cast.message.startswith(
-        "The cast (integer AS money2) is not copied: a cast belongs to no schema"
-    )
-    assert not by_code(preflight(source_db.url, target_db.url, ["public"], mode="none"), "cast")
-
-
 def test_dump_mode_says_a_function_whose_search_path_loses_a_moved_extension(source_db, target_db):
     """uuid-ossp in public, and a function that sets `search_path = public` and calls
     uuid_generate_v4() unqualified: on the target the extension is in `extensions`, so the

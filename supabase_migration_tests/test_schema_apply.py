@@ -494,6 +494,45 @@ def test_dump_mode_leaves_out_an_untrusted_language_extension_with_its_functions
         assert conn.execute("SELECT to_regproc('public.hostname')").fetchone() == (None,)
 
 
+CASTS = """
+CREATE TYPE public.pair AS (a int, b int);
+CREATE FUNCTION public.pair_text(public.pair) RETURNS text LANGUAGE sql IMMUTABLE
+  AS $$ SELECT $1.a || ':' || $1.b $$;
+CREATE CAST (public.pair AS text) WITH FUNCTION public.pair_text(public.pair) AS ASSIGNMENT;
+CREATE TYPE public.code AS ENUM ('1', '2');
+CREATE CAST (public.code AS integer) WITH INOUT;
+CREATE FUNCTION public.loose(text) RETURNS money LANGUAGE sql AS 'SELECT 0::money';
+CREATE CAST (text AS money) WITH FUNCTION public.loose(text);
+CREATE TABLE public.t (id int PRIMARY KEY, p public.pair, c public.code);
+CREATE VIEW public.v AS SELECT id, p::text AS shown, c::integer AS n FROM public.t;
+INSERT INTO public.t VALUES (1, ROW(3, 4), '2');
+"""
+
+
+def test_dump_mode_creates_the_users_casts_before_what_uses_them(source_db, target_db):
+    """pg_dump --schema leaves casts out (they belong to no schema). Without the composite's
+    cast the view was still made, and showed `(3,4)` where the source shows `3:4`; without
+    the enum's, the view failed the schema step. A cast the target's `postgres` cannot make
+    (it owns neither type) is said by preflight and in the skipped list."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(CASTS)
+    from .test_preflight import preflight
+
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
+    assert [f.subject for f in findings if f.code == "cast"] == ["cast (text AS money)"]
+    source, target = _urls(source_db, target_db.url)
+    result = apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
+    assert any(s.startswith("cast (text AS money): creating a cast") for s in result.skipped)
+    with psycopg.connect(target_db.url) as conn:
+        conn.execute("INSERT INTO public.t VALUES (1, ROW(3, 4), '2')")
+        assert conn.execute("TABLE public.v").fetchall() == [(1, "3:4", 2)]
+        casts = conn.execute(
+            "SELECT format('%s %s %s', castsource::regtype, casttarget::regtype, castcontext) "
+            "FROM pg_cast WHERE oid >= 16384 ORDER BY 1"
+        ).fetchall()
+        assert casts == [("code integer e",), ("pair text a",)]
+
+
 def test_split_dump_respects_quoting_and_drops_meta_commands():
     text = textwrap.dedent(
         """\
