@@ -975,10 +975,16 @@ def build_matviews_asset(manifest: Manifest) -> dg.AssetsDefinition:
         with source_and_target(source, target) as (s, t):
             row = t.execute("SELECT clock_timestamp()").fetchone()
             assert row is not None
-            behind = checkpoints.MATVIEWS_STEP in checkpoints.steps_behind(t)
-            outcomes = matviews.refresh_after_copy(s, t, manifest.schemas, copied_since=behind)
+            each = f"{checkpoints.MATVIEWS_STEP}:"
+            outcomes = matviews.refresh_after_copy(
+                s,
+                t,
+                manifest.schemas,
+                fresh=checkpoints.steps_since_last_copy(t, each),
+                record=lambda v: checkpoints.step_finished(each + v.qualified, context.run.run_id),
+            )
             failures = [o.error for o in outcomes if o.error is not None]
-            if not failures:  # else the next run refreshes them all again
+            if not failures:  # else status says the step is behind, till one refreshes them
                 step = checkpoints.MATVIEWS_STEP
                 checkpoints.record_step(t, step, context.run.run_id, at=row[0])
         for o in outcomes:

@@ -608,6 +608,19 @@ def steps_behind(conn: psycopg.Connection) -> list[str]:
     return [step for (step,) in rows]
 
 
+def steps_since_last_copy(conn: psycopg.Connection, prefix: str) -> set[str]:
+    """The names after `prefix` of the steps `prefix<name>` finished since the last range was
+    copied (the materialized views, each recorded with its own refresh)."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT substr(step, length(%s) + 1) FROM {} WHERE starts_with(step, %s) "
+            "AND completed_at >= coalesce((SELECT max(completed_at) FROM {}), '-infinity')"
+        ).format(STEPS, CHECKPOINTS),
+        (prefix, prefix),
+    ).fetchall()
+    return {name for (name,) in rows}
+
+
 def steps_behind_sentence(steps: Sequence[str]) -> str:
     one = len(steps) == 1
     said = [_STEPS_SAID[s] for s in steps]

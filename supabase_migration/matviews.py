@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import graphlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -102,12 +102,14 @@ def refresh_order(conn: psycopg.Connection, views: Sequence[MatView]) -> list[Ma
     return [by_oid[oid] for oid in sorter.static_order()]
 
 
-def refresh(conn: psycopg.Connection, view: MatView) -> None:
-    """REFRESH one materialized view in its own transaction. Row level security must not
-    narrow what it reads: with it off, a policy that would fails the refresh instead."""
+def refresh(conn: psycopg.Connection, view: MatView, also: Sequence[sql.Composable] = ()) -> None:
+    """REFRESH one materialized view in its own transaction, with `also` after it (its
+    record). Row level security must not narrow what it reads: with it off, a policy that
+    would fails the refresh instead."""
+    refresh = sql.SQL("REFRESH MATERIALIZED VIEW {}").format(view.ident)
     try:
         with transaction_with(conn, [sqlbuild.NO_STATEMENT_TIMEOUT, sqlbuild.EVERY_ROW]):
-            conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(view.ident))
+            conn.execute(sql.SQL("; ").join([refresh, *also]))
     except psycopg.Error as exc:
         sentence = (
             f"Refreshing the materialized view {view.qualified} failed "
@@ -137,19 +139,21 @@ def refresh_after_copy(
     target: psycopg.Connection,
     schemas: Sequence[str],
     *,
-    copied_since: bool,
+    fresh: set[str],
+    record: Callable[[MatView], sql.Composable],
 ) -> list[Outcome]:
-    """Refresh on the target each materialized view the source holds populated: all of them
-    when a range was copied since the step last finished (`copied_since`), else only those
-    still unpopulated there (a schema step since, or one that failed). A failure leaves the
-    others to refresh; its outcome carries the error."""
+    """Refresh on the target each materialized view the source holds populated, unless it is
+    `fresh` (refreshed since the last range was copied) and populated there. Each refresh
+    commits with its `record`, dated by its transaction's start, before its read: a run
+    after one failure refreshes that one only. A failure leaves the others to refresh; its
+    outcome carries the error."""
     on_source = {v.qualified: v for v in materialized_views(source, schemas)}
     on_target = {v.qualified: v for v in materialized_views(target, schemas)}
     outcomes = [Outcome(name, MISSING) for name in on_source if name not in on_target]
     wanted = [
         v
         for name, v in on_target.items()
-        if name in on_source and on_source[name].populated and (copied_since or not v.populated)
+        if name in on_source and on_source[name].populated and not (name in fresh and v.populated)
     ]
     outcomes += [
         Outcome(name, UNPOPULATED if not on_source[name].populated else UP_TO_DATE)
@@ -159,7 +163,7 @@ def refresh_after_copy(
     for view in refresh_order(target, wanted):
         started = time.monotonic()
         try:
-            refresh(target, view)
+            refresh(target, view, [record(view)])
         except MigrationError as exc:
             outcomes.append(Outcome(view.qualified, FAILED, time.monotonic() - started, exc))
             continue

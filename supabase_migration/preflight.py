@@ -628,8 +628,11 @@ SELECT format_type(c.castsource, NULL), format_type(c.casttarget, NULL), c.castm
        sn.nspname, s.typname, sn.nspname = ANY(%s) AND NOT {ext_member("pg_type", "s.oid")},
        tn.nspname, t.typname, tn.nspname = ANY(%s) AND NOT {ext_member("pg_type", "t.oid")}
 FROM pg_cast c
-JOIN pg_type s ON s.oid = c.castsource JOIN pg_namespace sn ON sn.oid = s.typnamespace
-JOIN pg_type t ON t.oid = c.casttarget JOIN pg_namespace tn ON tn.oid = t.typnamespace
+JOIN pg_type s0 ON s0.oid = c.castsource JOIN pg_type t0 ON t0.oid = c.casttarget
+-- an array type is made with its element: what the cast waits for, and who owns it
+JOIN pg_type s ON s.oid = CASE WHEN s0.typcategory = 'A' THEN s0.typelem ELSE s0.oid END
+JOIN pg_type t ON t.oid = CASE WHEN t0.typcategory = 'A' THEN t0.typelem ELSE t0.oid END
+JOIN pg_namespace sn ON sn.oid = s.typnamespace JOIN pg_namespace tn ON tn.oid = t.typnamespace
 LEFT JOIN pg_proc p ON p.oid = c.castfunc
 LEFT JOIN pg_namespace pn ON pn.oid = p.pronamespace
 LEFT JOIN pg_language l ON l.oid = p.prolang
@@ -666,13 +669,15 @@ def user_casts(conn: psycopg.Connection, schemas: Sequence[str]) -> list[UserCas
         source_type, target_type, method, context, function, f_schema, f_name, trusted,
         s_schema, s_name, s_ours, t_schema, t_name, t_ours,
     ) in rows:  # fmt: skip
-        how = {"f": f"WITH FUNCTION {function}", "i": "WITH INOUT"}.get(method, "")
+        how = {"f": f"WITH FUNCTION {function}", "i": "WITH INOUT"}.get(method, "WITHOUT FUNCTION")
         not_copied = (
             "a binary-coercible cast (WITHOUT FUNCTION) needs superuser on Supabase"
             if method == "b"
             else "creating a cast needs ownership of one of its types, and neither is one "
             "the schema step creates"
             if not (s_ours or t_ours)
+            else f"its function {function} is in schema {f_schema}, which is not migrated"
+            if function and f_schema != "pg_catalog" and f_schema not in schemas
             else "its function's language is untrusted, which needs superuser on Supabase"
             if not trusted
             else ""

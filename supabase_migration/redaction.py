@@ -38,10 +38,12 @@ _KEYVALUE_PASSWORD = re.compile(
 _QUOTED = re.compile(r""""(?:[^"]|"")*"|(?<!\w)'(?:[^'\\]|\\.|'')*'""")
 _OPEN_QUOTE = re.compile(r""""|(?<!\w)'""")
 _HEX_BYTES = re.compile(r"\b0x[0-9A-Fa-f]+\b")
-# The server's sentences about a setting name it right after the word parameter
-# (`permission denied to set parameter "…"`, `invalid value for parameter "…": "…"`): a
-# setting's name, never a row's value, and what the user must look up.
-_PARAMETER_NAME = re.compile(r'"[A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)?"')
+# The server's sentences about a built-in setting name it right after the word parameter
+# (`permission denied to set parameter "…"`, `invalid value for parameter "…": "…"`): what
+# the user must look up. Only under these conditions, and no dotted (custom) name, which a
+# query may build from a row (`current_setting('app.' || name)`).
+_PARAMETER_NAME = re.compile(r'"[A-Za-z_][A-Za-z0-9_]*"')
+_PARAMETER_CONDITIONS = frozenset({"42501", "55P02", "22023"})
 # The server's encoding names, which its conversion errors quote ('... in encoding "UTF8" has
 # no equivalent in encoding "LATIN1"'): kept, since they say what to fix, and hold no value.
 _ENCODINGS = frozenset(
@@ -143,7 +145,10 @@ def describe_pg_error(exc: BaseException, *, context: str = "") -> str:
     ):
         # Server messages put the offending value after the colon: drop it.
         primary = primary.split(":", 1)[0]
-    primary = _strip_literals(redact_text(primary), identifiers).strip().rstrip(".")
+    primary = _strip_literals(
+        redact_text(primary), identifiers, parameters=sqlstate in _PARAMETER_CONDITIONS
+    )
+    primary = primary.strip().rstrip(".")
     return prefix + (f"{head}: {primary}" if primary else head)
 
 
@@ -185,7 +190,7 @@ def _first_line(text: str) -> str:
     return ""
 
 
-def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
+def _strip_literals(text: str, identifiers: Iterable[str], *, parameters: bool = False) -> str:
     """Replace every quoted literal that is not a reported identifier, and raw byte values.
 
     The server quotes a value as it is, its own quotes not doubled (`invalid value "J"ane"
@@ -206,7 +211,11 @@ def _strip_literals(text: str, identifiers: Iterable[str]) -> str:
         if (
             literal in allowed
             or (between.endswith("encoding ") and literal.strip('"') in _ENCODINGS)
-            or (between.endswith("parameter ") and _PARAMETER_NAME.fullmatch(literal))
+            or (
+                parameters
+                and between.endswith("parameter ")
+                and _PARAMETER_NAME.fullmatch(literal) is not None
+            )
         ):
             out.append(literal)
             pos = match.end()

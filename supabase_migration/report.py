@@ -188,7 +188,11 @@ class Report:
 
     @property
     def tables(self) -> list[str]:
-        return list(dict.fromkeys(o.table for o in self.outcomes))
+        return list(dict.fromkeys(o.table for o in self.outcomes if o.name != MATVIEW_CONTENT))
+
+    @property
+    def materialized_views(self) -> list[CheckOutcome]:
+        return [o for o in self.outcomes if o.name == MATVIEW_CONTENT]
 
     def outcome(self, table: str, name: str) -> CheckOutcome | None:
         return next((o for o in self.outcomes if o.table == table and o.name == name), None)
@@ -197,7 +201,7 @@ class Report:
         result = []
         for table in self.tables:
             mine = [o for o in self.outcomes if o.table == table]
-            counts = self.outcome(table, ROW_COUNT) or self.outcome(table, MATVIEW_CONTENT)
+            counts = self.outcome(table, ROW_COUNT)
             sums = self.outcome(table, CHECKSUMS)
             if sums is None:
                 checksum_status = "not run"
@@ -291,7 +295,13 @@ class Report:
             + f" · {self.duration_s:.1f} s"
             + (f" · sample seed {self.seed}" if self.seed is not None else ""),
             *([f"Source: {self.source} · Target: {self.target}"] if self.source else []),
-            f"{len(self.outcomes)} checks on {len(self.tables)} tables: "
+            f"{len(self.outcomes)} checks on {len(self.tables)} tables"
+            + (
+                f" and {len(self.materialized_views)} materialized views"
+                if self.materialized_views
+                else ""
+            )
+            + ": "
             f"{len(self.outcomes) - len(self.error_failures) - len(self.warnings)} passed, "
             f"{len(self.error_failures)} failed (ERROR), {len(self.warnings)} warnings; "
             f"{len(self.security_findings)} security findings.",
@@ -334,9 +344,20 @@ class Report:
             }
             for o in self.outcomes
         ]
+        views = [
+            {
+                "materialized view": o.table,
+                "source rows": o.details.get("source_rows"),
+                "target rows": o.details.get("target_rows"),
+                "status": "PASS" if o.passed else ("FAIL" if o.severity == ERROR else "WARN"),
+                "description": o.description,
+            }
+            for o in self.materialized_views
+        ]
         timings = [{"check": k, "seconds": v} for k, v in self.timings().items()]
         return {
             "Tables": summaries,
+            **({"Materialized views": views} if views else {}),
             "Failures": failures,
             "Schema differences": self.schema_differences(),
             "Security findings": list(self.findings),

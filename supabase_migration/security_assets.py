@@ -19,6 +19,7 @@ from pydantic import Field
 
 from . import checkpoints
 from .assets import (
+    MATVIEWS_KEY,
     SEQUENCES_KEY,
     setup_asset,
     step_failure,
@@ -68,7 +69,8 @@ def resolve_policy_file(configured: str | None) -> Path | None:
 
 
 def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
-    deps = [table_asset_key(t.name) for t in manifest.tables] + [SEQUENCES_KEY]
+    # After the refreshes too: its policies wait for locks a long REFRESH holds on the tables.
+    deps = [table_asset_key(t.name) for t in manifest.tables] + [MATVIEWS_KEY, SEQUENCES_KEY]
     tables = [t.name for t in manifest.tables]
     exposed = ", ".join(manifest.exposed_schemas)
 

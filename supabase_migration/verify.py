@@ -1455,7 +1455,7 @@ def _matview_compared(
     return (
         False,
         WARN,
-        f"{name} holds {s_rows} rows on the source and {t_rows} on the target"
+        f"{name} holds {_plural(s_rows, 'row')} on the source and {t_rows} on the target"
         f"{', not the same ones' if s_rows == t_rows else ''}. The target's was refreshed from "
         "the copied tables: the source's differs if it was not refreshed since they changed "
         "(refresh it there to compare).",

@@ -101,7 +101,7 @@ def test_a_view_that_fails_to_refresh_fails_the_run_without_its_value_and_the_ne
     """`codes` casts a text column to int: refreshed on the source while every code was a
     number, its table then took a value that is not. The target's refresh fails; the error
     names the view, not the value; the others are refreshed; status says the step is behind;
-    with the row fixed, the next run refreshes it."""
+    with the row fixed, the next run refreshes it, and it alone."""
     source_db, target_db, env, tmp_path = bed
     secret = f"{PHI}-MRN"
     with psycopg.connect(source_db.url, autocommit=True) as conn:
@@ -116,6 +116,15 @@ def test_a_view_that_fails_to_refresh_fails_the_run_without_its_value_and_the_ne
     assert state["z_base"][0] and state["a_summary"][0]
     status = cli(["status"], env, tmp_path)
     assert "The materialized views step (each refreshed from the copied rows)" in _clean(status)
+
+    # Mended on the target alone, so no range is copied again: the next run refreshes the
+    # view that failed, not the others.
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute("UPDATE visits SET code = '17' WHERE id = 17")
+    again = cli([*RUN, "--no-verify"], env, tmp_path, 300)
+    assert again.returncode == 0, _clean(again)
+    after = _state(target_db.url)
+    assert after["codes"][0] and all(after[v] == state[v] for v in ("z_base", "a_summary"))
 
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("UPDATE visits SET code = '17' WHERE id = 17")

@@ -366,6 +366,10 @@ SERVER_CASES = [
      'parameter "max_connections" cannot be changed without restarting the server'),
     ("SELECT current_setting('Jane Q. Patient')", "undefined_object (42704)",
      'unrecognized configuration parameter "…"'),
+    ("SELECT current_setting('app.' || name) FROM patients", "undefined_object (42704)",
+     'unrecognized configuration parameter "…"'),
+    ("SELECT current_setting(replace(name, ' ', '_')) FROM patients", "undefined_object",
+     'unrecognized configuration parameter "…"'),
     # RAISE naming a value in the fields it sets: the fields are the author's words too
     *((f"DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = 'check_violation', {field} = "
        "(SELECT ssn FROM patients); END $$", "check_violation (23514): message", "withheld")

@@ -503,9 +503,16 @@ CREATE TYPE public.code AS ENUM ('1', '2');
 CREATE CAST (public.code AS integer) WITH INOUT;
 CREATE FUNCTION public.loose(text) RETURNS money LANGUAGE sql AS 'SELECT 0::money';
 CREATE CAST (text AS money) WITH FUNCTION public.loose(text);
+CREATE SCHEMA util;
+CREATE FUNCTION util.total(public.pair) RETURNS int LANGUAGE sql AS 'SELECT $1.a + $1.b';
+CREATE CAST (public.pair AS int) WITH FUNCTION util.total(public.pair);
 CREATE TABLE public.t (id int PRIMARY KEY, p public.pair, c public.code);
+ALTER TABLE public.t ENABLE ROW LEVEL SECURITY;
+CREATE FUNCTION public.t_text(public.t) RETURNS text LANGUAGE sql IMMUTABLE
+  AS $$ SELECT 'visit ' || $1.id $$;
+CREATE CAST (public.t AS text) WITH FUNCTION public.t_text(public.t);
 CREATE VIEW public.v AS SELECT id, p::text AS shown, c::integer AS n FROM public.t;
-INSERT INTO public.t VALUES (1, ROW(3, 4), '2');
+CREATE VIEW public.w AS SELECT t::text AS said FROM public.t;
 """
 
 
@@ -519,18 +526,22 @@ def test_dump_mode_creates_the_users_casts_before_what_uses_them(source_db, targ
     from .test_preflight import preflight
 
     findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
-    assert [f.subject for f in findings if f.code == "cast"] == ["cast (text AS money)"]
+    said = {f.subject: f.message for f in findings if f.code == "cast"}
+    assert list(said) == ["cast (public.pair AS integer)", "cast (text AS money)"]
+    unmade = said["cast (public.pair AS integer)"]
+    assert "its function util.total(public.pair) is in schema util" in unmade
     source, target = _urls(source_db, target_db.url)
     result = apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
     assert any(s.startswith("cast (text AS money): creating a cast") for s in result.skipped)
     with psycopg.connect(target_db.url) as conn:
         conn.execute("INSERT INTO public.t VALUES (1, ROW(3, 4), '2')")
         assert conn.execute("TABLE public.v").fetchall() == [(1, "3:4", 2)]
+        assert conn.execute("TABLE public.w").fetchall() == [("visit 1",)]
         casts = conn.execute(
             "SELECT format('%s %s %s', castsource::regtype, casttarget::regtype, castcontext) "
             "FROM pg_cast WHERE oid >= 16384 ORDER BY 1"
         ).fetchall()
-        assert casts == [("code integer e",), ("pair text a",)]
+        assert casts == [("code integer e",), ("pair text a",), ("t text e",)]
 
 
 def test_split_dump_respects_quoting_and_drops_meta_commands():
@@ -626,6 +637,12 @@ def test_filter_drops_superuser_objects_and_hashes_only_definitions():
     # SET lines (which differ between pg_dump versions) do not change the hash.
     other = filter_dump(statements[1:], target_settings=set(), untrusted_languages={"plpython3u"})
     assert other.digest == filtered.digest
+    # Nor do casts: a target made before they were copied is not refused as changed.
+    cast = entry("CAST", "(public.pair AS text)", "CREATE CAST (public.pair AS text) WITH INOUT;")
+    casted = filter_dump(
+        [*statements, cast], target_settings=set(), untrusted_languages={"plpython3u"}
+    )
+    assert casted.statements[-1] == cast.sql and casted.digest == filtered.digest
 
 
 def test_pg_dump_gets_the_password_from_the_environment_only(source_db, target_db, monkeypatch):
