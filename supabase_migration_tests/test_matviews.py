@@ -77,6 +77,12 @@ def test_populated_views_are_refreshed_in_dependency_order_and_verified(bed):
     assert set(checked) == {f"public.{v}" for v in ("z_base", "a_summary", "never_filled", "codes")}
     assert all(c["passed"] for c in checked.values()), checked
     assert checked["public.z_base"]["details"] == {"source_rows": 7, "target_rows": 7}
+    report = (tmp_path / "migration-report" / "verification_report.md").read_text()
+    assert "checks on 1 tables and 4 materialized views" in report
+    views = report.split("## Materialized views", 1)[1].split("## ", 1)[0]
+    assert "| public.z_base | 7 | 7 | PASS |" in views
+    tables = report.split("## Tables", 1)[1].split("## ", 1)[0]
+    assert "public.visits" in tables and "z_base" not in tables
 
     # Nothing copied since: nothing refreshed again.
     again = cli([*RUN, "--no-verify"], env, tmp_path, 300)
