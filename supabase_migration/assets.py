@@ -62,6 +62,7 @@ PLAN_KEY = dg.AssetKey(["migration", "plan"])
 INDEXES_KEY = dg.AssetKey(["migration", "deferred_indexes"])
 SEQUENCES_KEY = dg.AssetKey(["migration", "sequences"])
 MATVIEWS_KEY = dg.AssetKey(["migration", "materialized_views"])
+SECURITY_KEY = dg.AssetKey(["migration", "security"])  # its asset: security_assets
 TARGET_POOL = "supabase_target"
 KINDS = {"postgres", "supabase"}
 
@@ -935,13 +936,14 @@ def build_indexes_asset(manifest: Manifest) -> dg.AssetsDefinition:
 
 
 def after_the_copy(
-    manifest: Manifest, key: dg.AssetKey, description: str
+    manifest: Manifest, key: dg.AssetKey, description: str, after: Sequence[dg.AssetKey] = ()
 ) -> Callable[[Body], dg.AssetsDefinition]:
-    """`setup_asset` for a step that runs once every table is copied and indexed."""
+    """`setup_asset` for a step that runs once every table is copied and indexed (and the
+    steps `after` have run)."""
     return setup_asset(
         manifest,
         key=key,
-        deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY],
+        deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY, *after],
         description=description,
     )
 
@@ -966,7 +968,9 @@ def build_matviews_asset(manifest: Manifest) -> dg.AssetsDefinition:
         MATVIEWS_KEY,
         "The materialized views the source holds populated, refreshed from the copied rows "
         "(each after those it reads), once every table is copied and indexed; again whenever "
-        "a range was copied since. One the source never populated stays so.",
+        "a range was copied since. One the source never populated stays so. Last: a refresh "
+        "that fails (on the copied rows, or its own query) holds back no other step.",
+        after=[SECURITY_KEY],
     )
     def materialized_views(
         context: dg.AssetExecutionContext, source: SourceDatabase, target: TargetDatabase

@@ -98,10 +98,10 @@ REVOKE ALL ON {BOOKKEEPING_SCHEMA}.migration_steps FROM PUBLIC;
 SEQUENCES_STEP = "sequences"
 SECURITY_STEP = "security"
 MATVIEWS_STEP = "materialized_views"
-_STEPS_SAID = {
-    MATVIEWS_STEP: "the materialized views step (each refreshed from the copied rows)",
+_STEPS_SAID = {  # in the order they run
     SEQUENCES_STEP: "the sequences step (each set past the copied rows)",
     SECURITY_STEP: "the security step (row level security, policies, audit grants)",
+    MATVIEWS_STEP: "the materialized views step (each refreshed from the copied rows)",
 }
 
 

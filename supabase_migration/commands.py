@@ -759,7 +759,7 @@ def _run(
     if summary.copied:
         _wait_for_a_target_slot(instance, log)
         _run_setup_assets(
-            defs, [INDEXES_KEY, MATVIEWS_KEY, SEQUENCES_KEY, SECURITY_KEY], instance, command
+            defs, [INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY, MATVIEWS_KEY], instance, command
         )
         if settings.verify:
             log("Verifying every table against the source")

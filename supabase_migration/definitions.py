@@ -63,11 +63,11 @@ def build_definitions(
         dg.define_asset_job(
             "migration_finish",
             selection=dg.AssetSelection.assets(
-                INDEXES_KEY, MATVIEWS_KEY, SEQUENCES_KEY, SECURITY_KEY, REPORT_KEY
+                INDEXES_KEY, SEQUENCES_KEY, SECURITY_KEY, MATVIEWS_KEY, REPORT_KEY
             ),
             description=(
-                "After every partition is copied: deferred indexes, materialized views, "
-                "sequences, row level security and audit, then the verification report."
+                "After every partition is copied: deferred indexes, sequences, row level "
+                "security and audit, materialized views, then the verification report."
             ),
         ),
         dg.define_asset_job(

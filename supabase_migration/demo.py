@@ -301,8 +301,8 @@ def explain_failures(failed: dict[str, list[str]], *, total: int, ui: bool, work
             f"  - in the Dagster UI: Catalog > {first} > Partitions > Materialize… >",
             f"    Failed > Launch backfill{also};",
             "    once every partition is green, finish with Jobs > migration_finish >",
-            "    Materialize all (deferred indexes, materialized views, sequences, row",
-            "    level security, verification report);",
+            "    Materialize all (deferred indexes, sequences, row level security,",
+            "    materialized views, verification report);",
             "  - or from another terminal:",
             f"      set -a; . {shlex.quote(str(workdir / ENV_FILE))}; set +a; "
             "supabase-migrate resume",

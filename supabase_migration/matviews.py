@@ -24,7 +24,12 @@ from .redaction import describe_pg_error
 
 
 class RefreshError(MigrationError):
-    """A materialized view's query failed on the copied rows (or its owner is another role)."""
+    """A materialized view's query failed on the copied rows."""
+
+
+class ReadsAnUnpopulatedOne(RefreshError):
+    """It reads a materialized view not populated yet through a function, which leaves no
+    dependency to order the refreshes by: tried again once the others are refreshed."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class MatView:
     name: str
     populated: bool
     oid: int = field(default=0, compare=False)
+    owner: str = field(default="", compare=False)
+    ours: bool = field(default=True, compare=False)  # the login may refresh it (owner's member)
 
     @property
     def qualified(self) -> str:
@@ -44,7 +51,8 @@ class MatView:
 
 
 _MATVIEWS_SQL = f"""
-SELECT n.nspname, c.relname, c.relispopulated, c.oid::bigint
+SELECT n.nspname, c.relname, c.relispopulated, c.oid::bigint, pg_get_userbyid(c.relowner),
+       pg_has_role(current_user, c.relowner, 'USAGE')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'm' AND n.nspname = ANY(%s) AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY 1, 2
@@ -52,53 +60,89 @@ ORDER BY 1, 2
 
 
 def materialized_views(conn: psycopg.Connection, schemas: Sequence[str]) -> list[MatView]:
-    return [
-        MatView(schema, name, populated, oid)
-        for schema, name, populated, oid in conn.execute(_MATVIEWS_SQL, (list(schemas),))
-    ]
+    return [MatView(*row) for row in conn.execute(_MATVIEWS_SQL, (list(schemas),))]
 
 
-# Which views and materialized views each view or materialized view reads (its rule's
-# dependencies on relations of those kinds).
+# What each view or materialized view reads: its rule's dependencies on relations, with their
+# kind and name.
 _READS_SQL = """
-SELECT DISTINCT r.ev_class::bigint, d.refobjid::bigint
+SELECT DISTINCT r.ev_class::bigint, d.refobjid::bigint, ref.relkind::text,
+       format('%s.%s', n.nspname, root.relname)
 FROM pg_rewrite r
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
  AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class
-JOIN pg_class ref ON ref.oid = d.refobjid AND ref.relkind IN ('v', 'm')
+JOIN pg_class ref ON ref.oid = d.refobjid AND ref.relkind IN ('v', 'm', 'r', 'p', 'f')
+-- a partition is named by its root, the table that is migrated
+JOIN pg_class root ON root.oid = CASE WHEN ref.relispartition
+                                      THEN pg_partition_root(ref.oid) ELSE ref.oid END
+JOIN pg_namespace n ON n.oid = root.relnamespace
 """
 
-_ALL_MATVIEWS_SQL = "SELECT oid::bigint FROM pg_class WHERE relkind = 'm'"
 
+@dataclass(frozen=True)
+class _Reads:
+    """Who reads what, as the catalog's rules say (a function's body says nothing)."""
 
-def refresh_order(conn: psycopg.Connection, views: Sequence[MatView]) -> list[MatView]:
-    """`views` (of `conn`), each after those of them it reads, directly or through views."""
-    reads: dict[int, set[int]] = {}
-    for dependent, referenced in conn.execute(_READS_SQL):
-        reads.setdefault(dependent, set()).add(referenced)
-    # Every materialized view, whatever its schema: one in another schema can sit between two
-    # of the migrated ones.
-    matview_oids = {oid for (oid,) in conn.execute(_ALL_MATVIEWS_SQL)}
-    by_oid = {v.oid: v for v in views}
+    edges: dict[int, set[int]]
+    kinds: dict[int, str]
+    names: dict[int, str]
 
-    def matviews_read(oid: int) -> set[int]:
+    @classmethod
+    def of(cls, conn: psycopg.Connection) -> _Reads:
+        edges: dict[int, set[int]] = {}
+        kinds: dict[int, str] = {}
+        names: dict[int, str] = {}
+        for dependent, referenced, kind, name in conn.execute(_READS_SQL):
+            edges.setdefault(dependent, set()).add(referenced)
+            kinds[referenced], names[referenced] = kind, name
+        return cls(edges, kinds, names)
+
+    def through_views(self, oid: int) -> set[int]:
+        """The materialized views and tables `oid` reads, directly or through plain views."""
         found: set[int] = set()
         seen: set[int] = set()
-        todo = list(reads.get(oid, ()))
+        todo = list(self.edges.get(oid, ()))
         while todo:
             other = todo.pop()
             if other in seen:
                 continue
             seen.add(other)
-            if other in matview_oids:
+            if self.kinds.get(other) == "v":
+                todo.extend(self.edges.get(other, ()))
+            else:
                 found.add(other)
-            else:  # a plain view: what it reads counts
-                todo.extend(reads.get(other, ()))
         return found
 
+    def tables(self, oid: int) -> set[str]:
+        """The tables `oid` reads, through views and materialized views alike."""
+        found: set[str] = set()
+        seen: set[int] = set()
+        todo = [oid]
+        while todo:
+            for other in self.through_views(todo.pop()):
+                if other in seen:
+                    continue
+                seen.add(other)
+                if self.kinds.get(other) == "m":
+                    todo.append(other)
+                else:
+                    found.add(self.names[other])
+        return found
+
+
+def tables_read(conn: psycopg.Connection, views: Sequence[MatView]) -> dict[str, set[str]]:
+    """The tables each of `views` (of `conn`) reads, through views and materialized views."""
+    reads = _Reads.of(conn)
+    return {v.qualified: reads.tables(v.oid) for v in views}
+
+
+def refresh_order(conn: psycopg.Connection, views: Sequence[MatView]) -> list[MatView]:
+    """`views` (of `conn`), each after those of them it reads, directly or through views."""
+    reads = _Reads.of(conn)
+    by_oid = {v.oid: v for v in views}
     sorter: graphlib.TopologicalSorter[int] = graphlib.TopologicalSorter()
     for view in sorted(views, key=lambda v: (v.schema, v.name)):
-        sorter.add(view.oid, *sorted(o for o in matviews_read(view.oid) if o in by_oid))
+        sorter.add(view.oid, *sorted(o for o in reads.through_views(view.oid) if o in by_oid))
     return [by_oid[oid] for oid in sorter.static_order()]
 
 
@@ -111,6 +155,12 @@ def refresh(conn: psycopg.Connection, view: MatView, also: Sequence[sql.Composab
         with transaction_with(conn, [sqlbuild.NO_STATEMENT_TIMEOUT, sqlbuild.EVERY_ROW]):
             conn.execute(sql.SQL("; ").join([refresh, *also]))
     except psycopg.Error as exc:
+        if exc.sqlstate == "55000":  # object_not_in_prerequisite_state: "… not populated"
+            raise ReadsAnUnpopulatedOne(
+                f"Refreshing the materialized view {view.qualified} failed: it reads another "
+                "that is not populated on the target, perhaps through a function (which gives "
+                "no order to refresh them in)."
+            ) from None
         sentence = (
             f"Refreshing the materialized view {view.qualified} failed "
             f"({describe_pg_error(exc)}); the tables' rows are in place, and the next run "
@@ -124,6 +174,13 @@ UP_TO_DATE = "up to date: no range copied since its last refresh"
 UNPOPULATED = "left unpopulated, as on the source"
 MISSING = "not on the target"
 FAILED = "failed"
+
+
+def not_ours(view: MatView) -> str:
+    return (
+        f"left as it is: its owner, {view.owner}, is a role the target's login is not a "
+        "member of, which refreshes it"
+    )
 
 
 @dataclass(frozen=True)
@@ -146,28 +203,41 @@ def refresh_after_copy(
     `fresh` (refreshed since the last range was copied) and populated there. Each refresh
     commits with its `record`, dated by its transaction's start, before its read: a run
     after one failure refreshes that one only. A failure leaves the others to refresh; its
-    outcome carries the error."""
+    outcome carries the error. One another role owns (schema mode none) is left to it."""
     on_source = {v.qualified: v for v in materialized_views(source, schemas)}
     on_target = {v.qualified: v for v in materialized_views(target, schemas)}
     outcomes = [Outcome(name, MISSING) for name in on_source if name not in on_target]
+    both = [v for name, v in on_target.items() if name in on_source]
     wanted = [
         v
-        for name, v in on_target.items()
-        if name in on_source and on_source[name].populated and not (name in fresh and v.populated)
+        for v in both
+        if on_source[v.qualified].populated and not (v.qualified in fresh and v.populated)
     ]
-    outcomes += [
-        Outcome(name, UNPOPULATED if not on_source[name].populated else UP_TO_DATE)
-        for name, v in on_target.items()
-        if name in on_source and v not in wanted
-    ]
-    for view in refresh_order(target, wanted):
-        started = time.monotonic()
-        try:
-            refresh(target, view, [record(view)])
-        except MigrationError as exc:
-            outcomes.append(Outcome(view.qualified, FAILED, time.monotonic() - started, exc))
-            continue
-        outcomes.append(Outcome(view.qualified, REFRESHED, time.monotonic() - started))
+    for v in both:
+        if not on_source[v.qualified].populated:
+            outcomes.append(Outcome(v.qualified, UNPOPULATED))
+        elif v not in wanted:
+            outcomes.append(Outcome(v.qualified, UP_TO_DATE))
+        elif not v.ours:
+            outcomes.append(Outcome(v.qualified, not_ours(v)))
+    todo = refresh_order(target, [v for v in wanted if v.ours])
+    while todo:
+        waiting: list[tuple[MatView, float, MigrationError]] = []
+        for view in todo:
+            started = time.monotonic()
+            try:
+                refresh(target, view, [record(view)])
+            except ReadsAnUnpopulatedOne as exc:  # once others are refreshed, it may pass
+                waiting.append((view, time.monotonic() - started, exc))
+                continue
+            except MigrationError as exc:
+                outcomes.append(Outcome(view.qualified, FAILED, time.monotonic() - started, exc))
+                continue
+            outcomes.append(Outcome(view.qualified, REFRESHED, time.monotonic() - started))
+        if len(waiting) == len(todo):  # no progress: each waits on one that failed, or another
+            outcomes += [Outcome(v.qualified, FAILED, took, exc) for v, took, exc in waiting]
+            break
+        todo = [v for v, _, _ in waiting]
     return sorted(outcomes, key=lambda o: o.view)
 
 

@@ -45,7 +45,7 @@ from .conninfo import is_loopback_host
 from .copy import replica_mode_allowed
 from .errors import ConfigError, PreflightError, listed
 from .manifest import Manifest
-from .matviews import materialized_views
+from .matviews import materialized_views, tables_read
 from .redaction import describe_pg_error
 from .sqlbuild import READING_ROWS, key_arrays, key_texts, keys_in, rows_of
 
@@ -1207,17 +1207,49 @@ def _check_superuser_objects(ctx: _Context) -> None:
 
 
 def _check_materialized_views(ctx: _Context) -> None:
-    for view in materialized_views(ctx.source, ctx.schemas):
+    views = materialized_views(ctx.source, ctx.schemas)
+    reads = tables_read(ctx.source, views)
+    # Mode none: the user's views on the target, which another role may own.
+    there = (
+        {v.qualified: v for v in materialized_views(ctx.target, ctx.schemas)}
+        if ctx.schema_mode == "none"
+        else {}
+    )
+    for view in views:
+        name = view.qualified
         ctx.add(
             Severity.INFO,
             "materialized-view",
-            view.qualified,
-            f"Materialized view {view.qualified} is refreshed on the target once its tables "
-            "are copied."
+            name,
+            f"Materialized view {name} is refreshed on the target once its tables are copied."
             if view.populated
-            else f"Materialized view {view.qualified} is not populated on the source; it is "
-            "left so on the target.",
+            else f"Materialized view {name} is not populated on the source; it is left so on "
+            "the target.",
         )
+        if not view.populated:
+            continue
+        left_out = sorted(
+            t for t in reads[name] if t.split(".", 1)[0] not in ctx.schemas or not ctx.migrates(t)
+        )
+        if left_out:
+            ctx.add(
+                Severity.WARNING,
+                "materialized-view-input",
+                name,
+                f"Materialized view {name} reads {listed(left_out, 3)}, which "
+                f"{'is' if len(left_out) == 1 else 'are'} not migrated: refreshed on the "
+                "target, it will not hold what the source's holds.",
+            )
+        if name in there and not there[name].ours:
+            owner = there[name].owner
+            ctx.add(
+                Severity.WARNING,
+                "materialized-view-owner",
+                name,
+                f"Materialized view {name} on the target is owned by {owner}, a role the "
+                f"target's login is not a member of: the run leaves it as it is; have {owner} "
+                "refresh it after the copy.",
+            )
 
 
 def _check_privileges(ctx: _Context) -> None:

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from . import checkpoints
 from .assets import (
-    MATVIEWS_KEY,
+    SECURITY_KEY,
     SEQUENCES_KEY,
     setup_asset,
     step_failure,
@@ -44,7 +44,6 @@ from .security import (
     unprotected,
 )
 
-SECURITY_KEY = dg.AssetKey(["migration", "security"])
 POLICY_FILE_ENV = "SUPABASE_MIGRATION_POLICY_FILE"
 
 
@@ -69,8 +68,7 @@ def resolve_policy_file(configured: str | None) -> Path | None:
 
 
 def build_security_asset(manifest: Manifest) -> dg.AssetsDefinition:
-    # After the refreshes too: its policies wait for locks a long REFRESH holds on the tables.
-    deps = [table_asset_key(t.name) for t in manifest.tables] + [MATVIEWS_KEY, SEQUENCES_KEY]
+    deps = [table_asset_key(t.name) for t in manifest.tables] + [SEQUENCES_KEY]
     tables = [t.name for t in manifest.tables]
     exposed = ", ".join(manifest.exposed_schemas)
 

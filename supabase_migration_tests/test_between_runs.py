@@ -510,7 +510,7 @@ def test_status_says_when_the_steps_after_the_copy_have_not_run_since(bed):
     assert failed.returncode != 0, failed.stderr
     status = cli(["status"], env, tmp_path)
     assert status.returncode == 0 and behind in _said_cleanly(status), status.stdout
-    assert "The sequences step (each set past the copied rows) and the security" in status.stdout
+    assert "The sequences step (each set past the copied rows), the security" in status.stdout
     with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
         conn.execute("GRANT ALL ON SEQUENCE public.visits_id_seq TO postgres")
     assert cli(["run", "--no-progress", "--no-verify"], env, tmp_path).returncode == 0

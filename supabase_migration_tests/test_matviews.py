@@ -162,3 +162,85 @@ def test_verify_fails_an_unpopulated_view_and_warns_of_one_the_source_did_not_re
     assert z_base["details"] == {"source_rows": 7, "target_rows": 6}
     assert "not refreshed since they changed" in z_base["description"]
     assert _views_checked(tmp_path)["public.a_summary"]["passed"] is False  # sum differs too
+
+
+def test_a_view_reading_another_through_a_function_is_refreshed_after_it(
+    source_db, target_db, tmp_path
+):
+    """A function's body leaves no dependency in the catalog: `aa_fn` was refreshed before
+    the `zz_only` it reads through one, failed ("not populated"), and the run with it."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v int); "
+            "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g; "
+            "CREATE MATERIALIZED VIEW zz_only AS SELECT sum(v) AS s FROM t; "
+            "CREATE FUNCTION s_of() RETURNS bigint LANGUAGE sql STABLE "
+            "AS $$ SELECT s FROM public.zz_only $$; "
+            "CREATE MATERIALIZED VIEW aa_fn AS SELECT s_of() AS s"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli([*RUN], env, tmp_path, 300)
+    assert done.returncode == 0, _clean(done)
+    assert _rows(target_db.url, "aa_fn") == [(1275,)]
+
+
+def test_preflight_names_a_view_over_a_table_left_out(source_db, target_db):
+    """`run --exclude public.dropped`: the view over it was refreshed from the target's empty
+    table, 0 where the source's holds 10, and nothing said why up front."""
+    from .test_preflight import by_code, preflight
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE kept (id int PRIMARY KEY); CREATE TABLE dropped (id int PRIMARY KEY); "
+            "CREATE TABLE parts (id int) PARTITION BY RANGE (id); "
+            "CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (100); "
+            "CREATE VIEW both_ AS SELECT id FROM kept UNION ALL SELECT id FROM dropped; "
+            "CREATE MATERIALIZED VIEW mv AS SELECT count(*) AS n FROM both_; "
+            "CREATE MATERIALIZED VIEW over_mv AS SELECT n FROM mv; "
+            "CREATE MATERIALIZED VIEW of_a_part AS SELECT count(*) AS n FROM parts_1"
+        )
+    findings = preflight(
+        source_db.url, target_db.url, ["public"], tables=["public.kept", "public.parts"]
+    )
+    said = {f.subject: f.message for f in by_code(findings, "materialized-view-input")}
+    assert said == {
+        "public.mv": "Materialized view public.mv reads public.dropped, which is not migrated: "
+        "refreshed on the target, it will not hold what the source's holds.",
+        "public.over_mv": "Materialized view public.over_mv reads public.dropped, which is not "
+        "migrated: refreshed on the target, it will not hold what the source's holds.",
+    }
+
+
+def test_schema_mode_none_leaves_a_view_another_role_owns(source_db, target_db, tmp_path):
+    """The user's target schema, a view there owned by a role the login is not a member of:
+    every run failed on its refresh ("must be owner"), and the steps after it never ran."""
+    from .test_preflight import by_code, preflight
+
+    schema = (
+        "CREATE TABLE t (id int PRIMARY KEY, v int); "
+        "CREATE MATERIALIZED VIEW theirs AS SELECT count(*) AS n FROM t; "
+    )
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(schema + "INSERT INTO t SELECT g, g FROM generate_series(1, 30) g")
+        conn.execute("REFRESH MATERIALIZED VIEW theirs")
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(
+            schema + "ALTER TABLE t OWNER TO postgres; GRANT SELECT ON theirs TO postgres; "
+            "DO $$ BEGIN CREATE ROLE reporting_owner; "
+            "EXCEPTION WHEN duplicate_object THEN NULL; END $$; "
+            "ALTER MATERIALIZED VIEW theirs OWNER TO reporting_owner"
+        )
+    (said,) = by_code(preflight(source_db.url, target_db.url, ["public"], mode="none"),
+                      "materialized-view-owner")  # fmt: skip
+    assert "owned by reporting_owner, a role the target's login is not a member of" in (
+        said.message
+    )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli(["run", "--no-progress", "--schema-mode", "none"], env, tmp_path, 300)
+    assert done.returncode == 0, _clean(done)
+    with psycopg.connect(target_db.admin_url) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (30,)
+        steps = conn.execute("SELECT step FROM supabase_migration.migration_steps ORDER BY 1")
+        assert {"security", "sequences", "materialized_views"} <= {s for (s,) in steps}
+    (view,) = _views_checked(tmp_path).values()
+    assert view["severity"] == "WARN" and view["details"] == {"source_rows": 1, "target_rows": 1}
