@@ -276,6 +276,8 @@ def _run_checks(
         _check_encryption,
         _check_encoding,
         _check_date_style,
+        _check_target_writable,
+        _check_alembic_search_path,
         _check_schemas,
         _check_extensions,
         _check_types,
@@ -403,6 +405,61 @@ def _check_date_style(ctx: _Context) -> None:
             "only in ISO; set it for the migration (ALTER DATABASE ... SET DateStyle = "
             f"'ISO, {order}', which keeps how dates are read), then run again.",
         )
+
+
+def _check_target_writable(ctx: _Context) -> None:
+    """A read-only target (a replica's URL, or `default_transaction_read_only` on, as Supabase
+    sets it when a project's disk is full) failed the schema step with the server's words."""
+    row = ctx.target.execute(
+        "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()"
+    ).fetchone()
+    read_only, replica = row if row else (False, False)
+    if replica:
+        ctx.add(
+            Severity.ERROR,
+            "target-read-only",
+            "database",
+            "The target URL names a read replica (the server is in recovery); use the "
+            "primary's URL.",
+        )
+    elif read_only:
+        ctx.add(
+            Severity.ERROR,
+            "target-read-only",
+            "database",
+            "The target database is read-only for its login (default_transaction_read_only "
+            "is on, as Supabase sets it when a project's disk is full); free space or reset "
+            "it (ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only), then run "
+            "again.",
+        )
+
+
+def _check_alembic_search_path(ctx: _Context) -> None:
+    """An Alembic migration creates its tables in the login's current schema: a search_path
+    that selects none, or one the login may not create in, failed the upgrade in the
+    server's words (`no schema has been selected to create in`)."""
+    if ctx.schema_mode != "alembic":
+        return
+    row = ctx.target.execute(
+        "SELECT current_setting('search_path'), current_schema(), "
+        "coalesce(has_schema_privilege(current_schema(), 'CREATE'), false)"
+    ).fetchone()
+    if row is None or row[2]:
+        return
+    path, schema, _ = row
+    where = (
+        f"its first schema, {schema}, is one it may not create tables in"
+        if schema
+        else ("it names no schema that exists")
+    )
+    ctx.add(
+        Severity.ERROR,
+        "search-path",
+        "database",
+        f"The target login's search_path is '{path}', and {where}: an Alembic migration "
+        "creates its tables there. Reset it (ALTER ROLE ... IN DATABASE ... RESET "
+        "search_path), then run again.",
+    )
 
 
 def _check_schemas(ctx: _Context) -> None:

@@ -1461,10 +1461,31 @@ def _create_extensions(
 _BATCH = 200
 
 
+# A statement that changes a setting (pg_dump's SETs, made SET LOCAL, and set_config calls).
+_SETTING = re.compile(r"^(?:SET\s|SELECT\s+pg_catalog\.set_config\()", re.IGNORECASE)
+
+
+def dump_batches(statements: Sequence[str]) -> Iterator[list[str]]:
+    """The statements in batches of at most _BATCH, each ending after a run of settings: the
+    server parses a whole batch before it runs any of it, so a literal sent with
+    `SET standard_conforming_strings = on` would be read under the database's own setting
+    (off on some: a default 'x\\y' became 'xy', and verification passed)."""
+    batch: list[str] = []
+    for i, statement in enumerate(statements):
+        batch.append(statement)
+        setting_ends = _SETTING.match(statement) and not (
+            i + 1 < len(statements) and _SETTING.match(statements[i + 1])
+        )
+        if len(batch) >= _BATCH or setting_ends:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _execute_dump(conn: psycopg.Connection, statements: Sequence[str]) -> None:
     """Run the statements in batches (simple query protocol: several per round trip)."""
-    for first in range(0, len(statements), _BATCH):
-        batch = statements[first : first + _BATCH]
+    for batch in dump_batches(statements):
         try:
             with conn.transaction():
                 conn.execute("\n".join(batch))  # type: ignore[call-overload]

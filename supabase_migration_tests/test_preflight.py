@@ -584,3 +584,28 @@ def test_markdown_escapes_cells_and_raise_for_errors_counts():
         "Preflight stopped the migration before anything was written: Only one error here."
     )
     raise_for_errors(findings[:1])  # warnings alone do not stop anything
+
+
+@pytest.mark.parametrize(
+    ("setting", "code", "said"),
+    [
+        ("default_transaction_read_only = on", "target-read-only",
+         "The target database is read-only for its login (default_transaction_read_only is on"),
+        ("search_path = ''", "search-path",
+         "The target login's search_path is '\"\"', and it names no schema that exists"),
+        ("search_path = extensions", "search-path",
+         "its first schema, extensions, is one it may not create tables in"),
+    ],
+)  # fmt: skip
+def test_a_target_the_schema_step_cannot_write_is_refused_first(
+    source_db, target_db, setting, code, said
+):
+    """Each failed the schema step in the server's words (`cannot execute CREATE TABLE in a
+    read-only transaction`, `no schema has been selected to create in`), exit 1 or 2, after
+    preflight passed. The search_path matters in alembic mode only: pg_dump qualifies names."""
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(f'ALTER ROLE postgres IN DATABASE "{target_db.name}" SET {setting}')
+    (found,) = by_code(preflight(source_db.url, target_db.url, ["public"], mode="alembic"), code)
+    assert found.severity is Severity.ERROR and said in found.message, found.message
+    in_dump_mode = by_code(preflight(source_db.url, target_db.url, ["public"], mode="dump"), code)
+    assert bool(in_dump_mode) == (code == "target-read-only")

@@ -25,6 +25,7 @@ from supabase_migration.schema_apply import (
     SchemaResult,
     Statement,
     apply_schema,
+    dump_batches,
     filter_dump,
     find_pg_dump,
     run_pg_dump,
@@ -1154,3 +1155,41 @@ def test_the_schema_dump_passes_a_pooler_that_refuses_options(source_server, sou
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute("INSERT INTO fees (id) VALUES (1)")
         assert conn.execute("SELECT amount::numeric FROM fees").fetchone() == (Decimal("1.50"),)
+
+
+def test_dump_mode_keeps_backslashes_on_a_target_without_standard_strings(source_db, target_db):
+    """A target database with `standard_conforming_strings = off`: the dump's own SET to on
+    travelled in the same batch as the literals, which the server parsed first under off: a
+    default 'x\\y' became 'xy', a view's '\\n' a newline; run and verify passed."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            r"CREATE TABLE public.s (id bigint PRIMARY KEY, a text DEFAULT 'x\y' "
+            r"CHECK (a !~ '^\d+$')); "
+            r"CREATE VIEW public.v AS SELECT id, a || '\n' AS a2 FROM public.s; "
+            r"COMMENT ON TABLE public.s IS 'back\slash'"
+        )
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{target_db.name}" SET standard_conforming_strings = off')
+    source, target = _urls(source_db, target_db.url)
+    apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
+    query = (
+        "SELECT (SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
+        "WHERE adrelid = 'public.s'::regclass), pg_get_viewdef('public.v'), "
+        "obj_description('public.s'::regclass), "
+        "(SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'c' "
+        "AND conrelid = 'public.s'::regclass)"
+    )
+    seen = []
+    for url in (source_db.url, target_db.admin_url):
+        with psycopg.connect(url, options="-c standard_conforming_strings=on") as conn:
+            seen.append(conn.execute(query).fetchone())
+    assert seen[0] == seen[1] and "x\\y" in seen[0][0], seen
+
+
+def test_dump_batches_end_after_each_run_of_settings():
+    statements = ["SET LOCAL a = 1;", "SET LOCAL b = 2;", "CREATE TABLE t ();", "SET LOCAL c = 3;"]
+    statements += [f"CREATE TABLE t{i} ();" for i in range(450)]
+    batches = list(dump_batches(statements))
+    assert batches[0] == statements[:2] and batches[1] == statements[2:4]
+    assert [len(b) for b in batches[2:]] == [200, 200, 50]
+    assert [s for b in batches for s in b] == statements
