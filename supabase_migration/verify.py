@@ -34,6 +34,7 @@ from psycopg import sql
 
 from . import checkpoints, deferred, matviews, sqlbuild
 from .catalog import (
+    EXTENSIONS_SCHEMA,
     INTEGER_TYPES,
     TableInfo,
     enum_labels_sql,
@@ -956,6 +957,19 @@ SELECT a.attname || ' (generated)', 'g',
 FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = to_regclass(%s) AND a.attgenerated = 's'
 """
+# A column's default: the application's next inserts take it, so one the target lost or holds
+# otherwise (a literal's backslashes read otherwise, a migration run on one side only) makes
+# its new rows otherwise, while every copied row matches. A cast to varchar reads as text,
+# as the column types below read them.
+_DEFAULTS_SQL = r"""
+UNION ALL
+SELECT a.attname || ' (default)', 'd',
+       'DEFAULT ' || regexp_replace(pg_get_expr(d.adbin, d.adrelid),
+                                    '::character varying(\(\d+\))?', '::text', 'g')
+FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.attgenerated = ''
+"""
 
 # Each column's type, by name: the checksums hash a value with its own type's hash function on
 # each side, and some types' coincide (int4 and int8, timestamp and timestamptz, text and
@@ -986,6 +1000,7 @@ _CONSTRAINT_KINDS = {
     "x": "exclude",
     "n": "not null",
     "g": "generated column",
+    "d": "column default",
     "t": "column type",
 }
 
@@ -1127,19 +1142,24 @@ def constraints(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
 ) -> CheckOutcome:
     """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns, generated
-    columns' expressions and columns' types, by name."""
+    columns' expressions, columns' defaults and types, by name. Only defaults that differ
+    (or extra objects) warn; anything else missing or different is an error."""
     missing = _missing_table(CONSTRAINTS, table, source, target)
     if missing:
         return missing
-    schemas = [table.schema, "public"]
+    schemas = [table.schema, "public", EXTENSIONS_SCHEMA]  # extensions move there
 
     def run() -> tuple[bool, str, str, dict[str, Any]]:
         def read(conn: psycopg.Connection) -> dict[str, tuple[str, Any]]:
             ident = sqlbuild.table_ident(table).as_string(conn)
             generated = conn.info.server_version >= 120000
-            query = _CONSTRAINTS_SQL + (_GENERATED_SQL if generated else "") + _COLUMN_TYPES_SQL
+            query = (
+                _CONSTRAINTS_SQL
+                + (_GENERATED_SQL + _DEFAULTS_SQL if generated else "")
+                + _COLUMN_TYPES_SQL
+            )
             with read_snapshot(conn, catalog=True):
-                rows = conn.execute(query, (ident,) * (4 if generated else 3)).fetchall()
+                rows = conn.execute(query, (ident,) * (5 if generated else 3)).fetchall()
             return {
                 name: (strip_schemas(definition, schemas), _CONSTRAINT_KINDS.get(kind, kind))
                 for name, kind, definition in rows
@@ -1151,8 +1171,8 @@ def constraints(
             for d in diff[group]:
                 d["kind"] = (src.get(d["name"]) or tgt.get(d["name"]) or ("", ""))[1]
         failed = diff["missing"] + diff["different"] + diff["extra"]
-        only_extra = failed and not (diff["missing"] or diff["different"])
-        severity = WARN if only_extra else ERROR
+        serious = [d for d in diff["missing"] + diff["different"] if d["kind"] != "column default"]
+        severity = ERROR if serious else WARN
         details = {"source_constraints": len(src), "target_constraints": len(tgt), **diff}
         text = _schema_text(table.qualified_name, "constraint", diff, len(src))
         return not failed, severity, text, details

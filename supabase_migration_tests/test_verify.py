@@ -1238,3 +1238,32 @@ def test_a_big_mismatched_range_is_compared_part_by_part(source_db, target_db, m
             details = check(s, t, info, bounded).details
             assert "k2000" not in json.dumps(details), details
             assert {m["key_range"] for m in details["mismatches"]} == {"(key values not shown)"}
+
+
+def test_a_column_default_changed_or_lost_on_the_target_is_a_warning(migrated: Migrated) -> None:
+    """The application's next inserts take a column's default: one the target lost, or holds
+    otherwise (a literal's backslashes read otherwise), made its new rows otherwise while
+    every copied row matched, and verification said nothing."""
+    for sql in (
+        "ALTER TABLE patients ALTER COLUMN updated_at SET DEFAULT now()",
+        "ALTER TABLE visits ALTER COLUMN note SET DEFAULT 'x\\y'",
+    ):
+        for url in (migrated.source_url.conninfo(), migrated.target_admin):
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(sql)
+    assert not _failed(_verify(migrated))  # equal defaults (and identity ones) pass
+    _on_target(
+        migrated,
+        "ALTER TABLE patients ALTER COLUMN updated_at DROP DEFAULT; "
+        "ALTER TABLE visits ALTER COLUMN note SET DEFAULT 'xy'",
+    )
+    report = _verify(migrated)
+    assert set(_failed(report)) == {
+        ("public.patients", "constraints_match"),
+        ("public.visits", "constraints_match"),
+    }
+    patients = report.outcome("public.patients", "constraints_match")
+    assert patients.severity == WARN and report.passed
+    assert [d["name"] for d in patients.details["missing"]] == ["updated_at (default)"]
+    (different,) = report.outcome("public.visits", "constraints_match").details["different"]
+    assert (different["name"], different["kind"]) == ("note (default)", "column default")
