@@ -1167,9 +1167,12 @@ def constraints(
 
         src, tgt = on_both(read, source, target)
         diff = _schema_compare(src, tgt)
-        for group in ("missing", "extra", "different"):
+        for group in ("missing", "extra", "different", "renamed"):
             for d in diff[group]:
                 d["kind"] = (src.get(d["name"]) or tgt.get(d["name"]) or ("", ""))[1]
+                if d["kind"] == "column default":  # every row that took it holds its value
+                    for said in ("definition", "source", "target"):
+                        d.pop(said, None)
         failed = diff["missing"] + diff["different"] + diff["extra"]
         serious = [d for d in diff["missing"] + diff["different"] if d["kind"] != "column default"]
         severity = ERROR if serious else WARN
