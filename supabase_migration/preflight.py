@@ -450,7 +450,7 @@ def _check_alembic_search_path(ctx: _Context) -> None:
     where = (
         f"its first schema, {schema}, is one it may not create tables in"
         if schema
-        else ("it names no schema that exists")
+        else "it names no schema that exists"
     )
     ctx.add(
         Severity.ERROR,
@@ -674,10 +674,9 @@ def _check_leakproof_functions(ctx: _Context) -> None:
         )
 
 
-# Casts users made that touch the migrated schemas (a type or the function of one). A cast
-# belongs to no schema, so pg_dump --schema leaves it out.
-# The user's casts that touch the schemas given (%s): their types or function. Names are
-# read under search_path pg_catalog, so every one outside pg_catalog comes qualified.
+# The user's casts that touch the schemas given (%s): their types or function (a cast belongs
+# to no schema, so pg_dump --schema leaves it out). Names are read under search_path
+# pg_catalog, so every one outside pg_catalog comes qualified.
 _CASTS_SQL = f"""
 SELECT format_type(c.castsource, NULL), format_type(c.casttarget, NULL), c.castmethod,
        c.castcontext, CASE WHEN c.castfunc <> 0 THEN c.castfunc::regprocedure::text END,

@@ -1462,7 +1462,12 @@ def _matview_compared(
             False,
             ERROR,
             f"{name} is populated on the source but not on the target, where reading it "
-            "fails; `supabase-migrate run` refreshes it.",
+            "fails; "
+            + (
+                "`supabase-migrate run` refreshes it."
+                if there.ours
+                else f"its owner there, {there.owner}, must refresh it."
+            ),
             {"populated_on_target": False},
         )
     both = {id(source): view, id(target): there}

@@ -163,6 +163,13 @@ def test_verify_fails_an_unpopulated_view_and_warns_of_one_the_source_did_not_re
     assert "not refreshed since they changed" in z_base["description"]
     assert _views_checked(tmp_path)["public.a_summary"]["passed"] is False  # sum differs too
 
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute("DROP MATERIALIZED VIEW codes")
+    gone = cli(["verify"], env, tmp_path, 300)
+    assert gone.returncode == 1, _clean(gone)
+    codes = _views_checked(tmp_path)["public.codes"]
+    assert codes["severity"] == "ERROR" and "does not exist on the target" in codes["description"]
+
 
 def test_a_view_reading_another_through_a_function_is_refreshed_after_it(
     source_db, target_db, tmp_path
@@ -244,3 +251,8 @@ def test_schema_mode_none_leaves_a_view_another_role_owns(source_db, target_db, 
         assert {"security", "sequences", "materialized_views"} <= {s for (s,) in steps}
     (view,) = _views_checked(tmp_path).values()
     assert view["severity"] == "WARN" and view["details"] == {"source_rows": 1, "target_rows": 1}
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute("REFRESH MATERIALIZED VIEW theirs WITH NO DATA")
+    assert cli(["verify"], env, tmp_path, 300).returncode == 1
+    (view,) = _views_checked(tmp_path).values()
+    assert view["description"].endswith("its owner there, reporting_owner, must refresh it.")
