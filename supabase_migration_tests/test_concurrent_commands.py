@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import psycopg
@@ -72,33 +71,16 @@ def test_runs_waiting_for_the_pool_beside_a_stuck_run_stop_and_go_on(
 
             assert wait_until(four_workers_stuck, [old], timeout=80), explain(finish(old))
             waiting = start_cli(["run", "--no-progress"], env, tmp_path)
-            said = "Waiting for a slot of the supabase_target pool: all 4 are held"
-            # Signalled once it says it waits (a fixed sleep signalled a loaded machine's CLI
-            # before it got there: Dagster's setup run then held the signal).
-            err_lines: list[str] = []
-
-            def read_stderr() -> None:
-                for line in waiting.stderr:
-                    err_lines.append(line)
-
-            reader = threading.Thread(target=read_stderr)
-            reader.start()
-
-            def says_it_waits() -> bool:
-                return any(said in line for line in list(err_lines))
-
-            assert wait_until(says_it_waits, [waiting], timeout=120), "".join(err_lines)
+            time.sleep(12)  # started, and waiting for a slot (in Dagster's run, before)
             waiting.send_signal(signal.SIGTERM)
             try:
-                waiting.wait(timeout=20)
+                out, err = waiting.communicate(timeout=20)
             except subprocess.TimeoutExpired:
                 pytest.fail("SIGTERM did not stop a run waiting for a pool slot within 20 s")
-            reader.join(10)
-            out = waiting.stdout.read()
-            stopped = subprocess.CompletedProcess(
-                waiting.args, waiting.returncode, out, "".join(err_lines)
-            )
+            stopped = subprocess.CompletedProcess(waiting.args, waiting.returncode, out, err)
             assert_clean_exit(stopped, allowed=(1,))
+            said = "Waiting for a slot of the supabase_target pool: all 4 are held"
+            assert said in stopped.stderr, explain(stopped)
             third = start_cli(["run", "--no-progress"], env, tmp_path)
             time.sleep(3)
             old.send_signal(signal.SIGTERM)
