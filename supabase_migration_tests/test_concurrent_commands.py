@@ -33,6 +33,53 @@ def _waiting_on_lock(conn, pattern: str) -> int:
     ).fetchone()[0]
 
 
+class _Drained:
+    """A started CLI's stdout and stderr, read as they come (a full pipe would stop it)."""
+
+    def __init__(self, process) -> None:
+        import threading
+
+        self.process = process
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(pipe, into), daemon=True)
+            for pipe, into in ((process.stdout, self._out), (process.stderr, self._err))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(pipe, into: list[str]) -> None:
+        for line in pipe:
+            into.append(line)
+
+    def err(self) -> str:
+        return "".join(list(self._err))
+
+    def finished(self):
+        """What it wrote, once it has ended."""
+        import subprocess
+
+        for reader in self._readers:
+            reader.join(10)
+        out = "".join(self._out)
+        return subprocess.CompletedProcess(self.process.args, self.process.poll(), out, self.err())
+
+
+def _activity(conn) -> str:
+    """The target's sessions and the locks they wait for: what a stuck command waits on."""
+    rows = conn.execute(
+        """SELECT a.pid, a.state, a.wait_event_type, a.wait_event, left(a.query, 120),
+             (SELECT string_agg(concat_ws(' ', l.locktype, l.mode, l.relation::regclass,
+                                          l.objid), ', ')
+              FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted)
+           FROM pg_stat_activity a
+           WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"""
+    ).fetchall()
+    return "\n".join(map(repr, rows))
+
+
 def test_runs_waiting_for_the_pool_beside_a_stuck_run_stop_and_go_on(
     source_db, target_db, tmp_path, dagster_home, pycache_prefix
 ):
@@ -70,17 +117,29 @@ def test_runs_waiting_for_the_pool_beside_a_stuck_run_stop_and_go_on(
                 return _waiting_on_lock(probe, "COPY%") >= 4
 
             assert wait_until(four_workers_stuck, [old], timeout=80), explain(finish(old))
-            waiting = start_cli(["run", "--no-progress"], env, tmp_path)
-            time.sleep(12)  # started, and waiting for a slot (in Dagster's run, before)
+            # Python's fault handler: SIGABRT prints where each of its threads is.
+            waiting = start_cli(
+                ["run", "--no-progress"], {**env, "PYTHONFAULTHANDLER": "1"}, tmp_path
+            )
+            said = "Waiting for a slot of the supabase_target pool: all 4 are held"
+            # Signalled once it says it waits: a fixed sleep signalled a loaded machine's CLI
+            # before it got there (Dagster's setup run then held the signal).
+            output = _Drained(waiting)
+            if not wait_until(lambda: said in output.err(), [waiting], timeout=150, fail=False):
+                waiting.send_signal(signal.SIGABRT)
+                waiting.wait(10)
+                pytest.fail(
+                    "the second run did not say it waits for a slot (within 150 s, or before it "
+                    f"ended)\n"
+                    f"{_activity(probe)}\n{output.finished()}"
+                )
             waiting.send_signal(signal.SIGTERM)
             try:
-                out, err = waiting.communicate(timeout=20)
+                waiting.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pytest.fail("SIGTERM did not stop a run waiting for a pool slot within 20 s")
-            stopped = subprocess.CompletedProcess(waiting.args, waiting.returncode, out, err)
+            stopped = output.finished()
             assert_clean_exit(stopped, allowed=(1,))
-            said = "Waiting for a slot of the supabase_target pool: all 4 are held"
-            assert said in stopped.stderr, explain(stopped)
             third = start_cli(["run", "--no-progress"], env, tmp_path)
             time.sleep(3)
             old.send_signal(signal.SIGTERM)

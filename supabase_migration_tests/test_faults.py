@@ -373,13 +373,16 @@ def test_a_failure_no_checkpoint_can_record_still_reaches_the_cli(setup):
 # -- 4. two `run`s at once -----------------------------------------------------------------
 
 
-def wait_until(predicate, processes=(), timeout: float = 150) -> bool:
-    """Poll `predicate` until it holds (True) or one of `processes` has ended (False)."""
+def wait_until(predicate, processes=(), timeout: float = 150, fail: bool = True) -> bool:
+    """Poll `predicate` until it holds (True) or one of `processes` has ended (False); at the
+    timeout the test fails, or (`fail` False) this returns False."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if any(p.poll() is not None for p in processes):
             return False
         if time.monotonic() > deadline:
+            if not fail:
+                return False
             pytest.fail(f"{predicate.__name__} did not hold within {timeout} s")
         time.sleep(0.02)
     return True
