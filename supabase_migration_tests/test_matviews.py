@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import pytest
 
-from .test_cli import cli
+from supabase_migration.assets import MATVIEWS_KEY
+
+from .test_cli import _logged, cli
 from .testbed import cli_env
 
 PHI = "PHIMARK"
@@ -256,3 +259,55 @@ def test_schema_mode_none_leaves_a_view_another_role_owns(source_db, target_db, 
     assert cli(["verify"], env, tmp_path, 300).returncode == 1
     (view,) = _views_checked(tmp_path).values()
     assert view["description"].endswith("its owner there, reporting_owner, must refresh it.")
+
+
+def test_a_view_reading_one_that_stays_unpopulated_ends_the_retries_and_fails_the_run(
+    source_db, target_db, tmp_path
+):
+    """`outer_mv` reads `inner_mv` through a function, and the source emptied `inner_mv`
+    (WITH NO DATA) after refreshing `outer_mv`: on the target `inner_mv` stays unpopulated,
+    as on the source, so no pass can refresh `outer_mv`. The passes end with the first that
+    refreshes nothing, and the run fails naming the view."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v int); "
+            "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g; "
+            "CREATE MATERIALIZED VIEW inner_mv AS SELECT sum(v) AS s FROM t; "
+            "CREATE FUNCTION s_of() RETURNS bigint LANGUAGE sql STABLE "
+            "AS $$ SELECT s FROM public.inner_mv $$; "
+            "CREATE MATERIALIZED VIEW outer_mv AS SELECT s_of() AS s; "
+            "CREATE MATERIALIZED VIEW other_mv AS SELECT count(*) AS n FROM t; "
+            "REFRESH MATERIALIZED VIEW inner_mv WITH NO DATA"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli([*RUN, "--no-verify"], env, tmp_path, 300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    said = "Refreshing the materialized view public.outer_mv failed: it reads another that is "
+    assert said + "not populated on the target" in _clean(done)
+    state = _state(target_db.url)
+    assert not state["outer_mv"][0] and not state["inner_mv"][0] and state["other_mv"][0]
+
+
+def test_a_view_missing_on_the_users_target_is_said_by_the_step(source_db, target_db, tmp_path):
+    """Schema mode none, a target schema the user made without one of the source's views:
+    the step refreshes the others and says, in its log and its table, which is missing (the
+    run goes on; verify fails on it)."""
+    table = "CREATE TABLE t (id int PRIMARY KEY, v int); "
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            table + "INSERT INTO t SELECT g, g FROM generate_series(1, 30) g; "
+            "CREATE MATERIALIZED VIEW kept AS SELECT count(*) AS n FROM t; "
+            "CREATE MATERIALIZED VIEW gone AS SELECT sum(v) AS s FROM t"
+        )
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(table + "CREATE MATERIALIZED VIEW kept AS SELECT count(*) AS n FROM t")
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    done = cli(["run", "--no-progress", "--schema-mode", "none"], env, tmp_path, 300)
+    assert done.returncode == 1, _clean(done)  # verify: the view is not there
+    assert _rows(target_db.url, "kept") == [(30,)]
+    assert "The materialized view public.gone is not on the target." in _logged(env)
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        (step,) = instance.fetch_materializations(MATVIEWS_KEY, limit=10).records
+        table_md = step.asset_materialization.metadata["views"].value
+    assert "| public.gone | not on the target |" in table_md
+    assert "| public.kept | refreshed |" in table_md

@@ -609,3 +609,37 @@ def test_a_target_the_schema_step_cannot_write_is_refused_first(
     assert found.severity is Severity.ERROR and said in found.message, found.message
     in_dump_mode = by_code(preflight(source_db.url, target_db.url, ["public"], mode="dump"), code)
     assert bool(in_dump_mode) == (code == "target-read-only")
+
+
+def test_a_read_replica_as_the_target_is_refused(source_db, pg_binaries, tmp_path_factory):
+    """A replica's URL (a Supabase read replica's, or a standby's): the schema step failed
+    in the server's words (`cannot execute CREATE SCHEMA in a read-only transaction`). Here
+    a Supabase-like cluster started as a standby with no primary: in recovery, read-only."""
+    from supabase_migration.localpg import hand_over
+
+    from .testbed import TARGET_PASSWORD
+
+    server = LocalServer(
+        pg_binaries, tmp_path_factory.mktemp("replica") / "data", superuser=SUPABASE_ADMIN
+    )
+    try:
+        server.init()
+        make_supabase_like(server, password=TARGET_PASSWORD, ssl=True)
+        server.start()
+        server.create_database("app", owner=SUPABASE_ADMIN)
+        prepare_supabase_database(server, "app")
+        server.stop()
+        signal_file = server.pgdata / "standby.signal"
+        signal_file.touch()
+        hand_over(signal_file)
+        server.start()
+        url = server.url(user="postgres", password=TARGET_PASSWORD, dbname="app", sslmode="require")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        (found,) = by_code(
+            preflight(source_db.url, url, ["public"], mode="dump"), "target-read-only"
+        )
+    finally:
+        server.cleanup()
+    assert found.severity is Severity.ERROR
+    assert found.message.startswith("The target URL names a read replica"), found.message

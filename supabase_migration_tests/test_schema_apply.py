@@ -470,7 +470,8 @@ def test_dump_mode_leaves_out_an_untrusted_language_extension_with_its_functions
     source_db, target_db
 ):
     """`plan` said a plperlu function would be skipped, then the schema step failed: it tried
-    to create the extension, which only a superuser may (and Supabase does not offer)."""
+    to create the extension, which only a superuser may (and Supabase does not offer). A cast
+    made with such a function is left out with it, and said so."""
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         available = conn.execute(
             "SELECT 1 FROM pg_available_extensions WHERE name = 'plperlu'"
@@ -480,7 +481,11 @@ def test_dump_mode_leaves_out_an_untrusted_language_extension_with_its_functions
         conn.execute(
             "CREATE EXTENSION plperlu; "
             "CREATE FUNCTION public.hostname() RETURNS text LANGUAGE plperlu AS $$ return 'h'; $$; "
-            "CREATE TABLE public.t (id int PRIMARY KEY)"
+            "CREATE TABLE public.t (id int PRIMARY KEY); "
+            "CREATE TYPE public.tag AS (v text); "
+            "CREATE FUNCTION public.tag_text(public.tag) RETURNS text LANGUAGE plperlu "
+            "AS $$ return 'x'; $$; "
+            "CREATE CAST (public.tag AS text) WITH FUNCTION public.tag_text(public.tag)"
         )
     from .test_preflight import preflight
 
@@ -488,11 +493,18 @@ def test_dump_mode_leaves_out_an_untrusted_language_extension_with_its_functions
     findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
     (said,) = [f for f in findings if f.code == "untrusted-extension"]
     assert said.message.startswith("Extension plperlu provides an untrusted language")
+    untrusted = "its function's language is untrusted, which needs superuser on Supabase"
+    (cast,) = [f for f in findings if f.code == "cast"]
+    assert cast.subject == "cast (public.tag AS text)" and untrusted in cast.message
     result = apply_schema(SchemaMode.DUMP, source_url=source, target_url=target, schemas=["public"])
     assert any(s.startswith("EXTENSION plperlu: its language is untrusted") for s in result.skipped)
+    assert f"cast (public.tag AS text): {untrusted}" in result.skipped
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regclass('public.t') IS NOT NULL").fetchone() == (True,)
         assert conn.execute("SELECT to_regproc('public.hostname')").fetchone() == (None,)
+        assert conn.execute("SELECT to_regtype('public.tag') IS NOT NULL").fetchone() == (True,)
+        made = "SELECT count(*) FROM pg_cast WHERE castsource = 'public.tag'::regtype"
+        assert conn.execute(made).fetchone() == (0,)
 
 
 CASTS = """
