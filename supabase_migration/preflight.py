@@ -284,6 +284,7 @@ def _run_checks(
         _check_casts,
         _check_leakproof_functions,
         _check_function_search_paths,
+        _check_source_settings,
         _check_columns,
         _check_keys,
         _check_tables_left_out,
@@ -649,6 +650,93 @@ def _check_function_search_paths(ctx: _Context) -> None:
             "may call are on the source; on the target they are in schema extensions, so "
             "its unqualified calls to them fail: add extensions to its search_path.",
         )
+
+
+# Settings the source gives every session of its database (ALTER DATABASE ... SET, and
+# ALTER ROLE ... IN DATABASE ... SET), or gives its login everywhere: (whose, setting entry).
+_SOURCE_SETTINGS_SQL = """
+SELECT CASE WHEN s.setrole = 0 THEN '' ELSE r.rolname::text END,
+       CASE WHEN s.setdatabase = 0 THEN '' ELSE ' in this database' END, cfg
+FROM pg_db_role_setting s
+LEFT JOIN pg_roles r ON r.oid = s.setrole
+CROSS JOIN LATERAL unnest(s.setconfig) AS cfg
+WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+   OR (s.setdatabase = 0 AND r.rolname = current_user)
+ORDER BY 1, 2, 3
+"""
+# A search_path of only these finds on Supabase what it found on the source.
+_SUPABASE_PATH = frozenset({"$user", "public", "extensions", "pg_catalog", "pg_temp"})
+
+
+def _functions_without_a_search_path(ctx: _Context) -> list[str]:
+    """The user's SQL and PL/pgSQL functions that resolve a table's name by the caller's
+    search_path (a SQL-standard body, BEGIN ATOMIC, binds its names at creation)."""
+    bound = "AND p.prosqlbody IS NULL" if server_major(ctx.source) >= 14 else ""
+    rows = ctx.source.execute(
+        f"""
+        SELECT quote_ident(n.nspname) || '.' || quote_ident(p.proname) || '()'
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        JOIN pg_language l ON l.oid = p.prolang
+        WHERE n.nspname = ANY(%s) AND l.lanname IN ('sql', 'plpgsql') {bound}
+          AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%')
+          AND NOT {ext_member("pg_proc", "p.oid")}
+        ORDER BY 1
+        """,
+        (ctx.schemas,),
+    ).fetchall()
+    return list(dict.fromkeys(name for (name,) in rows))
+
+
+def _check_source_settings(ctx: _Context) -> None:
+    """The source's database and role settings are no part of its schema: neither pg_dump nor
+    Alembic carries them. A search_path set there let functions and the application name
+    tables without their schema; on the target a materialized view's refresh then failed
+    with `relation "…" does not exist` (its name withheld: a value cast to regclass gives
+    the same error)."""
+    by_whose: dict[str, dict[str, str]] = defaultdict(dict)
+    for role, where, entry in ctx.source.execute(_SOURCE_SETTINGS_SQL).fetchall():
+        name, _, value = entry.partition("=")
+        whose = f"role {role}{where}" if role else "database"
+        by_whose[whose][name.lower()] = value
+    unbound: list[str] | None = None
+    for whose, settings in by_whose.items():
+        subject = f"source {whose}"
+        how = "ALTER ROLE ... SET" if whose.startswith("role") else "ALTER DATABASE ... SET"
+        path = settings.pop("search_path", None)
+        schemas = {part.strip().strip('"') for part in (path or "").split(",")} - {""}
+        if path is not None and not schemas <= _SUPABASE_PATH:
+            if unbound is None:
+                unbound = _functions_without_a_search_path(ctx)
+            functions, advice = "", ""
+            if unbound:
+                functions = (
+                    f" and {len(unbound)} function(s) that set none of their own "
+                    f"({listed(unbound, 3)})"
+                )
+                advice = (
+                    f"give those functions their own (ALTER FUNCTION ... SET search_path = "
+                    f"{path}) before migrating, and "
+                )
+            ctx.add(
+                Severity.WARNING,
+                "source-search-path",
+                subject,
+                f"The source {whose} sets search_path to {path} ({how}), which no migration "
+                'carries: on the target, sessions take their login\'s (on Supabase "$user", '
+                f"public, extensions), so the application's queries{functions} will not find "
+                f"there a table they name without its schema; {advice}set the application's "
+                "role's on the target (ALTER ROLE ... SET search_path).",
+            )
+        if settings:
+            # Names only: a custom setting's value may be a secret (a JWT secret, a key).
+            ctx.add(
+                Severity.INFO,
+                "source-settings",
+                subject,
+                f"The source {whose} sets {listed(sorted(settings), 5)} ({how}), which no "
+                "migration carries; set on the target, for the application's role, those it "
+                "relies on.",
+            )
 
 
 def _check_leakproof_functions(ctx: _Context) -> None:

@@ -244,6 +244,14 @@ def test_a_postgresql_13_source_is_copied_and_verified(target_db, tmp_path):
                 "INSERT INTO readings SELECT g, g / 3.0, g / 7.0 FROM generate_series(1, 3000) g; "
                 "INSERT INTO readings VALUES (-1, 'NaN', '-Infinity'), (-2, '-0', 1e-38)"
             )
+            # before 14, no function body is bound at creation (no pg_proc.prosqlbody)
+            conn.execute(
+                "ALTER DATABASE old SET search_path = public, audit; "
+                "CREATE FUNCTION public.one() RETURNS int LANGUAGE sql AS 'SELECT 1'"
+            )
+        with psycopg.connect(source) as src, psycopg.connect(target_db.url) as tgt:
+            said = [f.message for f in run_preflight(src, tgt) if f.code == "source-search-path"]
+        assert len(said) == 1 and "function(s) that set none of their own" in said[0], said
         env = cli_env(source, target_db.url, tmp_path)
         done = cli(["run", "--batch-size", "2000"], env, tmp_path, 600)
         assert done.returncode == 0, done.stderr

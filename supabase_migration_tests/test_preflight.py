@@ -643,3 +643,54 @@ def test_a_read_replica_as_the_target_is_refused(source_db, pg_binaries, tmp_pat
         server.cleanup()
     assert found.severity is Severity.ERROR
     assert found.message.startswith("The target URL names a read replica"), found.message
+
+
+def test_settings_the_source_gives_its_sessions_are_said(source_db, target_db, tmp_path):
+    """`ALTER DATABASE ... SET search_path` on the source let a function name its table without
+    the schema; on the target the materialized view calling it failed to refresh (`relation
+    "…" does not exist`) after every check passed. The advice given works. Other settings
+    are named, never their values (a custom one may hold a secret)."""
+    from .test_cli import cli
+    from .testbed import cli_env
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        db = conn.info.dbname
+        conn.execute(f'ALTER DATABASE "{db}" SET search_path = clinic, public')
+        conn.execute(f"ALTER DATABASE \"{db}\" SET app.jwt_secret = '{PHI}'")
+        conn.execute(f"ALTER DATABASE \"{db}\" SET timezone = 'America/Chicago'")
+        conn.execute(f"ALTER ROLE CURRENT_USER IN DATABASE \"{db}\" SET statement_timeout = '5min'")
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE SCHEMA clinic; "
+            "CREATE TABLE clinic.visits (id int PRIMARY KEY, v int); "
+            "INSERT INTO clinic.visits SELECT g, g FROM generate_series(1, 30) g; "
+            "CREATE FUNCTION clinic.total() RETURNS bigint LANGUAGE sql STABLE "
+            "AS $$ SELECT sum(v) FROM visits $$; "
+            "CREATE FUNCTION clinic.bound() RETURNS bigint LANGUAGE sql STABLE "
+            "BEGIN ATOMIC SELECT count(*) FROM visits; END; "
+            "CREATE MATERIALIZED VIEW clinic.summary AS SELECT clinic.total() AS t"
+        )
+    findings = preflight(source_db.url, target_db.url, ["clinic"], mode="dump")
+    (path,) = by_code(findings, "source-search-path")
+    assert path.severity is Severity.WARNING and path.subject == "source database"
+    assert path.message.startswith("The source database sets search_path to clinic, public")
+    assert "and 1 function(s) that set none of their own (clinic.total())" in path.message
+    others = {f.subject: f.message for f in by_code(findings, "source-settings")}
+    assert "sets app.jwt_secret, timezone (ALTER DATABASE ... SET)" in others["source database"]
+    role = others["source role postgres in this database"]
+    assert "sets statement_timeout (ALTER ROLE ... SET)" in role
+    assert all(PHI not in f.message for f in findings)
+
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("ALTER FUNCTION clinic.total() SET search_path = clinic, public")
+    findings = preflight(source_db.url, target_db.url, ["clinic"], mode="dump")
+    (path,) = by_code(findings, "source-search-path")
+    assert "function" not in path.message and path.message.endswith(
+        "set the application's role's on the target (ALTER ROLE ... SET search_path)."
+    )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    args = ["run", "--no-progress", "--no-verify", "--schema-mode", "dump", "--schemas", "clinic"]
+    done = cli(args, env, tmp_path, 300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("TABLE clinic.summary").fetchall() == [(465,)]
