@@ -57,6 +57,17 @@ class _Drained:
     def err(self) -> str:
         return "".join(list(self._err))
 
+    def ended(self, timeout: float):
+        """What it wrote, once it ends (killed, and the test failed, after `timeout` s)."""
+        import subprocess
+
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"the CLI did not end within {timeout} s:\n{explain(self.finished())}")
+        return self.finished()
+
     def finished(self):
         """What it wrote, once it has ended."""
         import subprocess
@@ -101,6 +112,7 @@ def test_runs_waiting_for_the_pool_beside_a_stuck_run_stop_and_go_on(
     env = migration_env(source_db.url, target_db.url, tmp_path, dagster_home, pycache_prefix)
     assert_clean_exit(cli(["init", "--schema-mode", "dump", "--batch-size", "50"], env, tmp_path))
     old = start_cli(["run", "--no-progress", "--workers", "4"], env, tmp_path)
+    old_output = _Drained(old)  # read as it comes: a full pipe would stop it, holding locks
     waiting = None
     third = None
     try:
@@ -116,7 +128,8 @@ def test_runs_waiting_for_the_pool_beside_a_stuck_run_stop_and_go_on(
                     gate.execute("LOCK TABLE public.items, public.tags IN SHARE MODE")
                 return _waiting_on_lock(probe, "COPY%") >= 4
 
-            assert wait_until(four_workers_stuck, [old], timeout=80), explain(finish(old))
+            stuck = wait_until(four_workers_stuck, [old], timeout=80)
+            assert stuck, explain(old_output.ended(60))
             # Python's fault handler: SIGABRT prints where each of its threads is.
             waiting = start_cli(
                 ["run", "--no-progress"], {**env, "PYTHONFAULTHANDLER": "1"}, tmp_path
@@ -143,7 +156,7 @@ def test_runs_waiting_for_the_pool_beside_a_stuck_run_stop_and_go_on(
             third = start_cli(["run", "--no-progress"], env, tmp_path)
             time.sleep(3)
             old.send_signal(signal.SIGTERM)
-            assert_clean_exit(finish(old, 60), allowed=(1,))
+            assert_clean_exit(old_output.ended(60), allowed=(1,))
             gate.commit()
         done = finish(third, 60)
     finally:
