@@ -8,6 +8,7 @@ its data. One the source never populated stays so: the application refreshes it 
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import time
 from collections.abc import Callable, Sequence
@@ -17,9 +18,9 @@ import psycopg
 from psycopg import sql
 
 from . import sqlbuild
-from .catalog import ext_member
+from .catalog import ext_member, server_major
 from .connections import database_error, transaction_with
-from .errors import MigrationError
+from .errors import MigrationError, listed
 from .redaction import describe_pg_error
 
 
@@ -161,12 +162,50 @@ def refresh(conn: psycopg.Connection, view: MatView, also: Sequence[sql.Composab
                 "that is not populated on the target, perhaps through a function (which gives "
                 "no order to refresh them in)."
             ) from None
+        hint = _search_path_hint(conn, view) if exc.sqlstate in _NOT_FOUND else ""
         sentence = (
             f"Refreshing the materialized view {view.qualified} failed "
-            f"({describe_pg_error(exc)}); the tables' rows are in place, and the next run "
-            "refreshes it again once the cause is fixed."
+            f"({describe_pg_error(exc)}){hint}; the tables' rows are in place, and the next "
+            "run refreshes it again once the cause is fixed."
         )
         raise database_error(exc, sentence, RefreshError) from None
+
+
+# undefined_table, undefined_function: the name is withheld (a value cast to regclass gives the
+# same error), so the catalog says what may be the cause instead.
+_NOT_FOUND = frozenset({"42P01", "42883"})
+
+# The functions a view's query calls that look a name up in the caller's search_path: SQL or
+# PL/pgSQL, with none of their own, and no body bound at creation (BEGIN ATOMIC, 14+).
+_UNBOUND_CALLS_SQL = """
+SELECT DISTINCT quote_ident(n.nspname) || '.' || quote_ident(p.proname) || '()'
+FROM pg_rewrite w
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
+                AND d.refclassid = 'pg_proc'::regclass
+JOIN pg_proc p ON p.oid = d.refobjid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE w.ev_class = %s AND l.lanname IN ('sql', 'plpgsql') {bound}
+  AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%')
+ORDER BY 1
+"""
+
+
+def _search_path_hint(conn: psycopg.Connection, view: MatView) -> str:
+    """Where the view calls such functions: the likely cause (a search_path the source's
+    database or role set, which no migration carries), and the cure."""
+    bound = "AND p.prosqlbody IS NULL" if server_major(conn) >= 14 else ""
+    with contextlib.suppress(psycopg.Error):  # the error above is what the user must see
+        calls = [f for (f,) in conn.execute(_UNBOUND_CALLS_SQL.format(bound=bound), [view.oid])]
+        if calls:
+            one = len(calls) == 1
+            return (
+                f": it calls {listed(calls, 3)}, {'a function' if one else 'functions'} with no "
+                f"search_path of {'its' if one else 'their'} own, where a name given without "
+                "its schema is looked up in this session's (give "
+                f"{'it' if one else 'them'} one: ALTER FUNCTION ... SET search_path = ...)"
+            )
+    return ""
 
 
 REFRESHED = "refreshed"

@@ -681,16 +681,30 @@ def test_settings_the_source_gives_its_sessions_are_said(source_db, target_db, t
     assert "sets statement_timeout (ALTER ROLE ... SET)" in role
     assert all(PHI not in f.message for f in findings)
 
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    args = ["run", "--no-progress", "--no-verify", "--schema-mode", "dump", "--schemas", "clinic"]
+    done = cli(args, env, tmp_path, 300)
+    assert done.returncode == 2, done.stdout + done.stderr  # the schema needs a change
+    assert (
+        "Refreshing the materialized view clinic.summary failed (undefined_table (42P01): "
+        'relation "…" does not exist): it calls clinic.total(), a function with no search_path '
+        "of its own, where a name given without its schema is looked up in this session's (give "
+        "it one: ALTER FUNCTION ... SET search_path = ...)"
+    ) in done.stderr
+
+    # The cure, on the target, whose schema is made (on the source, dump mode would refuse
+    # the changed schema), then on the source for the migrations to come.
+    cure = "ALTER FUNCTION clinic.total() SET search_path = clinic, public"
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(cure)
+    done = cli(args, env, tmp_path, 300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("TABLE clinic.summary").fetchall() == [(465,)]
     with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute("ALTER FUNCTION clinic.total() SET search_path = clinic, public")
+        conn.execute(cure)
     findings = preflight(source_db.url, target_db.url, ["clinic"], mode="dump")
     (path,) = by_code(findings, "source-search-path")
     assert "function" not in path.message and path.message.endswith(
         "set the application's role's on the target (ALTER ROLE ... SET search_path)."
     )
-    env = cli_env(source_db.url, target_db.url, tmp_path)
-    args = ["run", "--no-progress", "--no-verify", "--schema-mode", "dump", "--schemas", "clinic"]
-    done = cli(args, env, tmp_path, 300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    with psycopg.connect(target_db.url) as conn:
-        assert conn.execute("TABLE clinic.summary").fetchall() == [(465,)]
