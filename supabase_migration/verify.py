@@ -82,8 +82,8 @@ CHECK_DESCRIPTIONS = {
     ),
     INDEXES: "Index definitions agree after normalizing names and schema qualification.",
     CONSTRAINTS: (
-        "PRIMARY KEY, UNIQUE, CHECK, FOREIGN KEY, EXCLUDE and NOT NULL definitions, and "
-        "generated columns' expressions, agree."
+        "PRIMARY KEY, UNIQUE, CHECK, FOREIGN KEY, EXCLUDE and NOT NULL definitions, generated "
+        "columns' expressions, columns' types and defaults, and triggers agree."
     ),
     FOREIGN_KEYS: (
         "Every foreign key holds on the target (loads may skip FK triggers in replica mode)."
@@ -970,6 +970,28 @@ FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.
 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
   AND a.attgenerated = ''
 """
+# A table's triggers, but the internal ones of its foreign keys, with whether they fire: the
+# copy runs with triggers off (replica mode) and the rows match either way, but one the target
+# lacks or fires otherwise (an audit trail, an updated_at) changes what the application's next
+# writes do. Named, never shown: a WHEN condition may hold a value rows hold too.
+_TRIGGERS_SQL = """
+UNION ALL
+SELECT t.tgname || ' (trigger)', 'r',
+       pg_get_triggerdef(t.oid) || CASE t.tgenabled WHEN 'D' THEN ' (disabled)'
+                                    WHEN 'R' THEN ' (on replicas only)'
+                                    WHEN 'A' THEN ' (always)' ELSE '' END
+FROM pg_trigger t
+WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal
+"""
+# The schemas of the side's extensions, left out of its definitions as the table's own schema
+# is: dump mode moves extensions into `extensions`, so `util.uuid_generate_v4()` on the source
+# is `extensions.uuid_generate_v4()` on the target.
+_EXTENSION_SCHEMAS_SQL = """
+UNION ALL
+SELECT DISTINCT n.nspname, 'e', ''
+FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE n.nspname <> 'pg_catalog'
+"""
 
 # Each column's type, by name: the checksums hash a value with its own type's hash function on
 # each side, and some types' coincide (int4 and int8, timestamp and timestamptz, text and
@@ -1002,7 +1024,10 @@ _CONSTRAINT_KINDS = {
     "g": "generated column",
     "d": "column default",
     "t": "column type",
+    "r": "trigger",
 }
+# Kinds compared by name and definition whose definition the report leaves out.
+_UNSHOWN_KINDS = frozenset({"column default", "trigger"})
 
 
 def strip_schemas(text: str, schemas: Sequence[str]) -> str:
@@ -1142,8 +1167,8 @@ def constraints(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
 ) -> CheckOutcome:
     """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns, generated
-    columns' expressions, columns' defaults and types, by name. Only defaults that differ
-    (or extra objects) warn; anything else missing or different is an error."""
+    columns' expressions, columns' defaults and types, and triggers, by name. Only defaults
+    that differ (or extra objects) warn; anything else missing or different is an error."""
     missing = _missing_table(CONSTRAINTS, table, source, target)
     if missing:
         return missing
@@ -1157,12 +1182,16 @@ def constraints(
                 _CONSTRAINTS_SQL
                 + (_GENERATED_SQL + _DEFAULTS_SQL if generated else "")
                 + _COLUMN_TYPES_SQL
+                + _TRIGGERS_SQL
+                + _EXTENSION_SCHEMAS_SQL
             )
             with read_snapshot(conn, catalog=True):
-                rows = conn.execute(query, (ident,) * (5 if generated else 3)).fetchall()
+                rows = conn.execute(query, (ident,) * (6 if generated else 4)).fetchall()
+            stripped = [*schemas, *(name for name, kind, _ in rows if kind == "e")]
             return {
-                name: (strip_schemas(definition, schemas), _CONSTRAINT_KINDS.get(kind, kind))
+                name: (strip_schemas(definition, stripped), _CONSTRAINT_KINDS.get(kind, kind))
                 for name, kind, definition in rows
+                if kind != "e"
             }
 
         src, tgt = on_both(read, source, target)
@@ -1170,7 +1199,7 @@ def constraints(
         for group in ("missing", "extra", "different", "renamed"):
             for d in diff[group]:
                 d["kind"] = (src.get(d["name"]) or tgt.get(d["name"]) or ("", ""))[1]
-                if d["kind"] == "column default":  # every row that took it holds its value
+                if d["kind"] in _UNSHOWN_KINDS:  # rows may hold the values they name
                     for said in ("definition", "source", "target"):
                         d.pop(said, None)
         failed = diff["missing"] + diff["different"] + diff["extra"]

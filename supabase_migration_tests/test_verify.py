@@ -1269,3 +1269,51 @@ def test_a_column_default_changed_or_lost_on_the_target_is_a_warning(migrated: M
     assert different == {"name": "note (default)", "kind": "column default"}  # not its value
     said = report.to_json() + report.to_markdown()  # every row that took one holds its value
     assert "Dr. Who" not in said and "Dr. No" not in said
+
+
+def test_a_trigger_lost_or_disabled_on_the_target_fails_constraints(migrated: Migrated) -> None:
+    """The copy runs with triggers off and every row matched, but a trigger the target lacks
+    (an audit trail) or does not fire changes what the application's next writes do, and
+    verification said nothing. Named, never shown (a WHEN condition may hold a value). A
+    trigger calling an extension's function, which dump mode moves into `extensions`, is the
+    same trigger on both sides."""
+    marker = "PHI-TRIGGER-LITERAL"
+    function = (
+        "CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql "
+        "AS $$ BEGIN RETURN NEW; END $$; "
+    )
+    triggers = (
+        "CREATE TRIGGER patients_audit AFTER INSERT ON patients "
+        "FOR EACH ROW EXECUTE FUNCTION public.touch(); "
+        "CREATE TRIGGER visits_touch BEFORE UPDATE ON visits FOR EACH ROW "
+        f"WHEN (NEW.note IS DISTINCT FROM '{marker}') EXECUTE FUNCTION public.touch(); "
+        "CREATE TRIGGER visits_stamp BEFORE UPDATE ON visits FOR EACH ROW "
+        "EXECUTE FUNCTION {schema}.moddatetime(updated_at)"
+    )
+    with psycopg.connect(migrated.source_url.conninfo(), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA util; CREATE EXTENSION moddatetime SCHEMA util; " + function)
+        conn.execute(triggers.format(schema="util"))
+    _on_target(
+        migrated,
+        "CREATE EXTENSION moddatetime SCHEMA extensions; "
+        + function
+        + triggers.format(schema="extensions"),
+        admin=True,
+    )
+    assert not _failed(_verify(migrated))  # the same triggers, however their functions moved
+    _on_target(
+        migrated,
+        "DROP TRIGGER patients_audit ON patients; ALTER TABLE visits DISABLE TRIGGER visits_touch",
+        admin=True,
+    )
+    report = _verify(migrated)
+    assert set(_failed(report)) == {
+        ("public.patients", "constraints_match"),
+        ("public.visits", "constraints_match"),
+    }
+    patients = report.outcome("public.patients", "constraints_match")
+    assert patients.severity == ERROR and not report.passed
+    assert patients.details["missing"] == [{"name": "patients_audit (trigger)", "kind": "trigger"}]
+    (different,) = report.outcome("public.visits", "constraints_match").details["different"]
+    assert different == {"name": "visits_touch (trigger)", "kind": "trigger"}
+    assert marker not in report.to_json() + report.to_markdown() + report.to_html()
