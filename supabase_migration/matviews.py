@@ -175,34 +175,47 @@ def refresh(conn: psycopg.Connection, view: MatView, also: Sequence[sql.Composab
 # same error), so the catalog says what may be the cause instead.
 _NOT_FOUND = frozenset({"42P01", "42883"})
 
-# The functions a view's query calls that look a name up in the caller's search_path: SQL or
-# PL/pgSQL, with none of their own, and no body bound at creation (BEGIN ATOMIC, 14+).
-_UNBOUND_CALLS_SQL = """
-SELECT DISTINCT quote_ident(n.nspname) || '.' || quote_ident(p.proname) || '()'
+# The functions and procedures a view's query calls that look a name up in the search_path
+# they are called with: SQL or PL/pgSQL, with none of their own, and no body bound at creation
+# (BEGIN ATOMIC, 14+), but extensions' (the user cannot alter them). Read under search_path
+# pg_catalog, so each comes qualified, with its arguments (overloads share a name).
+_UNBOUND_CALLS_SQL = f"""
+SELECT DISTINCT p.oid::regprocedure::text
 FROM pg_rewrite w
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
                 AND d.refclassid = 'pg_proc'::regclass
 JOIN pg_proc p ON p.oid = d.refobjid
-JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
-WHERE w.ev_class = %s AND l.lanname IN ('sql', 'plpgsql') {bound}
+WHERE w.ev_class = %s AND l.lanname IN ('sql', 'plpgsql') {{bound}}
   AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%')
+  AND NOT {ext_member("pg_proc", "p.oid")}
 ORDER BY 1
 """
 
 
-def _search_path_hint(conn: psycopg.Connection, view: MatView) -> str:
-    """Where the view calls such functions: the likely cause (a search_path the source's
-    database or role set, which no migration carries), and the cure."""
+def unbound_calls(conn: psycopg.Connection, view: MatView) -> list[str]:
+    """What `view` calls that resolves unqualified names by the caller's search_path: on
+    PostgreSQL 17 and later a refresh's is `pg_catalog, pg_temp`, whatever the session's."""
     bound = "AND p.prosqlbody IS NULL" if server_major(conn) >= 14 else ""
+    query = _UNBOUND_CALLS_SQL.format(bound=bound)
+    with transaction_with(conn, [sql.SQL("SET LOCAL search_path = pg_catalog")], commit=False):
+        return [name for (name,) in conn.execute(query, [view.oid])]
+
+
+def _search_path_hint(conn: psycopg.Connection, view: MatView) -> str:
+    """Where the view calls such functions: the likely cause, and the cure."""
     with contextlib.suppress(psycopg.Error):  # the error above is what the user must see
-        calls = [f for (f,) in conn.execute(_UNBOUND_CALLS_SQL.format(bound=bound), [view.oid])]
+        calls = unbound_calls(conn, view)
         if calls:
             one = len(calls) == 1
+            where = (
+                "a refresh looks names up in pg_catalog only on PostgreSQL 17 and later"
+                if server_major(conn) >= 17
+                else "a name given without its schema is looked up in this session's"
+            )
             return (
-                f": it calls {listed(calls, 3)}, {'a function' if one else 'functions'} with no "
-                f"search_path of {'its' if one else 'their'} own, where a name given without "
-                "its schema is looked up in this session's (give "
+                f": it calls {listed(calls, 3)}, which {'has' if one else 'have'} no "
+                f"search_path of {'its' if one else 'their'} own, and {where} (give "
                 f"{'it' if one else 'them'} one: ALTER FUNCTION ... SET search_path = ...)"
             )
     return ""

@@ -45,7 +45,7 @@ from .conninfo import is_loopback_host
 from .copy import replica_mode_allowed
 from .errors import ConfigError, PreflightError, listed
 from .manifest import Manifest
-from .matviews import materialized_views, tables_read
+from .matviews import materialized_views, tables_read, unbound_calls
 from .redaction import describe_pg_error
 from .sqlbuild import READING_ROWS, key_arrays, key_texts, keys_in, rows_of
 
@@ -285,6 +285,7 @@ def _run_checks(
         _check_leakproof_functions,
         _check_function_search_paths,
         _check_source_settings,
+        _check_refresh_search_path,
         _check_columns,
         _check_keys,
         _check_tables_left_out,
@@ -652,39 +653,55 @@ def _check_function_search_paths(ctx: _Context) -> None:
         )
 
 
-# Settings the source gives every session of its database (ALTER DATABASE ... SET, and
-# ALTER ROLE ... IN DATABASE ... SET), or gives its login everywhere: (whose, setting entry).
+# Settings the source gives the sessions of its database: ALTER DATABASE ... SET, ALTER ROLE
+# ... IN DATABASE ... SET, ALTER ROLE ALL SET, and ALTER ROLE ... SET of a role that may log in
+# (an application's role usually gets its search_path so). (role or '', in this database only,
+# the role is the source's login, setting entry).
 _SOURCE_SETTINGS_SQL = """
-SELECT CASE WHEN s.setrole = 0 THEN '' ELSE r.rolname::text END,
-       CASE WHEN s.setdatabase = 0 THEN '' ELSE ' in this database' END, cfg
+SELECT coalesce(r.rolname::text, ''), s.setdatabase <> 0,
+       coalesce(r.rolname = current_user, false), cfg
 FROM pg_db_role_setting s
 LEFT JOIN pg_roles r ON r.oid = s.setrole
 CROSS JOIN LATERAL unnest(s.setconfig) AS cfg
 WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-   OR (s.setdatabase = 0 AND r.rolname = current_user)
-ORDER BY 1, 2, 3
+   OR (s.setdatabase = 0 AND (s.setrole = 0 OR r.rolcanlogin))
+ORDER BY 1, 2 DESC, 4
 """
 # A search_path of only these finds on Supabase what it found on the source.
 _SUPABASE_PATH = frozenset({"$user", "public", "extensions", "pg_catalog", "pg_temp"})
 
 
-def _functions_without_a_search_path(ctx: _Context) -> list[str]:
-    """The user's SQL and PL/pgSQL functions that resolve a table's name by the caller's
-    search_path (a SQL-standard body, BEGIN ATOMIC, binds its names at creation)."""
+def _routines_without_a_search_path(ctx: _Context) -> list[str]:
+    """The user's SQL and PL/pgSQL functions and procedures that resolve a table's name by the
+    caller's search_path (a SQL-standard body, BEGIN ATOMIC, binds its names at creation),
+    each qualified, with its arguments (overloads share a name), read under search_path
+    pg_catalog."""
     bound = "AND p.prosqlbody IS NULL" if server_major(ctx.source) >= 14 else ""
-    rows = ctx.source.execute(
-        f"""
-        SELECT quote_ident(n.nspname) || '.' || quote_ident(p.proname) || '()'
+    query = f"""
+        SELECT CASE p.prokind WHEN 'p' THEN 'procedure ' ELSE '' END
+               || p.oid::regprocedure::text
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         JOIN pg_language l ON l.oid = p.prolang
         WHERE n.nspname = ANY(%s) AND l.lanname IN ('sql', 'plpgsql') {bound}
           AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%')
           AND NOT {ext_member("pg_proc", "p.oid")}
         ORDER BY 1
-        """,
-        (ctx.schemas,),
-    ).fetchall()
-    return list(dict.fromkeys(name for (name,) in rows))
+        """
+    setting = [sql.SQL("SET LOCAL search_path = pg_catalog")]
+    with transaction_with(ctx.source, setting, commit=False):
+        rows = ctx.source.execute(query, (ctx.schemas,)).fetchall()
+    return [name for (name,) in rows]
+
+
+def _settings_scope(role: str, in_database: bool) -> tuple[str, str]:
+    """Whose settings they are, and the statement that set them."""
+    if not role:
+        if in_database:
+            return "database", "ALTER DATABASE ... SET"
+        return "cluster (every role)", "ALTER ROLE ALL SET"
+    if in_database:
+        return f"role {role} (in this database)", "ALTER ROLE ... IN DATABASE ... SET"
+    return f"role {role}", "ALTER ROLE ... SET"
 
 
 def _check_source_settings(ctx: _Context) -> None:
@@ -693,41 +710,44 @@ def _check_source_settings(ctx: _Context) -> None:
     tables without their schema; on the target a materialized view's refresh then failed
     with `relation "…" does not exist` (its name withheld: a value cast to regclass gives
     the same error)."""
-    by_whose: dict[str, dict[str, str]] = defaultdict(dict)
-    for role, where, entry in ctx.source.execute(_SOURCE_SETTINGS_SQL).fetchall():
+    by_scope: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    listed_all: set[tuple[str, str]] = set()  # whose other settings are listed too
+    for role, in_database, ours, entry in ctx.source.execute(_SOURCE_SETTINGS_SQL).fetchall():
         name, _, value = entry.partition("=")
-        whose = f"role {role}{where}" if role else "database"
-        by_whose[whose][name.lower()] = value
+        scope = _settings_scope(role, in_database)
+        by_scope[scope][name.lower()] = value
+        if not role or in_database or ours:  # not every login's of a shared server
+            listed_all.add(scope)
     unbound: list[str] | None = None
-    for whose, settings in by_whose.items():
+    for (whose, how), settings in by_scope.items():
         subject = f"source {whose}"
-        how = "ALTER ROLE ... SET" if whose.startswith("role") else "ALTER DATABASE ... SET"
         path = settings.pop("search_path", None)
         schemas = {part.strip().strip('"') for part in (path or "").split(",")} - {""}
         if path is not None and not schemas <= _SUPABASE_PATH:
             if unbound is None:
-                unbound = _functions_without_a_search_path(ctx)
-            functions, advice = "", ""
-            if unbound:
-                functions = (
-                    f" and {len(unbound)} function(s) that set none of their own "
-                    f"({listed(unbound, 3)})"
+                unbound = _routines_without_a_search_path(ctx)
+            routines, advice = "", ""
+            alter = f"(ALTER FUNCTION or ALTER PROCEDURE ... SET search_path = {path})"
+            if len(unbound) == 1:
+                routines = f", and {unbound[0]}, which sets no search_path of its own,"
+                advice = f"give it one {alter} before migrating if it names tables, and "
+            elif unbound:
+                routines = (
+                    f", and any of the {len(unbound)} functions and procedures that set none "
+                    f"of their own ({listed(unbound, 3)}),"
                 )
-                advice = (
-                    f"give those functions their own (ALTER FUNCTION ... SET search_path = "
-                    f"{path}) before migrating, and "
-                )
+                advice = f"give those that name tables their own {alter} before migrating, and "
             ctx.add(
                 Severity.WARNING,
                 "source-search-path",
                 subject,
                 f"The source {whose} sets search_path to {path} ({how}), which no migration "
                 'carries: on the target, sessions take their login\'s (on Supabase "$user", '
-                f"public, extensions), so the application's queries{functions} will not find "
+                f"public, extensions), so the application's queries{routines} will not find "
                 f"there a table they name without its schema; {advice}set the application's "
                 "role's on the target (ALTER ROLE ... SET search_path).",
             )
-        if settings:
+        if settings and (whose, how) in listed_all:
             # Names only: a custom setting's value may be a secret (a JWT secret, a key).
             ctx.add(
                 Severity.INFO,
@@ -736,6 +756,29 @@ def _check_source_settings(ctx: _Context) -> None:
                 f"The source {whose} sets {listed(sorted(settings), 5)} ({how}), which no "
                 "migration carries; set on the target, for the application's role, those it "
                 "relies on.",
+            )
+
+
+def _check_refresh_search_path(ctx: _Context) -> None:
+    """From PostgreSQL 17 a refresh runs with search_path `pg_catalog, pg_temp`, whatever the
+    session's: a populated view calling a function that names a table without its schema,
+    refreshed on an older source, fails on such a target (after the whole copy)."""
+    if server_major(ctx.target) < 17 or server_major(ctx.source) >= 17:
+        return
+    for view in materialized_views(ctx.source, ctx.schemas):
+        calls = unbound_calls(ctx.source, view) if view.populated else []
+        if calls:
+            ctx.add(
+                Severity.WARNING,
+                "materialized-view-search-path",
+                view.qualified,
+                f"Materialized view {view.qualified} calls {listed(calls, 3)}, which "
+                f"{'sets' if len(calls) == 1 else 'set'} no search_path of "
+                f"{'its' if len(calls) == 1 else 'their'} own: the target's PostgreSQL "
+                "refreshes it with search_path pg_catalog only, so a table named there "
+                "without its schema is not found and the refresh fails; give "
+                f"{'it' if len(calls) == 1 else 'them'} one (ALTER FUNCTION ... SET "
+                "search_path = ...) on the source before migrating.",
             )
 
 

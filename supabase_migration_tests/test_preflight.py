@@ -17,7 +17,7 @@ import pytest
 from supabase_migration import preflight as preflight_module
 from supabase_migration.catalog import read_tables
 from supabase_migration.conninfo import parse_database_url
-from supabase_migration.errors import PreflightError
+from supabase_migration.errors import MigrationError, PreflightError
 from supabase_migration.localpg import (
     SUPABASE_ADMIN,
     LocalServer,
@@ -515,6 +515,61 @@ def bare_target_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loc
         server.cleanup()
 
 
+def test_a_refresh_on_a_postgresql_17_target_finds_no_unqualified_table(
+    source_db, bare_target_server
+):
+    """From PostgreSQL 17 a refresh runs with search_path pg_catalog only, whatever the
+    session's or the role's: a view calling a function that names its table without the
+    schema, populated on an older source, failed to refresh on such a target after the whole
+    copy. Preflight says so; and the refresh's sentence names the function and the cure."""
+    from supabase_migration import matviews
+
+    version = bare_target_server.binaries.version
+    require(version >= 17, f"The embedded PostgreSQL build is {version}, not 17 or later.")
+    schema = (
+        "CREATE TABLE t (id int PRIMARY KEY, v int); "
+        "CREATE FUNCTION public.s_of() RETURNS bigint LANGUAGE sql STABLE "
+        "AS $$ SELECT sum(v) FROM t $$; "
+        "CREATE FUNCTION public.n_of() RETURNS bigint LANGUAGE sql STABLE "
+        "SET search_path = public AS $$ SELECT count(*) FROM t $$; "
+    )
+    views = (
+        "CREATE MATERIALIZED VIEW public.totals AS SELECT public.s_of() AS s {data}; "
+        "CREATE MATERIALIZED VIEW public.counts AS SELECT public.n_of() AS n {data}"
+    )
+    execute(
+        source_db.url,
+        schema + "INSERT INTO t SELECT g, g FROM generate_series(1, 9) g; " + views.format(data=""),
+    )
+    name = "bare17_" + source_db.name[-8:]
+    bare_target_server.create_database(name, owner=SUPABASE_ADMIN)
+    prepare_supabase_database(bare_target_server, name)
+    try:
+        target_url = bare_target_server.url(user="postgres", password=BARE_PASSWORD, dbname=name)
+        (said,) = by_code(preflight(source_db.url, target_url), "materialized-view-search-path")
+        assert said.severity is Severity.WARNING and said.subject == "public.totals"
+        assert said.message.startswith(
+            "Materialized view public.totals calls public.s_of(), which sets no search_path of "
+            "its own: the target's PostgreSQL refreshes it with search_path pg_catalog only"
+        )
+        with psycopg.connect(target_url, autocommit=True) as conn:
+            conn.execute(schema + views.format(data="WITH NO DATA"))
+            conn.execute("ALTER ROLE postgres SET search_path = public")  # no help there
+            by_name = {v.name: v for v in matviews.materialized_views(conn, ["public"])}
+            matviews.refresh(conn, by_name["counts"])
+            with pytest.raises(MigrationError) as caught:  # ConfigError: exit 2
+                matviews.refresh(conn, by_name["totals"])
+        assert (
+            ": it calls public.s_of(), which has no search_path of its own, and a refresh looks "
+            "names up in pg_catalog only on PostgreSQL 17 and later (give it one: ALTER "
+            "FUNCTION ... SET search_path = ...)"
+        ) in caught.value.message
+    finally:
+        with bare_target_server.admin_connection() as conn:
+            conn.execute("ALTER ROLE postgres RESET search_path")
+        bare_target_server.drop_database(name)
+
+
 def test_extension_the_target_lacks_fails_preflight_and_nothing_is_written(
     source_db, bare_target_server
 ):
@@ -649,16 +704,31 @@ def test_settings_the_source_gives_its_sessions_are_said(source_db, target_db, t
     """`ALTER DATABASE ... SET search_path` on the source let a function name its table without
     the schema; on the target the materialized view calling it failed to refresh (`relation
     "…" does not exist`) after every check passed. The advice given works. Other settings
-    are named, never their values (a custom one may hold a secret)."""
+    are named, never their values (a custom one may hold a secret); so are the settings of
+    every role (ALTER ROLE ALL), and an application role's search_path (ALTER ROLE app SET)."""
     from .test_cli import cli
     from .testbed import cli_env
 
+    app = f"sm_{source_db.name[-8:]}_app"
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         db = conn.info.dbname
         conn.execute(f'ALTER DATABASE "{db}" SET search_path = clinic, public')
         conn.execute(f"ALTER DATABASE \"{db}\" SET app.jwt_secret = '{PHI}'")
         conn.execute(f"ALTER DATABASE \"{db}\" SET timezone = 'America/Chicago'")
         conn.execute(f"ALTER ROLE CURRENT_USER IN DATABASE \"{db}\" SET statement_timeout = '5min'")
+        conn.execute(f"CREATE ROLE {app} LOGIN")
+        conn.execute(f"ALTER ROLE {app} SET search_path = clinic")
+        conn.execute(f"ALTER ROLE {app} SET work_mem = '8MB'")  # not every login's is listed
+        conn.execute("ALTER ROLE ALL SET lock_timeout = '7s'")
+    try:
+        _settings_said(source_db, target_db, tmp_path, app, cli, cli_env)
+    finally:
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute("ALTER ROLE ALL RESET lock_timeout")
+            conn.execute(f"DROP ROLE {app}")
+
+
+def _settings_said(source_db, target_db, tmp_path, app, cli, cli_env) -> None:
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(
             "CREATE SCHEMA clinic; "
@@ -666,19 +736,40 @@ def test_settings_the_source_gives_its_sessions_are_said(source_db, target_db, t
             "INSERT INTO clinic.visits SELECT g, g FROM generate_series(1, 30) g; "
             "CREATE FUNCTION clinic.total() RETURNS bigint LANGUAGE sql STABLE "
             "AS $$ SELECT sum(v) FROM visits $$; "
+            "CREATE FUNCTION clinic.total(int) RETURNS bigint LANGUAGE sql STABLE "
+            "SET search_path = clinic AS $$ SELECT sum(v) + $1 FROM visits $$; "
             "CREATE FUNCTION clinic.bound() RETURNS bigint LANGUAGE sql STABLE "
             "BEGIN ATOMIC SELECT count(*) FROM visits; END; "
+            "CREATE PROCEDURE clinic.tidy() LANGUAGE sql AS $$ DELETE FROM visits WHERE v < 0 $$; "
             "CREATE MATERIALIZED VIEW clinic.summary AS SELECT clinic.total() AS t"
         )
     findings = preflight(source_db.url, target_db.url, ["clinic"], mode="dump")
-    (path,) = by_code(findings, "source-search-path")
-    assert path.severity is Severity.WARNING and path.subject == "source database"
-    assert path.message.startswith("The source database sets search_path to clinic, public")
-    assert "and 1 function(s) that set none of their own (clinic.total())" in path.message
+    paths = {f.subject: f for f in by_code(findings, "source-search-path")}
+    assert set(paths) == {"source database", f"source role {app}"}
+    path = paths["source database"]
+    assert path.severity is Severity.WARNING
+    assert path.message.startswith(
+        "The source database sets search_path to clinic, public (ALTER DATABASE ... SET)"
+    )
+    assert (
+        ", and any of the 2 functions and procedures that set none of their own "
+        "(clinic.total(), procedure clinic.tidy()),"
+    ) in path.message
+    assert f"The source role {app} sets search_path to clinic (ALTER ROLE ... SET)" in (
+        paths[f"source role {app}"].message
+    )
     others = {f.subject: f.message for f in by_code(findings, "source-settings")}
+    assert set(others) == {
+        "source database",
+        "source role postgres (in this database)",
+        "source cluster (every role)",
+    }
     assert "sets app.jwt_secret, timezone (ALTER DATABASE ... SET)" in others["source database"]
-    role = others["source role postgres in this database"]
-    assert "sets statement_timeout (ALTER ROLE ... SET)" in role
+    assert (
+        "sets statement_timeout (ALTER ROLE ... IN DATABASE ... SET)"
+        in (others["source role postgres (in this database)"])
+    )
+    assert "sets lock_timeout (ALTER ROLE ALL SET)" in others["source cluster (every role)"]
     assert all(PHI not in f.message for f in findings)
 
     env = cli_env(source_db.url, target_db.url, tmp_path)
@@ -687,13 +778,13 @@ def test_settings_the_source_gives_its_sessions_are_said(source_db, target_db, t
     assert done.returncode == 2, done.stdout + done.stderr  # the schema needs a change
     assert (
         "Refreshing the materialized view clinic.summary failed (undefined_table (42P01): "
-        'relation "…" does not exist): it calls clinic.total(), a function with no search_path '
-        "of its own, where a name given without its schema is looked up in this session's (give "
-        "it one: ALTER FUNCTION ... SET search_path = ...)"
+        'relation "…" does not exist): it calls clinic.total(), which has no search_path of '
+        "its own, and a name given without its schema is looked up in this session's (give it "
+        "one: ALTER FUNCTION ... SET search_path = ...)"
     ) in done.stderr
 
     # The cure, on the target, whose schema is made (on the source, dump mode would refuse
-    # the changed schema), then on the source for the migrations to come.
+    # the changed schema); then on the source, where preflight names it no more.
     cure = "ALTER FUNCTION clinic.total() SET search_path = clinic, public"
     with psycopg.connect(target_db.url, autocommit=True) as conn:
         conn.execute(cure)
@@ -704,7 +795,8 @@ def test_settings_the_source_gives_its_sessions_are_said(source_db, target_db, t
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute(cure)
     findings = preflight(source_db.url, target_db.url, ["clinic"], mode="dump")
-    (path,) = by_code(findings, "source-search-path")
-    assert "function" not in path.message and path.message.endswith(
-        "set the application's role's on the target (ALTER ROLE ... SET search_path)."
+    path = next(
+        f for f in by_code(findings, "source-search-path") if f.subject == "source database"
     )
+    assert ", and procedure clinic.tidy(), which sets no search_path of its own," in path.message
+    assert "clinic.total" not in path.message
