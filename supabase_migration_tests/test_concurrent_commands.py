@@ -65,6 +65,7 @@ class _Drained:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
             pytest.fail(f"the CLI did not end within {timeout} s:\n{explain(self.finished())}")
         return self.finished()
 
