@@ -264,11 +264,15 @@ def _wait_for_a_target_slot(instance: dg.DagsterInstance, log: Callable[[str], N
     told = False
     while True:
         info = storage.get_concurrency_info(TARGET_POOL)
-        limit = info.limit if info.limit is not None else info.slot_count
-        if not limit or info.active_slot_count < limit:
+        limit = info.slot_count or info.limit  # the default limit, until a step makes the slots
+        # As Dagster admits a step: a slot is free while the slots outnumber the steps it has
+        # assigned one, whether or not they have claimed it yet (counting claims alone, a run
+        # of ours went on into Dagster's own wait, which holds SIGTERM).
+        taken = max(info.active_slot_count, info.assigned_step_count)
+        if not limit or taken < limit:
             return
         if not told:
-            held = ", ".join(sorted(info.active_run_ids)[:3])
+            held = ", ".join(sorted(info.active_run_ids | info.assigned_run_ids)[:3])
             log(
                 f"Waiting for a slot of the {TARGET_POOL} pool: all {limit} are held by other "
                 f"runs in this DAGSTER_HOME ({held}; another migration?)."
