@@ -190,6 +190,22 @@ def ext_member(catalog: str, oid: str) -> str:
     )
 
 
+# Names read so come qualified (a routine with its arguments: overloads share a name).
+IN_PG_CATALOG = sql.SQL("SET LOCAL search_path = pg_catalog")
+
+
+def takes_callers_search_path(major: int) -> str:
+    """SQL predicate on `p` (pg_proc, joined to pg_language as `l`): a user's SQL or PL/pgSQL
+    routine that looks a name up in the search_path it is called with: none of its own, and
+    no body bound at creation (BEGIN ATOMIC, PostgreSQL 14+; `major` is the server's)."""
+    bound = " AND p.prosqlbody IS NULL" if major >= 14 else ""
+    return (
+        f"l.lanname IN ('sql', 'plpgsql'){bound} "
+        "AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%') "
+        f"AND NOT {ext_member('pg_proc', 'p.oid')}"
+    )
+
+
 _TABLES_FROM = f"""
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from . import sqlbuild
-from .catalog import ext_member, server_major
+from .catalog import IN_PG_CATALOG, ext_member, server_major, takes_callers_search_path
 from .connections import database_error, transaction_with
 from .errors import MigrationError, listed
 from .redaction import describe_pg_error
@@ -175,20 +175,16 @@ def refresh(conn: psycopg.Connection, view: MatView, also: Sequence[sql.Composab
 # same error), so the catalog says what may be the cause instead.
 _NOT_FOUND = frozenset({"42P01", "42883"})
 
-# The functions and procedures a view's query calls that look a name up in the search_path
-# they are called with: SQL or PL/pgSQL, with none of their own, and no body bound at creation
-# (BEGIN ATOMIC, 14+), but extensions' (the user cannot alter them). Read under search_path
-# pg_catalog, so each comes qualified, with its arguments (overloads share a name).
-_UNBOUND_CALLS_SQL = f"""
+# The routines a view's query calls (its rule's dependencies) that take the caller's search_path
+# (`takes_callers_search_path`, extensions' left out: the user cannot alter them).
+_UNBOUND_CALLS_SQL = """
 SELECT DISTINCT p.oid::regprocedure::text
 FROM pg_rewrite w
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
                 AND d.refclassid = 'pg_proc'::regclass
 JOIN pg_proc p ON p.oid = d.refobjid
 JOIN pg_language l ON l.oid = p.prolang
-WHERE w.ev_class = %s AND l.lanname IN ('sql', 'plpgsql') {{bound}}
-  AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%')
-  AND NOT {ext_member("pg_proc", "p.oid")}
+WHERE w.ev_class = %s AND {unbound}
 ORDER BY 1
 """
 
@@ -196,9 +192,8 @@ ORDER BY 1
 def unbound_calls(conn: psycopg.Connection, view: MatView) -> list[str]:
     """What `view` calls that resolves unqualified names by the caller's search_path: on
     PostgreSQL 17 and later a refresh's is `pg_catalog, pg_temp`, whatever the session's."""
-    bound = "AND p.prosqlbody IS NULL" if server_major(conn) >= 14 else ""
-    query = _UNBOUND_CALLS_SQL.format(bound=bound)
-    with transaction_with(conn, [sql.SQL("SET LOCAL search_path = pg_catalog")], commit=False):
+    query = _UNBOUND_CALLS_SQL.format(unbound=takes_callers_search_path(server_major(conn)))
+    with transaction_with(conn, [IN_PG_CATALOG], commit=False):
         return [name for (name,) in conn.execute(query, [view.oid])]
 
 

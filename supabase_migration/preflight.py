@@ -29,6 +29,7 @@ from . import checkpoints
 from .catalog import (
     BOOKKEEPING_SCHEMA,
     EXTENSIONS_SCHEMA,
+    IN_PG_CATALOG,
     TableInfo,
     enum_labels_sql,
     ext_member,
@@ -37,6 +38,7 @@ from .catalog import (
     read_tables,
     server_major,
     table_names,
+    takes_callers_search_path,
     too_old_a_source,
     user_schemas,
 )
@@ -672,23 +674,17 @@ _SUPABASE_PATH = frozenset({"$user", "public", "extensions", "pg_catalog", "pg_t
 
 
 def _routines_without_a_search_path(ctx: _Context) -> list[str]:
-    """The user's SQL and PL/pgSQL functions and procedures that resolve a table's name by the
-    caller's search_path (a SQL-standard body, BEGIN ATOMIC, binds its names at creation),
-    each qualified, with its arguments (overloads share a name), read under search_path
-    pg_catalog."""
-    bound = "AND p.prosqlbody IS NULL" if server_major(ctx.source) >= 14 else ""
+    """The user's functions and procedures in the migrated schemas that take the caller's
+    search_path (`takes_callers_search_path`), as `unbound_calls` names them."""
     query = f"""
         SELECT CASE p.prokind WHEN 'p' THEN 'procedure ' ELSE '' END
                || p.oid::regprocedure::text
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         JOIN pg_language l ON l.oid = p.prolang
-        WHERE n.nspname = ANY(%s) AND l.lanname IN ('sql', 'plpgsql') {bound}
-          AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%')
-          AND NOT {ext_member("pg_proc", "p.oid")}
+        WHERE n.nspname = ANY(%s) AND {takes_callers_search_path(server_major(ctx.source))}
         ORDER BY 1
         """
-    setting = [sql.SQL("SET LOCAL search_path = pg_catalog")]
-    with transaction_with(ctx.source, setting, commit=False):
+    with transaction_with(ctx.source, [IN_PG_CATALOG], commit=False):
         rows = ctx.source.execute(query, (ctx.schemas,)).fetchall()
     return [name for (name,) in rows]
 
@@ -768,16 +764,16 @@ def _check_refresh_search_path(ctx: _Context) -> None:
     for view in materialized_views(ctx.source, ctx.schemas):
         calls = unbound_calls(ctx.source, view) if view.populated else []
         if calls:
+            one = len(calls) == 1
             ctx.add(
                 Severity.WARNING,
                 "materialized-view-search-path",
                 view.qualified,
                 f"Materialized view {view.qualified} calls {listed(calls, 3)}, which "
-                f"{'sets' if len(calls) == 1 else 'set'} no search_path of "
-                f"{'its' if len(calls) == 1 else 'their'} own: the target's PostgreSQL "
-                "refreshes it with search_path pg_catalog only, so a table named there "
-                "without its schema is not found and the refresh fails; give "
-                f"{'it' if len(calls) == 1 else 'them'} one (ALTER FUNCTION ... SET "
+                f"{'sets' if one else 'set'} no search_path of {'its' if one else 'their'} "
+                "own: the target's PostgreSQL refreshes it with search_path pg_catalog only, "
+                "so a table named there without its schema is not found and the refresh "
+                f"fails; give {'it' if one else 'them'} one (ALTER FUNCTION ... SET "
                 "search_path = ...) on the source before migrating.",
             )
 
@@ -849,7 +845,7 @@ class UserCast:
 
 
 def user_casts(conn: psycopg.Connection, schemas: Sequence[str]) -> list[UserCast]:
-    with transaction_with(conn, [sql.SQL("SET LOCAL search_path = pg_catalog")], commit=False):
+    with transaction_with(conn, [IN_PG_CATALOG], commit=False):
         rows = conn.execute(_CASTS_SQL, (list(schemas),) * 3).fetchall()
     casts = []
     for (

@@ -236,3 +236,34 @@ def test_a_plan_of_another_target_in_the_same_dagster_home_during_a_run(
     final = cli(["run", "--no-progress"], prod, prod_dir)
     assert_clean_exit(final)
     assert_tables_equal(source_db.url, target_db.url, TABLES)
+
+
+def test_a_slot_dagster_has_assigned_but_not_claimed_is_waited_for(dagster_home, monkeypatch):
+    """Dagster admits a step while the pool's slots outnumber the steps it has assigned one,
+    claimed or not. Counting claims alone, the CLI saw a slot free that Dagster would not
+    give, went on, and waited inside Dagster's run, which holds SIGTERM (caught in CI by the
+    test above). It waits itself, saying so, until the assigned step lets go."""
+    import threading
+
+    from supabase_migration.assets import TARGET_POOL
+    from supabase_migration.commands import _wait_for_a_target_slot, dagster_instance
+
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    instance = dagster_instance()
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots(TARGET_POOL, 1)
+    storage.add_pending_step(TARGET_POOL, "another-run", "copy_step", should_assign=True)
+    info = storage.get_concurrency_info(TARGET_POOL)
+    assert (info.active_slot_count, info.assigned_step_count) == (0, 1)  # assigned, unclaimed
+    said: list[str] = []
+    waiting = threading.Thread(target=_wait_for_a_target_slot, args=(instance, said.append))
+    waiting.start()
+    waiting.join(3)
+    assert waiting.is_alive(), "went on while Dagster had assigned the only slot"
+    assert said and said[0].startswith(
+        "Waiting for a slot of the supabase_target pool: all 1 are held by other runs in this "
+        "DAGSTER_HOME (another-run;"
+    ), said
+    storage.free_concurrency_slots_for_run("another-run")
+    waiting.join(10)
+    assert not waiting.is_alive(), "still waiting once the slot was given back"
