@@ -33,6 +33,7 @@ from . import checkpoints
 from .assets import (
     GROUP_SETUP,
     KINDS,
+    SCHEMA_KEY,
     SEQUENCES_KEY,
     TARGET_POOL,
     cancelling_queries,
@@ -52,11 +53,13 @@ from .verify import (
     CHECK_DESCRIPTIONS,
     CHECK_NAMES,
     DEFAULT_SAMPLE_SIZE,
+    SCHEMA_OBJECTS,
     CheckOutcome,
     ranges_from_checkpoints,
     read_snapshot,
     refuse_a_target_without_them,
     run_verification,
+    schema_objects,
     verify_table,
 )
 
@@ -137,9 +140,11 @@ def check_result(outcome: CheckOutcome, asset_key: dg.AssetKey) -> dg.AssetCheck
     )
 
 
-def check_evaluation(outcome: CheckOutcome) -> dg.AssetCheckEvaluation:
+def check_evaluation(
+    outcome: CheckOutcome, asset_key: dg.AssetKey | None = None
+) -> dg.AssetCheckEvaluation:
     return dg.AssetCheckEvaluation(
-        asset_key=table_asset_key(outcome.table),
+        asset_key=asset_key or table_asset_key(outcome.table),
         check_name=outcome.name,
         passed=outcome.passed,
         severity=dg.AssetCheckSeverity(outcome.severity),
@@ -159,7 +164,10 @@ def record_check_results(
     known = {t.name for t in manifest.tables}
     recorded = 0
     for outcome in outcomes:
-        if outcome.table in known and outcome.name in CHECK_NAMES:
+        if outcome.name == SCHEMA_OBJECTS:
+            instance.report_runless_asset_event(check_evaluation(outcome, SCHEMA_KEY))
+            recorded += 1
+        elif outcome.table in known and outcome.name in CHECK_NAMES:
             instance.report_runless_asset_event(check_evaluation(outcome))
             recorded += 1
     return recorded
@@ -224,6 +232,34 @@ def build_table_checks(manifest: Manifest, entry: ManifestTable) -> list[dg.Asse
 
 def build_all_table_checks(manifest: Manifest) -> list[dg.AssetChecksDefinition]:
     return [c for entry in manifest.tables for c in build_table_checks(manifest, entry)]
+
+
+def build_schema_objects_check(manifest: Manifest) -> dg.AssetChecksDefinition:
+    """The schema asset's check; `verify` and the report record its result here too. Not
+    run by the CLI's setup run (it materializes the assets alone): every verification does."""
+
+    @dg.asset_check(
+        asset=SCHEMA_KEY,
+        name=SCHEMA_OBJECTS,
+        blocking=False,
+        description=(
+            "The views, functions, procedures, aggregates and types (enums, domains, composite "
+            "and range types) of the migrated schemas agree by name and definition, "
+            "extensions' left out; definitions are compared, never shown."
+        ),
+    )
+    @cancelling_queries
+    def schema_objects_match(source: SourceDatabase, target: TargetDatabase) -> dg.AssetCheckResult:
+        if manifest is NO_MANIFEST:
+            raise no_manifest_failure()
+        try:
+            with source.connection() as s, target.connection() as t:
+                outcome = schema_objects(s, t, manifest.schemas)
+        except (MigrationError, psycopg.Error) as exc:
+            raise step_failure(exc) from None
+        return check_result(outcome, SCHEMA_KEY)
+
+    return schema_objects_match
 
 
 # --- the report asset ---------------------------------------------------------------------

@@ -24,7 +24,12 @@ from .assets import (
     build_sequences_asset,
     build_table_asset,
 )
-from .checks import REPORT_KEY, build_all_table_checks, build_report_asset
+from .checks import (
+    REPORT_KEY,
+    build_all_table_checks,
+    build_report_asset,
+    build_schema_objects_check,
+)
 from .manifest import NO_MANIFEST, Manifest, OtherManifestVersion, read_if_present
 from .planning import FirstPlansAhead
 from .resources import default_resources
@@ -76,7 +81,11 @@ def build_definitions(
             description="Re-run every verification check and rewrite the report.",
         ),
     ]
-    checks = build_all_table_checks(manifest) + build_security_checks(manifest)
+    checks = [
+        *build_all_table_checks(manifest),
+        build_schema_objects_check(manifest),
+        *build_security_checks(manifest),
+    ]
     return dg.Definitions(
         assets=assets, asset_checks=checks, jobs=jobs, resources=default_resources()
     )

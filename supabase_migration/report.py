@@ -27,6 +27,7 @@ from .verify import (
     INDEXES,
     MATVIEW_CONTENT,
     ROW_COUNT,
+    SCHEMA_OBJECTS,
     CheckOutcome,
 )
 
@@ -34,6 +35,16 @@ REPORT_DIR_ENV = "SUPABASE_MIGRATION_REPORT_DIR"
 DEFAULT_REPORT_DIR = "migration-report"
 REPORT_BASENAME = "verification_report"
 FAILING_FINDING_SEVERITIES = {"error", "critical"}
+# Outcomes of no table: a materialized view's, and the schemas' views, routines and types.
+_NOT_TABLES = (MATVIEW_CONTENT, SCHEMA_OBJECTS)
+# A schema difference's group in a check's details, and how the report says it.
+_DIFFERENCES = {
+    "missing": "missing on target",
+    "extra": "extra on target",
+    "different": "different",
+    "left_out": "left out (a language the target's postgres may not use)",
+    "printed_otherwise": "printed otherwise by another PostgreSQL version",
+}
 
 
 def _cell(value: object) -> str:
@@ -188,7 +199,7 @@ class Report:
 
     @property
     def tables(self) -> list[str]:
-        return list(dict.fromkeys(o.table for o in self.outcomes if o.name != MATVIEW_CONTENT))
+        return list(dict.fromkeys(o.table for o in self.outcomes if o.name not in _NOT_TABLES))
 
     @property
     def materialized_views(self) -> list[CheckOutcome]:
@@ -243,17 +254,17 @@ class Report:
     def schema_differences(self) -> list[dict[str, str]]:
         rows = []
         for o in self.outcomes:
-            if o.name not in (INDEXES, CONSTRAINTS):
+            if o.name not in (INDEXES, CONSTRAINTS, SCHEMA_OBJECTS):
                 continue
             kind = "index" if o.name == INDEXES else "constraint"
-            for group in ("missing", "extra", "different"):
+            for group, said in _DIFFERENCES.items():
                 for item in o.details.get(group, []):
                     rows.append(
                         {
-                            "table": o.table,
+                            "table": "" if o.name == SCHEMA_OBJECTS else o.table,
                             "object": item.get("kind", kind),
                             "name": item["name"],
-                            "difference": f"{group} on target" if group != "different" else group,
+                            "difference": said,
                         }
                     )
         return rows
@@ -297,8 +308,13 @@ class Report:
             *([f"Source: {self.source} · Target: {self.target}"] if self.source else []),
             f"{len(self.outcomes)} checks on {len(self.tables)} tables"
             + (
-                f" and {len(self.materialized_views)} materialized views"
+                f", {len(self.materialized_views)} materialized views"
                 if self.materialized_views
+                else ""
+            )
+            + (
+                " and the schemas' views, routines and types"
+                if any(o.name == SCHEMA_OBJECTS for o in self.outcomes)
                 else ""
             )
             + ": "

@@ -35,12 +35,15 @@ from psycopg import sql
 from . import checkpoints, deferred, matviews, sqlbuild
 from .catalog import (
     EXTENSIONS_SCHEMA,
+    IN_PG_CATALOG,
     INTEGER_TYPES,
     TableInfo,
     enum_labels_sql,
+    ext_member,
     needs_bytewise_keys,
     own_collation_sql,
     read_tables,
+    server_major,
 )
 from .connections import gather_or_stop, is_transient, transaction_with
 from .conninfo import DatabaseUrl
@@ -68,6 +71,8 @@ FOREIGN_KEYS = "foreign_keys_valid"
 SEQUENCES = "sequence_ahead"
 # Not a table asset's check (no asset stands for a materialized view): the report's alone.
 MATVIEW_CONTENT = "materialized_view_matches"
+# The schema asset's check: the views, routines and types of the manifest's schemas.
+SCHEMA_OBJECTS = "schema_objects_match"
 CHECK_NAMES = (ROW_COUNT, CHECKSUMS, SAMPLE, INDEXES, CONSTRAINTS, FOREIGN_KEYS, SEQUENCES)
 
 CHECK_DESCRIPTIONS = {
@@ -165,7 +170,7 @@ def read_snapshot(
         sqlbuild.READING_ROWS,
     ]
     if catalog:
-        setup.append(sql.SQL("SET LOCAL search_path = pg_catalog"))
+        setup.append(IN_PG_CATALOG)
     # BEGIN with its settings: one round trip instead of two, for each of the hundred or so
     # snapshots a verification takes (a remote target is tens of milliseconds away).
     with transaction_with(conn, setup, commit=False):
@@ -1083,9 +1088,12 @@ def _schema_compare(
     return {"missing": missing, "extra": extra, "different": different, "renamed": renamed}
 
 
-def _schema_text(name: str, kind: str, diff: dict[str, list[dict[str, Any]]], total: int) -> str:
-    parts = [
-        f"{label} {', '.join(d['name'] for d in diff[key])}"
+def _differences_said(
+    diff: Mapping[str, list[dict[str, Any]]], name: Callable[[list[dict[str, Any]]], str]
+) -> list[str]:
+    """ "missing on target: a, b", "extra on target: …", "different: …", of those there are."""
+    return [
+        f"{label} {name(diff[key])}"
         for key, label in (
             ("missing", "missing on target:"),
             ("extra", "extra on target:"),
@@ -1093,6 +1101,10 @@ def _schema_text(name: str, kind: str, diff: dict[str, list[dict[str, Any]]], to
         )
         if diff[key]
     ]
+
+
+def _schema_text(name: str, kind: str, diff: dict[str, list[dict[str, Any]]], total: int) -> str:
+    parts = _differences_said(diff, lambda group: ", ".join(d["name"] for d in group))
     if not parts:
         renamed = f" ({len(diff['renamed'])} renamed)" if diff["renamed"] else ""
         if not total:
@@ -1520,6 +1532,207 @@ def _matview_compared(
     )
 
 
+# --- the schemas' other objects -----------------------------------------------------------
+
+
+def _schema_objects_sql(major: int) -> str:
+    """The views, routines and types of the migrated schemas, but extensions': what the
+    application reads, calls and casts to beside its tables. Each row: kind, the object's
+    schema as it qualifies a name, the name (a routine's with its arguments), `shape` (names,
+    types, flags and bodies as stored: read alike by every version), `printed` (what
+    PostgreSQL deparses: a view's query, a SQL-standard body, a domain's default and checks;
+    another major version may print the same otherwise) and a routine's language. Read under
+    search_path pg_catalog, so every name comes qualified."""
+    columns = (
+        "array_to_string(ARRAY(SELECT quote_ident(a.attname) || ' ' "
+        "|| format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = {} "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), ', ')"
+    )
+    body = "CASE WHEN p.prosqlbody IS NULL THEN '' ELSE pg_get_function_sqlbody(p.oid) END"
+    return f"""
+SELECT 'view', quote_ident(n.nspname) || '.', c.oid::regclass::text,
+       {columns.format("c.oid")} || coalesce(' WITH (' || array_to_string(c.reloptions, ', ')
+                                            || ')', ''),
+       pg_get_viewdef(c.oid), NULL
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'v' AND n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_class", "c.oid")}
+UNION ALL
+SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate'
+                      WHEN 'w' THEN 'window function' ELSE 'function' END,
+       quote_ident(n.nspname) || '.', p.oid::regprocedure::text,
+       concat_ws(' ', '(' || pg_get_function_arguments(p.oid) || ')',
+                 'RETURNS ' || pg_get_function_result(p.oid), 'LANGUAGE ' || quote_ident(l.lanname),
+                 p.provolatile, p.proparallel, p.proisstrict, p.prosecdef, p.proleakproof,
+                 p.procost, p.prorows, array_to_string(p.proconfig, ', '),
+                 (SELECT concat_ws(' ', a.aggkind, a.aggtransfn::regprocedure,
+                                   a.aggfinalfn::regprocedure, a.aggcombinefn::regprocedure,
+                                   format_type(a.aggtranstype, NULL), a.agginitval)
+                  FROM pg_aggregate a WHERE a.aggfnoid = p.oid),
+                 p.prosrc, p.probin),
+       {body if major >= 14 else "''"}, l.lanname
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_proc", "p.oid")}
+UNION ALL
+SELECT CASE t.typtype WHEN 'e' THEN 'enum' WHEN 'd' THEN 'domain' WHEN 'r' THEN 'range type'
+                      ELSE 'composite type' END,
+       quote_ident(n.nspname) || '.', t.oid::regtype::text,
+       CASE t.typtype
+         WHEN 'e' THEN coalesce({enum_labels_sql("t")}, '')
+         WHEN 'd' THEN concat_ws(' ', format_type(t.typbasetype, t.typtypmod),
+                                 'COLLATE ' || (SELECT quote_ident(co.collname) FROM pg_collation co
+                                                WHERE co.oid = t.typcollation),
+                                 CASE WHEN t.typnotnull THEN 'NOT NULL' END,
+                                 (SELECT string_agg(quote_ident(k.conname), ', ' ORDER BY k.conname)
+                                  FROM pg_constraint k WHERE k.contypid = t.oid))
+         WHEN 'r' THEN (SELECT concat_ws(' ', format_type(r.rngsubtype, NULL),
+                                         (SELECT o.opcname FROM pg_opclass o
+                                          WHERE o.oid = r.rngsubopc),
+                                         r.rngcanonical, r.rngsubdiff)
+                        FROM pg_range r WHERE r.rngtypid = t.oid)
+         ELSE {columns.format("t.typrelid")}
+       END,
+       CASE WHEN t.typtype = 'd' THEN
+         concat_ws(' ', 'DEFAULT ' || pg_get_expr(t.typdefaultbin, 0),
+                   (SELECT string_agg(pg_get_constraintdef(k.oid), ', ' ORDER BY k.conname)
+                    FROM pg_constraint k WHERE k.contypid = t.oid))
+       ELSE '' END, NULL
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_type", "t.oid")}
+  AND (t.typtype IN ('e', 'd', 'r')
+       OR t.typtype = 'c' AND (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
+UNION ALL
+SELECT 'language', '', l.lanname, '', '', NULL FROM pg_language l WHERE l.lanpltrusted
+UNION ALL
+SELECT 'extension schema', '', n.nspname, '', '', NULL
+FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE n.nspname <> 'pg_catalog'
+"""
+
+
+@dataclass(frozen=True)
+class _SchemaObjects:
+    """One side's views, routines and types as read, and what comparing them needs."""
+
+    # kind, its schema's qualifier, name, shape, printed, language
+    rows: list[tuple[str, str, str, str, str, str | None]]
+    languages: frozenset[str]  # those a non-superuser may write routines in
+    extension_schemas: frozenset[str]
+    major: int
+
+    def by_name(self, stripped: Sequence[str]) -> dict[str, tuple[str, str, str, str | None]]:
+        """(kind, shape, printed, language) by name, without the `stripped` schemas'
+        qualification but the object's own (`public.f(citext)` when public held citext)."""
+        return {
+            own + strip_schemas(name.removeprefix(own), stripped): (
+                kind,
+                strip_schemas(shape, stripped),
+                strip_schemas(printed, stripped),
+                language,
+            )
+            for kind, own, name, shape, printed, language in self.rows
+        }
+
+
+_SIDE_FACTS = ("language", "extension schema")
+
+
+def _read_schema_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> _SchemaObjects:
+    major = server_major(conn)
+    with read_snapshot(conn, catalog=True):
+        rows = conn.execute(_schema_objects_sql(major), {"schemas": list(schemas)}).fetchall()
+    of = {kind: frozenset(r[2] for r in rows if r[0] == kind) for kind in _SIDE_FACTS}
+    return _SchemaObjects(
+        rows=[r for r in rows if r[0] not in _SIDE_FACTS],
+        languages=of["language"],
+        extension_schemas=of["extension schema"],
+        major=major,
+    )
+
+
+def schema_objects(
+    source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str]
+) -> CheckOutcome:
+    """The views, routines and types of `schemas`, compared by name and definition: one
+    missing or different is an error; an extra one warns, and so does a routine in a language
+    no non-superuser may use on the target (the schema step left it out, saying so). Views
+    and SQL-standard bodies, which PostgreSQL prints from their parse trees, that differ in
+    text alone between two major versions warn: each version prints the same its own way."""
+    started = time.monotonic()
+    src_read, tgt_read = on_both(partial(_read_schema_objects, schemas=schemas), source, target)
+    # Extensions move to `extensions`: util.citext on the source is extensions.citext there.
+    moved = sorted({EXTENSIONS_SCHEMA} | src_read.extension_schemas | tgt_read.extension_schemas)
+    src, tgt = src_read.by_name(moved), tgt_read.by_name(moved)
+    missing = sorted(src.keys() - tgt.keys())
+    left_out = [n for n in missing if src[n][3] not in (None, *tgt_read.languages)]
+    both = sorted(src.keys() & tgt.keys())
+    different = [n for n in both if src[n][1] != tgt[n][1]]
+    printed = [n for n in both if n not in different and src[n][2] != tgt[n][2]]
+    versions = src_read.major != tgt_read.major
+    groups = {
+        "missing": [n for n in missing if n not in left_out],
+        "different": sorted(different + ([] if versions else printed)),
+        "extra": sorted(tgt.keys() - src.keys()),
+        "left_out": left_out,
+        "printed_otherwise": printed if versions else [],
+    }
+    diff = {
+        group: [{"kind": (src.get(n) or tgt[n])[0], "name": n} for n in names]
+        for group, names in groups.items()
+    }
+    serious = groups["missing"] + groups["different"]
+    details = {"source_objects": len(src), "target_objects": len(tgt), **diff}
+    return CheckOutcome(
+        SCHEMA_OBJECTS,
+        ", ".join(schemas),
+        not any(groups.values()),
+        ERROR if serious else WARN,
+        _schema_objects_text(schemas, diff, src, (src_read.major, tgt_read.major)),
+        details,
+        time.monotonic() - started,
+    )
+
+
+def _schema_objects_text(
+    schemas: Sequence[str],
+    diff: Mapping[str, list[dict[str, str]]],
+    src: Mapping[str, tuple[str, str, str, str | None]],
+    majors: tuple[int, int],
+) -> str:
+    where = f"The views, routines and types of {listed(list(schemas))}"
+
+    def named(group: list[dict[str, str]]) -> str:
+        return listed([f"{d['kind']} {d['name']}" for d in group], 10)
+
+    parts = _differences_said(diff, named)
+    if diff["left_out"]:
+        languages = sorted({src[d["name"]][3] or "" for d in diff["left_out"]})
+        parts.append(
+            f"left out, written in {listed(languages)}, which no non-superuser may use on the "
+            f"target (rewrite them if the application calls them): {named(diff['left_out'])}"
+        )
+    if diff["printed_otherwise"]:
+        parts.append(
+            f"printed otherwise by PostgreSQL {majors[0]} and {majors[1]}, which may print one "
+            f"definition two ways (compare them by hand): {named(diff['printed_otherwise'])}"
+        )
+    if parts:
+        return f"{where}: " + "; ".join(parts) + "."
+    if not src:
+        return f"{where}: none on either side."
+    return f"{where}: {_plural(len(src), 'object')} on both sides, all equal."
+
+
+def _schema_objects_or_why(
+    source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str]
+) -> CheckOutcome:
+    started = time.monotonic()
+    try:
+        return schema_objects(source, target, schemas)
+    except psycopg.Error as exc:
+        return failed_to_run(SCHEMA_OBJECTS, ", ".join(schemas), exc, time.monotonic() - started)
+
+
 def failed_to_run(name: str, table: str, exc: BaseException, duration_s: float) -> CheckOutcome:
     """A check that could not run fails, with a PHI-free reason."""
     return CheckOutcome(
@@ -1738,8 +1951,16 @@ def run_verification(
                 lambda: [*first.connections(), *second.connections()],
                 on_stop=stopping.set,
             )
-        # A full verification: the materialized views too (no table's checks name them).
-        views = [] if tables else materialized_views(first.source, first.target, manifest.schemas)
+        # A full verification: the materialized views, and the schemas' other objects, too
+        # (no table's checks name them).
+        views = (
+            []
+            if tables
+            else [
+                *materialized_views(first.source, first.target, manifest.schemas),
+                _schema_objects_or_why(first.source, first.target, manifest.schemas),
+            ]
+        )
     for name in left_out:
         results[name] = _missing(name, manifest.left_out_sentence([name]), "manifest")
     for name in removed:  # the user's choice, said: rows on the target nothing verifies now
@@ -1776,6 +1997,7 @@ __all__ = [
     "row_counts",
     "run_verification",
     "sample_rows",
+    "schema_objects",
     "sequences",
     "verify_table",
 ]

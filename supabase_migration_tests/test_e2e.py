@@ -135,6 +135,11 @@ def test_sigkill_mid_run_then_run_again_through_the_pooler(source_db, target_db,
     assert_indexes_equal(source_db.url, target_db.url, ["public"])
 
 
+def _schema_objects_outcome(tmp_path: Path) -> dict:
+    report = json.loads((tmp_path / "migration-report" / "verification_report.json").read_text())
+    return next(c for c in report["checks"] if c["name"] == "schema_objects_match")
+
+
 def _user_tables(url: str) -> list[str]:
     """Every table with rows of its own or of its partitions, partition children excluded."""
     with psycopg.connect(url, autocommit=True) as conn:
@@ -167,6 +172,8 @@ def test_pagila_migrates_equal_in_dump_mode(source_db, target_db, pagila_dir, tm
     assert "public.payment" in tables and "public.film" in tables
     assert_tables_equal(source_db.url, target_db.url, tables)
     assert_indexes_equal(source_db.url, target_db.url, ["public"])
+    objects = _schema_objects_outcome(tmp_path)
+    assert objects["passed"] and objects["details"]["source_objects"] >= 20, objects
     status = json.loads(cli(["status", "--json"], env, tmp_path).stdout)["tables"]
     assert "public.payment" in status  # the partitioned table is one asset, its parent
     assert not any(name.startswith("public.payment_p") for name in status)
@@ -206,6 +213,10 @@ def test_pagila_migrates_into_a_newer_postgresql_and_verifies(source_db, pagila_
         tables = _user_tables(source_db.url)
         assert_tables_equal(source_db.url, target, tables)
         assert_indexes_equal(source_db.url, target, ["public"])
+        # Views, functions and types compared across the two versions' catalogs too.
+        objects = _schema_objects_outcome(tmp_path)
+        assert objects["details"]["source_objects"] >= 20, objects
+        print(objects)
         with psycopg.connect(target) as conn:
             assert conn.info.server_version // 10000 == binaries.version
     finally:

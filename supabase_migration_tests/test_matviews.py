@@ -81,7 +81,8 @@ def test_populated_views_are_refreshed_in_dependency_order_and_verified(bed):
     assert all(c["passed"] for c in checked.values()), checked
     assert checked["public.z_base"]["details"] == {"source_rows": 7, "target_rows": 7}
     report = (tmp_path / "migration-report" / "verification_report.md").read_text()
-    assert "checks on 1 tables and 4 materialized views" in report
+    tables_and_views = "checks on 1 tables, 4 materialized views and the schemas' views"
+    assert tables_and_views in report
     views = report.split("## Materialized views", 1)[1].split("## ", 1)[0]
     assert "| public.z_base | 7 | 7 | PASS |" in views
     tables = report.split("## Tables", 1)[1].split("## ", 1)[0]

@@ -21,13 +21,15 @@ import pytest
 
 from supabase_migration import checkpoints
 from supabase_migration import sequences as sequences_module
-from supabase_migration.assets import partitions_def_for, table_asset_key
+from supabase_migration import verify as verify_module
+from supabase_migration.assets import SCHEMA_KEY, partitions_def_for, table_asset_key
 from supabase_migration.catalog import read_tables
 from supabase_migration.checks import (
     REPORT_CHECK,
     REPORT_KEY,
     build_all_table_checks,
     build_report_asset,
+    build_schema_objects_check,
 )
 from supabase_migration.connections import connect
 from supabase_migration.conninfo import DatabaseUrl, Endpoint, parse_database_url
@@ -46,6 +48,7 @@ from supabase_migration.verify import (
     ERROR,
     ROW_COUNT,
     SAMPLE,
+    SCHEMA_OBJECTS,
     WARN,
     VerificationStopped,
     pick_sample_keys,
@@ -55,12 +58,13 @@ from supabase_migration.verify import (
     row_counts,
     run_verification,
     sample_rows,
+    schema_objects,
     verify_table,
 )
 from supabase_migration.verify import constraints as constraints_check
 from supabase_migration.verify import sequences as sequence_check
 
-from .testbed import round_trips, rows_received
+from .testbed import require, round_trips, rows_received
 
 SCHEMA = """
 CREATE TABLE patients (
@@ -183,7 +187,7 @@ def _on_target(m: Migrated, statement: str, *, admin: bool = False) -> None:
 def test_clean_migration_passes_every_check(migrated: Migrated, tmp_path: Path) -> None:
     report = _verify(migrated, run_id="run-clean")
     assert [(o.table, o.name) for o in report.outcomes if not o.passed] == []
-    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES)
+    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES) + 1  # schema objects
     assert report.passed and report.status == "PASS" and report.exit_code == 0
     summaries = {s.table: s for s in report.table_summaries()}
     assert summaries["public.patients"].source_rows == 2000
@@ -578,7 +582,7 @@ def test_each_tables_outcomes_are_handed_over_once_before_the_report(migrated: M
         on_table=lambda outcomes: handed.append(tuple(sorted({o.table for o in outcomes}))),
     )
     assert sorted(handed) == [(table,) for table in sorted(TABLES)]
-    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES)
+    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES) + 1  # schema objects
 
 
 def test_unreadable_checkpoints_fail_the_range_checks_not_the_run(migrated: Migrated) -> None:
@@ -596,7 +600,7 @@ def test_unreadable_checkpoints_fail_the_range_checks_not_the_run(migrated: Migr
     }
     for outcome in failed.values():
         assert "could not run: insufficient_privilege" in outcome.description
-    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES)
+    assert len(report.outcomes) == len(TABLES) * len(CHECK_NAMES) + 1  # schema objects
     _assert_no_phi(report)
 
 
@@ -749,7 +753,7 @@ def test_other_key_kinds_and_types(source_db, target_db) -> None:
     )
     clean = _verify(m)
     assert [o.description for o in clean.outcomes if not o.passed] == []
-    assert len(clean.outcomes) == 5 * len(CHECK_NAMES)
+    assert len(clean.outcomes) == 5 * len(CHECK_NAMES) + 1  # and the schema objects
 
     _on_target(
         m, "UPDATE slots SET booked_by = 'Jane Q. Patient' WHERE room = 'Bwing' AND slot = 6"
@@ -914,6 +918,96 @@ def test_sample_compares_values_not_their_text(source_db, target_db, tmp_path: P
 # -- the Dagster layer ----------------------------------------------------------------------
 
 
+# The same views, routines and types on both sides, each holding a value rows hold too.
+OBJECTS = """
+CREATE TYPE visit_kind AS ENUM ('in person', 'video');
+CREATE DOMAIN ssn_text AS text CHECK (VALUE ~ '^[0-9-]+$');
+CREATE TYPE address AS (street text, zip text);
+CREATE VIEW jane AS SELECT id, born FROM patients WHERE full_name = 'Jane Q. Patient';
+CREATE FUNCTION patient_label(p bigint) RETURNS text LANGUAGE sql STABLE
+  AS $$ SELECT CASE WHEN ssn = '123-45-6789' THEN 'flagged' ELSE 'ok' END
+        FROM patients WHERE id = p $$;
+CREATE FUNCTION name_key(n {schema}.citext) RETURNS {schema}.citext LANGUAGE sql IMMUTABLE
+  AS 'SELECT n';
+"""
+
+
+def test_views_routines_and_types_are_compared_by_definition_never_shown(
+    migrated: Migrated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view the target lost, a function or type changed there, one more there, and one the
+    schema step had to leave out (an untrusted language): each named, its definition never
+    shown. An extension's type is the same in `public` on the source and `extensions` there."""
+    source = migrated.source_url.conninfo()
+    with psycopg.connect(source, autocommit=True) as conn:
+        available = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'plperlu'"
+        ).fetchone()
+        package = f"postgresql-plperl-{conn.info.server_version // 10000}"
+        require(available is not None, f"plperlu is not installed (Debian: {package})")
+        conn.execute("CREATE EXTENSION citext SCHEMA public")  # where many sources hold one
+        conn.execute(OBJECTS.format(schema="public"))
+        conn.execute(
+            "CREATE EXTENSION plperlu; "
+            "CREATE FUNCTION hostname() RETURNS text LANGUAGE plperlu AS $$ return 'h'; $$"
+        )
+    _on_target(migrated, "CREATE EXTENSION citext SCHEMA extensions", admin=True)
+    _on_target(migrated, OBJECTS.format(schema="extensions"))
+
+    report = _verify(migrated)
+    (objects,) = [o for o in report.outcomes if o.name == SCHEMA_OBJECTS]
+    assert not objects.passed and objects.severity == WARN, objects
+    assert objects.details["left_out"] == [{"kind": "function", "name": "public.hostname()"}]
+    assert objects.details["source_objects"] == 7 and objects.details["target_objects"] == 6
+    assert objects.description == (
+        "The views, routines and types of public: left out, written in plperlu, which no "
+        "non-superuser may use on the target (rewrite them if the application calls them): "
+        "function public.hostname()."
+    )
+    assert report.passed  # a warning
+
+    _on_target(
+        migrated,
+        "DROP VIEW jane; "
+        "ALTER TYPE visit_kind ADD VALUE 'phone'; "
+        "CREATE OR REPLACE FUNCTION patient_label(p bigint) RETURNS text LANGUAGE sql STABLE "
+        "  AS $$ SELECT 'ok' $$; "
+        "ALTER DOMAIN ssn_text DROP CONSTRAINT ssn_text_check; "
+        "ALTER DOMAIN ssn_text ADD CONSTRAINT ssn_text_check CHECK (VALUE <> '987-65-4321'); "
+        "CREATE FUNCTION extra_one() RETURNS int LANGUAGE sql AS 'SELECT 1'; "
+        "CREATE OR REPLACE FUNCTION name_key(n extensions.citext) RETURNS extensions.citext "
+        "  LANGUAGE sql IMMUTABLE AS 'SELECT lower(n)'",
+    )
+    report = _verify(migrated)
+    (objects,) = [o for o in report.outcomes if o.name == SCHEMA_OBJECTS]
+    assert not objects.passed and objects.severity == ERROR
+    assert objects.description.startswith(
+        "The views, routines and types of public: missing on target: view public.jane; "
+        "extra on target: function public.extra_one(); different: function "
+        "public.name_key(citext), function public.patient_label(bigint), domain "
+        "public.ssn_text, enum public.visit_kind; left out, written in plperlu"
+    ), objects.description
+    assert not report.passed
+    differences = {(d["object"], d["name"], d["difference"]) for d in report.schema_differences()}
+    assert ("view", "public.jane", "missing on target") in differences
+    assert ("function", "public.extra_one()", "extra on target") in differences
+    report.write(tmp_path / "report")
+    _assert_no_phi(report, tmp_path / "report")
+
+    # Between two major versions a definition PostgreSQL prints (a domain's check) that
+    # differs in its text alone warns: each version prints the same its own way.
+    real = verify_module.server_major
+    with (
+        connect(migrated.source_url, autocommit=True) as s,
+        connect(migrated.target_url, autocommit=True) as t,
+    ):
+        monkeypatch.setattr(verify_module, "server_major", lambda c: 14 if c is s else real(c))
+        objects = schema_objects(s, t, ["public"])
+    assert [d["name"] for d in objects.details["printed_otherwise"]] == ["public.ssn_text"]
+    assert "public.ssn_text" not in str(objects.details["different"])
+    assert "printed otherwise by PostgreSQL 14 and " in objects.description
+
+
 def test_dagster_checks_and_report_asset(
     migrated: Migrated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -929,14 +1023,17 @@ def test_dagster_checks_and_report_asset(
         dg.AssetSpec(table_asset_key(t.name), partitions_def=partitions_def_for(t.name))
         for t in manifest.tables
     ]
-    checks = build_all_table_checks(manifest)
+    checks = [*build_all_table_checks(manifest), build_schema_objects_check(manifest)]
     report_asset = build_report_asset(
         manifest,
         security_findings=lambda s, t: [{"severity": "warning", "title": "RLS disabled on codes"}],
     )
     job = dg.define_asset_job("verify_tables", selection=dg.AssetSelection.checks(*checks))
     defs = dg.Definitions(
-        assets=[*tables, report_asset], asset_checks=checks, jobs=[job], resources=resources
+        assets=[*tables, dg.AssetSpec(SCHEMA_KEY), report_asset],
+        asset_checks=checks,
+        jobs=[job],
+        resources=resources,
     )
     dg.Definitions.validate_loadable(defs)
     visits = table_asset_key("public.visits")
@@ -945,10 +1042,12 @@ def test_dagster_checks_and_report_asset(
     instance = dg.DagsterInstance.ephemeral()
     result = defs.resolve_job_def("verify_tables").execute_in_process(
         instance=instance,
-        run_config={"ops": {c.node_def.name: {"config": {"seed": 3}} for c in checks}},
+        run_config={"ops": {c.node_def.name: {"config": {"seed": 3}} for c in checks[:-1]}},
     )
     evaluations = {(e.asset_key, e.check_name): e for e in result.get_asset_check_evaluations()}
-    assert len(evaluations) == len(TABLES) * len(CHECK_NAMES)
+    assert len(evaluations) == len(TABLES) * len(CHECK_NAMES) + 1
+    objects = evaluations[(SCHEMA_KEY, SCHEMA_OBJECTS)]
+    assert objects.passed and objects.description.endswith("none on either side.")
     assert not evaluations[(visits, "row_count_matches")].passed
     assert evaluations[(visits, "row_count_matches")].severity == dg.AssetCheckSeverity.ERROR
     assert evaluations[(visits, "indexes_match")].passed
@@ -976,6 +1075,10 @@ def test_dagster_checks_and_report_asset(
         [dg.AssetCheckKey(visits, "row_count_matches")]
     )
     record = summary[dg.AssetCheckKey(visits, "row_count_matches")].last_check_execution_record
+    assert record is not None and record.run_id != result.run_id
+    on_schema = dg.AssetCheckKey(SCHEMA_KEY, SCHEMA_OBJECTS)
+    summary = instance.event_log_storage.get_asset_check_summary_records([on_schema])
+    record = summary[on_schema].last_check_execution_record
     assert record is not None and record.run_id != result.run_id
     for path in (tmp_path / "report").iterdir():
         text = path.read_text()
