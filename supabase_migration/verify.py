@@ -1091,7 +1091,7 @@ def _schema_compare(
 def _differences_said(
     diff: Mapping[str, list[dict[str, Any]]], name: Callable[[list[dict[str, Any]]], str]
 ) -> list[str]:
-    """ "missing on target: a, b", "extra on target: …", "different: …", of those there are."""
+    """The groups a comparison found, each said as `missing on target: a, b`."""
     return [
         f"{label} {name(diff[key])}"
         for key, label in (
