@@ -88,7 +88,8 @@ CHECK_DESCRIPTIONS = {
     INDEXES: "Index definitions agree after normalizing names and schema qualification.",
     CONSTRAINTS: (
         "PRIMARY KEY, UNIQUE, CHECK, FOREIGN KEY, EXCLUDE and NOT NULL definitions, generated "
-        "columns' expressions, columns' types and defaults, and triggers agree."
+        "columns' expressions, columns' types and defaults, triggers, and the source's row "
+        "level security and policies agree."
     ),
     FOREIGN_KEYS: (
         "Every foreign key holds on the target (loads may skip FK triggers in replica mode)."
@@ -988,6 +989,30 @@ SELECT t.tgname || ' (trigger)', 'r',
 FROM pg_trigger t
 WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal
 """
+# Row level security, where the source's table has it on, and its policies: a target that lost
+# them lets a role read or write rows the source kept from it (or, with RLS on and a policy
+# lost, keeps rows from the application). The target's own, where the source has none, are
+# the security step's (RLS on every exposed table) and the policy file's, and are not compared.
+# A policy is named, never shown: its expressions may hold values rows hold too.
+_POLICIES_SQL = """
+UNION ALL
+SELECT p.polname || ' (policy)', 'y',
+       concat_ws(' ', CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
+                 'FOR ' || p.polcmd::text,
+                 'TO ' || (SELECT string_agg(CASE WHEN r.oid = 0 THEN 'public'
+                                                  ELSE quote_ident(pg_get_userbyid(r.oid)) END,
+                                             ', ' ORDER BY r.oid = 0, pg_get_userbyid(r.oid))
+                           FROM unnest(p.polroles) AS r(oid)),
+                 'USING (' || pg_get_expr(p.polqual, p.polrelid) || ')',
+                 'WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')')
+FROM pg_policy p
+WHERE p.polrelid = to_regclass(%s)
+UNION ALL
+SELECT '(row level security)', 's',
+       CASE WHEN c.relforcerowsecurity THEN 'enabled, forced' ELSE 'enabled' END
+FROM pg_class c
+WHERE c.oid = to_regclass(%s) AND c.relrowsecurity
+"""
 # The schemas of the side's extensions, left out of its definitions as the table's own schema
 # is: dump mode moves extensions into `extensions`, so `util.uuid_generate_v4()` on the source
 # is `extensions.uuid_generate_v4()` on the target.
@@ -1030,9 +1055,13 @@ _CONSTRAINT_KINDS = {
     "d": "column default",
     "t": "column type",
     "r": "trigger",
+    "y": "policy",
+    "s": "row level security",
 }
+# Kinds compared only where the source has them (the target's own are by design).
+_SOURCE_LED_KINDS = frozenset({"policy", "row level security"})
 # Kinds compared by name and definition whose definition the report leaves out.
-_UNSHOWN_KINDS = frozenset({"column default", "trigger"})
+_UNSHOWN_KINDS = frozenset({"column default", "trigger", "policy"})
 
 
 def strip_schemas(text: str, schemas: Sequence[str]) -> str:
@@ -1179,8 +1208,9 @@ def constraints(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
 ) -> CheckOutcome:
     """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns, generated
-    columns' expressions, columns' defaults and types, and triggers, by name. Only defaults
-    that differ (or extra objects) warn; anything else missing or different is an error."""
+    columns' expressions, columns' defaults and types, triggers, and the source's row level
+    security and policies, by name. Only defaults and policies that differ (or extra objects)
+    warn; anything else missing or different is an error."""
     missing = _missing_table(CONSTRAINTS, table, source, target)
     if missing:
         return missing
@@ -1195,10 +1225,11 @@ def constraints(
                 + (_GENERATED_SQL + _DEFAULTS_SQL if generated else "")
                 + _COLUMN_TYPES_SQL
                 + _TRIGGERS_SQL
+                + _POLICIES_SQL
                 + _EXTENSION_SCHEMAS_SQL
             )
             with read_snapshot(conn, catalog=True):
-                rows = conn.execute(query, (ident,) * (6 if generated else 4)).fetchall()
+                rows = conn.execute(query, (ident,) * (8 if generated else 6)).fetchall()
             stripped = [*schemas, *(name for name, kind, _ in rows if kind == "e")]
             return {
                 name: (strip_schemas(definition, stripped), _CONSTRAINT_KINDS.get(kind, kind))
@@ -1207,6 +1238,7 @@ def constraints(
             }
 
         src, tgt = on_both(read, source, target)
+        tgt = {n: d for n, d in tgt.items() if n in src or d[1] not in _SOURCE_LED_KINDS}
         diff = _schema_compare(src, tgt)
         for group in ("missing", "extra", "different", "renamed"):
             for d in diff[group]:
@@ -1215,7 +1247,11 @@ def constraints(
                     for said in ("definition", "source", "target"):
                         d.pop(said, None)
         failed = diff["missing"] + diff["different"] + diff["extra"]
-        serious = [d for d in diff["missing"] + diff["different"] if d["kind"] != "column default"]
+        # Warnings alone: a default lost or changed (every copied row still matches), and a
+        # policy defined otherwise (for Supabase's roles, by the policy file, as likely as not).
+        serious = [d for d in diff["missing"] if d["kind"] != "column default"] + [
+            d for d in diff["different"] if d["kind"] not in ("column default", "policy")
+        ]
         severity = ERROR if serious else WARN
         details = {"source_constraints": len(src), "target_constraints": len(tgt), **diff}
         text = _schema_text(table.qualified_name, "constraint", diff, len(src))

@@ -1420,3 +1420,66 @@ def test_a_trigger_lost_or_disabled_on_the_target_fails_constraints(migrated: Mi
     (different,) = report.outcome("public.visits", "constraints_match").details["different"]
     assert different == {"name": "visits_touch (trigger)", "kind": "trigger"}
     assert marker not in report.to_json() + report.to_markdown() + report.to_html()
+
+
+def test_the_sources_row_level_security_and_policies_are_kept_on_the_target(
+    migrated: Migrated,
+) -> None:
+    """Every row matched while the target lost what the source kept rows from roles with: a
+    table's row level security off (or no longer forced) there, or a policy gone, fails the
+    report; a policy defined otherwise (for Supabase's roles) warns. The target's own RLS and
+    policies, where the source has none (the security step's, the policy file's), are not
+    differences. Policies are named, never shown."""
+    marker = "PHI-POLICY-LITERAL"
+    rules = (
+        "ALTER TABLE patients ENABLE ROW LEVEL SECURITY; "
+        "ALTER TABLE patients FORCE ROW LEVEL SECURITY; "
+        "CREATE POLICY own_rows ON patients FOR SELECT TO PUBLIC "
+        f"USING (full_name <> '{marker}'); "
+        "ALTER TABLE visits ENABLE ROW LEVEL SECURITY; "
+        "CREATE POLICY clinic_visits ON visits USING (note IS NOT NULL)"
+    )
+    with psycopg.connect(migrated.source_url.conninfo(), autocommit=True) as conn:
+        conn.execute(rules)
+    _on_target(
+        migrated,
+        rules + "; ALTER TABLE codes ENABLE ROW LEVEL SECURITY; "
+        "CREATE POLICY read_codes ON codes FOR SELECT TO authenticated USING (true)",
+        admin=True,
+    )
+    assert not _failed(_verify(migrated))  # the same, and the target's own RLS on codes
+    _on_target(
+        migrated,
+        "ALTER TABLE patients NO FORCE ROW LEVEL SECURITY; "
+        "ALTER POLICY own_rows ON patients TO authenticated; "
+        "DROP POLICY clinic_visits ON visits",
+        admin=True,
+    )
+    report = _verify(migrated)
+    assert set(_failed(report)) == {
+        ("public.patients", "constraints_match"),
+        ("public.visits", "constraints_match"),
+    }
+    patients = report.outcome("public.patients", "constraints_match")
+    assert patients.severity == ERROR and not report.passed
+    assert sorted(d["name"] for d in patients.details["different"]) == [
+        "(row level security)",
+        "own_rows (policy)",
+    ]
+    visits = report.outcome("public.visits", "constraints_match")
+    assert visits.details["missing"] == [{"name": "clinic_visits (policy)", "kind": "policy"}]
+    assert visits.severity == ERROR
+    _on_target(
+        migrated,
+        "ALTER TABLE patients FORCE ROW LEVEL SECURITY; "
+        "CREATE POLICY clinic_visits ON visits USING (note IS NOT NULL)",
+        admin=True,
+    )
+    report = _verify(migrated)  # only the policy defined otherwise is left: a warning
+    assert set(_failed(report)) == {("public.patients", "constraints_match")}
+    assert report.outcome("public.patients", "constraints_match").severity == WARN
+    _on_target(migrated, "ALTER TABLE visits DISABLE ROW LEVEL SECURITY", admin=True)
+    visits = _verify(migrated).outcome("public.visits", "constraints_match")
+    assert visits.severity == ERROR
+    assert visits.details["missing"][0]["name"] == "(row level security)"
+    assert marker not in report.to_json() + report.to_markdown() + report.to_html()
