@@ -178,6 +178,10 @@ def _failed(report: Report) -> dict[tuple[str, str], object]:
     return {(o.table, o.name): o for o in report.outcomes if not o.passed}
 
 
+def _only_constraints_failed(report: Report, *tables: str) -> None:
+    assert set(_failed(report)) == {(table, "constraints_match") for table in tables}
+
+
 def _on_target(m: Migrated, statement: str, *, admin: bool = False) -> None:
     url = m.target_admin if admin else m.target_url.conninfo()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -389,10 +393,7 @@ def test_altered_constraint_is_named(migrated: Migrated) -> None:
         "ALTER TABLE visits ALTER COLUMN note SET NOT NULL",
     )
     report = _verify(migrated)
-    assert set(_failed(report)) == {
-        ("public.patients", "constraints_match"),
-        ("public.visits", "constraints_match"),
-    }
+    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert [d["name"] for d in patients.details["different"]] == ["patients_balance_check"]
     assert patients.severity == ERROR
@@ -1361,10 +1362,7 @@ def test_a_column_default_changed_or_lost_on_the_target_is_a_warning(migrated: M
         "ALTER TABLE visits ALTER COLUMN note SET DEFAULT 'Dr. No'",
     )
     report = _verify(migrated)
-    assert set(_failed(report)) == {
-        ("public.patients", "constraints_match"),
-        ("public.visits", "constraints_match"),
-    }
+    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert patients.severity == WARN and report.passed
     assert [d["name"] for d in patients.details["missing"]] == ["updated_at (default)"]
@@ -1410,10 +1408,7 @@ def test_a_trigger_lost_or_disabled_on_the_target_fails_constraints(migrated: Mi
         admin=True,
     )
     report = _verify(migrated)
-    assert set(_failed(report)) == {
-        ("public.patients", "constraints_match"),
-        ("public.visits", "constraints_match"),
-    }
+    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert patients.severity == ERROR and not report.passed
     assert patients.details["missing"] == [{"name": "patients_audit (trigger)", "kind": "trigger"}]
@@ -1456,10 +1451,7 @@ def test_the_sources_row_level_security_and_policies_are_kept_on_the_target(
         admin=True,
     )
     report = _verify(migrated)
-    assert set(_failed(report)) == {
-        ("public.patients", "constraints_match"),
-        ("public.visits", "constraints_match"),
-    }
+    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert patients.severity == ERROR and not report.passed
     assert sorted(d["name"] for d in patients.details["different"]) == [
@@ -1476,7 +1468,7 @@ def test_the_sources_row_level_security_and_policies_are_kept_on_the_target(
         admin=True,
     )
     report = _verify(migrated)  # only the policy defined otherwise is left: a warning
-    assert set(_failed(report)) == {("public.patients", "constraints_match")}
+    _only_constraints_failed(report, "public.patients")
     assert report.outcome("public.patients", "constraints_match").severity == WARN
     _on_target(migrated, "ALTER TABLE visits DISABLE ROW LEVEL SECURITY", admin=True)
     visits = _verify(migrated).outcome("public.visits", "constraints_match")
