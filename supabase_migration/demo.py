@@ -262,6 +262,16 @@ def install_fault(
     return faults
 
 
+def remove_fault(servers: DemoServers) -> None:
+    """After the run that made the chosen ranges fail: each fires once, so the fault is spent.
+    Its triggers (with its schema) go, so the verification that follows a backfill finds the
+    target as the source (constraints_match would warn of a trigger the source lacks)."""
+    with servers.target.admin_connection(DEMO_DB) as target:
+        target.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(FAULT_SCHEMA))
+        )
+
+
 def failed_checkpoints() -> list[checkpoints.Checkpoint]:
     """Every failed range, from the checkpoints on the target (the URL comes from the env)."""
     with borrowed(commands.target_url()) as target:
@@ -352,6 +362,7 @@ def demo(
             log(f"--fail-once: the first attempt at {described} will fail")
         summary = run(settings, progress=progress, log=log)
         if fail_once:
+            remove_fault(servers)
             total = sum(
                 t["completed"] + t["pending"] + t["failed"] for t in summary.tables.values()
             )
