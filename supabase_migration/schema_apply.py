@@ -1267,12 +1267,33 @@ def extension_rewriter(
             )
         )
 
+    homes = sorted(set(moved.values()))
+
     def rewrite(text: str) -> str:
         for pattern, replacement in patterns:
             text = pattern.sub(replacement, text)
-        return text
+        return _ROUTINE_SEARCH_PATH.sub(lambda m: _reaching(m, homes), text)
 
     return rewrite
+
+
+# A routine's own search_path as pg_dump writes it, in the routine's header (a statement in
+# its body would end with a semicolon).
+_ROUTINE_SEARCH_PATH = re.compile(
+    r"^(    SET search_path TO )('(?:[^']|'')*'(?:, '(?:[^']|'')*')*)$", re.MULTILINE
+)
+_QUOTED = re.compile(r"'((?:[^']|'')*)'")
+
+
+def _reaching(found: re.Match[str], homes: Sequence[tuple[str, str]]) -> str:
+    """A routine's search_path with each moved extension's new schema right after its old
+    one: `SET search_path = public` called pgcrypto's digest() in public, which is in
+    `extensions` on the target, where the routine would no longer find it."""
+    path = [m.replace("''", "'") for m in _QUOTED.findall(found.group(2))]
+    for old, new in homes:
+        if old in path and new not in path:
+            path.insert(path.index(old) + 1, new)
+    return found.group(1) + ", ".join("'" + m.replace("'", "''") + "'" for m in path)
 
 
 # -- dump: applying ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from queue import Queue
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -1064,12 +1064,13 @@ _SOURCE_LED_KINDS = frozenset({"policy", "row level security"})
 _UNSHOWN_KINDS = frozenset({"column default", "trigger", "policy"})
 
 
-def strip_schemas(text: str, schemas: Sequence[str]) -> str:
-    """Drop `schema.` / `"schema".` qualification for the given schemas."""
+def strip_schemas(text: str, schemas: Sequence[str], *, spacing: bool = False) -> str:
+    """Drop `schema.` / `"schema".` qualification for the given schemas, and with it runs of
+    white space unless `spacing` (a routine's body as written: a literal's spaces count)."""
     for schema in schemas:
         for form in (f'"{schema}".', f"{schema}."):
             text = _replace_qualifier(text, form)
-    return " ".join(text.split())
+    return text if spacing else " ".join(text.split())
 
 
 def _replace_qualifier(text: str, form: str) -> str:
@@ -1584,31 +1585,45 @@ def _schema_objects_sql(major: int) -> str:
         "|| format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = {} "
         "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), ', ')"
     )
-    body = "CASE WHEN p.prosqlbody IS NULL THEN '' ELSE pg_get_function_sqlbody(p.oid) END"
-    return f"""
+    body = "CASE WHEN p.prosqlbody IS NOT NULL THEN pg_get_function_sqlbody(p.oid) END"
+    return rf"""
 SELECT 'view', quote_ident(n.nspname) || '.', c.oid::regclass::text,
        {columns.format("c.oid")} || coalesce(' WITH (' || array_to_string(c.reloptions, ', ')
                                             || ')', ''),
-       pg_get_viewdef(c.oid), NULL
+       pg_get_viewdef(c.oid), NULL, NULL
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'v' AND n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_class", "c.oid")}
 UNION ALL
 SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate'
                       WHEN 'w' THEN 'window function' ELSE 'function' END,
        quote_ident(n.nspname) || '.', p.oid::regprocedure::text,
-       concat_ws(' ', '(' || pg_get_function_arguments(p.oid) || ')',
-                 'RETURNS ' || pg_get_function_result(p.oid), 'LANGUAGE ' || quote_ident(l.lanname),
+       concat_ws(' ', array_to_string(p.proargnames, ', '),
+                 array_to_string(p.proargmodes::text[], ', '),
+                 (SELECT string_agg(format_type(u.type, NULL), ', ' ORDER BY u.n)
+                  FROM unnest(coalesce(p.proallargtypes, p.proargtypes::oid[]))
+                       WITH ORDINALITY AS u(type, n)),
+                 p.pronargdefaults, 'RETURNS', p.proretset, format_type(p.prorettype, NULL),
+                 'LANGUAGE ' || quote_ident(l.lanname),
                  p.provolatile, p.proparallel, p.proisstrict, p.prosecdef, p.proleakproof,
-                 p.procost, p.prorows, array_to_string(p.proconfig, ', '),
+                 p.procost, p.prorows,
+                 array_to_string(ARRAY(SELECT c FROM unnest(p.proconfig) AS c
+                                       WHERE c NOT LIKE 'search\_path=%%'), ', '),
                  (SELECT concat_ws(' ', a.aggkind, a.aggtransfn::regprocedure,
                                    a.aggfinalfn::regprocedure, a.aggcombinefn::regprocedure,
                                    format_type(a.aggtranstype, NULL), a.agginitval)
                   FROM pg_aggregate a WHERE a.aggfnoid = p.oid),
                  p.prosrc, p.probin),
-       {body if major >= 14 else "''"}, l.lanname
+       concat_ws(' ', 'DEFAULT ' || pg_get_expr(p.proargdefaults, 0),
+                 {body if major >= 14 else "NULL"}),
+       CASE WHEN l.lanispl AND p.prokind <> 'a' THEN l.lanname END,
+       (SELECT substr(c, 13) FROM unnest(p.proconfig) AS c WHERE c LIKE 'search\_path=%%')
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
 WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_proc", "p.oid")}
+  -- a range type's constructors, made with it (its multirange's from PostgreSQL 14)
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                  AND d.objid = p.oid AND d.refclassid = 'pg_type'::regclass
+                  AND d.deptype = 'i')
 UNION ALL
 SELECT CASE t.typtype WHEN 'e' THEN 'enum' WHEN 'd' THEN 'domain' WHEN 'r' THEN 'range type'
                       ELSE 'composite type' END,
@@ -1620,7 +1635,8 @@ SELECT CASE t.typtype WHEN 'e' THEN 'enum' WHEN 'd' THEN 'domain' WHEN 'r' THEN 
                                                 WHERE co.oid = t.typcollation),
                                  CASE WHEN t.typnotnull THEN 'NOT NULL' END,
                                  (SELECT string_agg(quote_ident(k.conname), ', ' ORDER BY k.conname)
-                                  FROM pg_constraint k WHERE k.contypid = t.oid))
+                                  FROM pg_constraint k
+                                  WHERE k.contypid = t.oid AND k.contype = 'c'))
          WHEN 'r' THEN (SELECT concat_ws(' ', format_type(r.rngsubtype, NULL),
                                          (SELECT o.opcname FROM pg_opclass o
                                           WHERE o.oid = r.rngsubopc),
@@ -1631,46 +1647,82 @@ SELECT CASE t.typtype WHEN 'e' THEN 'enum' WHEN 'd' THEN 'domain' WHEN 'r' THEN 
        CASE WHEN t.typtype = 'd' THEN
          concat_ws(' ', 'DEFAULT ' || pg_get_expr(t.typdefaultbin, 0),
                    (SELECT string_agg(pg_get_constraintdef(k.oid), ', ' ORDER BY k.conname)
-                    FROM pg_constraint k WHERE k.contypid = t.oid))
-       ELSE '' END, NULL
+                    FROM pg_constraint k WHERE k.contypid = t.oid AND k.contype = 'c'))
+       ELSE '' END, NULL, NULL
 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
 WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_type", "t.oid")}
   AND (t.typtype IN ('e', 'd', 'r')
        OR t.typtype = 'c' AND (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
 UNION ALL
-SELECT 'language', '', l.lanname, '', '', NULL FROM pg_language l WHERE l.lanpltrusted
+SELECT 'language', '', l.lanname, '', '', NULL, NULL FROM pg_language l WHERE l.lanpltrusted
 UNION ALL
-SELECT 'extension schema', '', n.nspname, '', '', NULL
+SELECT 'extension schema', '', n.nspname, '', '', NULL, NULL
 FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE n.nspname <> 'pg_catalog'
 """
+
+
+class _SchemaObject(NamedTuple):
+    kind: str
+    shape: str
+    printed: str
+    language: str | None  # a routine's procedural language
+    search_path: list[str] | None  # a routine's own
 
 
 @dataclass(frozen=True)
 class _SchemaObjects:
     """One side's views, routines and types as read, and what comparing them needs."""
 
-    # kind, its schema's qualifier, name, shape, printed, language
-    rows: list[tuple[str, str, str, str, str, str | None]]
+    # kind, its schema's qualifier, name, shape, printed, language, a routine's search_path
+    rows: list[tuple[str, str, str, str, str, str | None, str | None]]
     languages: frozenset[str]  # those a non-superuser may write routines in
     extension_schemas: frozenset[str]
     major: int
 
-    def by_name(self, stripped: Sequence[str]) -> dict[str, tuple[str, str, str, str | None]]:
-        """(kind, shape, printed, language) by name, without the `stripped` schemas'
-        qualification but the object's own (`public.f(citext)` when public held citext)."""
+    def _name(self, own: str, name: str, stripped: Sequence[str]) -> str:
+        return own + strip_schemas(name.removeprefix(own), stripped)
+
+    def raw_printed(self, named: str, stripped: Sequence[str]) -> str:
+        """The printed text of the object `by_name` calls `named`, as read."""
+        return next(r[4] for r in self.rows if self._name(r[1], r[2], stripped) == named)
+
+    def by_name(self, stripped: Sequence[str]) -> dict[str, _SchemaObject]:
+        """Each object by name, without the `stripped` schemas' qualification but the
+        object's own (`public.f(citext)` when public held citext)."""
         return {
-            own + strip_schemas(name.removeprefix(own), stripped): (
+            self._name(own, name, stripped): _SchemaObject(
                 kind,
-                strip_schemas(shape, stripped),
+                strip_schemas(shape, stripped, spacing=True),
                 strip_schemas(printed, stripped),
                 language,
+                None if path is None else [p.strip().strip('"') for p in path.split(",")],
             )
-            for kind, own, name, shape, printed, language in self.rows
+            for kind, own, name, shape, printed, language, path in self.rows
         }
 
 
 _SIDE_FACTS = ("language", "extension schema")
+_REPRINTED = sql.Identifier("supabase_migration_reprinted")
+
+
+def _reprinted(target: psycopg.Connection, query: str) -> str | None:
+    """The source's view query as the target prints it (PostgreSQL 16 dropped the table's
+    name before a single table's columns, for one): made a temporary view in a transaction
+    rolled back, so nothing stays. None when the target cannot take it (a name it lacks)."""
+    try:
+        with transaction_with(target, [IN_PG_CATALOG], commit=False):
+            target.execute(
+                sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(_REPRINTED, sql.SQL(query))
+            )
+            row = target.execute(
+                sql.SQL("SELECT pg_get_viewdef({}::regclass)").format(
+                    sql.Literal(f"pg_temp.{_REPRINTED.as_string(target)}")
+                )
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    return row[0] if row else None
 
 
 def _read_schema_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> _SchemaObjects:
@@ -1700,11 +1752,24 @@ def schema_objects(
     moved = sorted({EXTENSIONS_SCHEMA} | src_read.extension_schemas | tgt_read.extension_schemas)
     src, tgt = src_read.by_name(moved), tgt_read.by_name(moved)
     missing = sorted(src.keys() - tgt.keys())
-    left_out = [n for n in missing if src[n][3] not in (None, *tgt_read.languages)]
+    left_out = [n for n in missing if src[n].language not in (None, *tgt_read.languages)]
     both = sorted(src.keys() & tgt.keys())
-    different = [n for n in both if src[n][1] != tgt[n][1]]
-    printed = [n for n in both if n not in different and src[n][2] != tgt[n][2]]
+    different = [
+        n
+        for n in both
+        if src[n].shape != tgt[n].shape
+        or not _paths_agree(src[n].search_path, tgt[n].search_path, src_read, tgt_read)
+    ]
+    printed = [n for n in both if n not in different and src[n].printed != tgt[n].printed]
     versions = src_read.major != tgt_read.major
+    if versions:  # a view the target prints as it prints the source's is the same view
+        views = {n: src_read.raw_printed(n, moved) for n in printed if src[n].kind == "view"}
+        for name, query in views.items():
+            again = _reprinted(target, query)
+            if again is not None:
+                printed.remove(name)
+                if strip_schemas(again, moved) != tgt[name].printed:
+                    different.append(name)
     groups = {
         "missing": [n for n in missing if n not in left_out],
         "different": sorted(different + ([] if versions else printed)),
@@ -1713,7 +1778,7 @@ def schema_objects(
         "printed_otherwise": printed if versions else [],
     }
     diff = {
-        group: [{"kind": (src.get(n) or tgt[n])[0], "name": n} for n in names]
+        group: [{"kind": (src.get(n) or tgt[n]).kind, "name": n} for n in names]
         for group, names in groups.items()
     }
     serious = groups["missing"] + groups["different"]
@@ -1732,7 +1797,7 @@ def schema_objects(
 def _schema_objects_text(
     schemas: Sequence[str],
     diff: Mapping[str, list[dict[str, str]]],
-    src: Mapping[str, tuple[str, str, str, str | None]],
+    src: Mapping[str, _SchemaObject],
     majors: tuple[int, int],
 ) -> str:
     where = f"The views, routines and types of {listed(list(schemas))}"
@@ -1742,7 +1807,7 @@ def _schema_objects_text(
 
     parts = _differences_said(diff, named)
     if diff["left_out"]:
-        languages = sorted({src[d["name"]][3] or "" for d in diff["left_out"]})
+        languages = sorted({src[d["name"]].language or "" for d in diff["left_out"]})
         parts.append(
             f"left out, written in {listed(languages)}, which no non-superuser may use on the "
             f"target (rewrite them if the application calls them): {named(diff['left_out'])}"
@@ -1757,6 +1822,22 @@ def _schema_objects_text(
     if not src:
         return f"{where}: none on either side."
     return f"{where}: {_plural(len(src), 'object')} on both sides, all equal."
+
+
+def _paths_agree(
+    source: list[str] | None, target: list[str] | None, src: _SchemaObjects, tgt: _SchemaObjects
+) -> bool:
+    """A routine's own search_path finds on the target what it found on the source: the same
+    schemas but extensions', and where the source's held extensions, the schema they are in
+    on the target (dump mode puts `extensions` after each; a function that names only
+    `public` would no longer find pgcrypto's digest() there)."""
+    if source is None or target is None:
+        return source == target
+    held = src.extension_schemas | tgt.extension_schemas | {EXTENSIONS_SCHEMA}
+    if [s for s in source if s not in held] != [s for s in target if s not in held]:
+        return False
+    reached = [s for s in target if s in tgt.extension_schemas or s == EXTENSIONS_SCHEMA]
+    return all(reached for s in source if s in src.extension_schemas)
 
 
 def _schema_objects_or_why(

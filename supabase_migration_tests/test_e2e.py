@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -34,11 +33,10 @@ from supabase_migration.localpg import (
 from supabase_migration.manifest import Manifest, ManifestTable
 from supabase_migration.preflight import run_preflight
 
-from . import old_postgres
 from .compare import assert_indexes_equal, assert_tables_equal
 from .test_cli import APP_TABLES, cli
 from .test_schema_apply import load_sql_file
-from .testbed import TARGET_PASSWORD, cli_env, require
+from .testbed import TARGET_PASSWORD, cli_env, database_on, require
 
 ROWS = 120_000
 
@@ -223,23 +221,9 @@ def test_pagila_migrates_into_a_newer_postgresql_and_verifies(source_db, pagila_
         server.cleanup()
 
 
-@contextlib.contextmanager
-def _old_source(major: int) -> Iterator[str]:
+def _old_source(major: int) -> contextlib.AbstractContextManager[str]:
     """A source database on an older PostgreSQL (see old_postgres); its URL."""
-    binaries = old_postgres.binaries(major)
-    require(
-        binaries is not None,
-        f"PostgreSQL {major} is not fetched: run `{old_postgres.FETCH_COMMAND}`.",
-    )
-    assert binaries is not None
-    server = LocalServer(binaries, private_tempdir(f"smpg{major}-") / "data")
-    try:
-        server.init()
-        server.start()
-        server.create_database("old")
-        yield server.url(dbname="old")
-    finally:
-        server.cleanup()
+    return database_on(major, "old")
 
 
 def test_a_postgresql_13_source_is_copied_and_verified(target_db, tmp_path):

@@ -31,6 +31,7 @@ from supabase_migration.schema_apply import (
     run_pg_dump,
     split_dump,
 )
+from supabase_migration.verify import schema_objects
 
 from .testbed import PgBouncer, find_pgbouncer, require
 
@@ -318,6 +319,8 @@ def test_extension_in_public_on_the_source_lands_in_extensions(source_db, target
         CREATE TABLE docs (id uuid PRIMARY KEY DEFAULT public.uuid_generate_v4(), title text);
         CREATE INDEX docs_title_trgm ON docs USING gin (title public.gin_trgm_ops);
         COMMENT ON TABLE docs IS 'documents';
+        CREATE FUNCTION public.new_doc_id() RETURNS uuid LANGUAGE plpgsql SECURITY DEFINER
+          SET search_path = public, pg_temp AS $$ BEGIN RETURN uuid_generate_v4(); END $$;
         """,
     )
     source, target = _urls(source_db, target_db.url)
@@ -344,6 +347,14 @@ def test_extension_in_public_on_the_source_lands_in_extensions(source_db, target
         ).fetchone()
         assert "extensions.gin_trgm_ops" in index[0]
         conn.execute("INSERT INTO public.docs (title) VALUES ('x')")
+        # A routine whose own search_path named public, where it found uuid_generate_v4():
+        # it finds it in `extensions` now, and verify sees the same routine.
+        assert conn.execute("SELECT public.new_doc_id() IS NOT NULL").fetchone() == (True,)
+        config = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'new_doc_id'")
+        assert config.fetchone() == (["search_path=public, extensions, pg_temp"],)
+        with psycopg.connect(source_db.url, autocommit=True) as src:
+            objects = schema_objects(src, conn, ["public"])
+        assert objects.passed, objects.description
 
 
 def test_a_table_named_as_a_moved_extensions_function_stays_in_its_schema(source_db, target_db):

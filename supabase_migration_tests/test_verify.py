@@ -64,7 +64,7 @@ from supabase_migration.verify import (
 from supabase_migration.verify import constraints as constraints_check
 from supabase_migration.verify import sequences as sequence_check
 
-from .testbed import require, round_trips, rows_received
+from .testbed import database_on, require, round_trips, rows_received
 
 SCHEMA = """
 CREATE TABLE patients (
@@ -930,6 +930,8 @@ CREATE FUNCTION patient_label(p bigint) RETURNS text LANGUAGE sql STABLE
         FROM patients WHERE id = p $$;
 CREATE FUNCTION name_key(n {schema}.citext) RETURNS {schema}.citext LANGUAGE sql IMMUTABLE
   AS 'SELECT n';
+CREATE FUNCTION folded(n text) RETURNS text LANGUAGE plpgsql SET search_path = {path}
+  AS $$ BEGIN RETURN n::citext::text; END $$;
 """
 
 
@@ -947,19 +949,20 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
         package = f"postgresql-plperl-{conn.info.server_version // 10000}"
         require(available is not None, f"plperlu is not installed (Debian: {package})")
         conn.execute("CREATE EXTENSION citext SCHEMA public")  # where many sources hold one
-        conn.execute(OBJECTS.format(schema="public"))
+        conn.execute(OBJECTS.format(schema="public", path="public"))
         conn.execute(
             "CREATE EXTENSION plperlu; "
             "CREATE FUNCTION hostname() RETURNS text LANGUAGE plperlu AS $$ return 'h'; $$"
         )
     _on_target(migrated, "CREATE EXTENSION citext SCHEMA extensions", admin=True)
-    _on_target(migrated, OBJECTS.format(schema="extensions"))
+    # As the schema step writes them: a routine's own search_path reaches `extensions` too.
+    _on_target(migrated, OBJECTS.format(schema="extensions", path="public, extensions"))
 
     report = _verify(migrated)
     (objects,) = [o for o in report.outcomes if o.name == SCHEMA_OBJECTS]
     assert not objects.passed and objects.severity == WARN, objects
     assert objects.details["left_out"] == [{"kind": "function", "name": "public.hostname()"}]
-    assert objects.details["source_objects"] == 7 and objects.details["target_objects"] == 6
+    assert objects.details["source_objects"] == 8 and objects.details["target_objects"] == 7
     assert objects.description == (
         "The views, routines and types of public: left out, written in plperlu, which no "
         "non-superuser may use on the target (rewrite them if the application calls them): "
@@ -977,7 +980,8 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
         "ALTER DOMAIN ssn_text ADD CONSTRAINT ssn_text_check CHECK (VALUE <> '987-65-4321'); "
         "CREATE FUNCTION extra_one() RETURNS int LANGUAGE sql AS 'SELECT 1'; "
         "CREATE OR REPLACE FUNCTION name_key(n extensions.citext) RETURNS extensions.citext "
-        "  LANGUAGE sql IMMUTABLE AS 'SELECT lower(n)'",
+        "  LANGUAGE sql IMMUTABLE AS 'SELECT lower(n)'; "
+        "ALTER FUNCTION folded(text) SET search_path = public",  # citext no longer found
     )
     report = _verify(migrated)
     (objects,) = [o for o in report.outcomes if o.name == SCHEMA_OBJECTS]
@@ -985,8 +989,9 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
     assert objects.description.startswith(
         "The views, routines and types of public: missing on target: view public.jane; "
         "extra on target: function public.extra_one(); different: function "
-        "public.name_key(citext), function public.patient_label(bigint), domain "
-        "public.ssn_text, enum public.visit_kind; left out, written in plperlu"
+        "public.folded(text), function public.name_key(citext), function "
+        "public.patient_label(bigint), domain public.ssn_text, enum public.visit_kind; left "
+        "out, written in plperlu"
     ), objects.description
     assert not report.passed
     differences = {(d["object"], d["name"], d["difference"]) for d in report.schema_differences()}
@@ -1482,3 +1487,59 @@ def test_the_sources_row_level_security_and_policies_are_kept_on_the_target(
     assert visits.severity == ERROR
     assert visits.details["missing"][0]["name"] == "(row level security)"
     assert marker not in report.to_json() + report.to_markdown() + report.to_html()
+
+
+# What two major versions store or print otherwise: argument defaults and procedures'
+# arguments (deparsed), a range type's constructors (a multirange's too from 14), a domain's
+# NOT NULL (a constraint row from 17), a single table's view (its columns unqualified from 16).
+ACROSS_VERSIONS = """
+CREATE TABLE t (id int PRIMARY KEY, a text);
+CREATE FUNCTION f1(a int DEFAULT 1, s text DEFAULT substring('abc' from 1 for 2)) RETURNS int
+  LANGUAGE sql AS 'SELECT 1';
+CREATE PROCEDURE pr(a int, INOUT b int DEFAULT 2) LANGUAGE plpgsql AS 'BEGIN b := a; END';
+CREATE TYPE floatrange AS RANGE (subtype = float8, subtype_diff = float8mi);
+CREATE DOMAIN posint AS int NOT NULL CHECK (VALUE > 0);
+CREATE FUNCTION gc(text, text) RETURNS text LANGUAGE sql AS 'SELECT $1 || $2';
+CREATE AGGREGATE group_concat(text) (SFUNC = gc, STYPE = text);
+CREATE VIEW v1 AS SELECT id, a FROM t WHERE a LIKE 'x%';
+"""
+
+
+def test_views_routines_and_types_read_alike_across_major_versions(source_db, target_db) -> None:
+    """A 13 source into a 15 target, a 15 source into the embedded build's 18: what each
+    version stores or prints its own way is the same object, and the one text no version
+    prints alike (a default's) warns. A view the newer target prints otherwise is printed
+    there from the source's query too, so a changed one is still an error; an aggregate lost
+    is missing, not "left out" (its language, internal, is no procedural one)."""
+    with database_on(13, "across") as old, psycopg.connect(old, autocommit=True) as s:
+        s.execute(ACROSS_VERSIONS)
+        with psycopg.connect(target_db.admin_url, autocommit=True) as t:
+            t.execute(ACROSS_VERSIONS)
+            objects = schema_objects(s, t, ["public"])
+    assert objects.severity == WARN, objects.description
+    said = {group: objects.details[group] for group in ("missing", "different", "extra")}
+    assert said == {"missing": [], "different": [], "extra": []}, objects.description
+    assert [d["name"] for d in objects.details["printed_otherwise"]] == ["public.f1(integer,text)"]
+
+    with psycopg.connect(source_db.url, autocommit=True) as s:
+        s.execute(ACROSS_VERSIONS)
+        with (
+            database_on("embedded", "across") as newer,
+            psycopg.connect(newer, autocommit=True) as t,
+        ):
+            assert t.info.server_version >= 170000
+            t.execute(ACROSS_VERSIONS)
+            objects = schema_objects(s, t, ["public"])
+            assert objects.passed, objects.description
+            t.execute(
+                "CREATE OR REPLACE VIEW v1 AS SELECT id, a FROM t WHERE a LIKE 'y%'; "
+                "DROP AGGREGATE group_concat(text)"
+            )
+            objects = schema_objects(s, t, ["public"])
+            left = t.execute("SELECT count(*) FROM pg_class WHERE relpersistence = 't'")
+            assert left.fetchone() == (0,)  # the reprinted view was rolled back
+    assert objects.severity == ERROR
+    assert objects.description == (
+        "The views, routines and types of public: missing on target: aggregate "
+        "public.group_concat(text); different: view public.v1."
+    )

