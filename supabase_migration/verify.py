@@ -1754,13 +1754,16 @@ def schema_objects(
     missing = sorted(src.keys() - tgt.keys())
     left_out = [n for n in missing if src[n].language not in (None, *tgt_read.languages)]
     both = sorted(src.keys() & tgt.keys())
-    different = [
+    different = [n for n in both if src[n].shape != tgt[n].shape]
+    unreached = [
         n
         for n in both
-        if src[n].shape != tgt[n].shape
-        or not _paths_agree(src[n].search_path, tgt[n].search_path, src_read, tgt_read)
+        if n not in different
+        and not _paths_agree(src[n].search_path, tgt[n].search_path, src_read, tgt_read)
     ]
-    printed = [n for n in both if n not in different and src[n].printed != tgt[n].printed]
+    printed = [
+        n for n in both if n not in different + unreached and src[n].printed != tgt[n].printed
+    ]
     versions = src_read.major != tgt_read.major
     if versions:  # a view the target prints as it prints the source's is the same view
         views = {n: src_read.raw_printed(n, moved) for n in printed if src[n].kind == "view"}
@@ -1773,6 +1776,7 @@ def schema_objects(
     groups = {
         "missing": [n for n in missing if n not in left_out],
         "different": sorted(different + ([] if versions else printed)),
+        "search_path": unreached,
         "extra": sorted(tgt.keys() - src.keys()),
         "left_out": left_out,
         "printed_otherwise": printed if versions else [],
@@ -1781,7 +1785,7 @@ def schema_objects(
         group: [{"kind": (src.get(n) or tgt[n]).kind, "name": n} for n in names]
         for group, names in groups.items()
     }
-    serious = groups["missing"] + groups["different"]
+    serious = groups["missing"] + groups["different"] + groups["search_path"]
     details = {"source_objects": len(src), "target_objects": len(tgt), **diff}
     return CheckOutcome(
         SCHEMA_OBJECTS,
@@ -1806,6 +1810,12 @@ def _schema_objects_text(
         return listed([f"{d['kind']} {d['name']}" for d in group], 10)
 
     parts = _differences_said(diff, named)
+    if diff["search_path"]:
+        parts.append(
+            "a search_path of their own that does not reach the schema the source's reached "
+            "(or, where that held extensions, the one they are in on the target: add it), "
+            f"so a name they look up is not found or another is: {named(diff['search_path'])}"
+        )
     if diff["left_out"]:
         languages = sorted({src[d["name"]].language or "" for d in diff["left_out"]})
         parts.append(

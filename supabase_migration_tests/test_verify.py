@@ -989,9 +989,11 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
     assert objects.description.startswith(
         "The views, routines and types of public: missing on target: view public.jane; "
         "extra on target: function public.extra_one(); different: function "
-        "public.folded(text), function public.name_key(citext), function "
-        "public.patient_label(bigint), domain public.ssn_text, enum public.visit_kind; left "
-        "out, written in plperlu"
+        "public.name_key(citext), function public.patient_label(bigint), domain "
+        "public.ssn_text, enum public.visit_kind; a search_path of their own that does not "
+        "reach the schema the source's reached (or, where that held extensions, the one they "
+        "are in on the target: add it), so a name they look up is not found or another is: "
+        "function public.folded(text); left out, written in plperlu"
     ), objects.description
     assert not report.passed
     differences = {(d["object"], d["name"], d["difference"]) for d in report.schema_differences()}
