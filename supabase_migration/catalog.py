@@ -6,7 +6,7 @@ without a live database (Dagster must load definitions with the source offline).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -20,6 +20,17 @@ SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 BOOKKEEPING_SCHEMA = "supabase_migration"
 # Where Supabase keeps extensions, and dump mode moves the source's.
 EXTENSIONS_SCHEMA = "extensions"
+
+
+def reaching_moved_extensions(path: Sequence[str], homes: Iterable[tuple[str, str]]) -> list[str]:
+    """A routine's own search_path with each moved extension's new schema right after its old
+    one (`homes`: (old, new) pairs), once: `SET search_path = public` found pgcrypto's
+    digest() in public, and finds it in `extensions` on the target so."""
+    reaching = list(path)
+    for old, new in sorted(set(homes)):
+        if old in reaching and new not in reaching:
+            reaching.insert(reaching.index(old) + 1, new)
+    return reaching
 
 
 def enum_labels_sql(type_alias: str) -> str:

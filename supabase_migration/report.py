@@ -42,7 +42,7 @@ _DIFFERENCES = {
     "missing": "missing on target",
     "extra": "extra on target",
     "different": "different",
-    "search_path": "its search_path does not reach the source's schemas",
+    "search_path": "its search_path no longer reaches the extensions it did",
     "left_out": "left out (a language the target's postgres may not use)",
     "printed_otherwise": "printed otherwise by another PostgreSQL version",
 }

@@ -52,6 +52,7 @@ from .catalog import (
     EXTENSIONS_SCHEMA,
     SCHEMA_LOCK_KEY,
     ext_member,
+    reaching_moved_extensions,
     server_major,
 )
 from .checkpoints import REVOKE_BOOKKEEPING
@@ -1267,33 +1268,39 @@ def extension_rewriter(
             )
         )
 
-    homes = sorted(set(moved.values()))
+    homes = list(moved.values())
 
     def rewrite(text: str) -> str:
         for pattern, replacement in patterns:
             text = pattern.sub(replacement, text)
-        return _ROUTINE_SEARCH_PATH.sub(lambda m: _reaching(m, homes), text)
+        return _routine_paths_reaching(text, homes)
 
     return rewrite
 
 
-# A routine's own search_path as pg_dump writes it, in the routine's header (a statement in
-# its body would end with a semicolon).
+# A routine as pg_dump writes it: its header, its own settings one per line, then its body.
+_ROUTINE_HEAD = re.compile(r"CREATE (?:OR REPLACE )?(?:FUNCTION|PROCEDURE) ")
+_ROUTINE_BODY = re.compile(r"^    (?:AS |BEGIN ATOMIC|RETURN )", re.MULTILINE)
 _ROUTINE_SEARCH_PATH = re.compile(
     r"^(    SET search_path TO )('(?:[^']|'')*'(?:, '(?:[^']|'')*')*)$", re.MULTILINE
 )
 _QUOTED = re.compile(r"'((?:[^']|'')*)'")
 
 
-def _reaching(found: re.Match[str], homes: Sequence[tuple[str, str]]) -> str:
-    """A routine's search_path with each moved extension's new schema right after its old
-    one: `SET search_path = public` called pgcrypto's digest() in public, which is in
-    `extensions` on the target, where the routine would no longer find it."""
-    path = [m.replace("''", "'") for m in _QUOTED.findall(found.group(2))]
-    for old, new in homes:
-        if old in path and new not in path:
-            path.insert(path.index(old) + 1, new)
-    return found.group(1) + ", ".join("'" + m.replace("'", "''") + "'" for m in path)
+def _routine_paths_reaching(text: str, homes: Sequence[tuple[str, str]]) -> str:
+    """A routine's own search_path (in its header: a body's lines are the user's) reaching
+    each moved extension (`catalog.reaching_moved_extensions`)."""
+    if not _ROUTINE_HEAD.match(text):
+        return text
+    body = _ROUTINE_BODY.search(text)
+    cut = body.start() if body else len(text)
+
+    def reaching(found: re.Match[str]) -> str:
+        path = [m.replace("''", "'") for m in _QUOTED.findall(found.group(2))]
+        path = reaching_moved_extensions(path, homes)
+        return found.group(1) + ", ".join("'" + m.replace("'", "''") + "'" for m in path)
+
+    return _ROUTINE_SEARCH_PATH.sub(reaching, text[:cut]) + text[cut:]
 
 
 # -- dump: applying ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 import threading
 import time
@@ -42,6 +43,7 @@ from .catalog import (
     ext_member,
     needs_bytewise_keys,
     own_collation_sql,
+    reaching_moved_extensions,
     read_tables,
     server_major,
 )
@@ -1656,7 +1658,7 @@ WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_type", "t.oid")}
 UNION ALL
 SELECT 'language', '', l.lanname, '', '', NULL, NULL FROM pg_language l WHERE l.lanpltrusted
 UNION ALL
-SELECT 'extension schema', '', n.nspname, '', '', NULL, NULL
+SELECT 'extension schema', e.extname, n.nspname, '', '', NULL, NULL
 FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE n.nspname <> 'pg_catalog'
 """
@@ -1677,8 +1679,12 @@ class _SchemaObjects:
     # kind, its schema's qualifier, name, shape, printed, language, a routine's search_path
     rows: list[tuple[str, str, str, str, str, str | None, str | None]]
     languages: frozenset[str]  # those a non-superuser may write routines in
-    extension_schemas: frozenset[str]
+    extension_homes: dict[str, str]  # each extension's schema
     major: int
+
+    @property
+    def extension_schemas(self) -> frozenset[str]:
+        return frozenset(self.extension_homes.values())
 
     def _name(self, own: str, name: str, stripped: Sequence[str]) -> str:
         return own + strip_schemas(name.removeprefix(own), stripped)
@@ -1696,10 +1702,21 @@ class _SchemaObjects:
                 strip_schemas(shape, stripped, spacing=True),
                 strip_schemas(printed, stripped),
                 language,
-                None if path is None else [p.strip().strip('"') for p in path.split(",")],
+                None if path is None else _path_elements(path),
             )
             for kind, own, name, shape, printed, language, path in self.rows
         }
+
+
+# A search_path setting as PostgreSQL stores it: `"$user", public`, `"a, b"` (one name).
+_PATH_ELEMENT = re.compile(r'\s*("(?:[^"]|"")*"|[^,]*?)\s*(?:,|$)')
+
+
+def _path_elements(setting: str) -> list[str]:
+    return [
+        e[1:-1].replace('""', '"') if e.startswith('"') else e
+        for e in (m.group(1) for m in _PATH_ELEMENT.finditer(setting) if m.group(0))
+    ]
 
 
 _SIDE_FACTS = ("language", "extension schema")
@@ -1709,9 +1726,12 @@ _REPRINTED = sql.Identifier("supabase_migration_reprinted")
 def _reprinted(target: psycopg.Connection, query: str) -> str | None:
     """The source's view query as the target prints it (PostgreSQL 16 dropped the table's
     name before a single table's columns, for one): made a temporary view in a transaction
-    rolled back, so nothing stays. None when the target cannot take it (a name it lacks)."""
+    rolled back, so nothing stays. None when the target cannot take it (a name it lacks), or
+    another session's DDL holds what it reads for long."""
     try:
-        with transaction_with(target, [IN_PG_CATALOG], commit=False):
+        with transaction_with(
+            target, [IN_PG_CATALOG, sql.SQL("SET LOCAL lock_timeout = '10s'")], commit=False
+        ):
             target.execute(
                 sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(_REPRINTED, sql.SQL(query))
             )
@@ -1729,11 +1749,10 @@ def _read_schema_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> _S
     major = server_major(conn)
     with read_snapshot(conn, catalog=True):
         rows = conn.execute(_schema_objects_sql(major), {"schemas": list(schemas)}).fetchall()
-    of = {kind: frozenset(r[2] for r in rows if r[0] == kind) for kind in _SIDE_FACTS}
     return _SchemaObjects(
         rows=[r for r in rows if r[0] not in _SIDE_FACTS],
-        languages=of["language"],
-        extension_schemas=of["extension schema"],
+        languages=frozenset(r[2] for r in rows if r[0] == "language"),
+        extension_homes={r[1]: r[2] for r in rows if r[0] == "extension schema"},
         major=major,
     )
 
@@ -1754,19 +1773,24 @@ def schema_objects(
     missing = sorted(src.keys() - tgt.keys())
     left_out = [n for n in missing if src[n].language not in (None, *tgt_read.languages)]
     both = sorted(src.keys() & tgt.keys())
-    different = [n for n in both if src[n].shape != tgt[n].shape]
-    unreached = [
-        n
-        for n in both
-        if n not in different
-        and not _paths_agree(src[n].search_path, tgt[n].search_path, src_read, tgt_read)
-    ]
+    # Where each extension of both sides moved: dump mode put its new schema in each
+    # routine's own search_path after the old one.
+    homes = list(_moved_extensions(src_read, tgt_read).values())
+    paths = {n: _path_state(src[n].search_path, tgt[n].search_path, homes) for n in both}
+    different = [n for n in both if src[n].shape != tgt[n].shape or paths[n] == "different"]
+    unreached = [n for n in both if n not in different and paths[n] == "unreached"]
     printed = [
         n for n in both if n not in different + unreached and src[n].printed != tgt[n].printed
     ]
     versions = src_read.major != tgt_read.major
     if versions:  # a view the target prints as it prints the source's is the same view
         views = {n: src_read.raw_printed(n, moved) for n in printed if src[n].kind == "view"}
+        moves = _moved_extensions(src_read, tgt_read) if views else {}
+        if moves:  # the source's query names its extensions where the source has them
+            from .schema_apply import extension_rewriter  # it imports this module (inputs)
+
+            rewrite = extension_rewriter(source, moves)
+            views = {name: rewrite(query) for name, query in views.items()}
         for name, query in views.items():
             again = _reprinted(target, query)
             if again is not None:
@@ -1785,7 +1809,7 @@ def schema_objects(
         group: [{"kind": (src.get(n) or tgt[n]).kind, "name": n} for n in names]
         for group, names in groups.items()
     }
-    serious = groups["missing"] + groups["different"] + groups["search_path"]
+    serious = groups["missing"] + groups["different"]
     details = {"source_objects": len(src), "target_objects": len(tgt), **diff}
     return CheckOutcome(
         SCHEMA_OBJECTS,
@@ -1812,9 +1836,9 @@ def _schema_objects_text(
     parts = _differences_said(diff, named)
     if diff["search_path"]:
         parts.append(
-            "a search_path of their own that does not reach the schema the source's reached "
-            "(or, where that held extensions, the one they are in on the target: add it), "
-            f"so a name they look up is not found or another is: {named(diff['search_path'])}"
+            "a search_path of their own, the source's, that no longer reaches the extensions "
+            "it did, which are in another schema on the target (add that schema to it if they "
+            f"call an extension's function or type): {named(diff['search_path'])}"
         )
     if diff["left_out"]:
         languages = sorted({src[d["name"]].language or "" for d in diff["left_out"]})
@@ -1834,20 +1858,26 @@ def _schema_objects_text(
     return f"{where}: {_plural(len(src), 'object')} on both sides, all equal."
 
 
-def _paths_agree(
-    source: list[str] | None, target: list[str] | None, src: _SchemaObjects, tgt: _SchemaObjects
-) -> bool:
-    """A routine's own search_path finds on the target what it found on the source: the same
-    schemas but extensions', and where the source's held extensions, the schema they are in
-    on the target (dump mode puts `extensions` after each; a function that names only
-    `public` would no longer find pgcrypto's digest() there)."""
+def _moved_extensions(src: _SchemaObjects, tgt: _SchemaObjects) -> dict[str, tuple[str, str]]:
+    return {
+        ext: (schema, tgt.extension_homes[ext])
+        for ext, schema in src.extension_homes.items()
+        if tgt.extension_homes.get(ext, schema) != schema
+    }
+
+
+def _path_state(
+    source: list[str] | None, target: list[str] | None, homes: Sequence[tuple[str, str]]
+) -> str:
+    """ "same" when a routine's own search_path on the target is the source's as dump mode
+    writes it (`catalog.reaching_moved_extensions`); "unreached" when it is the source's
+    unchanged, so the extensions it reached are out of its reach (made by Alembic on both
+    sides, say: a function calling pgcrypto's digest() no longer finds it); else "different"."""
     if source is None or target is None:
-        return source == target
-    held = src.extension_schemas | tgt.extension_schemas | {EXTENSIONS_SCHEMA}
-    if [s for s in source if s not in held] != [s for s in target if s not in held]:
-        return False
-    reached = [s for s in target if s in tgt.extension_schemas or s == EXTENSIONS_SCHEMA]
-    return all(reached for s in source if s in src.extension_schemas)
+        return "same" if source == target else "different"
+    if target == reaching_moved_extensions(source, homes):
+        return "same"
+    return "unreached" if target == source else "different"
 
 
 def _schema_objects_or_why(

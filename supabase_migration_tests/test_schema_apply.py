@@ -323,6 +323,9 @@ def test_extension_in_public_on_the_source_lands_in_extensions(source_db, target
           SET search_path = public, pg_temp AS $$ BEGIN RETURN uuid_generate_v4(); END $$;
         """,
     )
+    # A body line as pg_dump writes a routine's own search_path: the user's, left as it is.
+    pinned = "\n    SET search_path TO 'public'\n"
+    execute(source_db.url, f"CREATE PROCEDURE public.pin() LANGUAGE sql AS $${pinned}$$")
     source, target = _urls(source_db, target_db.url)
 
     result = apply_schema("dump", source_url=source, target_url=target, schemas=["public"])
@@ -352,6 +355,8 @@ def test_extension_in_public_on_the_source_lands_in_extensions(source_db, target
         assert conn.execute("SELECT public.new_doc_id() IS NOT NULL").fetchone() == (True,)
         config = conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'new_doc_id'")
         assert config.fetchone() == (["search_path=public, extensions, pg_temp"],)
+        body = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'pin'").fetchone()
+        assert body == (pinned,)
         with psycopg.connect(source_db.url, autocommit=True) as src:
             objects = schema_objects(src, conn, ["public"])
         assert objects.passed, objects.description

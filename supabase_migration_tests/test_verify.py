@@ -932,6 +932,10 @@ CREATE FUNCTION name_key(n {schema}.citext) RETURNS {schema}.citext LANGUAGE sql
   AS 'SELECT n';
 CREATE FUNCTION folded(n text) RETURNS text LANGUAGE plpgsql SET search_path = {path}
   AS $$ BEGIN RETURN n::citext::text; END $$;
+CREATE FUNCTION one_odd_schema() RETURNS int LANGUAGE plpgsql
+  SET search_path = 'public, pg_temp' AS $$ BEGIN RETURN 1; END $$;
+CREATE VIEW folded_names AS SELECT id, full_name::{schema}.citext AS name FROM patients
+  WHERE full_name::{schema}.citext <> 'Jane Q. Patient';
 """
 
 
@@ -962,7 +966,7 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
     (objects,) = [o for o in report.outcomes if o.name == SCHEMA_OBJECTS]
     assert not objects.passed and objects.severity == WARN, objects
     assert objects.details["left_out"] == [{"kind": "function", "name": "public.hostname()"}]
-    assert objects.details["source_objects"] == 8 and objects.details["target_objects"] == 7
+    assert objects.details["source_objects"] == 10 and objects.details["target_objects"] == 9
     assert objects.description == (
         "The views, routines and types of public: left out, written in plperlu, which no "
         "non-superuser may use on the target (rewrite them if the application calls them): "
@@ -981,7 +985,8 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
         "CREATE FUNCTION extra_one() RETURNS int LANGUAGE sql AS 'SELECT 1'; "
         "CREATE OR REPLACE FUNCTION name_key(n extensions.citext) RETURNS extensions.citext "
         "  LANGUAGE sql IMMUTABLE AS 'SELECT lower(n)'; "
-        "ALTER FUNCTION folded(text) SET search_path = public",  # citext no longer found
+        "ALTER FUNCTION folded(text) SET search_path = public; "  # citext no longer found
+        "ALTER FUNCTION one_odd_schema() SET search_path = public, pg_temp",
     )
     report = _verify(migrated)
     (objects,) = [o for o in report.outcomes if o.name == SCHEMA_OBJECTS]
@@ -989,11 +994,12 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
     assert objects.description.startswith(
         "The views, routines and types of public: missing on target: view public.jane; "
         "extra on target: function public.extra_one(); different: function "
-        "public.name_key(citext), function public.patient_label(bigint), domain "
-        "public.ssn_text, enum public.visit_kind; a search_path of their own that does not "
-        "reach the schema the source's reached (or, where that held extensions, the one they "
-        "are in on the target: add it), so a name they look up is not found or another is: "
-        "function public.folded(text); left out, written in plperlu"
+        "public.name_key(citext), function public.one_odd_schema(), function "
+        "public.patient_label(bigint), domain public.ssn_text, enum public.visit_kind; a "
+        "search_path of their own, the source's, that no longer reaches the extensions it "
+        "did, which are in another schema on the target (add that schema to it if they call "
+        "an extension's function or type): function public.folded(text); left out, written "
+        "in plperlu"
     ), objects.description
     assert not report.passed
     differences = {(d["object"], d["name"], d["difference"]) for d in report.schema_differences()}
@@ -1003,7 +1009,14 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
     _assert_no_phi(report, tmp_path / "report")
 
     # Between two major versions a definition PostgreSQL prints (a domain's check) that
-    # differs in its text alone warns: each version prints the same its own way.
+    # differs in its text alone warns: each version prints the same its own way. A view is
+    # printed by the target from the source's query too, its extension's type named where
+    # the target has it, so one changed there is still different.
+    _on_target(
+        migrated,
+        "CREATE OR REPLACE VIEW folded_names AS SELECT id, full_name::extensions.citext AS name "
+        "FROM patients WHERE full_name::extensions.citext <> 'Jane Q. Tampered'",
+    )
     real = verify_module.server_major
     with (
         connect(migrated.source_url, autocommit=True) as s,
@@ -1013,6 +1026,7 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
         objects = schema_objects(s, t, ["public"])
     assert [d["name"] for d in objects.details["printed_otherwise"]] == ["public.ssn_text"]
     assert "public.ssn_text" not in str(objects.details["different"])
+    assert {"kind": "view", "name": "public.folded_names"} in objects.details["different"]
     assert "printed otherwise by PostgreSQL 14 and " in objects.description
 
 
