@@ -1762,9 +1762,11 @@ def schema_objects(
 ) -> CheckOutcome:
     """The views, routines and types of `schemas`, compared by name and definition: one
     missing or different is an error; an extra one warns, and so does a routine in a language
-    no non-superuser may use on the target (the schema step left it out, saying so). Views
-    and SQL-standard bodies, which PostgreSQL prints from their parse trees, that differ in
-    text alone between two major versions warn: each version prints the same its own way."""
+    no non-superuser may use on the target (the schema step left it out, saying so), and one
+    whose own search_path no longer reaches the extensions it did (`_path_state`). Printed
+    texts (a view's query, a default, a SQL-standard body, a domain's checks) that differ
+    between two major versions warn, each version printing the same its own way; a view's
+    is printed on the target from the source's query first (`_reprinted`)."""
     started = time.monotonic()
     src_read, tgt_read = on_both(partial(_read_schema_objects, schemas=schemas), source, target)
     # Extensions move to `extensions`: util.citext on the source is extensions.citext there.
