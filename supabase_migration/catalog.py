@@ -6,6 +6,7 @@ without a live database (Dagster must load definitions with the source offline).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -20,6 +21,18 @@ SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 BOOKKEEPING_SCHEMA = "supabase_migration"
 # Where Supabase keeps extensions, and dump mode moves the source's.
 EXTENSIONS_SCHEMA = "extensions"
+
+
+# A search_path setting as PostgreSQL stores it: `"$user", public`, `"a, b"` (one name).
+_PATH_ELEMENT = re.compile(r'\s*("(?:[^"]|"")*"|[^,]*?)\s*(?:,|$)')
+
+
+def search_path_elements(setting: str) -> list[str]:
+    """The schema names of a stored search_path setting, unquoted."""
+    return [
+        e[1:-1].replace('""', '"') if e.startswith('"') else e
+        for e in (m.group(1) for m in _PATH_ELEMENT.finditer(setting) if m.group(0))
+    ]
 
 
 def reaching_moved_extensions(path: Sequence[str], homes: Iterable[tuple[str, str]]) -> list[str]:

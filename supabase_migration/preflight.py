@@ -36,6 +36,7 @@ from .catalog import (
     missing_schemas,
     own_collation_sql,
     read_tables,
+    search_path_elements,
     server_major,
     table_names,
     takes_callers_search_path,
@@ -630,11 +631,10 @@ ORDER BY 1
 
 
 def _check_function_search_paths(ctx: _Context) -> None:
-    """Dump mode moves extensions into schema `extensions`, which Supabase's search_path has:
-    a function that sets its own search_path to the extension's old schema no longer finds
-    the extension's functions there, and fails when called, after every check passed."""
-    if ctx.schema_mode != "dump":
-        return
+    """Extensions are in schema `extensions` on Supabase: a function that sets its own
+    search_path to an extension's schema on the source no longer finds the extension's
+    functions there. Dump mode adds the new schema to that search_path (schema_apply); a
+    schema made otherwise must."""
     moved = {
         schema
         for name, (schema, _) in ctx.source_ext.items()
@@ -642,16 +642,25 @@ def _check_function_search_paths(ctx: _Context) -> None:
         and ctx.target_ext.get(name, (EXTENSIONS_SCHEMA,))[0] != schema
     }
     for function, setting in ctx.source.execute(_FUNCTION_PATHS_SQL, (ctx.schemas,)):
-        path = [part.strip().strip('"') for part in setting.split(",")]
+        path = search_path_elements(setting)
         if EXTENSIONS_SCHEMA in path or not moved.intersection(path):
+            continue
+        said = f"Function {function} sets its search_path to {setting}, where extensions it "
+        if ctx.schema_mode == "dump":
+            ctx.add(
+                Severity.INFO,
+                "function-search-path",
+                function,
+                said + "may call are on the source; dump mode adds the schema they are in on "
+                "the target to it, right after theirs on the source.",
+            )
             continue
         ctx.add(
             Severity.WARNING,
             "function-search-path",
             function,
-            f"Function {function} sets its search_path to {setting}, where extensions it "
-            "may call are on the source; on the target they are in schema extensions, so "
-            "its unqualified calls to them fail: add extensions to its search_path.",
+            said + "may call are on the source; on the target they are in schema extensions, "
+            "so its unqualified calls to them fail: add extensions to its search_path there.",
         )
 
 

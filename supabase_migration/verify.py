@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import secrets
 import threading
 import time
@@ -45,6 +44,7 @@ from .catalog import (
     own_collation_sql,
     reaching_moved_extensions,
     read_tables,
+    search_path_elements,
     server_major,
 )
 from .connections import gather_or_stop, is_transient, transaction_with
@@ -1702,21 +1702,10 @@ class _SchemaObjects:
                 strip_schemas(shape, stripped, spacing=True),
                 strip_schemas(printed, stripped),
                 language,
-                None if path is None else _path_elements(path),
+                None if path is None else search_path_elements(path),
             )
             for kind, own, name, shape, printed, language, path in self.rows
         }
-
-
-# A search_path setting as PostgreSQL stores it: `"$user", public`, `"a, b"` (one name).
-_PATH_ELEMENT = re.compile(r'\s*("(?:[^"]|"")*"|[^,]*?)\s*(?:,|$)')
-
-
-def _path_elements(setting: str) -> list[str]:
-    return [
-        e[1:-1].replace('""', '"') if e.startswith('"') else e
-        for e in (m.group(1) for m in _PATH_ELEMENT.finditer(setting) if m.group(0))
-    ]
 
 
 _SIDE_FACTS = ("language", "extension schema")

@@ -391,22 +391,29 @@ def test_schema_mode_none_refuses_a_column_ordered_otherwise_on_the_target(sourc
     assert all(f.severity is Severity.ERROR for f in by_code(findings, "column-order"))
 
 
-def test_dump_mode_says_a_function_whose_search_path_loses_a_moved_extension(source_db, target_db):
+def test_a_function_whose_search_path_loses_a_moved_extension_is_said(source_db, target_db):
     """uuid-ossp in public, and a function that sets `search_path = public` and calls
     uuid_generate_v4() unqualified: on the target the extension is in `extensions`, so the
-    function (and every insert whose default calls it) failed after a verified migration."""
-    said = _a_dump_mode_warning(
-        source_db,
-        target_db,
+    function (and every insert whose default calls it) failed after a verified migration.
+    Dump mode adds `extensions` to its search_path, and says so; a schema made otherwise
+    (Alembic's, the user's) must, and preflight warns. A quoted name is one schema."""
+    execute(
+        source_db.url,
         'CREATE EXTENSION "uuid-ossp" WITH SCHEMA public; '
         "CREATE FUNCTION public.new_id() RETURNS uuid LANGUAGE sql SET search_path = public "
         "AS 'SELECT uuid_generate_v4()'; "
         "CREATE FUNCTION public.fine() RETURNS int LANGUAGE sql "
-        "SET search_path = public, extensions AS 'SELECT 1'",
-        "function-search-path",
+        "SET search_path = public, extensions AS 'SELECT 1'; "
+        "CREATE FUNCTION public.odd() RETURNS int LANGUAGE plpgsql "
+        "SET search_path = 'public, pg_temp' AS 'BEGIN RETURN 1; END'",
     )
-    assert said.subject == "public.new_id"
-    assert "add extensions to its search_path" in said.message
+    (said,) = by_code(preflight(source_db.url, target_db.url, ["public"]), "function-search-path")
+    assert said.severity is Severity.INFO and said.subject == "public.new_id"
+    assert "dump mode adds the schema they are in on the target to it" in said.message
+    findings = preflight(source_db.url, target_db.url, ["public"], mode="none", tables=[])
+    (said,) = by_code(findings, "function-search-path")
+    assert said.severity is Severity.WARNING and said.subject == "public.new_id"
+    assert "add extensions to its search_path there" in said.message
 
 
 def test_dump_mode_refuses_a_leakproof_function_before_the_schema_step(source_db, target_db):
@@ -420,15 +427,6 @@ def test_dump_mode_refuses_a_leakproof_function_before_the_schema_step(source_db
     findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
     (said,) = by_code(findings, "leakproof-function")
     assert said.severity is Severity.ERROR and said.subject == "public.same"
-
-
-def _a_dump_mode_warning(source_db, target_db, ddl: str, code: str):
-    """The one finding `code` of dump mode's preflight once `ddl` ran on the source."""
-    execute(source_db.url, ddl)
-    findings = preflight(source_db.url, target_db.url, ["public"], mode="dump")
-    (found,) = by_code(findings, code)
-    assert found.severity is Severity.WARNING
-    return found
 
 
 @pytest.fixture
