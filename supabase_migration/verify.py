@@ -1584,14 +1584,29 @@ def _schema_objects_sql(major: int) -> str:
     search_path pg_catalog, so every name comes qualified."""
     columns = (
         "array_to_string(ARRAY(SELECT quote_ident(a.attname) || ' ' "
-        "|| format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = {} "
+        "|| format_type(a.atttypid, a.atttypmod) || coalesce(' COLLATE ' || ("
+        "SELECT quote_ident(co.collname) FROM pg_collation co WHERE co.oid = a.attcollation "
+        "AND co.oid <> 100), '') FROM pg_attribute a WHERE a.attrelid = {} "  # 100: default
         "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), ', ')"
     )
     body = "CASE WHEN p.prosqlbody IS NOT NULL THEN pg_get_function_sqlbody(p.oid) END"
     return rf"""
 SELECT 'view', quote_ident(n.nspname) || '.', c.oid::regclass::text,
-       {columns.format("c.oid")} || coalesce(' WITH (' || array_to_string(c.reloptions, ', ')
-                                            || ')', ''),
+       concat_ws(' ', {columns.format("c.oid")},
+                 'WITH (' || array_to_string(c.reloptions, ', ') || ')',
+                 -- an updatable view's triggers and rules (their names and what they do when)
+                 'TRIGGERS ' || (SELECT string_agg(concat_ws(' ', quote_ident(t.tgname),
+                                                             t.tgtype, t.tgenabled,
+                                                             t.tgfoid::regprocedure,
+                                                             encode(t.tgargs, 'escape')),
+                                                   ', ' ORDER BY t.tgname)
+                                 FROM pg_trigger t
+                                 WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),
+                 'RULES ' || (SELECT string_agg(concat_ws(' ', quote_ident(r.rulename),
+                                                          r.ev_type, r.is_instead, r.ev_enabled),
+                                                ', ' ORDER BY r.rulename)
+                              FROM pg_rewrite r
+                              WHERE r.ev_class = c.oid AND r.rulename <> '_RETURN')),
        pg_get_viewdef(c.oid), NULL, NULL
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'v' AND n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_class", "c.oid")}
@@ -1610,9 +1625,16 @@ SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate'
                  p.procost, p.prorows,
                  array_to_string(ARRAY(SELECT c FROM unnest(p.proconfig) AS c
                                        WHERE c NOT LIKE 'search\_path=%%'), ', '),
-                 (SELECT concat_ws(' ', a.aggkind, a.aggtransfn::regprocedure,
-                                   a.aggfinalfn::regprocedure, a.aggcombinefn::regprocedure,
-                                   format_type(a.aggtranstype, NULL), a.agginitval)
+                 (SELECT concat_ws(' ', a.aggkind, a.aggnumdirectargs,
+                                   a.aggtransfn::regprocedure, a.aggfinalfn::regprocedure,
+                                   a.aggcombinefn::regprocedure, a.aggserialfn::regprocedure,
+                                   a.aggdeserialfn::regprocedure, a.aggmtransfn::regprocedure,
+                                   a.aggminvtransfn::regprocedure, a.aggmfinalfn::regprocedure,
+                                   a.aggfinalextra, a.aggmfinalextra, a.aggfinalmodify,
+                                   a.aggmfinalmodify, a.aggsortop::regoperator,
+                                   format_type(a.aggtranstype, NULL),
+                                   format_type(a.aggmtranstype, NULL), a.agginitval,
+                                   a.aggminitval)
                   FROM pg_aggregate a WHERE a.aggfnoid = p.oid),
                  p.prosrc, p.probin),
        concat_ws(' ', 'DEFAULT ' || pg_get_expr(p.proargdefaults, 0),
@@ -1642,7 +1664,9 @@ SELECT CASE t.typtype WHEN 'e' THEN 'enum' WHEN 'd' THEN 'domain' WHEN 'r' THEN 
          WHEN 'r' THEN (SELECT concat_ws(' ', format_type(r.rngsubtype, NULL),
                                          (SELECT o.opcname FROM pg_opclass o
                                           WHERE o.oid = r.rngsubopc),
-                                         r.rngcanonical, r.rngsubdiff)
+                                         r.rngcanonical, r.rngsubdiff,
+                                         (SELECT quote_ident(co.collname) FROM pg_collation co
+                                          WHERE co.oid = r.rngcollation))
                         FROM pg_range r WHERE r.rngtypid = t.oid)
          ELSE {columns.format("t.typrelid")}
        END,

@@ -1505,6 +1505,50 @@ def test_the_sources_row_level_security_and_policies_are_kept_on_the_target(
     assert marker not in report.to_json() + report.to_markdown() + report.to_html()
 
 
+# An updatable view (a trigger and a rule), a moving aggregate, a composite with a collation.
+BESIDE_THE_TEXT = """
+CREATE TABLE notes (id int PRIMARY KEY, body text);
+CREATE VIEW note_list AS SELECT id, body FROM notes;
+CREATE FUNCTION note_insert() RETURNS trigger LANGUAGE plpgsql
+  AS $$ BEGIN INSERT INTO notes VALUES (NEW.id, NEW.body); RETURN NEW; END $$;
+CREATE TRIGGER note_list_insert INSTEAD OF INSERT ON note_list
+  FOR EACH ROW EXECUTE FUNCTION note_insert();
+CREATE RULE note_list_delete AS ON DELETE TO note_list
+  DO INSTEAD DELETE FROM notes WHERE id = OLD.id;
+CREATE FUNCTION int_add(int, int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 + $2';
+CREATE FUNCTION int_sub(int, int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 - $2';
+CREATE AGGREGATE running(int) (SFUNC = int_add, STYPE = int,
+  MSFUNC = int_add, MINVFUNC = int_sub, MSTYPE = int);
+CREATE TYPE label AS (code text COLLATE "C", name text);
+"""
+
+
+def test_what_a_view_does_an_aggregates_parts_and_a_types_collation_are_compared(
+    source_db, target_db
+) -> None:
+    """Beside their text: a view's INSTEAD OF trigger and rule (its writes), an aggregate's
+    moving-aggregate functions (window frames), a composite's collation (its order)."""
+    with (
+        psycopg.connect(source_db.url, autocommit=True) as s,
+        psycopg.connect(target_db.admin_url, autocommit=True) as t,
+    ):
+        s.execute(BESIDE_THE_TEXT)
+        t.execute(BESIDE_THE_TEXT)
+        assert schema_objects(s, t, ["public"]).passed
+        t.execute(
+            "DROP TRIGGER note_list_insert ON note_list; DROP RULE note_list_delete ON note_list; "
+            "DROP AGGREGATE running(int); "
+            "CREATE AGGREGATE running(int) (SFUNC = int_add, STYPE = int); "
+            "DROP TYPE label; CREATE TYPE label AS (code text, name text)"
+        )
+        objects = schema_objects(s, t, ["public"])
+    assert objects.severity == ERROR
+    assert objects.description == (
+        "The views, routines and types of public: different: composite type public.label, "
+        "view public.note_list, aggregate public.running(integer)."
+    )
+
+
 # What two major versions store or print otherwise: argument defaults and procedures'
 # arguments (deparsed), a range type's constructors (a multirange's too from 14), a domain's
 # NOT NULL (a constraint row from 17), a single table's view (its columns unqualified from 16).
