@@ -53,7 +53,7 @@ from .copy import CopySession, sums_by_range
 from .errors import ConfigError, listed
 from .manifest import Manifest
 from .planning import every_nth_key
-from .preflight import removed_from_the_manifest, watched_tables_left_out
+from .preflight import installed_extensions, removed_from_the_manifest, watched_tables_left_out
 from .ranges import RANGES_PER_SNAPSHOT, KeyRange, chunks, covers_key_space, whole_range
 from .redaction import describe_pg_error
 from .sequences import VALUES_SHOWN_SQL
@@ -1681,10 +1681,6 @@ WHERE n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_type", "t.oid")}
        OR t.typtype = 'c' AND (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
 UNION ALL
 SELECT 'language', '', l.lanname, '', '', NULL, NULL FROM pg_language l WHERE l.lanpltrusted
-UNION ALL
-SELECT 'extension schema', e.extname, n.nspname, '', '', NULL, NULL
-FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-WHERE n.nspname <> 'pg_catalog'
 """
 
 
@@ -1732,7 +1728,7 @@ class _SchemaObjects:
         }
 
 
-_SIDE_FACTS = ("language", "extension schema")
+_SIDE_FACTS = ("language",)
 _REPRINTED = sql.Identifier("supabase_migration_reprinted")
 
 
@@ -1762,10 +1758,13 @@ def _read_schema_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> _S
     major = server_major(conn)
     with read_snapshot(conn, catalog=True):
         rows = conn.execute(_schema_objects_sql(major), {"schemas": list(schemas)}).fetchall()
+        extensions = installed_extensions(conn)
     return _SchemaObjects(
         rows=[r for r in rows if r[0] not in _SIDE_FACTS],
         languages=frozenset(r[2] for r in rows if r[0] == "language"),
-        extension_homes={r[1]: r[2] for r in rows if r[0] == "extension schema"},
+        extension_homes={
+            name: schema for name, (schema, _) in extensions.items() if schema != "pg_catalog"
+        },
         major=major,
     )
 
@@ -1790,7 +1789,8 @@ def schema_objects(
     both = sorted(src.keys() & tgt.keys())
     # Where each extension of both sides moved: dump mode put its new schema in each
     # routine's own search_path after the old one.
-    homes = list(_moved_extensions(src_read, tgt_read).values())
+    moves = _moved_extensions(src_read, tgt_read)
+    homes = list(moves.values())
     paths = {n: _path_state(src[n].search_path, tgt[n].search_path, homes) for n in both}
     different = [n for n in both if src[n].shape != tgt[n].shape or paths[n] == "different"]
     unreached = [n for n in both if n not in different and paths[n] == "unreached"]
@@ -1800,8 +1800,7 @@ def schema_objects(
     versions = src_read.major != tgt_read.major
     if versions:  # a view the target prints as it prints the source's is the same view
         views = {n: src_read.raw_printed(n, moved) for n in printed if src[n].kind == "view"}
-        moves = _moved_extensions(src_read, tgt_read) if views else {}
-        if moves:  # the source's query names its extensions where the source has them
+        if views and moves:  # the source's query names its extensions where the source has them
             from .schema_apply import extension_rewriter  # it imports this module (inputs)
 
             rewrite = extension_rewriter(source, moves)

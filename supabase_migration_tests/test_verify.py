@@ -178,8 +178,15 @@ def _failed(report: Report) -> dict[tuple[str, str], object]:
     return {(o.table, o.name): o for o in report.outcomes if not o.passed}
 
 
-def _only_constraints_failed(report: Report, *tables: str) -> None:
+def _constraints_failed_after(
+    m: Migrated, statement: str, *tables: str, admin: bool = False
+) -> Report:
+    """The verification once `statement` ran on the target: only `tables`' constraints_match
+    failed."""
+    _on_target(m, statement, admin=admin)
+    report = _verify(m)
     assert set(_failed(report)) == {(table, "constraints_match") for table in tables}
+    return report
 
 
 def _on_target(m: Migrated, statement: str, *, admin: bool = False) -> None:
@@ -386,14 +393,14 @@ def test_dropped_plain_index_is_a_warning(migrated: Migrated) -> None:
 
 
 def test_altered_constraint_is_named(migrated: Migrated) -> None:
-    _on_target(
+    report = _constraints_failed_after(
         migrated,
         "ALTER TABLE patients DROP CONSTRAINT patients_balance_check, "
         "ADD CONSTRAINT patients_balance_check CHECK (balance >= -100);"
         "ALTER TABLE visits ALTER COLUMN note SET NOT NULL",
+        "public.patients",
+        "public.visits",
     )
-    report = _verify(migrated)
-    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert [d["name"] for d in patients.details["different"]] == ["patients_balance_check"]
     assert patients.severity == ERROR
@@ -1384,13 +1391,13 @@ def test_a_column_default_changed_or_lost_on_the_target_is_a_warning(migrated: M
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(sql.format(extensions=extensions))
     assert not _failed(_verify(migrated))  # equal defaults (and identity ones) pass
-    _on_target(
+    report = _constraints_failed_after(
         migrated,
         "ALTER TABLE patients ALTER COLUMN updated_at DROP DEFAULT; "
         "ALTER TABLE visits ALTER COLUMN note SET DEFAULT 'Dr. No'",
+        "public.patients",
+        "public.visits",
     )
-    report = _verify(migrated)
-    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert patients.severity == WARN and report.passed
     assert [d["name"] for d in patients.details["missing"]] == ["updated_at (default)"]
@@ -1430,13 +1437,13 @@ def test_a_trigger_lost_or_disabled_on_the_target_fails_constraints(migrated: Mi
         admin=True,
     )
     assert not _failed(_verify(migrated))  # the same triggers, however their functions moved
-    _on_target(
+    report = _constraints_failed_after(
         migrated,
         "DROP TRIGGER patients_audit ON patients; ALTER TABLE visits DISABLE TRIGGER visits_touch",
+        "public.patients",
+        "public.visits",
         admin=True,
     )
-    report = _verify(migrated)
-    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert patients.severity == ERROR and not report.passed
     assert patients.details["missing"] == [{"name": "patients_audit (trigger)", "kind": "trigger"}]
@@ -1471,15 +1478,15 @@ def test_the_sources_row_level_security_and_policies_are_kept_on_the_target(
         admin=True,
     )
     assert not _failed(_verify(migrated))  # the same, and the target's own RLS on codes
-    _on_target(
+    report = _constraints_failed_after(
         migrated,
         "ALTER TABLE patients NO FORCE ROW LEVEL SECURITY; "
         "ALTER POLICY own_rows ON patients TO authenticated; "
         "DROP POLICY clinic_visits ON visits",
+        "public.patients",
+        "public.visits",
         admin=True,
     )
-    report = _verify(migrated)
-    _only_constraints_failed(report, "public.patients", "public.visits")
     patients = report.outcome("public.patients", "constraints_match")
     assert patients.severity == ERROR and not report.passed
     assert sorted(d["name"] for d in patients.details["different"]) == [
@@ -1489,14 +1496,13 @@ def test_the_sources_row_level_security_and_policies_are_kept_on_the_target(
     visits = report.outcome("public.visits", "constraints_match")
     assert visits.details["missing"] == [{"name": "clinic_visits (policy)", "kind": "policy"}]
     assert visits.severity == ERROR
-    _on_target(
+    report = _constraints_failed_after(
         migrated,
         "ALTER TABLE patients FORCE ROW LEVEL SECURITY; "
         "CREATE POLICY clinic_visits ON visits USING (note IS NOT NULL)",
+        "public.patients",
         admin=True,
-    )
-    report = _verify(migrated)  # only the policy defined otherwise is left: a warning
-    _only_constraints_failed(report, "public.patients")
+    )  # only the policy defined otherwise is left: a warning
     assert report.outcome("public.patients", "constraints_match").severity == WARN
     _on_target(migrated, "ALTER TABLE visits DISABLE ROW LEVEL SECURITY", admin=True)
     visits = _verify(migrated).outcome("public.visits", "constraints_match")
