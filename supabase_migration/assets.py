@@ -26,7 +26,7 @@ from psycopg import errors as pg_errors
 from pydantic import Field
 
 from . import checkpoints, deferred, matviews
-from .catalog import TableInfo, needs_bytewise_keys, read_tables, referenced
+from .catalog import TableInfo, has_write_rules, needs_bytewise_keys, read_tables, referenced
 from .connections import (
     ServerUnreachable,
     database_error_exit_code,
@@ -666,6 +666,7 @@ def copy_partitions(
                 force=resync,
                 replica_mode=replica_mode,
                 unreferenced=not replica_mode and not referenced(session.target, table),
+                write_rules=has_write_rules(session.target, table),
                 collate_c=needs_bytewise_keys(session.source, session.target),
                 run_id=context.run.run_id,
             )

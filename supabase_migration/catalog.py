@@ -461,6 +461,19 @@ SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f'
 """
 
 
+_WRITE_RULES_SQL = """
+SELECT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass(%(t)s)
+               AND ev_type IN ('2', '3'))
+"""
+
+
+def has_write_rules(conn: psycopg.Connection, table: TableInfo) -> bool:
+    """The table has an UPDATE or INSERT rule, enabled or not: INSERT ... ON CONFLICT into
+    it fails (feature_not_supported)."""
+    name = sql.Identifier(table.schema, table.name).as_string(conn)
+    return conn.execute(_WRITE_RULES_SQL, {"t": name}).fetchone() == (True,)
+
+
 def referenced(conn: psycopg.Connection, table: TableInfo) -> bool:
     """A foreign key references the table (or a partition of it): deleting its rows may fire
     an action (a cascade) where FK triggers run."""

@@ -243,8 +243,8 @@ def build_schema_objects_check(manifest: Manifest) -> dg.AssetChecksDefinition:
         name=SCHEMA_OBJECTS,
         blocking=False,
         description=(
-            "The views, functions, procedures, aggregates and types (enums, domains, composite "
-            "and range types) of the migrated schemas agree by name and definition, "
+            "The views, rules, functions, procedures, aggregates and types (enums, domains, "
+            "composite and range types) of the migrated schemas agree by name and definition, "
             "extensions' left out; definitions are compared, never shown."
         ),
     )

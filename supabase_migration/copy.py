@@ -11,7 +11,8 @@ Paths:
 - `copy`: first load (never completed, no target rows in range): COPY straight into the table.
 - `upsert`: re-sync: COPY into a temp staging table, delete rows the source no longer has,
   then INSERT ... ON CONFLICT DO UPDATE where the row text differs (rows an UPDATE cannot
-  write, deleted first and so inserted, where FK triggers are skipped).
+  write, deleted first and so inserted, where FK triggers are skipped); into a table with an
+  INSERT or UPDATE rule, which ON CONFLICT refuses, an UPDATE and then an INSERT.
 - `replace`: a table without a usable key is one range, deleted and re-copied atomically.
 """
 
@@ -67,6 +68,9 @@ class CopyOptions:
     # No foreign key references the table on the target: deleting its rows fires no FK
     # action even with FK triggers on (`unreferenced`), so rows may be replaced anyway.
     unreferenced: bool = False
+    # The target table has an INSERT or UPDATE rule, which ON CONFLICT refuses: re-syncs
+    # update and insert in two statements instead (sqlbuild.upsert_from_staging).
+    write_rules: bool = False
     statement_timeout: str = "0"  # Supabase caps statements at 2 min unless raised per txn
     collate_c: bool = False  # compare text keys bytewise when source/target collations differ
     binary: bool | None = None  # None: binary when every column type supports it
@@ -604,7 +608,12 @@ def _load(
         sqlbuild.delete_missing(table, STAGING_TABLE, lower, upper, collate_c=options.collate_c)
     ).rowcount
     upsert = sqlbuild.upsert_from_staging(
-        table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
+        table,
+        STAGING_TABLE,
+        lower,
+        upper,
+        collate_c=options.collate_c,
+        write_rules=options.write_rules,
     )
     if options.replica_mode or options.unreferenced:
         written, taken_aside, copied_again = _merge_changed(
@@ -622,7 +631,8 @@ def _load(
                 "GENERATED ALWAYS); they are replaced only where the target login may set "
                 "session_replication_role, as Supabase's postgres may."
             )
-        written, taken_aside, copied_again = target.execute(upsert).rowcount, 0, ()
+        written = sum(max(target.execute(step).rowcount, 0) for step in upsert)
+        taken_aside, copied_again = 0, ()
     target.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
     return _Loaded("upsert", max(deleted, 0), nbytes, max(written, 0), taken_aside, copied_again)
 
@@ -641,7 +651,7 @@ def _merge_changed(
     target: psycopg.Connection,
     table: TableInfo,
     cp: checkpoints.Checkpoint,
-    upsert: sql.Composable,
+    upsert: list[sql.Composable],
     binary: bool,
     options: CopyOptions,
 ) -> tuple[int, int, tuple[str, ...]]:
@@ -664,7 +674,7 @@ def _merge_changed(
     unwritable = sqlbuild.delete_unwritable(
         table, STAGING_TABLE, lower, upper, collate_c=options.collate_c
     )
-    merge = [unwritable, upsert] if unwritable is not None else [upsert]
+    merge = [unwritable, *upsert] if unwritable is not None else upsert
     aside = 0
     for rounds in itertools.count():
         counts: list[int] = []
@@ -693,7 +703,7 @@ def _merge_changed(
             if elsewhere is None:  # the staged rows collide among themselves
                 raise
             aside += elsewhere
-    written = max(counts[-1], 0)
+    written = sum(max(count, 0) for count in counts[-len(upsert) :])
     if not aside:
         return written, 0, ()
     others = [

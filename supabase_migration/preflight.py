@@ -1211,6 +1211,18 @@ WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT t.tgisinternal
   AND t.tgenabled IN ('O', 'A') AND NOT {ext_member("pg_class", "c.oid")}
 ORDER BY 1, 2
 """
+# A table's rules on INSERT, UPDATE or DELETE: a re-sync's writes are those statements (the
+# first load's COPY fires none). Like triggers, session_replication_role = replica skips
+# those enabled ordinarily ('O'); with `replica`, those that act under it ('A', 'R').
+_WRITE_RULES_SQL = f"""
+SELECT n.nspname, c.relname, w.rulename, w.ev_enabled = 'R' FROM pg_rewrite w
+JOIN pg_class c ON c.oid = w.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND w.ev_type IN ('2', '3', '4')
+  AND w.ev_enabled IN ({{enabled}}) AND NOT {ext_member("pg_class", "c.oid")}
+ORDER BY 1, 2, 3
+"""
+_ALWAYS_RULES_SQL = _WRITE_RULES_SQL.format(enabled="'A', 'R'")
+_ORIGIN_RULES_SQL = _WRITE_RULES_SQL.format(enabled="'O', 'A'")
 _FOREIGN_KEYS_SQL = """
 SELECT cn.nspname, c.relname, pn.nspname || '.' || p.relname FROM pg_constraint k
 JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
@@ -1248,6 +1260,17 @@ def _check_table_behaviour(ctx: _Context) -> None:
             "any row it changed, and ENABLE on the target keeps it from running during the "
             "migration.",
         )
+    for name, (rule, replica) in ctx.migrated(defining, _ALWAYS_RULES_SQL):
+        ctx.add(
+            Severity.WARNING,
+            "always-rule",
+            name,
+            f"Rule {rule} on {name} is ENABLE {'REPLICA' if replica else 'ALWAYS'}: it acts "
+            "even under the copy's session_replication_role = replica on the rows a re-sync "
+            "inserts, updates or deletes (a first load's COPY sets off no rule), and may change "
+            "or add rows; verify names any row it changed, and ENABLE RULE on the target keeps "
+            "it from acting during the migration.",
+        )
     for name, _ in ctx.migrated(defining, _UNLOGGED_SQL):
         ctx.add(
             Severity.WARNING,
@@ -1281,6 +1304,17 @@ def _check_without_replica_mode(ctx: _Context) -> None:
             f"The target login may not set session_replication_role, so the triggers of "
             f"{listed(fired, 3)} would fire on every row the copy writes; {way}, or leave "
             "the triggers out of the target until the copy is done (schema mode none).",
+        )
+    acting = sorted({name for name, _ in ctx.migrated(defining, _ORIGIN_RULES_SQL)})
+    if acting:
+        ctx.add(
+            Severity.ERROR,
+            "rules-would-act",
+            listed(acting, 3),
+            f"The target login may not set session_replication_role, so the rules of "
+            f"{listed(acting, 3)} would act on the rows a re-sync inserts, updates or deletes "
+            f"(rewriting or adding to what it writes); {way}, or leave the rules out of the "
+            "target until the copy is done (schema mode none).",
         )
     parents: dict[str, set[str]] = {}
     for name, (parent,) in ctx.migrated(defining, _FOREIGN_KEYS_SQL):

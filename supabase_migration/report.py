@@ -35,7 +35,7 @@ REPORT_DIR_ENV = "SUPABASE_MIGRATION_REPORT_DIR"
 DEFAULT_REPORT_DIR = "migration-report"
 REPORT_BASENAME = "verification_report"
 FAILING_FINDING_SEVERITIES = {"error", "critical"}
-# Outcomes of no table: a materialized view's, and the schemas' views, routines and types.
+# Outcomes of no table: a materialized view's, and the schemas' views, rules, routines and types.
 _NOT_TABLES = (MATVIEW_CONTENT, SCHEMA_OBJECTS)
 # A schema difference's group in a check's details, and how the report says it.
 _DIFFERENCES = {
@@ -314,7 +314,7 @@ class Report:
                 else ""
             )
             + (
-                " and the schemas' views, routines and types"
+                " and the schemas' views, rules, routines and types"
                 if any(o.name == SCHEMA_OBJECTS for o in self.outcomes)
                 else ""
             )

@@ -550,15 +550,26 @@ def _same_key(table: TableInfo, left: str, right: str) -> sql.Composable:
 
 
 def upsert_from_staging(
-    table: TableInfo, staging: str, lower: Bound, upper: Bound, *, collate_c: bool = False
-) -> sql.Composed:
-    """Insert new rows and update changed ones; rows whose text is identical are not touched."""
+    table: TableInfo,
+    staging: str,
+    lower: Bound,
+    upper: Bound,
+    *,
+    collate_c: bool = False,
+    write_rules: bool = False,
+) -> list[sql.Composable]:
+    """Insert new rows and update changed ones; rows whose text is identical are not touched.
+    One INSERT ... ON CONFLICT, or where the target table has an INSERT or UPDATE rule (which
+    ON CONFLICT refuses, even a disabled one) an UPDATE and then an INSERT of the rest: the
+    range's checkpoint lock keeps any other writer of its keys out in between."""
     cols = table.copy_columns
     overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if table.has_identity_always else sql.SQL("")
-    key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
     # An identity column GENERATED ALWAYS may be updated only to DEFAULT: a row whose value of
     # it changed is replaced instead (`delete_unwritable`), where FK triggers are skipped.
     others = [c for c in cols if c.name not in table.key and c.identity != "a"]
+    if write_rules:
+        return _update_then_insert(table, staging, lower, upper, collate_c, overriding, others)
+    key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
     if others:
         assignments = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c.name)) for c in others
@@ -568,19 +579,70 @@ def upsert_from_staging(
         )
     else:
         action = sql.SQL("DO NOTHING")
+    conflict = sql.SQL(" ON CONFLICT ({}) {}").format(key, action)
+    new_or_changed = _new_or_changed(table, lower, upper, collate_c)
+    return [_insert_staged(table, staging, overriding, new_or_changed, conflict)]
+
+
+def _insert_staged(
+    table: TableInfo,
+    staging: str,
+    overriding: sql.Composable,
+    condition: sql.Composable,
+    conflict: sql.Composable | None = None,
+) -> sql.Composed:
+    """Insert the staged rows `s` that meet `condition`."""
     return sql.SQL(
         "INSERT INTO {t} AS t ({cols}) {overriding}SELECT {s_cols} FROM {staging} AS s "
-        "WHERE {new_or_changed} ON CONFLICT ({key}) {action}"
+        "WHERE {condition}{conflict}"
     ).format(
         t=table_ident(table),
-        cols=column_list(cols),
+        cols=column_list(table.copy_columns),
         overriding=overriding,
-        s_cols=column_list(cols, "s"),
+        s_cols=column_list(table.copy_columns, "s"),
         staging=sql.Identifier(staging),
-        new_or_changed=_new_or_changed(table, lower, upper, collate_c),
-        key=key,
-        action=action,
+        condition=condition,
+        conflict=conflict if conflict is not None else sql.SQL(""),
     )
+
+
+def _update_then_insert(
+    table: TableInfo,
+    staging: str,
+    lower: Bound,
+    upper: Bound,
+    collate_c: bool,
+    overriding: sql.Composable,
+    others: Sequence[Column],
+) -> list[sql.Composable]:
+    """`upsert_from_staging` without ON CONFLICT: the range's rows whose text differs from
+    their staged row's are updated, then the staged rows whose key the range lacks inserted."""
+    statements: list[sql.Composable] = []
+    if others:
+        statements.append(
+            sql.SQL(
+                "UPDATE {rows} AS t SET {assignments} FROM {staging} AS s "
+                "WHERE {in_range} AND {same_key} AND {t_row} IS DISTINCT FROM {s_row}"
+            ).format(
+                rows=rows_of(table),
+                assignments=sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(c.name), sql.Identifier("s", c.name))
+                    for c in others
+                ),
+                staging=sql.Identifier(staging),
+                in_range=range_predicate(table, lower, upper, alias="t", collate_c=collate_c),
+                same_key=_same_key(table, "t", "s"),
+                t_row=row_text(others, "t"),
+                s_row=row_text(others, "s"),
+            )
+        )
+    absent = sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS o WHERE {} AND {})").format(
+        rows_of(table),
+        range_predicate(table, lower, upper, alias="o", collate_c=collate_c),
+        _same_key(table, "o", "s"),
+    )
+    statements.append(_insert_staged(table, staging, overriding, absent))
+    return statements
 
 
 def row_text(columns: Sequence[Column], alias: str | None = None) -> sql.Composed:

@@ -73,7 +73,7 @@ FOREIGN_KEYS = "foreign_keys_valid"
 SEQUENCES = "sequence_ahead"
 # Not a table asset's check (no asset stands for a materialized view): the report's alone.
 MATVIEW_CONTENT = "materialized_view_matches"
-# The schema asset's check: the views, routines and types of the manifest's schemas.
+# The schema asset's check: the views, rules, routines and types of the manifest's schemas.
 SCHEMA_OBJECTS = "schema_objects_match"
 CHECK_NAMES = (ROW_COUNT, CHECKSUMS, SAMPLE, INDEXES, CONSTRAINTS, FOREIGN_KEYS, SEQUENCES)
 
@@ -1018,12 +1018,12 @@ WHERE c.oid = to_regclass(%s) AND c.relrowsecurity
 # The schemas of the side's extensions, left out of its definitions as the table's own schema
 # is: dump mode moves extensions into `extensions`, so `util.uuid_generate_v4()` on the source
 # is `extensions.uuid_generate_v4()` on the target.
-_EXTENSION_SCHEMAS_SQL = """
-UNION ALL
+_EXTENSION_HOMES_SQL = """
 SELECT DISTINCT n.nspname, 'e', ''
 FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE n.nspname <> 'pg_catalog'
 """
+_EXTENSION_SCHEMAS_SQL = "\nUNION ALL" + _EXTENSION_HOMES_SQL
 
 # Each column's type, by name: the checksums hash a value with its own type's hash function on
 # each side, and some types' coincide (int4 and int8, timestamp and timestamptz, text and
@@ -1152,7 +1152,7 @@ def indexes(
     missing = _missing_table(INDEXES, table, source, target)
     if missing:
         return missing
-    schemas = [table.schema, "public"]
+    schemas = [table.schema, "public", EXTENSIONS_SCHEMA]  # extensions move there
 
     def run() -> tuple[bool, str, str, dict[str, Any]]:
         def read(conn: psycopg.Connection) -> dict[str, tuple[str, Any]]:
@@ -1160,9 +1160,11 @@ def indexes(
                 rows = conn.execute(
                     _INDEXES_SQL, (sqlbuild.table_ident(table).as_string(conn),)
                 ).fetchall()
+                # an extension's operator class or function, where this side has it
+                homes = [r[0] for r in conn.execute(_EXTENSION_HOMES_SQL)]
             out = {}
             for name, quoted, regclass, indexdef, unique, primary, valid in rows:
-                norm = normalize_indexdef(indexdef, quoted, regclass, unique, schemas)
+                norm = normalize_indexdef(indexdef, quoted, regclass, unique, [*schemas, *homes])
                 if primary:
                     norm = "PRIMARY KEY " + norm
                 if not valid:
@@ -1575,13 +1577,13 @@ def _matview_compared(
 
 
 def _schema_objects_sql(major: int) -> str:
-    """The views, routines and types of the migrated schemas, but extensions': what the
-    application reads, calls and casts to beside its tables. Each row: kind, the object's
+    """The views, rules, routines and types of the migrated schemas, but extensions': what
+    the application reads, calls and casts to beside its tables. Each row: kind, the object's
     schema as it qualifies a name, the name (a routine's with its arguments), `shape` (names,
     types, flags and bodies as stored: read alike by every version), `printed` (what
-    PostgreSQL deparses: a view's query, a SQL-standard body, a domain's default and checks;
-    another major version may print the same otherwise) and a routine's language. Read under
-    search_path pg_catalog, so every name comes qualified."""
+    PostgreSQL deparses: a view's query, a rule's, a SQL-standard body, a domain's default and
+    checks; another major version may print the same otherwise) and a routine's language.
+    Read under search_path pg_catalog, so every name comes qualified."""
     columns = (
         "array_to_string(ARRAY(SELECT quote_ident(a.attname) || ' ' "
         "|| format_type(a.atttypid, a.atttypmod) || coalesce(' COLLATE ' || ("
@@ -1594,22 +1596,25 @@ def _schema_objects_sql(major: int) -> str:
 SELECT 'view', quote_ident(n.nspname) || '.', c.oid::regclass::text,
        concat_ws(' ', {columns.format("c.oid")},
                  'WITH (' || array_to_string(c.reloptions, ', ') || ')',
-                 -- an updatable view's triggers and rules (their names and what they do when)
+                 -- an updatable view's triggers (their names and what they do when)
                  'TRIGGERS ' || (SELECT string_agg(concat_ws(' ', quote_ident(t.tgname),
                                                              t.tgtype, t.tgenabled,
                                                              t.tgfoid::regprocedure,
                                                              encode(t.tgargs, 'escape')),
                                                    ', ' ORDER BY t.tgname)
                                  FROM pg_trigger t
-                                 WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),
-                 'RULES ' || (SELECT string_agg(concat_ws(' ', quote_ident(r.rulename),
-                                                          r.ev_type, r.is_instead, r.ev_enabled),
-                                                ', ' ORDER BY r.rulename)
-                              FROM pg_rewrite r
-                              WHERE r.ev_class = c.oid AND r.rulename <> '_RETURN')),
+                                 WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)),
        pg_get_viewdef(c.oid), NULL, NULL
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'v' AND n.nspname = ANY(%(schemas)s) AND NOT {ext_member("pg_class", "c.oid")}
+UNION ALL
+-- a view's or a table's rules: what an insert, update or delete there does instead or also
+SELECT 'rule', '', quote_ident(r.rulename) || ' on ' || c.oid::regclass::text,
+       concat_ws(' ', r.ev_type, r.is_instead, r.ev_enabled), pg_get_ruledef(r.oid), NULL, NULL
+FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE r.rulename <> '_RETURN' AND n.nspname = ANY(%(schemas)s)
+  AND NOT {ext_member("pg_class", "c.oid")}
 UNION ALL
 SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate'
                       WHEN 'w' THEN 'window function' ELSE 'function' END,
@@ -1694,7 +1699,7 @@ class _SchemaObject(NamedTuple):
 
 @dataclass(frozen=True)
 class _SchemaObjects:
-    """One side's views, routines and types as read, and what comparing them needs."""
+    """One side's views, rules, routines and types as read, and what comparing them needs."""
 
     # kind, its schema's qualifier, name, shape, printed, language, a routine's search_path
     rows: list[tuple[str, str, str, str, str, str | None, str | None]]
@@ -1730,6 +1735,7 @@ class _SchemaObjects:
 
 _SIDE_FACTS = ("language",)
 _REPRINTED = sql.Identifier("supabase_migration_reprinted")
+REPRINT_LOCK_TIMEOUT = "10s"  # another session's DDL on a table the view reads
 
 
 def _reprinted(target: psycopg.Connection, query: str) -> str | None:
@@ -1739,7 +1745,12 @@ def _reprinted(target: psycopg.Connection, query: str) -> str | None:
     another session's DDL holds what it reads for long."""
     try:
         with transaction_with(
-            target, [IN_PG_CATALOG, sql.SQL("SET LOCAL lock_timeout = '10s'")], commit=False
+            target,
+            [
+                IN_PG_CATALOG,
+                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(REPRINT_LOCK_TIMEOUT)),
+            ],
+            commit=False,
         ):
             target.execute(
                 sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(_REPRINTED, sql.SQL(query))
@@ -1772,7 +1783,7 @@ def _read_schema_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> _S
 def schema_objects(
     source: psycopg.Connection, target: psycopg.Connection, schemas: Sequence[str]
 ) -> CheckOutcome:
-    """The views, routines and types of `schemas`, compared by name and definition: one
+    """The views, rules, routines and types of `schemas`, compared by name and definition: one
     missing or different is an error; an extra one warns, and so does a routine in a language
     no non-superuser may use on the target (the schema step left it out, saying so), and one
     whose own search_path no longer reaches the extensions it did (`_path_state`). Printed
@@ -1842,7 +1853,7 @@ def _schema_objects_text(
     src: Mapping[str, _SchemaObject],
     majors: tuple[int, int],
 ) -> str:
-    where = f"The views, routines and types of {listed(list(schemas))}"
+    where = f"The views, rules, routines and types of {listed(list(schemas))}"
 
     def named(group: list[dict[str, str]]) -> str:
         return listed([f"{d['kind']} {d['name']}" for d in group], 10)

@@ -466,8 +466,14 @@ def no_replica_mode(target_db):
             "UPDATE t SET parent = 300 WHERE id < 300",
             "the foreign keys of public.t (referencing itself) would be checked as each range",
         ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE t_log (id int); "
+            "CREATE RULE t_logged AS ON UPDATE TO t DO ALSO INSERT INTO t_log VALUES (NEW.id); "
+            "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 300) g",
+            "so the rules of public.t would act on the rows a re-sync inserts, updates or",
+        ),
     ],
-    ids=["trigger", "self_reference"],
+    ids=["trigger", "self_reference", "rule"],
 )
 def test_without_replica_mode_what_would_go_wrong_is_refused_first(
     source_db, target_db, tmp_path, no_replica_mode, schema, said
@@ -484,6 +490,33 @@ def test_without_replica_mode_what_would_go_wrong_is_refused_first(
         assert said in _said_cleanly(done)
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regclass('public.t')").fetchone() == (None,)
+
+
+def test_a_table_with_rules_is_caught_up_without_its_rules_acting(source_db, target_db, tmp_path):
+    """INSERT ... ON CONFLICT refuses a table with an UPDATE or INSERT rule: every range of a
+    catch-up failed. Its rules, copied by the schema step, must not act on the catch-up's
+    writes either (an audit row for each update, a delete turned into nothing)."""
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE t_log (id int, v text); "
+            "CREATE RULE t_logged AS ON UPDATE TO t DO ALSO INSERT INTO t_log VALUES (NEW.id); "
+            "CREATE RULE t_kept AS ON DELETE TO t DO INSTEAD NOTHING; "
+            f"INSERT INTO t SELECT g, '{PHI} ' || g FROM generate_series(1, 300) g"
+        )
+    env = cli_env(source_db.url, target_db.url, tmp_path)
+    assert cli(FIRST_RUN, env, tmp_path).returncode == 0
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(
+            "SET session_replication_role = replica; "  # the application's writes, unruled
+            "UPDATE t SET v = 'w' WHERE id IN (5, 150); INSERT INTO t VALUES (301, 'x'); "
+            "DELETE FROM t WHERE id = 7"
+        )
+    done = cli(["run", "--no-progress"], env, tmp_path)
+    assert done.returncode == 0, _said_cleanly(done)
+    assert "Migration complete and verified" in done.stdout
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT count(*), sum(id) FROM t").fetchone() == (300, 45444)
+        assert conn.execute("SELECT count(*) FROM t_log").fetchone() == (0,)
 
 
 def test_status_says_when_the_steps_after_the_copy_have_not_run_since(bed):

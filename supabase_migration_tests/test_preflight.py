@@ -162,7 +162,8 @@ def test_findings_name_what_supabase_cannot_take(source_db, target_db, source_on
 
 
 def test_tables_that_act_on_the_copied_rows_are_named(source_db, target_db):
-    """An ENABLE ALWAYS trigger fires even under the copy's replica role, and an UNLOGGED table
+    """An ENABLE ALWAYS trigger fires even under the copy's replica role (so does an ENABLE
+    ALWAYS rule on a re-sync's writes), and an UNLOGGED table
     loses its rows on a crash and is not in Supabase's backups: both are warned about, for the
     tables to migrate only, from the source (what the schema step copies) or, in schema mode
     none, from the target."""
@@ -182,6 +183,10 @@ def test_tables_that_act_on_the_copied_rows_are_named(source_db, target_db):
         CREATE TRIGGER events_replica BEFORE INSERT ON events_2024
             FOR EACH ROW EXECUTE FUNCTION keep();
         ALTER TABLE events_2024 ENABLE REPLICA TRIGGER events_replica;
+        CREATE TABLE notes_log (id int);
+        CREATE RULE notes_logged AS ON UPDATE TO notes DO ALSO INSERT INTO notes_log VALUES (1);
+        CREATE RULE notes_kept AS ON DELETE TO notes DO INSTEAD NOTHING;
+        ALTER TABLE notes ENABLE ALWAYS RULE notes_logged;
     """
     execute(source_db.url, ddl)
     tables = ["public.notes", "public.scratch", "public.events"]
@@ -194,6 +199,10 @@ def test_tables_that_act_on_the_copied_rows_are_named(source_db, target_db):
     assert (replica.subject, replica.severity) == ("public.events", Severity.WARNING)
     assert "events_replica on public.events is ENABLE REPLICA: it fires only" in replica.message
     assert all(f.message.count(". ") == 0 for f in (trigger, replica))  # one sentence
+    (rule,) = by_code(findings, "always-rule")
+    assert (rule.subject, rule.severity) == ("public.notes", Severity.WARNING)
+    assert rule.message.startswith("Rule notes_logged on public.notes is ENABLE ALWAYS: it acts")
+    assert rule.message.count(". ") == 0
     (unlogged,) = by_code(findings, "unlogged-table")
     assert (unlogged.subject, unlogged.severity) == ("public.scratch", Severity.WARNING)
     assert "SET LOGGED" in unlogged.message

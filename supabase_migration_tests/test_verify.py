@@ -50,6 +50,7 @@ from supabase_migration.verify import (
     SAMPLE,
     SCHEMA_OBJECTS,
     WARN,
+    CheckOutcome,
     VerificationStopped,
     pick_sample_keys,
     range_checksums,
@@ -390,6 +391,46 @@ def test_dropped_plain_index_is_a_warning(migrated: Migrated) -> None:
     assert not outcome.passed and outcome.severity == WARN
     assert report.passed  # warnings do not fail the migration
     assert "visits_patient_idx" in report.to_markdown()
+
+
+def test_an_index_on_an_extensions_operator_class_or_function_reads_alike_where_it_moved(
+    source_db, target_db
+) -> None:
+    """Dump mode moves extensions into `extensions`: an index using pg_trgm's operator class
+    or pgcrypto's digest() is printed with that schema on the target and with the source's
+    (here util's, and public's, which is stripped anyway) there. Both are the same index; a
+    unique one read as different failed every such migration."""
+    index = (
+        "CREATE TABLE t (id int PRIMARY KEY, v text); "
+        "CREATE INDEX t_trgm ON t USING gin (v {trgm}.gin_trgm_ops); "
+        "CREATE UNIQUE INDEX t_digest ON t ({crypto}.digest(v, 'sha256'))"
+    )
+    with psycopg.connect(source_db.url, autocommit=True) as s:
+        s.execute(
+            "CREATE SCHEMA util; CREATE EXTENSION pg_trgm SCHEMA util; "
+            "CREATE EXTENSION IF NOT EXISTS pgcrypto SCHEMA public"
+        )
+        s.execute(index.format(trgm="util", crypto="public"))
+        (info,) = read_tables(s, ["public"])
+    with psycopg.connect(target_db.admin_url, autocommit=True) as t:
+        t.execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA extensions; "
+            "CREATE EXTENSION IF NOT EXISTS pgcrypto SCHEMA extensions"
+        )
+        t.execute(index.format(trgm="extensions", crypto="extensions"))
+    with (
+        psycopg.connect(source_db.url, autocommit=True) as s,
+        psycopg.connect(target_db.url, autocommit=True) as t,
+    ):
+        same = verify_module.indexes(s, t, info)
+        assert same.passed, same.description
+        with psycopg.connect(target_db.admin_url, autocommit=True) as owner:
+            owner.execute(
+                "DROP INDEX t_digest; "
+                "CREATE UNIQUE INDEX t_digest ON t (extensions.digest(v, 'sha512'))"
+            )
+        changed = verify_module.indexes(s, t, info)
+    assert changed.severity == ERROR and changed.description == "public.t: different: t_digest."
 
 
 def test_altered_constraint_is_named(migrated: Migrated) -> None:
@@ -926,7 +967,7 @@ def test_sample_compares_values_not_their_text(source_db, target_db, tmp_path: P
 # -- the Dagster layer ----------------------------------------------------------------------
 
 
-# The same views, routines and types on both sides, each holding a value rows hold too.
+# The same views, rules, routines and types on both sides, each holding a value rows hold too.
 OBJECTS = """
 CREATE TYPE visit_kind AS ENUM ('in person', 'video');
 CREATE DOMAIN ssn_text AS text CHECK (VALUE ~ '^[0-9-]+$');
@@ -975,7 +1016,7 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
     assert objects.details["left_out"] == [{"kind": "function", "name": "public.hostname()"}]
     assert objects.details["source_objects"] == 10 and objects.details["target_objects"] == 9
     assert objects.description == (
-        "The views, routines and types of public: left out, written in plperlu, which no "
+        "The views, rules, routines and types of public: left out, written in plperlu, which no "
         "non-superuser may use on the target (rewrite them if the application calls them): "
         "function public.hostname()."
     )
@@ -999,7 +1040,7 @@ def test_views_routines_and_types_are_compared_by_definition_never_shown(
     (objects,) = [o for o in report.outcomes if o.name == SCHEMA_OBJECTS]
     assert not objects.passed and objects.severity == ERROR
     assert objects.description.startswith(
-        "The views, routines and types of public: missing on target: view public.jane; "
+        "The views, rules, routines and types of public: missing on target: view public.jane; "
         "extra on target: function public.extra_one(); different: function "
         "public.name_key(citext), function public.one_odd_schema(), function "
         "public.patient_label(bigint), domain public.ssn_text, enum public.visit_kind; a "
@@ -1526,14 +1567,18 @@ CREATE FUNCTION int_sub(int, int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 
 CREATE AGGREGATE running(int) (SFUNC = int_add, STYPE = int,
   MSFUNC = int_add, MINVFUNC = int_sub, MSTYPE = int);
 CREATE TYPE label AS (code text COLLATE "C", name text);
+CREATE TABLE note_log (id int);
+CREATE RULE notes_logged AS ON UPDATE TO notes DO ALSO INSERT INTO note_log VALUES (NEW.id);
 """
 
 
 def test_what_a_view_does_an_aggregates_parts_and_a_types_collation_are_compared(
     source_db, target_db
 ) -> None:
-    """Beside their text: a view's INSTEAD OF trigger and rule (its writes), an aggregate's
-    moving-aggregate functions (window frames), a composite's collation (its order)."""
+    """Beside their text: a view's INSTEAD OF trigger (its writes), a view's or a table's
+    rule, what it does too, an aggregate's moving-aggregate functions (window frames), a
+    composite's collation (its order). A routine's body is compared as written, white space
+    too (it may sit in a string literal)."""
     with (
         psycopg.connect(source_db.url, autocommit=True) as s,
         psycopg.connect(target_db.admin_url, autocommit=True) as t,
@@ -1542,7 +1587,11 @@ def test_what_a_view_does_an_aggregates_parts_and_a_types_collation_are_compared
         t.execute(BESIDE_THE_TEXT)
         assert schema_objects(s, t, ["public"]).passed
         t.execute(
-            "DROP TRIGGER note_list_insert ON note_list; DROP RULE note_list_delete ON note_list; "
+            "DROP TRIGGER note_list_insert ON note_list; DROP RULE notes_logged ON notes; "
+            "CREATE OR REPLACE RULE note_list_delete AS ON DELETE TO note_list "
+            "  DO INSTEAD DELETE FROM notes WHERE id = OLD.id + 1; "
+            "CREATE OR REPLACE FUNCTION int_sub(int, int) RETURNS int LANGUAGE sql IMMUTABLE "
+            "  AS 'SELECT $1 -  $2'; "
             "DROP AGGREGATE running(int); "
             "CREATE AGGREGATE running(int) (SFUNC = int_add, STYPE = int); "
             "DROP TYPE label; CREATE TYPE label AS (code text, name text)"
@@ -1550,8 +1599,10 @@ def test_what_a_view_does_an_aggregates_parts_and_a_types_collation_are_compared
         objects = schema_objects(s, t, ["public"])
     assert objects.severity == ERROR
     assert objects.description == (
-        "The views, routines and types of public: different: composite type public.label, "
-        "view public.note_list, aggregate public.running(integer)."
+        "The views, rules, routines and types of public: missing on target: rule notes_logged "
+        "on public.notes; different: rule note_list_delete on public.note_list, function "
+        "public.int_sub(integer,integer), composite type public.label, view public.note_list, "
+        "aggregate public.running(integer)."
     )
 
 
@@ -1568,6 +1619,9 @@ CREATE DOMAIN posint AS int NOT NULL CHECK (VALUE > 0);
 CREATE FUNCTION gc(text, text) RETURNS text LANGUAGE sql AS 'SELECT $1 || $2';
 CREATE AGGREGATE group_concat(text) (SFUNC = gc, STYPE = text);
 CREATE VIEW v1 AS SELECT id, a FROM t WHERE a LIKE 'x%';
+CREATE TABLE t_log (id int, a text);
+CREATE RULE t_logged AS ON UPDATE TO t WHERE NEW.a <> OLD.a
+  DO ALSO INSERT INTO t_log VALUES (NEW.id, OLD.a);
 """
 
 
@@ -1606,6 +1660,52 @@ def test_views_routines_and_types_read_alike_across_major_versions(source_db, ta
             assert left.fetchone() == (0,)  # the reprinted view was rolled back
     assert objects.severity == ERROR
     assert objects.description == (
-        "The views, routines and types of public: missing on target: aggregate "
+        "The views, rules, routines and types of public: missing on target: aggregate "
         "public.group_concat(text); different: view public.v1."
     )
+
+
+def test_a_view_is_printed_again_only_while_no_lock_holds_what_it_reads(
+    source_db, target_db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two major versions the source's view query is printed on the target. Another
+    session's DDL taking a table the view reads after the catalogs were read (reading a view's
+    definition waits for such a lock too) makes it wait only briefly: the view is then left to
+    compare by hand (a warning) and the verification goes on. Without the lock the changed
+    view is an error."""
+    monkeypatch.setattr(verify_module, "REPRINT_LOCK_TIMEOUT", "1s")
+    real_major, real_reprinted = verify_module.server_major, verify_module._reprinted
+    with (
+        psycopg.connect(source_db.url, autocommit=True) as s,
+        psycopg.connect(target_db.admin_url, autocommit=True) as t,
+        psycopg.connect(target_db.admin_url) as locker,
+    ):
+        s.execute(ACROSS_VERSIONS)
+        t.execute(ACROSS_VERSIONS)
+        t.execute("CREATE OR REPLACE VIEW v1 AS SELECT id, a FROM t WHERE a LIKE 'y%'")
+        monkeypatch.setattr(
+            verify_module, "server_major", lambda c: 14 if c is s else real_major(c)
+        )
+
+        def reprinted_while_locked(target: psycopg.Connection, query: str) -> str | None:
+            locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+            return real_reprinted(target, query)
+
+        monkeypatch.setattr(verify_module, "_reprinted", reprinted_while_locked)
+        outcomes: list[CheckOutcome] = []
+        comparing = threading.Thread(
+            target=lambda: outcomes.append(schema_objects(s, t, ["public"])), daemon=True
+        )
+        comparing.start()
+        comparing.join(30)
+        waited = comparing.is_alive()
+        locker.rollback()
+        comparing.join(30)
+        assert not waited, "the view's reprint waited for the lock"
+        (held,) = outcomes
+        assert held.severity == WARN and held.details["different"] == [], held.description
+        assert held.details["printed_otherwise"] == [{"kind": "view", "name": "public.v1"}]
+        monkeypatch.setattr(verify_module, "_reprinted", real_reprinted)
+        free = schema_objects(s, t, ["public"])
+    assert free.severity == ERROR
+    assert free.details["different"] == [{"kind": "view", "name": "public.v1"}]
