@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -136,12 +137,38 @@ def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
     # Two first runs on a fresh home would both create Dagster's SQLite tables and one would
     # crash; the file lock makes the second wait for the first to create them.
     with _home_locked(home):
+        creating = home / _CREATING
+        if creating.exists():  # a Ctrl-C cut the storages' creation short: none holds a run
+            _remove_storages(home)
+        new = not any((home / name).exists() for name in _STORAGES)
+        if new:
+            creating.touch()
         try:
             instance = dg.DagsterInstance.get()
-            instance.get_runs(limit=1)  # storage is created lazily: create it under the lock
-            return instance
+            # Storages are created lazily: create them all under the lock. Dagster would not
+            # finish one whose file a Ctrl-C left half made (a new event_log.db without its
+            # tables made every later command fail), hence `_CREATING`.
+            instance.get_runs(limit=1)
+            if not (instance.event_log_storage.supports_asset_checks and instance.schedule_storage):
+                raise RuntimeError("incomplete storage")
         except Exception as exc:  # its dagster.yaml: YAML syntax, unknown keys, a missing class
             raise _unopenable(home, exc) from None
+        if new:
+            creating.unlink()
+        return instance
+
+
+# Dagster's SQLite files in DAGSTER_HOME (dagster_storage), and the mark of their creation.
+_STORAGES = ("event_log.db", "history", "schedules")
+_CREATING = ".supabase-migration.creating"
+
+
+def _remove_storages(home: Path) -> None:
+    for path in home.iterdir():
+        if path.name.startswith("event_log.db"):  # with its -wal and -shm files
+            path.unlink()
+        elif path.name in _STORAGES[1:] and path.is_dir():
+            shutil.rmtree(path)
 
 
 def _unopenable(home: Path, exc: Exception) -> ConfigError:
@@ -156,7 +183,8 @@ def _unopenable(home: Path, exc: Exception) -> ConfigError:
 @contextmanager
 def _home_locked(home: Path) -> Iterator[None]:
     try:
-        home.mkdir(parents=True, exist_ok=True)
+        # Its event log names rows by key (a verification's findings): this user's alone.
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(home / ".supabase-migration.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.storage.event_log.sqlite import consolidated_sqlite_event_log
 
 from supabase_migration import commands, dagster_storage
 
@@ -123,3 +124,39 @@ def test_a_forked_worker_makes_its_own_engine(tmp_path: Path, monkeypatch) -> No
         assert _events(_inherited, "forked") == 2
     finally:
         _inherited = None
+
+
+def test_a_home_whose_creation_was_cut_short_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C as the first command made the storages left event_log.db without its tables:
+    Dagster makes a missing file's tables only, so every later command failed with a page of
+    SQLAlchemy. The storages' creation is marked until it ends; a home still marked is made
+    again (it holds no run yet). A half-made one from before the mark is one sentence."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    commands.dagster_home()
+    assert home.stat().st_mode & 0o777 == 0o700  # its event log names rows by key
+
+    def cut_short(*_: object) -> None:  # the Ctrl-C, once the file is there
+        raise KeyboardInterrupt
+
+    # What the event log storage calls once its engine has made the file, before its tables.
+    monkeypatch.setattr(consolidated_sqlite_event_log, "check_alembic_revision", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        commands.dagster_instance(home)
+    monkeypatch.undo()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    assert (home / "event_log.db").exists()
+    instance = commands.dagster_instance(home)
+    assert instance.event_log_storage.supports_asset_checks
+    assert not (home / ".supabase-migration.creating").exists()
+    instance.report_runless_asset_event(dg.AssetMaterialization("kept"))
+    assert _events(commands.dagster_instance(home), "kept") == 1  # made once, then kept
+
+    older = tmp_path / "older"  # as a release without the mark left it
+    older.mkdir()
+    (older / "event_log.db").write_bytes(b"")
+    monkeypatch.setenv("DAGSTER_HOME", str(older))
+    with pytest.raises(commands.ConfigError, match="could not be opened"):
+        commands.dagster_instance(commands.dagster_home())

@@ -25,6 +25,7 @@ from supabase_migration.checks import REPORT_KEY
 from supabase_migration.definitions import build_definitions, load_definitions
 from supabase_migration.errors import ConfigError
 from supabase_migration.manifest import Manifest, ManifestTable
+from supabase_migration.report import REPORT_DIR_ENV
 from supabase_migration.resources import SourceDatabase, TargetDatabase
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +111,7 @@ def test_without_a_manifest_materializing_everything_writes_nothing(
     import psycopg
 
     monkeypatch.setenv(manifest_io.MANIFEST_ENV, str(tmp_path / "nowhere.yaml"))
+    monkeypatch.setenv(REPORT_DIR_ENV, str(tmp_path / "report"))  # not the checkout's
     with psycopg.connect(source_db.url, autocommit=True) as conn:
         conn.execute("CREATE TABLE patients (id int PRIMARY KEY)")
     defs = build_definitions(None)
