@@ -1738,26 +1738,27 @@ def _keys_the_source_lacks(ctx: _Context, table: TableInfo) -> bool:
     if not table.key:
         return True
     rows = rows_of(table)  # a parent's own rows by inheritance, as the copy deletes them
-    with transaction_with(ctx.target, [READING_ROWS], commit=False):
-        keys = ctx.target.execute(
-            sql.SQL("SELECT {} FROM {} LIMIT {}").format(
-                key_texts(table), rows, sql.Literal(ROWS_COMPARED + 1)
-            )
-        ).fetchall()
-    if len(keys) > ROWS_COMPARED:
-        return True
-    if not keys:
-        return False
-    found = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(rows, keys_in(table))
     try:
+        with transaction_with(ctx.target, [READING_ROWS], commit=False):
+            keys = ctx.target.execute(
+                sql.SQL("SELECT {} FROM {} LIMIT {}").format(
+                    key_texts(table), rows, sql.Literal(ROWS_COMPARED + 1)
+                )
+            ).fetchall()
+        if len(keys) > ROWS_COMPARED:
+            return True
+        if not keys:
+            return False
+        found = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(rows, keys_in(table))
         with transaction_with(ctx.source, [READING_ROWS], commit=False):
             row = ctx.source.execute(found, key_arrays(keys, len(table.key))).fetchone()
             return row is None or row[0] < len(keys)  # the keys are a key's: each one once
     except psycopg.Error as exc:
         if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
             raise  # a lost connection is no finding: it ends preflight as one
-        # A key the source's type or domain cannot even hold (its error would quote it), a
-        # table or column it lacks or may not read: not shown to be the source's.
+        # A target table without the source's key columns; a key the source's type or domain
+        # cannot even hold (its error would quote it), a table or column the source lacks or
+        # may not read: not shown to be the source's.
         return True
 
 

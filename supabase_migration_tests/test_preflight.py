@@ -252,18 +252,27 @@ def test_target_rows_are_compared_up_to_a_limit_and_refused_past_it(
 ):
     """Rows already on a target no run has planned: compared key by key with the source's up
     to ROWS_COMPARED (rows the source has too pass, however many there are below it); past it,
-    refused without looking; a keyless table is refused too (no key to tell by)."""
+    refused without looking; a keyless table is refused too (no key to tell by), and one
+    without the source's key columns (preflight failed reading them)."""
     tables = (
         "CREATE TABLE codes (code text PRIMARY KEY); CREATE TABLE notes (note text); "
         "INSERT INTO codes SELECT 'c' || g FROM generate_series(1, 5) g; "
     )
-    execute(source_db.url, tables + "INSERT INTO notes VALUES ('n')")
-    execute(target_db.url, tables + "INSERT INTO notes VALUES ('n')")
-    found = by_code(preflight(source_db.url, target_db.url, ["public"], "none"), "target-rows")
-    assert [f.subject for f in found] == ["public.notes"]
+    execute(
+        source_db.url,
+        tables + "INSERT INTO notes VALUES ('n'); CREATE TABLE people (person_id int PRIMARY KEY)",
+    )
+    execute(
+        target_db.url,
+        tables + "INSERT INTO notes VALUES ('n'); "
+        "CREATE TABLE people (id int PRIMARY KEY); INSERT INTO people VALUES (1)",
+    )
+    for mode in ("dump", "none"):
+        found = by_code(preflight(source_db.url, target_db.url, ["public"], mode), "target-rows")
+        assert [f.subject for f in found] == ["public.notes", "public.people"]
     monkeypatch.setattr(preflight_module, "ROWS_COMPARED", 4)
     found = by_code(preflight(source_db.url, target_db.url, ["public"], "none"), "target-rows")
-    assert [f.subject for f in found] == ["public.codes", "public.notes"]
+    assert [f.subject for f in found] == ["public.codes", "public.notes", "public.people"]
 
 
 def test_a_source_lost_while_comparing_target_rows_is_no_finding(source_db, target_db):
