@@ -1432,11 +1432,19 @@ def _apply_dump_in_transaction(
         )
     existing = _existing_objects(conn, schemas)
     if existing:
+        for mode in (SchemaMode.ALEMBIC, SchemaMode.NONE):
+            if (made := _last_record(conn, mode)) is not None:
+                raise ConfigError(  # a manifest written anew (another directory): exit code 2
+                    f"The target's schema was set up by this tool in {mode} mode on "
+                    f"{made[1]:%Y-%m-%d %H:%M %Z}, not in dump mode; rerun with --schema-mode "
+                    f"{mode} (as the migration.yaml of those runs says)."
+                )
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
         raise ConfigError(  # the wrong target, or the wrong mode: exit code 2
             f"The target already has {len(existing)} object{'s' if len(existing) > 1 else ''} "
             f"in the migrated schemas ({shown}) that this tool did not create; if you made the "
-            "schema yourself, rerun with --schema-mode none, otherwise drop them and run again."
+            "schema yourself, rerun with --schema-mode none, otherwise check that "
+            "SUPABASE_DB_URL names the right project before you drop anything there."
         )
     before = count_objects(conn, schemas)
     _create_extensions(conn, target_url, source_ext)

@@ -773,6 +773,14 @@ def test_example_app_alembic_mode_to_head_then_no_op(source_db, target_db):
     assert snapshot(target_db.admin_url) == before
     assert [row[0] for row in bookkeeping_rows(target_db.admin_url)] == ["alembic"]
 
+    # A manifest written anew elsewhere says dump mode: the target's tables are this tool's.
+    with pytest.raises(ConfigError) as caught:
+        apply_schema("dump", source_url=source, target_url=target)
+    assert str(caught.value).startswith("The target's schema was set up by this tool in alembic")
+    assert str(caught.value).endswith("rerun with --schema-mode alembic (as the migration.yaml "
+                                      "of those runs says).")  # fmt: skip
+    assert snapshot(target_db.admin_url) == before
+
 
 def test_example_app_through_the_transaction_pooler(source_db, target_db):
     from supabase_migration.example_app import ALEMBIC_INI, HEAD
