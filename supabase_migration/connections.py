@@ -539,13 +539,16 @@ def _capitalized(text: str) -> str:
 
 
 def warn_if_workers_exceed_pool(url: DatabaseUrl, workers: int, pool_size: int = 15) -> str | None:
-    """Supavisor session mode admits at most pool-size clients per user+database."""
-    if url.endpoint is Endpoint.SESSION_POOLER and workers > pool_size:
+    """Supavisor session mode admits at most pool-size clients per user+database; a run holds
+    one target connection per worker and one in its main process (the progress and the
+    steps around the copy)."""
+    if url.endpoint is Endpoint.SESSION_POOLER and workers + 1 > pool_size:
         return (
-            f"--workers {workers} exceeds the session pooler's pool size ({pool_size}): "
-            "Supavisor session mode admits at most that many clients per user and database, "
-            "so the extra workers wait and then fail with MaxClientsInSessionMode; use "
-            f"--workers {pool_size} or fewer, raise the pool size, or use the direct host."
+            f"--workers {workers} and the run's own connection exceed the session pooler's "
+            f"pool size ({pool_size}): Supavisor session mode admits at most that many clients "
+            "per user and database, so the extra workers wait and then fail with "
+            f"MaxClientsInSessionMode; use --workers {pool_size - 1} or fewer, raise the pool "
+            "size, or use the direct host."
         )
     return None
 

@@ -632,9 +632,11 @@ def test_the_cli_closes_its_kept_connections_before_workers_copy(target, tmp_pat
 
 
 def test_warn_if_workers_exceed_pool():
-    assert warn_if_workers_exceed_pool(SUPABASE_POOLER, 15) is None
-    warning = warn_if_workers_exceed_pool(SUPABASE_POOLER, 16)
+    """Each worker's target connection and the run's own one must fit in the pool."""
+    assert warn_if_workers_exceed_pool(SUPABASE_POOLER, 14) is None
+    warning = warn_if_workers_exceed_pool(SUPABASE_POOLER, 15)
     assert warning is not None and "MaxClientsInSessionMode" in warning
+    assert "use --workers 14 or fewer" in warning
     assert warning.endswith(".") and not re.search(r"\.\s+[A-Z]", warning)
     assert warn_if_workers_exceed_pool(SUPABASE_POOLER, 30, pool_size=40) is None
     assert warn_if_workers_exceed_pool(SUPABASE_DIRECT, 64) is None
