@@ -148,6 +148,15 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
         check_alembic_config(
             manifest_io.beside(settings.manifest_path, str(base["alembic_config"]))
         )
+    names = [t.qualified_name for t in tables]
+    given = [f"--include {p}" for p in settings.include if not manifest_io.matching(p, names)]
+    given += [f"--exclude {p}" for p in settings.exclude if not manifest_io.matching(p, names)]
+    if tables and given:  # a misspelt exclusion would migrate the table meant to stay
+        raise ConfigError(
+            f"{' and '.join(given)} match{'es' if len(given) == 1 else ''} none of the "
+            f"source's tables in {', '.join(schemas)}; the patterns match schema.table, as in "
+            "public.* or *.audit_log."
+        )
     include = settings.include or (previous.include if previous else ())
     exclude = settings.exclude or (previous.exclude if previous else ())
     # What only the manifest holds is kept: the schemas given row level security, and each

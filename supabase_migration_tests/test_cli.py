@@ -337,6 +337,8 @@ def test_catch_up_sync_brings_updates_inserts_and_deletes(clinic):
         (["frobnicate"], "invalid choice"),
         (["plan", "--manifest", "{tmp}"], "directory"),
         (["plan", "--include", "public.nomatch*"], "public.nomatch*"),
+        # a misspelt exclusion would migrate the table meant to stay behind
+        (["plan", "--exclude", "public.patient"], "--exclude public.patient matches none"),
         (["run", "--repair", "--report", "{tmp}/none"], "no verification report"),
         (["plan", "--schema-mode", "alembic", "--alembic-config", "{tmp}/no.ini"], "alembic"),
         (["run", "--worker", "2"], "unrecognized arguments: --worker"),  # not --workers
