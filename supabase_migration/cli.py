@@ -354,8 +354,13 @@ def dispatch(args: argparse.Namespace) -> int:
     # Most of what Dagster's import makes lives as long as the process (see memory.py): no
     # collection walks it again and again while it loads (0.2 s of the startup every copy
     # waits for).
-    with loading_long_lived():
-        from . import commands  # noqa: F401
+    try:
+        with loading_long_lived():
+            from . import commands  # noqa: F401
+    except KeyboardInterrupt:  # seconds of importing Dagster: no run has begun
+        if args.command == "run":
+            raise InterruptedBeforeCopying from None
+        raise
     try:
         return _dispatch_command(args)
     finally:

@@ -1666,6 +1666,27 @@ def test_ctrl_c_inside_a_string_exec_still_ends_with_exit_code_1(tmp_path):
     assert done.stderr.startswith("Interrupted") and "Traceback" not in done.stderr
 
 
+def test_ctrl_c_while_run_imports_dagster_says_to_run_again(tmp_path):
+    """Ctrl-C in the seconds `run` imports Dagster said "Run `supabase-migrate resume`",
+    which then refused: no run had planned the target. Deterministic: the import is replaced,
+    through sitecustomize, by an interrupt."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import contextlib\n"
+        "import supabase_migration.memory as memory\n"
+        "@contextlib.contextmanager\n"
+        "def interrupted():\n"
+        "    raise KeyboardInterrupt\n"
+        "    yield\n"
+        "memory.loading_long_lived = interrupted\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), DAGSTER_HOME=str(tmp_path / "home"))
+    done = cli(["run"], env, tmp_path, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        "Interrupted before this run copied anything. Run `supabase-migrate run` again.\n"
+    )
+
+
 def test_a_start_up_error_does_not_wait_for_the_schema_step_ahead(clinic, monkeypatch):
     """The error path itself, in-process and deterministic: opening Dagster fails while the
     schema step started ahead is held up on the target's schema lock; `run` raises at once."""
