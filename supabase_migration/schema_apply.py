@@ -261,6 +261,29 @@ def _existing_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> list[
     return [r[0] for r in rows]
 
 
+def objects_dump_mode_refuses(conn: psycopg.Connection, schemas: Sequence[str]) -> str | None:
+    """The sentence refusing a target whose migrated schemas already hold objects, where dump
+    mode has not applied the schema before (preflight says it too, so `plan` does); None
+    when they are empty."""
+    existing = _existing_objects(conn, schemas)
+    if not existing:
+        return None
+    for mode in (SchemaMode.ALEMBIC, SchemaMode.NONE):
+        if (made := _last_record(conn, mode)) is not None:  # a manifest written anew elsewhere
+            return (
+                f"The target's schema was set up by this tool in {mode} mode on "
+                f"{made[1]:%Y-%m-%d %H:%M %Z}, not in dump mode; rerun with --schema-mode "
+                f"{mode} (as the migration.yaml of those runs says)."
+            )
+    shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+    return (
+        f"The target already has {len(existing)} object{'s' if len(existing) > 1 else ''} "
+        f"in the migrated schemas ({shown}) that this tool did not create; if you made the "
+        "schema yourself, rerun with --schema-mode none, otherwise check that "
+        "SUPABASE_DB_URL names the right project before you drop anything there."
+    )
+
+
 def target_user_schemas(conn: psycopg.Connection) -> list[str]:
     """Schemas on the target that are neither PostgreSQL's, Supabase's, ours nor an extension's."""
     return [s for s in source_schemas(conn) if not is_reserved_schema(s)]
@@ -1430,22 +1453,9 @@ def _apply_dump_in_transaction(
             "example with a migration) and rerun with --schema-mode none, or drop the migrated "
             "schemas on the target and run again."
         )
-    existing = _existing_objects(conn, schemas)
-    if existing:
-        for mode in (SchemaMode.ALEMBIC, SchemaMode.NONE):
-            if (made := _last_record(conn, mode)) is not None:
-                raise ConfigError(  # a manifest written anew (another directory): exit code 2
-                    f"The target's schema was set up by this tool in {mode} mode on "
-                    f"{made[1]:%Y-%m-%d %H:%M %Z}, not in dump mode; rerun with --schema-mode "
-                    f"{mode} (as the migration.yaml of those runs says)."
-                )
-        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
-        raise ConfigError(  # the wrong target, or the wrong mode: exit code 2
-            f"The target already has {len(existing)} object{'s' if len(existing) > 1 else ''} "
-            f"in the migrated schemas ({shown}) that this tool did not create; if you made the "
-            "schema yourself, rerun with --schema-mode none, otherwise check that "
-            "SUPABASE_DB_URL names the right project before you drop anything there."
-        )
+    refused = objects_dump_mode_refuses(conn, schemas)
+    if refused:
+        raise ConfigError(refused)  # the wrong target, or the wrong mode: exit code 2
     before = count_objects(conn, schemas)
     _create_extensions(conn, target_url, source_ext)
     _execute_dump(conn, [rewrite(s) for s in dump.statements])

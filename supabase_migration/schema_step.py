@@ -19,12 +19,19 @@ from .errors import ConfigError, MigrationError
 from .manifest import Manifest
 from .preflight import (
     Finding,
+    Severity,
     findings_markdown,
     raise_for_errors,
     run_preflight,
     table_mismatches,
 )
-from .schema_apply import SchemaMode, SchemaResult, applied_before, apply_schema
+from .schema_apply import (
+    SchemaMode,
+    SchemaResult,
+    applied_before,
+    apply_schema,
+    objects_dump_mode_refuses,
+)
 from .security import enable_rls, tables_to_protect, views_to_protect
 
 
@@ -46,7 +53,7 @@ def preflight(
         borrowed(source_url) as source,
         borrowed(target_url) as target,
     ):
-        return run_preflight(
+        findings = run_preflight(
             source,
             target,
             schemas=list(manifest.schemas),
@@ -54,6 +61,12 @@ def preflight(
             tables=[t.name for t in manifest.tables],
             manifest=manifest,
         )
+        if manifest.schema_mode == SchemaMode.DUMP and not applied_before(target, SchemaMode.DUMP):
+            refused = objects_dump_mode_refuses(target, list(manifest.schemas))
+            if refused:
+                subject = ", ".join(manifest.schemas)
+                findings.append(Finding(Severity.ERROR, "target-objects", subject, refused))
+        return findings
 
 
 def migrate_schema(

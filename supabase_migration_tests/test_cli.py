@@ -583,9 +583,14 @@ def test_a_target_schema_this_tool_did_not_make_stops_with_exit_code_2(clinic):
     apply by hand): bad input, exit code 2, and nothing written."""
     source_db, target_db, env, tmp_path = clinic
     example_app.upgrade_head(target_db.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    plan = cli(["plan", "--schema-mode", "dump"], env, tmp_path, timeout=120)
+    assert plan.returncode == 2 and "| target-objects | public |" in plan.stdout, plan.stdout
     done = cli(["run", "--schema-mode", "dump"], env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: The target already has 1"), done.stderr
+    assert done.stderr.startswith(
+        "error: Preflight stopped the migration before anything was written: The target "
+        "already has 1"
+    ), done.stderr
     assert "rerun with --schema-mode none" in done.stderr and done.stderr.count("\n") == 1
     with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM patients").fetchone() == (0,)
