@@ -979,7 +979,7 @@ def _check_tables_exist(ctx: _Context) -> None:
     rather than what follows from it (its children's foreign keys to a table not migrated)."""
     if ctx.tables is None:
         return
-    known = {t.qualified_name for t in ctx.source_tables}
+    known = {t.qualified_name: t for t in ctx.source_tables}
     for name in ctx.tables:
         if name not in known:
             ctx.add(
@@ -988,6 +988,20 @@ def _check_tables_exist(ctx: _Context) -> None:
                 name,
                 f"Table {name} is in the manifest but not in the source; fix its name there, "
                 "or run `supabase-migrate init` again.",
+            )
+    entries = {t.name: t for t in ctx.manifest.tables} if ctx.manifest is not None else {}
+    for name, entry in entries.items():
+        source = known.get(name)
+        if source is not None and entry.key != source.key:  # the ranges are the source's key's
+            said = ", ".join(entry.key) or "none"
+            ctx.add(
+                Severity.ERROR,
+                "manifest-key",
+                name,
+                f"The manifest gives {name} the key ({said}), but its ranges are keyed by the "
+                f"source's ({', '.join(source.key) or 'none'}: its primary key, or else a unique "
+                "index on NOT NULL columns); put that back, or run `supabase-migrate init` "
+                "again.",
             )
 
 

@@ -234,6 +234,21 @@ def test_a_hand_edit_the_manifest_cannot_mean_is_refused_naming_it(tmp_path, edi
     assert said in message, message
 
 
+def test_a_key_edited_in_the_manifest_is_refused_not_ignored(bed):
+    """The ranges are keyed by the source's primary key (or a unique index): a key changed
+    in the manifest by hand was ignored without a word."""
+    _, _, env, tmp_path = bed
+    assert cli(["init"], env, tmp_path).returncode == 0
+    _edit(
+        tmp_path, "  public.notes:\n    key:\n    - id\n", "  public.notes:\n    key:\n    - body\n"
+    )
+    for command in (["plan"], ["run", "--no-progress"]):
+        done = cli(command, env, tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        said = _said_cleanly(done)
+        assert "The manifest gives public.notes the key (body), but its ranges are keyed" in said
+
+
 def test_a_table_taken_out_of_the_manifest_after_its_copy_is_a_warning_not_a_failure(bed):
     """It was taken for a table the source gained since `init`: verify, run and resume
     failed on it for ever (exit 1, "run init again to add it")."""
