@@ -85,8 +85,8 @@ def check_connections(log: Callable[[str], None] = lambda _: None) -> None:
         pass
     if target_url().uses_transaction_pooler:
         log(
-            "Note: the target is a transaction pooler (port 6543); it works, but a direct or "
-            "session-pooler URL (port 5432) is faster for bulk loads."
+            "Note: the target is a transaction pooler; it works, but a direct or "
+            "session-pooler URL (Supabase's port 5432, not 6543) is faster for bulk loads."
         )
 
 
