@@ -292,6 +292,58 @@ def target_user_schemas(conn: psycopg.Connection) -> list[str]:
 # -- alembic -------------------------------------------------------------------------------------
 
 
+def _alembic_project(
+    alembic_config: Path | None, target_url: DatabaseUrl
+) -> tuple[Any, Any, _ProjectFiles]:
+    """The user's Alembic configuration (pointed at the target), its script directory with
+    every revision read, and its files (to tell its errors from ours)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    if alembic_config is None:
+        raise ConfigError(
+            "Schema mode alembic needs the project's Alembic configuration: pass "
+            "--alembic-config PATH (its alembic.ini) or set alembic_config in migration.yaml."
+        )
+    cfg = alembic_configuration(Path(alembic_config), target_url)
+    project = _ProjectFiles(Path(alembic_config))
+    try:
+        script = ScriptDirectory.from_config(cfg)
+        script.get_heads()  # reads every revision file
+    except CommandError as exc:
+        raise ConfigError(
+            f"The Alembic project at {alembic_config} cannot be read: {_one_line(exc)}."
+        ) from None
+    except Exception as exc:  # a revision file that does not compile or import
+        raise ConfigError(
+            f"The Alembic project at {alembic_config} cannot be read: {project.describe(exc)}."
+        ) from None
+    project.roots.append(Path(script.dir))
+    return cfg, script, project
+
+
+def revisions_alembic_mode_refuses(
+    source: psycopg.Connection, alembic_config: Path | None, target_url: DatabaseUrl
+) -> str | None:
+    """Preflight's (so `plan` says it too): the sentence refusing a source at a revision the
+    project lacks, read from `alembic_version` where the source's search_path finds it (an
+    env.py keeping it elsewhere is read when the step runs)."""
+    _, script, _ = _alembic_project(alembic_config, target_url)
+    found = _alembic_revisions_or_none(source, "alembic_version", None) or set()
+    return _unknown_revisions(found, {r.revision for r in script.walk_revisions()}, alembic_config)
+
+
+def _unknown_revisions(found: set[str], known: set[str], alembic_config: object) -> str | None:
+    unknown = sorted(found - known)
+    if not unknown:
+        return None
+    return (
+        f"The source is at Alembic revision {', '.join(unknown)}, which the project at "
+        f"{alembic_config} does not have; check out the project's revision the source "
+        "runs (or newer), then run again."
+    )
+
+
 def _apply_alembic(
     source_url: DatabaseUrl,
     target_url: DatabaseUrl,
@@ -305,31 +357,12 @@ def _apply_alembic(
     # Imported here: only this mode needs Alembic and SQLAlchemy's engine machinery.
     from alembic import command
     from alembic.runtime.environment import EnvironmentContext
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
 
     from .connections import make_engine
 
-    if alembic_config is None:
-        raise ConfigError(
-            "Schema mode alembic needs the project's Alembic configuration: pass "
-            "--alembic-config PATH (its alembic.ini) or set alembic_config in migration.yaml."
-        )
-    cfg = alembic_configuration(Path(alembic_config), target_url)
-    project = _ProjectFiles(Path(alembic_config))
-    try:
-        script = ScriptDirectory.from_config(cfg)
-        heads = set(script.get_heads())
-        known = {revision.revision for revision in script.walk_revisions()}
-    except CommandError as exc:
-        raise ConfigError(
-            f"The Alembic project at {alembic_config} cannot be read: {_one_line(exc)}."
-        ) from None
-    except Exception as exc:  # a revision file that does not compile or import
-        raise ConfigError(
-            f"The Alembic project at {alembic_config} cannot be read: {project.describe(exc)}."
-        ) from None
-    project.roots.append(Path(script.dir))
+    cfg, script, project = _alembic_project(alembic_config, target_url)
+    heads = set(script.get_heads())
+    known = {revision.revision for revision in script.walk_revisions()}
     secrets = [target_url.password or ""]
 
     def probe() -> tuple[str, str | None, bool]:
@@ -499,13 +532,9 @@ def _source_revisions(
         found = _alembic_revisions_or_none(source, table, schema)
     if found is None:
         return None
-    unknown = sorted(found - known)
-    if unknown:
-        raise ConfigError(
-            f"The source is at Alembic revision {', '.join(unknown)}, which the project at "
-            f"{alembic_config} does not have; check out the project's revision the source "
-            "runs (or newer), then run again."
-        )
+    refused = _unknown_revisions(found, known, alembic_config)
+    if refused:
+        raise ConfigError(refused)
     return found
 
 

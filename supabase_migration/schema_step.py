@@ -31,6 +31,7 @@ from .schema_apply import (
     applied_before,
     apply_schema,
     objects_dump_mode_refuses,
+    revisions_alembic_mode_refuses,
 )
 from .security import enable_rls, tables_to_protect, views_to_protect
 
@@ -66,6 +67,11 @@ def preflight(
             if refused:
                 subject = ", ".join(manifest.schemas)
                 findings.append(Finding(Severity.ERROR, "target-objects", subject, refused))
+        if manifest.schema_mode == SchemaMode.ALEMBIC:
+            config = manifest.alembic_config_path
+            refused = revisions_alembic_mode_refuses(source, config, target_url)
+            if refused:
+                findings.append(Finding(Severity.ERROR, "alembic-revision", "source", refused))
         return findings
 
 

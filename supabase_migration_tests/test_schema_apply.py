@@ -1022,6 +1022,13 @@ def test_the_target_is_brought_to_the_sources_revision(source_db, target_db, tmp
     execute(source_db.url, "UPDATE alembic_version SET version_num = 'e9'")
     with pytest.raises(ConfigError, match="source is at Alembic revision e9, which the project"):
         apply_schema("alembic", source_url=source, target_url=target, alembic_config=ini)
+    # preflight says it too, so `plan` lists it before `run` is refused
+    from supabase_migration.manifest import Manifest
+    from supabase_migration.schema_step import preflight
+
+    manifest = Manifest(tables=(), schema_mode="alembic", alembic_config=str(ini))
+    (found,) = [f for f in preflight(manifest, source, target) if f.code == "alembic-revision"]
+    assert found.message.startswith("The source is at Alembic revision e9, which the project")
     # A target already past the source's revision (upgraded by hand, or an earlier release
     # went to head) is not taken back: nothing runs, and the tables are compared as ever.
     execute(source_db.url, "UPDATE alembic_version SET version_num = 'e2'")
