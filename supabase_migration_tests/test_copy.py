@@ -1847,18 +1847,21 @@ def test_a_source_login_that_row_level_security_filters_stops_the_copy_and_verif
     source_db, target_db = pair
     role = f"rls_reader_{source_db.name}"[:63]
     with psycopg.connect(source_db.url, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL(
-                "CREATE ROLE {r} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}; "
-                "ALTER TABLE items ENABLE ROW LEVEL SECURITY; "
-                "CREATE POLICY odd_only ON items FOR SELECT TO {r} USING (id % 2 = 1); "
-                # Its own tables: RLS spares their owner, unless the table FORCEs it.
-                "CREATE TABLE mine (id int PRIMARY KEY); CREATE TABLE forced (id int PRIMARY KEY);"
-                "ALTER TABLE mine OWNER TO {r}; ALTER TABLE forced OWNER TO {r}; "
-                "ALTER TABLE mine ENABLE ROW LEVEL SECURITY; "
-                "ALTER TABLE forced ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY"
-            ).format(r=sql.Identifier(role))
-        )
+        # Each in a transaction of its own: autovacuum's ANALYZE of the freshly seeded items
+        # waits for a transaction that changed items' catalog row (the GRANT) to end, and
+        # one that went on to ALTER items would wait for it: a deadlock.
+        for statement in (
+            "CREATE ROLE {r} LOGIN",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}",
+            "ALTER TABLE items ENABLE ROW LEVEL SECURITY",
+            "CREATE POLICY odd_only ON items FOR SELECT TO {r} USING (id % 2 = 1)",
+            # Its own tables: RLS spares their owner, unless the table FORCEs it.
+            "CREATE TABLE mine (id int PRIMARY KEY); CREATE TABLE forced (id int PRIMARY KEY)",
+            "ALTER TABLE mine OWNER TO {r}; ALTER TABLE forced OWNER TO {r}",
+            "ALTER TABLE mine ENABLE ROW LEVEL SECURITY",
+            "ALTER TABLE forced ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY",
+        ):
+            admin.execute(sql.SQL(statement).format(r=sql.Identifier(role)))
     parts = urlsplit(source_db.url)
     reader_url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.split('@', 1)[1]}"))
     try:
