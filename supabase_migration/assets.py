@@ -35,7 +35,14 @@ from .connections import (
     side_by_side,
 )
 from .copy import PLAN_FIRST, CopyOptions, CopySession, RangeResult, replica_mode_allowed
-from .errors import ConcurrentRunError, ConfigError, MigrationError, TransientError, UniqueCollision
+from .errors import (
+    ConcurrentRunError,
+    ConfigError,
+    MigrationError,
+    TransientError,
+    UniqueCollision,
+    listed,
+)
 from .manifest import MANIFEST_ENV, NO_MANIFEST, Manifest, ManifestTable, default_path
 from .planning import (
     MAX_PARTITIONS_PER_TABLE,
@@ -940,13 +947,46 @@ def after_the_copy(
     manifest: Manifest, key: dg.AssetKey, description: str, after: Sequence[dg.AssetKey] = ()
 ) -> Callable[[Body], dg.AssetsDefinition]:
     """`setup_asset` for a step that runs once every table is copied and indexed (and the
-    steps `after` have run)."""
-    return setup_asset(
+    steps `after` have run); before that it refuses (`_once_copied`)."""
+    decorate = setup_asset(
         manifest,
         key=key,
         deps=[table_asset_key(t.name) for t in manifest.tables] + [INDEXES_KEY, *after],
         description=description,
     )
+    return lambda body: decorate(_once_copied(manifest, body))
+
+
+def _once_copied(manifest: Manifest, body: Body) -> Body:
+    """Refuse while a table has a range not copied: "Materialize all" on a new target ran
+    these steps with the tables' partitions not yet planned (the plan makes them), and the
+    whole migration showed green with no row copied."""
+
+    @functools.wraps(body)
+    def guarded(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
+        target: TargetDatabase = kwargs["target"]
+        try:
+            with target.connection() as t:
+                waiting = checkpoints.not_fully_copied(t, [e.name for e in manifest.tables])
+        except (MigrationError, psycopg.Error) as exc:
+            raise step_failure(exc) from None
+        if waiting:
+            raise dg.Failure(
+                description=(
+                    f"{_plural_tables(waiting)} not fully copied yet ({listed(waiting, 5)}), "
+                    f"and {context.asset_key.to_user_string()} runs once every one is: "
+                    "materialize their missing and failed partitions first (a backfill of "
+                    "the tables' assets, or `supabase-migrate run`), then this step."
+                ),
+                allow_retries=False,
+            )
+        return body(context, *args, **kwargs)
+
+    return cast(Body, guarded)
+
+
+def _plural_tables(names: Sequence[str]) -> str:
+    return "1 table is" if len(names) == 1 else f"{len(names)} tables are"
 
 
 @contextlib.contextmanager

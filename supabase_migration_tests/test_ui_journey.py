@@ -14,6 +14,7 @@ from supabase_migration.checks import REPORT_KEY
 from supabase_migration.definitions import build_definitions
 from supabase_migration.manifest import from_catalog
 from supabase_migration.resources import SourceDatabase, TargetDatabase
+from supabase_migration.security_assets import SECURITY_KEY
 
 SCHEMA = """
 CREATE TABLE patients (id bigint PRIMARY KEY, full_name text NOT NULL, ssn text);
@@ -284,3 +285,41 @@ def test_the_report_asset_refuses_a_target_with_none_of_the_tables(bed, tmp_path
     said = bed.step_failure(REPORT_KEY)
     assert said.startswith("The target has none of the 1 tables to verify"), said
     assert not (tmp_path / "report").exists()
+
+
+def test_materialize_all_on_a_new_target_stops_before_the_steps_after_the_copy(bed):
+    """The UI's "Materialize all" on a new target: the tables' assets have no partition yet
+    (the plan makes them), so only the steps without partitions ran, and the sequences,
+    security and materialized views showed materialized, the migration green, with no row
+    copied. The steps after the copy now refuse until every range is copied."""
+    keys = [
+        assets.SCHEMA_KEY,
+        assets.PLAN_KEY,
+        assets.INDEXES_KEY,
+        assets.SEQUENCES_KEY,
+        SECURITY_KEY,
+        assets.MATVIEWS_KEY,
+    ]
+    result = dg.materialize(
+        [bed.asset(k) for k in keys],
+        instance=bed.instance,
+        resources=bed.resources,
+        raise_on_error=False,
+    )
+    done = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert done == {assets.SCHEMA_KEY, assets.PLAN_KEY, assets.INDEXES_KEY}
+    (said,) = [f[1] for f in bed.failures(result) if f[0] == "STEP_FAILURE"]
+    assert said == (
+        "1 table is not fully copied yet (public.patients), and migration/sequences runs once "
+        "every one is: materialize their missing and failed partitions first (a backfill of "
+        "the tables' assets, or `supabase-migrate run`), then this step."
+    )
+    keys_planned = bed.keys()
+    assert bed.range_run(keys_planned[0], keys_planned[-1]).success
+    again = dg.materialize(
+        [bed.asset(k) for k in keys[2:]],
+        instance=bed.instance,
+        resources=bed.resources,
+        raise_on_error=False,
+    )
+    assert again.success, bed.failures(again)
