@@ -26,7 +26,14 @@ from psycopg import errors as pg_errors
 from pydantic import Field
 
 from . import checkpoints, deferred, matviews
-from .catalog import TableInfo, has_write_rules, needs_bytewise_keys, read_tables, referenced
+from .catalog import (
+    TableInfo,
+    columns_the_target_lacks,
+    has_write_rules,
+    needs_bytewise_keys,
+    read_tables,
+    referenced,
+)
 from .connections import (
     ServerUnreachable,
     database_error_exit_code,
@@ -668,6 +675,14 @@ def copy_partitions(
         def prepare() -> tuple[TableInfo, CopyOptions, dict[str, checkpoints.Checkpoint]]:
             checkpoints.refuse_another_source(session.source, session.target)
             table = live_tables(session.source, [table_name])[table_name]
+            missing = columns_the_target_lacks(session.target, table)
+            if missing:  # every range would fail, its sentence scrubbed of the column's name
+                raise ConfigError(
+                    f"{table_name} on the target lacks the source's column(s) "
+                    f"{listed(missing, 5)}, so no range can be copied; apply the schema change "
+                    "on the target (`supabase-migrate run` applies it or says how to), then "
+                    "materialize the partitions again."
+                )
             replica_mode = replica_mode_allowed(session.target)
             options = CopyOptions(
                 force=resync,

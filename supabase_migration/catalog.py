@@ -461,6 +461,20 @@ SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f'
 """
 
 
+def columns_the_target_lacks(conn: psycopg.Connection, table: TableInfo) -> list[str]:
+    """The source's copied columns of `table` the connected (target) table does not have:
+    names only, where PostgreSQL's own sentence for one is scrubbed (it may quote values)."""
+    found = {
+        name
+        for (name,) in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+            "AND attnum > 0 AND NOT attisdropped",
+            (sql.Identifier(table.schema, table.name).as_string(conn),),
+        )
+    }
+    return [c.name for c in table.copy_columns if c.name not in found]
+
+
 _WRITE_RULES_SQL = """
 SELECT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass(%(t)s)
                AND ev_type IN ('2', '3'))

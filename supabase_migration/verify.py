@@ -38,6 +38,7 @@ from .catalog import (
     IN_PG_CATALOG,
     INTEGER_TYPES,
     TableInfo,
+    columns_the_target_lacks,
     enum_labels_sql,
     ext_member,
     needs_bytewise_keys,
@@ -2020,17 +2021,9 @@ def _columns_missing(
     """A check that found a column missing says which of the source's columns the target
     lacks (names only: PostgreSQL's own sentence is scrubbed, as it may quote values)."""
     try:
-        found = {
-            name
-            for (name,) in target.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                "AND attnum > 0 AND NOT attisdropped",
-                (sqlbuild.table_ident(table).as_string(target),),
-            )
-        }
+        missing = columns_the_target_lacks(target, table)
     except psycopg.Error:
         return failed
-    missing = [c.name for c in table.copy_columns if c.name not in found]
     if not missing:
         return failed
     return replace(

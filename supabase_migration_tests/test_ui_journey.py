@@ -323,3 +323,20 @@ def test_materialize_all_on_a_new_target_stops_before_the_steps_after_the_copy(b
         raise_on_error=False,
     )
     assert again.success, bed.failures(again)
+
+
+def test_a_column_the_target_lacks_is_named_before_any_range_is_tried(bed):
+    """The source gained a column after the schema step; a backfill in the UI failed every
+    range with `column "…" does not exist` (PostgreSQL's sentence, scrubbed of the name) and
+    marked each one failed. The table run now names the column once and tries no range."""
+    bed.setup()
+    keys = bed.keys()
+    assert bed.range_run(keys[0], keys[-1]).success
+    bed.sql_source("ALTER TABLE patients ADD COLUMN email text DEFAULT 'x@example.org'")
+    result = bed.range_run(keys[0], keys[-1])
+    (said,) = [f[1] for f in bed.failures(result) if f[0] == "STEP_FAILURE"]
+    assert said.startswith(
+        "public.patients on the target lacks the source's column(s) email, so no range can "
+        "be copied;"
+    ), said
+    assert set(bed.statuses().values()) == {"completed"}
