@@ -524,11 +524,17 @@ def range_checksums(
         elif not bad:
             text = f"{name}: checksums match in {_plural(len(ranges), 'range')}."
         else:
+            # Rows are compared key by key in the first `drill_down` ranges only.
+            scope = f" in the first {drill_down} of those ranges" if len(bad) > drill_down else ""
             text = (
                 f"{name}: {len(bad)} of {len(ranges)} ranges have different checksums "
                 f"(re-run partitions {listed(keys)})"
-                + (f"; rows differ at {listed(changed_keys, 5, differing)}" if changed_keys else "")
-                + (f"; {differing} rows differ" if differing and not changed_keys else "")
+                + (
+                    f"; rows differ at {listed(changed_keys, 5, differing)}{scope}"
+                    if changed_keys
+                    else ""
+                )
+                + (f"; {differing} rows differ{scope}" if differing and not changed_keys else "")
                 + "."
             )
         return not (bad or outside), ERROR, text, details
