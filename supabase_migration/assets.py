@@ -680,8 +680,8 @@ def copy_partitions(
                 raise ConfigError(
                     f"{table_name} on the target lacks the source's column(s) "
                     f"{listed(missing, 5)}, so no range can be copied; apply the schema change "
-                    "on the target (`supabase-migrate run` applies it or says how to), then "
-                    "materialize the partitions again."
+                    "on the target (`supabase-migrate run`, or materializing migration/schema, "
+                    "applies it or says how to), then materialize the partitions again."
                 )
             replica_mode = replica_mode_allowed(session.target)
             options = CopyOptions(
@@ -973,16 +973,19 @@ def after_the_copy(
 
 
 def _once_copied(manifest: Manifest, body: Body) -> Body:
-    """Refuse while a table has a range not copied: "Materialize all" on a new target ran
-    these steps with the tables' partitions not yet planned (the plan makes them), and the
-    whole migration showed green with no row copied."""
+    """Refuse while a table has a range not copied, or none planned where a plan has run:
+    "Materialize all" on a new target ran these steps with the tables' partitions not yet
+    planned (the plan makes them), and the whole migration showed green with no row copied.
+    A target no run has planned (no bookkeeping) has nothing to wait for."""
 
     @functools.wraps(body)
     def guarded(context: dg.AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
         target: TargetDatabase = kwargs["target"]
         try:
             with target.connection() as t:
-                waiting = checkpoints.not_fully_copied(t, [e.name for e in manifest.tables])
+                planned = checkpoints.bookkeeping_exists(t)  # else no range to wait for
+                names = [e.name for e in manifest.tables]
+                waiting = checkpoints.not_fully_copied(t, names) if planned else []
         except (MigrationError, psycopg.Error) as exc:
             raise step_failure(exc) from None
         if waiting:

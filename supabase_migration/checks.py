@@ -45,7 +45,7 @@ from .assets import (
 from .catalog import needs_bytewise_keys
 from .conninfo import DatabaseUrl
 from .copy import PLAN_FIRST, CopySession
-from .errors import ConfigError, MigrationError
+from .errors import ConfigError, MigrationError, listed
 from .manifest import LARGEST_COUNT, NO_MANIFEST, Manifest, ManifestTable
 from .report import DEFAULT_REPORT_DIR, REPORT_DIR_ENV, Report, markdown_table, report_dir
 from .resources import SourceDatabase, TargetDatabase
@@ -337,10 +337,7 @@ def build_report_asset(
                     check_name=REPORT_CHECK,
                     passed=report.passed,
                     severity=dg.AssetCheckSeverity.ERROR,
-                    description=(
-                        f"{report.status}: {len(report.error_failures)} ERROR check(s) failed, "
-                        f"{len(report.warnings)} warning(s)."
-                    ),
+                    description=_report_sentence(report),
                     metadata={
                         "failed_error": len(report.error_failures),
                         "failed_warn": len(report.warnings),
@@ -350,6 +347,23 @@ def build_report_asset(
         )
 
     return verification_report
+
+
+def _report_sentence(report: Report) -> str:
+    """The report's check in the UI: what failed by check and table, and the way on there."""
+    failed = [f"{o.name} of {o.table}" for o in report.error_failures]
+    which = f" ({listed(failed, 5)})" if failed else ""
+    rerun = any(o.details.get("partitions_to_rerun") for o in report.error_failures)
+    way = (
+        "; the tables' own checks name the partitions to re-run, and a backfill of those "
+        "partitions with config resync: true re-syncs them"
+        if rerun
+        else ""
+    )
+    return (
+        f"{report.status}: {len(report.error_failures)} ERROR check(s) failed{which}, "
+        f"{len(report.warnings)} warning(s){way}."
+    )
 
 
 def report_metadata(report: Report, paths: Mapping[str, Any]) -> dict[str, Any]:

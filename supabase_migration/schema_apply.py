@@ -279,7 +279,8 @@ def objects_dump_mode_refuses(conn: psycopg.Connection, schemas: Sequence[str]) 
     return (
         f"The target already has {len(existing)} object{'s' if len(existing) > 1 else ''} "
         f"in the migrated schemas ({shown}) that this tool did not create; if you made the "
-        "schema yourself, rerun with --schema-mode none, otherwise check that "
+        "schema yourself, rerun with --schema-mode none (schema_mode in migration.yaml, for "
+        "the UI), otherwise check that "
         "SUPABASE_DB_URL names the right project before you drop anything there."
     )
 
@@ -1479,7 +1480,8 @@ def _apply_dump_in_transaction(
             f"The source schema changed since dump mode applied it to the target on "
             f"{applied_at:%Y-%m-%d %H:%M %Z} (hash {str(digest)[:12]}, now {dump.digest[:12]}); "
             "this tool does not diff schemas: apply the change on the target yourself (for "
-            "example with a migration) and rerun with --schema-mode none, or drop the migrated "
+            "example with a migration) and rerun with --schema-mode none (schema_mode in "
+            "migration.yaml, for the UI), or drop the migrated "
             "schemas on the target and run again."
         )
     refused = objects_dump_mode_refuses(conn, schemas)

@@ -1196,7 +1196,8 @@ def indexes(
                 "cannot take): fix any cause, then `supabase-migrate run` (or materializing "
                 "migration/deferred_indexes) builds them"
                 if deferred.table_complete(target, table.qualified_name)
-                else "`supabase-migrate run` builds them once every range is copied"
+                else "`supabase-migrate run` (in the UI, materializing "
+                "migration/deferred_indexes) builds them once every range is copied"
             )
             return (
                 False,
@@ -2036,8 +2037,8 @@ def _columns_missing(
         failed,
         description=(
             f"{table.qualified_name}: the target lacks the source's column(s) "
-            f"{listed(missing, 5)}, so its rows cannot be compared; `supabase-migrate run` "
-            "applies the schema change or says how to."
+            f"{listed(missing, 5)}, so its rows cannot be compared; `supabase-migrate run` (in "
+            "the UI, materializing migration/schema) applies the schema change or says how to."
         ),
         details={**failed.details, "missing_columns": missing},
     )

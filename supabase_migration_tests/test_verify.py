@@ -725,8 +725,8 @@ def test_a_column_the_target_lacks_is_named(migrated: Migrated) -> None:
     for outcome in failed.values():
         assert outcome.description == (
             "public.audit_log: the target lacks the source's column(s) reviewed_by, so its rows "
-            "cannot be compared; `supabase-migrate run` applies the schema change or says how "
-            "to."
+            "cannot be compared; `supabase-migrate run` (in the UI, materializing "
+            "migration/schema) applies the schema change or says how to."
         )
         assert outcome.details["missing_columns"] == ["reviewed_by"]
     _assert_no_phi(report)
@@ -1150,6 +1150,11 @@ def test_dagster_checks_and_report_asset(
     assert "RLS disabled on codes" in metadata["report"].value
     (evaluation,) = report_run.get_asset_check_evaluations()
     assert evaluation.check_name == REPORT_CHECK and not evaluation.passed
+    # What failed, and the way on in the UI, not counts alone
+    assert "row_count_matches of public.visits" in (evaluation.description or "")
+    assert (evaluation.description or "").endswith(
+        "a backfill of those partitions with config resync: true re-syncs them."
+    ), evaluation.description
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert files == [
         "verification_report.html",
