@@ -463,16 +463,16 @@ SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f'
 
 def columns_the_target_lacks(conn: psycopg.Connection, table: TableInfo) -> list[str]:
     """The source's copied columns of `table` the connected (target) table does not have:
-    names only, where PostgreSQL's own sentence for one is scrubbed (it may quote values)."""
-    found = {
-        name
-        for (name,) in conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-            "AND attnum > 0 AND NOT attisdropped",
-            (sql.Identifier(table.schema, table.name).as_string(conn),),
-        )
-    }
-    return [c.name for c in table.copy_columns if c.name not in found]
+    names only, where PostgreSQL's own sentence for one is scrubbed (it may quote values).
+    None of them when the table itself is missing, which is said otherwise."""
+    row = conn.execute(
+        "SELECT to_regclass(%(t)s) IS NOT NULL, ARRAY(SELECT attname::text FROM pg_attribute "
+        "WHERE attrelid = to_regclass(%(t)s) AND attnum > 0 AND NOT attisdropped)",
+        {"t": sql.Identifier(table.schema, table.name).as_string(conn)},
+    ).fetchone()
+    if row is None or not row[0]:
+        return []
+    return [c.name for c in table.copy_columns if c.name not in set(row[1])]
 
 
 _WRITE_RULES_SQL = """
