@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -138,8 +139,10 @@ def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
     # crash; the file lock makes the second wait for the first to create them.
     with _home_locked(home):
         creating = home / _CREATING
-        if creating.exists():  # a Ctrl-C cut the storages' creation short: none holds a run
-            _remove_storages(home)
+        if creating.exists():  # a Ctrl-C cut the storages' creation short
+            if _holds_nothing(home):  # else the UI has used them since: they are whole
+                _remove_storages(home)
+            creating.unlink()
         new = not any((home / name).exists() for name in _STORAGES)
         if new:
             creating.touch()
@@ -161,6 +164,27 @@ def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
 # Dagster's SQLite files in DAGSTER_HOME (dagster_storage), and the mark of their creation.
 _STORAGES = ("event_log.db", "history", "schedules")
 _CREATING = ".supabase-migration.creating"
+
+
+def _holds_nothing(home: Path) -> bool:
+    """No run and no event recorded in the home's SQLite storages (what cannot be read is
+    taken to hold something)."""
+    for path, table in (
+        (home / "event_log.db", "event_logs"),
+        (home / "history" / "runs.db", "runs"),
+    ):
+        if not path.exists():
+            continue
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                made = db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+                ).fetchone()
+                if made and db.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]:
+                    return False
+        except sqlite3.Error:
+            return False
+    return True
 
 
 def _remove_storages(home: Path) -> None:

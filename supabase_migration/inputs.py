@@ -150,8 +150,14 @@ def init(settings: Settings, *, keep_schemas: bool = False) -> Manifest:
         )
     names = [t.qualified_name for t in tables]
     given = [f"--include {p}" for p in settings.include if not manifest_io.matching(p, names)]
-    given += [f"--exclude {p}" for p in settings.exclude if not manifest_io.matching(p, names)]
-    if tables and given:  # a misspelt exclusion would migrate the table meant to stay
+    # A table's own name excluded, misspelt, would migrate the table meant to stay behind; a
+    # pattern (`public.tmp_*`) may be there for tables that come and go.
+    given += [
+        f"--exclude {p}"
+        for p in settings.exclude
+        if not manifest_io.matching(p, names) and not manifest_io.is_pattern(p)
+    ]
+    if tables and given:
         raise ConfigError(
             f"{' and '.join(given)} match{'es' if len(given) == 1 else ''} none of the "
             f"source's tables in {', '.join(schemas)}; the patterns match schema.table, as in "

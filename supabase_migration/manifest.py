@@ -149,6 +149,11 @@ def selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
+def is_pattern(text: str) -> bool:
+    """Whether a filter is a glob (`public.*`) rather than one table's name."""
+    return any(c in text for c in "*?[")
+
+
 def matching(pattern: str, names: Sequence[str]) -> bool:
     """Whether the filter `pattern` matches any of `names` (schema.table)."""
     return any(fnmatch.fnmatchcase(name, pattern) for name in names)

@@ -1000,8 +1000,8 @@ def _check_tables_exist(ctx: _Context) -> None:
                 name,
                 f"The manifest gives {name} the key ({said}), but its ranges are keyed by the "
                 f"source's ({', '.join(source.key) or 'none'}: its primary key, or else a unique "
-                "index on NOT NULL columns); put that back, or run `supabase-migrate init` "
-                "again.",
+                "index on NOT NULL columns); if the source's key changed since `init`, run "
+                "`supabase-migrate init` again, else put the manifest's back.",
             )
 
 

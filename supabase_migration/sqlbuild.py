@@ -560,8 +560,9 @@ def upsert_from_staging(
 ) -> list[sql.Composable]:
     """Insert new rows and update changed ones; rows whose text is identical are not touched.
     One INSERT ... ON CONFLICT, or where the target table has an INSERT or UPDATE rule (which
-    ON CONFLICT refuses, even a disabled one) an UPDATE and then an INSERT of the rest: the
-    range's checkpoint lock keeps any other writer of its keys out in between."""
+    ON CONFLICT refuses: an UPDATE rule even where it does not fire, as under replica mode)
+    an UPDATE and then an INSERT of the rest: the range's checkpoint lock keeps any other
+    writer of its keys out in between."""
     cols = table.copy_columns
     overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if table.has_identity_always else sql.SQL("")
     # An identity column GENERATED ALWAYS may be updated only to DEFAULT: a row whose value of

@@ -1025,12 +1025,12 @@ WHERE c.oid = to_regclass(%s) AND c.relrowsecurity
 # The schemas of the side's extensions, left out of its definitions as the table's own schema
 # is: dump mode moves extensions into `extensions`, so `util.uuid_generate_v4()` on the source
 # is `extensions.uuid_generate_v4()` on the target.
-_EXTENSION_HOMES_SQL = """
+_EXTENSION_SCHEMAS_SQL = """
+UNION ALL
 SELECT DISTINCT n.nspname, 'e', ''
 FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE n.nspname <> 'pg_catalog'
 """
-_EXTENSION_SCHEMAS_SQL = "\nUNION ALL" + _EXTENSION_HOMES_SQL
 
 # Each column's type, by name: the checksums hash a value with its own type's hash function on
 # each side, and some types' coincide (int4 and int8, timestamp and timestamptz, text and
@@ -1162,16 +1162,20 @@ def indexes(
     schemas = [table.schema, "public", EXTENSIONS_SCHEMA]  # extensions move there
 
     def run() -> tuple[bool, str, str, dict[str, Any]]:
-        def read(conn: psycopg.Connection) -> dict[str, tuple[str, Any]]:
+        def read(conn: psycopg.Connection) -> tuple[list[tuple[Any, ...]], dict[str, str]]:
             with read_snapshot(conn, catalog=True):
                 rows = conn.execute(
                     _INDEXES_SQL, (sqlbuild.table_ident(table).as_string(conn),)
                 ).fetchall()
-                # an extension's operator class or function, where this side has it
-                homes = [r[0] for r in conn.execute(_EXTENSION_HOMES_SQL)]
+                homes = {name: schema for name, (schema, _) in installed_extensions(conn).items()}
+            return rows, homes
+
+        def normalized(
+            rows: list[tuple[Any, ...]], moved: Sequence[str]
+        ) -> dict[str, tuple[str, Any]]:
             out = {}
             for name, quoted, regclass, indexdef, unique, primary, valid in rows:
-                norm = normalize_indexdef(indexdef, quoted, regclass, unique, [*schemas, *homes])
+                norm = normalize_indexdef(indexdef, quoted, regclass, unique, [*schemas, *moved])
                 if primary:
                     norm = "PRIMARY KEY " + norm
                 if not valid:
@@ -1179,7 +1183,12 @@ def indexes(
                 out[name] = (norm, unique)
             return out
 
-        src, tgt = on_both(read, source, target)
+        (src_rows, src_homes), (tgt_rows, tgt_homes) = on_both(read, source, target)
+        # An extension's operator class or function is qualified by where each side has it,
+        # where dump mode moved it (pg_trgm's gin_trgm_ops from util to extensions).
+        moved = [e for e, home in src_homes.items() if tgt_homes.get(e, home) != home]
+        src = normalized(src_rows, [src_homes[e] for e in moved])
+        tgt = normalized(tgt_rows, [tgt_homes[e] for e in moved])
         diff = _schema_compare(src, tgt)
         failed = diff["missing"] + diff["different"] + diff["extra"]
         unique_lost = any(
@@ -1720,6 +1729,8 @@ class _SchemaObjects:
         return frozenset(self.extension_homes.values())
 
     def _name(self, own: str, name: str, stripped: Sequence[str]) -> str:
+        if not own:  # a rule's (`keep on public.t`): its table is in a migrated schema
+            return name
         return own + strip_schemas(name.removeprefix(own), stripped)
 
     def raw_printed(self, named: str, stripped: Sequence[str]) -> str:

@@ -153,6 +153,11 @@ def test_a_home_whose_creation_was_cut_short_is_made_again(
     assert not (home / ".supabase-migration.creating").exists()
     instance.report_runless_asset_event(dg.AssetMaterialization("kept"))
     assert _events(commands.dagster_instance(home), "kept") == 1  # made once, then kept
+    # A mark left after the storages were made (a Ctrl-C just before it was cleared), then
+    # the UI, which takes no lock, recorded events: they are kept.
+    (home / ".supabase-migration.creating").touch()
+    assert _events(commands.dagster_instance(home), "kept") == 1
+    assert not (home / ".supabase-migration.creating").exists()
 
     older = tmp_path / "older"  # as a release without the mark left it
     older.mkdir()

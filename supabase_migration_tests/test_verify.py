@@ -1646,6 +1646,27 @@ CREATE RULE t_logged AS ON UPDATE TO t WHERE NEW.a <> OLD.a
 """
 
 
+def test_rules_of_like_named_tables_in_two_schemas_are_two_objects(source_db, target_db) -> None:
+    """Rule names were stripped of the schemas holding an extension, as other names are of
+    where the extension lives: with one in public and one in util, rule keep on public.t and
+    keep on util.t read as one, and one lost on the target went unsaid."""
+    ddl = (
+        "CREATE SCHEMA util; CREATE EXTENSION IF NOT EXISTS citext SCHEMA public; "
+        "CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA util; "
+        "CREATE TABLE public.t (id int); CREATE TABLE util.t (id int); "
+        "CREATE RULE keep AS ON DELETE TO public.t DO INSTEAD NOTHING; "
+        "CREATE RULE keep AS ON DELETE TO util.t DO INSTEAD NOTHING"
+    )
+    with (
+        psycopg.connect(source_db.url, autocommit=True) as s,
+        psycopg.connect(target_db.admin_url, autocommit=True) as t,
+    ):
+        s.execute(ddl)
+        t.execute(ddl + "; DROP RULE keep ON util.t")
+        objects = schema_objects(s, t, ["public", "util"])
+    assert objects.details["missing"] == [{"kind": "rule", "name": "keep on util.t"}]
+
+
 def test_views_routines_and_types_read_alike_across_major_versions(source_db, target_db) -> None:
     """A 13 source into a 15 target, a 15 source into the embedded build's 18: what each
     version stores or prints its own way is the same object, and the one text no version
