@@ -18,9 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
-import shutil
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -41,7 +39,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from . import assets, checkpoints, memory
+from . import assets, checkpoints, dagster_storage, memory
 from . import manifest as manifest_io
 from .assets import (
     COMMAND_TAG,
@@ -140,10 +138,10 @@ def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
     with _home_locked(home):
         creating = home / _CREATING
         if creating.exists():  # a Ctrl-C cut the storages' creation short
-            if _holds_nothing(home):  # else the UI has used them since: they are whole
-                _remove_storages(home)
+            if dagster_storage.holds_nothing(home):  # else the UI used them since: whole
+                dagster_storage.remove_storages(home)
             creating.unlink()
-        new = not any((home / name).exists() for name in _STORAGES)
+        new = not dagster_storage.storages_exist(home)
         if new:
             creating.touch()
         try:
@@ -161,38 +159,8 @@ def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
         return instance
 
 
-# Dagster's SQLite files in DAGSTER_HOME (dagster_storage), and the mark of their creation.
-_STORAGES = ("event_log.db", "history", "schedules")
+# The mark of the storages' creation in DAGSTER_HOME, until it ends.
 _CREATING = ".supabase-migration.creating"
-
-
-def _holds_nothing(home: Path) -> bool:
-    """No run and no event recorded in the home's SQLite storages (what cannot be read is
-    taken to hold something)."""
-    for path, table in (
-        (home / "event_log.db", "event_logs"),
-        (home / "history" / "runs.db", "runs"),
-    ):
-        if not path.exists():
-            continue
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                made = db.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-                ).fetchone()
-                if made and db.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]:
-                    return False
-        except sqlite3.Error:
-            return False
-    return True
-
-
-def _remove_storages(home: Path) -> None:
-    for path in home.iterdir():
-        if path.name.startswith("event_log.db"):  # with its -wal and -shm files
-            path.unlink()
-        elif path.name in _STORAGES[1:] and path.is_dir():
-            shutil.rmtree(path)
 
 
 def _unopenable(home: Path, exc: Exception) -> ConfigError:

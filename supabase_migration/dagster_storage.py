@@ -14,17 +14,23 @@ SQLite forbids using a connection across `fork`. Before this process forks (the 
 copy workers), idle connections are closed, and the child forgets the parent's engines and
 makes its own. A connection another thread has in use at that moment would still be inherited:
 the CLI forks only while it runs no other thread (`commands.start_method`).
-`dagster.yaml` selects these classes.
+`dagster.yaml` selects these classes. The commands make a new DAGSTER_HOME's storages again
+when a Ctrl-C cut their creation short (`holds_nothing`, `remove_storages`): Dagster makes a
+missing file's tables only.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import shutil
+import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from dagster import StringSource
@@ -155,3 +161,42 @@ class EventLogStorage(_EnginePerProcess, ConsolidatedSqliteEventLogStorage):
         engine = self._engine()
         with engine.connect() as conn:
             return bool(engine.dialect.has_table(conn, table_name))
+
+
+# What these storages keep in DAGSTER_HOME: the event log's file (with its -wal and -shm
+# files) and the run and schedule storages' directories.
+_EVENT_LOG = "event_log.db"
+_DIRECTORIES = (RunStorage._subdirectory, ScheduleStorage._subdirectory)
+
+
+def storages_exist(home: Path) -> bool:
+    return (home / _EVENT_LOG).exists() or any((home / d).exists() for d in _DIRECTORIES)
+
+
+def holds_nothing(home: Path) -> bool:
+    """No run and no event recorded in the home's storages (what cannot be read is taken to
+    hold something): storages a Ctrl-C left half made may be made again."""
+    for path, table in (
+        (home / _EVENT_LOG, "event_logs"),
+        (home / RunStorage._subdirectory / "runs.db", "runs"),
+    ):
+        if not path.exists():
+            continue
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                made = db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+                ).fetchone()
+                if made and db.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]:
+                    return False
+        except sqlite3.Error:
+            return False
+    return True
+
+
+def remove_storages(home: Path) -> None:
+    for path in home.iterdir():
+        if path.name.startswith(_EVENT_LOG):
+            path.unlink()
+        elif path.name in _DIRECTORIES and path.is_dir():
+            shutil.rmtree(path)
