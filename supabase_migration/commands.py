@@ -39,7 +39,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from . import assets, checkpoints, dagster_storage, memory
+from . import assets, checkpoints, memory
 from . import manifest as manifest_io
 from .assets import (
     COMMAND_TAG,
@@ -135,6 +135,10 @@ def dagster_instance(home: Path | None = None) -> dg.DagsterInstance:
     home = home or dagster_home()
     # Two first runs on a fresh home would both create Dagster's SQLite tables and one would
     # crash; the file lock makes the second wait for the first to create them.
+    # Imported here, as Dagster imports it when it opens the instance: its exit and fork
+    # hooks are registered then, as they always were (verify opens it on a thread).
+    from . import dagster_storage
+
     with _home_locked(home):
         creating = home / _CREATING
         if creating.exists():  # a Ctrl-C cut the storages' creation short
