@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import selectors
 import threading
 import time
@@ -318,9 +319,17 @@ PLAN_FIRST = (
 )
 
 
+# A CONTEXT line naming a function (PL/pgSQL, SQL, PL/Python ...): the error came from code.
+_RAISED_IN_CODE = re.compile(r"\bfunction\b")
+
+
 def _remedy(exc: psycopg.Error) -> str:
     """What to do about an error whose own words do not say it (appended to the sentence)."""
     if isinstance(exc, pg_errors.UndefinedTable):  # the target's: the source's was read first
+        if _RAISED_IN_CODE.search(exc.diag.context or ""):
+            # A trigger's `'audit_log'::regclass` or dynamic SQL: the table exists, the
+            # schema step would change nothing.
+            return " (raised inside a trigger or function on the target)"
         return " (the target lacks a table: materialize migration/schema first)"
     if isinstance(exc, pg_errors.InsufficientPrivilege) and "row-level security" in str(exc):
         return (

@@ -2776,3 +2776,29 @@ def test_two_first_plans_of_one_table_at_once_write_one_plan(source_db, target_d
     with psycopg.connect(target_db.url) as t:
         ranges = [cp.key_range() for cp in checkpoints.load(t, "public.items")]
     assert covers_key_space(ranges) and len(ranges) in (6, 10), ranges
+
+
+def test_a_missing_table_is_told_apart_from_one_a_target_trigger_looked_for(pair):
+    """The hint to run the schema step is for a target without the table; a target trigger
+    that casts to regclass or runs dynamic SQL naming a missing table is another matter."""
+    source_db, target_db = pair
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN PERFORM 'audit_log'::regclass; RETURN NEW; END $$; "
+            "CREATE TRIGGER audit BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION audit(); "
+            "ALTER TABLE items ENABLE ALWAYS TRIGGER audit"
+        )
+    with pytest.raises(CopyError) as raised:
+        migrate_all(source_db, target_db.url)
+    assert raised.value.message.endswith(
+        'undefined_table (42P01): relation "…" does not exist '
+        "(raised inside a trigger or function on the target)."
+    ), raised.value.message
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        conn.execute("DROP TABLE items")
+    with pytest.raises(CopyError) as raised:
+        migrate_all(source_db, target_db.url)
+    assert raised.value.message.endswith(
+        "(the target lacks a table: materialize migration/schema first)."
+    ), raised.value.message
