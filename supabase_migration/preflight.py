@@ -306,6 +306,7 @@ def _run_checks(
         _check_existing_tables,
         _check_rows_not_copied_here,
         _check_target_privileges,
+        _check_rls_owners,
         _check_audit,
     ):
         check(ctx)
@@ -1628,6 +1629,39 @@ def _check_target_privileges(ctx: _Context) -> None:
             refused(f"schema {schema}", f"may not create tables in schema {schema}")
         elif not exists and not create_schemas:
             refused(f"schema {schema}", f"may not create schema {schema} (CREATE on the database)")
+
+
+# The target's tables (and partitions) in the exposed schemas without row level security,
+# which only their owner may turn on, and which the login role does not own (as a member of
+# the owning role, pg_has_role's USAGE, it would); with the table they are copied through.
+_RLS_NOT_OURS_SQL = """
+SELECT rn.nspname || '.' || r.relname, n.nspname || '.' || c.relname,
+       pg_get_userbyid(c.relowner), current_user
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class r ON r.oid = CASE WHEN c.relispartition THEN pg_partition_root(c.oid) ELSE c.oid END
+JOIN pg_namespace rn ON rn.oid = r.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relrowsecurity
+  AND NOT pg_has_role(c.relowner, 'USAGE')
+ORDER BY 2
+"""
+
+
+def _check_rls_owners(ctx: _Context) -> None:
+    """The schema step turns row level security on for the migrated tables of the exposed
+    schemas before any row is copied; on a table there already (schema mode none, or made
+    by someone else) only its owner may, which failed the step once the run had started."""
+    exposed = list(ctx.manifest.exposed_schemas) if ctx.manifest is not None else ["public"]
+    for table, relation, owner, user in ctx.target.execute(_RLS_NOT_OURS_SQL, (exposed,)):
+        if ctx.migrates(table):
+            ctx.add(
+                Severity.ERROR,
+                "target-privilege",
+                relation,
+                f"Row level security is off on {relation} on the target, and only its owner "
+                f"{owner} may turn it on, which the target's login role {user} is not; turn "
+                f"it on as {owner} (ALTER TABLE {relation} ENABLE ROW LEVEL SECURITY), or "
+                f"make {user} its owner.",
+            )
 
 
 def table_mismatches(

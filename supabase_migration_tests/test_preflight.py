@@ -474,7 +474,8 @@ def test_a_target_role_that_may_not_create_is_found_before_the_run(
     execute(target_db.admin_url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     dump = preflight(source_db.url, limited_target_url, ["public", "clinic"])
     subjects = {f.subject: f.message for f in by_code(dump, "target-privilege")}
-    assert set(subjects) == {"database", "schema public", "schema clinic"}, subjects
+    assert set(subjects) == {"database", "schema public", "schema clinic", "public.visits"}
+    assert subjects["public.visits"].startswith("Row level security is off on public.visits")
     assert "may not create tables in schema public" in subjects["schema public"]
     assert "bookkeeping schema supabase_migration" in subjects["database"]
     none = preflight(source_db.url, limited_target_url, ["public"], mode="none")
@@ -816,3 +817,50 @@ def _settings_said(source_db, target_db, tmp_path, app, cli, cli_env) -> None:
     )
     assert ", and procedure clinic.tidy(), which sets no search_path of its own," in path.message
     assert "clinic.total" not in path.message
+
+
+def test_a_table_whose_row_level_security_the_login_may_not_turn_on_is_refused(
+    source_db, target_db
+):
+    """The schema step turns row level security on for the exposed schemas' migrated tables;
+    on a target table owned by another role (made by the project's admin, GRANT ALL to
+    postgres) only that owner may, and the run stopped at the step. Preflight says so."""
+    tables = (
+        "CREATE SCHEMA util; CREATE TABLE util.hidden (id int PRIMARY KEY);"
+        "CREATE TABLE visits (id int PRIMARY KEY); CREATE TABLE notes (id int PRIMARY KEY);"
+        "CREATE TABLE mine (id int PRIMARY KEY); CREATE TABLE skipped (id int PRIMARY KEY);"
+        "CREATE TABLE parts (id int PRIMARY KEY) PARTITION BY RANGE (id);"
+    )
+    execute(
+        source_db.url, tables + "CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (9)"
+    )
+    execute(
+        target_db.admin_url,
+        tables + "ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
+        "ALTER TABLE mine OWNER TO postgres; ALTER TABLE parts OWNER TO postgres;"
+        "CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (9);"
+        "ALTER TABLE parts_1 OWNER TO supabase_admin;"
+        "GRANT ALL ON ALL TABLES IN SCHEMA public, util TO postgres;"
+        "GRANT USAGE ON SCHEMA util TO postgres",
+    )
+    migrated = ["public.visits", "public.notes", "public.mine", "public.parts", "util.hidden"]
+    findings = by_code(
+        preflight(source_db.url, target_db.url, ["public", "util"], "none", migrated),
+        "target-privilege",
+    )
+    assert [(f.severity, f.subject) for f in findings] == [
+        (Severity.ERROR, "public.parts_1"),
+        (Severity.ERROR, "public.visits"),
+    ]
+    assert findings[1].message == (
+        "Row level security is off on public.visits on the target, and only its owner "
+        "supabase_admin may turn it on, which the target's login role postgres is not; turn it "
+        "on as supabase_admin (ALTER TABLE public.visits ENABLE ROW LEVEL SECURITY), or make "
+        "postgres its owner."
+    )
+    execute(target_db.admin_url, "ALTER TABLE visits ENABLE ROW LEVEL SECURITY")
+    execute(target_db.admin_url, "ALTER TABLE parts_1 OWNER TO postgres")
+    assert not by_code(
+        preflight(source_db.url, target_db.url, ["public", "util"], "none", migrated),
+        "target-privilege",
+    )
