@@ -975,7 +975,8 @@ WHERE a.attrelid = to_regclass(%s) AND a.attgenerated = 's'
 # A column's default: the application's next inserts take it, so one the target lost or holds
 # otherwise (a literal's backslashes read otherwise, a migration run on one side only) makes
 # its new rows otherwise, while every copied row matches. A cast to varchar reads as text,
-# as the column types below read them.
+# as the column types below read them. An identity is a default too, kept in pg_attribute: a
+# target column without it fails the application's inserts that leave it out.
 _DEFAULTS_SQL = r"""
 UNION ALL
 SELECT a.attname || ' (default)', 'd',
@@ -984,6 +985,13 @@ SELECT a.attname || ' (default)', 'd',
 FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
   AND a.attgenerated = ''
+UNION ALL
+SELECT a.attname || ' (default)', 'd',
+       'GENERATED ' || CASE a.attidentity WHEN 'a' THEN 'ALWAYS' ELSE 'BY DEFAULT' END
+       || ' AS IDENTITY'
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.attidentity <> ''
 """
 # A table's triggers, but the internal ones of its foreign keys, with whether they fire: the
 # copy runs with triggers off (replica mode) and the rows match either way, but one the target
@@ -1037,9 +1045,11 @@ WHERE n.nspname <> 'pg_catalog'
 # char(n) with its blanks dropped, text and citext lower-cased), so a column altered on the
 # target reads otherwise to the app while its hashes match; an enum's labels in their order
 # (comparisons and ORDER BY follow it); a collation of the column's own (uniqueness, ORDER BY
-# and range scans follow it, the hashes of deterministic ones do not). Without typmods (the
-# values' checks see a changed scale or length) and schema names (extensions move to
-# `extensions`), and text and varchar alike (the copy takes either for the other).
+# and range scans follow it, the hashes of deterministic ones do not). Without schema names
+# (extensions move to `extensions`), and text and varchar alike (the copy takes either for the
+# other). A column's limit (varchar(n), numeric(p, s), timestamptz(p)) is compared on its own:
+# every copied row fits both, but the application's next writes are refused, or rounded, on
+# one side only.
 _COLUMN_TYPES_SQL = rf"""
 UNION ALL
 SELECT a.attname || ' (type)', 't',
@@ -1051,6 +1061,12 @@ SELECT a.attname || ' (type)', 't',
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_collation co ON co.oid = a.attcollation
 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT a.attname || ' (limit)', 'l',
+       regexp_replace(format_type(a.atttypid, a.atttypmod), '^(\w+\.|"[^"]+"\.)', '')
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.atttypmod <> -1
 """
 
 _CONSTRAINT_KINDS = {
@@ -1063,12 +1079,16 @@ _CONSTRAINT_KINDS = {
     "g": "generated column",
     "d": "column default",
     "t": "column type",
+    "l": "column limit",
     "r": "trigger",
     "y": "policy",
     "s": "row level security",
 }
 # Kinds compared only where the source has them (the target's own are by design).
 _SOURCE_LED_KINDS = frozenset({"policy", "row level security"})
+# Kinds whose loss or difference warns: every copied row matches, the application's next
+# writes differ.
+_WARNING_KINDS = frozenset({"column default", "column limit"})
 # Kinds compared by name and definition whose definition the report leaves out.
 _UNSHOWN_KINDS = frozenset({"column default", "trigger", "policy"})
 
@@ -1251,7 +1271,7 @@ def constraints(
                 + _EXTENSION_SCHEMAS_SQL
             )
             with read_snapshot(conn, catalog=True):
-                rows = conn.execute(query, (ident,) * (8 if generated else 6)).fetchall()
+                rows = conn.execute(query, (ident,) * (10 if generated else 7)).fetchall()
             stripped = [*schemas, *(name for name, kind, _ in rows if kind == "e")]
             return {
                 name: (strip_schemas(definition, stripped), _CONSTRAINT_KINDS.get(kind, kind))
@@ -1269,10 +1289,11 @@ def constraints(
                     for said in ("definition", "source", "target"):
                         d.pop(said, None)
         failed = diff["missing"] + diff["different"] + diff["extra"]
-        # Warnings alone: a default lost or changed (every copied row still matches), and a
-        # policy defined otherwise (for Supabase's roles, by the policy file, as likely as not).
-        serious = [d for d in diff["missing"] if d["kind"] != "column default"] + [
-            d for d in diff["different"] if d["kind"] not in ("column default", "policy")
+        # Warnings alone: a default or limit lost or changed (every copied row still
+        # matches), and a policy defined otherwise (for Supabase's roles, by the policy
+        # file, as likely as not).
+        serious = [d for d in diff["missing"] if d["kind"] not in _WARNING_KINDS] + [
+            d for d in diff["different"] if d["kind"] not in (*_WARNING_KINDS, "policy")
         ]
         severity = ERROR if serious else WARN
         details = {"source_constraints": len(src), "target_constraints": len(tgt), **diff}

@@ -1751,3 +1751,43 @@ def test_a_view_is_printed_again_only_while_no_lock_holds_what_it_reads(
         free = schema_objects(s, t, ["public"])
     assert free.severity == ERROR
     assert free.details["different"] == [{"kind": "view", "name": "public.v1"}]
+
+
+def test_an_identity_or_a_column_limit_lost_or_changed_on_the_target_is_a_warning(
+    migrated: Migrated,
+) -> None:
+    """Every copied row matches either way, but the application's next inserts fail on a
+    target column that lost its identity, and its next writes are refused or rounded on one
+    side only where a varchar(n), numeric(p, s) or timestamptz(p) limit differs."""
+    report = _constraints_failed_after(
+        migrated,
+        "ALTER TABLE patients ALTER COLUMN id DROP IDENTITY; "
+        "ALTER TABLE patients ALTER COLUMN balance TYPE numeric; "
+        "ALTER TABLE patients ALTER COLUMN updated_at TYPE timestamptz(3); "
+        "ALTER TABLE codes ALTER COLUMN label TYPE varchar(40)",
+        "public.codes",
+        "public.patients",
+    )
+    patients = report.outcome("public.patients", "constraints_match")
+    assert patients.severity == WARN and report.passed
+    missing = [(d["name"], d["kind"]) for d in patients.details["missing"]]
+    assert missing == [("balance (limit)", "column limit"), ("id (default)", "column default")]
+    assert patients.details["missing"][0]["definition"] == "numeric(12,2)"
+    assert [(d["name"], d["definition"]) for d in patients.details["extra"]] == [
+        ("updated_at (limit)", "timestamp(3) with time zone")
+    ]
+    codes = report.outcome("public.codes", "constraints_match")
+    assert codes.severity == WARN  # text and varchar alike, but the limit is the target's own
+    assert [d["name"] for d in codes.details["extra"]] == ["label (limit)"]
+    _on_target(
+        migrated,
+        "ALTER TABLE patients ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY; "
+        "ALTER TABLE patients ALTER COLUMN balance TYPE numeric(12, 2); "
+        "ALTER TABLE patients ALTER COLUMN updated_at TYPE timestamptz; "
+        "ALTER TABLE codes ALTER COLUMN label TYPE text",
+        admin=True,
+    )
+    (different,) = (
+        _verify(migrated).outcome("public.patients", "constraints_match").details["different"]
+    )
+    assert different == {"name": "id (default)", "kind": "column default"}
