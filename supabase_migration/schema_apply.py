@@ -58,7 +58,7 @@ from .catalog import (
 from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, connect, database_error, is_transient
 from .conninfo import DatabaseUrl
-from .errors import ConfigError, MigrationError, SchemaError, TransientError
+from .errors import ConfigError, MigrationError, SchemaError, TransientError, listed
 from .inputs import check_alembic_config
 from .preflight import (
     BUILTIN_EXTENSIONS,
@@ -282,6 +282,49 @@ def objects_dump_mode_refuses(conn: psycopg.Connection, schemas: Sequence[str]) 
         "schema yourself, rerun with --schema-mode none (schema_mode in migration.yaml, for "
         "the UI), otherwise check that "
         "SUPABASE_DB_URL names the right project before you drop anything there."
+    )
+
+
+_COLUMNS_OF_SQL = """
+SELECT n.nspname || '.' || c.relname, a.attname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname || '.' || c.relname = ANY(%s) AND c.relkind IN ('r', 'p')
+"""
+
+
+def additions_dump_mode_refuses(
+    source: psycopg.Connection, target: psycopg.Connection, tables: Sequence[str]
+) -> str | None:
+    """The sentence refusing migrated tables or columns the target lacks where dump mode set
+    the target up: the step finds the source's schema changed (a new migration) only once the
+    run has started, and refuses it then; preflight says it first, so `plan` does."""
+    applied = _last_record(target, SchemaMode.DUMP)
+    if applied is None:
+        return None
+
+    def columns(conn: psycopg.Connection) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for table, column in conn.execute(_COLUMNS_OF_SQL, (list(tables),)):
+            found.setdefault(table, set()).update([column] if column else [])
+        return found
+
+    there = columns(target)
+    gained = [
+        name
+        for table, names in sorted(columns(source).items())
+        for name in (
+            [table] if table not in there else sorted(f"{table}.{c}" for c in names - there[table])
+        )
+    ]
+    if not gained:
+        return None
+    return (
+        f"The target lacks {listed(gained, 5)}, which the source has, and dump mode, which set "
+        f"up the target's schema on {applied[1]:%Y-%m-%d %H:%M %Z}, does not change it (this "
+        "tool does not diff schemas): apply the change on the target yourself (for example "
+        "with your migrations) and rerun with --schema-mode none (schema_mode in "
+        "migration.yaml, for the UI)."
     )
 
 

@@ -28,6 +28,7 @@ from .preflight import (
 from .schema_apply import (
     SchemaMode,
     SchemaResult,
+    additions_dump_mode_refuses,
     applied_before,
     apply_schema,
     objects_dump_mode_refuses,
@@ -67,6 +68,11 @@ def preflight(
             if refused:
                 subject = ", ".join(manifest.schemas)
                 findings.append(Finding(Severity.ERROR, "target-objects", subject, refused))
+        elif manifest.schema_mode == SchemaMode.DUMP:
+            tables = [t.name for t in manifest.tables]
+            refused = additions_dump_mode_refuses(source, target, tables)
+            if refused:
+                findings.append(Finding(Severity.ERROR, "schema-changed", "tables", refused))
         if manifest.schema_mode == SchemaMode.ALEMBIC:
             config = manifest.alembic_config_path
             refused = revisions_alembic_mode_refuses(source, config, target_url)

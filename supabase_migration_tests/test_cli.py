@@ -598,11 +598,34 @@ def test_a_target_schema_this_tool_did_not_make_stops_with_exit_code_2(clinic):
         conn.execute("GRANT ALL ON SCHEMA public TO postgres")
 
     assert cli(["run", "--schema-mode", "dump"], env, tmp_path, timeout=300).returncode == 0
+    changes = [
+        "CREATE FUNCTION public.greeting() RETURNS text LANGUAGE sql AS 'SELECT 1::text'",
+        "ALTER TABLE patients ADD COLUMN nickname text",
+    ]
     with psycopg.connect(source_db.url, autocommit=True) as conn:
-        conn.execute("ALTER TABLE patients ADD COLUMN nickname text")
+        conn.execute(changes[0])
     done = cli(["run"], env, tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: The source schema changed since dump mode"), done.stderr
+    # A table or column the source gained is found before the run (`plan` says it), not by
+    # the step once the run has started.
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute(changes[1])
+    plan = cli(["plan"], env, tmp_path, timeout=120)
+    assert plan.returncode == 2 and "| schema-changed | tables |" in plan.stdout, plan.stdout
+    done = cli(["run"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        "error: Preflight stopped the migration before anything was written: The target lacks "
+        "public.patients.nickname, which the source has, and dump mode, which set up the "
+        "target's schema on "
+    ), done.stderr
+    assert "rerun with --schema-mode none" in done.stderr and done.stderr.count("\n") == 1
+    with psycopg.connect(target_db.url, autocommit=True) as conn:  # as the sentence says
+        for change in changes:
+            conn.execute(change)
+    done = cli(["run", "--schema-mode", "none"], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def test_verify_and_resume_before_any_run_say_so_in_one_sentence(clinic):
