@@ -322,9 +322,12 @@ def _finish(summary: RunSummary) -> int:
         )
     else:
         pending = sum(t["pending"] for t in summary.tables.values())
+        # No step of this run failed: another run holds them, or the target lost commits it
+        # had confirmed (a crash or failover without synchronous commit).
         print(
-            f"{pending} range(s) are still pending (another run may hold them); run "
-            "`supabase-migrate resume` once it has finished.",
+            f"{pending} range(s) are still pending though no copy of this run failed: another "
+            "run may hold them, or the target lost commits (a crash or a failover); run "
+            "`supabase-migrate resume` (once any other run has finished) to copy them.",
             file=sys.stderr,
         )
     return EXIT_FAILED

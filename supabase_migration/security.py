@@ -34,7 +34,14 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 
-from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, ext_member, table_names
+from .catalog import (
+    API_ROLES,
+    BOOKKEEPING_SCHEMA,
+    EXTENSIONS_SCHEMA,
+    SCHEMA_LOCK_KEY,
+    ext_member,
+    table_names,
+)
 from .checkpoints import REVOKE_BOOKKEEPING
 from .connections import borrowed, database_error
 from .conninfo import DatabaseUrl, is_loopback_host
@@ -1211,6 +1218,18 @@ def _security_findings(
                 "app's roles), or move it to a schema that is not exposed.",
             )
         )
+    for extension, schema in conn.execute(_EXTENSIONS_IN_SQL, (list(exposed),)):
+        findings.append(
+            _finding(
+                "WARN",
+                "extension_in_exposed_schema",
+                f"extension {extension}",
+                f"Extension {extension} is installed in exposed schema {schema}, so the API "
+                "lists its functions (Supabase's advisor flags it too); move it with ALTER "
+                f"EXTENSION {extension} SET SCHEMA {EXTENSIONS_SCHEMA} where it is relocatable, "
+                "or drop and create it there.",
+            )
+        )
     for role in bookkeeping_exposed_to(conn):
         findings.append(
             _finding(
@@ -1260,6 +1279,14 @@ def _security_findings(
             )
         )
     return findings
+
+
+# An app's migrations' `CREATE EXTENSION IF NOT EXISTS citext` (alembic mode, or a target made
+# by hand) installs it in the first schema of the search_path, public.
+_EXTENSIONS_IN_SQL = """
+SELECT e.extname, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE n.nspname = ANY(%s) ORDER BY 1
+"""
 
 
 def report_findings(manifest: Any) -> Callable[[DatabaseUrl, DatabaseUrl], list[dict[str, str]]]:

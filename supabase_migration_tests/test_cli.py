@@ -1685,6 +1685,36 @@ def _cli_patched(tmp_path: Path, args: list[str], patch: str) -> subprocess.Comp
     return cli(args, env, tmp_path, timeout=60)
 
 
+def test_ranges_pending_after_a_run_without_failures_say_what_may_have_happened(clinic):
+    """A target that lost commits it had confirmed (a crash without synchronous commit, a
+    failover) leaves a range pending that this run copied; the closing sentence blamed
+    "another run" alone. Deterministic: sitecustomize sets a completed range back to pending
+    just before the run reads the checkpoints for its summary. `resume` copies it."""
+    source_db, target_db, env, tmp_path = clinic
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, psycopg\n"
+        "import supabase_migration.commands as commands\n"
+        "real = commands._checkpoints_now\n"
+        "def lost(tables):\n"
+        "    with psycopg.connect(os.environ['SUPABASE_DB_URL'], autocommit=True) as conn:\n"
+        '        conn.execute("UPDATE supabase_migration.migration_checkpoints SET status = "\n'
+        "                     \"'pending' WHERE table_name = 'public.patients' AND \"\n"
+        "                     \"partition_key = '000000'\")\n"
+        "    return real(tables)\n"
+        "commands._checkpoints_now = lost\n"
+    )
+    done = cli(["run", "--schema-mode", "dump"], dict(env, PYTHONPATH=str(tmp_path)), tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.endswith(
+        "1 range(s) are still pending though no copy of this run failed: another run may hold "
+        "them, or the target lost commits (a crash or a failover); run `supabase-migrate "
+        "resume` (once any other run has finished) to copy them.\n"
+    ), done.stderr
+    done = cli(["resume"], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+
+
 def test_ctrl_c_inside_a_string_exec_still_ends_with_exit_code_1(tmp_path):
     """Ctrl-C landing while a dataclass is built (`exec` of a string, as Dagster's imports do
     hundreds of times) made `python -m supabase_migration.cli` end by SIGINT after printing

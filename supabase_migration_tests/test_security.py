@@ -1144,3 +1144,23 @@ def test_errors_are_migration_errors(target_db: TargetDb) -> None:
     conn.close()
     with pytest.raises(MigrationError, match="Reading row level security status failed"):
         rls_status(conn, ("public",))
+
+
+def test_an_extension_in_an_exposed_schema_is_a_warning(target_db: TargetDb) -> None:
+    """An app's migration's `CREATE EXTENSION IF NOT EXISTS citext` (alembic mode) lands in
+    public on the target, whose functions the API then lists; one in a schema the API does not
+    expose, or in `extensions`, is said nothing of."""
+    with _connect(target_db.admin_url) as conn:
+        conn.execute(
+            "CREATE EXTENSION citext SCHEMA public; CREATE SCHEMA util; "
+            "CREATE EXTENSION pg_trgm SCHEMA util"
+        )
+    with _connect(target_db.url) as conn:
+        (found,) = security_findings_of(conn, Manifest(tables=()), "extension_in_exposed_schema")
+        assert (found["severity"], found["subject"]) == ("WARN", "extension citext")
+        assert found["message"].startswith(
+            "Extension citext is installed in exposed schema public, so the API lists its functions"
+        )
+        exposing_util = Manifest(tables=(), exposed_schemas=("public", "util"))
+        named = security_findings_of(conn, exposing_util, "extension_in_exposed_schema")
+        assert [f["subject"] for f in named] == ["extension citext", "extension pg_trgm"]
