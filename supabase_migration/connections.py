@@ -406,6 +406,13 @@ def connection_error(
                 hint += " and that the pooler user is postgres.<project-ref>"
         return fail(f"password authentication failed for user {url.user}; {hint}")
     if "no password supplied" in text or "password is required" in text:
+        passfile = url.params.get("passfile") or os.environ.get("PGPASSFILE")
+        if passfile:  # libpq says the same whether the file is missing or has no line for it
+            return fail(
+                f"the server asks for a password, which neither the URL nor the passfile "
+                f"{passfile} gives (a file that is missing or unreadable, or without a line "
+                "for this host, port, database and user); add it to either"
+            )
         return fail("the server asks for a password and the URL has none; add it to the URL")
     if re.search(r'database "[^"]*" does not exist', text) or "no such database" in text:
         supabase = (

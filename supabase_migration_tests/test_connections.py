@@ -233,6 +233,26 @@ def test_wrong_password_through_the_pooler(txn_pooler, target_db):
     assert_clear(info.value, WRONG_PASSWORD, target_db.password)
 
 
+def test_a_passfile_that_gives_no_password_is_named(target, target_db, tmp_path):
+    """libpq reads a password the URL leaves out from its passfile; when that file is missing,
+    or has no line for this server, the sentence named the URL alone."""
+    passfile = tmp_path / "pgpass"
+    url = with_changes(target, password=None, params={**target.params, "passfile": str(passfile)})
+    with pytest.raises(ConnectionFailed) as info:
+        connect(url)
+    assert str(info.value).endswith(
+        f"the server asks for a password, which neither the URL nor the passfile {passfile} "
+        "gives (a file that is missing or unreadable, or without a line for this host, port, "
+        "database and user); add it to either."
+    ), str(info.value)
+    assert info.value.exit_code == 2
+    secret = target_db.password.replace("\\", "\\\\").replace(":", "\\:")
+    passfile.write_text(f"{target.host}:{target.port}:{target.dbname}:{target.user}:{secret}\n")
+    passfile.chmod(0o600)
+    with connect(url) as conn:  # the password from the passfile
+        assert conn.execute("SELECT current_user").fetchone() == (target.user,)
+
+
 def test_missing_database(target, target_db):
     with pytest.raises(ConnectionFailed, match="database no_such_db does not exist") as info:
         connect(with_changes(target, dbname="no_such_db"))
