@@ -1634,15 +1634,15 @@ def _check_target_privileges(ctx: _Context) -> None:
 # The target's tables (and partitions) in the exposed schemas without row level security,
 # which only their owner may turn on, and which the login role does not own (as a member of
 # the owning role, pg_has_role's USAGE, it would); with the table they are copied through.
-_RLS_NOT_OURS_SQL = """
-SELECT rn.nspname || '.' || r.relname, n.nspname || '.' || c.relname,
+_RLS_NOT_OURS_SQL = f"""
+SELECT rn.nspname, rn.nspname || '.' || r.relname, n.nspname || '.' || c.relname,
        pg_get_userbyid(c.relowner), current_user
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_class r ON r.oid = CASE WHEN c.relispartition THEN pg_partition_root(c.oid) ELSE c.oid END
 JOIN pg_namespace rn ON rn.oid = r.relnamespace
 WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relrowsecurity
-  AND NOT pg_has_role(c.relowner, 'USAGE')
-ORDER BY 2
+  AND NOT pg_has_role(c.relowner, 'USAGE') AND NOT {ext_member("pg_class", "r.oid")}
+ORDER BY 3
 """
 
 
@@ -1651,8 +1651,12 @@ def _check_rls_owners(ctx: _Context) -> None:
     schemas before any row is copied; on a table there already (schema mode none, or made
     by someone else) only its owner may, which failed the step once the run had started."""
     exposed = list(ctx.manifest.exposed_schemas) if ctx.manifest is not None else ["public"]
-    for table, relation, owner, user in ctx.target.execute(_RLS_NOT_OURS_SQL, (exposed,)):
-        if ctx.migrates(table):
+    # In alembic and dump mode the step protects every table of the migrated schemas, the
+    # excluded ones too (`security.tables_to_protect`).
+    every_table = ctx.schema_mode in ("alembic", "dump")
+    rows = ctx.target.execute(_RLS_NOT_OURS_SQL, (exposed,))
+    for schema, table, relation, owner, user in rows:
+        if ctx.migrates(table) or (every_table and schema in ctx.schemas):
             ctx.add(
                 Severity.ERROR,
                 "target-privilege",

@@ -858,6 +858,13 @@ def test_a_table_whose_row_level_security_the_login_may_not_turn_on_is_refused(
         "on as supabase_admin (ALTER TABLE public.visits ENABLE ROW LEVEL SECURITY), or make "
         "postgres its owner."
     )
+    # In alembic and dump mode the step protects the schemas' excluded tables too.
+    dump = preflight(source_db.url, target_db.url, ["public", "util"], "dump", migrated)
+    assert [f.subject for f in by_code(dump, "target-privilege") if "." in f.subject] == [
+        "public.parts_1",
+        "public.skipped",
+        "public.visits",
+    ]
     execute(target_db.admin_url, "ALTER TABLE visits ENABLE ROW LEVEL SECURITY")
     execute(target_db.admin_url, "ALTER TABLE parts_1 OWNER TO postgres")
     assert not by_code(
