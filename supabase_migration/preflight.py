@@ -210,7 +210,7 @@ class _Context:
 
     @cached_property
     def target_shapes(self) -> dict[str, _TableShape]:
-        return _table_shapes(self.target, self.schemas)
+        return table_shapes(self.target, self.schemas)
 
     def missing_extensions(self) -> set[str]:
         return {
@@ -1581,7 +1581,8 @@ class _TableShape:
     columns: dict[str, _ColumnShape] = field(default_factory=dict)
 
 
-def _table_shapes(conn: psycopg.Connection, schemas: list[str]) -> dict[str, _TableShape]:
+def table_shapes(conn: psycopg.Connection, schemas: list[str]) -> dict[str, _TableShape]:
+    """Each table's columns and kind, in one catalog query (dump mode's preflight too)."""
     tables: dict[str, _TableShape] = {}
     rows = conn.execute(_TABLE_COLUMNS_SQL, (schemas,))
     for table, writable, partitioned, inherited, column, *shape in rows:
@@ -1699,7 +1700,7 @@ def _check_existing_tables(ctx: _Context) -> None:
     (text and varchar differ only in their limit), and nothing the copy cannot fill."""
     if ctx.schema_mode != "none":
         return
-    source = _table_shapes(ctx.source, ctx.schemas)
+    source = table_shapes(ctx.source, ctx.schemas)
     target = ctx.target_shapes
     wanted = ctx.tables if ctx.tables is not None else list(source)
     for table in wanted:

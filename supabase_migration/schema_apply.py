@@ -67,6 +67,7 @@ from .preflight import (
     installed_extensions,
     is_reserved_schema,
     source_schemas,
+    table_shapes,
     untrusted_language_extensions,
     user_casts,
 )
@@ -285,16 +286,11 @@ def objects_dump_mode_refuses(conn: psycopg.Connection, schemas: Sequence[str]) 
     )
 
 
-_COLUMNS_OF_SQL = """
-SELECT n.nspname || '.' || c.relname, a.attname
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-WHERE n.nspname || '.' || c.relname = ANY(%s) AND c.relkind IN ('r', 'p')
-"""
-
-
 def additions_dump_mode_refuses(
-    source: psycopg.Connection, target: psycopg.Connection, tables: Sequence[str]
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    schemas: Sequence[str],
+    tables: Sequence[str],
 ) -> str | None:
     """The sentence refusing migrated tables or columns the target lacks where dump mode set
     the target up: the step finds the source's schema changed (a new migration) only once the
@@ -302,21 +298,15 @@ def additions_dump_mode_refuses(
     applied = _last_record(target, SchemaMode.DUMP)
     if applied is None:
         return None
-
-    def columns(conn: psycopg.Connection) -> dict[str, set[str]]:
-        found: dict[str, set[str]] = {}
-        for table, column in conn.execute(_COLUMNS_OF_SQL, (list(tables),)):
-            found.setdefault(table, set()).update([column] if column else [])
-        return found
-
-    there = columns(target)
-    gained = [
-        name
-        for table, names in sorted(columns(source).items())
-        for name in (
-            [table] if table not in there else sorted(f"{table}.{c}" for c in names - there[table])
-        )
-    ]
+    there, wanted = table_shapes(target, list(schemas)), set(tables)
+    gained: list[str] = []
+    for table, shape in sorted(table_shapes(source, list(schemas)).items()):
+        if table not in wanted:
+            continue
+        if table not in there:
+            gained.append(table)
+        else:
+            gained += [f"{table}.{c}" for c in shape.columns if c not in there[table].columns]
     if not gained:
         return None
     return (

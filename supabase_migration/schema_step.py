@@ -70,7 +70,7 @@ def preflight(
                 findings.append(Finding(Severity.ERROR, "target-objects", subject, refused))
         elif manifest.schema_mode == SchemaMode.DUMP:
             tables = [t.name for t in manifest.tables]
-            refused = additions_dump_mode_refuses(source, target, tables)
+            refused = additions_dump_mode_refuses(source, target, manifest.schemas, tables)
             if refused:
                 findings.append(Finding(Severity.ERROR, "schema-changed", "tables", refused))
         if manifest.schema_mode == SchemaMode.ALEMBIC:
