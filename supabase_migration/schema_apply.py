@@ -262,6 +262,15 @@ def _existing_objects(conn: psycopg.Connection, schemas: Sequence[str]) -> list[
     return [r[0] for r in rows]
 
 
+# Dump mode's other way forward after a schema change: the record of the dump and the
+# checkpoints live in our bookkeeping schema, so dropping the tables alone is not enough.
+_START_OVER = (
+    "; or, to start over, drop what it created in the migrated schemas and the "
+    f"{BOOKKEEPING_SCHEMA} schema (the record of the dump and the checkpoints) on the target, "
+    "then run again."
+)
+
+
 def objects_dump_mode_refuses(conn: psycopg.Connection, schemas: Sequence[str]) -> str | None:
     """The sentence refusing a target whose migrated schemas already hold objects, where dump
     mode has not applied the schema before (preflight says it too, so `plan` does); None
@@ -314,7 +323,7 @@ def additions_dump_mode_refuses(
         f"up the target's schema on {applied[1]:%Y-%m-%d %H:%M %Z}, does not change it (this "
         "tool does not diff schemas): apply the change on the target yourself (for example "
         "with your migrations) and rerun with --schema-mode none (schema_mode in "
-        "migration.yaml, for the UI)."
+        f"migration.yaml, for the UI){_START_OVER}"
     )
 
 
@@ -1514,8 +1523,7 @@ def _apply_dump_in_transaction(
             f"{applied_at:%Y-%m-%d %H:%M %Z} (hash {str(digest)[:12]}, now {dump.digest[:12]}); "
             "this tool does not diff schemas: apply the change on the target yourself (for "
             "example with a migration) and rerun with --schema-mode none (schema_mode in "
-            "migration.yaml, for the UI), or drop the migrated "
-            "schemas on the target and run again."
+            f"migration.yaml, for the UI){_START_OVER}"
         )
     refused = objects_dump_mode_refuses(conn, schemas)
     if refused:

@@ -627,6 +627,22 @@ def test_a_target_schema_this_tool_did_not_make_stops_with_exit_code_2(clinic):
     done = cli(["run", "--schema-mode", "none"], env, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
 
+    # The sentences' other way: start over, which dropping the tables alone does not do.
+    with psycopg.connect(source_db.url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE patients ADD COLUMN pronouns text")
+    done = cli(["run", "--schema-mode", "dump"], env, tmp_path, timeout=120)
+    assert done.returncode == 2 and "or, to start over, drop what it created" in done.stderr
+    with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        conn.execute("GRANT ALL ON SCHEMA public TO postgres")
+    done = cli(["run", "--schema-mode", "dump"], env, tmp_path, timeout=120)
+    assert done.returncode == 2, "the bookkeeping still records the earlier dump"
+    with psycopg.connect(target_db.url, autocommit=True) as conn:  # the login made it
+        conn.execute("DROP SCHEMA supabase_migration CASCADE")
+    done = cli(["run", "--schema-mode", "dump"], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_tables_equal(source_db.url, target_db.url, ["public.patients"])
+
 
 def test_verify_and_resume_before_any_run_say_so_in_one_sentence(clinic):
     """Not a report of every check failing, nor a first run started by `resume` (perhaps
