@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,35 @@ def test_run_in_alembic_mode_then_rerun_is_a_no_op(clinic):
     assert report["status"] == "PASS"
     assert "verification_report.html" in done.stdout
     assert (tmp_path / "migration-report" / "verification_report.md").exists()
+
+
+def test_a_run_holds_one_target_connection_per_worker_and_one_more(clinic):
+    """What the session pooler's warning counts on (`warn_if_workers_exceed_pool`): Supavisor
+    admits at most its pool size of clients per user and database, so a run with --workers N
+    must never hold more than N + 1 target connections, through every step and `verify`."""
+    _, target_db, env, tmp_path = clinic
+    counts: set[int] = set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(target_db.admin_url, autocommit=True) as conn:
+            while not stop.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'postgres'"
+                ).fetchone()
+                counts.add(row[0] if row else 0)
+                time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        args = ["run", "--schema-mode", "dump", "--batch-size", "500", "--workers", "3"]
+        done = cli(args, env, tmp_path)
+    finally:
+        stop.set()
+        sampler.join()
+    assert done.returncode == 0, done.stderr
+    assert max(counts) == 4, sorted(counts)  # the workers did run side by side
 
 
 def test_verify_passes_then_names_the_damage_by_key_only(clinic):
