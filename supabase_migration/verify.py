@@ -1069,6 +1069,16 @@ WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
   AND a.atttypmod <> -1
 """
 
+# The table's comment and its columns' (the schema's documentation, which the dashboard shows):
+# the text is compared, and not shown, since nothing keeps a comment free of example values.
+_COMMENTS_SQL = """
+UNION ALL
+SELECT coalesce(a.attname || ' (comment)', '(table comment)'), 'm', d.description
+FROM pg_description d
+LEFT JOIN pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid
+WHERE d.objoid = to_regclass(%s) AND d.classoid = 'pg_class'::regclass
+"""
+
 _CONSTRAINT_KINDS = {
     "p": "primary key",
     "u": "unique",
@@ -1080,6 +1090,7 @@ _CONSTRAINT_KINDS = {
     "d": "column default",
     "t": "column type",
     "l": "column limit",
+    "m": "comment",
     "r": "trigger",
     "y": "policy",
     "s": "row level security",
@@ -1088,9 +1099,9 @@ _CONSTRAINT_KINDS = {
 _SOURCE_LED_KINDS = frozenset({"policy", "row level security"})
 # Kinds whose loss or difference warns: every copied row matches, the application's next
 # writes differ.
-_WARNING_KINDS = frozenset({"column default", "column limit"})
+_WARNING_KINDS = frozenset({"column default", "column limit", "comment"})
 # Kinds compared by name and definition whose definition the report leaves out.
-_UNSHOWN_KINDS = frozenset({"column default", "trigger", "policy"})
+_UNSHOWN_KINDS = frozenset({"column default", "trigger", "policy", "comment"})
 
 
 def strip_schemas(text: str, schemas: Sequence[str], *, spacing: bool = False) -> str:
@@ -1250,9 +1261,10 @@ def constraints(
     source: psycopg.Connection, target: psycopg.Connection, table: TableInfo
 ) -> CheckOutcome:
     """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns, generated
-    columns' expressions, columns' defaults and types, triggers, and the source's row level
-    security and policies, by name. Only defaults and policies that differ (or extra objects)
-    warn; anything else missing or different is an error."""
+    columns' expressions, columns' defaults, types and limits, the table's and columns'
+    comments, triggers, and the source's row level security and policies, by name. Only
+    defaults, limits, comments and policies that differ (or extra objects) warn; anything else
+    missing or different is an error."""
     missing = _missing_table(CONSTRAINTS, table, source, target)
     if missing:
         return missing
@@ -1266,12 +1278,13 @@ def constraints(
                 _CONSTRAINTS_SQL
                 + (_GENERATED_SQL + _DEFAULTS_SQL if generated else "")
                 + _COLUMN_TYPES_SQL
+                + _COMMENTS_SQL
                 + _TRIGGERS_SQL
                 + _POLICIES_SQL
                 + _EXTENSION_SCHEMAS_SQL
             )
             with read_snapshot(conn, catalog=True):
-                rows = conn.execute(query, (ident,) * (10 if generated else 7)).fetchall()
+                rows = conn.execute(query, (ident,) * query.count("%s")).fetchall()
             stripped = [*schemas, *(name for name, kind, _ in rows if kind == "e")]
             return {
                 name: (strip_schemas(definition, stripped), _CONSTRAINT_KINDS.get(kind, kind))
@@ -1289,7 +1302,7 @@ def constraints(
                     for said in ("definition", "source", "target"):
                         d.pop(said, None)
         failed = diff["missing"] + diff["different"] + diff["extra"]
-        # Warnings alone: a default or limit lost or changed (every copied row still
+        # Warnings alone: a default, limit or comment lost or changed (every copied row still
         # matches), and a policy defined otherwise (for Supabase's roles, by the policy
         # file, as likely as not).
         serious = [d for d in diff["missing"] if d["kind"] not in _WARNING_KINDS] + [

@@ -1791,3 +1791,36 @@ def test_an_identity_or_a_column_limit_lost_or_changed_on_the_target_is_a_warnin
         _verify(migrated).outcome("public.patients", "constraints_match").details["different"]
     )
     assert different == {"name": "id (default)", "kind": "column default"}
+
+
+def test_a_comment_lost_or_changed_on_the_target_is_a_warning_that_never_quotes_it(
+    migrated: Migrated,
+) -> None:
+    """A table's and its columns' comments document the schema (the dashboard shows them);
+    their text is compared but never shown, as it may hold an example value."""
+    comments = (
+        "COMMENT ON TABLE patients IS 'Who we treat: e.g. Ann Example'; "
+        "COMMENT ON COLUMN patients.balance IS 'Owed, in dollars'"
+    )
+    with psycopg.connect(migrated.source_url.conninfo(), autocommit=True) as conn:
+        conn.execute(comments)
+    try:
+        report = _verify(migrated)
+        assert set(_failed(report)) == {("public.patients", "constraints_match")}
+        patients = report.outcome("public.patients", "constraints_match")
+        assert patients.severity == WARN and report.passed
+        assert patients.details["missing"] == [
+            {"name": "(table comment)", "kind": "comment"},
+            {"name": "balance (comment)", "kind": "comment"},
+        ]
+        _on_target(migrated, comments.replace("dollars", "cents"))
+        patients = _verify(migrated).outcome("public.patients", "constraints_match")
+        assert patients.details["different"] == [{"name": "balance (comment)", "kind": "comment"}]
+        assert "Ann" not in str(patients.details) + patients.description
+        _on_target(migrated, comments)
+        assert _verify(migrated).outcome("public.patients", "constraints_match").passed
+    finally:
+        undo = "COMMENT ON TABLE patients IS NULL; COMMENT ON COLUMN patients.balance IS NULL"
+        with psycopg.connect(migrated.source_url.conninfo(), autocommit=True) as conn:
+            conn.execute(undo)
+        _on_target(migrated, undo)
