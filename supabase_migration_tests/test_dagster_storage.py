@@ -159,6 +159,18 @@ def test_a_home_whose_creation_was_cut_short_is_made_again(
     assert _events(commands.dagster_instance(home), "kept") == 1
     assert not (home / ".supabase-migration.creating").exists()
 
+    # A mark beside storages that cannot be read (not SQLite, or unreadable): taken to hold
+    # something, so kept as they are, and said in one sentence instead of being made again.
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "event_log.db").write_bytes(b"not an SQLite file, but maybe someone's runs")
+    (damaged / ".supabase-migration.creating").touch()
+    assert not dagster_storage.holds_nothing(damaged)
+    monkeypatch.setenv("DAGSTER_HOME", str(damaged))
+    with pytest.raises(commands.ConfigError, match="could not be opened"):
+        commands.dagster_instance(commands.dagster_home())
+    assert (damaged / "event_log.db").read_bytes().startswith(b"not an SQLite file")
+
     older = tmp_path / "older"  # as a release without the mark left it
     older.mkdir()
     (older / "event_log.db").write_bytes(b"")
