@@ -125,6 +125,9 @@ class RangeSums:
     # The whole table's checksums differed (measured first, then range by range): when no
     # range differs, rows outside every planned range do.
     whole_differed: bool = False
+    # Twice the whole table differed and then every range of a plan covering the key space
+    # matched: rows changed between the reads (a side being written), not outside the ranges.
+    changed_while_read: bool = False
 
 
 @dataclass(frozen=True)
@@ -416,21 +419,26 @@ def range_sums(
 
     One pass costs 10-45% less server CPU than the same rows read range by range (index or
     bitmap scans per range, measured at 3M rows), and a clean verification is the usual case.
+    Where the ranges cover the key space, the two passes can only disagree if rows changed in
+    between: both are read once more before that is the verdict.
     """
-    if len(ranges) > 1:
 
-        def whole(conn: psycopg.Connection) -> tuple[int, str]:
-            with read_snapshot(conn):
-                return sums_by_range(conn, table, whole_table(table), collate_c=collate_c)[0]
+    def whole(conn: psycopg.Connection) -> tuple[int, str]:
+        with read_snapshot(conn):
+            return sums_by_range(conn, table, whole_table(table), collate_c=collate_c)[0]
 
-        src_whole, tgt_whole = on_both(whole, source, target)
-        if src_whole == tgt_whole:
-            return RangeSums(src_whole[0], tgt_whole[0])
-
-    src, tgt = _sums_on_both(source, target, table, ranges, collate_c)
-    return RangeSums(
-        sum(n for n, _ in src), sum(n for n, _ in tgt), src, tgt, whole_differed=len(ranges) > 1
-    )
+    for _ in range(2):
+        if len(ranges) > 1:
+            src_whole, tgt_whole = on_both(whole, source, target)
+            if src_whole == tgt_whole:
+                return RangeSums(src_whole[0], tgt_whole[0])
+        src, tgt = _sums_on_both(source, target, table, ranges, collate_c)
+        measured = RangeSums(
+            sum(n for n, _ in src), sum(n for n, _ in tgt), src, tgt, whole_differed=len(ranges) > 1
+        )
+        if not (measured.whole_differed and src == tgt and covers_key_space(ranges)):
+            return measured
+    return replace(measured, changed_while_read=True)
 
 
 def _sums_on_both(
@@ -515,7 +523,13 @@ def range_checksums(
             "compared": "range by range" if measured.source is not None else "whole table",
         }
         outside = not bad and measured.whole_differed
-        if outside:  # checkpoints that no longer cover the key space (edited, or old)
+        if measured.changed_while_read:
+            text = (
+                f"{name}: the table's checksums differed read whole and matched read range by "
+                "range, twice: its rows changed while they were read (the source or the target "
+                "is being written); run verify again once writes to both have stopped."
+            )
+        elif outside:  # checkpoints that no longer cover the key space (edited, or old)
             text = (
                 f"{name}: the table's checksums differ but no planned range's does, so rows "
                 "outside every range differ; delete the table's rows from "
