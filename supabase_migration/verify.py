@@ -1093,6 +1093,27 @@ LEFT JOIN pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid
 WHERE d.objoid = to_regclass(%s) AND d.classoid = 'pg_class'::regclass
 """
 
+# Whether the table is UNLOGGED (emptied after a crash, absent from replicas and backups), and
+# its classic inheritance both ways (a parent read without ONLY returns its children's rows
+# too); partitions are left out, as the rows are read through the partitioned table.
+_TABLE_SHAPE_SQL = """
+UNION ALL
+SELECT '(persistence)', 'w', CASE c.relpersistence WHEN 'u' THEN 'UNLOGGED' ELSE 'LOGGED' END
+FROM pg_class c WHERE c.oid = to_regclass(%s)
+UNION ALL
+SELECT '(inherits ' || i.inhseqno || ')', 'i',
+       quote_ident(n.nspname) || '.' || quote_ident(p.relname)
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
+JOIN pg_namespace n ON n.oid = p.relnamespace
+WHERE i.inhrelid = to_regclass(%s) AND NOT c.relispartition
+UNION ALL
+SELECT '(inherited by ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname) || ')', 'i',
+       quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE i.inhparent = to_regclass(%s) AND NOT c.relispartition
+"""
+
 _CONSTRAINT_KINDS = {
     "p": "primary key",
     "u": "unique",
@@ -1105,6 +1126,8 @@ _CONSTRAINT_KINDS = {
     "t": "column type",
     "l": "column limit",
     "m": "comment",
+    "w": "persistence",
+    "i": "inheritance",
     "r": "trigger",
     "y": "policy",
     "s": "row level security",
@@ -1114,6 +1137,8 @@ _SOURCE_LED_KINDS = frozenset({"policy", "row level security"})
 # Kinds whose loss or difference warns: every copied row matches, the application's next
 # writes differ.
 _WARNING_KINDS = frozenset({"column default", "column limit", "comment"})
+# Kinds where even what only the target has fails: another table inherits from it there.
+_EXTRA_FAILS_KINDS = frozenset({"inheritance"})
 # Kinds compared by name and definition whose definition the report leaves out.
 _UNSHOWN_KINDS = frozenset({"column default", "trigger", "policy", "comment"})
 
@@ -1276,9 +1301,10 @@ def constraints(
 ) -> CheckOutcome:
     """PK/UNIQUE/CHECK/FK/EXCLUDE (pg_get_constraintdef), NOT NULL columns, generated
     columns' expressions, columns' defaults, types and limits, the table's and columns'
-    comments, triggers, and the source's row level security and policies, by name. Only
-    defaults, limits, comments and policies that differ (or extra objects) warn; anything else
-    missing or different is an error."""
+    comments, whether it is UNLOGGED, its classic inheritance both ways, triggers, and the
+    source's row level security and policies, by name. Only defaults, limits, comments and
+    policies that differ (or extra objects but a table inheriting) warn; anything else missing
+    or different is an error."""
     missing = _missing_table(CONSTRAINTS, table, source, target)
     if missing:
         return missing
@@ -1293,6 +1319,7 @@ def constraints(
                 + (_GENERATED_SQL + _DEFAULTS_SQL if generated else "")
                 + _COLUMN_TYPES_SQL
                 + _COMMENTS_SQL
+                + _TABLE_SHAPE_SQL
                 + _TRIGGERS_SQL
                 + _POLICIES_SQL
                 + _EXTENSION_SCHEMAS_SQL
@@ -1319,9 +1346,11 @@ def constraints(
         # Warnings alone: a default, limit or comment lost or changed (every copied row still
         # matches), and a policy defined otherwise (for Supabase's roles, by the policy
         # file, as likely as not).
-        serious = [d for d in diff["missing"] if d["kind"] not in _WARNING_KINDS] + [
-            d for d in diff["different"] if d["kind"] not in (*_WARNING_KINDS, "policy")
-        ]
+        serious = (
+            [d for d in diff["missing"] if d["kind"] not in _WARNING_KINDS]
+            + [d for d in diff["different"] if d["kind"] not in (*_WARNING_KINDS, "policy")]
+            + [d for d in diff["extra"] if d["kind"] in _EXTRA_FAILS_KINDS]
+        )
         severity = ERROR if serious else WARN
         details = {"source_constraints": len(src), "target_constraints": len(tgt), **diff}
         text = _schema_text(table.qualified_name, "constraint", diff, len(src))

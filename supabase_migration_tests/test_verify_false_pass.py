@@ -237,3 +237,40 @@ def test_a_sequence_a_default_draws_from_without_owning_it_is_checked(source_db,
         "public.order_no would hand out 6 but id already reaches 100"
         in failed[("public.t", SEQUENCES)]
     )
+
+
+def test_an_unlogged_table_or_other_inheritance_on_the_target_fails(source_db, target_db):
+    """Every row matches, yet an UNLOGGED table is emptied by the target's next crash and
+    missing from its replicas and backups, and a parent read without ONLY (as the app reads
+    it) returns its children's rows: a child cut loose, or one only the target has, changes
+    what the app sees."""
+    m = _migrate(
+        source_db,
+        target_db,
+        "CREATE TABLE parent (id int PRIMARY KEY, v text); "
+        "CREATE TABLE child (w text) INHERITS (parent); ALTER TABLE child ADD PRIMARY KEY (id)",
+        "INSERT INTO parent SELECT g, 'p' FROM generate_series(1, 50) g; "
+        "INSERT INTO child SELECT g, 'c', 'w' FROM generate_series(51, 100) g",
+    )
+    assert _failed(_verify(m)) == {}
+    for change, undo, tables in (
+        ("ALTER TABLE child SET UNLOGGED", "ALTER TABLE child SET LOGGED", ["public.child"]),
+        (
+            "ALTER TABLE child NO INHERIT parent",
+            "ALTER TABLE child INHERIT parent",
+            ["public.child", "public.parent"],
+        ),
+        (
+            "CREATE TABLE extra () INHERITS (parent); INSERT INTO extra VALUES (999, 'x')",
+            "DROP TABLE extra",
+            ["public.parent"],
+        ),
+    ):
+        _exec(m.target_raw, change)
+        report = _verify(m)
+        assert {(t, n) for (t, n) in _failed(report) if n == CONSTRAINTS} == {
+            (t, CONSTRAINTS) for t in tables
+        }, (change, _failed(report))
+        assert not report.passed, change
+        _exec(m.target_raw, undo)
+    assert _failed(_verify(m)) == {}
