@@ -274,9 +274,13 @@ _START_OVER = (
 def objects_dump_mode_refuses(conn: psycopg.Connection, schemas: Sequence[str]) -> str | None:
     """The sentence refusing a target whose migrated schemas already hold objects, where dump
     mode has not applied the schema before (preflight says it too, so `plan` does); None
-    when they are empty."""
+    when they are empty, or dump mode made them after the caller read no record of it."""
     existing = _existing_objects(conn, schemas)
     if not existing:
+        return None
+    # Another run started at the same time committed the objects with their record in one
+    # transaction: a record read after the objects cannot miss them. The locked apply decides.
+    if _last_record(conn, SchemaMode.DUMP) is not None:
         return None
     for mode in (SchemaMode.ALEMBIC, SchemaMode.NONE):
         if (made := _last_record(conn, mode)) is not None:  # a manifest written anew elsewhere

@@ -276,6 +276,25 @@ def test_objects_the_tool_did_not_create_are_refused(source_db, target_db):
     assert not has_schema(target_db.admin_url, "supabase_migration")
 
 
+def test_objects_dump_mode_made_meanwhile_are_not_refused(source_db, target_db, monkeypatch):
+    """Two first runs at once: one read no record of a dump, then found the objects the other
+    had committed since with its record, and was refused as if they were not the tool's,
+    before it reached the lock under which the record decides."""
+    execute(source_db.url, SMALL_SCHEMA)
+    source, target = _urls(source_db, target_db.url)
+    apply_schema("dump", source_url=source, target_url=target, schemas=["clinic"])
+    with psycopg.connect(target_db.url, autocommit=True) as conn:
+        assert schema_apply.objects_dump_mode_refuses(conn, ["clinic"]) is None
+    # and the whole preflight, its read of the record having come before the other's commit
+    from supabase_migration import schema_step
+    from supabase_migration.manifest import Manifest
+
+    monkeypatch.setattr(schema_step, "applied_before", lambda *_: False)
+    manifest = Manifest(tables=(), schemas=("clinic",), schema_mode="dump")
+    findings = schema_step.preflight(manifest, source, target)
+    assert "target-objects" not in [f.code for f in findings], findings
+
+
 @pytest.fixture
 def source_only_role(source_db):
     """A role that exists on the source server only (roles are cluster-wide: drop it after)."""
