@@ -19,6 +19,8 @@ from .connections import remembered
 # Schemas that belong to PostgreSQL or to Supabase and are never migrated as user data.
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 BOOKKEEPING_SCHEMA = "supabase_migration"
+# Its table recording each schema step that completed (mode, dump hash or revision, when).
+SCHEMA_APPLIED = "schema_applied"
 # Where Supabase keeps extensions, and dump mode moves the source's.
 EXTENSIONS_SCHEMA = "extensions"
 

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
-from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_LOCK_KEY, take_turn
+from .catalog import API_ROLES, BOOKKEEPING_SCHEMA, SCHEMA_APPLIED, SCHEMA_LOCK_KEY, take_turn
 from .connections import KeyValue, transaction_with
 from .errors import ConfigError, listed
 from .ranges import KeyRange
@@ -484,7 +484,7 @@ def planned_among(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
 def unrecorded_tables(conn: psycopg.Connection, tables: Sequence[str]) -> list[str]:
     """Those of `tables` the target has while it has no bookkeeping at all: dropped by hand
     (`DROP SCHEMA supabase_migration`), or tables made outside this tool."""
-    if not tables or bookkeeping_exists(conn):
+    if not tables or bookkeeping_exists(conn) or stopped_after_schema_step(conn):
         return []
     return [name for name, found in zip(tables, _on_target(conn, tables), strict=True) if found]
 
@@ -496,6 +496,22 @@ def _on_target(conn: psycopg.Connection, tables: Sequence[str]) -> list[bool]:
         "SELECT to_regclass(ident) IS NOT NULL FROM unnest(%s::text[]) AS ident", (idents,)
     ).fetchall()
     return [found for (found,) in rows]
+
+
+def stopped_after_schema_step(conn: psycopg.Connection) -> bool:
+    """Our schema step committed (its record is there) and no run set up the checkpoints
+    since: a crash or Ctrl-C between the two, which the next `run` goes on from."""
+    if bookkeeping_exists(conn) or not bookkeeping_exists(conn, SCHEMA_APPLIED):
+        return False
+    query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})")
+    row = conn.execute(query.format(sql.Identifier(BOOKKEEPING_SCHEMA, SCHEMA_APPLIED))).fetchone()
+    return bool(row and row[0])
+
+
+STOPPED_AFTER_SCHEMA_STEP = (
+    "A run stopped after its schema step had set up the target and before it planned the "
+    "copy, so nothing is copied yet; `supabase-migrate run` goes on from there."
+)
 
 
 def unrecorded_sentence(found: Sequence[str], total: int) -> str:

@@ -50,6 +50,7 @@ from psycopg import sql
 from .catalog import (
     BOOKKEEPING_SCHEMA,
     EXTENSIONS_SCHEMA,
+    SCHEMA_APPLIED,
     SCHEMA_LOCK_KEY,
     ext_member,
     reaching_moved_extensions,
@@ -75,7 +76,6 @@ from .redaction import describe_pg_error, redact_text, redacted_output
 
 log = logging.getLogger(__name__)
 
-SCHEMA_APPLIED = "schema_applied"
 PG_DUMP_TIMEOUT_S = 3600
 # Two schema steps never interleave on one target.
 _LOCK_SQL = f"SELECT pg_advisory_xact_lock(hashtext('{SCHEMA_LOCK_KEY}'))"

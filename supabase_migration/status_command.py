@@ -31,12 +31,15 @@ def status_note(tables: dict[str, dict[str, int]], manifest_path: Path | None) -
 
 
 def unrecorded_note(manifest_path: Path | None = None) -> str | None:
-    """What to say of a target with the manifest's tables and no bookkeeping, if it is one."""
+    """What to say of a target with the manifest's tables and no bookkeeping, if it is one,
+    or of one a run left right after its schema step."""
     manifest = manifest_io.read_if_present(manifest_path)
     if manifest is None:
         return None
     names = [t.name for t in manifest.tables]
     with borrowed(target_url()) as target:
+        if checkpoints.stopped_after_schema_step(target):
+            return checkpoints.STOPPED_AFTER_SCHEMA_STEP
         found = checkpoints.unrecorded_tables(target, names)
     return checkpoints.unrecorded_sentence(found, len(names)) if found else None
 

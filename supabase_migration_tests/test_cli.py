@@ -1761,6 +1761,36 @@ def test_ranges_pending_after_a_run_without_failures_say_what_may_have_happened(
     assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
 
 
+def test_a_run_stopped_between_its_schema_step_and_its_plan_is_said_so(clinic):
+    """The schema step commits the schema with its record, then the checkpoints' tables are
+    made: a Ctrl-C or crash in between left `status` and `resume` saying the bookkeeping had
+    been dropped by hand, and advising --schema-mode none (which the manifest then keeps).
+    Deterministic: sitecustomize raises the interrupt where the checkpoints' tables are made."""
+    source_db, target_db, env, tmp_path = clinic
+    (tmp_path / "sitecustomize.py").write_text(
+        "import supabase_migration.schema_step as schema_step\n"
+        "def interrupted(conn):\n"
+        "    raise KeyboardInterrupt\n"
+        "schema_step.ensure_bookkeeping = interrupted\n"
+    )
+    done = cli(["run", "--schema-mode", "dump"], dict(env, PYTHONPATH=str(tmp_path)), tmp_path)
+    assert done.returncode == 1, done.stderr
+    with psycopg.connect(target_db.url) as conn:
+        assert conn.execute("SELECT to_regclass('public.patients') IS NOT NULL").fetchone()[0]
+    said = (
+        "A run stopped after its schema step had set up the target and before it planned the "
+        "copy, so nothing is copied yet; `supabase-migrate run` goes on from there."
+    )
+    status = cli(["status"], env, tmp_path)
+    assert status.returncode == 0 and said in status.stdout + status.stderr, status
+    done = cli(["resume"], env, tmp_path)
+    assert (done.returncode, done.stderr) == (2, f"error: {said}\n")
+    done = cli(["run"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_tables_equal(source_db.url, target_db.url, APP_TABLES)
+    assert "schema_mode: dump" in (tmp_path / "migration.yaml").read_text()
+
+
 def test_ctrl_c_inside_a_string_exec_still_ends_with_exit_code_1(tmp_path):
     """Ctrl-C landing while a dataclass is built (`exec` of a string, as Dagster's imports do
     hundreds of times) made `python -m supabase_migration.cli` end by SIGINT after printing
