@@ -1731,13 +1731,22 @@ def _cli_patched(tmp_path: Path, args: list[str], patch: str) -> subprocess.Comp
     return cli(args, env, tmp_path, timeout=60)
 
 
+def _first_run_patched(env: dict[str, str], tmp_path: Path, patch: str):
+    """A first `run` in dump mode, in a process that first runs `patch` (sitecustomize);
+    the commands after it run without."""
+    (tmp_path / "sitecustomize.py").write_text(patch)
+    return cli(["run", "--schema-mode", "dump"], dict(env, PYTHONPATH=str(tmp_path)), tmp_path)
+
+
 def test_ranges_pending_after_a_run_without_failures_say_what_may_have_happened(clinic):
     """A target that lost commits it had confirmed (a crash without synchronous commit, a
     failover) leaves a range pending that this run copied; the closing sentence blamed
     "another run" alone. Deterministic: sitecustomize sets a completed range back to pending
     just before the run reads the checkpoints for its summary. `resume` copies it."""
     source_db, target_db, env, tmp_path = clinic
-    (tmp_path / "sitecustomize.py").write_text(
+    done = _first_run_patched(
+        env,
+        tmp_path,
         "import os, psycopg\n"
         "import supabase_migration.commands as commands\n"
         "real = commands._checkpoints_now\n"
@@ -1747,9 +1756,8 @@ def test_ranges_pending_after_a_run_without_failures_say_what_may_have_happened(
         "                     \"'pending' WHERE table_name = 'public.patients' AND \"\n"
         "                     \"partition_key = '000000'\")\n"
         "    return real(tables)\n"
-        "commands._checkpoints_now = lost\n"
+        "commands._checkpoints_now = lost\n",
     )
-    done = cli(["run", "--schema-mode", "dump"], dict(env, PYTHONPATH=str(tmp_path)), tmp_path)
     assert done.returncode == 1, done.stderr
     assert done.stderr.endswith(
         "1 range(s) are still pending though no copy of this run failed: another run may hold "
@@ -1767,13 +1775,14 @@ def test_a_run_stopped_between_its_schema_step_and_its_plan_is_said_so(clinic):
     been dropped by hand, and advising --schema-mode none (which the manifest then keeps).
     Deterministic: sitecustomize raises the interrupt where the checkpoints' tables are made."""
     source_db, target_db, env, tmp_path = clinic
-    (tmp_path / "sitecustomize.py").write_text(
+    done = _first_run_patched(
+        env,
+        tmp_path,
         "import supabase_migration.schema_step as schema_step\n"
         "def interrupted(conn):\n"
         "    raise KeyboardInterrupt\n"
-        "schema_step.ensure_bookkeeping = interrupted\n"
+        "schema_step.ensure_bookkeeping = interrupted\n",
     )
-    done = cli(["run", "--schema-mode", "dump"], dict(env, PYTHONPATH=str(tmp_path)), tmp_path)
     assert done.returncode == 1, done.stderr
     with psycopg.connect(target_db.url) as conn:
         assert conn.execute("SELECT to_regclass('public.patients') IS NOT NULL").fetchone()[0]
